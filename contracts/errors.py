@@ -1,0 +1,121 @@
+"""Error codes of the hapki contracts and the one exception tree that carries them.
+
+Codes are part of the wire contract: never reuse or renumber a retired value; add new ones at the end.
+Each exception class names one code and says whether a retry can succeed (NAK vs term on the bus).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class ErrorCode(str, enum.Enum):
+    """Every error a hapki reply can carry."""
+
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"  # not JSON, wrong types, missing or unknown fields
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # request body or CSR over the size cap
+    MALFORMED_CSR = "MALFORMED_CSR"  # not a parseable PEM/DER PKCS#10 request
+    BAD_CSR_SIGNATURE = "BAD_CSR_SIGNATURE"  # the CSR's self-signature does not verify
+    KEY_POLICY_VIOLATION = "KEY_POLICY_VIOLATION"  # key type, curve or size not allowed
+    INVALID_NAME = "INVALID_NAME"  # a subject or SAN value is syntactically invalid
+    FORBIDDEN_NAME = "FORBIDDEN_NAME"  # a well-formed name the profile does not allow
+    UNKNOWN_PROFILE = "UNKNOWN_PROFILE"  # no such certificate profile
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"  # key reused for a different request
+    NOT_FOUND = "NOT_FOUND"  # no request / certificate with that id / serial
+    UNAVAILABLE = "UNAVAILABLE"  # a dependency (database, bus, HSM) is down; retry later
+    SIGNING_REJECTED = "SIGNING_REJECTED"  # the CA refused to sign what CLM sent
+    INTERNAL = "INTERNAL"  # a bug; details are in the logs under the trace id
+
+
+class HapkiError(Exception):
+    """Base of every error hapki raises on purpose. `code` goes on the wire, `details` too."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    retryable: bool = False
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+
+class MalformedMessage(HapkiError):
+    code = ErrorCode.MALFORMED_MESSAGE
+
+
+class MessageTooLarge(HapkiError):
+    code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+class MalformedCSR(HapkiError):
+    code = ErrorCode.MALFORMED_CSR
+
+
+class BadCSRSignature(HapkiError):
+    code = ErrorCode.BAD_CSR_SIGNATURE
+
+
+class KeyPolicyViolation(HapkiError):
+    code = ErrorCode.KEY_POLICY_VIOLATION
+
+
+class InvalidName(HapkiError):
+    code = ErrorCode.INVALID_NAME
+
+
+class ForbiddenName(HapkiError):
+    code = ErrorCode.FORBIDDEN_NAME
+
+
+class UnknownProfile(HapkiError):
+    code = ErrorCode.UNKNOWN_PROFILE
+
+
+class IdempotencyConflict(HapkiError):
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+class NotFound(HapkiError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Unavailable(HapkiError):
+    """A dependency is down or not ready. Retrying (elsewhere, later) can succeed."""
+
+    code = ErrorCode.UNAVAILABLE
+    retryable = True
+
+
+class SigningRejected(HapkiError):
+    code = ErrorCode.SIGNING_REJECTED
+
+
+class Internal(HapkiError):
+    code = ErrorCode.INTERNAL
+
+
+# Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.
+class DatabaseError(Unavailable):
+    """The database could not run a transaction (no node ready, connection lost)."""
+
+
+class CommitOutcomeUnknown(DatabaseError):
+    """The connection died during COMMIT: the transaction may or may not have committed."""
+
+
+class DuplicateKey(HapkiError):
+    """A UNIQUE key refused a row (MariaDB 1062). Never retried as is."""
+
+    code = ErrorCode.INTERNAL
+
+
+class FencedOut(HapkiError):
+    """This member's epoch is not the current one: it must not commit signing results and must step down."""
+
+    code = ErrorCode.UNAVAILABLE
+    retryable = True
+
+
+class HSMUnavailable(Unavailable):
+    """No HSM member could perform the operation."""

@@ -1,0 +1,145 @@
+"""Pydantic models of every message on the hapki bus. Strict: unknown fields are refused.
+
+Sizes are in characters of the JSON string values; times are UTC, timezone-aware.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hapki.contracts.errors import ErrorCode
+
+# A PEM CSR for RSA-8192 with a hundred SANs stays well under this; anything larger is refused unread.
+MAX_CSR_CHARS = 32 * 1024
+# Cap of one request message on the wire, in bytes, checked before parsing.
+MAX_REQUEST_BYTES = 64 * 1024
+
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="Request id: 32 lowercase hex digits")]
+SerialHex = Annotated[
+    str,
+    Field(pattern=r"^[0-9a-f]{2,40}$", description="Certificate serial number, lowercase hex, at most 20 octets"),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestStatus(str, enum.Enum):
+    """Where a certificate request is in its life."""
+
+    PENDING = "pending"  # accepted and recorded, waiting for the CA
+    ISSUED = "issued"  # certificate signed and stored
+    FAILED = "failed"  # the CA refused it; `error` says why
+
+
+class ErrorBody(_Model):
+    """A structured error: a code from ErrorCode, a human message, and machine-readable details."""
+
+    code: ErrorCode = Field(description="Error code, from the enumerated list")
+    message: str = Field(description="What was wrong, for a human")
+    details: dict[str, Any] = Field(default_factory=dict, description="Machine-readable specifics (field, value, limit)")
+
+
+class IssueCertificate(_Model):
+    """Command to CLM (`pki.v1.clm.issue`): issue a certificate for this CSR under this profile."""
+
+    csr_pem: str = Field(max_length=MAX_CSR_CHARS, description="PKCS#10 request, PEM (or base64 DER)")
+    profile: str = Field(min_length=1, max_length=64, description="Certificate profile name, e.g. tls-server")
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Client-chosen key; a repeat with the same key and requester returns the original result",
+    )
+    requester: str = Field(min_length=1, max_length=128, description="Who asks (an account or service name)")
+
+
+class IssueReply(_Model):
+    """Reply to `pki.v1.clm.issue` and `pki.v1.clm.status`: the request's state, or an error."""
+
+    request_id: str | None = Field(default=None, description="Request id (absent when the request was refused)")
+    status: RequestStatus | None = Field(default=None, description="pending, issued or failed")
+    certificate_pem: str | None = Field(default=None, description="The issued certificate, PEM")
+    chain_pem: str | None = Field(default=None, description="Issuing CA then root, PEM, not including the leaf")
+    serial: SerialHex | None = None
+    not_before: datetime | None = Field(default=None, description="Validity start, UTC")
+    not_after: datetime | None = Field(default=None, description="Validity end, UTC")
+    error: ErrorBody | None = Field(default=None, description="Set when the request was refused or failed")
+
+
+class StatusQuery(_Model):
+    """Query to CLM (`pki.v1.clm.status`): the state of one request."""
+
+    request_id: RequestId
+
+
+class CertificateQuery(_Model):
+    """Query to CLM (`pki.v1.clm.certificate`): one certificate by serial."""
+
+    serial: SerialHex
+
+
+class CertificateReply(_Model):
+    """Reply to `pki.v1.clm.certificate`."""
+
+    serial: SerialHex | None = None
+    request_id: str | None = None
+    issuer: str | None = Field(default=None, description="Name of the issuing CA")
+    certificate_pem: str | None = None
+    chain_pem: str | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    error: ErrorBody | None = None
+
+
+class SignCertificate(_Model):
+    """Command from CLM to CARA on the signing work queue (`pki.v1.cara.sign`), Nats-Msg-Id = request_id.
+
+    Carries what CLM approved: the CA signs exactly these names and extensions with the CSR's public key.
+    """
+
+    request_id: RequestId
+    profile: str = Field(max_length=64)
+    csr_pem: str = Field(max_length=MAX_CSR_CHARS)
+    common_name: str | None = Field(default=None, max_length=64, description="Subject CN, one of the SANs")
+    dns_names: list[str] = Field(default_factory=list, max_length=100)
+    ip_addresses: list[str] = Field(default_factory=list, max_length=100)
+    emails: list[str] = Field(default_factory=list, max_length=100)
+    validity_seconds: int = Field(gt=0, le=398 * 86400, description="Lifetime of the certificate, seconds")
+    key_usage: list[str] = Field(description="KeyUsage bits by cryptography's attribute names, e.g. digital_signature")
+    extended_key_usage: list[str] = Field(description="EKU names: server_auth, client_auth")
+
+
+class CertificateIssued(_Model):
+    """Event from CARA (`pki.v1.cara.issued`): a request's certificate is signed and stored."""
+
+    request_id: RequestId
+    serial: SerialHex
+    issuer: str
+    certificate_pem: str
+    chain_pem: str
+    not_before: datetime
+    not_after: datetime
+
+
+class SigningFailed(_Model):
+    """Event from CARA (`pki.v1.cara.failed`): the CA refused a request for good."""
+
+    request_id: RequestId
+    error: ErrorBody
+
+
+class OwnershipChanged(_Model):
+    """Event from a watcher (`pki.v1.ha.ownership_changed`): a member gained or lost a tier's floating IP."""
+
+    tier: str = Field(description="cara or clm")
+    member: str = Field(description="Member name, e.g. cara-1")
+    vip: str = Field(description="The floating IP address")
+    holds_vip: bool
+    observed_at: datetime = Field(description="When the kernel reported the change, UTC")

@@ -1,0 +1,19 @@
+"""NATS subjects, streams and consumers: the one place that names them (`pki.v1.<service>.<verb>`)."""
+
+# Request/reply API of CLM (the RA). Clients call these.
+CLM_ISSUE = "pki.v1.clm.issue"
+CLM_STATUS = "pki.v1.clm.status"
+CLM_CERTIFICATE = "pki.v1.clm.certificate"
+
+# Work queue from CLM to CARA: one message per approved request, Nats-Msg-Id = request id.
+CARA_SIGN = "pki.v1.cara.sign"
+# Events CARA publishes when a request reaches a final state.
+CARA_ISSUED = "pki.v1.cara.issued"
+CARA_FAILED = "pki.v1.cara.failed"
+
+# HA events from the watcher.
+HA_OWNERSHIP_CHANGED = "pki.v1.ha.ownership_changed"
+
+# JetStream objects. Stream and consumer definitions are owned by hapki.runtime.bus.
+SIGNING_STREAM = "PKI_SIGNING"
+SIGNING_CONSUMER = "cara-signer"

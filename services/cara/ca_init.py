@@ -1,0 +1,127 @@
+"""CA key ceremony: a P-384 root and a P-256 issuing CA, both keys generated inside the HSM.
+
+Time is passed in; nothing here reads the clock. Both certificates are signed through the HSM (the private keys
+never exist outside it) and are checked against each other before being returned.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hapki.runtime.hsm import HSMPool, HSMPrivateKey
+
+ROOT_CURVE = ec.SECP384R1()
+ISSUING_CURVE = ec.SECP256R1()
+ROOT_VALIDITY_YEARS = 20
+ISSUING_VALIDITY_YEARS = 10
+
+
+@dataclass(frozen=True)
+class CAHierarchy:
+    """What the ceremony produced: the two certificates and where their keys live in the HSM."""
+
+    root_cert: x509.Certificate
+    issuing_cert: x509.Certificate
+    root_key_id: bytes  # CKA_ID of the root key (16 random bytes)
+    issuing_key_id: bytes  # CKA_ID of the issuing CA key (16 random bytes)
+    issuing_curve: str  # cryptography curve name of the issuing key, e.g. "secp256r1"
+
+
+def create_hierarchy(
+    pool: HSMPool,
+    *,
+    root_name: str = "hapki Root CA",
+    issuing_name: str = "hapki Issuing CA 1",
+    org: str = "hapki",
+    now: datetime,
+) -> CAHierarchy:
+    """Generate both CA keys in the HSM and return the self-signed root and the root-signed issuing CA."""
+    if now.tzinfo is None or now.utcoffset() != timedelta(0):
+        raise ValueError("now must be an aware UTC datetime")
+    now = now.replace(microsecond=0)  # X.509 times have second precision; keep the returned values exact
+
+    # Step 1: the root key, then its self-signed certificate.
+    root_key = _generate_key(pool, "root", ROOT_CURVE)
+    root_subject = _name(org, root_name)
+    root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
+    root_cert = (
+        x509.CertificateBuilder()
+        .subject_name(root_subject)
+        .issuer_name(root_subject)
+        .public_key(root_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(now)
+        .not_valid_after(_add_years(now, ROOT_VALIDITY_YEARS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(root_ski, critical=False)
+        .sign(root_key, hashes.SHA384())
+    )
+
+    # Step 2: the issuing key, certified by the root key (in the HSM). pathlen 0: it issues end entities only.
+    issuing_key = _generate_key(pool, "issuing", ISSUING_CURVE)
+    issuing_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(org, issuing_name))
+        .issuer_name(root_subject)
+        .public_key(issuing_key.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(now)
+        .not_valid_after(_add_years(now, ISSUING_VALIDITY_YEARS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
+        .sign(root_key, hashes.SHA384())
+    )
+
+    # Step 3: check the HSM's work before anyone relies on it.
+    root_cert.verify_directly_issued_by(root_cert)
+    issuing_cert.verify_directly_issued_by(root_cert)
+    return CAHierarchy(
+        root_cert=root_cert,
+        issuing_cert=issuing_cert,
+        root_key_id=root_key.key_id,
+        issuing_key_id=issuing_key.key_id,
+        issuing_curve=ISSUING_CURVE.name,
+    )
+
+
+def random_serial() -> int:
+    """A positive serial of exactly 20 octets in DER (RFC 5280's maximum), 159 bits from `secrets`."""
+    octets = bytearray(secrets.token_bytes(20))
+    octets[0] = (octets[0] & 0x7F) or 0x01  # high bit clear: positive; first octet non-zero: full length
+    return int.from_bytes(octets, "big")
+
+
+def _generate_key(pool: HSMPool, role: str, curve: ec.EllipticCurve) -> HSMPrivateKey:
+    key_id = secrets.token_bytes(16)
+    public_key = pool.generate_ec_key(f"hapki-{role}-{key_id.hex()}", key_id, curve)
+    return HSMPrivateKey(pool, key_id, public_key)
+
+
+def _name(org: str, common_name: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+        key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+    )
+
+
+def _add_years(moment: datetime, years: int) -> datetime:
+    try:
+        return moment.replace(year=moment.year + years)
+    except ValueError:  # 29 February in a non-leap target year
+        return moment.replace(year=moment.year + years, day=28)

@@ -1,0 +1,79 @@
+"""CARA entry point: wires config -> database, HSM pool, bus -> Signer. Start/stop follow the member's role."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from nats.aio.client import Client
+
+from hapki.cara.config import CaraConfig
+from hapki.cara.signer import Signer
+from hapki.cara.store import MariaDBSigningStore
+from hapki.runtime import bus
+from hapki.runtime.clock import utcnow
+from hapki.runtime.config import HSMConfig
+from hapki.runtime.db import Database
+from hapki.runtime.faults import FailPoints
+from hapki.runtime.hsm import HSMMemberConfig, HSMPool
+from hapki.runtime.migrate import migrate
+
+log = logging.getLogger("hapki.cara")
+
+
+def hsm_pool(config: HSMConfig) -> HSMPool:
+    """The HSM pool of a config section (members tried in order)."""
+    members = [
+        HSMMemberConfig(
+            name=m.name, module_path=str(m.module_path), token_label=m.token_label, pin_file=m.pin_file,
+            softhsm_conf=m.softhsm_conf,
+        )
+        for m in config.members
+    ]
+    return HSMPool(members, retry_after_s=config.retry_down_after_seconds)
+
+
+class CaraRuntime:
+    """One CARA member: connections, HSM sessions and the signer. `start()` makes it active."""
+
+    def __init__(self, config: CaraConfig, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self._clock = clock
+        self.db: Database | None = None
+        self.nc: Client | None = None
+        self.hsm: HSMPool | None = None
+        self.signer: Signer | None = None
+
+    async def open(self) -> None:
+        """Connect everything; the signer stays passive until start()."""
+        cfg = self.config
+        self.db = Database(cfg.database)
+        await migrate(self.db)
+        store = MariaDBSigningStore(self.db)
+        issuer = await store.load_issuer(cfg.issuer)
+        self.hsm = hsm_pool(cfg.hsm)
+        self.hsm.open()
+        self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
+        js = self.nc.jetstream()
+        await bus.ensure_topology(js, cfg.nats)
+        self.signer = Signer(
+            nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
+            member=cfg.member, config=cfg.signer, clock=self._clock, faults=FailPoints(),
+        )
+
+    async def start(self) -> int:
+        if self.signer is None:
+            await self.open()
+        assert self.signer is not None
+        return await self.signer.start()
+
+    async def stop(self) -> None:
+        if self.signer is not None:
+            await self.signer.stop()
+        if self.nc is not None:
+            await self.nc.close()
+        if self.hsm is not None:
+            self.hsm.close()
+        if self.db is not None:
+            await self.db.close()

@@ -1,0 +1,244 @@
+"""The CARA signer: consumes signing requests from JetStream and issues certificates through the HSM.
+
+Active only between start() and stop() (the HA supervisor calls them on VIP changes). For each request:
+Step 1: a final outcome already stored (redelivery) is republished without signing again.
+Step 2: reserve a random serial and write the signing intent, fenced by our epoch, in one transaction.
+Step 3: build the certificate and sign it through the HSM.
+Step 4: store the certificate and mark the request issued, fenced again.
+Step 5: ack the message, then publish the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from hapki.cara import issuance
+from hapki.cara.config import SignerConfig
+from hapki.cara.ports import IssuedRecord, IssuerRecord, SigningStore
+from hapki.contracts import subjects
+from hapki.contracts.errors import FencedOut, HapkiError, SigningRejected
+from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
+from hapki.runtime import telemetry
+from hapki.runtime.faults import FailPoints
+
+log = logging.getLogger("hapki.cara.signer")
+tracer = trace.get_tracer("hapki.cara")
+
+
+class Signer:
+    """Pull workers over the signing consumer, fenced by the CARA epoch."""
+
+    def __init__(
+        self,
+        *,
+        nc: Client,
+        js: JetStreamContext,
+        store: SigningStore,
+        issuer: IssuerRecord,
+        issuer_key: ec.EllipticCurvePrivateKey,
+        member: str,
+        config: SignerConfig,
+        clock: Callable[[], datetime],
+        faults: FailPoints | None = None,
+    ) -> None:
+        self._nc, self._js, self._store = nc, js, store
+        self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
+        self._member, self._config, self._clock = member, config, clock
+        self._faults = faults or FailPoints("")
+        self._epoch: int | None = None
+        self._stopping = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._inflight: dict[str, Msg] = {}
+        self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
+        self.signatures = 0  # HSM signatures made by this process (for tests and metrics)
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    @property
+    def active(self) -> bool:
+        return bool(self._workers) and not self._stopping.is_set()
+
+    async def start(self) -> int:
+        """Become active: bump the epoch (compare-and-set), resolve stale intents, start pulling."""
+        if self.active:
+            return self._epoch or 0
+        self._stopping.clear()
+        self.fenced.clear()
+        now = self._clock()
+        self._epoch = await self._store.bump_epoch(self._member, now)
+        abandoned = await self._store.abandon_stale_intents(self._epoch, now)
+        log.info("signer %s active at epoch %d; %d stale intents abandoned", self._member, self._epoch, abandoned)
+        self._workers = [asyncio.create_task(self._worker(i)) for i in range(self._config.workers)]
+        self._workers.append(asyncio.create_task(self._heartbeat()))
+        return self._epoch
+
+    async def stop(self) -> None:
+        """Become passive: stop fetching, let in-flight requests finish, release open pull requests."""
+        self._stopping.set()
+        workers, self._workers = self._workers, []
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        log.info("signer %s passive (epoch was %s)", self._member, self._epoch)
+
+    async def _worker(self, index: int) -> None:
+        # One pull subscription per worker, each fetching one message at a time: a batch fetch in nats-py
+        # lingers for the rest of the batch, which would add its whole timeout to latency at low load.
+        psub = await self._js.pull_subscribe_bind(durable=subjects.SIGNING_CONSUMER, stream=subjects.SIGNING_STREAM)
+        try:
+            while not self._stopping.is_set():
+                fetch = asyncio.ensure_future(psub.fetch(1, timeout=self._config.fetch_timeout_seconds))
+                stop = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not fetch.done():
+                    fetch.cancel()
+                    await asyncio.gather(fetch, return_exceptions=True)
+                    break
+                try:
+                    msgs = fetch.result()
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    continue
+                except Exception as exc:  # nats errors while the bus reconnects: keep polling
+                    log.warning("worker %d fetch failed: %s", index, exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                for msg in msgs:
+                    if self._stopping.is_set():
+                        await msg.nak()  # hand it to the new active member at once
+                    else:
+                        await self.handle(msg)
+        finally:
+            # A cancelled fetch leaves its pull request open on the server, where it would capture the next
+            # message until ack_wait (FIELD-NOTES): unsubscribing closes it.
+            await psub.unsubscribe()
+
+    async def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._config.heartbeat_seconds)
+            except asyncio.TimeoutError:
+                for msg in list(self._inflight.values()):
+                    await msg.in_progress()
+
+    async def handle(self, msg: Msg) -> None:
+        """Process one signing request message to an ack, a NAK (retry) or a term (never processable)."""
+        parent = telemetry.extract(msg.headers)
+        with tracer.start_as_current_span("cara.sign", context=parent, kind=trace.SpanKind.CONSUMER) as span:
+            span.set_attribute("pki.member", self._member)
+            try:
+                request = SignCertificate.model_validate_json(msg.data)
+            except ValidationError as exc:
+                log.error("malformed signing request terminated: %s", exc.errors(include_url=False)[:3])
+                span.set_status(trace.StatusCode.ERROR, "malformed signing request")
+                await msg.term()
+                return
+            span.set_attribute("pki.request_id", request.request_id)
+            if request.request_id in self._inflight:
+                return  # a redelivery of what this process is working on; the first copy acks
+            self._inflight[request.request_id] = msg
+            try:
+                await self._process(request, msg, span)
+            except SigningRejected as exc:
+                await self._reject(request, exc, msg)
+            except FencedOut as exc:
+                log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
+                span.set_status(trace.StatusCode.ERROR, "fenced out")
+                await msg.nak()
+                self.fenced.set()
+                self._stopping.set()
+            except HapkiError as exc:
+                log.warning("request %s not processed (%s): %s; will retry", request.request_id, exc.code.value, exc)
+                span.set_status(trace.StatusCode.ERROR, exc.code.value)
+                await msg.nak(delay=self._config.retry_delay_seconds)
+            except Exception:
+                log.exception("bug while processing request %s; will retry", request.request_id)
+                span.set_status(trace.StatusCode.ERROR, "internal error")
+                await msg.nak(delay=self._config.retry_delay_seconds)
+            finally:
+                self._inflight.pop(request.request_id, None)
+
+    async def _process(self, request: SignCertificate, msg: Msg, span: trace.Span) -> None:
+        epoch = self._epoch
+        assert epoch is not None, "handle() before start()"
+        # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
+        outcome = await self._store.outcome(request.request_id)
+        if outcome.issued is not None:
+            span.set_attribute("pki.redelivered", True)
+            await msg.ack()
+            await self._publish_issued(outcome.issued)
+            return
+        if outcome.failed is not None:
+            await msg.ack()
+            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=outcome.failed))
+            return
+        csr = issuance.parse_csr(request)
+        # Step 2: reserve serial + intent, fenced. A serial collision (UNIQUE) just draws again.
+        intent_id = uuid.uuid4().hex
+        serial = issuance.random_serial()
+        now = self._clock()
+        await self._store.reserve(
+            intent_id=intent_id, request_id=request.request_id, issuer=self._issuer.name,
+            serial=issuance.serial_hex(serial), epoch=epoch, member=self._member, now=now,
+        )
+        span.set_attribute("pki.serial", issuance.serial_hex(serial))
+        # Step 3: sign through the HSM (in a thread: the PKCS#11 call blocks; contextvars carry the span).
+        try:
+            cert = await asyncio.to_thread(
+                issuance.build_certificate, request, csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
+                serial=serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
+            )
+        except SigningRejected:
+            await self._store.abandon_intent(intent_id, "rejected before signing", self._clock())
+            raise
+        except HapkiError:
+            await self._store.abandon_intent(intent_id, "HSM failed; no signature made", self._clock())
+            raise
+        self.signatures += 1
+        await self._faults.hit("cara.after_sign")
+        # Step 4: store it, fenced. If another intent won the request meanwhile, theirs is returned.
+        stored = await self._store.record_issued(
+            IssuedRecord(
+                request_id=request.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(serial),
+                intent_id=intent_id, cert_pem=cert.public_bytes(Encoding.PEM).decode(),
+                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+            ),
+            epoch=epoch, now=self._clock(),
+        )
+        await self._faults.hit("cara.after_commit")
+        # Step 5: ack, then tell CLM.
+        await msg.ack()
+        await self._publish_issued(stored)
+
+    async def _reject(self, request: SignCertificate, exc: SigningRejected, msg: Msg) -> None:
+        log.warning("request %s rejected by the CA: %s", request.request_id, exc)
+        error = ErrorBody(code=exc.code, message=exc.message, details=exc.details)
+        await self._store.record_failed(request.request_id, error, epoch=self._epoch or 0, now=self._clock())
+        await msg.ack()
+        await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
+
+    async def _publish_issued(self, record: IssuedRecord) -> None:
+        await self._publish(
+            subjects.CARA_ISSUED,
+            CertificateIssued(
+                request_id=record.request_id, serial=record.serial, issuer=record.issuer,
+                certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
+                not_before=record.not_before, not_after=record.not_after,
+            ),
+        )
+
+    async def _publish(self, subject: str, event: CertificateIssued | SigningFailed) -> None:
+        await self._nc.publish(subject, event.model_dump_json().encode(), headers=telemetry.inject())

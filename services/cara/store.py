@@ -1,0 +1,231 @@
+"""MariaDB adapter of the CA's SigningStore: serial reservation, fenced commits, epochs, recovery."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import aiomysql
+
+from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
+from hapki.contracts.models import ErrorBody, RequestStatus
+from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
+from hapki.runtime.db import Database
+
+TIER = "cara"
+
+
+def _db_time(value: datetime) -> datetime:
+    """DATETIME columns hold naive UTC."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC)
+
+
+async def _fence(cur: aiomysql.Cursor, epoch: int) -> None:
+    """Write the epoch row under our epoch; a stale member matches no row and must not commit.
+
+    The write (not just a read) matters on Galera: a concurrent epoch bump on another node conflicts with it at
+    certification, so one of the two transactions fails instead of both committing.
+    """
+    await cur.execute("UPDATE epochs SET fence_seq = fence_seq + 1 WHERE tier = %s AND epoch = %s", (TIER, epoch))
+    if cur.rowcount != 1:
+        raise FencedOut(f"epoch {epoch} is no longer current for tier {TIER}", {"epoch": epoch})
+
+
+class MariaDBSigningStore:
+    """SigningStore on MariaDB/Galera."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def load_issuer(self, name: str | None) -> IssuerRecord:
+        async def body(cur: aiomysql.Cursor) -> IssuerRecord:
+            if name is None:
+                await cur.execute("SELECT name, cert_pem, chain_pem, key_id FROM issuers WHERE is_default = 1")
+            else:
+                await cur.execute("SELECT name, cert_pem, chain_pem, key_id FROM issuers WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"issuer {name or '(default)'} not found; run `hapki ca init`", {"issuer": name})
+            return IssuerRecord(name=row[0], cert_pem=row[1], chain_pem=row[2], key_id=bytes.fromhex(row[3]))
+
+        return await self._db.run(body, name="cara.load_issuer")
+
+    async def save_issuer(self, record: IssuerRecord, *, default: bool, now: datetime) -> None:
+        async def body(cur: aiomysql.Cursor) -> None:
+            if default:
+                await cur.execute("UPDATE issuers SET is_default = 0 WHERE is_default = 1")
+            await cur.execute(
+                "INSERT INTO issuers (name, cert_pem, chain_pem, key_id, is_default, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (record.name, record.cert_pem, record.chain_pem, record.key_id.hex(), int(default), _db_time(now)),
+            )
+
+        await self._db.run(body, name="cara.save_issuer")
+
+    async def bump_epoch(self, member: str, now: datetime) -> int:
+        """Compare-and-set the tier's epoch to one more than what we read; return the new epoch."""
+
+        async def body(cur: aiomysql.Cursor) -> int | None:
+            await cur.execute("SELECT epoch FROM epochs WHERE tier = %s", (TIER,))
+            row = await cur.fetchone()
+            if row is None:
+                await cur.execute(
+                    "INSERT IGNORE INTO epochs (tier, epoch, holder, fence_seq, updated_at) VALUES (%s, 1, %s, 0, %s)",
+                    (TIER, member, _db_time(now)),
+                )
+                return 1 if cur.rowcount == 1 else None
+            await cur.execute(
+                "UPDATE epochs SET epoch = epoch + 1, holder = %s, updated_at = %s WHERE tier = %s AND epoch = %s",
+                (member, _db_time(now), TIER, row[0]),
+            )
+            return row[0] + 1 if cur.rowcount == 1 else None
+
+        for _ in range(20):
+            epoch = await self._db.run(body, name="cara.bump_epoch")
+            if epoch is not None:
+                return epoch
+        raise FencedOut("could not bump the epoch: it keeps moving under us")
+
+    async def abandon_stale_intents(self, epoch: int, now: datetime) -> int:
+        """Resolve intents of older epochs that never got a certificate: their signer can no longer commit."""
+
+        async def body(cur: aiomysql.Cursor) -> int:
+            await cur.execute(
+                "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
+                " resolution = CONCAT('recovered: epoch ', epoch, ' superseded by ', %s)"
+                " WHERE state = 'reserved' AND epoch < %s",
+                (_db_time(now), epoch, epoch),
+            )
+            count = cur.rowcount
+            await _fence(cur, epoch)
+            return count
+
+        return await self._db.run(body, name="cara.recover")
+
+    async def outcome(self, request_id: str) -> Outcome:
+        async def body(cur: aiomysql.Cursor) -> Outcome:
+            await cur.execute(
+                "SELECT request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
+                " FROM certificates WHERE request_id = %s",
+                (request_id,),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return Outcome(issued=IssuedRecord(*row[:5], not_before=_utc(row[5]), not_after=_utc(row[6])))
+            await cur.execute("SELECT status, error_code, error_message FROM requests WHERE id = %s", (request_id,))
+            req = await cur.fetchone()
+            if req is not None and req[0] == RequestStatus.FAILED.value:
+                return Outcome(failed=ErrorBody(code=req[1], message=req[2] or ""))
+            return Outcome()
+
+        return await self._db.run(body, name="cara.outcome")
+
+    async def reserve(
+        self, *, intent_id: str, request_id: str, issuer: str, serial: str, epoch: int, member: str, now: datetime
+    ) -> None:
+        """Reserve the serial and write the signing intent, fenced, in one transaction. Idempotent by intent id.
+
+        Older reserved intents of the same request are abandoned here: their signature, if one was made, never
+        reached the database and never will (redelivery after a crash between sign and commit).
+        """
+
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute("SELECT 1 FROM signing_intents WHERE id = %s", (intent_id,))
+            if await cur.fetchone() is not None:
+                return  # our earlier attempt committed; the outcome of its COMMIT was just unknown to us
+            await cur.execute(
+                "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
+                " resolution = 'superseded by a new attempt for the request'"
+                " WHERE request_id = %s AND state = 'reserved'",
+                (_db_time(now), request_id),
+            )
+            await cur.execute(
+                "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, 'reserved', %s)",
+                (intent_id, request_id, issuer, serial, epoch, member, _db_time(now)),
+            )
+            await _fence(cur, epoch)
+
+        await self._db.run(body, name="cara.reserve")
+
+    async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord:
+        """Store the certificate, resolve the intent and mark the request issued, fenced. Returns what is stored.
+
+        If another intent already produced the request's certificate, ours is abandoned and theirs returned:
+        at most one certificate per request id (UNIQUE request_id).
+        """
+
+        async def body(cur: aiomysql.Cursor) -> IssuedRecord:
+            await cur.execute(
+                "SELECT request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
+                " FROM certificates WHERE request_id = %s",
+                (record.request_id,),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                existing = IssuedRecord(*row[:5], not_before=_utc(row[5]), not_after=_utc(row[6]))
+                if existing.intent_id != record.intent_id:
+                    await cur.execute(
+                        "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
+                        " resolution = 'request already issued by another intent' WHERE id = %s",
+                        (_db_time(now), record.intent_id),
+                    )
+                    await _fence(cur, epoch)
+                return existing
+            await cur.execute(
+                "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem,"
+                " not_before, not_after, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (record.issuer, record.serial, record.request_id, record.intent_id, epoch, record.cert_pem,
+                 _db_time(record.not_before), _db_time(record.not_after), _db_time(now)),
+            )
+            await cur.execute(
+                "UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
+                " WHERE id = %s AND state = 'reserved'",
+                (_db_time(now), record.intent_id),
+            )
+            if cur.rowcount != 1:
+                # The intent was abandoned meanwhile (recovery by a newer epoch): the fence below fails too,
+                # but say what happened precisely.
+                raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
+            await cur.execute(
+                "UPDATE requests SET status = 'issued', serial = %s, updated_at = %s WHERE id = %s",
+                (record.serial, _db_time(now), record.request_id),
+            )
+            await _fence(cur, epoch)
+            return record
+
+        try:
+            return await self._db.run(body, name="cara.record_issued")
+        except DuplicateKey:
+            # A concurrent commit of the same request won the UNIQUE key; report what is stored.
+            outcome = await self.outcome(record.request_id)
+            if outcome.issued is None:
+                raise
+            await self.abandon_intent(record.intent_id, "request already issued by another intent", now)
+            return outcome.issued
+
+    async def record_failed(self, request_id: str, error: ErrorBody, *, epoch: int, now: datetime) -> None:
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute(
+                "UPDATE requests SET status = 'failed', error_code = %s, error_message = %s, updated_at = %s"
+                " WHERE id = %s AND status = 'pending'",
+                (error.code.value, error.message[:512], _db_time(now), request_id),
+            )
+            await _fence(cur, epoch)
+
+        await self._db.run(body, name="cara.record_failed")
+
+    async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
+        """Resolve a reserved intent whose signature will never be stored. Unfenced: abandoning is always safe."""
+
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute(
+                "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
+                " WHERE id = %s AND state = 'reserved'",
+                (_db_time(now), reason[:255], intent_id),
+            )
+
+        await self._db.run(body, name="cara.abandon_intent")

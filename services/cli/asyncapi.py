@@ -1,0 +1,31 @@
+"""Renders the AsyncAPI document of the hapki bus from the code (FastStream); committed as contracts/asyncapi.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from faststream.specification import AsyncAPI
+
+import hapki
+from hapki.clm.app import build_broker
+from hapki.contracts import subjects
+from hapki.contracts.models import CertificateIssued, OwnershipChanged, SignCertificate, SigningFailed
+
+# The source tree's copy (this file is services/cli/asyncapi.py; the document lives in contracts/).
+ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.yaml"
+
+
+def render() -> str:
+    """The AsyncAPI 3.0 YAML: CLM's API and events, plus what CARA and the watcher publish."""
+    broker = build_broker("nats://nats:4222", None)
+    broker.publisher(subjects.CARA_SIGN, title="SignCertificate", schema=SignCertificate,
+                     description="CLM -> CARA work queue (stream PKI_SIGNING), Nats-Msg-Id = request_id")
+    broker.publisher(subjects.CARA_ISSUED, title="CertificateIssuedEvent", schema=CertificateIssued,
+                     description="CARA: a certificate was signed and stored")
+    broker.publisher(subjects.CARA_FAILED, title="SigningFailedEvent", schema=SigningFailed,
+                     description="CARA: a request was refused for good")
+    broker.publisher(subjects.HA_OWNERSHIP_CHANGED, title="OwnershipChanged", schema=OwnershipChanged,
+                     description="watcher: a member gained or lost a floating IP")
+    spec = AsyncAPI(broker, title="hapki bus", version=hapki.__version__,
+                    description="Subjects, messages and error codes of hapki (pki.v1.*)")
+    return spec.to_specification().to_yaml()

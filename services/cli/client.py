@@ -1,0 +1,52 @@
+"""A typed NATS client of the CLM API, with W3C trace context in the request headers."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client
+from opentelemetry import trace
+from pydantic import BaseModel
+
+from hapki.contracts import subjects
+from hapki.contracts.models import CertificateQuery, CertificateReply, IssueCertificate, IssueReply, StatusQuery
+from hapki.runtime import telemetry
+
+R = TypeVar("R", bound=BaseModel)
+tracer = trace.get_tracer("hapki.client")
+
+
+class ClmClient:
+    """Request/reply calls to CLM. Replies are parsed into contract models (errors arrive as `.error`)."""
+
+    def __init__(self, nc: Client, timeout: float = 30.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+
+    @classmethod
+    async def connect(cls, servers: list[str], timeout: float = 30.0) -> ClmClient:
+        return cls(await nats.connect(servers=servers, name="hapki-client"), timeout)
+
+    async def close(self) -> None:
+        await self._nc.close()
+
+    async def _call(self, subject: str, body: BaseModel, reply: type[R]) -> R:
+        msg = await self._nc.request(
+            subject, body.model_dump_json().encode(), timeout=self._timeout, headers=telemetry.inject()
+        )
+        return reply.model_validate_json(msg.data)
+
+    async def issue(self, request: IssueCertificate) -> IssueReply:
+        with tracer.start_as_current_span("client.issue", kind=trace.SpanKind.CLIENT):
+            return await self._call(subjects.CLM_ISSUE, request, IssueReply)
+
+    async def status(self, request_id: str) -> IssueReply:
+        return await self._call(subjects.CLM_STATUS, StatusQuery(request_id=request_id), IssueReply)
+
+    async def certificate(self, serial: str) -> CertificateReply:
+        return await self._call(subjects.CLM_CERTIFICATE, CertificateQuery(serial=serial), CertificateReply)
+
+    async def raw(self, subject: str, data: bytes) -> bytes:
+        """Send arbitrary bytes (for tests and diagnostics)."""
+        return (await self._nc.request(subject, data, timeout=self._timeout)).data

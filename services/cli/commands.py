@@ -1,0 +1,209 @@
+"""Implementations of the `hapki` subcommands: parse arguments, call the core, print."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pydantic import BaseModel, ConfigDict
+
+from hapki.runtime import telemetry
+from hapki.runtime.config import DatabaseConfig, load_toml
+
+log = logging.getLogger("hapki.cli")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    telemetry.setup_logging()
+    telemetry.setup(f"hapki-{args.service}")
+    try:
+        if args.service == "clm":
+            from hapki.clm.config import ClmConfig
+            from hapki.clm.main import ClmRuntime
+
+            runtime: object = ClmRuntime(load_toml(args.config, ClmConfig))
+        elif args.service == "cara":
+            from hapki.cara.config import CaraConfig
+            from hapki.cara.main import CaraRuntime
+
+            runtime = CaraRuntime(load_toml(args.config, CaraConfig))
+        else:
+            from hapki.watcher.main import WatcherRuntime, WatcherConfig
+
+            runtime = WatcherRuntime(load_toml(args.config, WatcherConfig))
+        await runtime.start()  # type: ignore[attr-defined]
+        print(f"hapki {args.service} ready", flush=True)
+        await _until_signalled()
+        await runtime.stop()  # type: ignore[attr-defined]
+    finally:
+        telemetry.shutdown()
+    return 0
+
+
+async def ca_init(args: argparse.Namespace) -> int:
+    from hapki.cara.ca_init import create_hierarchy
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.main import hsm_pool
+    from hapki.cara.ports import IssuerRecord
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.contracts.errors import NotFound
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+    from hapki.runtime.migrate import migrate
+
+    telemetry.setup_logging()
+    cfg = load_toml(args.config, CaraConfig)
+    db = Database(cfg.database)
+    try:
+        await migrate(db)
+        store = MariaDBSigningStore(db)
+        try:
+            existing = await store.load_issuer(cfg.issuer)
+            print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
+            return 0
+        except NotFound:
+            pass
+        with hsm_pool(cfg.hsm) as pool:
+            hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow())
+        pem = serialization.Encoding.PEM
+        issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
+        root_pem = hierarchy.root_cert.public_bytes(pem).decode()
+        name = cfg.issuer or "issuing-1"
+        await store.save_issuer(
+            IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
+                         key_id=hierarchy.issuing_key_id),
+            default=True, now=utcnow(),
+        )
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "root.pem").write_text(root_pem)
+            (args.out / "issuing.pem").write_text(issuing_pem)
+        print(f"created root CA {hierarchy.root_cert.subject.rfc4514_string()}")
+        print(f"created issuing CA {name!r}: {hierarchy.issuing_cert.subject.rfc4514_string()}")
+        return 0
+    finally:
+        await db.close()
+
+
+class _DatabaseSection(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    database: DatabaseConfig
+
+
+async def db_migrate(args: argparse.Namespace) -> int:
+    from hapki.runtime.db import Database
+    from hapki.runtime.migrate import migrate
+
+    telemetry.setup_logging()
+    db = Database(load_toml(args.config, _DatabaseSection).database)
+    try:
+        applied = await migrate(db)
+    finally:
+        await db.close()
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+def _csr_for(names: list[str]) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.RFC822Name(name) if "@" in name else x509.DNSName(name))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    )
+    csr = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def issue(args: argparse.Namespace) -> int:
+    from hapki.cli.client import ClmClient
+    from hapki.contracts.models import IssueCertificate
+
+    key_pem = None
+    if args.csr:
+        csr_pem = args.csr.read_bytes()
+    else:
+        if not args.name:
+            print("give --csr FILE or at least one --name", file=sys.stderr)
+            return 2
+        csr_pem, key_pem = _csr_for(args.name)
+    client = await ClmClient.connect(args.nats.split(","), timeout=args.timeout)
+    try:
+        reply = await client.issue(
+            IssueCertificate(csr_pem=csr_pem.decode(), profile=args.profile, requester=args.requester,
+                             idempotency_key=args.idempotency_key)
+        )
+    finally:
+        await client.close()
+    if reply.error is not None:
+        print(f"error {reply.error.code.value}: {reply.error.message} {reply.error.details or ''}", file=sys.stderr)
+        return 1
+    if reply.certificate_pem is None:
+        print(f"request {reply.request_id} is {reply.status.value if reply.status else '?'}; "
+              f"ask again with the same --idempotency-key")
+        return 3
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cert.pem").write_text(reply.certificate_pem)
+    (args.out / "chain.pem").write_text(reply.chain_pem or "")
+    if key_pem:
+        key_file = args.out / "key.pem"
+        key_file.write_bytes(key_pem)
+        key_file.chmod(0o600)
+    print(f"issued serial {reply.serial} (request {reply.request_id}), valid {reply.not_before} .. {reply.not_after}")
+    print(f"wrote {args.out / 'cert.pem'} and {args.out / 'chain.pem'}")
+    return 0
+
+
+def docs(args: argparse.Namespace) -> int:
+    from hapki.cli.asyncapi import ASYNCAPI_PATH, render
+
+    text = render()
+    if args.check:
+        current = ASYNCAPI_PATH.read_text() if ASYNCAPI_PATH.exists() else ""
+        if current != text:
+            print(f"{ASYNCAPI_PATH} is stale: run `hapki docs asyncapi`", file=sys.stderr)
+            return 1
+        print(f"{ASYNCAPI_PATH} is current")
+        return 0
+    ASYNCAPI_PATH.write_text(text)
+    print(f"wrote {ASYNCAPI_PATH}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from hapki.cli.demo import run_demo
+
+    return run_demo(args.dir, keep=args.keep)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from hapki.cli.bench import run_bench
+
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+    return run_bench(args.dir, levels=levels, seconds=args.seconds, as_json=args.json)
+
+

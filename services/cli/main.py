@@ -1,0 +1,73 @@
+"""`hapki`: the command line. Each subcommand parses its arguments and calls into the services or the lab."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from hapki.cli import commands
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hapki", description="hapki: high-availability PKI (CLM + CARA)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one service in the foreground")
+    serve.add_argument("service", choices=["clm", "cara", "watcher"])
+    serve.add_argument("--config", type=Path, required=True, help="service config (TOML)")
+
+    ca = sub.add_parser("ca", help="certificate authority administration")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser("init", help="create the root and issuing CA with keys in the HSM")
+    init.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
+    init.add_argument("--out", type=Path, default=None, help="also write root.pem and issuing.pem here")
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
+    mig.add_argument("--config", type=Path, required=True, help="any service config with a [database] section")
+
+    issue = sub.add_parser("issue", help="request a certificate over NATS")
+    issue.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL(s), comma-separated")
+    issue.add_argument("--profile", default="tls-server")
+    issue.add_argument("--csr", type=Path, help="PEM CSR; without it a P-256 key and CSR are generated")
+    issue.add_argument("--name", action="append", default=[], help="DNS name / IP / email (repeatable)")
+    issue.add_argument("--requester", default="hapki-cli")
+    issue.add_argument("--idempotency-key", default=None)
+    issue.add_argument("--out", type=Path, default=Path("."), help="directory for cert.pem, chain.pem (key.pem)")
+    issue.add_argument("--timeout", type=float, default=30.0, help="seconds")
+
+    docs = sub.add_parser("docs", help="generated documents")
+    docs.add_argument("what", choices=["asyncapi"])
+    docs.add_argument("--check", action="store_true", help="fail if the committed document is stale")
+
+    demo = sub.add_parser("demo", help="start NATS, MariaDB, SoftHSM, CARA and CLM locally and issue a certificate")
+    demo.add_argument("--dir", type=Path, default=Path(".run/demo"), help="working directory of the demo")
+    demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
+
+    bench = sub.add_parser("bench", help="measure issuance throughput and latency on a local stack")
+    bench.add_argument("--dir", type=Path, default=Path(".run/bench"))
+    bench.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
+    bench.add_argument("--seconds", type=float, default=10.0, help="duration of each level")
+    bench.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {
+        "serve": commands.serve,
+        "ca": commands.ca_init,
+        "db": commands.db_migrate,
+        "issue": commands.issue,
+        "docs": commands.docs,
+        "demo": commands.demo,
+        "bench": commands.bench,
+    }[args.command]
+    return asyncio.run(handler(args)) if asyncio.iscoroutinefunction(handler) else handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

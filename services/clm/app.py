@@ -1,0 +1,103 @@
+"""The CLM NATS edge: FastStream subscribers for the API subjects and the CA's result events.
+
+Every reply is a contract model; any failure becomes a structured error reply (never a silent timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from faststream.middlewares import BaseMiddleware, ExceptionMiddleware
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from pydantic import ValidationError
+
+from hapki.clm.service import ClmService
+from hapki.contracts import subjects
+from hapki.contracts.errors import HapkiError, MessageTooLarge
+from hapki.contracts.models import (
+    MAX_REQUEST_BYTES,
+    CertificateIssued,
+    CertificateQuery,
+    CertificateReply,
+    IssueCertificate,
+    IssueReply,
+    SigningFailed,
+    StatusQuery,
+)
+from hapki.runtime.edge import error_reply
+
+log = logging.getLogger("hapki.clm.app")
+
+
+class SizeLimit(BaseMiddleware):
+    """Refuse an oversized request before anything parses it."""
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        if len(msg.body) > MAX_REQUEST_BYTES:
+            raise MessageTooLarge(
+                f"request is {len(msg.body)} bytes; the limit is {MAX_REQUEST_BYTES}",
+                {"size": len(msg.body), "limit": MAX_REQUEST_BYTES},
+            )
+        return await call_next(msg)
+
+
+def _errors() -> ExceptionMiddleware:
+    middleware = ExceptionMiddleware()
+
+    @middleware.add_handler(ValidationError, publish=True)
+    async def on_validation(exc: ValidationError) -> dict[str, Any]:
+        return error_reply(exc)
+
+    @middleware.add_handler(HapkiError, publish=True)
+    async def on_hapki(exc: HapkiError) -> dict[str, Any]:
+        return error_reply(exc)
+
+    @middleware.add_handler(Exception, publish=True)
+    async def on_bug(exc: Exception) -> dict[str, Any]:
+        return error_reply(exc)
+
+    return middleware
+
+
+def build_broker(servers: list[str] | str, service: ClmService | None, **options: Any) -> NatsBroker:
+    """The FastStream broker with CLM's subscribers bound to `service` (None: for the AsyncAPI document only)."""
+    broker = NatsBroker(
+        servers,
+        middlewares=[NatsTelemetryMiddleware(), _errors(), SizeLimit],
+        description="hapki CLM: certificate requests (RA) and CA result events",
+        **options,
+    )
+
+    def svc() -> ClmService:
+        assert service is not None, "broker built for documentation only"
+        return service
+
+    @broker.subscriber(subjects.CLM_ISSUE, queue="clm", max_workers=256, title="IssueCertificate")
+    async def issue(body: IssueCertificate) -> IssueReply:
+        """Issue a certificate for a CSR under a profile; idempotent by (requester, idempotency_key)."""
+        return await svc().issue(body)
+
+    @broker.subscriber(subjects.CLM_STATUS, queue="clm", max_workers=64, title="RequestStatus")
+    async def status(body: StatusQuery) -> IssueReply:
+        """The state of one request, with its certificate once issued."""
+        return await svc().status(body)
+
+    @broker.subscriber(subjects.CLM_CERTIFICATE, queue="clm", max_workers=64, title="GetCertificate")
+    async def certificate(body: CertificateQuery) -> CertificateReply:
+        """One certificate by serial."""
+        return await svc().certificate(body)
+
+    # No queue group: every CLM member sees every result and wakes its own waiters.
+    @broker.subscriber(subjects.CARA_ISSUED, title="CertificateIssued", no_reply=True)
+    async def issued(body: CertificateIssued) -> None:
+        """CARA stored a certificate."""
+        svc().on_issued(body)
+
+    @broker.subscriber(subjects.CARA_FAILED, title="SigningFailed", no_reply=True)
+    async def failed(body: SigningFailed) -> None:
+        """CARA refused a request for good."""
+        svc().on_failed(body)
+
+    return broker

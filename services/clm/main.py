@@ -1,0 +1,83 @@
+"""CLM entry point: wires config -> database, bus, profiles -> ClmService -> FastStream responders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from importlib import resources
+from pathlib import Path
+
+from faststream.nats import NatsBroker
+from nats.aio.client import Client
+
+from hapki.clm.app import build_broker
+from hapki.clm.config import ClmConfig
+from hapki.clm.profiles import load_profiles
+from hapki.clm.queue import JetStreamSigningQueue
+from hapki.clm.service import ClmService
+from hapki.clm.store import MariaDBRequestStore
+from hapki.contracts.errors import HapkiError
+from hapki.runtime import bus
+from hapki.runtime.clock import utcnow
+from hapki.runtime.db import Database
+from hapki.runtime.migrate import migrate
+
+log = logging.getLogger("hapki.clm")
+
+
+def default_profiles_path() -> Path:
+    return Path(str(resources.files("hapki.clm").joinpath("profiles.toml")))
+
+
+class ClmRuntime:
+    """One running CLM member: start() wires and starts everything, stop() undoes it."""
+
+    def __init__(self, config: ClmConfig, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self._clock = clock
+        self.db: Database | None = None
+        self.nc: Client | None = None
+        self.broker: NatsBroker | None = None
+        self.service: ClmService | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        profiles = load_profiles(cfg.profiles_file or default_profiles_path())
+        self.db = Database(cfg.database)
+        await migrate(self.db)
+        self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
+        js = self.nc.jetstream()
+        await bus.ensure_topology(js, cfg.nats)
+        self.service = ClmService(
+            store=MariaDBRequestStore(self.db), queue=JetStreamSigningQueue(js), profiles=profiles,
+            clock=self._clock, wait_seconds=cfg.wait_seconds,
+        )
+        self.broker = build_broker(cfg.nats.servers, self.service, logger=logging.getLogger("hapki.clm.broker"))
+        await self.broker.start()
+        self._sweeper = asyncio.create_task(self._sweep())
+        log.info("clm %s serving on %s", cfg.member, ", ".join(cfg.nats.servers))
+
+    async def _sweep(self) -> None:
+        assert self.service is not None
+        while True:
+            await asyncio.sleep(self.config.republish_interval_seconds)
+            try:
+                await self.service.republish_stale(timedelta(seconds=self.config.republish_after_seconds))
+            except HapkiError as exc:
+                log.warning("outbox sweep failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.nc is not None:
+            await self.nc.close()
+        if self.db is not None:
+            await self.db.close()

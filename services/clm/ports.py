@@ -1,0 +1,48 @@
+"""The ports CLM's core needs, as Protocols. Adapters: store.MariaDBRequestStore, the JetStream publisher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from hapki.contracts.models import CertificateReply, IssueReply, SignCertificate
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A validated request, about to be recorded."""
+
+    request_id: str
+    requester: str
+    idempotency_key: str | None
+    profile: str
+    csr_sha256: str
+    approved: SignCertificate
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The request as stored: `created` is False when an earlier request with the same key was found."""
+
+    request_id: str
+    created: bool
+    approved: SignCertificate
+
+
+class RequestStore(Protocol):
+    """The calls CLM makes on its database."""
+
+    async def record(self, request: NewRequest, now: datetime) -> Recorded: ...
+
+    async def view(self, request_id: str) -> IssueReply: ...
+
+    async def certificate(self, serial: str) -> CertificateReply: ...
+
+    async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]: ...
+
+
+class SigningQueue(Protocol):
+    """Where approved requests go to the CA."""
+
+    async def submit(self, request: SignCertificate) -> None: ...

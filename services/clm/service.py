@@ -1,0 +1,139 @@
+"""The CLM service: validates issue requests, records them, queues them for the CA and answers with the result."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+
+from opentelemetry import trace
+
+from hapki.clm import validation
+from hapki.clm.ports import NewRequest, RequestStore, SigningQueue
+from hapki.clm.profiles import Profile
+from hapki.contracts.errors import Unavailable
+from hapki.contracts.models import (
+    CertificateIssued,
+    CertificateQuery,
+    CertificateReply,
+    IssueCertificate,
+    IssueReply,
+    RequestStatus,
+    SigningFailed,
+    StatusQuery,
+)
+
+log = logging.getLogger("hapki.clm")
+tracer = trace.get_tracer("hapki.clm")
+
+
+class ClmService:
+    """Request handlers of the RA. Transport-free: the FastStream app in app.py calls these."""
+
+    def __init__(
+        self,
+        *,
+        store: RequestStore,
+        queue: SigningQueue,
+        profiles: Mapping[str, Profile],
+        clock: Callable[[], datetime],
+        wait_seconds: float,
+    ) -> None:
+        self._store, self._queue, self._profiles = store, queue, profiles
+        self._clock, self._wait = clock, wait_seconds
+        self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
+
+    async def issue(self, request: IssueCertificate) -> IssueReply:
+        """Validate, record (idempotently), queue for the CA, and wait for the result up to wait_seconds."""
+        with tracer.start_as_current_span("clm.issue") as span:
+            span.set_attribute("pki.profile", request.profile)
+            request_id = uuid.uuid4().hex
+            with tracer.start_as_current_span("clm.validate"):
+                approved = validation.approve(request, self._profiles, request_id)
+            recorded = await self._store.record(
+                NewRequest(
+                    request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,
+                    profile=request.profile, csr_sha256=hashlib.sha256(request.csr_pem.encode()).hexdigest(),
+                    approved=approved,
+                ),
+                self._clock(),
+            )
+            span.set_attribute("pki.request_id", recorded.request_id)
+            span.set_attribute("pki.replay", not recorded.created)
+            waiter = self._register(recorded.request_id)
+            try:
+                if not recorded.created:
+                    current = await self._store.view(recorded.request_id)
+                    if current.status is not RequestStatus.PENDING:
+                        return current
+                # A replayed pending request is queued again: if its first publish was lost, this recovers it;
+                # otherwise JetStream's de-duplication (Nats-Msg-Id) and CARA's database checks absorb it.
+                try:
+                    await self._queue.submit(recorded.approved)
+                except Unavailable as exc:
+                    # Recorded but not queued: the outbox sweep (or the client's retry) will queue it.
+                    log.warning("request %s recorded but not queued yet: %s", recorded.request_id, exc)
+                    return await self._store.view(recorded.request_id)
+                return await self._await_result(recorded.request_id, waiter)
+            finally:
+                self._unregister(recorded.request_id, waiter)
+
+    async def status(self, query: StatusQuery) -> IssueReply:
+        with tracer.start_as_current_span("clm.status"):
+            return await self._store.view(query.request_id)
+
+    async def certificate(self, query: CertificateQuery) -> CertificateReply:
+        with tracer.start_as_current_span("clm.certificate"):
+            return await self._store.certificate(query.serial.lower())
+
+    def on_issued(self, event: CertificateIssued) -> None:
+        """A CARA result event: wake whoever waits for this request here."""
+        self._resolve(
+            event.request_id,
+            IssueReply(
+                request_id=event.request_id, status=RequestStatus.ISSUED, certificate_pem=event.certificate_pem,
+                chain_pem=event.chain_pem, serial=event.serial, not_before=event.not_before, not_after=event.not_after,
+            ),
+        )
+
+    def on_failed(self, event: SigningFailed) -> None:
+        self._resolve(
+            event.request_id,
+            IssueReply(request_id=event.request_id, status=RequestStatus.FAILED, error=event.error),
+        )
+
+    async def republish_stale(self, older_than: timedelta, limit: int = 500) -> int:
+        """Outbox sweep: queue again requests still pending after `older_than` (a publish may have been lost)."""
+        stale = await self._store.stale_pending(self._clock() - older_than, limit)
+        for approved in stale:
+            await self._queue.submit(approved)
+        if stale:
+            log.info("republished %d pending requests", len(stale))
+        return len(stale)
+
+    def _register(self, request_id: str) -> asyncio.Future[IssueReply]:
+        future: asyncio.Future[IssueReply] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(future)
+        return future
+
+    def _unregister(self, request_id: str, future: asyncio.Future[IssueReply]) -> None:
+        futures = self._waiters.get(request_id, [])
+        if future in futures:
+            futures.remove(future)
+        if not futures:
+            self._waiters.pop(request_id, None)
+
+    def _resolve(self, request_id: str, reply: IssueReply) -> None:
+        for future in self._waiters.get(request_id, []):
+            if not future.done():
+                future.set_result(reply)
+
+    async def _await_result(self, request_id: str, waiter: asyncio.Future[IssueReply]) -> IssueReply:
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout=self._wait)
+        except asyncio.TimeoutError:
+            # The event may have gone to a member that restarted, or the CA is failing over: the database knows.
+            return await self._store.view(request_id)

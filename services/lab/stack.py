@@ -1,0 +1,157 @@
+"""The hapki services on a LocalEnv: service configs, CA initialisation, and CARA/CLM as child processes.
+
+Used by `hapki demo`, `hapki bench` and the tests that crash a service. Tests that inspect spans run the
+same runtimes in-process from the configs built here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from hapki.cara.config import CaraConfig
+from hapki.clm.config import ClmConfig
+from hapki.lab.local import LocalEnv
+from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
+
+TOKEN = "hapki-a"
+
+
+def nats_config(env: LocalEnv) -> NatsConfig:
+    return NatsConfig(servers=[env.nats.url])
+
+
+def database_config(env: LocalEnv, **overrides: Any) -> DatabaseConfig:
+    return DatabaseConfig(
+        nodes=[f"127.0.0.1:{env.db.port}"], user=env.db.user, password_file=env.db.password_file,
+        database=env.db.database, **overrides,
+    )
+
+
+def hsm_config(env: LocalEnv) -> HSMConfig:
+    return HSMConfig(members=[HSMMember(
+        name="hsm-a", module_path=Path(env.hsm.module_path), token_label=TOKEN, pin_file=env.hsm.pin_file(TOKEN),
+        softhsm_conf=env.hsm.conf_path,
+    )])
+
+
+def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
+    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env), **overrides)
+
+
+def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
+    return CaraConfig(member=member, nats=nats_config(env), database=database_config(env), hsm=hsm_config(env),
+                      **overrides)
+
+
+def write_config(config: ClmConfig | CaraConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+def hapki_command() -> list[str]:
+    return [sys.executable, "-m", "hapki.cli.main"]
+
+
+class ServiceProcess:
+    """`hapki serve <service>` as a child process, its output in a log file."""
+
+    def __init__(self, service: str, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+        self.service, self.config_path, self.log_path, self._env = service, config_path, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*hapki_command(), "serve", self.service, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**self._env, **(extra_env or {})},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if f"hapki {self.service} ready" in self.log_path.read_text(errors="replace")[offset:]:
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[offset:][-3000:]
+        self.kill()
+        raise RuntimeError(f"hapki {self.service} did not become ready:\n{tail}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class LocalStack:
+    """LocalEnv + an initialised CA + one CARA and one CLM process."""
+
+    def __init__(self, base_dir: Path, *, trace_file: Path | None = None) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.env = LocalEnv(self.base_dir)
+        self.trace_file = trace_file
+        self.cara: ServiceProcess | None = None
+        self.clm: ServiceProcess | None = None
+
+    def child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAPKI_FAULTS")}
+        env["SOFTHSM2_CONF"] = str(self.env.hsm.conf_path)
+        if self.trace_file is not None:
+            env["HAPKI_TRACE_FILE"] = str(self.trace_file)
+        return env
+
+    def start(self) -> LocalStack:
+        self.env.start()
+        try:
+            conf = self.base_dir / "config"
+            cara_path = write_config(cara_config(self.env), conf / "cara.toml")
+            clm_path = write_config(clm_config(self.env), conf / "clm.toml")
+            subprocess.run([*hapki_command(), "ca", "init", "--config", str(cara_path), "--out", str(conf)],
+                           check=True, env=self.child_env(), capture_output=True, timeout=120)
+            logs = self.base_dir / "logs"
+            logs.mkdir(exist_ok=True)
+            self.cara = ServiceProcess("cara", cara_path, logs / "cara.log", self.child_env()).start()
+            self.clm = ServiceProcess("clm", clm_path, logs / "clm.log", self.child_env()).start()
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            self.stop()
+            raise RuntimeError(f"local stack failed to start: {exc}\n{detail.decode(errors='replace')}") from exc
+        return self
+
+    def stop(self) -> None:
+        for proc in (self.clm, self.cara):
+            if proc is not None:
+                proc.stop()
+        self.env.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,94 @@
+"""The bus: connecting to NATS and the one place that defines JetStream streams and consumers.
+
+Services bind to these objects; they never declare them with their own settings (FIELD-NOTES: FastStream
+re-declares streams silently, and an existing durable consumer keeps its config).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from hapki.contracts import subjects
+from hapki.contracts.models import MAX_REQUEST_BYTES
+from hapki.runtime.config import NatsConfig
+
+log = logging.getLogger("hapki.bus")
+
+# Redeliver an unacked signing request after this long. Short, because a crashed signer's messages wait
+# exactly this long (FIELD-NOTES); long signings heartbeat with in_progress().
+SIGNING_ACK_WAIT_SECONDS = 5.0
+# JetStream de-duplicates a republished request id within this window; CARA's database checks cover the rest.
+DUPLICATE_WINDOW_SECONDS = 600.0
+
+
+def signing_stream(replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.SIGNING_STREAM,
+        subjects=[subjects.CARA_SIGN],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        max_msg_size=2 * MAX_REQUEST_BYTES,
+        max_age=7 * 86400.0,
+    )
+
+
+def signing_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.SIGNING_CONSUMER,
+        filter_subject=subjects.CARA_SIGN,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=SIGNING_ACK_WAIT_SECONDS,
+        max_deliver=-1,
+        max_ack_pending=2048,
+        max_waiting=512,
+    )
+
+
+async def connect(config: NatsConfig, *, name: str) -> Client:
+    """Connect to the NATS cluster, reconnecting forever (the bus is clustered; members come back)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        servers=config.servers,
+        name=name,
+        connect_timeout=config.connect_timeout_seconds,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
+    """Create the signing stream and consumer when missing; leave existing ones as they are, but say so."""
+    wanted = signing_stream(config.stream_replicas)
+    try:
+        info = await js.stream_info(wanted.name)
+        if info.config.retention != RetentionPolicy.WORK_QUEUE or info.config.subjects != wanted.subjects:
+            log.warning("stream %s differs from its definition: %s", wanted.name, info.config)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        log.info("created stream %s (replicas=%d)", wanted.name, wanted.num_replicas)
+    try:
+        await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)
+    except NotFoundError:
+        await js.add_consumer(wanted.name, signing_consumer())
+        log.info("created consumer %s", subjects.SIGNING_CONSUMER)

@@ -1,0 +1,73 @@
+"""Config sections shared by the services: bus, database, HSM. Strict: unknown fields are refused.
+
+Secrets are never inline: each one is a path to a file (mode 0600) or, for containers, an env variable name.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret(path: Path | None, env: str | None = None) -> str:
+    """Read a secret from a file (preferred) or an environment variable; strip one trailing newline."""
+    if path is not None:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    if env is not None and env in os.environ:
+        return os.environ[env]
+    raise ValueError(f"secret not configured (file or env {env!r})")
+
+
+class NatsConfig(StrictModel):
+    """How a service reaches the bus."""
+
+    servers: list[str] = Field(min_length=1, description="NATS URLs, e.g. nats://127.0.0.1:4222; all cluster members")
+    stream_replicas: int = Field(default=1, ge=1, le=5, description="Replicas of the signing stream (3 in the HA lab)")
+    connect_timeout_seconds: float = Field(default=2.0, gt=0, description="Per-server connect timeout, seconds")
+
+
+class DatabaseConfig(StrictModel):
+    """How a service reaches MariaDB (Galera): every node, tried in order."""
+
+    nodes: list[str] = Field(min_length=1, description="host:port of each database node")
+    user: str = Field(description="Database user")
+    password_file: Path | None = Field(default=None, description="File holding the password")
+    password_env: str | None = Field(default="HAPKI_DB_PASSWORD", description="Env variable fallback for the password")
+    database: str = Field(default="hapki", description="Schema name")
+    pool_size: int = Field(default=16, ge=1, le=256, description="Connections per node")
+    connect_timeout_seconds: float = Field(default=2.0, gt=0, description="TCP connect timeout, seconds")
+    sync_wait: bool = Field(default=False, description="SET wsrep_sync_wait=1 on Galera for read-your-writes")
+    max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per transaction before giving up")
+
+
+class HSMMember(StrictModel):
+    """One HSM of the cluster, reached through PKCS#11."""
+
+    name: str = Field(description="Member name, e.g. hsm-a")
+    module_path: Path = Field(description="PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so")
+    token_label: str = Field(description="Token label (slot ids change; labels do not)")
+    pin_file: Path = Field(description="File holding the user PIN")
+    softhsm_conf: Path | None = Field(default=None, description="SOFTHSM2_CONF for this member (SoftHSM only)")
+
+
+class HSMConfig(StrictModel):
+    """The HSM cluster: members tried in order."""
+
+    members: list[HSMMember] = Field(min_length=1)
+    retry_down_after_seconds: float = Field(default=5.0, gt=0, description="Cool-down before a failed member is retried")
+
+
+def load_toml(path: Path, model: type[T]) -> T:
+    """Load and validate one TOML config file."""
+    with path.open("rb") as fh:
+        return model.model_validate(tomllib.load(fh))

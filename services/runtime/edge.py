@@ -1,0 +1,44 @@
+"""The one mapping from exceptions to contract error bodies, used at every service edge.
+
+Internal details never leave: an unexpected exception becomes INTERNAL with a generic message, and the
+details go to the log under the current trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from hapki.contracts.errors import ErrorCode, HapkiError
+from hapki.contracts.models import ErrorBody
+
+log = logging.getLogger("hapki.edge")
+
+
+def _validation_details(exc: ValidationError) -> dict[str, Any]:
+    problems = [
+        {"field": ".".join(str(p) for p in err["loc"] if p != "body") or "(message)", "problem": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)[:10]
+    ]
+    return {"problems": problems}
+
+
+def error_body(exc: BaseException) -> ErrorBody:
+    """The wire error for an exception raised while handling a request."""
+    if isinstance(exc, ValidationError):
+        details = _validation_details(exc)
+        first = details["problems"][0] if details["problems"] else {"field": "(message)", "problem": "invalid"}
+        return ErrorBody(
+            code=ErrorCode.MALFORMED_MESSAGE, message=f"{first['field']}: {first['problem']}", details=details
+        )
+    if isinstance(exc, HapkiError) and exc.code is not ErrorCode.INTERNAL:
+        return ErrorBody(code=exc.code, message=exc.message, details=exc.details)
+    log.error("internal error while handling a request", exc_info=exc)
+    return ErrorBody(code=ErrorCode.INTERNAL, message="internal error; see the service log for this trace id")
+
+
+def error_reply(exc: BaseException) -> dict[str, Any]:
+    """A reply carrying only the error: parses as IssueReply and as CertificateReply."""
+    return {"error": error_body(exc).model_dump(mode="json")}

@@ -1,0 +1,92 @@
+"""Loaded PKCS#11 modules and the process-wide lock around every PKCS#11 call.
+
+- python-pkcs11 calls C_Initialize(NULL), so SoftHSM runs without internal locking: two threads, even with a
+  session each, crash the process. Every PKCS#11 call in the process holds `PKCS11_LOCK`.
+- python-pkcs11 loads a module path once per process, so members that name the same path share one library
+  instance (one set of slots, one login state per token, one C_Initialize).
+- SoftHSM reads SOFTHSM2_CONF at every C_Initialize (first load and reinitialize alike), and only then: it is set
+  around both and restored afterwards. Members needing different configs need copies of the .so at different
+  paths (a copied file is a separate library instance with its own state).
+- Someone else in the process may load or finalize the same path through python-pkcs11 directly (its cache is
+  per path); `get()` re-initializes a finalized library, and the sessions it voided fail and are reopened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+
+PKCS11_LOCK = threading.Lock()
+"""Held around every PKCS#11 call in the process (SoftHSM is not thread-safe under python-pkcs11)."""
+
+
+class Library:
+    """A loaded PKCS#11 module, shared by every member in the process that names the same path.
+
+    Methods are called with PKCS11_LOCK held.
+    """
+
+    def __init__(self, path: str, conf: Path | None) -> None:
+        self.path, self.conf = path, conf
+        self.lib: Any = None  # pkcs11.lib once loaded
+        # Bumped on every (re)initialize: sessions opened under an older generation are void, and their handle
+        # numbers may now belong to someone else's session, so they are dropped without being closed.
+        self.generation = 0
+
+    @contextlib.contextmanager
+    def _conf_in_env(self) -> Iterator[None]:
+        """SOFTHSM2_CONF = this library's config during C_Initialize; the previous value is restored after."""
+        if self.conf is None:
+            yield
+            return
+        previous = os.environ.get("SOFTHSM2_CONF")
+        os.environ["SOFTHSM2_CONF"] = str(self.conf)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["SOFTHSM2_CONF"]
+            else:
+                os.environ["SOFTHSM2_CONF"] = previous
+
+    def get(self) -> Any:
+        """The initialized library, loading or initializing it first when needed."""
+        if self.lib is None:
+            with self._conf_in_env():
+                self.lib = pkcs11.lib(self.path)
+            self.generation += 1
+        elif not self.lib.initialized:  # a previous reinitialize failed half-way, or someone finalized it
+            with self._conf_in_env():
+                self.lib.initialize()
+            self.generation += 1
+        return self.lib
+
+    def reinitialize(self) -> Any:
+        """C_Finalize + C_Initialize: voids every session of every member on this library."""
+        if self.lib is None or not self.lib.initialized:
+            return self.get()
+        self.generation += 1
+        with self._conf_in_env():
+            self.lib.reinitialize()
+        return self.lib
+
+
+_LIBRARIES: dict[str, Library] = {}
+
+
+def library_for(module_path: str, softhsm_conf: Path | None, member: str) -> Library:
+    """The process's one Library for `module_path`; refuses a second SOFTHSM2_CONF for the same path."""
+    with PKCS11_LOCK:
+        library = _LIBRARIES.setdefault(module_path, Library(module_path, softhsm_conf))
+    if library.conf != softhsm_conf:
+        raise ValueError(
+            f"member {member}: {module_path} is already used with SOFTHSM2_CONF={library.conf}; "
+            "a module path serves one config per process (copy the .so to another path)"
+        )
+    return library

@@ -1,0 +1,73 @@
+"""Versioned SQL migrations: files `migrations/NNNN_name.sql`, applied once each, in order.
+
+Safe to run from several services at once: every statement is idempotent (IF NOT EXISTS) and the
+version row has a primary key, so a concurrent runner just finds it applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime
+from importlib import resources
+
+import aiomysql
+
+from hapki.contracts.errors import DuplicateKey
+from hapki.runtime.db import Database
+
+log = logging.getLogger("hapki.migrate")
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def available() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every shipped migration, in version order."""
+    found = []
+    for entry in resources.files("hapki.runtime").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _statements(sql: str) -> list[str]:
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+async def migrate(db: Database) -> list[int]:
+    """Apply every migration not yet recorded; return the versions applied now."""
+
+    async def ensure_table(cur: aiomysql.Cursor) -> set[int]:
+        await cur.execute("SET SESSION sql_notes = 0")  # "already exists" notes are expected, not warnings
+        await cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INT NOT NULL PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at DATETIME(6) NOT NULL"
+            ") ENGINE=InnoDB"
+        )
+        await cur.execute("SELECT version FROM schema_migrations")
+        return {row[0] for row in await cur.fetchall()}
+
+    done = await db.run(ensure_table, name="migrate.read")
+    applied = []
+    for version, name, sql in available():
+        if version in done:
+            continue
+
+        async def apply(cur: aiomysql.Cursor, sql: str = sql, version: int = version, name: str = name) -> None:
+            await cur.execute("SET SESSION sql_notes = 0")
+            for statement in _statements(sql):
+                await cur.execute(statement)
+            await cur.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+                (version, name, datetime.now(UTC).replace(tzinfo=None)),
+            )
+
+        try:
+            await db.run(apply, name=f"migrate.{version:04d}")
+        except DuplicateKey:
+            log.info("migration %04d applied concurrently by another runner", version)
+            continue
+        log.info("applied migration %04d_%s", version, name)
+        applied.append(version)
+    return applied

@@ -1,0 +1,1 @@
+"""Helpers shared by hapki's tests (CSR and key factories)."""

@@ -1,0 +1,84 @@
+"""Real components for integration tests: one LocalEnv (NATS, MariaDB, SoftHSM) and an initialised CA per module,
+and CARA + CLM running in-process against them (so spans land in the in-memory exporter)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomysql
+import pytest
+
+from hapki.cara.main import CaraRuntime
+from hapki.cli.client import ClmClient
+from hapki.clm.main import ClmRuntime
+from hapki.lab import stack
+from hapki.lab.local import LocalEnv
+from telemetry_fixture import memory_exporter
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+    base = tmp_path_factory.mktemp("env")
+    local = LocalEnv(base).start()
+    # python-pkcs11 loads SoftHSM once per process and reads SOFTHSM2_CONF then: set it for in-process runtimes.
+    os.environ["SOFTHSM2_CONF"] = str(local.hsm.conf_path)
+    cara_path = stack.write_config(stack.cara_config(local), base / "cara.toml")
+    subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(cara_path), "--out", str(base)],
+                   check=True, capture_output=True, timeout=120, env={**os.environ})
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
+    memory_exporter()  # the SDK provider must exist before the runtimes create their tracers' spans
+    cara = CaraRuntime(stack.cara_config(env))
+    clm = ClmRuntime(stack.clm_config(env, wait_seconds=10.0))
+    await cara.start()
+    await clm.start()
+    try:
+        yield cara, clm
+    finally:
+        await clm.stop()
+        await cara.stop()
+
+
+@pytest.fixture
+async def client(env: LocalEnv, services: object) -> AsyncIterator[ClmClient]:
+    c = await ClmClient.connect([env.nats.url], timeout=15.0)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
+    """A direct connection for assertions on rows (autocommit, fresh reads)."""
+    conn = await aiomysql.connect(host="127.0.0.1", port=env.db.port, user=env.db.user,
+                                  password=env.db.password(), db=env.db.database, autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+async def query(conn: aiomysql.Connection, statement: str, args: object = None) -> list[tuple]:
+    async with conn.cursor() as cur:
+        await cur.execute(statement, args)
+        return list(await cur.fetchall())
+
+
+def chain_files(tmp: Path, cert_pem: str, chain_pem: str) -> tuple[Path, Path, Path]:
+    """cert.pem, untrusted intermediates and root as separate files for `openssl verify`."""
+    certs = [c + "-----END CERTIFICATE-----\n" for c in chain_pem.split("-----END CERTIFICATE-----") if c.strip()]
+    leaf, inter, root = tmp / "leaf.pem", tmp / "inter.pem", tmp / "root.pem"
+    leaf.write_text(cert_pem)
+    inter.write_text("".join(certs[:-1]))
+    root.write_text(certs[-1])
+    return leaf, inter, root
