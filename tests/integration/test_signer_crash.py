@@ -1,0 +1,139 @@
+"""A signer killed mid-request: the request is not lost, not issued twice, and every signature is accounted for.
+
+CARA runs as a real child process (`hapki serve cara`) with a fail point that SIGKILLs it at a precise step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hapki.cli.client import ClmClient
+from hapki.clm.main import ClmRuntime
+from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
+from hapki.lab import stack
+from hapki.lab.local import LocalEnv
+from helpers.csr import make_csr, make_key
+from integration.conftest import query
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def clm(env: LocalEnv) -> AsyncIterator[ClmRuntime]:
+    runtime = ClmRuntime(stack.clm_config(env, wait_seconds=1.0))
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+async def client(env: LocalEnv, clm: ClmRuntime) -> AsyncIterator[ClmClient]:
+    c = await ClmClient.connect([env.nats.url], timeout=15.0)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def cara_process(env: LocalEnv, tmp_path: Path):
+    config = stack.write_config(stack.cara_config(env), tmp_path / "cara.toml")
+    child_env = {**os.environ, "SOFTHSM2_CONF": str(env.hsm.conf_path)}
+    made: list[stack.ServiceProcess] = []
+
+    def start(faults: str | None = None) -> stack.ServiceProcess:
+        proc = stack.ServiceProcess("cara", config, tmp_path / f"cara-{len(made)}.log", child_env)
+        made.append(proc)
+        return proc.start(extra_env={"HAPKI_FAULTS": faults} if faults else None)
+
+    yield start
+    for proc in made:
+        proc.kill()
+
+
+async def _wait_dead(proc: stack.ServiceProcess, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not proc.alive(), "the fail point did not fire"
+
+
+async def _retry_until_issued(client: ClmClient, request: IssueCertificate, timeout: float = 30.0) -> IssueReply:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await client.issue(request)  # same idempotency key: a real client's retry
+        assert reply.error is None, reply.error
+        if reply.status is RequestStatus.ISSUED or time.monotonic() > deadline:
+            return reply
+
+
+def _request(name: str) -> IssueCertificate:
+    csr_pem, _ = make_csr([name], key=make_key("p256", fresh=True), cn=name)
+    return IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="crash-tests",
+                            idempotency_key=uuid.uuid4().hex)
+
+
+async def test_crash_between_sign_and_commit_abandons_the_intent_and_issues_once(client, cara_process, sql) -> None:
+    crashing = cara_process("cara.after_sign=crash")
+    request = _request("crash-sign.example.com")
+    first = await client.issue(request)
+    assert first.error is None and first.status is RequestStatus.PENDING
+    await _wait_dead(crashing)
+    intents = await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (first.request_id,))
+    assert intents == [("reserved",)], "the intent must be committed before the HSM signs"
+    assert await query(sql, "SELECT 1 FROM certificates WHERE request_id = %s", (first.request_id,)) == []
+
+    cara_process()  # restart, no fault: recovery + redelivery after ack_wait
+    final = await _retry_until_issued(client, request)
+    assert final.status is RequestStatus.ISSUED and final.request_id == first.request_id
+
+    intents = await query(sql, "SELECT id, serial, state, resolution FROM signing_intents WHERE request_id = %s",
+                          (first.request_id,))
+    assert sorted(i[2] for i in intents) == ["abandoned", "issued"], intents
+    certs = await query(sql, "SELECT serial, intent_id FROM certificates WHERE request_id = %s", (first.request_id,))
+    assert len(certs) == 1
+    issued = next(i for i in intents if i[2] == "issued")
+    abandoned = next(i for i in intents if i[2] == "abandoned")
+    assert certs[0] == (issued[1], issued[0]) == (final.serial, issued[0])
+    assert abandoned[1] != final.serial and abandoned[3]  # the lost signature's serial is never reused
+
+
+async def test_crash_between_commit_and_ack_redelivers_without_signing_again(client, cara_process, sql) -> None:
+    crashing = cara_process("cara.after_commit=crash")
+    request = _request("crash-ack.example.com")
+    first = await client.issue(request)
+    assert first.error is None
+    await _wait_dead(crashing)
+    stored = await query(sql, "SELECT serial, intent_id FROM certificates WHERE request_id = %s", (first.request_id,))
+    assert len(stored) == 1
+
+    cara_process()
+    # The message was never acked: it comes back after ack_wait and must be answered from the database.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pending = await query(sql, "SELECT COUNT(*) FROM requests WHERE id = %s", (first.request_id,))
+        assert pending == [(1,)]
+        await asyncio.sleep(0.5)
+        info = await _stream_pending(client)
+        if info == 0:
+            break
+    final = await _retry_until_issued(client, request)
+    assert (final.serial, final.request_id) == (stored[0][0], first.request_id)
+    intents = await query(sql, "SELECT id, state FROM signing_intents WHERE request_id = %s", (first.request_id,))
+    assert intents == [(stored[0][1], "issued")], "a redelivery must not sign a second time"
+
+
+async def _stream_pending(client: ClmClient) -> int:
+    """Messages still in the signing work queue (acked ones are removed)."""
+    js = client._nc.jetstream()  # noqa: SLF001 - test introspection of the stream
+    info = await js.stream_info("PKI_SIGNING")
+    return info.state.messages
