@@ -1,8 +1,8 @@
 """Syntax, normalisation and policy rules for the names CLM puts in a certificate: DNS names, IPs, emails.
 
-`approve_names` applies them to a CSR's subject and SANs. Every function is pure and linear in the size
-of its input. Syntax problems raise InvalidName; well-formed
-names a profile does not allow raise ForbiddenName. Both carry `details` = {"name": ..., "reason": ...}.
+`approve_names` applies them to a CSR's subject and SANs. Every function is pure and linear in the size of
+its input. Syntax problems raise InvalidName; well-formed names a profile does not allow raise ForbiddenName.
+Both carry `details` = {"name": ..., "reason": ...}, and "field" (san.dns, subject.CN, ...) when known.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ MAX_DNS_NAME_LENGTH = 253  # RFC 1035, without the trailing dot
 MAX_LABEL_LENGTH = 63
 MAX_EMAIL_LENGTH = 254  # RFC 5321 path limit minus the angle brackets
 MAX_EMAIL_LOCAL_LENGTH = 64
+DETAIL_CHARS = 256  # how much of an offending value an error echoes back
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -176,7 +177,6 @@ def check_ip_policy(address: IPAddress, *, allowed_networks: Sequence[IPNetwork]
 # --- collecting a CSR's names -----------------------------------------------------------------------------
 
 MAX_CN_LENGTH = 64  # X.520 ub-common-name
-_DETAIL_CHARS = 256  # how much of an offending value an error echoes back
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _tagged(exc: InvalidName | ForbiddenName, where: str) -> InvalidName | Forbi
 
 
 def _refused(name: object, reason: str, where: str) -> ForbiddenName:
-    shown = None if name is None else str(name)[:_DETAIL_CHARS]
+    shown = None if name is None else str(name)[:DETAIL_CHARS]
     return ForbiddenName(f"name {shown!r} not allowed: {reason}", {"field": where, "name": shown, "reason": reason})
 
 
@@ -261,14 +261,15 @@ def approve_names(
     for attribute in subject:
         label = attribute.rfc4514_attribute_name
         if attribute.oid != NameOID.COMMON_NAME:
-            raise _refused(f"{label}={attribute.value!r}", f"subject attribute {label} is not allowed, only CN", "subject")
+            reason = f"subject attribute {label} is not allowed, only CN"
+            raise _refused(f"{label}={attribute.value!r}", reason, "subject")
         common_names.append(attribute.value)
     if len(common_names) > 1:
         raise _refused(common_names[1], "the subject has more than one CN", "subject.CN")
     if common_names:
         cn = common_names[0]
         if not isinstance(cn, str) or not 1 <= len(cn) <= MAX_CN_LENGTH:
-            raise _tagged(_invalid(str(cn)[:_DETAIL_CHARS], f"CN is not 1..{MAX_CN_LENGTH} characters"), "subject.CN")
+            raise _tagged(_invalid(str(cn)[:DETAIL_CHARS], f"CN is not 1..{MAX_CN_LENGTH} characters"), "subject.CN")
         result.common_name = _add(result, _cn_form(cn), cn, "subject.CN", profile)
 
     if profile.require_san and sans is None:

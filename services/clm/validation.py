@@ -30,7 +30,6 @@ from hapki.contracts.errors import (
 from hapki.contracts.models import MAX_CSR_CHARS, MAX_REQUEST_BYTES, IssueCertificate, SignCertificate
 
 RSA_EXPONENT = 65537
-_DETAIL_CHARS = 256  # how much of an offending value an error echoes back
 
 # Everything cryptography raises on a CSR it cannot parse (found by fuzzing, see the property tests).
 _PARSE_ERRORS = (ValueError, TypeError, x509.DuplicateExtension, x509.InvalidVersion)
@@ -64,7 +63,7 @@ def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_
     if profile is None:
         raise UnknownProfile(
             f"no certificate profile {request.profile!r}",
-            {"field": "profile", "value": request.profile[:_DETAIL_CHARS], "known": sorted(profiles)},
+            {"field": "profile", "value": request.profile[: names.DETAIL_CHARS], "known": sorted(profiles)},
         )
     # Step 2: parse, forcing every lazily parsed part now so later steps see only well-formed data.
     csr = _parse_csr(request.csr_pem)
@@ -102,7 +101,7 @@ class _ParsedCSR:
 
 
 def _malformed(reason: str) -> MalformedCSR:
-    return MalformedCSR(f"malformed CSR: {reason}", {"field": "csr_pem", "reason": reason[:_DETAIL_CHARS]})
+    return MalformedCSR(f"malformed CSR: {reason}", {"field": "csr_pem", "reason": reason[: names.DETAIL_CHARS]})
 
 
 def _parse_csr(text: str) -> _ParsedCSR:
@@ -131,6 +130,7 @@ def _parse_csr(text: str) -> _ParsedCSR:
     try:
         # cryptography warns (UserWarning) about a CN over 64 characters or a 3-letter country. Our own rules
         # refuse both with a precise error; silenced, so `-W error` cannot turn them into another exception.
+        # (catch_warnings is process-wide state; approve runs on the event loop's one thread.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             subject = list(csr.subject)
@@ -207,7 +207,7 @@ def _check_signature(csr: x509.CertificateSigningRequest) -> None:
         valid = csr.is_signature_valid
     except (UnsupportedAlgorithm, *_PARSE_ERRORS) as exc:
         raise BadCSRSignature(
-            f"CSR signature cannot be verified: {exc}", {"field": "csr_pem", "reason": str(exc)[:_DETAIL_CHARS]}
+            f"CSR signature cannot be verified: {exc}", {"field": "csr_pem", "reason": str(exc)[: names.DETAIL_CHARS]}
         ) from None
     if not valid:
         raise BadCSRSignature(

@@ -7,6 +7,7 @@ same runtimes in-process from the configs built here.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +36,23 @@ def database_config(env: LocalEnv, **overrides: Any) -> DatabaseConfig:
     )
 
 
+def private_module(env: LocalEnv, member: str) -> Path:
+    """A private copy of the PKCS#11 library for one HSM member.
+
+    python-pkcs11 loads a module path once per process and SoftHSM reads SOFTHSM2_CONF once per loaded library,
+    so independent token stores in one process (two HSM members, or tests) need distinct paths (FIELD-NOTES).
+    """
+    copy = env.hsm.conf_path.parent / f"libsofthsm2-{member}.so"
+    if not copy.exists():
+        tmp = copy.with_suffix(".tmp")
+        shutil.copyfile(env.hsm.module_path, tmp)
+        tmp.replace(copy)
+    return copy
+
+
 def hsm_config(env: LocalEnv) -> HSMConfig:
     return HSMConfig(members=[HSMMember(
-        name="hsm-a", module_path=Path(env.hsm.module_path), token_label=TOKEN, pin_file=env.hsm.pin_file(TOKEN),
+        name="hsm-a", module_path=private_module(env, "hsm-a"), token_label=TOKEN, pin_file=env.hsm.pin_file(TOKEN),
         softhsm_conf=env.hsm.conf_path,
     )])
 

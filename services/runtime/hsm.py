@@ -59,7 +59,7 @@ class _Member:
 
     def __init__(self, config: HSMMemberConfig) -> None:
         self.config = config
-        self.library = library_for(config.module_path, config.softhsm_conf, config.name)
+        self.library = library_for(config.module_path)
         self.session: Any = None
         self.generation = -1  # library generation the session belongs to
         self.keys: dict[bytes, Any] = {}  # CKA_ID -> private key handle
@@ -97,6 +97,8 @@ class HSMPool:
             raise ValueError("an HSM pool needs at least one member")
         if len({m.name for m in members}) != len(members):
             raise ValueError("HSM member names must be unique")
+        if len({(m.module_path, m.softhsm_conf) for m in members}) != len({m.module_path for m in members}):
+            raise ValueError("members sharing a module path must share its softhsm_conf (or use a copy of the .so)")
         self._members = [_Member(m) for m in members]
         self._retry_after_s = retry_after_s
         self._clock = clock
@@ -111,8 +113,21 @@ class HSMPool:
         self.close()
 
     def open(self) -> None:
-        """Log in to every member; raise HSMUnavailable if none is usable (the pool keeps retrying later)."""
+        """Log in to every member; raise HSMUnavailable if none is usable (the pool keeps retrying later).
+
+        Raises ValueError if another open pool in the process uses a member's module path with another config.
+        """
         with PKCS11_LOCK:
+            if self._closed:
+                attached: list[_Member] = []
+                try:
+                    for member in self._members:
+                        member.library.attach(member.config.softhsm_conf, member.name)
+                        attached.append(member)
+                except ValueError:
+                    for member in attached:
+                        member.library.detach()
+                    raise
             self._closed = False
             for member in self._members:
                 member.down_at = None
@@ -123,10 +138,14 @@ class HSMPool:
     def close(self) -> None:
         """Log out and close every member's session. Later calls raise HSMUnavailable until `open()`."""
         with PKCS11_LOCK:
+            if self._closed:
+                return
             self._closed = True
             for member in self._members:
                 self._drop_session(member)
                 member.up, member.down_at = False, None
+            for member in self._members:
+                member.library.detach()  # the last claim on a library finalizes it
 
     def health(self) -> dict[str, bool]:
         """Member name -> usable now. Probes live members and retries down ones whose cool-down has passed."""
@@ -278,7 +297,7 @@ class HSMPool:
         if key is not None:
             try:
                 return key.sign(digest, mechanism=mechanism)
-            except p11.ObjectHandleInvalid:
+            except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
                 pass  # cached handle went stale (e.g. the token reloaded its objects): look the key up again
         key = member.keys[key_id] = self._find(member, ObjectClass.PRIVATE_KEY, key_id)
         return key.sign(digest, mechanism=mechanism)

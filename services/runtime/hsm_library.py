@@ -29,15 +29,45 @@ PKCS11_LOCK = threading.Lock()
 class Library:
     """A loaded PKCS#11 module, shared by every member in the process that names the same path.
 
-    Methods are called with PKCS11_LOCK held.
+    Open pools `attach` their members (claiming the SOFTHSM2_CONF they need) and `detach` them on close. While
+    claimed, the config is fixed; when the last claim goes, the library is finalized, so the next user (a later
+    pool with another config, or plain python-pkcs11 code) initializes it afresh. Methods run with PKCS11_LOCK held.
     """
 
-    def __init__(self, path: str, conf: Path | None) -> None:
-        self.path, self.conf = path, conf
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.conf: Path | None = None
+        self.claims = 0
         self.lib: Any = None  # pkcs11.lib once loaded
         # Bumped on every (re)initialize: sessions opened under an older generation are void, and their handle
         # numbers may now belong to someone else's session, so they are dropped without being closed.
         self.generation = 0
+
+    def attach(self, conf: Path | None, member: str) -> None:
+        """Claim the library for a member that needs `conf`; refuse while others hold it with another config."""
+        if conf != self.conf:
+            if self.claims:
+                raise ValueError(
+                    f"member {member}: {self.path} is in use with SOFTHSM2_CONF={self.conf}; a module path "
+                    "serves one config at a time per process (copy the .so to another path)"
+                )
+            self._finalize()
+            self.conf = conf
+        self.claims += 1
+
+    def detach(self) -> None:
+        """Drop one claim; the last one finalizes the library (every session on it ends)."""
+        self.claims = max(0, self.claims - 1)
+        if not self.claims:
+            self._finalize()
+
+    def _finalize(self) -> None:
+        if self.lib is not None and self.lib.initialized:
+            self.generation += 1
+            try:
+                self.lib.finalize()
+            except pkcs11.PKCS11Error:
+                pass  # python-pkcs11 marks it uninitialized either way; get() initializes again
 
     @contextlib.contextmanager
     def _conf_in_env(self) -> Iterator[None]:
@@ -61,7 +91,7 @@ class Library:
             with self._conf_in_env():
                 self.lib = pkcs11.lib(self.path)
             self.generation += 1
-        elif not self.lib.initialized:  # a previous reinitialize failed half-way, or someone finalized it
+        elif not self.lib.initialized:  # finalized by detach, a failed reinitialize, or code outside this module
             with self._conf_in_env():
                 self.lib.initialize()
             self.generation += 1
@@ -78,15 +108,10 @@ class Library:
 
 
 _LIBRARIES: dict[str, Library] = {}
+_REGISTRY_LOCK = threading.Lock()  # not PKCS11_LOCK: callers may already hold that one
 
 
-def library_for(module_path: str, softhsm_conf: Path | None, member: str) -> Library:
-    """The process's one Library for `module_path`; refuses a second SOFTHSM2_CONF for the same path."""
-    with PKCS11_LOCK:
-        library = _LIBRARIES.setdefault(module_path, Library(module_path, softhsm_conf))
-    if library.conf != softhsm_conf:
-        raise ValueError(
-            f"member {member}: {module_path} is already used with SOFTHSM2_CONF={library.conf}; "
-            "a module path serves one config per process (copy the .so to another path)"
-        )
-    return library
+def library_for(module_path: str) -> Library:
+    """The process's one Library for `module_path`."""
+    with _REGISTRY_LOCK:
+        return _LIBRARIES.setdefault(module_path, Library(module_path))

@@ -6,8 +6,10 @@ key no other test has seen.
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
+import textwrap
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -127,8 +129,5 @@ def csr_der(pem: str) -> bytes:
 
 def der_to_pem(der: bytes) -> str:
     """Armour DER bytes as a PEM CERTIFICATE REQUEST, whether or not they parse."""
-    import base64
-    import textwrap
-
     body = "\n".join(textwrap.wrap(base64.b64encode(der).decode("ascii"), 64))
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n"

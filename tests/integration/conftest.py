@@ -23,8 +23,6 @@ from telemetry_fixture import memory_exporter
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
     base = tmp_path_factory.mktemp("env")
     local = LocalEnv(base).start()
-    # python-pkcs11 loads SoftHSM once per process and reads SOFTHSM2_CONF then: set it for in-process runtimes.
-    os.environ["SOFTHSM2_CONF"] = str(local.hsm.conf_path)
     cara_path = stack.write_config(stack.cara_config(local), base / "cara.toml")
     subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(cara_path), "--out", str(base)],
                    check=True, capture_output=True, timeout=120, env={**os.environ})

@@ -73,7 +73,7 @@ def hierarchy(hsm_pool: HSMPool) -> CAHierarchy:
 def test_generated_key_is_sensitive_non_extractable_and_sign_only(
     softhsm: SoftHSMStore, hsm_pool: HSMPool, p256_key: HSMPrivateKey
 ) -> None:
-    library = library_for(softhsm.module_path, softhsm.conf, "test")
+    library = library_for(softhsm.module_path)
     with PKCS11_LOCK:
         # No PIN: login is per token per process, and the pool already holds it.
         session = library.get().get_token(token_label=TOKEN).open()
@@ -142,13 +142,15 @@ def test_broken_member_yields_hsm_unavailable(softhsm: SoftHSMStore, hsm_pool: H
     else:
         member = softhsm.member("hsm-x", token=WRONG_PIN_TOKEN, pin_file=softhsm.wrong_pin_file)
     pool = HSMPool([member])
-    with pytest.raises(HSMUnavailable) as opened:
-        pool.open()
-    assert opened.value.details == {"members": {"hsm-x": "down"}}
-    with pytest.raises(HSMUnavailable):
-        pool.sign_digest(os.urandom(16), SignMechanism.ECDSA, DIGEST)
-    assert pool.health() == {"hsm-x": False}
-    pool.close()
+    try:
+        with pytest.raises(HSMUnavailable) as opened:
+            pool.open()
+        assert opened.value.details == {"members": {"hsm-x": "down"}}
+        with pytest.raises(HSMUnavailable):
+            pool.sign_digest(os.urandom(16), SignMechanism.ECDSA, DIGEST)
+        assert pool.health() == {"hsm-x": False}
+    finally:
+        pool.close()  # an open() that raised still holds the library: the pool keeps retrying until closed
 
 
 def test_pool_fails_over_past_a_broken_member(softhsm: SoftHSMStore, hsm_pool: HSMPool, p256_key: HSMPrivateKey) -> None:
@@ -167,22 +169,50 @@ def test_down_member_is_retried_only_after_the_cool_down(
     now = [1000.0]
     pin_file = tmp_path / "late.pin"  # missing for now: the member cannot log in
     pool = HSMPool([softhsm.member("hsm-late", pin_file=pin_file)], retry_after_s=5.0, clock=lambda: now[0])
-    with pytest.raises(HSMUnavailable):
-        pool.open()
-    pin_file.write_text(softhsm.pin_file.read_text())
-    now[0] += 4.9
-    assert pool.health() == {"hsm-late": False}
-    now[0] += 0.2
-    assert pool.health() == {"hsm-late": True}
-    assert len(pool.sign_digest(p256_key.key_id, SignMechanism.ECDSA, DIGEST)) == 64
-    pool.close()
+    try:
+        with pytest.raises(HSMUnavailable):
+            pool.open()
+        pin_file.write_text(softhsm.pin_file.read_text())
+        now[0] += 4.9
+        assert pool.health() == {"hsm-late": False}
+        now[0] += 0.2
+        assert pool.health() == {"hsm-late": True}
+        assert len(pool.sign_digest(p256_key.key_id, SignMechanism.ECDSA, DIGEST)) == 64
+    finally:
+        pool.close()
 
 
 def test_sessions_voided_by_reinitialize_are_reopened(softhsm: SoftHSMStore, hsm_pool: HSMPool, p256_key: HSMPrivateKey) -> None:
     with PKCS11_LOCK:
-        library_for(softhsm.module_path, softhsm.conf, "test").reinitialize()  # C_Finalize + C_Initialize
+        library_for(softhsm.module_path).reinitialize()  # C_Finalize + C_Initialize
     p256_key.public_key().verify(p256_key.sign(b"y", ec.ECDSA(hashes.SHA256())), b"y", ec.ECDSA(hashes.SHA256()))
     assert hsm_pool.health() == {"hsm-a": True}
+
+
+def test_a_module_path_serves_one_softhsm_conf_at_a_time(softhsm: SoftHSMStore, tmp_path: Path) -> None:
+    module = tmp_path / "libsofthsm2-copy.so"  # its own library instance: the session pool is not disturbed
+    module.write_bytes(Path(softhsm.module_path).read_bytes())
+    pools = []
+    for name in ("one", "two"):
+        store = tmp_path / name
+        (store / "tokens").mkdir(parents=True)
+        conf = store / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {store / 'tokens'}\nobjectstore.backend = file\n")
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", name, "--so-pin", "1234", "--pin", "5678"],
+                       env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True, timeout=60)
+        pools.append(HSMPool([HSMMemberConfig(f"hsm-{name}", str(module), name, softhsm.pin_file, conf)]))
+    one, two = pools
+    one.open()
+    try:
+        with pytest.raises(ValueError, match="in use with SOFTHSM2_CONF"):
+            two.open()
+    finally:
+        one.close()
+    two.open()  # the last close finalized the library; it comes back up with the second config
+    try:
+        assert two.health() == {"hsm-two": True}
+    finally:
+        two.close()
 
 
 def test_unknown_key_id_does_not_take_the_member_down(hsm_pool: HSMPool) -> None:

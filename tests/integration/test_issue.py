@@ -98,3 +98,35 @@ async def test_serials_are_unique_positive_random_and_at_most_20_octets(client, 
     # No two random serials share a long prefix (a counter or a weak generator would).
     prefixes = {s >> 100 for s in serials}
     assert len(prefixes) == 40
+
+
+async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(env, services, client, sql) -> None:
+    """A signing request whose CSR signature is broken reaches CARA only by bypassing CLM: CARA refuses it."""
+    from hapki.clm.ports import NewRequest
+    from hapki.clm.queue import JetStreamSigningQueue
+    from hapki.clm.store import MariaDBRequestStore
+    from hapki.contracts.errors import ErrorCode
+    from hapki.contracts.models import SignCertificate
+    from hapki.runtime.clock import utcnow
+    from helpers.csr import csr_der, der_to_pem
+
+    _, clm = services
+    der = bytearray(csr_der(make_csr(["bypass.example.com"], key=make_key("p256"))[0]))
+    der[-5] ^= 0x01
+    request_id = uuid.uuid4().hex
+    approved = SignCertificate(
+        request_id=request_id, profile="tls-server", csr_pem=der_to_pem(bytes(der)), dns_names=["bypass.example.com"],
+        validity_seconds=3600, key_usage=["digital_signature"], extended_key_usage=["server_auth"],
+    )
+    await MariaDBRequestStore(clm.db).record(
+        NewRequest(request_id=request_id, requester="tests", idempotency_key=None, profile="tls-server",
+                   csr_sha256="0" * 64, approved=approved), utcnow())
+    await JetStreamSigningQueue(clm.nc.jetstream()).submit(approved)
+    for _ in range(100):
+        status = await client.status(request_id)
+        if status.status is RequestStatus.FAILED:
+            break
+        await asyncio.sleep(0.05)
+    assert status.status is RequestStatus.FAILED
+    assert status.error is not None and status.error.code is ErrorCode.SIGNING_REJECTED
+    assert await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (request_id,)) == []

@@ -7,7 +7,6 @@ import base64
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from helpers.csr import csr_der, der_to_pem, make_csr, make_key, raw_cn, raw_email
 
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, Profile, load_profiles
 from hapki.clm.validation import approve, check_message_size
@@ -22,6 +21,7 @@ from hapki.contracts.errors import (
     UnknownProfile,
 )
 from hapki.contracts.models import MAX_REQUEST_BYTES, IssueCertificate, SignCertificate
+from helpers.csr import csr_der, der_to_pem, make_csr, make_key, raw_cn, raw_email
 
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
 PROFILES = load_profiles(SHIPPED_PROFILES_PATH)

@@ -1,0 +1,118 @@
+"""The database adapter against a real MariaDB: retries, node failover, error mapping, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hapki.contracts.errors import DatabaseError, DuplicateKey, Internal
+from hapki.lab import stack
+from hapki.lab.local import LocalEnv, free_port
+from hapki.runtime.db import Database
+from hapki.runtime.migrate import available, migrate
+
+pytestmark = pytest.mark.integration
+
+
+async def _no_sleep(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def db(env: LocalEnv):
+    database = Database(stack.database_config(env))
+    await database.run(lambda cur: cur.execute(
+        "CREATE TABLE IF NOT EXISTS scratch (id INT PRIMARY KEY, v INT NOT NULL)"), name="t.create")
+    await database.run(lambda cur: cur.execute("DELETE FROM scratch"), name="t.clear")
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def test_migrations_apply_once_and_are_recorded(env: LocalEnv) -> None:
+    database = Database(stack.database_config(env))
+    try:
+        await migrate(database)
+        assert await migrate(database) == []  # second run: nothing to do
+
+        async def versions(cur):
+            await cur.execute("SELECT version FROM schema_migrations ORDER BY version")
+            return [r[0] for r in await cur.fetchall()]
+
+        assert await database.run(versions, name="t.versions") == [v for v, _, _ in available()]
+    finally:
+        await database.close()
+
+
+async def test_a_dead_node_first_in_the_list_fails_over_to_the_next(env: LocalEnv) -> None:
+    cfg = stack.database_config(env)
+    cfg = cfg.model_copy(update={"nodes": [f"127.0.0.1:{free_port()}", *cfg.nodes]})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        async def one(cur):
+            await cur.execute("SELECT 1")
+            return (await cur.fetchone())[0]
+
+        assert await database.run(one, name="t.failover") == 1
+    finally:
+        await database.close()
+
+
+async def test_no_reachable_node_raises_a_retryable_database_error(env: LocalEnv) -> None:
+    cfg = stack.database_config(env).model_copy(update={"nodes": [f"127.0.0.1:{free_port()}"], "max_attempts": 3})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        with pytest.raises(DatabaseError) as info:
+            await database.run(lambda cur: cur.execute("SELECT 1"), name="t.down")
+        assert info.value.retryable
+    finally:
+        await database.close()
+
+
+async def test_deadlocks_are_retried_as_whole_transactions(db: Database) -> None:
+    await db.run(lambda cur: cur.executemany("INSERT INTO scratch VALUES (%s, 0)", [(1,), (2,)]), name="t.seed")
+    gate = asyncio.Barrier(2)
+    attempts = {"a": 0, "b": 0}
+
+    def body(first: int, second: int, tag: str):
+        async def run(cur):
+            attempts[tag] += 1
+            await cur.execute("UPDATE scratch SET v = v + 1 WHERE id = %s", (first,))
+            if attempts[tag] == 1:
+                await gate.wait()  # both hold their first row lock: opposite order -> deadlock
+            await cur.execute("UPDATE scratch SET v = v + 1 WHERE id = %s", (second,))
+        return run
+
+    await asyncio.gather(db.run(body(1, 2, "a"), name="t.a"), db.run(body(2, 1, "b"), name="t.b"))
+    assert attempts["a"] + attempts["b"] == 3  # exactly one victim, retried once
+
+    async def values(cur):
+        await cur.execute("SELECT v FROM scratch ORDER BY id")
+        return [r[0] for r in await cur.fetchall()]
+
+    assert await db.run(values, name="t.values") == [2, 2]  # both transactions applied exactly once
+
+
+async def test_duplicates_and_sql_errors_map_to_project_errors(db: Database) -> None:
+    await db.run(lambda cur: cur.execute("INSERT INTO scratch VALUES (7, 0)"), name="t.ins")
+    with pytest.raises(DuplicateKey):
+        await db.run(lambda cur: cur.execute("INSERT INTO scratch VALUES (7, 1)"), name="t.dup")
+    with pytest.raises(Internal):
+        await db.run(lambda cur: cur.execute("SELEKT nonsense"), name="t.syntax")
+
+
+async def test_a_failing_body_rolls_back_everything(db: Database) -> None:
+    async def half(cur):
+        await cur.execute("INSERT INTO scratch VALUES (9, 0)")
+        raise DuplicateKey("simulated failure after the first write")
+
+    with pytest.raises(DuplicateKey):
+        await db.run(half, name="t.half")
+
+    async def count(cur):
+        await cur.execute("SELECT COUNT(*) FROM scratch WHERE id = 9")
+        return (await cur.fetchone())[0]
+
+    assert await db.run(count, name="t.count") == 0

@@ -1,0 +1,106 @@
+"""hapki.lab.traces on a hand-written issuance trace: loading, the tree, and the stage split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hapki.lab.traces import issuance_stages, load_spans, stage_breakdown, trace_tree
+
+T = "a" * 32
+MS = 1_000_000
+BASE = 1_700_000_000_000_000_000
+
+
+def span(span_id: str, parent: str | None, name: str, service: str, start_ms: float, end_ms: float,
+         trace_id: str = T, status: str = "UNSET", **attributes: object) -> dict:
+    return {"trace_id": trace_id, "span_id": span_id, "parent_id": parent, "name": name, "service": service,
+            "start_ns": BASE + int(start_ms * MS), "end_ns": BASE + int(end_ms * MS), "status": status,
+            "attributes": attributes}
+
+
+def issuance(trace_id: str = T) -> list[dict]:
+    """One issuance as the real services trace it (ms on a common clock), listed out of order on purpose.
+
+    e2e 20 = client 1.5 (20 - CLM root 18.5) + clm 2.5 (18.5 - (18 - 4) - 2) + bus 6 ((6 - 4) + (18 - 14))
+    + cara 3 (8 - 1 - 4) + hsm 1 + db 6 (clm 2 + cara 4).
+    """
+    return [
+        span("s08", "s07", "db.commit", "hapki-cara", 6, 7, trace_id, **{"db.txn": "cara.outcome"}),
+        span("s01", None, "demo.issue", "hapki-demo", 0, 20, trace_id),
+        span("s02", "s01", "client.issue", "hapki-demo", 0, 20, trace_id),
+        span("s03", "s02", "pki.v1.clm.issue process", "hapki-clm", 1, 19.5, trace_id),
+        span("s04", "s03", "clm.issue", "hapki-clm", 1.5, 18, trace_id, **{"pki.request_id": "r1"}),
+        span("s05", "s04", "db.commit", "hapki-clm", 2, 4, trace_id, **{"db.txn": "clm.record"}),
+        span("s06", "s04", "bus.publish", "hapki-clm", 4, 5, trace_id),
+        span("s07", "s06", "cara.sign", "hapki-cara", 6, 14, trace_id,
+             **{"pki.serial": "0abc", "pki.request_id": "r1"}),
+        span("s09", "s07", "db.commit", "hapki-cara", 8, 9, trace_id, **{"db.txn": "cara.reserve"}),
+        span("s10", "s07", "hsm.sign", "hapki-cara", 10, 11, trace_id, **{"hsm.member": "hsm-a"}),
+        span("s11", "s07", "db.commit", "hapki-cara", 11.5, 13.5, trace_id, **{"db.txn": "cara.record_issued"}),
+        span("s12", "s07", "pki.v1.cara.issued process", "hapki-clm", 15, 16, trace_id),
+    ]
+
+
+def test_tree_nests_children_by_start_time_with_offsets_and_key_attributes() -> None:
+    lines = trace_tree(issuance(), T).splitlines()
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["demo.issue", "client.issue", "pki.v1.clm.issue", "clm.issue", "db.commit", "bus.publish",
+                     "cara.sign", "db.commit", "db.commit", "hsm.sign", "db.commit", "pki.v1.cara.issued"]
+    indent = {line.split()[0] + str(i): len(line) - len(line.lstrip()) for i, line in enumerate(lines)}
+    assert indent["demo.issue1"] == 0 and indent["client.issue2"] == 2 and indent["cara.sign7"] == 10
+    assert indent["hsm.sign10"] == 12
+    sign = next(line for line in lines if "cara.sign" in line)
+    assert "hapki-cara" in sign and "8.00 ms" in sign and "+6.00 ms" in sign and "pki.serial=0abc" in sign
+    assert "hsm.member=hsm-a" in lines[10] and "db.txn=cara.record_issued" in lines[11]
+
+
+def test_spans_whose_parent_is_missing_become_roots() -> None:
+    spans = [s for s in issuance() if s["name"] != "bus.publish"]  # cara.sign loses its parent
+    lines = trace_tree(spans, T).splitlines()
+    sign = next(line for line in lines if "cara.sign" in line)
+    assert not sign.startswith(" ")
+    assert lines[1].startswith("demo.issue")  # earlier root first
+    assert "+0.00 ms" in lines[1]
+
+
+def test_tree_marks_errors_and_reports_an_unknown_trace() -> None:
+    spans = issuance()
+    spans[9]["status"] = "ERROR"
+    assert "ERROR" in next(line for line in trace_tree(spans, T).splitlines() if "hsm.sign" in line)
+    assert "no spans" in trace_tree(spans, "b" * 32)
+
+
+def test_stage_times_add_up_to_the_end_to_end_time() -> None:
+    stages = issuance_stages(issuance())[T]
+    assert stages == pytest.approx({"e2e": 20, "client": 1.5, "clm": 2.5, "bus": 6, "cara": 3, "hsm": 1, "db": 6,
+                                    "db_clm": 2, "db_cara": 4})
+
+
+def test_breakdown_shares_over_complete_traces_only() -> None:
+    other = "b" * 32
+    incomplete = [s for s in issuance("c" * 32) if s["name"] != "hsm.sign"]
+    shares = stage_breakdown([*issuance(), *issuance(other), *incomplete])
+    assert shares == pytest.approx({"client": 0.075, "clm": 0.125, "bus": 0.3, "cara": 0.15, "hsm": 0.05,
+                                    "db": 0.3, "db_clm": 0.1, "db_cara": 0.2})
+    assert sum(shares[k] for k in ("client", "clm", "bus", "cara", "hsm", "db")) == pytest.approx(1)
+    assert set(issuance_stages([*issuance(), *incomplete])) == {T}
+    assert stage_breakdown(incomplete) == {}
+
+
+def test_without_a_client_span_the_clm_root_is_end_to_end() -> None:
+    spans = [s for s in issuance() if s["name"] not in ("demo.issue", "client.issue")]
+    stages = issuance_stages(spans)[T]
+    assert stages["e2e"] == pytest.approx(18.5) and stages["client"] == pytest.approx(0)
+
+
+def test_load_spans_skips_a_half_written_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "traces.jsonl"
+    lines = [json.dumps(s) for s in issuance()]
+    path.write_text("\n".join(lines) + "\n" + lines[0][:40])
+    assert load_spans(path) == issuance()
+    path.write_text("\n".join(lines[:3]) + "\n{not json\n" + lines[3] + "\n\n")
+    assert [s["span_id"] for s in load_spans(path)] == ["s08", "s01", "s02", "s03"]
+    assert load_spans(tmp_path / "missing.jsonl") == []
