@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hapki.cara import issuance
 from hapki.runtime.hsm import HSMPool, HSMPrivateKey
 
 ROOT_CURVE = ec.SECP384R1()
@@ -56,7 +57,7 @@ def create_hierarchy(
         .subject_name(root_subject)
         .issuer_name(root_subject)
         .public_key(root_key.public_key())
-        .serial_number(random_serial())
+        .serial_number(issuance.random_serial())
         .not_valid_before(now)
         .not_valid_after(_add_years(now, ROOT_VALIDITY_YEARS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -72,7 +73,7 @@ def create_hierarchy(
         .subject_name(_name(org, issuing_name))
         .issuer_name(root_subject)
         .public_key(issuing_key.public_key())
-        .serial_number(random_serial())
+        .serial_number(issuance.random_serial())
         .not_valid_before(now)
         .not_valid_after(_add_years(now, ISSUING_VALIDITY_YEARS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -92,13 +93,6 @@ def create_hierarchy(
         issuing_key_id=issuing_key.key_id,
         issuing_curve=ISSUING_CURVE.name,
     )
-
-
-def random_serial() -> int:
-    """A positive serial of exactly 20 octets in DER (RFC 5280's maximum), 159 bits from `secrets`."""
-    octets = bytearray(secrets.token_bytes(20))
-    octets[0] = (octets[0] & 0x7F) or 0x01  # high bit clear: positive; first octet non-zero: full length
-    return int.from_bytes(octets, "big")
 
 
 def _generate_key(pool: HSMPool, role: str, curve: ec.EllipticCurve) -> HSMPrivateKey:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from faststream.specification import AsyncAPI
 
 import hapki
 from hapki.clm.app import build_broker
 from hapki.contracts import subjects
+from hapki.contracts.errors import ErrorCode
 from hapki.contracts.models import CertificateIssued, OwnershipChanged, SignCertificate, SigningFailed
 
 # The source tree's copy (this file is services/cli/asyncapi.py; the document lives in contracts/).
@@ -26,6 +29,14 @@ def render() -> str:
                      description="CARA: a request was refused for good")
     broker.publisher(subjects.HA_OWNERSHIP_CHANGED, title="OwnershipChanged", schema=OwnershipChanged,
                      description="watcher: a member gained or lost a floating IP")
-    spec = AsyncAPI(broker, title="hapki bus", version=hapki.__version__,
-                    description="Subjects, messages and error codes of hapki (pki.v1.*)")
-    return spec.to_specification().to_yaml()
+    codes = ", ".join(code.value for code in ErrorCode)
+    spec = AsyncAPI(
+        broker, title="hapki bus", version=hapki.__version__,
+        description=(
+            "Subjects and messages of hapki (pki.v1.*). Request/reply subjects answer with IssueReply or "
+            "CertificateReply (hapki.contracts.models); a refused request carries `error: {code, message, details}` "
+            f"with code one of: {codes}."
+        ),
+    )
+    # FastStream's channel order follows set iteration (hash-seeded); sort keys for a stable, diffable file.
+    return yaml.safe_dump(yaml.safe_load(spec.to_specification().to_yaml()), sort_keys=True, allow_unicode=True)

@@ -7,15 +7,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from importlib import resources
-from pathlib import Path
 
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 
 from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig
-from hapki.clm.profiles import load_profiles
+from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.clm.queue import JetStreamSigningQueue
 from hapki.clm.service import ClmService
 from hapki.clm.store import MariaDBRequestStore
@@ -26,10 +24,6 @@ from hapki.runtime.db import Database
 from hapki.runtime.migrate import migrate
 
 log = logging.getLogger("hapki.clm")
-
-
-def default_profiles_path() -> Path:
-    return Path(str(resources.files("hapki.clm").joinpath("profiles.toml")))
 
 
 class ClmRuntime:
@@ -46,7 +40,7 @@ class ClmRuntime:
 
     async def start(self) -> None:
         cfg = self.config
-        profiles = load_profiles(cfg.profiles_file or default_profiles_path())
+        profiles = load_profiles(cfg.profiles_file or SHIPPED_PROFILES_PATH)
         self.db = Database(cfg.database)
         await migrate(self.db)
         self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
