@@ -76,6 +76,8 @@ class Signer:
         """Become active: bump the epoch (compare-and-set), resolve stale intents, start pulling."""
         if self.active:
             return self._epoch or 0
+        if self._workers:
+            await self.stop()  # fenced earlier: reap the old workers before new ones exist
         self._stopping.clear()
         self.fenced.clear()
         now = self._clock()
