@@ -251,7 +251,10 @@ def _demo(base_dir: Path, keep: bool) -> int:
 
         _say(f"[2/5] Generating a P-256 key and a CSR for {', '.join(DEMO_NAMES)}, asking CLM for a certificate ...")
         csr_pem, key_pem = _csr_for(DEMO_NAMES)
-        reply, trace_id, took = asyncio.run(_issue(stack.env.nats.url, csr_pem))
+        try:
+            reply, trace_id, took = asyncio.run(_issue(stack.env.nats.url, csr_pem))
+        except Exception as exc:  # nats timeouts and connection errors: the message says enough
+            raise DemoError(f"no answer from CLM ({type(exc).__name__}: {exc}); see {base_dir / 'logs'}") from exc
         telemetry.shutdown()  # flush this process's spans (demo.issue, client.issue) to the trace file
         if reply.error is not None:
             error = reply.error
@@ -301,10 +304,10 @@ def _demo(base_dir: Path, keep: bool) -> int:
              "it took,")
         _say("  and when it started after the first span. CLM validated the CSR, recorded the request "
              "(db.commit clm.record)")
-        _say("  and queued it (bus.publish); CARA took it (cara.sign), reserved a serial (cara.reserve), had the HSM "
-             "sign")
-        _say("  (hsm.sign), stored the certificate (cara.record_issued) and published the result; CLM passed it on to")
-        _say("  the waiting client (the _INBOX publish is that reply).")
+        _say("  and queued it (bus.publish); CARA took it (cara.sign), checked it was not done already (cara.outcome),")
+        _say("  reserved a serial (cara.reserve), had the HSM sign (hsm.sign), stored the certificate")
+        _say("  (cara.record_issued) and published the result; CLM passed it on to the waiting client (the _INBOX")
+        _say("  publish is that reply).")
         stages = issuance_stages(spans).get(trace_id)
         if stages:
             split = ", ".join(f"{k} {stages[k]:.1f}" for k in STAGES)

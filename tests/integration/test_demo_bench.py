@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,45 @@ def test_demo_issues_verifies_and_shows_one_trace(tmp_path: Path) -> None:
     for name in ("clm.issue", "cara.sign", "hsm.sign", "db.commit"):
         assert name in names, tree
     assert (tmp_path / "demo" / "out" / "key.pem").stat().st_mode & 0o077 == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_recovers_from_a_killed_run_in_the_same_directory(tmp_path: Path) -> None:
+    base, log = tmp_path / "demo", tmp_path / "keep.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAPKI_", "OTEL_"))}
+    first_run: list[int] = []
+    with log.open("w") as out:
+        keep = subprocess.Popen([*hapki_command(), "demo", "--dir", str(base), "--keep"], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "keeps running until Ctrl-C" not in log.read_text() and keep.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert keep.poll() is None, log.read_text()
+        first_run += [int(p) for p in re.findall(r"(?:CARA|CLM) pid (\d+)", log.read_text())]
+        first_run += [int((base / f).read_text()) for f in ("nats/nats-server.pid", "db/mariadbd.pid")]
+        assert len(first_run) == 4 and all(_alive(pid) for pid in first_run)
+        keep.kill()  # a crash: the demo stops nothing, its children keep running
+        keep.wait(10)
+
+        again = _hapki("demo", "--dir", str(base))
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "out/cert.pem: OK" in again.stdout
+        assert not any(_alive(pid) for pid in first_run)
+    finally:
+        if keep.poll() is None:
+            keep.kill()
+            keep.wait(10)
+        for pid in first_run:  # only if the test failed half-way: don't leave the crashed run's processes behind
+            if _alive(pid) and str(base) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_bench_reports_rate_latency_and_stages_as_json(tmp_path: Path) -> None:

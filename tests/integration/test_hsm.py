@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pkcs11 import Attribute, ObjectClass
 
+from hapki.cara import issuance
 from hapki.cara.ca_init import CAHierarchy, create_hierarchy
 from hapki.contracts.errors import HSMUnavailable
 from hapki.runtime.hsm import PKCS11_LOCK, HSMMemberConfig, HSMPool, HSMPrivateKey, SignMechanism
@@ -108,7 +109,8 @@ def test_hierarchy_and_hsm_signed_leaf_pass_openssl_x509_strict(
     assert root.extensions.get_extension_for_class(x509.BasicConstraints).critical
     issuing_bc = issuing.extensions.get_extension_for_class(x509.BasicConstraints)
     assert issuing_bc.critical and issuing_bc.value.ca and issuing_bc.value.path_length == 0
-    assert len(issuing.serial_number.to_bytes(20, "big")) == 20 and issuing.serial_number >> 152 > 0
+    # the same serial rule as end-entity certificates: positive, at most 20 octets, 151 CSPRNG bits
+    assert 0 < issuing.serial_number and issuing.serial_number.bit_length() == issuance.SERIAL_RANDOM_BITS + 1
     assert root.not_valid_after_utc.year - root.not_valid_before_utc.year == 20
     assert issuing.not_valid_after_utc.year - issuing.not_valid_before_utc.year == 10
 
