@@ -9,7 +9,7 @@ import aiomysql
 from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus
 from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
-from hapki.runtime.db import Database
+from hapki.runtime.db import Database, Fence
 
 TIER = "cara"
 
@@ -21,17 +21,6 @@ def _db_time(value: datetime) -> datetime:
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC)
-
-
-async def _fence(cur: aiomysql.Cursor, epoch: int) -> None:
-    """Write the epoch row under our epoch; a stale member matches no row and must not commit.
-
-    The write (not just a read) matters on Galera: a concurrent epoch bump on another node conflicts with it at
-    certification, so one of the two transactions fails instead of both committing.
-    """
-    await cur.execute("UPDATE epochs SET fence_seq = fence_seq + 1 WHERE tier = %s AND epoch = %s", (TIER, epoch))
-    if cur.rowcount != 1:
-        raise FencedOut(f"epoch {epoch} is no longer current for tier {TIER}", {"epoch": epoch})
 
 
 class MariaDBSigningStore:
@@ -100,10 +89,9 @@ class MariaDBSigningStore:
                 (_db_time(now), epoch, epoch),
             )
             count = cur.rowcount
-            await _fence(cur, epoch)
             return count
 
-        return await self._db.run(body, name="cara.recover")
+        return await self._db.run(body, name="cara.recover", fence=Fence(TIER, epoch))
 
     async def outcome(self, request_id: str) -> Outcome:
         async def body(cur: aiomysql.Cursor) -> Outcome:
@@ -147,9 +135,8 @@ class MariaDBSigningStore:
                 " VALUES (%s, %s, %s, %s, %s, %s, 'reserved', %s)",
                 (intent_id, request_id, issuer, serial, epoch, member, _db_time(now)),
             )
-            await _fence(cur, epoch)
 
-        await self._db.run(body, name="cara.reserve")
+        await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord:
         """Store the certificate, resolve the intent and mark the request issued, fenced. Returns what is stored.
@@ -173,7 +160,6 @@ class MariaDBSigningStore:
                         " resolution = 'request already issued by another intent' WHERE id = %s",
                         (_db_time(now), record.intent_id),
                     )
-                    await _fence(cur, epoch)
                 return existing
             await cur.execute(
                 "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem,"
@@ -194,11 +180,10 @@ class MariaDBSigningStore:
                 "UPDATE requests SET status = 'issued', serial = %s, updated_at = %s WHERE id = %s",
                 (record.serial, _db_time(now), record.request_id),
             )
-            await _fence(cur, epoch)
             return record
 
         try:
-            return await self._db.run(body, name="cara.record_issued")
+            return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch))
         except DuplicateKey:
             # A concurrent commit of the same request won the UNIQUE key; report what is stored.
             outcome = await self.outcome(record.request_id)
@@ -214,9 +199,8 @@ class MariaDBSigningStore:
                 " WHERE id = %s AND status = 'pending'",
                 (error.code.value, error.message[:512], _db_time(now), request_id),
             )
-            await _fence(cur, epoch)
 
-        await self._db.run(body, name="cara.record_failed")
+        await self._db.run(body, name="cara.record_failed", fence=Fence(TIER, epoch))
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
         """Resolve a reserved intent whose signature will never be stored. Unfenced: abandoning is always safe."""

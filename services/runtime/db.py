@@ -12,13 +12,15 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiomysql
 import pymysql.err
 from opentelemetry import trace
+from pymysql.constants import CLIENT
 
-from hapki.contracts.errors import CommitOutcomeUnknown, DatabaseError, DuplicateKey, Internal
+from hapki.contracts.errors import CommitOutcomeUnknown, DatabaseError, DuplicateKey, FencedOut, Internal
 from hapki.runtime.config import DatabaseConfig, read_secret
 
 log = logging.getLogger("hapki.db")
@@ -28,6 +30,7 @@ Body = Callable[[aiomysql.Cursor], Awaitable[T]]
 
 # MariaDB / client error numbers (FIELD-NOTES, Galera section).
 ER_DUP_ENTRY = 1062
+ER_BAD_NULL_ERROR = 1048  # our fence: a stale epoch sets fence_seq to NULL (see _FENCE_AND_COMMIT)
 ER_LOCK_DEADLOCK = 1213  # also Galera certification conflicts: retry the whole transaction
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_UNKNOWN_COM_ERROR = 1047  # Galera: node not ready / non-Primary
@@ -38,6 +41,26 @@ CR_SERVER_GONE = 2006
 CR_SERVER_LOST = 2013
 RETRY_SAME_NODE = {ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}
 NODE_DOWN = {ER_UNKNOWN_COM_ERROR, CR_CONN_HOST_ERROR, CR_SERVER_GONE, CR_SERVER_LOST, ER_QUERY_INTERRUPTED, 1053, 1927}
+
+
+# Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
+_SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'"
+# The fence and the COMMIT in one round trip: the epochs row lock is held only for the server-side commit, not
+# while this process gets round to sending COMMIT (under load that wait dominated, every signing transaction
+# queueing on the one row). A stale epoch writes NULL into a NOT NULL column: an error, so the COMMIT after it
+# never runs. The write (not a read) matters on Galera: a concurrent epoch bump on another node conflicts with
+# it at certification, so one of the two transactions fails instead of both committing.
+_FENCE_AND_COMMIT = (
+    "UPDATE epochs SET fence_seq = IF(epoch = %s, fence_seq + 1, NULL) WHERE tier = %s; COMMIT"
+)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Commit only while `tier`'s epoch is still `epoch` (the tier's row exists once anyone bumped it)."""
+
+    tier: str
+    epoch: int
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -71,7 +94,7 @@ class Database:
             pool = self._pools.get(node)
             if pool is None:
                 host, _, port = node.rpartition(":")
-                init = "SET SESSION wsrep_sync_wait=1" if self._config.sync_wait else None
+                init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if self._config.sync_wait else "")
                 pool = await aiomysql.create_pool(
                     minsize=0,
                     maxsize=self._config.pool_size,
@@ -84,6 +107,7 @@ class Database:
                     connect_timeout=self._config.connect_timeout_seconds,
                     init_command=init,
                     charset="utf8mb4",
+                    client_flag=CLIENT.MULTI_STATEMENTS,
                     pool_recycle=3600,
                 )
                 self._pools[node] = pool
@@ -95,15 +119,18 @@ class Database:
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
 
-    async def run(self, body: Body[T], *, name: str) -> T:
-        """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures."""
+    async def run(self, body: Body[T], *, name: str, fence: Fence | None = None) -> T:
+        """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.
+
+        With `fence`, the transaction commits only under that epoch, else raises FencedOut (nothing committed).
+        """
         with tracer.start_as_current_span("db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
             last: BaseException | None = None
             for attempt in range(self._config.max_attempts):
                 node = self._config.nodes[self._current % len(self._config.nodes)]
                 span.set_attribute("db.node", node)
                 try:
-                    return await self._run_once(node, body)
+                    return await self._run_once(node, body, fence)
                 except pymysql.err.IntegrityError as exc:
                     if _errno(exc) == ER_DUP_ENTRY:
                         raise DuplicateKey(str(exc.args[1] if len(exc.args) > 1 else exc)) from None
@@ -125,25 +152,37 @@ class Database:
             span.set_attribute("error", True)
             raise DatabaseError(f"transaction {name} failed after {self._config.max_attempts} attempts: {last}")
 
-    async def _run_once(self, node: str, body: Body[T]) -> T:
+    async def _run_once(self, node: str, body: Body[T], fence: Fence | None) -> T:
         pool = await self._pool(node)
         conn: aiomysql.Connection = await pool.acquire()
         broken = True
         try:
             async with conn.cursor() as cur:
-                await conn.begin()
+                # No BEGIN round trip: with autocommit off, the first statement opens the transaction.
                 try:
                     result = await body(cur)
+                    if fence is not None:
+                        await cur.execute(_FENCE_AND_COMMIT, (fence.epoch, fence.tier))
+                except pymysql.err.IntegrityError as exc:
+                    broken = not await _rollback_quietly(conn)
+                    if fence is not None and _errno(exc) == ER_BAD_NULL_ERROR:
+                        raise FencedOut(f"epoch {fence.epoch} is no longer current for tier {fence.tier}",
+                                        {"tier": fence.tier, "epoch": fence.epoch}) from None
+                    raise
                 except BaseException:
                     # A clean rollback leaves the connection reusable (conflicts, duplicates, business errors).
                     broken = not await _rollback_quietly(conn)
                     raise
-            try:
-                await conn.commit()
-            except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError) as exc:
-                if _errno(exc) in RETRY_SAME_NODE:
-                    raise
-                raise CommitOutcomeUnknown(f"connection lost during COMMIT on {node}: {exc}") from exc
+                try:
+                    if fence is not None:
+                        await cur.nextset()  # the COMMIT's own result: errors of the commit surface here
+                    else:
+                        await conn.commit()
+                except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError) as exc:
+                    if _errno(exc) in RETRY_SAME_NODE:
+                        broken = not await _rollback_quietly(conn)
+                        raise
+                    raise CommitOutcomeUnknown(f"connection lost during COMMIT on {node}: {exc}") from exc
             broken = False
             return result
         finally:

@@ -116,3 +116,31 @@ async def test_a_failing_body_rolls_back_everything(db: Database) -> None:
         return (await cur.fetchone())[0]
 
     assert await db.run(count, name="t.count") == 0
+
+
+async def test_a_fenced_transaction_commits_only_under_the_current_epoch(db: Database) -> None:
+    from hapki.contracts.errors import FencedOut
+    from hapki.runtime.db import Fence
+
+    async def setup(cur):
+        await cur.execute("DELETE FROM epochs WHERE tier = 'test'")
+        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at) VALUES ('test', 5, 'x', 0, NOW())")
+
+    await db.run(setup, name="t.epoch")
+
+    def write(row: int):
+        async def body(cur):
+            await cur.execute("INSERT INTO scratch VALUES (%s, 0)", (row,))
+        return body
+
+    await db.run(write(100), name="t.current", fence=Fence("test", 5))
+    with pytest.raises(FencedOut):
+        await db.run(write(101), name="t.stale", fence=Fence("test", 4))
+
+    async def state(cur):
+        await cur.execute("SELECT id FROM scratch WHERE id IN (100, 101)")
+        ids = [r[0] for r in await cur.fetchall()]
+        await cur.execute("SELECT fence_seq FROM epochs WHERE tier = 'test'")
+        return ids, (await cur.fetchone())[0]
+
+    assert await db.run(state, name="t.state") == ([100], 1)  # the stale write left nothing behind
