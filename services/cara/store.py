@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import aiomysql
 
 from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus
 from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
-from hapki.runtime.db import Database, Fence
+from hapki.runtime.db import Database, Fence, db_time, utc
 
 TIER = "cara"
 
 
-def _db_time(value: datetime) -> datetime:
-    """DATETIME columns hold naive UTC."""
-    return value.astimezone(UTC).replace(tzinfo=None)
+_CERTIFICATE_COLUMNS = "request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC)
+def _issued(row: tuple) -> IssuedRecord:
+    """An IssuedRecord from a row of _CERTIFICATE_COLUMNS."""
+    return IssuedRecord(*row[:5], not_before=utc(row[5]), not_after=utc(row[6]))
 
 
 class MariaDBSigningStore:
@@ -49,7 +48,7 @@ class MariaDBSigningStore:
             await cur.execute(
                 "INSERT INTO issuers (name, cert_pem, chain_pem, key_id, is_default, created_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
-                (record.name, record.cert_pem, record.chain_pem, record.key_id.hex(), int(default), _db_time(now)),
+                (record.name, record.cert_pem, record.chain_pem, record.key_id.hex(), int(default), db_time(now)),
             )
 
         await self._db.run(body, name="cara.save_issuer")
@@ -63,12 +62,12 @@ class MariaDBSigningStore:
             if row is None:
                 await cur.execute(
                     "INSERT IGNORE INTO epochs (tier, epoch, holder, fence_seq, updated_at) VALUES (%s, 1, %s, 0, %s)",
-                    (TIER, member, _db_time(now)),
+                    (TIER, member, db_time(now)),
                 )
                 return 1 if cur.rowcount == 1 else None
             await cur.execute(
                 "UPDATE epochs SET epoch = epoch + 1, holder = %s, updated_at = %s WHERE tier = %s AND epoch = %s",
-                (member, _db_time(now), TIER, row[0]),
+                (member, db_time(now), TIER, row[0]),
             )
             return row[0] + 1 if cur.rowcount == 1 else None
 
@@ -86,7 +85,7 @@ class MariaDBSigningStore:
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
                 " resolution = CONCAT('recovered: epoch ', epoch, ' superseded by ', %s)"
                 " WHERE state = 'reserved' AND epoch < %s",
-                (_db_time(now), epoch, epoch),
+                (db_time(now), epoch, epoch),
             )
             count = cur.rowcount
             return count
@@ -96,13 +95,12 @@ class MariaDBSigningStore:
     async def outcome(self, request_id: str) -> Outcome:
         async def body(cur: aiomysql.Cursor) -> Outcome:
             await cur.execute(
-                "SELECT request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
-                " FROM certificates WHERE request_id = %s",
+                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id = %s",
                 (request_id,),
             )
             row = await cur.fetchone()
             if row is not None:
-                return Outcome(issued=IssuedRecord(*row[:5], not_before=_utc(row[5]), not_after=_utc(row[6])))
+                return Outcome(issued=_issued(row))
             await cur.execute("SELECT status, error_code, error_message FROM requests WHERE id = %s", (request_id,))
             req = await cur.fetchone()
             if req is not None and req[0] == RequestStatus.FAILED.value:
@@ -128,12 +126,12 @@ class MariaDBSigningStore:
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
                 " resolution = 'superseded by a new attempt for the request'"
                 " WHERE request_id = %s AND state = 'reserved'",
-                (_db_time(now), request_id),
+                (db_time(now), request_id),
             )
             await cur.execute(
                 "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, 'reserved', %s)",
-                (intent_id, request_id, issuer, serial, epoch, member, _db_time(now)),
+                (intent_id, request_id, issuer, serial, epoch, member, db_time(now)),
             )
 
         await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
@@ -147,30 +145,29 @@ class MariaDBSigningStore:
 
         async def body(cur: aiomysql.Cursor) -> IssuedRecord:
             await cur.execute(
-                "SELECT request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
-                " FROM certificates WHERE request_id = %s",
+                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id = %s",
                 (record.request_id,),
             )
             row = await cur.fetchone()
             if row is not None:
-                existing = IssuedRecord(*row[:5], not_before=_utc(row[5]), not_after=_utc(row[6]))
+                existing = _issued(row)
                 if existing.intent_id != record.intent_id:
                     await cur.execute(
                         "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
                         " resolution = 'request already issued by another intent' WHERE id = %s",
-                        (_db_time(now), record.intent_id),
+                        (db_time(now), record.intent_id),
                     )
                 return existing
             await cur.execute(
                 "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem,"
                 " not_before, not_after, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (record.issuer, record.serial, record.request_id, record.intent_id, epoch, record.cert_pem,
-                 _db_time(record.not_before), _db_time(record.not_after), _db_time(now)),
+                 db_time(record.not_before), db_time(record.not_after), db_time(now)),
             )
             await cur.execute(
                 "UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
                 " WHERE id = %s AND state = 'reserved'",
-                (_db_time(now), record.intent_id),
+                (db_time(now), record.intent_id),
             )
             if cur.rowcount != 1:
                 # The intent was abandoned meanwhile (recovery by a newer epoch): the fence below fails too,
@@ -178,7 +175,7 @@ class MariaDBSigningStore:
                 raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
             await cur.execute(
                 "UPDATE requests SET status = 'issued', serial = %s, updated_at = %s WHERE id = %s",
-                (record.serial, _db_time(now), record.request_id),
+                (record.serial, db_time(now), record.request_id),
             )
             return record
 
@@ -197,7 +194,7 @@ class MariaDBSigningStore:
             await cur.execute(
                 "UPDATE requests SET status = 'failed', error_code = %s, error_message = %s, updated_at = %s"
                 " WHERE id = %s AND status = 'pending'",
-                (error.code.value, error.message[:512], _db_time(now), request_id),
+                (error.code.value, error.message[:512], db_time(now), request_id),
             )
 
         await self._db.run(body, name="cara.record_failed", fence=Fence(TIER, epoch))
@@ -209,7 +206,7 @@ class MariaDBSigningStore:
             await cur.execute(
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
                 " WHERE id = %s AND state = 'reserved'",
-                (_db_time(now), reason[:255], intent_id),
+                (db_time(now), reason[:255], intent_id),
             )
 
         await self._db.run(body, name="cara.abandon_intent")

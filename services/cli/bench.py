@@ -88,10 +88,10 @@ def _percentile(ordered: list[float], p: float) -> float | None:
 
 
 def _csr_pool(size: int) -> list[IssueCertificate]:
-    from hapki.cli.commands import _csr_for
+    from hapki.cli.client import new_key_and_csr
 
     return [
-        IssueCertificate(csr_pem=_csr_for([f"bench-{i}.example.com"])[0].decode(), profile="tls-server",
+        IssueCertificate(csr_pem=new_key_and_csr([f"bench-{i}.example.com"])[0].decode(), profile="tls-server",
                          requester="hapki-bench")
         for i in range(size)
     ]

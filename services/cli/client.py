@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TypeVar
 
 import nats
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from nats.aio.client import Client
 from opentelemetry import trace
 from pydantic import BaseModel
@@ -50,3 +55,22 @@ class ClmClient:
     async def raw(self, subject: str, data: bytes) -> bytes:
         """Send arbitrary bytes (for tests and diagnostics)."""
         return (await self._nc.request(subject, data, timeout=self._timeout)).data
+
+
+def new_key_and_csr(names: list[str]) -> tuple[bytes, bytes]:
+    """A fresh P-256 key and a CSR for `names` (CN = the first); returns (csr PEM, key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.RFC822Name(name) if "@" in name else x509.DNSName(name))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    )
+    csr = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key_pem

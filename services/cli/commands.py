@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict
 
 from hapki.runtime import telemetry
@@ -121,26 +116,8 @@ async def db_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csr_for(names: list[str]) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.RFC822Name(name) if "@" in name else x509.DNSName(name))
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    )
-    csr = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return csr.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 async def issue(args: argparse.Namespace) -> int:
-    from hapki.cli.client import ClmClient
+    from hapki.cli.client import ClmClient, new_key_and_csr
     from hapki.contracts.models import IssueCertificate
 
     key_pem = None
@@ -150,7 +127,7 @@ async def issue(args: argparse.Namespace) -> int:
         if not args.name:
             print("give --csr FILE or at least one --name", file=sys.stderr)
             return 2
-        csr_pem, key_pem = _csr_for(args.name)
+        csr_pem, key_pem = new_key_and_csr(args.name)
     client = await ClmClient.connect(args.nats.split(","), timeout=args.timeout)
     try:
         reply = await client.issue(

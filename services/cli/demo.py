@@ -229,7 +229,7 @@ def _verify(base_dir: Path, out: Path, chain: list[x509.Certificate], anchor: Pa
 def _demo(base_dir: Path, keep: bool) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from hapki.cli.commands import _csr_for
+    from hapki.cli.client import new_key_and_csr
     from hapki.runtime import telemetry
 
     trace_file = base_dir / "traces.jsonl"
@@ -250,7 +250,7 @@ def _demo(base_dir: Path, keep: bool) -> int:
         setup_tracing("hapki-demo", trace_file)
 
         _say(f"[2/5] Generating a P-256 key and a CSR for {', '.join(DEMO_NAMES)}, asking CLM for a certificate ...")
-        csr_pem, key_pem = _csr_for(DEMO_NAMES)
+        csr_pem, key_pem = new_key_and_csr(DEMO_NAMES)
         try:
             reply, trace_id, took = asyncio.run(_issue(stack.env.nats.url, csr_pem))
         except Exception as exc:  # nats timeouts and connection errors: the message says enough

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import aiomysql
 
 from hapki.clm.ports import NewRequest, Recorded
 from hapki.contracts.errors import DuplicateKey, IdempotencyConflict, NotFound
 from hapki.contracts.models import CertificateReply, ErrorBody, IssueReply, RequestStatus, SignCertificate
-from hapki.runtime.db import Database
-
-
-def _db_time(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None else None
+from hapki.runtime.db import Database, db_time, utc
 
 
 class MariaDBRequestStore:
@@ -53,7 +45,7 @@ class MariaDBRequestStore:
                     "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
                     " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
                     (request.request_id, request.requester, request.idempotency_key, request.profile,
-                     request.csr_sha256, request.approved.model_dump_json(), _db_time(now), _db_time(now)),
+                     request.csr_sha256, request.approved.model_dump_json(), db_time(now), db_time(now)),
                 )
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
@@ -81,7 +73,7 @@ class MariaDBRequestStore:
             error = ErrorBody(code=row[1], message=row[2] or "") if status is RequestStatus.FAILED else None
             return IssueReply(
                 request_id=request_id, status=status, serial=row[3], certificate_pem=row[4],
-                not_before=_utc(row[5]), not_after=_utc(row[6]), chain_pem=row[7], error=error,
+                not_before=utc(row[5]), not_after=utc(row[6]), chain_pem=row[7], error=error,
             )
 
         return await self._db.run(body, name="clm.view")
@@ -99,7 +91,7 @@ class MariaDBRequestStore:
             row = rows[0]  # serials are random 151-bit values: one issuer per serial in practice
             return CertificateReply(
                 serial=row[0], request_id=row[1], issuer=row[2], certificate_pem=row[3], chain_pem=row[4],
-                not_before=_utc(row[5]), not_after=_utc(row[6]),
+                not_before=utc(row[5]), not_after=utc(row[6]),
             )
 
         return await self._db.run(body, name="clm.certificate")
@@ -109,7 +101,7 @@ class MariaDBRequestStore:
             await cur.execute(
                 "SELECT sign_request FROM requests WHERE status = 'pending' AND created_at < %s"
                 " ORDER BY created_at LIMIT %s",
-                (_db_time(older_than), limit),
+                (db_time(older_than), limit),
             )
             return [SignCertificate.model_validate_json(r[0]) for r in await cur.fetchall()]
 

@@ -13,7 +13,8 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import TypeVar
 
 import aiomysql
 import pymysql.err
@@ -201,6 +202,11 @@ async def _rollback_quietly(conn: aiomysql.Connection) -> bool:
     return True
 
 
-async def fetch_one(cur: aiomysql.Cursor, sql: str, args: Any = None) -> tuple[Any, ...] | None:
-    await cur.execute(sql, args)
-    return await cur.fetchone()
+def db_time(value: datetime) -> datetime:
+    """A timezone-aware time as stored: DATETIME columns hold naive UTC."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """A stored (naive UTC) time as an aware datetime; NULL stays None."""
+    return value.replace(tzinfo=UTC) if value is not None else None
