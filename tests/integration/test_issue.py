@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hapki.contracts.models import IssueCertificate, RequestStatus
+from hapki.lab import stack
 from helpers.csr import make_csr, make_key
 from integration.conftest import chain_files, query
 
@@ -130,3 +131,31 @@ async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(en
     assert status.status is RequestStatus.FAILED
     assert status.error is not None and status.error.code is ErrorCode.SIGNING_REJECTED
     assert await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (request_id,)) == []
+
+
+async def test_watcher_reports_vip_ownership_from_the_kernel(env) -> None:
+    """`hapki serve watcher` in-process: a VIP this host holds (loopback here) gives a holds_vip=True event."""
+    import nats
+
+    from hapki.contracts import subjects
+    from hapki.contracts.models import OwnershipChanged
+    from hapki.watcher.main import WatcherConfig, WatcherRuntime
+
+    nc = await nats.connect(env.nats.url)
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def collect(msg) -> None:
+        got.put_nowait(msg)
+
+    await nc.subscribe(subjects.HA_OWNERSHIP_CHANGED, cb=collect)
+    runtime = WatcherRuntime(WatcherConfig(member="cara-1", tier="cara", vip="127.0.0.1",
+                                           nats=stack.nats_config(env)))
+    await runtime.start()
+    try:
+        msg = await asyncio.wait_for(got.get(), timeout=5)
+        event = OwnershipChanged.model_validate_json(msg.data)
+        assert (event.member, event.tier, event.holds_vip) == ("cara-1", "cara", True)
+        assert "traceparent" in (msg.headers or {})
+    finally:
+        await runtime.stop()
+        await nc.close()
