@@ -133,7 +133,7 @@ async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(en
     assert await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (request_id,)) == []
 
 
-async def test_watcher_reports_vip_ownership_from_the_kernel(env) -> None:
+async def test_watcher_reports_vip_ownership_from_the_kernel(env, span_exporter) -> None:
     """`hapki serve watcher` in-process: a VIP this host holds (loopback here) gives a holds_vip=True event."""
     import nats
 
