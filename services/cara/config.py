@@ -22,6 +22,13 @@ class CaraConfig(StrictModel):
 
     member: str = Field(description="This member's name, e.g. cara-1 (recorded on epochs and intents)")
     issuer: str | None = Field(default=None, description="Issuing CA name; default: the issuer marked default")
+    vip: str | None = Field(
+        default=None, description="CARA floating IP: sign only while this host holds it (kernel view); None: always"
+    )
+    vip_poll_seconds: float = Field(default=0.05, gt=0, le=5, description="VIP ownership poll interval, seconds")
+    http_listen: str | None = Field(
+        default=None, description="host:port of the local CARA HTTP endpoint (health), behind haproxy on the VIP"
+    )
     nats: NatsConfig
     database: DatabaseConfig
     hsm: HSMConfig
