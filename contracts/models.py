@@ -135,11 +135,23 @@ class SigningFailed(_Model):
     error: ErrorBody
 
 
-class OwnershipChanged(_Model):
-    """Event from a watcher (`pki.v1.ha.ownership_changed`): a member gained or lost a tier's floating IP."""
+class HARole(str, enum.Enum):
+    """A member's role in its tier."""
+
+    ACTIVE = "active"  # holds the tier's floating IP and its service serves
+    PASSIVE = "passive"  # does not hold the floating IP; hot standby
+    FAULT = "fault"  # its local service is down or unhealthy
+
+
+class HAEvent(_Model):
+    """Event from a watcher (`pki.v1.ha.events.<tier>.<member>`, kept in stream PKI_HA_EVENTS): a role change."""
 
     tier: str = Field(description="cara or clm")
     member: str = Field(description="Member name, e.g. cara-1")
-    vip: str = Field(description="The floating IP address")
-    holds_vip: bool
-    observed_at: datetime = Field(description="When the kernel reported the change, UTC")
+    vip: str = Field(description="The tier's floating IP address")
+    role: HARole
+    holds_vip: bool = Field(description="Whether the kernel of this member has the floating IP now")
+    epoch: int | None = Field(default=None, description="The tier's epoch this member works under (CARA), if known")
+    observed_at: datetime = Field(description="When the watcher observed the change, UTC")
+    reason: str = Field(description="Why the role changed, e.g. 'vip gained', 'service unreachable'")
+    health: dict[str, Any] = Field(default_factory=dict, description="The member's health report at that moment")

@@ -11,9 +11,15 @@ CARA_SIGN = "pki.v1.cara.sign"
 CARA_ISSUED = "pki.v1.cara.issued"
 CARA_FAILED = "pki.v1.cara.failed"
 
-# HA events from the watcher.
-HA_OWNERSHIP_CHANGED = "pki.v1.ha.ownership_changed"
+# HA events from the watchers: pki.v1.ha.events.<tier>.<member>, kept in a JetStream stream (history survives).
+HA_EVENTS_PREFIX = "pki.v1.ha.events"
+
+
+def ha_events(tier: str, member: str) -> str:
+    return f"{HA_EVENTS_PREFIX}.{tier}.{member}"
+
 
 # JetStream objects. Stream and consumer definitions are owned by hapki.runtime.bus.
 SIGNING_STREAM = "PKI_SIGNING"
 SIGNING_CONSUMER = "cara-signer"
+HA_EVENTS_STREAM = "PKI_HA_EVENTS"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from aiohttp import web
 from nats.aio.client import Client
 
+from hapki.cara import http
 from hapki.cara.config import CaraConfig
+from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.runtime import bus
@@ -18,6 +23,7 @@ from hapki.runtime.db import Database
 from hapki.runtime.faults import FailPoints
 from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 from hapki.runtime.migrate import migrate
+from hapki.runtime.netlink import VipOwnership
 
 log = logging.getLogger("hapki.cara")
 
@@ -44,6 +50,9 @@ class CaraRuntime:
         self.nc: Client | None = None
         self.hsm: HSMPool | None = None
         self.signer: Signer | None = None
+        self.role: RoleSupervisor | None = None
+        self._role_task: asyncio.Task[None] | None = None
+        self.http: web.AppRunner | None = None
 
     async def open(self) -> None:
         """Connect everything; the signer stays passive until start()."""
@@ -61,14 +70,29 @@ class CaraRuntime:
             nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=self._clock, faults=FailPoints(),
         )
+        if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
+            probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
+            self.http = await http.serve(http.build_app(probe), cfg.http_listen)
 
     async def start(self) -> int:
+        """Open, then sign: always (no VIP configured: returns the epoch) or only while holding the VIP (0)."""
         if self.signer is None:
             await self.open()
         assert self.signer is not None
-        return await self.signer.start()
+        if self.config.vip is None:
+            return await self.signer.start()
+        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signer, poll_seconds=self.config.vip_poll_seconds)
+        await self.role.step()
+        self._role_task = asyncio.create_task(self.role.run())
+        return self.signer.epoch or 0
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.cleanup()
+        if self._role_task is not None:
+            self._role_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._role_task
         if self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:

@@ -8,9 +8,11 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from aiohttp import web
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 
+from hapki.clm import http
 from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
@@ -22,6 +24,7 @@ from hapki.runtime import bus
 from hapki.runtime.clock import utcnow
 from hapki.runtime.db import Database
 from hapki.runtime.migrate import migrate
+from hapki.runtime.netlink import VipOwnership
 
 log = logging.getLogger("hapki.clm")
 
@@ -37,6 +40,7 @@ class ClmRuntime:
         self.broker: NatsBroker | None = None
         self.service: ClmService | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.http: web.AppRunner | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -55,18 +59,30 @@ class ClmRuntime:
                                    log_level=logging.DEBUG)
         await self.broker.start()
         self._sweeper = asyncio.create_task(self._sweep())
+        if cfg.http_listen:
+            self.http = await http.serve(http.build_app(self.service, member=cfg.member), cfg.http_listen)
         log.info("clm %s serving on %s", cfg.member, ", ".join(cfg.nats.servers))
 
     async def _sweep(self) -> None:
+        """The outbox sweep: a scheduler, so only the CLM VIP holder runs it (every member when no VIP is set)."""
         assert self.service is not None
-        while True:
-            await asyncio.sleep(self.config.republish_interval_seconds)
-            try:
-                await self.service.republish_stale(timedelta(seconds=self.config.republish_after_seconds))
-            except HapkiError as exc:
-                log.warning("outbox sweep failed: %s", exc)
+        vip = VipOwnership(self.config.vip) if self.config.vip else None
+        try:
+            while True:
+                await asyncio.sleep(self.config.republish_interval_seconds)
+                if vip is not None and not vip.holds():
+                    continue
+                try:
+                    await self.service.republish_stale(timedelta(seconds=self.config.republish_after_seconds))
+                except HapkiError as exc:
+                    log.warning("outbox sweep failed: %s", exc)
+        finally:
+            if vip is not None:
+                vip.close()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.cleanup()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -40,6 +40,19 @@ def signing_stream(replicas: int) -> StreamConfig:
     )
 
 
+def ha_events_stream(replicas: int) -> StreamConfig:
+    """Failover history: every watcher's role changes, kept for a month."""
+    return StreamConfig(
+        name=subjects.HA_EVENTS_STREAM,
+        subjects=[f"{subjects.HA_EVENTS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=30 * 86400.0,
+        max_msgs=100_000,
+    )
+
+
 def signing_consumer() -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.SIGNING_CONSUMER,
@@ -87,6 +100,10 @@ async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
     except NotFoundError:
         await js.add_stream(wanted)
         log.info("created stream %s (replicas=%d)", wanted.name, wanted.num_replicas)
+    try:
+        await js.stream_info(subjects.HA_EVENTS_STREAM)
+    except NotFoundError:
+        await js.add_stream(ha_events_stream(config.stream_replicas))
     try:
         await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)
     except NotFoundError:

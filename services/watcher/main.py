@@ -1,40 +1,47 @@
-"""The watcher: turns this member's floating-IP ownership, as the kernel reports it, into events and spans.
+"""The watcher: turns this member's role, as the kernel and its local service report it, into HA events.
 
-Polls a netlink address dump (microseconds each) and publishes `pki.v1.ha.ownership_changed` on every change.
-The HA lab (next) adds the signer/scheduler activation that follows these changes.
+Every `poll_seconds` it reads VIP ownership from the kernel (netlink address dump, microseconds); every
+`health_poll_seconds` (and at once after a VIP change) it reads the local service's /health. A change of role
+(active / passive / fault) or of the epoch is published on `pki.v1.ha.events.<tier>.<member>` into the
+PKI_HA_EVENTS stream, with a span `watcher.role_changed`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
+import aiohttp
 from nats.aio.client import Client
 from opentelemetry import trace
 from pydantic import Field
 
 from hapki.contracts import subjects
-from hapki.contracts.models import OwnershipChanged
+from hapki.contracts.models import HAEvent, HARole
 from hapki.runtime import bus, telemetry
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import NatsConfig, StrictModel
-from hapki.watcher.netlink import AddressDump
+from hapki.runtime.netlink import AddressDump
 
 log = logging.getLogger("hapki.watcher")
 tracer = trace.get_tracer("hapki.watcher")
 
 
 class WatcherConfig(StrictModel):
-    """One watcher: which member, which tier's floating IP."""
+    """One watcher: which member, which tier's floating IP, which local service."""
 
     member: str = Field(description="Member name, e.g. cara-1")
     tier: str = Field(description="cara or clm")
     vip: str = Field(description="The tier's floating IP address")
+    health_url: str | None = Field(default=None, description="The local service's health URL; None: VIP only")
     poll_seconds: float = Field(default=0.05, gt=0, le=5, description="Kernel poll interval, seconds")
+    health_poll_seconds: float = Field(default=0.5, gt=0, le=30, description="Health poll interval, seconds")
     nats: NatsConfig
 
 
@@ -42,30 +49,64 @@ class AddressSource(Protocol):
     def addresses(self) -> set[str]: ...
 
 
+HealthSource = Callable[[], Awaitable[dict[str, Any] | None]]  # None: the service did not answer
+
+
+def role_of(holds_vip: bool, health: dict[str, Any] | None, health_checked: bool) -> HARole:
+    """Fault when the service is unreachable or says it cannot serve; else active exactly with the VIP."""
+    if health_checked and (health is None or health.get("status") not in (None, "ok")):
+        return HARole.FAULT
+    return HARole.ACTIVE if holds_vip else HARole.PASSIVE
+
+
 class Watcher:
-    """Emits an OwnershipChanged event whenever `vip in source.addresses()` flips (and once at start)."""
+    """Emits an HAEvent when the role or the epoch changes (and once at start)."""
 
-    def __init__(self, config: WatcherConfig, source: AddressSource, publish: Callable[[OwnershipChanged], object],
-                 clock: Callable[[], datetime] = utcnow) -> None:
-        self._config, self._source, self._publish, self._clock = config, source, publish, clock
+    def __init__(self, config: WatcherConfig, source: AddressSource, publish: Callable[[HAEvent], Awaitable[None]],
+                 health: HealthSource | None = None, clock: Callable[[], datetime] = utcnow) -> None:
+        self._config, self._source, self._publish, self._health, self._clock = config, source, publish, health, clock
         self.holds_vip: bool | None = None
+        self._last: tuple[HARole, int | None] | None = None
+        self._health_report: dict[str, Any] | None = None
+        self._health_at = float("-inf")
 
-    async def poll_once(self) -> OwnershipChanged | None:
+    async def poll_once(self, now: float | None = None) -> HAEvent | None:
+        now = time.monotonic() if now is None else now
         holds = self._config.vip in self._source.addresses()
-        if holds == self.holds_vip:
-            return None
+        vip_changed = holds != self.holds_vip
         self.holds_vip = holds
-        event = OwnershipChanged(tier=self._config.tier, member=self._config.member, vip=self._config.vip,
-                                 holds_vip=holds, observed_at=self._clock())
-        with tracer.start_as_current_span("watcher.ownership_changed") as span:
+        if self._health is not None and (vip_changed or now - self._health_at >= self._config.health_poll_seconds):
+            self._health_report = await self._health()
+            self._health_at = now
+        role = role_of(holds, self._health_report, self._health is not None)
+        epoch = (self._health_report or {}).get("epoch")
+        if self._last == (role, epoch):
+            return None
+        reason = self._reason(vip_changed, holds, role, epoch)
+        self._last = (role, epoch)
+        event = HAEvent(tier=self._config.tier, member=self._config.member, vip=self._config.vip, role=role,
+                        holds_vip=holds, epoch=epoch, observed_at=self._clock(), reason=reason,
+                        health=self._health_report or {})
+        with tracer.start_as_current_span("watcher.role_changed") as span:
             span.set_attribute("pki.tier", event.tier)
             span.set_attribute("pki.member", event.member)
-            span.set_attribute("pki.holds_vip", holds)
-            log.info("%s %s the %s VIP %s", event.member, "holds" if holds else "released", event.tier, event.vip)
-            result = self._publish(event)
-            if asyncio.iscoroutine(result):
-                await result
+            span.set_attribute("pki.role", event.role.value)
+            if epoch is not None:
+                span.set_attribute("pki.epoch", epoch)
+            log.info("%s is %s (%s)", event.member, event.role.value, reason)
+            await self._publish(event)
         return event
+
+    def _reason(self, vip_changed: bool, holds: bool, role: HARole, epoch: int | None) -> str:
+        if self._last is None:
+            return "watcher started"
+        if role is HARole.FAULT:
+            return "service unreachable or unhealthy"
+        if vip_changed:
+            return "vip gained" if holds else "vip lost"
+        if self._last[0] is HARole.FAULT:
+            return "service recovered"
+        return f"epoch changed to {epoch}"
 
 
 class WatcherRuntime:
@@ -74,21 +115,43 @@ class WatcherRuntime:
         self._nc: Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._dump: AddressDump | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._nc = await bus.connect(self.config.nats, name=f"hapki-watcher-{self.config.member}")
+        js = self._nc.jetstream()
+        await bus.ensure_topology(js, self.config.nats)
         self._dump = AddressDump()
-        nc = self._nc
 
-        async def publish(event: OwnershipChanged) -> None:
-            await nc.publish(subjects.HA_OWNERSHIP_CHANGED, event.model_dump_json().encode(), headers=telemetry.inject())
+        async def publish(event: HAEvent) -> None:
+            subject = subjects.ha_events(event.tier, event.member)
+            await js.publish(subject, event.model_dump_json().encode(), headers=telemetry.inject(), timeout=2.0)
 
-        watcher = Watcher(self.config, self._dump, publish)
+        health: HealthSource | None = None
+        if self.config.health_url:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+            health = self._fetch_health
+        watcher = Watcher(self.config, self._dump, publish, health)
         self._task = asyncio.create_task(self._loop(watcher))
+
+    async def _fetch_health(self) -> dict[str, Any] | None:
+        assert self._http is not None and self.config.health_url is not None
+        try:
+            async with self._http.get(self.config.health_url) as response:
+                report = json.loads(await response.text())
+                if response.status != 200:
+                    report["status"] = report.get("status") or f"http {response.status}"
+                return report
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("health of %s unreachable: %s", self.config.member, exc)
+            return None
 
     async def _loop(self, watcher: Watcher) -> None:
         while True:
-            await watcher.poll_once()
+            try:
+                await watcher.poll_once()
+            except Exception:  # a failed publish (bus failing over) must not end the watcher: log and go on
+                log.exception("watcher poll failed")
             await asyncio.sleep(self.config.poll_seconds)
 
     async def stop(self) -> None:
@@ -96,6 +159,8 @@ class WatcherRuntime:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._http is not None:
+            await self._http.close()
         if self._dump is not None:
             self._dump.close()
         if self._nc is not None:

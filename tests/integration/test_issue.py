@@ -133,29 +133,27 @@ async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(en
     assert await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (request_id,)) == []
 
 
-async def test_watcher_reports_vip_ownership_from_the_kernel(env, span_exporter) -> None:
-    """`hapki serve watcher` in-process: a VIP this host holds (loopback here) gives a holds_vip=True event."""
+async def test_watcher_records_role_changes_in_the_ha_stream(env, span_exporter) -> None:
+    """`hapki serve watcher` in-process: a VIP this host holds (loopback here) -> an `active` event, kept in JetStream."""
     import nats
 
     from hapki.contracts import subjects
-    from hapki.contracts.models import OwnershipChanged
+    from hapki.contracts.models import HAEvent, HARole
     from hapki.watcher.main import WatcherConfig, WatcherRuntime
 
-    nc = await nats.connect(env.nats.url)
-    got: asyncio.Queue = asyncio.Queue()
-
-    async def collect(msg) -> None:
-        got.put_nowait(msg)
-
-    await nc.subscribe(subjects.HA_OWNERSHIP_CHANGED, cb=collect)
     runtime = WatcherRuntime(WatcherConfig(member="cara-1", tier="cara", vip="127.0.0.1",
                                            nats=stack.nats_config(env)))
     await runtime.start()
+    nc = await nats.connect(env.nats.url)
     try:
-        msg = await asyncio.wait_for(got.get(), timeout=5)
-        event = OwnershipChanged.model_validate_json(msg.data)
-        assert (event.member, event.tier, event.holds_vip) == ("cara-1", "cara", True)
+        js = nc.jetstream()
+        sub = await js.subscribe(subjects.ha_events("cara", "cara-1"), ordered_consumer=True)
+        msg = await sub.next_msg(timeout=5)
+        event = HAEvent.model_validate_json(msg.data)
+        assert (event.member, event.tier, event.role, event.holds_vip) == ("cara-1", "cara", HARole.ACTIVE, True)
         assert "traceparent" in (msg.headers or {})
+        info = await js.stream_info(subjects.HA_EVENTS_STREAM)
+        assert info.state.messages >= 1  # history survives the watcher
     finally:
         await runtime.stop()
         await nc.close()

@@ -1,15 +1,16 @@
-"""The watcher reports VIP ownership flips (and the first observation), read from the kernel via netlink."""
+"""The watcher reports role changes (VIP from the kernel, health from the local service), nothing else."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from hapki.contracts.models import OwnershipChanged
+from hapki.contracts.models import HAEvent, HARole
 from hapki.runtime.config import NatsConfig
+from hapki.runtime.netlink import AddressDump
 from hapki.watcher.main import Watcher, WatcherConfig
-from hapki.watcher.netlink import AddressDump
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+VIP = "10.213.2.100"
 
 
 class FakeAddresses:
@@ -20,19 +21,51 @@ class FakeAddresses:
         return set(self.current)
 
 
-async def test_events_on_first_observation_and_on_every_flip_only() -> None:
+def _watcher(source, events, health=None) -> Watcher:
+    config = WatcherConfig(member="cara-1", tier="cara", vip=VIP, health_poll_seconds=0.5,
+                           nats=NatsConfig(servers=["nats://x:1"]))
+
+    async def publish(event: HAEvent) -> None:
+        events.append(event)
+
+    return Watcher(config, source, publish, health, clock=lambda: T0)
+
+
+async def test_events_on_first_observation_and_on_every_vip_flip_only() -> None:
     source, events = FakeAddresses(), []
-    config = WatcherConfig(member="cara-1", tier="cara", vip="10.20.0.100", nats=NatsConfig(servers=["nats://x:1"]))
-    watcher = Watcher(config, source, events.append, clock=lambda: T0)
+    watcher = _watcher(source, events)
     await watcher.poll_once()
     await watcher.poll_once()
-    source.current = {"10.20.0.100", "10.20.0.1"}
+    source.current = {VIP, "10.213.2.11"}
     await watcher.poll_once()
     await watcher.poll_once()
-    source.current = {"10.20.0.1"}
+    source.current = {"10.213.2.11"}
     await watcher.poll_once()
-    assert [e.holds_vip for e in events] == [False, True, False]
-    assert all(isinstance(e, OwnershipChanged) and e.member == "cara-1" and e.observed_at == T0 for e in events)
+    assert [(e.role, e.reason) for e in events] == [
+        (HARole.PASSIVE, "watcher started"), (HARole.ACTIVE, "vip gained"), (HARole.PASSIVE, "vip lost")]
+    assert all(e.member == "cara-1" and e.observed_at == T0 for e in events)
+
+
+async def test_health_turns_into_fault_recovery_and_epoch_events() -> None:
+    source, events = FakeAddresses(), []
+    report: list[dict | None] = [{"status": "ok", "active": True, "epoch": 4}]
+
+    async def health():
+        return report[0]
+
+    watcher = _watcher(source, events, health)
+    source.current = {VIP}
+    await watcher.poll_once(now=0.0)
+    report[0] = None  # the service died
+    await watcher.poll_once(now=0.1)  # not polled yet: health is polled every 0.5 s
+    await watcher.poll_once(now=0.6)
+    report[0] = {"status": "ok", "active": True, "epoch": 5}
+    await watcher.poll_once(now=1.2)
+    assert [(e.role, e.epoch, e.reason) for e in events] == [
+        (HARole.ACTIVE, 4, "watcher started"),
+        (HARole.FAULT, None, "service unreachable or unhealthy"),
+        (HARole.ACTIVE, 5, "service recovered"),
+    ]
 
 
 def test_netlink_dump_sees_the_kernels_loopback_address() -> None:

@@ -72,3 +72,17 @@ def _parse_addr(payload: bytes) -> set[str]:
                 result.add(str(ipaddress.IPv6Address(value)))
         offset += (length + 3) & ~3
     return result
+
+
+class VipOwnership:
+    """`holds()` answers "does this host (network namespace) hold the floating IP now?" from the kernel."""
+
+    def __init__(self, vip: str, dump: AddressDump | None = None) -> None:
+        self.vip = str(ipaddress.ip_address(vip))
+        self._dump = dump or AddressDump()
+
+    def holds(self) -> bool:
+        return self.vip in self._dump.addresses()
+
+    def close(self) -> None:
+        self._dump.close()

@@ -1,0 +1,84 @@
+"""Active only with the VIP: turns the kernel's view of the CARA floating IP into signer start/stop.
+
+Gaining the VIP: start the signer (it bumps the epoch by compare-and-set, resolves stale intents, pulls).
+Losing it: stop the signer (no more fetches; what is unprocessed goes back to the stream for the new active).
+Fenced while still holding the VIP (split brain: the other member bumped the epoch): step down, then try again
+after a back-off, so two members that both hold the VIP take turns instead of fencing each other in a tight loop;
+whoever holds the current epoch is the only one that can commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from hapki.contracts.errors import HapkiError
+
+log = logging.getLogger("hapki.cara.role")
+
+
+class Ownership(Protocol):
+    def holds(self) -> bool: ...
+
+
+class Activatable(Protocol):
+    fenced: asyncio.Event
+
+    @property
+    def active(self) -> bool: ...
+
+    async def start(self) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+class RoleSupervisor:
+    """Polls VIP ownership and keeps the signer's state in line with it."""
+
+    def __init__(
+        self,
+        ownership: Ownership,
+        signer: Activatable,
+        *,
+        poll_seconds: float,
+        fenced_backoff_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ownership, self._signer = ownership, signer
+        self._poll, self._backoff, self._clock = poll_seconds, fenced_backoff_seconds, clock
+        self._retry_at = 0.0
+        self.transitions: list[tuple[float, str]] = []  # (monotonic time, what happened), for health and tests
+
+    async def step(self) -> None:
+        """One observation and at most one transition."""
+        holds = self._ownership.holds()
+        active = self._signer.active
+        if holds and not active:
+            if self._signer.fenced.is_set() and self._retry_at == 0.0:
+                self._retry_at = self._clock() + self._backoff
+                self._note("fenced: stepped down")
+            if self._clock() < self._retry_at:
+                return
+            try:
+                epoch = await self._signer.start()
+            except HapkiError as exc:  # database or bus not ready: try again at the next poll
+                log.warning("could not become active: %s", exc)
+                return
+            self._retry_at = 0.0
+            self._note(f"active at epoch {epoch}")
+        elif not holds and active:
+            await self._signer.stop()
+            self._retry_at = 0.0
+            self._note("passive: VIP lost")
+
+    async def run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self._poll)
+
+    def _note(self, what: str) -> None:
+        log.info("role: %s", what)
+        self.transitions.append((self._clock(), what))

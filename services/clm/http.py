@@ -1,0 +1,162 @@
+"""The CLM REST edge: the NATS API over HTTP (aiohttp), for clients behind haproxy on the CLM floating IP.
+
+Same contract models as JSON bodies, same ClmService methods as the NATS edge in app.py. Errors are the
+contract's `{"error": {...}}` bodies from hapki.runtime.edge; only the HTTP status is decided here, from the
+error code, in STATUS_BY_CODE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import propagate, trace
+from pydantic import BaseModel
+
+from hapki.clm.service import ClmService
+from hapki.contracts.errors import ErrorCode, MalformedMessage, MessageTooLarge, NotFound
+from hapki.contracts.models import (
+    MAX_REQUEST_BYTES,
+    CertificateQuery,
+    IssueCertificate,
+    RequestStatus,
+    StatusQuery,
+)
+from hapki.runtime.edge import error_reply
+
+log = logging.getLogger("hapki.clm.http")
+tracer = trace.get_tracer("hapki.clm.http")
+
+# HTTP status of a reply carrying an error, by its code. Syntax and schema failures are 400; a well-formed
+# request whose content policy refuses (CSR, key, names, profile) is 422 (RFC 9110 15.5.21: syntax right,
+# instructions not processable), so a client tells "my code is broken" from "this request is not allowed".
+# FORBIDDEN_NAME is not 403 (the caller is not unauthorised; authentication will own 401/403) and
+# UNKNOWN_PROFILE is not 404 (the resource /v1/issue exists).
+STATUS_BY_CODE: dict[ErrorCode, int] = {
+    ErrorCode.MALFORMED_MESSAGE: 400,
+    ErrorCode.MESSAGE_TOO_LARGE: 413,
+    ErrorCode.MALFORMED_CSR: 422,
+    ErrorCode.BAD_CSR_SIGNATURE: 422,
+    ErrorCode.KEY_POLICY_VIOLATION: 422,
+    ErrorCode.INVALID_NAME: 422,
+    ErrorCode.FORBIDDEN_NAME: 422,
+    ErrorCode.UNKNOWN_PROFILE: 422,
+    ErrorCode.IDEMPOTENCY_CONFLICT: 409,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.SIGNING_REJECTED: 422,
+    ErrorCode.INTERNAL: 500,
+}
+# Sent with 503: CLM's own retries (database failover, outbox sweep) usually settle within a second or two.
+RETRY_AFTER_SECONDS = 1
+JSON_TYPES = ("application/json",)
+# Routes not traced: haproxy polls them every few seconds.
+UNTRACED = frozenset({"/health"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(service: ClmService, *, member: str) -> web.Application:
+    """The aiohttp application with CLM's routes bound to `service`."""
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_edge])
+
+    async def issue(request: web.Request) -> web.Response:
+        """POST /v1/issue: IssueCertificate -> IssueReply (200 issued, 202 pending, the error's status if failed)."""
+        reply = await service.issue(IssueCertificate.model_validate_json(await _read_json(request)))
+        if reply.error is not None:
+            return _reply(reply, STATUS_BY_CODE[reply.error.code])
+        if reply.status is RequestStatus.PENDING:
+            return _reply(reply, 202, headers={"Location": f"/v1/requests/{reply.request_id}"})
+        return _reply(reply, 200)
+
+    async def status(request: web.Request) -> web.Response:
+        """GET /v1/requests/{request_id}: IssueReply, 200 whatever the request's state (a failed one included)."""
+        return _reply(await service.status(StatusQuery(request_id=request.match_info["request_id"])), 200)
+
+    async def certificate(request: web.Request) -> web.Response:
+        """GET /v1/certificates/{serial}: CertificateReply."""
+        return _reply(await service.certificate(CertificateQuery(serial=request.match_info["serial"])), 200)
+
+    async def health(request: web.Request) -> web.Response:
+        """GET /health: this member's process answers (haproxy's liveness check)."""
+        return web.json_response({"member": member, "status": "ok"})
+
+    app.router.add_post("/v1/issue", issue)
+    app.router.add_get("/v1/requests/{request_id}", status)
+    app.router.add_get("/v1/certificates/{serial}", certificate)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def serve(app: web.Application, listen: str) -> web.AppRunner:
+    """Bind `app` to "host:port" (port 0: any free port, see runner.addresses); `await runner.cleanup()` stops it."""
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host.strip("[]") or None, int(port)).start()
+    return runner
+
+
+@web.middleware
+async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One server span per request (parent from the W3C traceparent header) and the error mapping."""
+    if request.path in UNTRACED:
+        return await _respond(request, handler)
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "(unmatched)"
+    with tracer.start_as_current_span(
+        f"{request.method} {template}", context=propagate.extract(request.headers), kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "http.route": template, "url.path": request.path},
+    ) as span:
+        response = await _respond(request, handler)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(trace.StatusCode.ERROR, f"HTTP {response.status}")
+        return response
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (no such route, wrong method): the contract's body, aiohttp's status and headers.
+        refused = NotFound(f"no route {request.path}") if exc.status == 404 else MalformedMessage(
+            f"{request.method} {request.path}: {exc.reason}")
+        return web.json_response(error_reply(refused), status=exc.status, headers=_allow(exc))
+    except Exception as exc:  # every other failure: the one mapping in hapki.runtime.edge
+        body = error_reply(exc)
+        code = ErrorCode(body["error"]["code"])
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code is ErrorCode.UNAVAILABLE else None
+        trace.get_current_span().set_attribute("pki.error_code", code.value)
+        return web.json_response(body, status=STATUS_BY_CODE[code], headers=headers)
+
+
+async def _read_json(request: web.Request) -> bytes:
+    """The raw JSON body, refused unread when over MAX_REQUEST_BYTES or not declared as JSON."""
+    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+        raise _too_large(request.content_length)
+    if request.content_type not in JSON_TYPES:
+        raise MalformedMessage(f"Content-Type must be application/json, not {request.content_type}",
+                               {"content_type": request.content_type})
+    try:
+        return await request.read()  # aiohttp stops at client_max_size (chunked bodies have no length up front)
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None) from None
+
+
+def _too_large(size: int | None) -> MessageTooLarge:
+    shown = f"{size} bytes" if size is not None else "larger than the limit"
+    details: dict[str, Any] = {"limit": MAX_REQUEST_BYTES} | ({"size": size} if size is not None else {})
+    return MessageTooLarge(f"request is {shown}; the limit is {MAX_REQUEST_BYTES}", details)
+
+
+def _reply(model: BaseModel, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str] | None:
+    return {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+
