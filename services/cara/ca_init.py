@@ -1,12 +1,14 @@
 """CA key ceremony: a P-384 root and a P-256 issuing CA, both keys generated inside the HSM.
 
 Time is passed in; nothing here reads the clock. Both certificates are signed through the HSM (the private keys
-never exist outside it) and are checked against each other before being returned.
+never exist outside it) and are checked against each other before being returned. With two or more HSM members
+each key is generated once and replicated to the others (hapki.runtime.hsm_replication), so any member can sign.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -16,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from hapki.cara import issuance
-from hapki.runtime.hsm import HSMPool, HSMPrivateKey
+from hapki.runtime.hsm import HSMMemberConfig, HSMPool, HSMPrivateKey
+from hapki.runtime.hsm_replication import generate_replicated_ec_key
 
 ROOT_CURVE = ec.SECP384R1()
 ISSUING_CURVE = ec.SECP256R1()
@@ -42,14 +45,21 @@ def create_hierarchy(
     issuing_name: str = "hapki Issuing CA 1",
     org: str = "hapki",
     now: datetime,
+    replicate_across: Sequence[HSMMemberConfig] = (),
 ) -> CAHierarchy:
-    """Generate both CA keys in the HSM and return the self-signed root and the root-signed issuing CA."""
+    """Generate both CA keys in the HSM and return the self-signed root and the root-signed issuing CA.
+
+    `replicate_across`: the HSM members that must all hold the CA keys, source first (normally the pool's own
+    members, in order). With two or more, each key is generated in the first and copied to the others under the
+    cluster KEK, which `hsm_replication.provision_kek` must have put in place (before the pool logged in); every
+    member must be up. Empty (or one member): the pool generates each key in its first usable member.
+    """
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)  # X.509 times have second precision; keep the returned values exact
 
     # Step 1: the root key, then its self-signed certificate.
-    root_key = _generate_key(pool, "root", ROOT_CURVE)
+    root_key = _generate_key(pool, replicate_across, "root", ROOT_CURVE)
     root_subject = _name(org, root_name)
     root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
     root_cert = (
@@ -67,7 +77,7 @@ def create_hierarchy(
     )
 
     # Step 2: the issuing key, certified by the root key (in the HSM). pathlen 0: it issues end entities only.
-    issuing_key = _generate_key(pool, "issuing", ISSUING_CURVE)
+    issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
     issuing_cert = (
         x509.CertificateBuilder()
         .subject_name(_name(org, issuing_name))
@@ -95,9 +105,14 @@ def create_hierarchy(
     )
 
 
-def _generate_key(pool: HSMPool, role: str, curve: ec.EllipticCurve) -> HSMPrivateKey:
+def _generate_key(pool: HSMPool, members: Sequence[HSMMemberConfig], role: str,
+                  curve: ec.EllipticCurve) -> HSMPrivateKey:
     key_id = secrets.token_bytes(16)
-    public_key = pool.generate_ec_key(f"hapki-{role}-{key_id.hex()}", key_id, curve)
+    label = f"hapki-{role}-{key_id.hex()}"
+    if len(members) > 1:
+        public_key = generate_replicated_ec_key(members, label, key_id, curve)
+    else:
+        public_key = pool.generate_ec_key(label, key_id, curve)
     return HSMPrivateKey(pool, key_id, public_key)
 
 

@@ -74,15 +74,6 @@ def build_app(probe: HealthProbe) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, listen: str) -> web.AppRunner:
-    """Bind `app` to "host:port" (port 0: any free port, see runner.addresses); `await runner.cleanup()` stops it."""
-    host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host.strip("[]") or None, int(port)).start()
-    return runner
-
-
 def _unsampled() -> context.Context:
     """A context whose parent span is valid but not sampled: the default ParentBased sampler drops its children."""
     parent = trace.SpanContext(

@@ -22,6 +22,7 @@ from hapki.runtime.config import HSMConfig
 from hapki.runtime.db import Database
 from hapki.runtime.faults import FailPoints
 from hapki.runtime.hsm import HSMMemberConfig, HSMPool
+from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
 
@@ -72,7 +73,7 @@ class CaraRuntime:
         )
         if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
             probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
-            self.http = await http.serve(http.build_app(probe), cfg.http_listen)
+            self.http = await serve(http.build_app(probe), cfg.http_listen)
 
     async def start(self) -> int:
         """Open, then sign: always (no VIP configured: returns the epoch) or only while holding the VIP (0)."""

@@ -90,15 +90,6 @@ def build_app(service: ClmService, *, member: str) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, listen: str) -> web.AppRunner:
-    """Bind `app` to "host:port" (port 0: any free port, see runner.addresses); `await runner.cleanup()` stops it."""
-    host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host.strip("[]") or None, int(port)).start()
-    return runner
-
-
 @web.middleware
 async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One server span per request (parent from the W3C traceparent header) and the error mapping."""

@@ -23,6 +23,7 @@ from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus
 from hapki.runtime.clock import utcnow
 from hapki.runtime.db import Database
+from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
 
@@ -60,7 +61,7 @@ class ClmRuntime:
         await self.broker.start()
         self._sweeper = asyncio.create_task(self._sweep())
         if cfg.http_listen:
-            self.http = await http.serve(http.build_app(self.service, member=cfg.member), cfg.http_listen)
+            self.http = await serve(http.build_app(self.service, member=cfg.member), cfg.http_listen)
         log.info("clm %s serving on %s", cfg.member, ", ".join(cfg.nats.servers))
 
     async def _sweep(self) -> None:
