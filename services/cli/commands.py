@@ -75,8 +75,32 @@ async def ca_init(args: argparse.Namespace) -> int:
             return 0
         except NotFound:
             pass
+        # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
+        # each token imports first, before the pool logs in as user (SO and user cannot share a login).
+        # The SO PIN is a ceremony-time secret, not CARA runtime config: it sits beside the user PIN file as
+        # <name>.so-pin (how hapki.lab.local.SoftHSM writes them).
+        from hapki.runtime.hsm import HSMMemberConfig
+        from hapki.runtime.hsm_replication import provision_kek
+
+        members = [
+            HSMMemberConfig(name=m.name, module_path=str(m.module_path), token_label=m.token_label,
+                            pin_file=m.pin_file, softhsm_conf=m.softhsm_conf)
+            for m in cfg.hsm.members
+        ]
+        replicate_across: list[HSMMemberConfig] = []
+        if len(members) > 1:
+            so_pin_files = {m.name: m.pin_file.with_name(m.pin_file.name.removesuffix(".pin") + ".so-pin")
+                            for m in members}
+            missing = [str(path) for path in so_pin_files.values() if not path.exists()]
+            if missing:
+                print(f"{len(members)} HSM members need their SO PIN files to replicate the CA keys; missing: "
+                      f"{', '.join(missing)}", file=sys.stderr)
+                return 2
+            await asyncio.to_thread(provision_kek, members, so_pin_files)
+            replicate_across = members
         with hsm_pool(cfg.hsm) as pool:
-            hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow())
+            hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow(),
+                                                replicate_across=replicate_across)
         pem = serialization.Encoding.PEM
         issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
         root_pem = hierarchy.root_cert.public_bytes(pem).decode()
