@@ -1,0 +1,212 @@
+"""Integration tests of hapki.lab.data: a real 3-node Galera cluster and a real 3-node NATS JetStream cluster.
+
+They run on loopback addresses of the host (all of 127.0.0.0/8 is on lo), so they need no lab network; one test
+runs a Galera node inside a real network namespace to prove that path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomysql
+import nats
+import pytest
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger(__name__)
+
+DB_ADDRESSES = ["127.0.1.21", "127.0.1.22", "127.0.1.23"]
+NATS_ADDRESSES = ["127.0.1.31", "127.0.1.32", "127.0.1.33"]
+NETNS = "hapki-test-data"
+
+
+@pytest.fixture(scope="module")
+def galera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GaleraCluster]:
+    base = tmp_path_factory.mktemp("galera")
+    nodes = [GaleraNode(base, f"db-{i}", address, DB_ADDRESSES) for i, address in enumerate(DB_ADDRESSES, 1)]
+    cluster = GaleraCluster(base, nodes)
+    cluster.start()
+    log.info("galera: 3 nodes Synced in %.1f s", cluster.started_in)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            cluster.kill()  # no-op after a clean stop
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    base = tmp_path_factory.mktemp("nats")
+    routes = [f"{address}:6222" for address in NATS_ADDRESSES]
+    nodes = [NatsClusterNode(base, f"nats-{i}", address, routes) for i, address in enumerate(NATS_ADDRESSES, 1)]
+    cluster = NatsCluster(base, nodes)
+    cluster.start()
+    log.info("nats: 3 nodes with a meta leader in %.1f s", cluster.started_in)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Galera
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_galera_cluster_of_three_is_synced(galera: GaleraCluster) -> None:
+    status = galera.status()
+    assert set(status) == {"db-1", "db-2", "db-3"}
+    for name, st in status.items():
+        assert st["up"], name
+        assert st["wsrep_cluster_size"] == 3, (name, st)
+        assert st["wsrep_local_state_comment"] == "Synced", (name, st)
+        assert st["wsrep_cluster_status"] == "Primary", (name, st)
+        assert st["wsrep_ready"] == "ON", (name, st)
+    # Joiners got their data by a full SST (they started empty); the bootstrap node by none.
+    assert [n.joined_by() for n in galera.nodes] == [None, "SST", "SST"]
+
+
+async def test_app_users_log_in_over_tcp_on_any_node(galera: GaleraCluster) -> None:
+    for user, node in zip(GaleraCluster.users, galera.nodes[::-1]):
+        path = galera.password_file(user)
+        assert path.stat().st_mode & 0o777 == 0o600
+        conn = await aiomysql.connect(host=node.address, port=node.port, user=user, password=galera.password(user),
+                                      db="hapki", connect_timeout=5)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT CURRENT_USER()")
+                assert await cur.fetchone() == (f"{user}@%",)
+        finally:
+            conn.close()
+
+
+def test_write_on_node_1_is_read_on_node_3(galera: GaleraCluster) -> None:
+    first, _, third = galera.nodes
+    first.sql("CREATE TABLE IF NOT EXISTS hapki.lab_rw (id INT PRIMARY KEY, v VARCHAR(20));"
+              "REPLACE INTO hapki.lab_rw VALUES (1, 'from db-1');")
+    # wsrep_sync_wait=1: the read waits until node 3 has applied everything committed before it (read-your-writes).
+    assert third.sql("SET SESSION wsrep_sync_wait=1; SELECT v FROM hapki.lab_rw WHERE id=1").strip() == "from db-1"
+
+
+def test_killed_node_rejoins_by_ist_at_its_recovered_position(galera: GaleraCluster) -> None:
+    first, second, _ = galera.nodes
+    first.sql("CREATE TABLE IF NOT EXISTS hapki.lab_crash (id INT PRIMARY KEY)")
+    second.kill()
+    assert second.status() == {"up": False}
+    assert second.grastate()["seqno"] == -1  # a crash leaves no position in grastate.dat: --wsrep-recover finds it
+    # The two survivors keep a Primary component and go on committing while db-2 is down.
+    first.sql("INSERT INTO hapki.lab_crash VALUES " + ",".join(f"({i})" for i in range(1, 51)))
+
+    began = time.monotonic()
+    position = second.restart_after_crash()
+    status = second.wait_synced(timeout=60)
+    took = time.monotonic() - began
+    log.info("galera: db-2 back (Synced) %.1f s after restart_after_crash() from %s", took, position)
+
+    assert status["wsrep_cluster_size"] == 3
+    assert second.joined_by() == "IST"  # only the missed writesets, from a donor's gcache; no full SST
+    assert second.sql("SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM hapki.lab_crash").strip() == "50"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NATS JetStream
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def js(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(servers=nats_cluster.urls, connect_timeout=5, reconnect_time_wait=0.2,
+                            max_reconnect_attempts=-1)
+    try:
+        yield nc.jetstream(timeout=5)
+    finally:
+        await nc.close()
+
+
+async def _publish_until_acked(js: JetStreamContext, subject: str, data: bytes, timeout: float) -> tuple[PubAck, float]:
+    """Publish until a PubAck arrives (the stream may be electing a leader); return it and the seconds it took."""
+    began = time.monotonic()
+    deadline = began + timeout
+    while True:
+        try:
+            return await js.publish(subject, data, timeout=1), time.monotonic() - began
+        except (TimeoutError, nats.errors.Error):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def test_nats_cluster_has_a_meta_leader_and_full_routes(nats_cluster: NatsCluster) -> None:
+    status = nats_cluster.status()
+    assert status["meta_leader"] in {"nats-1", "nats-2", "nats-3"}
+    for name, st in status["nodes"].items():
+        assert st["up"] and st["healthy"], (name, st)
+        assert len(st["route_peers"]) == 2, (name, st)
+
+
+async def test_r3_stream_keeps_accepting_publishes_when_its_leader_dies(
+    nats_cluster: NatsCluster, js: JetStreamContext
+) -> None:
+    await js.add_stream(name="LABDATA", subjects=["labdata.>"], num_replicas=3)
+    ack, _ = await _publish_until_acked(js, "labdata.one", b"1", timeout=10)
+    assert (ack.stream, ack.seq) == ("LABDATA", 1)
+    info = await js.stream_info("LABDATA")
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+    leader = next(n for n in nats_cluster.nodes if n.name == info.cluster.leader)
+    leader.kill()
+    ack, pause = await _publish_until_acked(js, "labdata.two", b"2", timeout=20)
+    log.info("nats: publishing resumed %.1f s after the stream leader %s was killed", pause, leader.name)
+    assert (ack.stream, ack.seq) == ("LABDATA", 2)
+    assert pause < 15, pause
+
+    info = await js.stream_info("LABDATA")
+    assert info.cluster is not None and info.cluster.leader not in (None, leader.name)
+    assert info.state.messages == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A node inside a network namespace
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and ip(8)")
+def test_galera_node_runs_inside_a_network_namespace(tmp_path: Path) -> None:
+    # A namespace left by a killed run would make `ip netns add` fail.
+    subprocess.run(["ip", "netns", "delete", NETNS], capture_output=True, timeout=30, check=False)
+    _ip("netns", "add", NETNS)
+    node = GaleraNode(tmp_path, "db-ns", "127.0.0.1", ["127.0.0.1"], netns=NETNS)
+    try:
+        _ip("netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
+        node.start(bootstrap=True)
+        status = node.wait_synced(timeout=60)
+        assert status["wsrep_local_state_comment"] == "Synced"
+        assert status["wsrep_cluster_size"] == 1
+        # The server's 127.0.0.1:3306 is the namespace's own loopback, not the host's.
+        pids = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True, check=True).stdout
+        assert str(node.pid) in pids.split()
+        assert node.sql("SELECT @@bind_address").strip() == "127.0.0.1"
+    finally:
+        try:
+            node.stop()
+        finally:
+            _ip("netns", "delete", NETNS)
