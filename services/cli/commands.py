@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -208,3 +209,29 @@ def bench(args: argparse.Namespace) -> int:
     return run_bench(args.dir, levels=levels, seconds=args.seconds, as_json=args.json)
 
 
+def lab(args: argparse.Namespace) -> int:
+    from hapki.lab.ha import Lab, LabError, format_status, require_root
+
+    try:
+        require_root()
+    except LabError as exc:
+        print(f"hapki lab {args.action}: {exc}", file=sys.stderr)
+        return 2
+    telemetry.setup_logging()
+    the_lab = Lab(args.dir)
+    try:
+        if args.action == "up":
+            timings = the_lab.up(fresh=args.fresh)
+            the_lab.detach()  # the lab outlives this command; `hapki lab down` stops it
+            print(f"lab up in {timings['total']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in timings.items())})")
+            print(format_status(the_lab.status()))
+        elif args.action == "down":
+            the_lab.down()
+            print(f"lab down: no {the_lab.topo.lab.prefix}-* namespace, host link or lab process left")
+        else:
+            status = the_lab.status()
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+    except LabError as exc:
+        print(f"hapki lab {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each level")
     bench.add_argument("--json", action="store_true")
+
+    lab = sub.add_parser("lab", help="the HA lab: the reference topology in network namespaces on this host (root)")
+    lab.add_argument("action", choices=["up", "down", "status"])
+    lab.add_argument("--dir", type=Path, default=Path(".run/lab"), help="working directory of the lab")
+    lab.add_argument("--json", action="store_true", help="status: print JSON")
+    lab.add_argument("--fresh", action="store_true", help="up: wipe the lab's data (databases, tokens, certs) first")
     return p
 
 
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "docs": commands.docs,
         "demo": commands.demo,
         "bench": commands.bench,
+        "lab": commands.lab,
     }[args.command]
     return asyncio.run(handler(args)) if asyncio.iscoroutinefunction(handler) else handler(args)
 

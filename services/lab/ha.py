@@ -1,0 +1,668 @@
+"""The HA lab: the reference topology (compose/topology.toml) in network namespaces on this host (root only).
+
+`Lab(base_dir).up()` builds it, step by step:
+
+1. the network (hapki.lab.network): a namespace per member, one bridge per segment, nftables flows;
+2. at once, in threads: the Galera cluster (db-1..3) and the NATS cluster (nats-1..3) in their namespaces
+   (hapki.lab.data); the two SoftHSM token sets hsm-a and hsm-b; the infrastructure TLS certificates of the
+   two VIPs; per CARA/CLM member its rendered keepalived.conf and haproxy.cfg, and keepalived and haproxy started;
+3. `hapki ca init` on the host with both HSM members (the CA keys are generated once and replicated);
+4. per CARA/CLM member the service (`hapki serve cara|clm`) and its watcher, all at once;
+5. a gate: each VIP on its preferred (highest priority) member, and HTTPS /health through each VIP from the host.
+
+Every process is recorded by PID in `base_dir/state.json` (hapki.lab.cluster), so `down()` stops everything
+from any process, after a failed `up()` too, and then removes the namespaces and the host veth by name. The data
+(Galera datadirs, tokens, certificates) stays in base_dir: a later `up()` restarts on it (`fresh=True` wipes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from hapki.cara.config import CaraConfig
+from hapki.clm.config import ClmConfig
+from hapki.lab import render, stack, tls
+from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
+from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
+from hapki.lab.local import SoftHSM, _tail
+from hapki.lab.network import LabNetwork, NetworkError, list_namespaces, netns_pids
+from hapki.lab.topology import Topology, default
+from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
+from hapki.watcher.main import WatcherConfig
+
+__all__ = ["DEFAULT_DIR", "Lab", "LabBusy", "LabError", "format_status", "require_root"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = Path(".run/lab")
+SERVICE_READY_TIMEOUT = 90.0  # seconds; 8 Python processes start at once on 2 cores
+VIP_TIMEOUT = 10.0
+HTTPS_TIMEOUT = 30.0
+# Stop order of `down()`: callers first, then what they call; Galera last and one node at a time (the first
+# node stops last and is left safe_to_bootstrap, see hapki.lab.data).
+_STOP_WAVES = (("watcher",), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
+
+
+class LabError(RuntimeError):
+    """The lab cannot be built, reached or stopped; the message says which step and why."""
+
+
+class LabBusy(LabError):
+    """Another lab (another base_dir) runs on this host: the names and addresses exist once per host."""
+
+
+def require_root() -> None:
+    """LabError unless this process is root and `ip netns` works."""
+    if os.geteuid() != 0:
+        raise LabError("the HA lab needs root (network namespaces, veth, nftables, keepalived): run as root")
+    if shutil.which("ip") is None:
+        raise LabError("iproute2 (`ip`) is not installed")
+
+
+class Lab:
+    """The HA lab rooted at ``base_dir``; see the module docstring."""
+
+    def __init__(self, base_dir: Path = DEFAULT_DIR, topology: Topology | None = None) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.topo = topology or default()
+        self.net = LabNetwork(self.topo)
+        self.procs = ProcessTable(self.base_dir / "state.json")
+        self.timings: dict[str, float] = {}
+        topo, ports = self.topo, self.topo.ports
+        addr = lambda m: str(topo.address(m))
+        dbs, buses = topo.members_by_role("db"), topo.members_by_role("nats")
+        self.galera = GaleraCluster(self.base_dir, [
+            GaleraNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.galera}" for p in dbs],
+                       netns=topo.namespace(m), port=ports.mariadb, galera_port=ports.galera,
+                       ist_port=ports.ist, sst_port=ports.sst)
+            for m in dbs
+        ])
+        self.nats = NatsCluster(self.base_dir, [
+            NatsClusterNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.nats_cluster}" for p in buses],
+                            netns=topo.namespace(m), client_port=ports.nats_client,
+                            cluster_port=ports.nats_cluster, monitor_port=ports.nats_monitor)
+            for m in buses
+        ])
+        self.hsms = {name: SoftHSM(self.base_dir / "hsm", name) for name in topo.hsm.members}
+        self.tls_dir = self.base_dir / "tls"
+        self.config_dir = self.base_dir / "config"
+        self.trace_file = self.base_dir / "traces.jsonl"
+
+    # --- names and paths ------------------------------------------------------------------------------------
+
+    @property
+    def ca_bundle(self) -> Path:
+        """The infrastructure CA that signed the VIPs' TLS certificates (for curl --cacert / ssl contexts)."""
+        return self.tls_dir / "infra-ca.pem"
+
+    @property
+    def hapki_root(self) -> Path:
+        """The hapki root CA certificate written by `hapki ca init`."""
+        return self.config_dir / "root.pem"
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return self.nats.urls
+
+    def url(self, tier: str) -> str:
+        """https URL of a tier's VIP, e.g. https://10.213.1.100 (CLM)."""
+        t = self.topo.tiers[tier]
+        return f"https://{t.vip}" + ("" if t.https_port == 443 else f":{t.https_port}")
+
+    def tier_members(self) -> list[str]:
+        """All members of the VRRP tiers (cara-1, cara-2, clm-1, clm-2)."""
+        return [m for tier in self.topo.tiers for m in self.topo.members_of_tier(tier)]
+
+    def preferred(self, tier: str) -> str:
+        """The member of ``tier`` with the highest VRRP priority (where the VIP belongs when all is well)."""
+        return max(self.topo.members_of_tier(tier), key=lambda m: self.topo.members[m].priority or 0)
+
+    @staticmethod
+    def token_label(hsm: str) -> str:
+        """SoftHSM token label of an HSM member: hsm-a -> hapki-a."""
+        return f"hapki-{hsm.rsplit('-', 1)[-1]}"
+
+    def member_dir(self, member: str) -> Path:
+        return self.base_dir / member
+
+    def service_config_path(self, member: str) -> Path:
+        return self.config_dir / f"{member}.toml"
+
+    def watcher_config_path(self, member: str) -> Path:
+        return self.config_dir / f"watcher-{member}.toml"
+
+    # --- up -------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - began, 2)
+            log.info("lab: %s took %.2f s", name, self.timings[name])
+
+    def _timed(self, name: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with self._step(name):
+                fn()
+        return run
+
+    def up(self, *, fresh: bool = False, keep_on_failure: bool = False) -> dict[str, float]:
+        """Build and start the whole lab; return the seconds each step took (`total` included).
+
+        Leftovers of an earlier run (processes, namespaces) are removed first. On failure everything started
+        is stopped again (unless ``keep_on_failure``, for debugging) and LabError says what failed.
+        """
+        require_root()
+        self.timings = {}
+        began = time.monotonic()
+        foreign = self.foreign_processes()
+        if foreign:
+            pid, cmdline = next(iter(foreign.items()))
+            raise LabBusy(f"another lab runs on this host ({len(foreign)} processes in its namespaces, e.g. pid "
+                          f"{pid}: {cmdline[:150]}); stop it first with `hapki lab down --dir <its directory>` (any --dir "
+                          f"removes the lab network and what runs in it)")
+        self.down()
+        if fresh and self.base_dir.exists():
+            shutil.rmtree(self.base_dir)
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.procs.set_meta(state="starting", base_dir=str(self.base_dir), started_at=time.time())
+        try:
+            # Step 1: the network; the service configs (they only name addresses and files).
+            with self._step("network"):
+                self.net.create()
+            self._write_service_configs()
+            # Step 2: the data tier and the front ends (HSM, TLS, keepalived, haproxy) need nothing from each other.
+            with self._step("data+front"):
+                with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-up") as pool:
+                    futures = [pool.submit(self._timed("galera", self._start_galera)),
+                               pool.submit(self._timed("nats", self._start_nats)),
+                               pool.submit(self._timed("front", self._start_front))]
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                if errors:
+                    raise errors[0]  # type: ignore[misc]
+            # Step 3: the CA, and the streams (created once here: eight services racing to create R3 streams
+            # on a busy 2-core host ran into JetStream API timeouts).
+            with self._step("ca_init+streams"):
+                with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lab-up") as pool:
+                    futures = [pool.submit(self._timed("ca_init", self._ca_init)),
+                               pool.submit(self._timed("streams", self._ensure_streams))]
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                if errors:
+                    raise errors[0]  # type: ignore[misc]
+            # Step 4: CARA and CLM and their watchers, all at once; Step 5: the gate.
+            with self._step("services"):
+                self._start_services()
+            with self._step("gate"):
+                self._gate()
+        except BaseException as exc:
+            self.procs.set_meta(state="failed", error=str(exc)[:2000])
+            if not keep_on_failure:
+                try:
+                    self.down()
+                except (OSError, RuntimeError) as cleanup:
+                    log.warning("while cleaning up the failed lab: %s", cleanup)
+            if isinstance(exc, (LabError, KeyboardInterrupt)):
+                raise
+            raise LabError(f"lab up failed: {exc}") from exc
+        self.timings["total"] = round(time.monotonic() - began, 2)
+        self.procs.set_meta(state="up", timings=self.timings, up_at=time.time())
+        log.info("lab up in %.1f s: %s", self.timings["total"], self.timings)
+        return dict(self.timings)
+
+    def foreign_processes(self) -> dict[int, str]:
+        """Processes in the lab's namespaces that do not belong to this base_dir (another lab on this host)."""
+        mine = str(self.base_dir) + "/"
+        found = {}
+        for ns in self.net.lab_namespaces():
+            for pid in netns_pids(ns):
+                cmdline = _cmdline(pid)
+                if cmdline and mine not in cmdline:
+                    found[pid] = cmdline
+        return found
+
+    def detach(self) -> None:
+        """Leave the lab running when this interpreter exits (`hapki lab up` is a short-lived command)."""
+        self.procs.detach()
+
+    def _start_galera(self) -> None:
+        try:
+            self.galera.start()
+        finally:
+            self._record_data_nodes(self.galera.nodes, "galera", lambda n: n.cnf_path)
+
+    def _start_nats(self) -> None:
+        try:
+            self.nats.start()
+        finally:
+            self._record_data_nodes(self.nats.nodes, "nats", lambda n: n.conf_path)
+
+    def _record_data_nodes(self, nodes: list[Any], kind: str, marker: Callable[[Any], Path]) -> None:
+        for node in nodes:
+            if node.pid is not None:
+                self.procs.record(f"{kind}@{node.name}", node.pid, str(marker(node)), node.log_path)
+
+    def _start_front(self) -> None:
+        # The HSM token sets: one store each (its own softhsm2.conf); PINs and SO PINs in 0600 files beside them.
+        for name, hsm in self.hsms.items():
+            hsm.start()
+            hsm.init_token(self.token_label(name))
+        ca = tls.create_infra_ca(self.tls_dir)
+        for tier, t in self.topo.tiers.items():
+            pem = tls.issue_server_cert(ca, self.tls_dir, f"{tier}-vip", [str(t.vip)],
+                                        [f"{tier}.{self.topo.lab.prefix}.lab"])
+            for member in t.members:
+                files = render.render_member(self.topo, member, self.member_dir(member), pem)
+                self._launch_keepalived(member, files["keepalived.conf"])
+                self._launch_haproxy(member, files["haproxy.cfg"])
+
+    def _launch_keepalived(self, member: str, conf: Path) -> None:
+        d = self.member_dir(member)
+        pid, vrrp_pid = d / "keepalived.pid", d / "keepalived-vrrp.pid"
+        # -n: stay in the foreground (the PID we track is keepalived's); -P: VRRP only; -l -D -G: detailed log
+        # on stdout, no syslog; own pid files, or two keepalived on one host refuse each other (FIELD-NOTES).
+        argv = self.net.exec_argv(member, ["keepalived", "-n", "-P", "-l", "-D", "-G", "-f", str(conf),
+                                           "-p", str(pid), "-r", str(vrrp_pid)])
+        # keepalived refuses to start over a pid file naming a live (or zombie) process: remove them at each start.
+        self.procs.launch(f"keepalived@{member}", argv, d / "keepalived.log", marker=str(conf), pid_files=[vrrp_pid],
+                          stale_files=[pid, vrrp_pid])
+
+    def _launch_haproxy(self, member: str, cfg: Path) -> None:
+        d = self.member_dir(member)
+        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], check=False, capture_output=True, text=True)
+        if check.returncode != 0:
+            raise LabError(f"haproxy config of {member} is invalid: {check.stderr.strip() or check.stdout.strip()}")
+        argv = self.net.exec_argv(member, ["haproxy", "-db", "-f", str(cfg)])  # -db: foreground, no daemon
+        self.procs.launch(f"haproxy@{member}", argv, d / "haproxy.log", marker=str(cfg))
+
+    # --- service configs ------------------------------------------------------------------------------------
+
+    def _nats_config(self) -> NatsConfig:
+        return NatsConfig(servers=self.nats.urls, stream_replicas=len(self.nats.nodes))
+
+    def _database_config(self, user: str) -> DatabaseConfig:
+        port = self.topo.ports.mariadb
+        return DatabaseConfig(nodes=[f"{n.address}:{port}" for n in self.galera.nodes], user=user,
+                              password_file=self.galera.password_file(user), sync_wait=True)
+
+    def _hsm_config(self) -> HSMConfig:
+        members = []
+        for name, hsm in self.hsms.items():
+            label = self.token_label(name)
+            # A private copy of libsofthsm2.so per member: each reads its own SOFTHSM2_CONF and fails alone.
+            module = stack.private_module(SimpleNamespace(hsm=hsm), name)  # type: ignore[arg-type]
+            members.append(HSMMember(name=name, module_path=module, token_label=label, pin_file=hsm.pin_file(label),
+                                     softhsm_conf=hsm.conf_path))
+        return HSMConfig(members=members)
+
+    def _write_service_configs(self) -> None:
+        for hsm in self.hsms.values():
+            hsm.start()  # its directory holds the private module copy the CARA config names
+        for tier, t in self.topo.tiers.items():
+            for member in t.members:
+                common: dict[str, Any] = {"member": member, "vip": str(t.vip), "nats": self._nats_config(),
+                                          "http_listen": f"127.0.0.1:{t.backend_port}"}
+                if tier == "cara":
+                    config: CaraConfig | ClmConfig = CaraConfig(
+                        **common, database=self._database_config("hapki_cara"), hsm=self._hsm_config())
+                elif tier == "clm":
+                    config = ClmConfig(**common, database=self._database_config("hapki_clm"))
+                else:
+                    raise LabError(f"no service known for tier {tier!r}")
+                stack.write_config(config, self.service_config_path(member))
+                watcher: dict[str, Any] = {"member": member, "tier": tier, "vip": str(t.vip),
+                                           "nats": self._nats_config()}
+                if "health_url" in WatcherConfig.model_fields:
+                    watcher["health_url"] = f"http://127.0.0.1:{t.backend_port}/health"
+                stack.write_config(WatcherConfig(**watcher), self.watcher_config_path(member))  # type: ignore[arg-type]
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAPKI_FAULTS")}
+        env.setdefault("HAPKI_TRACE_FILE", str(self.trace_file))
+        return env
+
+    # --- CA, services, gate ---------------------------------------------------------------------------------
+
+    def _ca_init(self) -> None:
+        """`hapki ca init` on the host (it reaches the database through the router) with both HSM members."""
+        cara = self.topo.members_of_tier("cara")[0]
+        log_path = self.base_dir / "ca-init.log"
+        argv = [*stack.hapki_command(), "ca", "init", "--config", str(self.service_config_path(cara)),
+                "--out", str(self.config_dir)]
+        result = subprocess.run(argv, env=self._child_env(), check=False, capture_output=True, text=True,
+                                timeout=300)
+        log_path.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise LabError(f"hapki ca init failed ({result.returncode}); see {log_path}:\n"
+                           f"{(result.stdout + result.stderr)[-3000:]}")
+
+    def _ensure_streams(self) -> None:
+        """Create the JetStream streams and consumer (R3) from the host, as the services would."""
+        from hapki.runtime import bus
+
+        async def ensure() -> None:
+            nc = await bus.connect(self._nats_config(), name="hapki-lab")
+            try:
+                await bus.ensure_topology(nc.jetstream(timeout=30), self._nats_config())
+            finally:
+                await nc.close()
+
+        asyncio.run(ensure())
+
+    def _service_argv(self, member: str, kind: str, config: Path) -> list[str]:
+        return self.net.exec_argv(member, [*stack.hapki_command(), "serve", kind, "--config", str(config)])
+
+    def _launch_service(self, member: str, kind: str) -> tuple[str, Path, int]:
+        """Start `hapki serve <kind>` (cara, clm, watcher) in ``member``'s namespace; return what _wait_ready needs."""
+        config = self.watcher_config_path(member) if kind == "watcher" else self.service_config_path(member)
+        log_path = self.member_dir(member) / f"{kind}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        name = f"{kind}@{member}"
+        self.procs.launch(name, self._service_argv(member, kind, config), log_path, marker=str(config),
+                          env=self._child_env())
+        return name, log_path, offset
+
+    def _wait_ready(self, started: list[tuple[str, Path, int]], timeout: float) -> None:
+        waiting = {name: (log_path, offset) for name, log_path, offset in started}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for name, (log_path, offset) in list(waiting.items()):
+                kind = name.split("@")[0]
+                text = log_path.read_text(errors="replace")[offset:] if log_path.exists() else ""
+                if f"hapki {kind} ready" in text:
+                    del waiting[name]
+                elif not self.procs.alive(name):
+                    raise LabError(f"{name} exited during start; tail of {log_path}:\n{text[-3000:]}")
+            if waiting and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n}:\n{_tail(p, 15, since=o)}" for n, (p, o) in waiting.items())
+                raise LabError(f"not ready after {timeout:.0f} s: {', '.join(waiting)}\n{tails}")
+            time.sleep(0.05)
+
+    def _start_services(self) -> None:
+        started = [self._launch_service(m, kind) for m in self.tier_members()
+                   for kind in (str(self.topo.tier_of(m)), "watcher")]
+        self._wait_ready(started, SERVICE_READY_TIMEOUT)
+
+    def _gate(self) -> None:
+        for tier in self.topo.tiers:
+            want = self.preferred(tier)
+            if self.wait_vip(tier, want, VIP_TIMEOUT) is None:
+                raise LabError(f"the {tier} VIP is on {self.vip_holders(tier)}, not on {want} alone, "
+                               f"after {VIP_TIMEOUT:.0f} s")
+        for tier in self.topo.tiers:
+            result: dict[str, Any] = {}
+
+            def healthy(tier: str = tier, result: dict[str, Any] = result) -> bool:
+                result.update(self.https_get(tier, "/health"))
+                return result.get("status") == 200
+
+            if wait_until(healthy, HTTPS_TIMEOUT, 0.2) is None:
+                raise LabError(f"{self.url(tier)}/health did not answer 200 within {HTTPS_TIMEOUT:.0f} s: {result}")
+
+    # --- down -----------------------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop every recorded process (callers first, Galera last), then remove the namespaces and host veth."""
+        require_root()
+        self.procs.load()
+        for wave in _STOP_WAVES:
+            self.procs.stop_many([n for n in self.procs.procs if self.procs.procs[n].kind in wave], timeout=20.0)
+        for name in reversed(self.procs.names(kind="galera")):
+            self.procs.stop(name, timeout=60.0)
+        # Processes this interpreter started through hapki.lab.data: reap them (they are stopped by now).
+        for node in [*self.galera.nodes, *self.nats.nodes]:
+            with contextlib.suppress(OSError, RuntimeError):
+                node.stop()
+        try:
+            self.net.destroy()  # also stops anything still running inside a lab namespace
+        except NetworkError as exc:
+            raise LabError(f"removing the lab network failed: {exc}") from exc
+        if self.procs.procs or self.procs.meta:
+            self.procs.procs.clear()
+            self.procs.set_meta(state="down", down_at=time.time())
+
+    # --- faults and observations (for tests and the fault suite) --------------------------------------------
+
+    def vip_holders(self, tier: str) -> list[str]:
+        """Members of ``tier`` whose namespace holds the tier's VIP now."""
+        return self.net.vip_holders(tier)
+
+    def wait_vip(self, tier: str, member: str | None = None, timeout: float = 5.0) -> float | None:
+        """Wait until exactly ``member`` (default: any single member) holds the VIP; seconds taken, or None."""
+        def settled() -> bool:
+            holders = self.vip_holders(tier)
+            return holders == [member] if member else len(holders) == 1
+        return wait_until(settled, timeout, 0.005)
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one process gracefully (e.g. `keepalived@cara-1`)."""
+        self.procs.stop(name, timeout)
+
+    def crash(self, name: str) -> None:
+        """Crash one process and its children (SIGSTOP all, then SIGKILL all)."""
+        self.procs.crash(name)
+
+    def start(self, name: str, timeout: float = SERVICE_READY_TIMEOUT) -> None:
+        """Start a stopped or crashed process again, as `up()` started it; a service: wait until it is ready."""
+        entry = self.procs.procs.get(name)
+        if entry is None or not entry.argv:
+            raise LabError(f"{name} cannot be restarted here (data tier: use lab.galera / lab.nats)")
+        log_path = Path(entry.log)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self.procs.relaunch(name)
+        if entry.kind in ("cara", "clm", "watcher"):
+            self._wait_ready([(name, log_path, offset)], timeout)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` to the main process of ``name`` without waiting (to time what follows from the signal)."""
+        pid = self.procs.pid(name)
+        if pid is None:
+            raise LabError(f"{name} is not running")
+        os.kill(pid, sig)
+
+    def reachable(self) -> bool:
+        """True if the host's link and route into the lab exist (without them, lab addresses would be sent to
+        the host's default route, out of this host: nothing may address them then)."""
+        return Path(f"/sys/class/net/{self.topo.host_interface}").exists() and self.net.exists()
+
+    def https_get(self, tier: str, path: str, timeout: float = 3.0) -> dict[str, Any]:
+        """GET ``path`` through ``tier``'s VIP from the host, TLS verified against the infra CA."""
+        if not self.reachable():
+            return {"status": None, "error": "the lab network is down"}
+        context = ssl.create_default_context(cafile=str(self.ca_bundle))
+        try:
+            with urllib.request.urlopen(self.url(tier) + path, timeout=timeout, context=context) as r:
+                return {"status": r.status, "body": _json_or_text(r.read())}
+        except urllib.error.HTTPError as exc:
+            return {"status": exc.code, "body": _json_or_text(exc.read())}
+        except (OSError, ssl.SSLError) as exc:
+            return {"status": None, "error": str(exc)}
+
+    def member_health(self, member: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The local service's /health inside ``member``'s namespace (127.0.0.1:backend_port)."""
+        tier = self.topo.tier_of(member)
+        if tier is None:
+            raise LabError(f"{member} runs no HTTP service")
+        port = self.topo.tiers[tier].backend_port
+        try:
+            out = self.net.run_in(member, ["curl", "-s", "--max-time", str(timeout), "-w", "\n%{http_code}",
+                                           f"http://127.0.0.1:{port}/health"], check=False, timeout=timeout + 2)
+        except subprocess.TimeoutExpired:
+            return {"status": None, "error": "timeout"}
+        body, _, code = out.rpartition("\n")
+        return {"status": int(code) if code.isdigit() and code != "000" else None, "body": _json_or_text(body)}
+
+    # --- status ---------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Members and their processes, VIP holders, Galera, NATS and the signing stream, HSM members, URLs."""
+        self.procs.load()
+        present = set(self.net.topo.namespaces()) & set(list_namespaces())
+        reachable = self.reachable()
+        down: dict[str, Any] = {"up": False}
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="lab-status") as pool:
+            galera_f = {n.name: pool.submit(self._galera_status, n) for n in self.galera.nodes}
+            nats_f = {n.name: pool.submit(self._nats_node_status, n) if reachable else None for n in self.nats.nodes}
+            stream_f = pool.submit(self._stream_status) if reachable else None
+            health_f = {m: pool.submit(self.member_health, m) for m in self.tier_members()
+                        if self.topo.namespace(m) in present}
+            vip_f = {t: pool.submit(self.vip_holders, t) for t in self.topo.tiers}
+        members: dict[str, Any] = {}
+        for member in self.topo.members:
+            ns = self.topo.namespace(member)
+            members[member] = {
+                "namespace": ns, "up": ns in present, "address": str(self.topo.address(member)),
+                "processes": {self.procs.procs[n].kind: {"pid": self.procs.procs[n].pid, "alive": self.procs.alive(n)}
+                              for n in self.procs.names(member=member)},
+            }
+        health = {m: f.result() for m, f in health_f.items()}
+        hsm = {m: h["body"].get("hsm") for m, h in health.items()
+               if self.topo.tier_of(m) == "cara" and isinstance(h.get("body"), dict)}
+        return {
+            "base_dir": str(self.base_dir),
+            "state": self.procs.meta.get("state", "down"),
+            "timings": self.procs.meta.get("timings", {}),
+            "network": {"router": self.topo.router_namespace in present, "reachable": reachable,
+                        "host_link": Path(f"/sys/class/net/{self.topo.host_interface}").exists()},
+            "members": members,
+            "tiers": {t: {"vip": str(self.topo.vip(t)), "holders": f.result(), "preferred": self.preferred(t)}
+                      for t, f in vip_f.items()},
+            "galera": {n: f.result() for n, f in galera_f.items()},
+            "nats": {"nodes": {n: f.result() if f else dict(down, healthy=False, routes=0, meta_leader=None)
+                               for n, f in nats_f.items()},
+                     "streams": stream_f.result() if stream_f else {}},
+            "health": health,
+            "hsm": hsm,
+            "client": {"nats_urls": self.nats_urls, "clm_url": self.url("clm"), "cara_url": self.url("cara"),
+                       "ca_bundle": str(self.ca_bundle), "hapki_root": str(self.hapki_root)},
+        }
+
+    def _galera_status(self, node: GaleraNode) -> dict[str, Any]:
+        if not self.procs.alive(f"galera@{node.name}"):
+            return {"up": False}
+        try:
+            out = node.sql("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_ready', 'wsrep_cluster_size', "
+                           "'wsrep_local_state_comment', 'wsrep_cluster_status', 'wsrep_last_committed')", timeout=5)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            return {"up": False, "error": str(exc)}
+        st: dict[str, Any] = {"up": True}
+        for line in out.splitlines():
+            key, _, value = line.partition("\t")
+            st[key.lower()] = int(value) if value.isdigit() else value
+        return st
+
+    def _nats_node_status(self, node: NatsClusterNode) -> dict[str, Any]:
+        base = f"http://{node.address}:{node.monitor_port}"
+        varz, jsz = _http_json(f"{base}/varz"), _http_json(f"{base}/jsz")
+        health = _http_json(f"{base}/healthz")
+        return {"up": bool(varz), "healthy": health.get("status") == "ok", "routes": varz.get("routes", 0),
+                "meta_leader": (jsz.get("meta_cluster") or {}).get("leader")}
+
+    def _stream_status(self) -> dict[str, Any]:
+        """Replica state of the streams, read with nats-py from the host (in a thread: callers may be async)."""
+        from hapki.contracts import subjects
+
+        async def read() -> dict[str, Any]:
+            import nats
+
+            streams: dict[str, Any] = {}
+            nc = await nats.connect(servers=self.nats_urls, connect_timeout=1, max_reconnect_attempts=1,
+                                    allow_reconnect=False)
+            try:
+                js = nc.jetstream(timeout=2)
+                for name in (subjects.SIGNING_STREAM, subjects.HA_EVENTS_STREAM):
+                    try:
+                        info = await js.stream_info(name)
+                    except Exception as exc:  # noqa: BLE001 - a status report shows every failure as text
+                        streams[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                        continue
+                    cluster = info.cluster
+                    streams[name] = {
+                        "messages": info.state.messages,
+                        "replicas": info.config.num_replicas,
+                        "leader": cluster.leader if cluster else None,
+                        "followers": [{"name": r.name, "current": r.current, "lag": r.lag}
+                                      for r in (cluster.replicas or [])] if cluster else [],
+                    }
+            finally:
+                await nc.close()
+            return streams
+
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                return pool.submit(asyncio.run, read()).result(timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """A human-readable summary of `Lab.status()`."""
+    lines = [f"lab {st['state']} in {st['base_dir']}"]
+    for tier, t in st["tiers"].items():
+        holders = ", ".join(t["holders"]) or "nobody"
+        flag = "" if t["holders"] == [t["preferred"]] else f"  (preferred: {t['preferred']})"
+        lines.append(f"  {tier} VIP {t['vip']}: held by {holders}{flag}")
+    for name, m in st["members"].items():
+        procs = " ".join(f"{k}:{'up' if p['alive'] else 'DOWN'}" for k, p in m["processes"].items()) or "-"
+        health = st["health"].get(name)
+        extra = f"  /health {health.get('status')}" if health else ""
+        lines.append(f"  {name:8} {m['address']:13} {'netns' if m['up'] else 'NO NETNS'}  {procs}{extra}")
+    for name, g in st["galera"].items():
+        lines.append(f"  galera {name}: " + (f"{g.get('wsrep_local_state_comment')} {g.get('wsrep_cluster_status')} "
+                                              f"size {g.get('wsrep_cluster_size')}" if g.get("up") else "down"))
+    nats = st["nats"]
+    for name, n in nats["nodes"].items():
+        lines.append(f"  nats {name}: " + (f"{'healthy' if n['healthy'] else 'UNHEALTHY'}, meta leader "
+                                            f"{n['meta_leader']}" if n["up"] else "down"))
+    for name, s in nats["streams"].items():
+        if isinstance(s, dict) and "leader" in s:
+            current = [f"{r['name']}{'' if r['current'] else ' (behind)'}" for r in s["followers"]]
+            lines.append(f"  stream {name}: R{s['replicas']}, leader {s['leader']}, followers "
+                         f"{', '.join(current) or 'none'}, {s['messages']} messages")
+        else:
+            lines.append(f"  stream {name}: {s}")
+    for member, hsm in st["hsm"].items():
+        states = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in (hsm or {}).items())
+        lines.append(f"  HSM seen by {member}: {states}")
+    c = st["client"]
+    lines += [f"  NATS: {','.join(c['nats_urls'])}", f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
+              f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}"]
+    return "\n".join(lines)
+
+
+def _json_or_text(raw: bytes | str) -> Any:
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _http_json(url: str, timeout: float = 1.0) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return {}
+    except (OSError, ValueError):
+        return {}
+

@@ -1,0 +1,73 @@
+"""Render the config templates in hapki/lab/templates/ for one member of the topology.
+
+Templates use `string.Template` (`${name}`): the configs are full of braces, and `substitute` refuses a
+template that names a value we do not supply, so a template and this module cannot silently drift.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from hapki.lab.network import MEMBER_IFACE
+from hapki.lab.topology import Topology
+
+__all__ = ["ADVERT_INT", "haproxy_cfg", "keepalived_conf", "render_member", "template"]
+
+ADVERT_INT = 0.1  # seconds; 0.02 flapped under CPU load on these machines, 0.1 did not (FIELD-NOTES)
+GARP_REFRESH = 5  # seconds between gratuitous ARP refreshes while MASTER
+# CLM holds an issue request open while it waits for the CA (ClmConfig.wait_seconds, at most 60 s).
+SERVER_TIMEOUT = 65
+
+
+def template(name: str) -> Template:
+    """A template shipped in hapki/lab/templates/."""
+    return Template(resources.files("hapki.lab").joinpath("templates", name).read_text(encoding="utf-8"))
+
+
+def _tier_member(topo: Topology, member: str) -> str:
+    tier = topo.tier_of(member)
+    if tier is None:
+        raise ValueError(f"member {member!r} is in no VRRP tier; keepalived and haproxy run on tier members only")
+    return tier
+
+
+def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_INT) -> str:
+    """keepalived.conf of a tier member: VRRPv3, unicast to its peer, the tier VIP on its interface."""
+    tier = _tier_member(topo, member)
+    t = topo.tiers[tier]
+    peers = "\n".join(f"        {topo.address(p)}" for p in topo.peers(member))
+    return template("keepalived.conf").substitute(
+        member=member, tier=tier, router_id=topo.namespace(member), garp_refresh=GARP_REFRESH,
+        instance=f"hapki_{tier}", interface=MEMBER_IFACE, vrid=t.vrid, priority=topo.members[member].priority,
+        advert_int=advert_int, address=topo.address(member), unicast_peers=peers, vip=t.vip,
+        prefixlen=topo.segment_of(member).subnet.prefixlen,
+    )
+
+
+def haproxy_cfg(topo: Topology, member: str, pem: Path) -> str:
+    """haproxy.cfg of a tier member: TLS on VIP:https_port with ``pem`` -> 127.0.0.1:backend_port."""
+    tier = _tier_member(topo, member)
+    t = topo.tiers[tier]
+    return template("haproxy.cfg").substitute(
+        member=member, tier=tier, vip=t.vip, https_port=t.https_port, pem=Path(pem).resolve(),
+        backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT,
+    )
+
+
+def render_member(topo: Topology, member: str, out_dir: Path, pem: Path) -> dict[str, Path]:
+    """Write keepalived.conf and haproxy.cfg of ``member`` into ``out_dir``; return their paths by name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    texts = {"keepalived.conf": keepalived_conf(topo, member), "haproxy.cfg": haproxy_cfg(topo, member, pem)}
+    for name, text in texts.items():
+        path = out_dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)  # keepalived refuses configs that others can write
+        tmp.replace(path)
+        written[name] = path
+    return written
