@@ -64,12 +64,26 @@ class MariaDBSigningStore:
                     "INSERT IGNORE INTO epochs (tier, epoch, holder, fence_seq, updated_at) VALUES (%s, 1, %s, 0, %s)",
                     (TIER, member, db_time(now)),
                 )
-                return 1 if cur.rowcount == 1 else None
+                if cur.rowcount != 1:
+                    return None
+                await cur.execute(
+                    "INSERT INTO epoch_changes (tier, epoch, holder, fence_seq, changed_at) VALUES (%s, 1, %s, 0, %s)",
+                    (TIER, member, db_time(now)),
+                )
+                return 1
             await cur.execute(
-                "UPDATE epochs SET epoch = epoch + 1, holder = %s, updated_at = %s WHERE tier = %s AND epoch = %s",
+                "UPDATE epochs SET epoch = epoch + 1, holder = %s, updated_at = %s, fence_seq = fence_seq + 1"
+                " WHERE tier = %s AND epoch = %s",
                 (member, db_time(now), TIER, row[0]),
             )
-            return row[0] + 1 if cur.rowcount == 1 else None
+            if cur.rowcount != 1:
+                return None
+            await cur.execute(
+                "INSERT INTO epoch_changes (tier, epoch, holder, fence_seq, changed_at)"
+                " SELECT tier, epoch, holder, fence_seq, updated_at FROM epochs WHERE tier = %s",
+                (TIER,),
+            )
+            return row[0] + 1
 
         for _ in range(20):
             epoch = await self._db.run(body, name="cara.bump_epoch")
@@ -180,7 +194,11 @@ class MariaDBSigningStore:
             return record
 
         try:
-            return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch))
+            stamp = (
+                "UPDATE certificates SET fence_seq = @hapki_fence_seq WHERE intent_id = %s AND fence_seq IS NULL",
+                (record.intent_id,),
+            )
+            return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch, stamp))
         except DuplicateKey:
             # A concurrent commit of the same request won the UNIQUE key; report what is stored.
             outcome = await self.outcome(record.request_id)

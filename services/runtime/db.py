@@ -46,22 +46,26 @@ NODE_DOWN = {ER_UNKNOWN_COM_ERROR, CR_CONN_HOST_ERROR, CR_SERVER_GONE, CR_SERVER
 
 # Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
 _SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'"
-# The fence and the COMMIT in one round trip: the epochs row lock is held only for the server-side commit, not
+# The fence and the COMMIT in one round trip (_FENCE; [stamp;] COMMIT): the epochs row lock is held only for the server-side commit, not
 # while this process gets round to sending COMMIT (under load that wait dominated, every signing transaction
 # queueing on the one row). A stale epoch writes NULL into a NOT NULL column: an error, so the COMMIT after it
 # never runs. The write (not a read) matters on Galera: a concurrent epoch bump on another node conflicts with
 # it at certification, so one of the two transactions fails instead of both committing.
-_FENCE_AND_COMMIT = (
-    "UPDATE epochs SET fence_seq = IF(epoch = %s, fence_seq + 1, NULL) WHERE tier = %s; COMMIT"
-)
+# The new fence_seq is kept in @hapki_fence_seq for the optional stamp statement (commit order, see 0002).
+_FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s"
 
 
 @dataclass(frozen=True)
 class Fence:
-    """Commit only while `tier`'s epoch is still `epoch` (the tier's row exists once anyone bumped it)."""
+    """Commit only while `tier`'s epoch is still `epoch` (the tier's row exists once anyone bumped it).
+
+    `stamp`, if given, is one statement (SQL, args) run after the fence and before COMMIT in the same round trip;
+    it may use @hapki_fence_seq, the fence sequence number this commit produced.
+    """
 
     tier: str
     epoch: int
+    stamp: tuple[str, tuple[object, ...]] | None = None
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -163,7 +167,11 @@ class Database:
                 try:
                     result = await body(cur)
                     if fence is not None:
-                        await cur.execute(_FENCE_AND_COMMIT, (fence.epoch, fence.tier))
+                        statements, args = [_FENCE], [fence.epoch, fence.tier]
+                        if fence.stamp is not None:
+                            statements.append(fence.stamp[0])
+                            args.extend(fence.stamp[1])
+                        await cur.execute("; ".join([*statements, "COMMIT"]), tuple(args))
                 except pymysql.err.IntegrityError as exc:
                     broken = not await _rollback_quietly(conn)
                     if fence is not None and _errno(exc) == ER_BAD_NULL_ERROR:
@@ -176,7 +184,9 @@ class Database:
                     raise
                 try:
                     if fence is not None:
-                        await cur.nextset()  # the COMMIT's own result: errors of the commit surface here
+                        # The results of the stamp and of the COMMIT: errors of the commit surface here.
+                        for _ in range(2 if fence.stamp is not None else 1):
+                            await cur.nextset()
                     else:
                         await conn.commit()
                 except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError) as exc:

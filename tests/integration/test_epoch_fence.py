@@ -57,3 +57,30 @@ async def test_a_stale_epoch_cannot_commit_and_steps_down(env, services, client,
         await new.stop()
         await old.signer.stop()
         await old.signer.start()  # give the module's signer its role back for the tests that follow
+
+
+async def test_invariant_checks_hold_and_would_catch_a_stale_commit(env, services, client, sql) -> None:
+    from hapki.lab.invariants import violations
+
+    reply = await client.issue(_request("order.example.com"))
+    assert reply.status is RequestStatus.ISSUED
+    assert {name: rows for name, rows in (await violations(sql)).items() if rows} == {}
+
+    # Fabricate what a broken fence would leave behind: a certificate of epoch e committed after the change to e+1.
+    cara, _ = services
+    store = MariaDBSigningStore(cara.db)
+    cert_epoch = (await query(sql, "SELECT epoch, fence_seq FROM certificates WHERE request_id = %s",
+                              (reply.request_id,)))[0]
+    new_epoch = await store.bump_epoch("cara-intruder", utcnow())
+    try:
+        change = await query(sql, "SELECT fence_seq FROM epoch_changes WHERE tier = 'cara' AND epoch = %s",
+                             (cert_epoch[0] + 1,))
+        await query(sql, "UPDATE certificates SET fence_seq = %s WHERE request_id = %s",
+                    (change[0][0] + 1, reply.request_id))
+        found = await violations(sql)
+        assert [row[0] for row in found["stale_epoch_commits"]] == [reply.serial]
+    finally:
+        await query(sql, "UPDATE certificates SET fence_seq = %s WHERE request_id = %s", (cert_epoch[1], reply.request_id))
+        assert new_epoch > cert_epoch[0]
+        await cara.signer.stop()
+        await cara.signer.start()

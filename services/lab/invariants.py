@@ -1,0 +1,65 @@
+"""The DESIGN.md invariants as queries on the database: each returns the rows that violate it (empty = holds).
+
+Used by the lab tests, `hapki lab demo` and the fault suite. Read-only; run after the system is quiet for the
+checks that need every request to have finished (unresolved intents, lost requests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiomysql
+
+# name -> (what it means, SQL returning violating rows)
+CHECKS: dict[str, tuple[str, str]] = {
+    "duplicate_certificates": (
+        "at most one certificate per request id",
+        "SELECT request_id, COUNT(*) FROM certificates GROUP BY request_id HAVING COUNT(*) > 1",
+    ),
+    "duplicate_serials": (
+        "serials unique per issuer (across certificates and intents)",
+        "SELECT issuer, serial, COUNT(*) FROM signing_intents GROUP BY issuer, serial HAVING COUNT(*) > 1",
+    ),
+    "certificate_without_issued_intent": (
+        "every certificate comes from an intent resolved as issued, with the same serial and epoch",
+        "SELECT c.serial FROM certificates c LEFT JOIN signing_intents i ON i.id = c.intent_id"
+        " WHERE i.id IS NULL OR i.state <> 'issued' OR i.serial <> c.serial OR i.epoch <> c.epoch",
+    ),
+    "issued_intent_without_certificate": (
+        "every intent resolved as issued has its certificate",
+        "SELECT i.id FROM signing_intents i LEFT JOIN certificates c ON c.intent_id = i.id"
+        " WHERE i.state = 'issued' AND c.intent_id IS NULL",
+    ),
+    "unresolved_intents": (
+        "every signing intent is resolved (issued or abandoned) once the system is quiet",
+        "SELECT id, request_id, epoch, member FROM signing_intents WHERE state = 'reserved'",
+    ),
+    "stale_epoch_commits": (
+        "only the member with the current epoch commits: no certificate of epoch e committed after the change to e+1",
+        "SELECT c.serial, c.epoch, c.fence_seq, e.fence_seq FROM certificates c"
+        " JOIN epoch_changes e ON e.tier = 'cara' AND e.epoch = c.epoch + 1 WHERE c.fence_seq > e.fence_seq",
+    ),
+    "certificate_before_its_epoch": (
+        "a certificate's commit comes after the change to its own epoch",
+        "SELECT c.serial, c.epoch FROM certificates c"
+        " JOIN epoch_changes e ON e.tier = 'cara' AND e.epoch = c.epoch WHERE c.fence_seq <= e.fence_seq",
+    ),
+    "pending_requests": (
+        "no accepted request is lost: every request reaches a final state once the system is quiet",
+        "SELECT id, created_at FROM requests WHERE status = 'pending'",
+    ),
+}
+
+QUIET_ONLY = {"unresolved_intents", "pending_requests"}
+
+
+async def violations(conn: aiomysql.Connection, *, quiet: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+    """Violating rows per invariant; with quiet=False, the checks that need a finished workload are skipped."""
+    found: dict[str, list[tuple[Any, ...]]] = {}
+    async with conn.cursor() as cur:
+        for name, (_meaning, sql) in CHECKS.items():
+            if not quiet and name in QUIET_ONLY:
+                continue
+            await cur.execute(sql)
+            found[name] = list(await cur.fetchall())
+    return found
