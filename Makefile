@@ -10,4 +10,4 @@ test: setup
 	.venv/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
-	.venv/bin/hapki demo
+	.venv/bin/hapki lab demo

@@ -61,6 +61,8 @@ class Signer:
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._inflight: dict[str, Msg] = {}
+        self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
+        self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
         self.signatures = 0  # HSM signatures made by this process (for tests and metrics)
 
@@ -89,12 +91,27 @@ class Signer:
         return self._epoch
 
     async def stop(self) -> None:
-        """Become passive: stop fetching, let in-flight requests finish, release open pull requests."""
+        """Become passive: stop fetching, let in-flight requests finish, release open pull requests, then NAK."""
         self._stopping.set()
         workers, self._workers = self._workers, []
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
+        await self._hand_back()
         log.info("signer %s passive (epoch was %s)", self._member, self._epoch)
+
+    async def _hand_back(self, exclude: asyncio.Task[object] | None = None) -> None:
+        """NAK what this member will not process, once none of its own pull requests is open any more.
+
+        A NAKed message is redelivered at once to whichever pull request the server holds; if that were one of
+        our workers that is shutting down, the message would sit in a dead inbox until ack_wait. So first every
+        other worker unsubscribes, then the messages go back, to the member that is active now.
+        """
+        others = [w for w in self._workers if w is not exclude and not w.done()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        pending, self._to_hand_back = self._to_hand_back, []
+        for msg in pending:
+            await msg.nak()
 
     async def _worker(self, index: int) -> None:
         # One pull subscription per worker, each fetching one message at a time: a batch fetch in nats-py
@@ -120,7 +137,7 @@ class Signer:
                     continue
                 for msg in msgs:
                     if self._stopping.is_set():
-                        await msg.nak()  # hand it to the new active member at once
+                        self._to_hand_back.append(msg)  # NAKed by stop() once our pull requests are closed
                     else:
                         await self.handle(msg)
         finally:
@@ -159,9 +176,11 @@ class Signer:
             except FencedOut as exc:
                 log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
                 span.set_status(trace.StatusCode.ERROR, "fenced out")
-                await msg.nak()
+                self._to_hand_back.append(msg)
                 self.fenced.set()
                 self._stopping.set()
+                # Hand the message back as soon as the other workers are gone (this one ends after returning).
+                self._releasing = asyncio.create_task(self._hand_back(exclude=asyncio.current_task()))
             except HapkiError as exc:
                 log.warning("request %s not processed (%s): %s; will retry", request.request_id, exc.code.value, exc)
                 span.set_status(trace.StatusCode.ERROR, exc.code.value)

@@ -217,6 +217,10 @@ def lab(args: argparse.Namespace) -> int:
     except LabError as exc:
         print(f"hapki lab {args.action}: {exc}", file=sys.stderr)
         return 2
+    if args.action == "demo":
+        from hapki.cli.lab_demo import run_lab_demo
+
+        return run_lab_demo(args.dir, seconds=args.seconds, rate=args.rate, keep=args.keep)
     telemetry.setup_logging()
     the_lab = Lab(args.dir)
     try:

@@ -54,10 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
 
     lab = sub.add_parser("lab", help="the HA lab: the reference topology in network namespaces on this host (root)")
-    lab.add_argument("action", choices=["up", "down", "status"])
+    lab.add_argument("action", choices=["up", "down", "status", "demo"],
+                     help="demo: up, load through a crash of the active CA member, timeline, down")
     lab.add_argument("--dir", type=Path, default=Path(".run/lab"), help="working directory of the lab")
     lab.add_argument("--json", action="store_true", help="status: print JSON")
     lab.add_argument("--fresh", action="store_true", help="up: wipe the lab's data (databases, tokens, certs) first")
+    lab.add_argument("--seconds", type=float, default=12.0, help="demo: seconds of load")
+    lab.add_argument("--rate", type=float, default=20.0, help="demo: requests per second")
+    lab.add_argument("--keep", action="store_true", help="demo: leave the lab running afterwards")
     return p
 
 
