@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from hapki.lab.local import _MAX_SOCKET_PATH, _nats_binary, _reap_stale, _Server, _tail, _write_secret
+from hapki.lab.render import template
 
 __all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix"]
 
@@ -148,42 +149,11 @@ class GaleraNode(_Server):
     # -- configuration -----------------------------------------------------------------------------------------
 
     def _cnf(self) -> str:
-        provider_options = ";".join(
-            [
-                f"gmcast.listen_addr=tcp://{self.address}:{self.galera_port}",
-                f"ist.recv_addr={self.address}:{self.ist_port}",
-            ]
+        return template("galera.cnf").substitute(
+            name=self.name, datadir=self.datadir, socket=self.socket, pid_file=self.pid_file, port=self.port,
+            address=self.address, log_path=self.log_path, provider=GALERA_PROVIDER, galera_port=self.galera_port,
+            ist_port=self.ist_port, peers=",".join(self.peers), sst_method=_SST_METHOD, sst_port=self.sst_port,
         )
-        settings: dict[str, str | None] = {
-            "user": "root",
-            "datadir": str(self.datadir),
-            "socket": str(self.socket),
-            "pid-file": str(self.pid_file),
-            "port": str(self.port),
-            "bind-address": self.address,
-            "log-error": str(self.log_path),
-            "skip-name-resolve": None,
-            "character-set-server": "utf8mb4",
-            "max_connections": "300",
-            "innodb_buffer_pool_size": "32M",
-            # Durability comes from replication to the other nodes (a commit is certified cluster-wide).
-            "innodb_flush_log_at_trx_commit": "2",
-            "binlog_format": "ROW",
-            "innodb_autoinc_lock_mode": "2",
-            "default_storage_engine": "InnoDB",
-            "wsrep_on": "ON",
-            "wsrep_provider": GALERA_PROVIDER,
-            "wsrep_provider_options": f'"{provider_options}"',
-            "wsrep_cluster_name": "hapki",
-            "wsrep_cluster_address": "gcomm://" + ",".join(self.peers),
-            "wsrep_node_name": self.name,
-            "wsrep_node_address": f"{self.address}:{self.galera_port}",
-            "wsrep_sst_method": _SST_METHOD,
-            "wsrep_sst_receive_address": f"{self.address}:{self.sst_port}",
-        }
-        lines = ["# Written by hapki.lab.data; rewritten at every start.", "[mariadbd]"]
-        lines += [k if v is None else f"{k}={v}" for k, v in settings.items()]
-        return "\n".join(lines) + "\n"
 
     def _prepare(self) -> None:
         _reap_stale(self.pid_file, str(self.cnf_path))
@@ -610,27 +580,12 @@ class NatsClusterNode(_Server):
         return f"nats://{self.address}:{self.client_port}"
 
     def _conf(self) -> str:
-        routes = "\n".join(f"    {json.dumps(r)}" for r in self.routes)
-        return f"""# Written by hapki.lab.data; rewritten at every start.
-server_name: {json.dumps(self.name)}
-listen: "{self.address}:{self.client_port}"
-http: "{self.address}:{self.monitor_port}"
-pid_file: {json.dumps(str(self.pid_file))}
-
-jetstream {{
-  store_dir: {json.dumps(str(self.store_dir))}
-  max_memory_store: 64MB
-  max_file_store: 1GB
-}}
-
-cluster {{
-  name: hapki
-  listen: "{self.address}:{self.cluster_port}"
-  routes: [
-{routes}
-  ]
-}}
-"""
+        return template("nats.conf").substitute(
+            name=self.name, name_json=json.dumps(self.name), address=self.address, client_port=self.client_port,
+            monitor_port=self.monitor_port, pid_file_json=json.dumps(str(self.pid_file)),
+            store_dir_json=json.dumps(str(self.store_dir)), cluster_port=self.cluster_port,
+            routes="\n".join(f"    {json.dumps(r)}" for r in self.routes),
+        )
 
     def _prepare(self) -> None:
         _reap_stale(self.pid_file, str(self.conf_path))
