@@ -1,6 +1,7 @@
 """OpenTelemetry set-up and W3C trace-context propagation over NATS headers; logs that carry trace ids.
 
-Exporters come from the standard OTEL_* environment (OTLP when OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set).
+Exporters come from the standard OTEL_* environment (OTLP traces and metrics when OTEL_EXPORTER_OTLP_ENDPOINT, or
+the per-signal OTEL_EXPORTER_OTLP_TRACES_/METRICS_ENDPOINT, is set).
 HAPKI_TRACE_FILE adds a JSON-lines span file: the local environment's collector, read by `hapki demo`/`bench`.
 """
 
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry import context, propagate, trace
+from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -56,7 +57,15 @@ def setup(service_name: str) -> None:
     """Install the global tracer provider for this process, unless one is installed already (tests)."""
     if isinstance(trace.get_tracer_provider(), TracerProvider):
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    resource = Resource.create({"service.name": service_name})
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        metrics.set_meter_provider(
+            MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -70,6 +79,9 @@ def shutdown() -> None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.shutdown()
+    meters = metrics.get_meter_provider()
+    if hasattr(meters, "shutdown"):
+        meters.shutdown()
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:

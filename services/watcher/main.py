@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 from nats.aio.client import Client
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from pydantic import Field
 
 from hapki.contracts import subjects
@@ -63,8 +63,17 @@ class Watcher:
     """Emits an HAEvent when the role or the epoch changes (and once at start)."""
 
     def __init__(self, config: WatcherConfig, source: AddressSource, publish: Callable[[HAEvent], Awaitable[None]],
-                 health: HealthSource | None = None, clock: Callable[[], datetime] = utcnow) -> None:
+                 health: HealthSource | None = None, clock: Callable[[], datetime] = utcnow,
+                 meter: metrics.Meter | None = None) -> None:
         self._config, self._source, self._publish, self._health, self._clock = config, source, publish, health, clock
+        meter = meter or metrics.get_meter("hapki.watcher")
+        self._changes = meter.create_counter(
+            "hapki.ha.role_changes", unit="{change}", description="Role changes of this member (failovers)")
+        meter.create_observable_gauge(
+            "hapki.ha.active", callbacks=[self._observe_active], unit="1",
+            description="1 while this member is the active one of its tier, else 0")
+        meter.create_observable_gauge(
+            "hapki.ha.epoch", callbacks=[self._observe_epoch], unit="1", description="The epoch this member reports")
         self.holds_vip: bool | None = None
         self._last: tuple[HARole, int | None] | None = None
         self._health_report: dict[str, Any] | None = None
@@ -87,6 +96,7 @@ class Watcher:
         event = HAEvent(tier=self._config.tier, member=self._config.member, vip=self._config.vip, role=role,
                         holds_vip=holds, epoch=epoch, observed_at=self._clock(), reason=reason,
                         health=self._health_report or {})
+        self._changes.add(1, {**self._attributes(), "pki.role": event.role.value})
         with tracer.start_as_current_span("watcher.role_changed") as span:
             span.set_attribute("pki.tier", event.tier)
             span.set_attribute("pki.member", event.member)
@@ -96,6 +106,18 @@ class Watcher:
             log.info("%s is %s (%s)", event.member, event.role.value, reason)
             await self._publish(event)
         return event
+
+    def _attributes(self) -> dict[str, str]:
+        return {"pki.tier": self._config.tier, "pki.member": self._config.member}
+
+    def _observe_active(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        active = self._last is not None and self._last[0] is HARole.ACTIVE
+        return [metrics.Observation(int(active), self._attributes())]
+
+    def _observe_epoch(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        if self._last is None or self._last[1] is None:
+            return []
+        return [metrics.Observation(self._last[1], self._attributes())]
 
     def _reason(self, vip_changed: bool, holds: bool, role: HARole, epoch: int | None) -> str:
         if self._last is None:

@@ -76,3 +76,25 @@ def test_netlink_dump_sees_the_kernels_loopback_address() -> None:
         assert dump.addresses() == addresses  # repeatable on the same socket
     finally:
         dump.close()
+
+
+async def test_role_changes_and_the_active_state_are_metrics() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    source, events = FakeAddresses(), []
+    config = WatcherConfig(member="cara-1", tier="cara", vip=VIP, nats=NatsConfig(servers=["nats://x:1"]))
+
+    async def publish(event: HAEvent) -> None:
+        events.append(event)
+
+    watcher = Watcher(config, source, publish, None, clock=lambda: T0, meter=meter)
+    await watcher.poll_once()
+    source.current = {VIP}
+    await watcher.poll_once()
+    data = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics}
+    assert sum(p.value for p in data["hapki.ha.role_changes"]) == 2
+    assert [p.value for p in data["hapki.ha.active"]] == [1]
