@@ -39,7 +39,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-from hapki.lab.local import _MAX_SOCKET_PATH, _nats_binary, _reap_stale, _Server, _tail, _write_secret
+from hapki.lab.local import (
+    _MAX_SOCKET_PATH,
+    _nats_binary,
+    _reap_stale,
+    _Server,
+    _tail,
+    _write_secret,
+    install_datadir,
+)
 from hapki.lab.render import template
 
 __all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix"]
@@ -193,20 +201,7 @@ class GaleraNode(_Server):
     def _install(self) -> None:
         """Initialise an empty datadir (bootstrap node only); root logs in over the socket as OS user root."""
         shutil.rmtree(self.datadir, ignore_errors=True)
-        result = subprocess.run(
-            [
-                "mariadb-install-db",
-                f"--defaults-file={self.cnf_path}",
-                f"--datadir={self.datadir}",
-                "--user=root",
-                "--auth-root-authentication-method=socket",
-                "--skip-test-db",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = install_datadir(self.cnf_path, self.datadir)
         if result.returncode != 0:
             raise RuntimeError(
                 f"mariadb-install-db failed ({result.returncode}): {result.stderr.strip()[-1000:]}\n"

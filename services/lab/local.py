@@ -300,6 +300,15 @@ def _nats_binary() -> str:
     return found
 
 
+def install_datadir(cnf_path: Path, datadir: Path) -> subprocess.CompletedProcess[str]:
+    """Initialise an empty MariaDB datadir; root may log in only over the socket (unix_socket auth)."""
+    return subprocess.run(
+        ["mariadb-install-db", f"--defaults-file={cnf_path}", f"--datadir={datadir}", "--user=root",
+         "--auth-root-authentication-method=socket", "--skip-test-db"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+    )
+
+
 class NatsServer(_Server):
     """A nats-server with JetStream, its store in ``base_dir/<name>/store``, client and monitor on 127.0.0.1."""
 
@@ -423,19 +432,7 @@ class MariaDB(_Server):
         """Create a fresh datadir; root may log in only over the socket (unix_socket auth), as OS user root."""
         shutil.rmtree(self.datadir, ignore_errors=True)
         self.password_file.unlink(missing_ok=True)
-        result = subprocess.run(
-            [
-                "mariadb-install-db",
-                f"--defaults-file={self.cnf_path}",
-                f"--datadir={self.datadir}",
-                "--user=root",
-                "--auth-root-authentication-method=socket",
-                "--skip-test-db",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-        )
+        result = install_datadir(self.cnf_path, self.datadir)
         if result.returncode != 0:
             # Its own output is mostly boilerplate; the server's reason is in log-error.
             raise RuntimeError(
