@@ -26,6 +26,8 @@ class ErrorCode(str, enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"  # a dependency (database, bus, HSM) is down; retry later
     SIGNING_REJECTED = "SIGNING_REJECTED"  # the CA refused to sign what CLM sent
     INTERNAL = "INTERNAL"  # a bug; details are in the logs under the trace id
+    ALREADY_REVOKED = "ALREADY_REVOKED"  # the certificate is revoked already, with another reason
+    FORBIDDEN_REASON = "FORBIDDEN_REASON"  # a revocation reason this CA does not accept (e.g. certificate_hold)
 
 
 class HapkiError(Exception):
@@ -93,6 +95,14 @@ class SigningRejected(HapkiError):
 
 class Internal(HapkiError):
     code = ErrorCode.INTERNAL
+
+
+class AlreadyRevoked(HapkiError):
+    code = ErrorCode.ALREADY_REVOKED
+
+
+class ForbiddenReason(HapkiError):
+    code = ErrorCode.FORBIDDEN_REASON
 
 
 # Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.

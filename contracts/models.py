@@ -98,6 +98,62 @@ class CertificateReply(_Model):
     error: ErrorBody | None = None
 
 
+class RevocationReason(str, enum.Enum):
+    """RFC 5280 5.3.1 CRLReason, by cryptography's `x509.ReasonFlags` names.
+
+    Accepted for end-entity certificates (CA/Browser Forum BR 7.2.2): unspecified, key_compromise,
+    affiliation_changed, superseded, cessation_of_operation, privilege_withdrawn. Refused with FORBIDDEN_REASON:
+    certificate_hold and remove_from_crl (this CA has no holds: a revocation is final), ca_compromise and
+    aa_compromise (they describe a CA or attribute authority, not a subscriber's certificate).
+    """
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "key_compromise"
+    CA_COMPROMISE = "ca_compromise"
+    AFFILIATION_CHANGED = "affiliation_changed"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessation_of_operation"
+    CERTIFICATE_HOLD = "certificate_hold"
+    REMOVE_FROM_CRL = "remove_from_crl"
+    PRIVILEGE_WITHDRAWN = "privilege_withdrawn"
+    AA_COMPROMISE = "aa_compromise"
+
+
+FORBIDDEN_REASONS = frozenset({
+    RevocationReason.CERTIFICATE_HOLD, RevocationReason.REMOVE_FROM_CRL,
+    RevocationReason.CA_COMPROMISE, RevocationReason.AA_COMPROMISE,
+})
+
+
+class RevokeCertificate(_Model):
+    """Command to CLM (`pki.v1.clm.revoke`): revoke one certificate. Idempotent by (serial, reason)."""
+
+    serial: SerialHex
+    reason: RevocationReason = Field(description="RFC 5280 reason; certificate_hold, remove_from_crl, "
+                                                 "ca_compromise and aa_compromise are refused (FORBIDDEN_REASON)")
+    requester: str = Field(min_length=1, max_length=128, description="Who asks (an account or service name)")
+
+
+class RevokeReply(_Model):
+    """Reply to `pki.v1.clm.revoke`: the revocation as stored (the first one, for a repeat), or an error."""
+
+    serial: SerialHex | None = None
+    issuer: str | None = Field(default=None, description="Name of the issuing CA")
+    reason: RevocationReason | None = None
+    revoked_at: datetime | None = Field(default=None, description="When CLM recorded the revocation, UTC")
+    requester: str | None = Field(default=None, description="Who revoked it (the first requester, for a repeat)")
+    error: ErrorBody | None = None
+
+
+class CertificateRevoked(_Model):
+    """Event from CLM (`pki.v1.clm.revoked`, core NATS): a revocation is recorded; CARA regenerates its CRLs."""
+
+    issuer: str
+    serial: SerialHex
+    reason: RevocationReason
+    revoked_at: datetime
+
+
 class SignCertificate(_Model):
     """Command from CLM to CARA on the signing work queue (`pki.v1.cara.sign`), Nats-Msg-Id = request_id.
 

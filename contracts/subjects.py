@@ -4,6 +4,10 @@
 CLM_ISSUE = "pki.v1.clm.issue"
 CLM_STATUS = "pki.v1.clm.status"
 CLM_CERTIFICATE = "pki.v1.clm.certificate"
+CLM_REVOKE = "pki.v1.clm.revoke"
+# Event CLM publishes (core NATS) after recording a revocation: CARA regenerates its CRLs within seconds.
+# Best effort: CARA also polls the database for revocations not yet on a CRL.
+CLM_REVOKED = "pki.v1.clm.revoked"
 
 # Work queue from CLM to CARA: one message per approved request, Nats-Msg-Id = request id.
 CARA_SIGN = "pki.v1.cara.sign"

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hapki.cara import issuance
 from hapki.runtime.hsm import HSMMemberConfig, HSMPool, HSMPrivateKey
@@ -25,6 +25,10 @@ ROOT_CURVE = ec.SECP384R1()
 ISSUING_CURVE = ec.SECP256R1()
 ROOT_VALIDITY_YEARS = 20
 ISSUING_VALIDITY_YEARS = 10
+OCSP_CURVE = ec.SECP256R1()
+# The responder certificate carries id-pkix-ocsp-nocheck, so relying parties cannot check its revocation: keep it
+# short (rotation re-runs the ceremony; hapki ca init does it when the signer is missing).
+OCSP_SIGNER_VALIDITY = timedelta(days=90)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,55 @@ def create_hierarchy(
         issuing_key_id=issuing_key.key_id,
         issuing_curve=ISSUING_CURVE.name,
     )
+
+
+@dataclass(frozen=True)
+class OcspSigner:
+    """A delegated OCSP responder: its certificate (issued by the issuing CA) and the CKA_ID of its HSM key."""
+
+    cert: x509.Certificate
+    key_id: bytes
+
+
+def create_ocsp_signer(
+    pool: HSMPool,
+    *,
+    issuing_cert: x509.Certificate,
+    issuing_key_id: bytes,
+    org: str = "hapki",
+    now: datetime,
+    replicate_across: Sequence[HSMMemberConfig] = (),
+) -> OcspSigner:
+    """Generate a P-256 key in the HSM and certify it with the issuing CA key as its delegated OCSP signer
+    (RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only)."""
+    if now.tzinfo is None or now.utcoffset() != timedelta(0):
+        raise ValueError("now must be an aware UTC datetime")
+    now = now.replace(microsecond=0)
+    key = _generate_key(pool, replicate_across, "ocsp", OCSP_CURVE)
+    issuing_key = pool.private_key(issuing_key_id)
+    issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    common_name = issuing_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(org, f"{common_name} OCSP Responder"))
+        .issuer_name(issuing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(issuance.random_serial())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(min(now + OCSP_SIGNER_VALIDITY, issuing_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+        ), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuing_ski), critical=False)
+        .sign(issuing_key, hashes.SHA256())
+    )
+    cert.verify_directly_issued_by(issuing_cert)
+    return OcspSigner(cert=cert, key_id=key.key_id)
 
 
 def _generate_key(pool: HSMPool, members: Sequence[HSMMemberConfig], role: str,

@@ -17,6 +17,31 @@ class SignerConfig(StrictModel):
     backdate_seconds: int = Field(default=60, ge=0, le=3600, description="notBefore = now - this, for clock skew")
 
 
+class CrlConfig(StrictModel):
+    """CRL generation (active member only). CA/Browser Forum BR 4.9.7: nextUpdate at most 10 days after thisUpdate."""
+
+    full_interval_seconds: int = Field(default=3600, ge=10, description="A new full CRL at least this often, seconds")
+    delta_interval_seconds: int = Field(default=300, ge=5, description="A new delta CRL at least this often, seconds")
+    full_validity_seconds: int = Field(
+        default=7 * 86400, ge=3600, le=10 * 86400, description="nextUpdate - thisUpdate of a full CRL, seconds"
+    )
+    delta_validity_seconds: int = Field(
+        default=86400, ge=600, le=10 * 86400, description="nextUpdate - thisUpdate of a delta CRL, seconds"
+    )
+    poll_seconds: float = Field(
+        default=2.0, gt=0, le=60,
+        description="How often the active member checks the schedule and for revocations on no CRL yet, seconds "
+                    "(a pki.v1.clm.revoked event wakes it at once)",
+    )
+
+
+class OcspConfig(StrictModel):
+    """The OCSP responder (every member answers, active or passive)."""
+
+    validity_seconds: int = Field(default=3600, ge=60, le=7 * 86400,
+                                  description="nextUpdate - thisUpdate of a response, seconds")
+
+
 class CaraConfig(StrictModel):
     """One CARA member."""
 
@@ -33,3 +58,11 @@ class CaraConfig(StrictModel):
     database: DatabaseConfig
     hsm: HSMConfig
     signer: SignerConfig = SignerConfig()
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/]+$",
+        description="Base URL of the CARA VIP as relying parties reach it, e.g. https://10.213.2.100: issued "
+                    "certificates get CRL distribution point <url>/crl/<issuer>.crl and AIA OCSP <url>/ocsp. "
+                    "None: no CDP and no AIA",
+    )
+    crl: CrlConfig = CrlConfig()
+    ocsp: OcspConfig = OcspConfig()

@@ -1,21 +1,32 @@
-"""The CARA HTTP edge (aiohttp), behind haproxy on the CARA floating IP: today /health.
+"""The CARA HTTP edge (aiohttp), behind haproxy on the CARA floating IP: /health, CRLs and OCSP.
 
-Routes are added in `build_app`, each handler taking what it needs as an argument (the health probe here);
-OCSP (`POST /ocsp`, `GET /ocsp/{request}`) and the CRL (`GET /crl/{issuer}.crl`) slot in beside /health.
+Routes are added in `build_app`, each handler taking what it needs as an argument. Every member serves all of
+them, passive ones too: CRLs come from the database, OCSP answers are signed by the delegated OCSP signer.
+- GET /crl/{issuer}.crl, GET /crl/{issuer}-delta.crl: the latest full / delta CRL, DER, application/pkix-crl.
+- POST /ocsp (body: DER request), GET /ocsp/{base64 DER request} (RFC 6960 appendix A): application/ocsp-response,
+  always HTTP 200 with an OCSP response, an error status (malformedRequest, tryLater, ...) included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import random
-from typing import Any
+import re
+import urllib.parse
+from typing import Any, Protocol
 
 import aiomysql
 from aiohttp import web
+from cryptography.x509 import ocsp as x509_ocsp
 from nats.aio.client import Client
 from opentelemetry import context, trace
 
+from hapki.cara.ocsp import MAX_REQUEST_BYTES as OCSP_MAX_REQUEST_BYTES
+from hapki.cara.ocsp import OcspResponder, unsuccessful
+from hapki.cara.ports import CrlRecord
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import HapkiError
 from hapki.runtime.db import Database
@@ -61,9 +72,55 @@ class HealthProbe:
             context.detach(token)
 
 
-def build_app(probe: HealthProbe) -> web.Application:
-    """The aiohttp application with CARA's routes."""
+class CrlReader(Protocol):
+    async def latest_crl(self, issuer: str, *, delta: bool) -> CrlRecord | None: ...
+
+
+CRL_TYPE = "application/pkix-crl"
+OCSP_RESPONSE_TYPE = "application/ocsp-response"
+_CRL_NAME = re.compile(r"^(?P<issuer>[A-Za-z0-9._-]{1,64}?)(?P<delta>-delta)?\.crl$")
+
+
+def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
+              ocsp: OcspResponder | None = None) -> web.Application:
+    """The aiohttp application with CARA's routes (/crl with `crls`, /ocsp always: unauthorized without `ocsp`)."""
     app = web.Application()
+
+    async def crl(request: web.Request) -> web.Response:
+        """GET /crl/{issuer}.crl or /crl/{issuer}-delta.crl: the latest CRL of that kind, from the database."""
+        match = _CRL_NAME.match(request.match_info["name"])
+        if match is None or crls is None:
+            return web.Response(status=404, text="no such CRL\n")
+        try:
+            record = await crls.latest_crl(match["issuer"], delta=match["delta"] is not None)
+        except HapkiError as exc:
+            log.warning("CRL not served: %s", exc)
+            return web.Response(status=503, text="CRL temporarily unavailable\n", headers={"Retry-After": "1"})
+        if record is None:
+            return web.Response(status=404, text="no such CRL\n")
+        return web.Response(body=record.der, content_type=CRL_TYPE,
+                            headers={"Last-Modified": record.this_update.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+
+    async def ocsp_post(request: web.Request) -> web.Response:
+        """POST /ocsp: the DER request is the body."""
+        body = await request.content.read(OCSP_MAX_REQUEST_BYTES + 1)
+        if len(body) > OCSP_MAX_REQUEST_BYTES:
+            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+        return await _ocsp_answer(body)
+
+    async def ocsp_get(request: web.Request) -> web.Response:
+        """GET /ocsp/{url-encoded base64 of the DER request}."""
+        raw = request.rel_url.raw_path.removeprefix("/ocsp/")
+        try:
+            der = base64.b64decode(urllib.parse.unquote(raw), validate=True)
+        except (binascii.Error, ValueError):
+            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+        return await _ocsp_answer(der)
+
+    async def _ocsp_answer(der: bytes) -> web.Response:
+        if ocsp is None:  # no delegated OCSP signer for this member's issuer (`hapki ca init` creates one)
+            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED))
+        return _ocsp_reply(await ocsp.respond(der))
 
     async def health(request: web.Request) -> web.Response:
         """GET /health: 200 when this member can serve (active or passive), 503 otherwise; the JSON says why."""
@@ -71,7 +128,15 @@ def build_app(probe: HealthProbe) -> web.Application:
         return web.json_response(report, status=200 if ok else 503)
 
     app.router.add_get("/health", health)
+    app.router.add_get("/crl/{name}", crl)
+    app.router.add_post("/ocsp", ocsp_post)
+    app.router.add_get("/ocsp/{request:.+}", ocsp_get)
     return app
+
+
+def _ocsp_reply(der: bytes) -> web.Response:
+    # RFC 6960 A.1: OCSP errors are OCSP responses too, sent with HTTP 200.
+    return web.Response(body=der, content_type=OCSP_RESPONSE_TYPE)
 
 
 def _unsampled() -> context.Context:

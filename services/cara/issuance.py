@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -35,6 +36,22 @@ KEY_USAGE_BITS = (
     "encipher_only",
     "decipher_only",
 )
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where relying parties find revocation status: CRL distribution point and AIA OCSP URL."""
+
+    crl_url: str
+    ocsp_url: str
+
+    @classmethod
+    def at(cls, public_url: str | None, issuer: str) -> Distribution | None:
+        """The URLs under the CARA VIP's public base URL (None: the certificates carry neither extension)."""
+        if public_url is None:
+            return None
+        base = public_url.rstrip("/")
+        return cls(crl_url=f"{base}/crl/{issuer}.crl", ocsp_url=f"{base}/ocsp")
 
 
 def random_serial() -> int:
@@ -71,6 +88,7 @@ def build_certificate(
     serial: int,
     now: datetime,
     backdate: timedelta,
+    distribution: Distribution | None = None,
 ) -> x509.Certificate:
     """Build and sign (through `issuer_key`, i.e. the HSM) the end-entity certificate for an approved request."""
     not_before = now - backdate
@@ -102,4 +120,15 @@ def build_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False)
     )
+    if distribution is not None:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints([x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(distribution.crl_url)], relative_name=None, reasons=None,
+                crl_issuer=None)]),
+            critical=False,
+        ).add_extension(
+            x509.AuthorityInformationAccess([x509.AccessDescription(
+                x509.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(distribution.ocsp_url))]),
+            critical=False,
+        )
     return builder.sign(issuer_key, _hash_for(issuer_key))

@@ -11,11 +11,15 @@ from datetime import datetime
 from aiohttp import web
 from nats.aio.client import Client
 
-from hapki.cara import http
+from hapki.cara import http, issuance
 from hapki.cara.config import CaraConfig
+from hapki.cara.crl import CrlPublisher
+from hapki.cara.ocsp import OcspResponder
+from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
+from hapki.contracts import subjects
 from hapki.runtime import bus
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import HSMConfig
@@ -54,6 +58,8 @@ class CaraRuntime:
         self.role: RoleSupervisor | None = None
         self._role_task: asyncio.Task[None] | None = None
         self.http: web.AppRunner | None = None
+        self.crl: CrlPublisher | None = None
+        self._crl_task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Connect everything; the signer stays passive until start()."""
@@ -70,10 +76,34 @@ class CaraRuntime:
         self.signer = Signer(
             nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=self._clock, faults=FailPoints(),
+            distribution=issuance.Distribution.at(cfg.public_url, issuer.name),
         )
+        # CRLs: the publisher loop runs on every member and publishes only while the signer is active; a
+        # revocation event from CLM wakes it (core NATS, no queue group: the active member must see it).
+        revocations = MariaDBRevocationStore(self.db)
+        self.crl = CrlPublisher(
+            store=revocations, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id), member=cfg.member,
+            config=cfg.crl, activity=self.signer, clock=self._clock,
+        )
+        await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
+        self._crl_task = asyncio.create_task(self.crl.run())
+        ocsp = None
+        ocsp_signer = await revocations.ocsp_signer(issuer.name)
+        if ocsp_signer is None:
+            log.warning("issuer %s has no OCSP signer (run `hapki ca init`): OCSP answers unauthorized", issuer.name)
+        else:
+            ocsp = OcspResponder(
+                store=revocations, issuer=issuer, signer_cert=ocsp_signer.certificate,
+                signer_key=self.hsm.private_key(ocsp_signer.key_id), validity_seconds=cfg.ocsp.validity_seconds,
+                clock=self._clock,
+            )
         if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
             probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
-            self.http = await serve(http.build_app(probe), cfg.http_listen)
+            self.http = await serve(http.build_app(probe, crls=revocations, ocsp=ocsp), cfg.http_listen)
+
+    async def _on_revoked(self, msg: object) -> None:
+        if self.crl is not None:
+            self.crl.wake()
 
     async def start(self) -> int:
         """Open, then sign: always (no VIP configured: returns the epoch) or only while holding the VIP (0)."""
@@ -94,6 +124,10 @@ class CaraRuntime:
             self._role_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._role_task
+        if self._crl_task is not None:
+            self._crl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._crl_task
         if self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:

@@ -66,3 +66,57 @@ class SigningStore(Protocol):
     async def record_failed(self, request_id: str, error: ErrorBody, *, epoch: int, now: datetime) -> None: ...
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None: ...
+
+
+@dataclass(frozen=True)
+class CrlEntry:
+    """One revoked certificate as a CRL lists it. `reason` is a cryptography x509.ReasonFlags name."""
+
+    serial: str
+    revoked_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class CrlRecord:
+    """A signed CRL as stored: full, or delta relative to full CRL `base`."""
+
+    issuer: str
+    number: int
+    delta: bool
+    base: int | None
+    entries: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes
+
+
+@dataclass(frozen=True)
+class CrlSchedule:
+    """What decides the next CRL: when the latest of each kind was made, and whether revocations await a CRL."""
+
+    full_at: datetime | None
+    delta_at: datetime | None
+    unlisted: bool  # some revocation is on no full CRL yet
+
+
+@dataclass(frozen=True)
+class SerialStatus:
+    """What the database says about a serial: unknown (never issued here), good, or revoked (time, reason)."""
+
+    known: bool
+    revoked_at: datetime | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OcspSignerRecord:
+    """An issuer's delegated OCSP responder: certificate (PEM) and the CKA_ID of its key in the HSM."""
+
+    issuer: str
+    cert_pem: str
+    key_id: bytes
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem.encode())

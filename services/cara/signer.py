@@ -52,9 +52,11 @@ class Signer:
         config: SignerConfig,
         clock: Callable[[], datetime],
         faults: FailPoints | None = None,
+        distribution: issuance.Distribution | None = None,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
         self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
+        self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
         self._member, self._config, self._clock = member, config, clock
         self._faults = faults or FailPoints("")
         self._epoch: int | None = None
@@ -221,6 +223,7 @@ class Signer:
             cert = await asyncio.to_thread(
                 issuance.build_certificate, request, csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
                 serial=serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
+                distribution=self._distribution,
             )
         except SigningRejected:
             await self._store.abandon_intent(intent_id, "rejected before signing", self._clock())

@@ -15,7 +15,15 @@ from opentelemetry import trace
 from pydantic import BaseModel
 
 from hapki.contracts import subjects
-from hapki.contracts.models import CertificateQuery, CertificateReply, IssueCertificate, IssueReply, StatusQuery
+from hapki.contracts.models import (
+    CertificateQuery,
+    CertificateReply,
+    IssueCertificate,
+    IssueReply,
+    RevokeCertificate,
+    RevokeReply,
+    StatusQuery,
+)
 from hapki.runtime import telemetry
 
 R = TypeVar("R", bound=BaseModel)
@@ -51,6 +59,10 @@ class ClmClient:
 
     async def certificate(self, serial: str) -> CertificateReply:
         return await self._call(subjects.CLM_CERTIFICATE, CertificateQuery(serial=serial), CertificateReply)
+
+    async def revoke(self, request: RevokeCertificate) -> RevokeReply:
+        with tracer.start_as_current_span("client.revoke", kind=trace.SpanKind.CLIENT):
+            return await self._call(subjects.CLM_REVOKE, request, RevokeReply)
 
     async def raw(self, subject: str, data: bytes) -> bytes:
         """Send arbitrary bytes (for tests and diagnostics)."""

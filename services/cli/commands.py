@@ -8,12 +8,19 @@ import json
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict
 
 from hapki.runtime import telemetry
 from hapki.runtime.config import DatabaseConfig, load_toml
+
+if TYPE_CHECKING:  # the subcommands import their service modules lazily, to start fast
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.ports import IssuerRecord
+    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 
 log = logging.getLogger("hapki.cli")
 
@@ -58,6 +65,7 @@ async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
     from hapki.cara.ports import IssuerRecord
+    from hapki.cara.revocation_store import MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.contracts.errors import NotFound
     from hapki.runtime.clock import utcnow
@@ -70,24 +78,28 @@ async def ca_init(args: argparse.Namespace) -> int:
     try:
         await migrate(db)
         store = MariaDBSigningStore(db)
+        revocations = MariaDBRevocationStore(db)
         try:
             existing = await store.load_issuer(cfg.issuer)
-            print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
-            return 0
         except NotFound:
-            pass
+            existing = None
+        if existing is not None:
+            if await revocations.ocsp_signer(existing.name) is not None:
+                print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
+                return 0
+            # A CA from before OCSP: add its delegated OCSP signer (the cluster KEK of the first ceremony is
+            # still in the tokens, so the new key is replicated like the CA keys).
+            with hsm_pool(cfg.hsm) as pool:
+                await _add_ocsp_signer(pool, revocations, existing, _hsm_members(cfg) if len(cfg.hsm.members) > 1
+                                       else [])
+            return 0
         # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
         # each token imports first, before the pool logs in as user (SO and user cannot share a login).
         # The SO PIN is a ceremony-time secret, not CARA runtime config: it sits beside the user PIN file as
         # <name>.so-pin (how hapki.lab.local.SoftHSM writes them).
-        from hapki.runtime.hsm import HSMMemberConfig
         from hapki.runtime.hsm_replication import provision_kek
 
-        members = [
-            HSMMemberConfig(name=m.name, module_path=str(m.module_path), token_label=m.token_label,
-                            pin_file=m.pin_file, softhsm_conf=m.softhsm_conf)
-            for m in cfg.hsm.members
-        ]
+        members = _hsm_members(cfg)
         replicate_across: list[HSMMemberConfig] = []
         if len(members) > 1:
             so_pin_files = {m.name: m.pin_file.with_name(m.pin_file.name.removesuffix(".pin") + ".so-pin")
@@ -99,18 +111,17 @@ async def ca_init(args: argparse.Namespace) -> int:
                 return 2
             await asyncio.to_thread(provision_kek, members, so_pin_files)
             replicate_across = members
+        pem = serialization.Encoding.PEM
+        name = cfg.issuer or "issuing-1"
         with hsm_pool(cfg.hsm) as pool:
             hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow(),
                                                 replicate_across=replicate_across)
-        pem = serialization.Encoding.PEM
-        issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
-        root_pem = hierarchy.root_cert.public_bytes(pem).decode()
-        name = cfg.issuer or "issuing-1"
-        await store.save_issuer(
-            IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
-                         key_id=hierarchy.issuing_key_id),
-            default=True, now=utcnow(),
-        )
+            issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
+            root_pem = hierarchy.root_cert.public_bytes(pem).decode()
+            record = IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
+                                  key_id=hierarchy.issuing_key_id)
+            await store.save_issuer(record, default=True, now=utcnow())
+            await _add_ocsp_signer(pool, revocations, record, replicate_across)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "root.pem").write_text(root_pem)
@@ -120,6 +131,37 @@ async def ca_init(args: argparse.Namespace) -> int:
         return 0
     finally:
         await db.close()
+
+
+def _hsm_members(cfg: CaraConfig) -> list[HSMMemberConfig]:
+    from hapki.runtime.hsm import HSMMemberConfig
+
+    return [
+        HSMMemberConfig(name=m.name, module_path=str(m.module_path), token_label=m.token_label,
+                        pin_file=m.pin_file, softhsm_conf=m.softhsm_conf)
+        for m in cfg.hsm.members
+    ]
+
+
+async def _add_ocsp_signer(pool: HSMPool, revocations: MariaDBRevocationStore, issuer: IssuerRecord,
+                           replicate_across: list[HSMMemberConfig]) -> None:
+    """The issuer's delegated OCSP signer: key generated in the HSM, certified by the issuing CA, stored."""
+    from hapki.cara.ca_init import create_ocsp_signer
+    from hapki.cara.ports import OcspSignerRecord
+    from hapki.runtime.clock import utcnow
+
+    signer = await asyncio.to_thread(
+        create_ocsp_signer, pool, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
+        now=utcnow(), replicate_across=replicate_across,
+    )
+    name = issuer.name
+    await revocations.save_ocsp_signer(
+        OcspSignerRecord(issuer=name, cert_pem=signer.cert.public_bytes(serialization.Encoding.PEM).decode(),
+                         key_id=signer.key_id),
+        not_after=signer.cert.not_valid_after_utc, now=utcnow(),
+    )
+    print(f"created OCSP signer for {name!r}: {signer.cert.subject.rfc4514_string()}, "
+          f"valid until {signer.cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 class _DatabaseSection(BaseModel):
@@ -239,3 +281,17 @@ def lab(args: argparse.Namespace) -> int:
         print(f"hapki lab {args.action}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def chaos(args: argparse.Namespace) -> int:
+    from hapki.cli.chaos import run_chaos
+    from hapki.lab.ha import LabError, require_root
+
+    try:
+        require_root()
+    except LabError as exc:
+        print(f"hapki chaos: {exc}", file=sys.stderr)
+        return 2
+    telemetry.setup_logging("WARNING")
+    return run_chaos(args.dir, scenarios=args.scenario, runs=args.runs, rate=args.rate, seconds=args.seconds,
+                     as_json=args.json)

@@ -23,6 +23,8 @@ from hapki.contracts.models import (
     CertificateReply,
     IssueCertificate,
     IssueReply,
+    RevokeCertificate,
+    RevokeReply,
     SigningFailed,
     StatusQuery,
 )
@@ -88,6 +90,11 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     async def certificate(body: CertificateQuery) -> CertificateReply:
         """One certificate by serial."""
         return await svc().certificate(body)
+
+    @broker.subscriber(subjects.CLM_REVOKE, queue="clm", max_workers=64, title="RevokeCertificate")
+    async def revoke(body: RevokeCertificate) -> RevokeReply:
+        """Revoke a certificate by serial with an RFC 5280 reason; idempotent by (serial, reason)."""
+        return await svc().revoke(body)
 
     # No queue group: every CLM member sees every result and wakes its own waiters.
     @broker.subscriber(subjects.CARA_ISSUED, title="CertificateIssued", no_reply=True)

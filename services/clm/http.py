@@ -22,6 +22,7 @@ from hapki.contracts.models import (
     CertificateQuery,
     IssueCertificate,
     RequestStatus,
+    RevokeCertificate,
     StatusQuery,
 )
 from hapki.runtime.edge import error_reply
@@ -48,6 +49,8 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.SIGNING_REJECTED: 422,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.ALREADY_REVOKED: 409,  # conflicts with the stored state (revoked with another reason)
+    ErrorCode.FORBIDDEN_REASON: 422,  # a well-formed reason this CA's policy refuses
 }
 # Sent with 503: CLM's own retries (database failover, outbox sweep) usually settle within a second or two.
 RETRY_AFTER_SECONDS = 1
@@ -79,6 +82,10 @@ def build_app(service: ClmService, *, member: str) -> web.Application:
         """GET /v1/certificates/{serial}: CertificateReply."""
         return _reply(await service.certificate(CertificateQuery(serial=request.match_info["serial"])), 200)
 
+    async def revoke(request: web.Request) -> web.Response:
+        """POST /v1/revoke: RevokeCertificate -> RevokeReply, 200 (a repeat with the same reason too)."""
+        return _reply(await service.revoke(RevokeCertificate.model_validate_json(await _read_json(request))), 200)
+
     async def health(request: web.Request) -> web.Response:
         """GET /health: this member's process answers (haproxy's liveness check)."""
         return web.json_response({"member": member, "status": "ok"})
@@ -86,6 +93,7 @@ def build_app(service: ClmService, *, member: str) -> web.Application:
     app.router.add_post("/v1/issue", issue)
     app.router.add_get("/v1/requests/{request_id}", status)
     app.router.add_get("/v1/certificates/{serial}", certificate)
+    app.router.add_post("/v1/revoke", revoke)
     app.router.add_get("/health", health)
     return app
 

@@ -16,9 +16,9 @@ from hapki.clm import http
 from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
-from hapki.clm.queue import JetStreamSigningQueue
+from hapki.clm.queue import JetStreamSigningQueue, NatsEventPublisher
 from hapki.clm.service import ClmService
-from hapki.clm.store import MariaDBRequestStore
+from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
 from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus
 from hapki.runtime.clock import utcnow
@@ -53,6 +53,7 @@ class ClmRuntime:
         await bus.ensure_topology(js, cfg.nats)
         self.service = ClmService(
             store=MariaDBRequestStore(self.db), queue=JetStreamSigningQueue(js), profiles=profiles,
+            revocations=MariaDBRevocationStore(self.db), events=NatsEventPublisher(self.nc),
             clock=self._clock, wait_seconds=cfg.wait_seconds,
         )
         # FastStream logs two lines per message at its log_level; keep those at DEBUG (about 6% of CLM's CPU).

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from hapki.contracts.models import CertificateReply, IssueReply, SignCertificate
+from hapki.contracts.models import CertificateReply, CertificateRevoked, IssueReply, RevokeReply, SignCertificate
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,19 @@ class RequestStore(Protocol):
     async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]: ...
 
 
+class RevocationStore(Protocol):
+    """The revocation calls CLM makes on its database."""
+
+    async def revoke(self, serial: str, reason: str, requester: str, now: datetime) -> RevokeReply: ...
+
+
 class SigningQueue(Protocol):
     """Where approved requests go to the CA."""
 
     async def submit(self, request: SignCertificate) -> None: ...
+
+
+class EventPublisher(Protocol):
+    """Where CLM's events go (core NATS: best effort, the database stays the truth)."""
+
+    async def revoked(self, event: CertificateRevoked) -> None: ...

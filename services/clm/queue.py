@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from opentelemetry import trace
 
 from hapki.contracts import subjects
 from hapki.contracts.errors import Unavailable
-from hapki.contracts.models import SignCertificate
+from hapki.contracts.models import CertificateRevoked, SignCertificate
 from hapki.runtime import telemetry
 
 tracer = trace.get_tracer("hapki.clm")
@@ -32,3 +33,16 @@ class JetStreamSigningQueue:
             except (NatsError, TimeoutError) as exc:
                 raise Unavailable(f"signing queue unavailable: {type(exc).__name__}") from exc
             span.set_attribute("messaging.duplicate", bool(ack.duplicate))
+
+
+class NatsEventPublisher:
+    """CLM's events on core NATS, with trace context in the headers."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+
+    async def revoked(self, event: CertificateRevoked) -> None:
+        try:
+            await self._nc.publish(subjects.CLM_REVOKED, event.model_dump_json().encode(), headers=telemetry.inject())
+        except NatsError as exc:
+            raise Unavailable(f"event bus unavailable: {type(exc).__name__}") from exc

@@ -12,16 +12,20 @@ from datetime import datetime, timedelta
 from opentelemetry import trace
 
 from hapki.clm import validation
-from hapki.clm.ports import NewRequest, RequestStore, SigningQueue
+from hapki.clm.ports import EventPublisher, NewRequest, RequestStore, RevocationStore, SigningQueue
 from hapki.clm.profiles import Profile
-from hapki.contracts.errors import Unavailable
+from hapki.contracts.errors import ForbiddenReason, HapkiError, Unavailable
 from hapki.contracts.models import (
     CertificateIssued,
+    FORBIDDEN_REASONS,
     CertificateQuery,
     CertificateReply,
+    CertificateRevoked,
     IssueCertificate,
     IssueReply,
     RequestStatus,
+    RevokeCertificate,
+    RevokeReply,
     SigningFailed,
     StatusQuery,
 )
@@ -38,11 +42,14 @@ class ClmService:
         *,
         store: RequestStore,
         queue: SigningQueue,
+        revocations: RevocationStore,
+        events: EventPublisher,
         profiles: Mapping[str, Profile],
         clock: Callable[[], datetime],
         wait_seconds: float,
     ) -> None:
         self._store, self._queue, self._profiles = store, queue, profiles
+        self._revocations, self._events = revocations, events
         self._clock, self._wait = clock, wait_seconds
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
 
@@ -88,6 +95,30 @@ class ClmService:
     async def certificate(self, query: CertificateQuery) -> CertificateReply:
         with tracer.start_as_current_span("clm.certificate"):
             return await self._store.certificate(query.serial.lower())
+
+    async def revoke(self, request: RevokeCertificate) -> RevokeReply:
+        """Record a revocation (idempotent by serial and reason), then tell CARA so it regenerates its CRLs."""
+        with tracer.start_as_current_span("clm.revoke") as span:
+            serial = request.serial.lower()
+            span.set_attribute("pki.serial", serial)
+            span.set_attribute("pki.revocation_reason", request.reason.value)
+            if request.reason in FORBIDDEN_REASONS:
+                raise ForbiddenReason(
+                    f"revocation reason {request.reason.value} is not accepted: revocations are final (no holds)"
+                    " and the CA/ AA compromise reasons do not apply to subscriber certificates",
+                    {"reason": request.reason.value,
+                     "allowed": sorted(r.value for r in type(request.reason) if r not in FORBIDDEN_REASONS)},
+                )
+            reply = await self._revocations.revoke(serial, request.reason.value, request.requester, self._clock())
+            assert reply.issuer is not None and reply.reason is not None and reply.revoked_at is not None
+            # Published for repeats too: if the first event was lost, this one still wakes CARA. Best effort:
+            # the revocation is recorded, and CARA also finds revocations missing from its CRLs by polling.
+            try:
+                await self._events.revoked(CertificateRevoked(
+                    issuer=reply.issuer, serial=serial, reason=reply.reason, revoked_at=reply.revoked_at))
+            except HapkiError as exc:
+                log.warning("revocation of %s recorded, event not published: %s", serial, exc)
+            return reply
 
     def on_issued(self, event: CertificateIssued) -> None:
         """A CARA result event: wake whoever waits for this request here."""

@@ -7,8 +7,16 @@ from datetime import datetime
 import aiomysql
 
 from hapki.clm.ports import NewRequest, Recorded
-from hapki.contracts.errors import DuplicateKey, IdempotencyConflict, NotFound
-from hapki.contracts.models import CertificateReply, ErrorBody, IssueReply, RequestStatus, SignCertificate
+from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, NotFound
+from hapki.contracts.models import (
+    CertificateReply,
+    ErrorBody,
+    IssueReply,
+    RequestStatus,
+    RevocationReason,
+    RevokeReply,
+    SignCertificate,
+)
 from hapki.runtime.db import Database, db_time, utc
 
 
@@ -106,3 +114,52 @@ class MariaDBRequestStore:
             return [SignCertificate.model_validate_json(r[0]) for r in await cur.fetchall()]
 
         return await self._db.run(body, name="clm.stale_pending")
+
+
+class MariaDBRevocationStore:
+    """RevocationStore on MariaDB/Galera: one final row per revoked certificate (PRIMARY KEY issuer, serial)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def revoke(self, serial: str, reason: str, requester: str, now: datetime) -> RevokeReply:
+        """Record the revocation; a repeat with the same reason returns the stored one, another reason refuses."""
+
+        async def existing(cur: aiomysql.Cursor, issuer: str) -> RevokeReply | None:
+            await cur.execute(
+                "SELECT reason, revoked_at, requester FROM revocations WHERE issuer = %s AND serial = %s",
+                (issuer, serial),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            if row[0] != reason:
+                raise AlreadyRevoked(
+                    f"certificate {serial} is already revoked with reason {row[0]}",
+                    {"serial": serial, "reason": row[0], "revoked_at": utc(row[1]).isoformat()},
+                )
+            return RevokeReply(serial=serial, issuer=issuer, reason=RevocationReason(row[0]),
+                               revoked_at=utc(row[1]), requester=row[2])
+
+        async def body(cur: aiomysql.Cursor) -> RevokeReply:
+            await cur.execute("SELECT issuer, request_id FROM certificates WHERE serial = %s", (serial,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial}", {"serial": serial})
+            issuer, request_id = row
+            found = await existing(cur, issuer)
+            if found is not None:
+                return found  # also our own earlier attempt whose COMMIT outcome was unknown
+            await cur.execute(
+                "INSERT INTO revocations (issuer, serial, reason, revoked_at, requester, request_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (issuer, serial, reason, db_time(now), requester, request_id),
+            )
+            return RevokeReply(serial=serial, issuer=issuer, reason=RevocationReason(reason),
+                               revoked_at=utc(db_time(now)), requester=requester)
+
+        try:
+            return await self._db.run(body, name="clm.revoke")
+        except DuplicateKey:
+            # A concurrent revocation of the same certificate committed first: same reason -> its result.
+            return await self._db.run(body, name="clm.revoke_lookup")

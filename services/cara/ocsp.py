@@ -1,0 +1,140 @@
+"""The OCSP responder (RFC 6960): request DER in, signed response DER out, status from the database.
+
+Responses are signed by the issuer's delegated OCSP signer (EKU id-kp-OCSPSigning, id-pkix-ocsp-nocheck, key in
+the HSM), which every member loads, so the passive member answers too. Never an exception to the HTTP edge:
+- not a parseable single-certificate request -> malformedRequest;
+- a request about another issuer -> unauthorized (RFC 6960 2.3: not authoritative);
+- the database (or HSM) unavailable -> tryLater; anything else -> internalError (logged).
+A serial this CA never issued is `unknown` (BR 4.9.10: never `good`). thisUpdate is now, nextUpdate now +
+`validity_seconds`; a request nonce (RFC 8954) is echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from opentelemetry import trace
+
+from hapki.cara.ports import IssuerRecord, SerialStatus
+from hapki.contracts.errors import HapkiError
+
+log = logging.getLogger("hapki.cara.ocsp")
+tracer = trace.get_tracer("hapki.cara")
+
+# Largest request read: a single-certificate request with a nonce is about 100 bytes; 64 KiB is generous.
+MAX_REQUEST_BYTES = 64 * 1024
+_HASHES: tuple[type[hashes.HashAlgorithm], ...] = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+class StatusStore(Protocol):
+    async def serial_status(self, issuer: str, serial: str) -> SerialStatus: ...
+
+
+def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    """An unsigned error response (malformedRequest, unauthorized, tryLater, internalError)."""
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
+
+
+class OcspResponder:
+    """Answers OCSP requests about one issuer."""
+
+    def __init__(
+        self,
+        *,
+        store: StatusStore,
+        issuer: IssuerRecord,
+        signer_cert: x509.Certificate,
+        signer_key: ec.EllipticCurvePrivateKey,
+        validity_seconds: int,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store, self._issuer = store, issuer
+        self._signer_cert, self._signer_key = signer_cert, signer_key
+        self._validity = timedelta(seconds=validity_seconds)
+        self._clock = clock
+        issuer_cert = issuer.certificate
+        name = issuer_cert.subject.public_bytes()
+        key = issuer_cert.public_key().public_bytes(serialization.Encoding.X962,
+                                                    serialization.PublicFormat.UncompressedPoint)
+        # (name hash, key hash) of the issuer under each hash a client may use in its CertID.
+        self._issuer_hashes = {algorithm.name: (_digest(algorithm(), name), _digest(algorithm(), key))
+                               for algorithm in _HASHES}
+
+    async def respond(self, der: bytes) -> bytes:
+        """The DER response to a DER request; never raises."""
+        with tracer.start_as_current_span("cara.ocsp") as span:
+            try:
+                request = ocsp.load_der_ocsp_request(der)
+                algorithm, serial = request.hash_algorithm, request.serial_number
+                name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
+                nonce = _nonce(request)
+            except Exception as exc:  # cryptography raises ValueError, but a parser must never take the edge down
+                span.set_attribute("pki.ocsp_status", "malformedRequest")
+                log.debug("malformed OCSP request: %s", exc)
+                return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+            span.set_attribute("pki.serial", format(serial, "x"))
+            if self._issuer_hashes.get(algorithm.name) != (name_hash, key_hash):
+                span.set_attribute("pki.ocsp_status", "unauthorized")
+                return unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+            try:
+                status = await self._store.serial_status(self._issuer.name, format(serial, "x"))
+                response = await asyncio.to_thread(self._sign, algorithm, name_hash, key_hash, serial, status, nonce)
+            except HapkiError as exc:
+                log.warning("OCSP answered tryLater: %s", exc)
+                span.set_attribute("pki.ocsp_status", "tryLater")
+                return unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+            except Exception:
+                log.exception("bug while answering an OCSP request")
+                span.set_attribute("pki.ocsp_status", "internalError")
+                return unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+            cert_status = "unknown" if not status.known else "revoked" if status.revoked_at else "good"
+            span.set_attribute("pki.ocsp_status", cert_status)
+            return response
+
+    def _sign(self, algorithm: hashes.HashAlgorithm, name_hash: bytes, key_hash: bytes, serial: int,
+              status: SerialStatus, nonce: bytes | None) -> bytes:
+        this_update = self._clock().replace(microsecond=0)
+        revoked_at = reason = None
+        if not status.known:
+            cert_status = ocsp.OCSPCertStatus.UNKNOWN
+        elif status.revoked_at is not None:
+            cert_status = ocsp.OCSPCertStatus.REVOKED
+            revoked_at = status.revoked_at.replace(microsecond=0)
+            if status.reason and status.reason != x509.ReasonFlags.unspecified.name:
+                reason = x509.ReasonFlags[status.reason]
+        else:
+            cert_status = ocsp.OCSPCertStatus.GOOD
+        builder = (
+            ocsp.OCSPResponseBuilder()
+            .add_response_by_hash(
+                issuer_name_hash=name_hash, issuer_key_hash=key_hash, serial_number=serial, algorithm=algorithm,
+                cert_status=cert_status, this_update=this_update, next_update=this_update + self._validity,
+                revocation_time=revoked_at, revocation_reason=reason,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, self._signer_cert)
+            .certificates([self._signer_cert])
+        )
+        if nonce is not None:
+            builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        return builder.sign(self._signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
+    try:
+        return request.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()

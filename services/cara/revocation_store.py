@@ -1,0 +1,137 @@
+"""MariaDB adapter of CARA's revocation ports: CRL publication (fenced), CRL and OCSP status reads, OCSP signers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import aiomysql
+
+from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, OcspSignerRecord, SerialStatus
+from hapki.cara.store import TIER
+from hapki.contracts.errors import NotFound
+from hapki.runtime.db import Database, Fence, db_time, utc
+
+# What a CRL build gets: (CRL number, base CRL number for a delta else None, entries) -> signed DER.
+BuildCrl = Callable[[int, int | None, list[CrlEntry]], Awaitable[tuple[bytes, datetime, datetime]]]
+
+
+def _entries(rows: list[tuple]) -> list[CrlEntry]:
+    return [CrlEntry(serial=r[0], revoked_at=utc(r[1]), reason=r[2]) for r in rows]
+
+
+class MariaDBRevocationStore:
+    """CRLs and OCSP status on MariaDB/Galera. CLM writes `revocations`; CARA stamps and reads them."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def publish_crl(
+        self, issuer: str, *, delta: bool, epoch: int, member: str, now: datetime, build: BuildCrl
+    ) -> CrlRecord:
+        """Allocate the next CRL number, collect its entries, sign (via `build`) and store it: one fenced transaction.
+
+        The number is max+1 of the issuer's CRLs, read under a row lock in this transaction; UNIQUE (issuer,
+        crl_number) refuses a concurrent twin and the CARA epoch fence refuses a stale member, so numbers strictly
+        increase across failovers. A full CRL first stamps every revocation on no full CRL yet with its number,
+        then lists every stamped revocation (the plain SELECT after the UPDATE sees exactly its own stamps plus
+        older ones: a revocation committed meanwhile stays unstamped for the next CRL). A delta lists the
+        revocations not on its base: unstamped, or stamped by a full CRL newer than the base.
+        """
+
+        async def body(cur: aiomysql.Cursor) -> CrlRecord:
+            # Step 1: the number, serialised on this node by the lock; across nodes by UNIQUE and certification.
+            await cur.execute("SELECT MAX(crl_number) FROM crls WHERE issuer = %s FOR UPDATE", (issuer,))
+            number = ((await cur.fetchone())[0] or 0) + 1
+            # Step 2: the entries.
+            base = None
+            if delta:
+                await cur.execute(
+                    "SELECT MAX(crl_number) FROM crls WHERE issuer = %s AND is_delta = 0", (issuer,))
+                base = (await cur.fetchone())[0]
+                if base is None:
+                    raise NotFound(f"issuer {issuer} has no full CRL yet to base a delta on", {"issuer": issuer})
+                await cur.execute(
+                    "SELECT serial, revoked_at, reason FROM revocations"
+                    " WHERE issuer = %s AND (crl_number IS NULL OR crl_number > %s)", (issuer, base))
+            else:
+                await cur.execute(
+                    "UPDATE revocations SET crl_number = %s WHERE issuer = %s AND crl_number IS NULL", (number, issuer))
+                await cur.execute(
+                    "SELECT serial, revoked_at, reason FROM revocations WHERE issuer = %s AND crl_number IS NOT NULL",
+                    (issuer,))
+            entries = _entries(list(await cur.fetchall()))
+            # Step 3: sign through the HSM (the caller's build runs it in a thread).
+            der, this_update, next_update = await build(number, base, entries)
+            # Step 4: store it; the fence and COMMIT follow in one round trip. Hex on the wire: aiomysql's bytes
+            # escaping is broken with the installed PyMySQL (escape_bytes_prefixed), and hex is charset-proof.
+            await cur.execute(
+                "INSERT INTO crls (issuer, crl_number, is_delta, base_crl_number, entries, this_update, next_update,"
+                " der, epoch, member, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, UNHEX(%s), %s, %s, %s)",
+                (issuer, number, int(delta), base, len(entries), db_time(this_update), db_time(next_update), der.hex(),
+                 epoch, member, db_time(now)),
+            )
+            return CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
+                             this_update=this_update, next_update=next_update, der=der)
+
+        return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch))
+
+    async def latest_crl(self, issuer: str, *, delta: bool) -> CrlRecord | None:
+        async def body(cur: aiomysql.Cursor) -> CrlRecord | None:
+            await cur.execute(
+                "SELECT crl_number, base_crl_number, entries, this_update, next_update, der FROM crls"
+                " WHERE issuer = %s AND is_delta = %s ORDER BY crl_number DESC LIMIT 1", (issuer, int(delta)))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return CrlRecord(issuer=issuer, number=row[0], delta=delta, base=row[1], entries=row[2],
+                             this_update=utc(row[3]), next_update=utc(row[4]), der=bytes(row[5]))
+
+        return await self._db.run(body, name="cara.crl_latest")
+
+    async def crl_schedule(self, issuer: str) -> CrlSchedule:
+        async def body(cur: aiomysql.Cursor) -> CrlSchedule:
+            await cur.execute(
+                "SELECT is_delta, MAX(this_update) FROM crls WHERE issuer = %s GROUP BY is_delta", (issuer,))
+            latest = {bool(r[0]): utc(r[1]) for r in await cur.fetchall()}
+            await cur.execute(
+                "SELECT 1 FROM revocations WHERE issuer = %s AND crl_number IS NULL LIMIT 1", (issuer,))
+            unlisted = await cur.fetchone() is not None
+            return CrlSchedule(full_at=latest.get(False), delta_at=latest.get(True), unlisted=unlisted)
+
+        return await self._db.run(body, name="cara.crl_schedule")
+
+    async def serial_status(self, issuer: str, serial: str) -> SerialStatus:
+        async def body(cur: aiomysql.Cursor) -> SerialStatus:
+            await cur.execute(
+                "SELECT r.revoked_at, r.reason FROM certificates c LEFT JOIN revocations r"
+                " ON r.issuer = c.issuer AND r.serial = c.serial WHERE c.issuer = %s AND c.serial = %s",
+                (issuer, serial))
+            row = await cur.fetchone()
+            if row is None:
+                return SerialStatus(known=False)
+            return SerialStatus(known=True, revoked_at=utc(row[0]), reason=row[1])
+
+        return await self._db.run(body, name="cara.ocsp_status")
+
+    async def ocsp_signer(self, issuer: str) -> OcspSignerRecord | None:
+        """The issuer's delegated OCSP signer valid longest."""
+
+        async def body(cur: aiomysql.Cursor) -> OcspSignerRecord | None:
+            await cur.execute(
+                "SELECT cert_pem, key_id FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC LIMIT 1",
+                (issuer,))
+            row = await cur.fetchone()
+            return None if row is None else OcspSignerRecord(issuer=issuer, cert_pem=row[0],
+                                                             key_id=bytes.fromhex(row[1]))
+
+        return await self._db.run(body, name="cara.ocsp_signer")
+
+    async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime) -> None:
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute(
+                "INSERT INTO ocsp_signers (issuer, key_id, cert_pem, not_after, created_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now)))
+
+        await self._db.run(body, name="cara.save_ocsp_signer")
