@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     lab.add_argument("--seconds", type=float, default=12.0, help="demo: seconds of load")
     lab.add_argument("--rate", type=float, default=20.0, help="demo: requests per second")
     lab.add_argument("--keep", action="store_true", help="demo: leave the lab running afterwards")
+
+    chaos = sub.add_parser("chaos", help="the fault suite: single failures under load against the HA lab (root)")
+    chaos.add_argument("--scenario", action="append", default=[], metavar="NAME",
+                       help="scenario to run (repeatable; default: all): cara-crash, cara-graceful, cara-link, "
+                            "cara-split-brain, signer-crash, clm-crash, db-node-kill, db-partition, db-minority, "
+                            "hsm-member-down, nats-node-kill")
+    chaos.add_argument("--runs", type=int, default=1, help="runs per scenario")
+    chaos.add_argument("--rate", type=float, default=100.0, help="requests per second (half NATS, half HTTPS)")
+    chaos.add_argument("--seconds", type=float, default=None,
+                       help="seconds of load per run (default: per scenario, a few seconds around the fault)")
+    chaos.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
+    chaos.add_argument("--dir", type=Path, default=Path(".run/lab"), help="working directory of the lab")
     return p
 
 
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.demo,
         "bench": commands.bench,
         "lab": commands.lab,
+        "chaos": commands.chaos,
     }[args.command]
     return asyncio.run(handler(args)) if asyncio.iscoroutinefunction(handler) else handler(args)
 

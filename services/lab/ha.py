@@ -387,7 +387,9 @@ class Lab:
                 text = log_path.read_text(errors="replace")[offset:] if log_path.exists() else ""
                 if f"hapki {kind} ready" in text:
                     del waiting[name]
-                elif not self.procs.alive(name):
+                elif not self.procs.alive(name) and wait_until(lambda n=name: self.procs.alive(n), 0.3, 0.05) is None:
+                    # Asked twice: while `ip netns exec` execs the service, its command line can read empty for
+                    # a moment, and the marker check would call a starting process dead.
                     raise LabError(f"{name} exited during start; tail of {log_path}:\n{text[-3000:]}")
             if waiting and time.monotonic() > deadline:
                 tails = "\n".join(f"--- {n}:\n{_tail(p, 15, since=o)}" for n, (p, o) in waiting.items())
@@ -475,6 +477,135 @@ class Lab:
         if pid is None:
             raise LabError(f"{name} is not running")
         os.kill(pid, sig)
+
+    def kill_data_node(self, name: str) -> float:
+        """SIGKILL a data-tier process (`galera@db-1`, `nats@nats-2`); the wall time just before the kill."""
+        node = self._data_node(name)
+        began = time.time()
+        if node.running:
+            node.kill()  # our own child: kill and reap
+        else:
+            self.procs.crash(name)  # started by another process (`hapki lab up`): by PID and marker
+        return began
+
+    def start_data_node(self, name: str, timeout: float = 120.0) -> None:
+        """Start a killed data-tier process again and wait until it serves: a Galera node from its recovered
+        position (IST) until Synced, a NATS server until every server's /healthz is ok."""
+        node = self._data_node(name)
+        if self.procs.alive(name):
+            return
+        if isinstance(node, GaleraNode):
+            node.restart_after_crash()
+            node.wait_synced(timeout)
+            marker = node.cnf_path
+        else:
+            node.start()
+            marker = node.conf_path
+            if wait_until(lambda: all(self._nats_healthy(n) for n in self.nats.nodes), timeout, 0.2) is None:
+                raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after restarting {name}")
+        assert node.pid is not None
+        self.procs.record(name, node.pid, str(marker), node.log_path)
+
+    def _data_node(self, name: str) -> GaleraNode | NatsClusterNode:
+        kind, _, member = name.partition("@")
+        nodes: list[Any] = {"galera": self.galera.nodes, "nats": self.nats.nodes}.get(kind, [])
+        for node in nodes:
+            if node.name == member:
+                return node  # type: ignore[no-any-return]
+        raise LabError(f"{name} is not a data-tier process (galera@db-N or nats@nats-N)")
+
+    def _nats_healthy(self, node: NatsClusterNode) -> bool:
+        return _http_json(f"http://{node.address}:{node.monitor_port}/healthz").get("status") == "ok"
+
+    def hsm_down(self, hsm: str) -> None:
+        """Make one HSM member fail for every process: its token directory disappears (SoftHSM re-reads it)."""
+        tokens = self.hsms[hsm].token_dir
+        if tokens.exists():
+            tokens.rename(tokens.with_name("tokens.dead"))
+
+    def hsm_up(self, hsm: str) -> None:
+        dead = self.hsms[hsm].token_dir.with_name("tokens.dead")
+        if dead.exists():
+            dead.rename(self.hsms[hsm].token_dir)
+
+    def set_fail_points(self, name: str, spec: str | None, arm_file: Path | None = None,
+                        timeout: float = SERVICE_READY_TIMEOUT) -> None:
+        """(Re)start service ``name`` with HAPKI_FAULTS=``spec`` (None: clean); a dead one is just started.
+
+        With ``arm_file``, the points act only while that file exists (hapki.runtime.faults). `heal()` restarts
+        any service still running with fail points, clean.
+        """
+        entry = self.procs.procs[name]
+        env = {k: v for k, v in (entry.env or self._child_env()).items() if not k.startswith("HAPKI_FAULTS")}
+        if spec:
+            env["HAPKI_FAULTS"] = spec
+            if arm_file is not None:
+                env["HAPKI_FAULTS_ARM_FILE"] = str(arm_file)
+        self.procs.stop(name)
+        entry.env = env
+        self.procs.save()
+        self.start(name, timeout)
+
+    def heal(self, vip_timeout: float = 10.0, data_timeout: float = 120.0) -> None:
+        """Undo every fault a test or the fault suite may have left, then wait for the VIPs to be back home.
+
+        Network blocks and VRRP blocks removed, cut links restored, dead HSM members back, killed Galera and NATS
+        nodes restarted (Galera until Synced), services running with fail points restarted clean, every stopped
+        or crashed process started again, each VIP on its preferred member.
+        """
+        self.procs.load()
+        self.net.clear_faults()
+        for member in self.topo.members:
+            self.net.restore_link(member)
+        for hsm in self.hsms:
+            self.hsm_up(hsm)
+        for name in [*self.procs.names(kind="galera"), *self.procs.names(kind="nats")]:
+            if not self.procs.alive(name):
+                self.start_data_node(name, data_timeout)
+        for name, entry in list(self.procs.procs.items()):
+            faulty = entry.argv and any(k.startswith("HAPKI_FAULTS") for k in (entry.env or {}))
+            if faulty:
+                self.set_fail_points(name, None)
+            elif entry.argv and not self.procs.alive(name):
+                self.start(name)
+        for tier in self.topo.tiers:
+            if self.wait_vip(tier, self.preferred(tier), vip_timeout) is None:
+                raise LabError(f"healing: the {tier} VIP did not return to {self.preferred(tier)}: "
+                               f"{self.vip_holders(tier)}")
+
+    def steady(self) -> dict[str, Any]:
+        """What is not yet as `up()` left it (empty = steady): Galera nodes not Synced/Primary with all members,
+        NATS servers not healthy, a VIP away from home, the preferred CARA member not signing."""
+        problems: dict[str, Any] = {}
+        size = len(self.galera.nodes)
+        for node in self.galera.nodes:
+            st = self._galera_status(node)
+            if not (st.get("wsrep_local_state_comment") == "Synced" and st.get("wsrep_cluster_status") == "Primary"
+                    and st.get("wsrep_cluster_size") == size and st.get("wsrep_ready") == "ON"):
+                problems[f"galera@{node.name}"] = st
+        for node in self.nats.nodes:
+            if not self._nats_healthy(node):
+                problems[f"nats@{node.name}"] = "not healthy"
+        for tier in self.topo.tiers:
+            if self.vip_holders(tier) != [self.preferred(tier)]:
+                problems[f"{tier} VIP"] = self.vip_holders(tier)
+        cara = self.preferred("cara")
+        body = self.member_health(cara).get("body")
+        if not (isinstance(body, dict) and body.get("active")):
+            problems[f"cara@{cara}"] = body
+        return problems
+
+    def wait_steady(self, timeout: float = 60.0) -> None:
+        """Wait until `steady()` reports nothing; LabError naming what is not steady after ``timeout``."""
+        last: dict[str, Any] = {}
+
+        def settled() -> bool:
+            last.clear()
+            last.update(self.steady())
+            return not last
+
+        if wait_until(settled, timeout, 0.2) is None:
+            raise LabError(f"the lab is not steady after {timeout:.0f} s: {last}")
 
     def reachable(self) -> bool:
         """True if the host's link and route into the lab exist (without them, lab addresses would be sent to

@@ -23,6 +23,9 @@ from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
 from hapki.runtime import telemetry
 
 tracer = trace.get_tracer("hapki.lab.load")
+# A client's patience per attempt before it retries with the same idempotency key (retries are safe). Short:
+# a request taken by a member that then crashed gets no answer, and this is what its client waits for.
+CLIENT_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -50,10 +53,10 @@ class Load:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Load:
-        self._nats = await ClmClient.connect(self._lab.nats_urls, timeout=5.0)
+        self._nats = await ClmClient.connect(self._lab.nats_urls, timeout=CLIENT_TIMEOUT_SECONDS)
         context = ssl.create_default_context(cafile=str(self._lab.ca_bundle))
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context),
-                                           timeout=aiohttp.ClientTimeout(total=5.0))
+                                           timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS))
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -301,6 +301,11 @@ class LabNetwork:
         a, b = self.topo.members_of_tier(tier)
         self._set_pairs("blocked_vrrp", a, b, add=False)
 
+    def clear_faults(self) -> None:
+        """Remove every blocked pair and every VRRP block (both tables): the network as `create()` left it."""
+        self.nft("".join(f"flush set {family} {table} {name}\n" for family, table in (("inet", NFT_TABLE),
+                         ("bridge", NFT_FAULTS)) for name in ("blocked", "blocked_vrrp")))
+
     def cut_link(self, member: str) -> None:
         """Unplug ``member``: its veth's router end goes down (the member sees carrier loss, keeps its routes)."""
         _run(["ip", "-n", self.router, "link", "set", f"v-{member}", "down"])

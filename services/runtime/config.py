@@ -48,6 +48,12 @@ class DatabaseConfig(StrictModel):
     connect_timeout_seconds: float = Field(default=2.0, gt=0, description="TCP connect timeout, seconds")
     sync_wait: bool = Field(default=False, description="SET wsrep_sync_wait=1 on Galera for read-your-writes")
     max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per transaction before giving up")
+    transaction_timeout_seconds: float = Field(
+        default=15.0, gt=0, le=300,
+        description="Bound on one transaction attempt, pool acquire included, seconds; above Galera's ~6 s "
+        "reconfiguration stall and the longest CRL transaction. On expiry the node's pool is replaced and the "
+        "transaction retried elsewhere",
+    )
 
 
 class HSMMember(StrictModel):

@@ -118,6 +118,13 @@ class Database:
                 self._pools[node] = pool
             return pool
 
+    async def _discard_pool(self, node: str) -> None:
+        """Drop a node's pool (closing its connections) so the next use builds a fresh one."""
+        pool = self._pools.pop(node, None)
+        if pool is not None:
+            pool.terminate()  # closes the connections in use
+            await pool.wait_closed()  # and the free ones
+
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
         if nodes[self._current % len(nodes)] == node:
@@ -135,13 +142,24 @@ class Database:
                 node = self._config.nodes[self._current % len(self._config.nodes)]
                 span.set_attribute("db.node", node)
                 try:
-                    return await self._run_once(node, body, fence)
+                    # A bound on the whole attempt (pool acquire included): whatever hangs, a node that stopped
+                    # answering or a wedged pool, becomes a retry elsewhere instead of a request stuck forever.
+                    async with asyncio.timeout(self._config.transaction_timeout_seconds):
+                        return await self._run_once(node, body, fence)
+                except TimeoutError as exc:
+                    last = exc
+                    log.warning("transaction %s on %s took over %.0f s; replacing that node's pool", name, node,
+                                self._config.transaction_timeout_seconds)
+                    await self._discard_pool(node)
+                    self._fail_over(node)
+                    span.add_event("timeout", {"attempt": attempt + 1, "node": node})
+                    continue
                 except pymysql.err.IntegrityError as exc:
                     if _errno(exc) == ER_DUP_ENTRY:
                         raise DuplicateKey(str(exc.args[1] if len(exc.args) > 1 else exc)) from None
                     raise Internal(f"integrity error in {name}") from exc
                 except (pymysql.err.OperationalError, pymysql.err.InternalError, pymysql.err.InterfaceError,
-                        OSError, asyncio.TimeoutError, CommitOutcomeUnknown) as exc:
+                        OSError, CommitOutcomeUnknown) as exc:
                     last = exc
                     code = _errno(exc)
                     if code in RETRY_SAME_NODE:

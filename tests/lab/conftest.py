@@ -72,18 +72,9 @@ def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def heal(lab: Lab) -> None:
-    """Undo every fault a test may have left: VRRP blocks, cut links, stopped processes; VIPs back home."""
-    for tier in lab.topo.tiers:
-        lab.net.unblock_vrrp(tier)
-    for member in lab.topo.members:
-        lab.net.restore_link(member)
-    for name, entry in list(lab.procs.procs.items()):
-        if entry.argv and not lab.procs.alive(name):
-            lab.start(name)
-    for tier in lab.topo.tiers:
-        if lab.wait_vip(tier, lab.preferred(tier), HEAL_VIP_TIMEOUT) is None:
-            raise RuntimeError(f"healing: the {tier} VIP did not return to {lab.preferred(tier)}: "
-                               f"{lab.vip_holders(tier)}")
+    """Undo every fault a test may have left (hapki.lab.ha.Lab.heal): blocks, cut links, dead HSMs and data
+    nodes, stopped processes, fail points; VIPs back home."""
+    lab.heal(vip_timeout=HEAL_VIP_TIMEOUT)
 
 
 @pytest.fixture

@@ -1,0 +1,250 @@
+"""The fault suite's scenarios: one named single failure each, how to inject it and how to undo it.
+
+A scenario is three functions of the lab and a per-run scratch dict (`ctx`):
+- `prepare` (optional, before the load starts; not measured): e.g. restart the signer with a fail point armed;
+- `inject` (during the load): cause the failure and return its wall-clock time (`time.time()`) — the moment
+  the fault is in effect, from which unavailability and the time to the first signature are measured;
+- `restore` (optional, `hold` seconds after the fault, load still running): undo it as operations would
+  (restore a link, restart a database node, put an HSM back). Where nothing would come back within a run
+  (a crashed host), there is no restore: `Lab.heal()` brings it back after the run, outside the measurement.
+
+Members are chosen at run time: "the active CARA member" is the one holding the CARA VIP when the fault starts;
+"the database node the services use" is db-1, the first node of every service's list (a fault there is the
+harder case: connections must fail over, not just wait for the cluster to recover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hapki.lab.cluster import wait_until
+from hapki.lab.load import crash_member
+
+__all__ = ["ALIASES", "SCENARIOS", "Scenario", "signing_stream_leader"]
+
+Step = Callable[[Any, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One single failure under load; see the module docstring."""
+
+    name: str
+    summary: str
+    inject: Callable[[Any, dict[str, Any]], float]
+    restore: Step | None = None
+    prepare: Step | None = None
+    hold: float = 3.0  # seconds from the fault to `restore` (load keeps running)
+    tail: float = 3.0  # seconds of load after `restore` (or after the fault, without one)
+    kind: str = "other"  # cara | clm | db | other: which goal of docs/RELIABILITY.md applies
+
+
+def _active(lab: Any, tier: str) -> str:
+    holders = lab.vip_holders(tier)
+    if len(holders) != 1:
+        raise RuntimeError(f"the {tier} VIP is held by {holders}, not by one member")
+    return holders[0]
+
+
+# --- CARA -----------------------------------------------------------------------------------------------------
+
+def _cara_crash(lab: Any, ctx: dict[str, Any]) -> float:
+    ctx["member"] = _active(lab, "cara")
+    return crash_member(lab, ctx["member"])
+
+
+def _cara_graceful(lab: Any, ctx: dict[str, Any]) -> float:
+    ctx["member"] = member = _active(lab, "cara")
+    began = time.time()
+    lab.procs.stop_many(lab.procs.names(member=member), timeout=15.0)
+    return began
+
+
+def _cara_link(lab: Any, ctx: dict[str, Any]) -> float:
+    ctx["member"] = _active(lab, "cara")
+    began = time.time()
+    lab.net.cut_link(ctx["member"])
+    return began
+
+
+def _cara_link_restore(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.net.restore_link(ctx["member"])
+
+
+def _cara_split(lab: Any, ctx: dict[str, Any]) -> float:
+    members = sorted(lab.topo.members_of_tier("cara"))
+    began = time.time()
+    lab.net.block_vrrp("cara")
+    ctx["formed"] = wait_until(lambda: sorted(lab.vip_holders("cara")) == members, 5.0, 0.02)
+    if ctx["formed"] is None:
+        raise RuntimeError(f"split brain did not form within 5 s: {lab.vip_holders('cara')}")
+    return began
+
+
+def _cara_split_restore(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.net.unblock_vrrp("cara")
+
+
+def _signer_prepare(lab: Any, ctx: dict[str, Any]) -> None:
+    member = _active(lab, "cara")
+    arm = lab.base_dir / "chaos-arm-after-sign"
+    arm.unlink(missing_ok=True)
+    ctx.update(member=member, name=f"cara@{member}", arm=arm)
+    lab.set_fail_points(ctx["name"], "cara.after_sign=crash", arm_file=arm)
+
+
+def _signer_crash(lab: Any, ctx: dict[str, Any]) -> float:
+    began = time.time()
+    ctx["arm"].touch()  # the next signature (any worker) kills the process between C_Sign and its commit
+    died = wait_until(lambda: not lab.procs.alive(ctx["name"]), 10.0, 0.005)
+    ctx["arm"].unlink(missing_ok=True)
+    if died is None:
+        raise RuntimeError(f"{ctx['name']} did not reach the armed fail point within 10 s")
+    return began
+
+
+def _signer_restart(lab: Any, ctx: dict[str, Any]) -> None:
+    # As a supervisor (systemd Restart=always) would: the same service, started again, clean.
+    lab.set_fail_points(ctx["name"], None)
+
+
+# --- CLM ------------------------------------------------------------------------------------------------------
+
+def _clm_crash(lab: Any, ctx: dict[str, Any]) -> float:
+    ctx["member"] = _active(lab, "clm")
+    return crash_member(lab, ctx["member"])
+
+
+# --- database -------------------------------------------------------------------------------------------------
+
+DB_NODE = "db-1"
+
+
+def _db_kill(lab: Any, ctx: dict[str, Any]) -> float:
+    return lab.kill_data_node(f"galera@{DB_NODE}")
+
+
+def _db_restart(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.start_data_node(f"galera@{DB_NODE}")
+
+
+def _db_others(node: str, lab: Any) -> list[str]:
+    return [n.name for n in lab.galera.nodes if n.name != node]
+
+
+def _db_partition(lab: Any, ctx: dict[str, Any]) -> float:
+    began = time.time()
+    for other in _db_others(DB_NODE, lab):
+        lab.net.block(DB_NODE, other)
+    return began
+
+
+def _db_partition_restore(lab: Any, ctx: dict[str, Any]) -> None:
+    for other in _db_others(DB_NODE, lab):
+        lab.net.unblock(DB_NODE, other)
+    _wait_synced(lab, DB_NODE)
+
+
+MINORITY_NODE = "db-3"
+
+
+def _db_minority(lab: Any, ctx: dict[str, Any]) -> float:
+    # db-3 alone on its side of a partition: it drops to non-Primary (wsrep_ready=OFF, every statement 1047).
+    # The active CARA member loses its paths to db-1 and db-2 (a network fault between it and them), so the only
+    # database node it can reach is the non-Primary one. Everyone else keeps the Primary component.
+    ctx["member"] = cara = _active(lab, "cara")
+    ctx["pairs"] = [(MINORITY_NODE, other) for other in _db_others(MINORITY_NODE, lab)]
+    ctx["pairs"] += [(cara, other) for other in _db_others(MINORITY_NODE, lab)]
+    began = time.time()
+    for a, b in ctx["pairs"]:
+        lab.net.block(a, b)
+    return began
+
+
+def _db_minority_restore(lab: Any, ctx: dict[str, Any]) -> None:
+    for a, b in ctx["pairs"]:
+        lab.net.unblock(a, b)
+    _wait_synced(lab, MINORITY_NODE)
+
+
+def _wait_synced(lab: Any, name: str, timeout: float = 60.0) -> None:
+    node = next(n for n in lab.galera.nodes if n.name == name)
+
+    def synced() -> bool:
+        st = lab._galera_status(node)
+        return st.get("wsrep_local_state_comment") == "Synced" and st.get("wsrep_cluster_status") == "Primary"
+
+    if wait_until(synced, timeout, 0.2) is None:
+        raise RuntimeError(f"{name} did not rejoin (Synced, Primary) within {timeout:.0f} s")
+
+
+# --- HSM, bus -------------------------------------------------------------------------------------------------
+
+def _hsm_down(lab: Any, ctx: dict[str, Any]) -> float:
+    began = time.time()
+    lab.hsm_down("hsm-a")
+    return began
+
+
+def _hsm_up(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.hsm_up("hsm-a")
+
+
+def signing_stream_leader(lab: Any) -> str:
+    """The NATS server leading the PKI_SIGNING stream (JetStream stream info, read with nats-py)."""
+    from hapki.contracts import subjects
+
+    async def read() -> str:
+        import nats
+
+        nc = await nats.connect(servers=lab.nats_urls, connect_timeout=2, allow_reconnect=False)
+        try:
+            info = await nc.jetstream(timeout=5).stream_info(subjects.SIGNING_STREAM)
+            if info.cluster is None or not info.cluster.leader:
+                raise RuntimeError(f"{subjects.SIGNING_STREAM} has no leader: {info.cluster}")
+            return str(info.cluster.leader)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def _nats_kill(lab: Any, ctx: dict[str, Any]) -> float:
+    ctx["node"] = signing_stream_leader(lab)
+    return lab.kill_data_node(f"nats@{ctx['node']}")
+
+
+def _nats_restart(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.start_data_node(f"nats@{ctx['node']}")
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("cara-crash", "SIGSTOP+SIGKILL every process of the active CARA member (keepalived included)",
+             _cara_crash, kind="cara"),
+    Scenario("cara-graceful", "stop every process of the active CARA member cleanly (SIGTERM)",
+             _cara_graceful, kind="cara"),
+    Scenario("cara-link", "cut the active CARA member's link for `hold` s, then restore it (it takes the VIP back)",
+             _cara_link, _cara_link_restore, kind="cara"),
+    Scenario("cara-split-brain", "drop VRRP between the CARA members (both hold the VIP, both sign) for `hold` s",
+             _cara_split, _cara_split_restore, kind="cara"),
+    Scenario("signer-crash", "the active signer SIGKILLs itself right after C_Sign, before its commit "
+             "(fail point cara.after_sign); restarted clean at once, as a supervisor would",
+             _signer_crash, _signer_restart, prepare=_signer_prepare, hold=0.2, tail=6.0, kind="cara"),
+    Scenario("clm-crash", "SIGSTOP+SIGKILL every process of the active CLM member", _clm_crash, kind="clm"),
+    Scenario("db-node-kill", f"SIGKILL Galera {DB_NODE} (first node of every service); restart it (IST) after `hold`",
+             _db_kill, _db_restart, hold=8.0, kind="db"),
+    Scenario("db-partition", f"partition Galera {DB_NODE} from the other two nodes for `hold` s; it rejoins",
+             _db_partition, _db_partition_restore, hold=8.0, kind="db"),
+    Scenario("db-minority", f"the active CARA member reaches only {MINORITY_NODE}, which is partitioned into a "
+             "non-Primary minority, for `hold` s", _db_minority, _db_minority_restore, hold=6.0, kind="db"),
+    Scenario("hsm-member-down", "hsm-a's token store disappears for `hold` s (every process loses that HSM)",
+             _hsm_down, _hsm_up, kind="other"),
+    Scenario("nats-node-kill", "SIGKILL the NATS server leading the PKI_SIGNING stream; restart it after `hold`",
+             _nats_kill, _nats_restart, kind="other"),
+]}
+# Other names accepted on the command line.
+ALIASES = {"signer-crash-between-sign-and-commit": "signer-crash"}
