@@ -53,6 +53,9 @@ def ha_events_stream(replicas: int) -> StreamConfig:
     )
 
 
+_UPDATABLE = ("ack_wait", "max_ack_pending", "max_waiting", "max_deliver")
+
+
 def signing_consumer() -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.SIGNING_CONSUMER,
@@ -104,8 +107,17 @@ async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
         await js.stream_info(subjects.HA_EVENTS_STREAM)
     except NotFoundError:
         await js.add_stream(ha_events_stream(config.stream_replicas))
+    consumer = signing_consumer()
     try:
-        await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)
+        info = await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)
     except NotFoundError:
-        await js.add_consumer(wanted.name, signing_consumer())
+        await js.add_consumer(wanted.name, consumer)
         log.info("created consumer %s", subjects.SIGNING_CONSUMER)
+        return
+    # An existing durable keeps its config unless told otherwise (FIELD-NOTES): converge the settings the server
+    # lets us change, so a deployment picks up a new ack_wait without deleting the consumer (and its state).
+    drift = {f: (getattr(info.config, f), getattr(consumer, f)) for f in _UPDATABLE
+             if getattr(info.config, f) != getattr(consumer, f)}
+    if drift:
+        await js.add_consumer(wanted.name, consumer)
+        log.info("updated consumer %s: %s", subjects.SIGNING_CONSUMER, drift)
