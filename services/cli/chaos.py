@@ -6,6 +6,7 @@ healed and left running otherwise.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
 import time
@@ -25,6 +26,14 @@ def run_chaos(base_dir: Path, *, scenarios: list[str] | None, runs: int, rate: f
         chosen = resolve(scenarios)
     except KeyError as exc:
         print(f"hapki chaos: {exc.args[0]}", file=sys.stderr)
+        return 2
+    # Two fault runs on one lab would inject each other's faults into each other's measurements.
+    Path(base_dir).mkdir(parents=True, exist_ok=True)
+    lock = (Path(base_dir) / "chaos.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"hapki chaos: another hapki chaos is running on {base_dir}", file=sys.stderr)
         return 2
     lab = Lab(base_dir)
     was_up = lab.procs.meta.get("state") == "up" and lab.reachable()
