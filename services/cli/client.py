@@ -44,15 +44,16 @@ class ClmClient:
     async def close(self) -> None:
         await self._nc.close()
 
-    async def _call(self, subject: str, body: BaseModel, reply: type[R]) -> R:
+    async def _call(self, subject: str, body: BaseModel, reply: type[R], timeout: float | None = None) -> R:
         msg = await self._nc.request(
-            subject, body.model_dump_json().encode(), timeout=self._timeout, headers=telemetry.inject()
+            subject, body.model_dump_json().encode(), timeout=timeout or self._timeout, headers=telemetry.inject()
         )
         return reply.model_validate_json(msg.data)
 
-    async def issue(self, request: IssueCertificate) -> IssueReply:
+    async def issue(self, request: IssueCertificate, timeout: float | None = None) -> IssueReply:
+        """Issue (or, with the same idempotency key, ask again); `timeout` overrides the client's, seconds."""
         with tracer.start_as_current_span("client.issue", kind=trace.SpanKind.CLIENT):
-            return await self._call(subjects.CLM_ISSUE, request, IssueReply)
+            return await self._call(subjects.CLM_ISSUE, request, IssueReply, timeout)
 
     async def status(self, request_id: str) -> IssueReply:
         return await self._call(subjects.CLM_STATUS, StatusQuery(request_id=request_id), IssueReply)

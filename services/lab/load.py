@@ -23,9 +23,16 @@ from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
 from hapki.runtime import telemetry
 
 tracer = trace.get_tracer("hapki.lab.load")
-# A client's patience per attempt before it retries with the same idempotency key (retries are safe). Short:
-# a request taken by a member that then crashed gets no answer, and this is what its client waits for.
-CLIENT_TIMEOUT_SECONDS = 2.0
+# A client's patience per attempt before it retries with the same idempotency key (retries are safe): short at
+# first, because a request taken by a member that then crashed gets no answer and this is what its client waits
+# for; doubling per attempt up to a cap, so a long stall (Galera reconfiguring) is not met with a retry storm.
+FIRST_ATTEMPT_TIMEOUT_SECONDS = 1.0
+MAX_ATTEMPT_TIMEOUT_SECONDS = 4.0
+
+
+def attempt_timeout(attempt: int) -> float:
+    """Seconds the client waits on its `attempt`-th try (1-based)."""
+    return min(MAX_ATTEMPT_TIMEOUT_SECONDS, FIRST_ATTEMPT_TIMEOUT_SECONDS * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -53,10 +60,10 @@ class Load:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Load:
-        self._nats = await ClmClient.connect(self._lab.nats_urls, timeout=CLIENT_TIMEOUT_SECONDS)
+        self._nats = await ClmClient.connect(self._lab.nats_urls, timeout=MAX_ATTEMPT_TIMEOUT_SECONDS)
         context = ssl.create_default_context(cafile=str(self._lab.ca_bundle))
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context),
-                                           timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS))
+                                           timeout=aiohttp.ClientTimeout(total=MAX_ATTEMPT_TIMEOUT_SECONDS))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -84,7 +91,8 @@ class Load:
             while time.monotonic() < deadline:
                 req.attempts += 1
                 try:
-                    reply = await (self._via_https(body) if req.via == "https" else self._nats_issue(body))
+                    wait = attempt_timeout(req.attempts)
+                    reply = await (self._via_https(body, wait) if req.via == "https" else self._nats_issue(body, wait))
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                     req.errors.append(f"{type(exc).__name__} at +{time.time() - req.sent_at:.2f} s")
                     await asyncio.sleep(0.2)
@@ -99,14 +107,15 @@ class Load:
                     return
                 await asyncio.sleep(0.2)  # pending: ask again with the same key
 
-    async def _nats_issue(self, body: IssueCertificate) -> IssueReply:
+    async def _nats_issue(self, body: IssueCertificate, timeout: float) -> IssueReply:
         assert self._nats is not None
-        return await self._nats.issue(body)
+        return await self._nats.issue(body, timeout=timeout)
 
-    async def _via_https(self, body: IssueCertificate) -> IssueReply:
+    async def _via_https(self, body: IssueCertificate, timeout: float) -> IssueReply:
         assert self._http is not None
         async with self._http.post(f"{self._lab.url('clm')}/v1/issue", data=body.model_dump_json(),
-                                   headers=telemetry.inject({"Content-Type": "application/json"})) as response:
+                                   headers=telemetry.inject({"Content-Type": "application/json"}),
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             return IssueReply.model_validate_json(await response.read())
 
 

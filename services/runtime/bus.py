@@ -22,7 +22,7 @@ log = logging.getLogger("hapki.bus")
 
 # Redeliver an unacked signing request after this long. Short, because a crashed signer's messages wait
 # exactly this long (FIELD-NOTES); long signings heartbeat with in_progress().
-SIGNING_ACK_WAIT_SECONDS = 2.0
+SIGNING_ACK_WAIT_SECONDS = 1.0
 # JetStream de-duplicates a republished request id within this window; CARA's database checks cover the rest.
 DUPLICATE_WINDOW_SECONDS = 600.0
 
