@@ -3,6 +3,7 @@ and CARA + CLM running in-process against them (so spans land in the in-memory e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -46,13 +47,20 @@ async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime
         await cara.stop()
 
 
-@pytest.fixture
-async def client(env: LocalEnv, services: object) -> AsyncIterator[ClmClient]:
+@contextlib.asynccontextmanager
+async def connected_client(env: LocalEnv) -> AsyncIterator[ClmClient]:
+    """A CLM NATS client on the env's server, closed afterwards (modules with their own runtimes use it too)."""
     c = await ClmClient.connect([env.nats.url], timeout=15.0)
     try:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def client(env: LocalEnv, services: object) -> AsyncIterator[ClmClient]:
+    async with connected_client(env) as c:
+        yield c
 
 
 @pytest.fixture

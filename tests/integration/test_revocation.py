@@ -28,7 +28,7 @@ from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReaso
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from helpers.csr import make_csr, make_key
-from integration.conftest import chain_files, query
+from integration.conftest import chain_files, connected_client, query
 from telemetry_fixture import memory_exporter
 
 pytestmark = pytest.mark.integration
@@ -69,11 +69,8 @@ async def rig(env: LocalEnv) -> AsyncIterator[Rig]:
 
 @pytest.fixture
 async def nats_client(env: LocalEnv, rig: Rig) -> AsyncIterator[ClmClient]:
-    c = await ClmClient.connect([env.nats.url], timeout=15.0)
-    try:
+    async with connected_client(env) as c:
         yield c
-    finally:
-        await c.close()
 
 
 @pytest.fixture

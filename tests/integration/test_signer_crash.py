@@ -20,7 +20,7 @@ from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from helpers.csr import make_csr, make_key
-from integration.conftest import query
+from integration.conftest import connected_client, query
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +37,8 @@ async def clm(env: LocalEnv) -> AsyncIterator[ClmRuntime]:
 
 @pytest.fixture
 async def client(env: LocalEnv, clm: ClmRuntime) -> AsyncIterator[ClmClient]:
-    c = await ClmClient.connect([env.nats.url], timeout=15.0)
-    try:
+    async with connected_client(env) as c:
         yield c
-    finally:
-        await c.close()
 
 
 @pytest.fixture

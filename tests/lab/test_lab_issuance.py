@@ -4,7 +4,6 @@ twice, every signature accounted for (checked in the database), signing resumes 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 
