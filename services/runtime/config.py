@@ -51,8 +51,8 @@ class DatabaseConfig(StrictModel):
     transaction_timeout_seconds: float = Field(
         default=15.0, gt=0, le=300,
         description="Bound on one transaction attempt, pool acquire included, seconds; above Galera's ~6 s "
-        "reconfiguration stall and the longest CRL transaction. On expiry the node's pool is replaced and the "
-        "transaction retried elsewhere",
+        "reconfiguration stall and the longest CRL transaction. On expiry the attempt's connection is closed and "
+        "the transaction retried on the next node",
     )
 
 

@@ -118,13 +118,6 @@ class Database:
                 self._pools[node] = pool
             return pool
 
-    async def _discard_pool(self, node: str) -> None:
-        """Drop a node's pool (closing its connections) so the next use builds a fresh one."""
-        pool = self._pools.pop(node, None)
-        if pool is not None:
-            pool.terminate()  # closes the connections in use
-            await pool.wait_closed()  # and the free ones
-
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
         if nodes[self._current % len(nodes)] == node:
@@ -147,10 +140,12 @@ class Database:
                     async with asyncio.timeout(self._config.transaction_timeout_seconds):
                         return await self._run_once(node, body, fence)
                 except TimeoutError as exc:
+                    # The attempt's connection, if it got one, was closed on the way out (a hung connection is
+                    # gone). The pool stays: under overload the wait was in acquire, and its other connections
+                    # carry healthy transactions.
                     last = exc
-                    log.warning("transaction %s on %s took over %.0f s; replacing that node's pool", name, node,
+                    log.warning("transaction %s on %s took over %.0f s; retrying on another node", name, node,
                                 self._config.transaction_timeout_seconds)
-                    await self._discard_pool(node)
                     self._fail_over(node)
                     span.add_event("timeout", {"attempt": attempt + 1, "node": node})
                     continue
@@ -195,6 +190,10 @@ class Database:
                     if fence is not None and _errno(exc) == ER_BAD_NULL_ERROR:
                         raise FencedOut(f"epoch {fence.epoch} is no longer current for tier {fence.tier}",
                                         {"tier": fence.tier, "epoch": fence.epoch}) from None
+                    raise
+                except asyncio.CancelledError:
+                    # Timed out (or shut down): the connection may be stuck mid-read; a ROLLBACK could hang the same
+                    # way. Close it instead (the server rolls back a transaction whose connection is gone).
                     raise
                 except BaseException:
                     # A clean rollback leaves the connection reusable (conflicts, duplicates, business errors).
