@@ -48,7 +48,10 @@ def test_issue_over_nats_and_over_https_on_the_clm_vip(lab: Lab, tmp_path: Path)
 
     load = asyncio.run(run())
     assert {r.via for r in load.requests} == {"nats", "https"}
-    assert all(r.serial and not r.errors for r in load.requests), [r.errors for r in load.requests]
+    # Every request issued; a first request right after `up` may outlive the client's 1 s first attempt (cold
+    # caches) and be retried with its key, which is what the client is for.
+    assert all(r.serial for r in load.requests), [r.errors for r in load.requests]
+    assert all(e.startswith("TimeoutError") for r in load.requests for e in r.errors), [r.errors for r in load.requests]
 
 
 @pytest.mark.parametrize("how", ["crash", "graceful"])
