@@ -13,7 +13,7 @@ class SignerConfig(StrictModel):
     workers: int = Field(default=32, ge=1, le=256, description="Concurrent pull workers (requests in flight)")
     fetch_timeout_seconds: float = Field(default=2.0, gt=0, description="Long-poll of one idle pull request, seconds")
     heartbeat_seconds: float = Field(
-        default=0.25, gt=0, description="in_progress() interval for long signings, seconds (well under ack_wait, 1 s)"
+        default=0.1, gt=0, description="in_progress() interval for long signings, seconds (well under ack_wait, 0.5 s)"
     )
     retry_delay_seconds: float = Field(default=1.0, ge=0, description="NAK delay after a transient failure, seconds")
     backdate_seconds: int = Field(default=60, ge=0, le=3600, description="notBefore = now - this, for clock skew")

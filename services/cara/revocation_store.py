@@ -20,6 +20,11 @@ def _entries(rows: list[tuple]) -> list[CrlEntry]:
     return [CrlEntry(serial=r[0], revoked_at=utc(r[1]), reason=r[2]) for r in rows]
 
 
+# The CRL transaction signs inside (the number is allocated and the entries stamped under the fence): with
+# 100,000 revocations that is seconds on a busy host, far above the bound for ordinary transactions.
+CRL_TRANSACTION_TIMEOUT_SECONDS = 60.0
+
+
 class MariaDBRevocationStore:
     """CRLs and OCSP status on MariaDB/Galera. CLM writes `revocations`; CARA stamps and reads them."""
 
@@ -74,7 +79,8 @@ class MariaDBRevocationStore:
             return CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
                              this_update=this_update, next_update=next_update, der=der)
 
-        return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch))
+        return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch),
+                                  timeout=CRL_TRANSACTION_TIMEOUT_SECONDS)
 
     async def latest_crl(self, issuer: str, *, delta: bool) -> CrlRecord | None:
         async def body(cur: aiomysql.Cursor) -> CrlRecord | None:

@@ -52,9 +52,37 @@ class ClmService:
         self._revocations, self._events = revocations, events
         self._clock, self._wait = clock, wait_seconds
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
+        # Issue calls in progress here by (requester, idempotency key), with the CSR digest and profile they carry.
+        self._inflight: dict[tuple[str, str], tuple[str, str, asyncio.Task[IssueReply]]] = {}
 
     async def issue(self, request: IssueCertificate) -> IssueReply:
-        """Validate, record (idempotently), queue for the CA, and wait for the result up to wait_seconds."""
+        """Validate, record (idempotently), queue for the CA, and wait for the result up to wait_seconds.
+
+        A client retry that arrives while its earlier attempt is still being handled here joins that attempt
+        instead of starting another one: when the database or the CA is slow, clients retry, and without this
+        every retry would queue one more transaction behind the stall (the backlog then drains for seconds after
+        the database is back). A retry with another CSR or profile under the same key is not joined: the store
+        answers it with IDEMPOTENCY_CONFLICT as usual.
+        """
+        if request.idempotency_key is None:
+            return await self._issue(request)
+        key = (request.requester, request.idempotency_key)
+        digest = hashlib.sha256(request.csr_pem.encode()).hexdigest()
+        running = self._inflight.get(key)
+        if running is not None and running[:2] == (digest, request.profile):
+            trace.get_current_span().add_event("clm.joined_attempt")
+            return await asyncio.shield(running[2])
+        task = asyncio.ensure_future(self._issue(request))
+        self._inflight[key] = (digest, request.profile, task)
+        task.add_done_callback(lambda done: self._forget(key, done))
+        # Shielded: a client that gives up (its connection closed) does not cancel the work others may join.
+        return await asyncio.shield(task)
+
+    def _forget(self, key: tuple[str, str], task: asyncio.Task[IssueReply]) -> None:
+        if key in self._inflight and self._inflight[key][2] is task:
+            del self._inflight[key]
+
+    async def _issue(self, request: IssueCertificate) -> IssueReply:
         with tracer.start_as_current_span("clm.issue") as span:
             span.set_attribute("pki.profile", request.profile)
             request_id = uuid.uuid4().hex

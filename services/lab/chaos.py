@@ -59,6 +59,7 @@ LEAD_SECONDS = 1.5  # load before the fault: the normal latency is measured here
 GIVE_UP_AFTER = 60.0  # a client stops retrying a request after this long
 QUIET_TIMEOUT = 90.0  # seconds to wait for every request of a run to be final and every intent resolved
 STEADY_TIMEOUT = 90.0
+SLOWEST_KEPT = 5  # requests per run whose timeline goes into the JSON record
 
 
 @dataclass
@@ -87,6 +88,8 @@ class RunResult:
     quiet_after: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # The unluckiest requests, for diagnosis: sent (s from the fault), waited (s), attempts and their errors.
+    slowest: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -266,6 +269,10 @@ class ChaosRunner:
         waits = [((r.done_at or load_end) - r.sent_at) - normal for r in requests]
         result.unavailability = round(max([0.0, *waits]), 3)
         result.request_p99 = round(max(0.0, _pct(waits, 99) or 0.0), 3)
+        worst = sorted(requests, key=lambda r: (r.done_at or load_end) - r.sent_at, reverse=True)[:SLOWEST_KEPT]
+        result.slowest = [{"via": r.via, "sent": round(r.sent_at - fault_at, 3),
+                           "waited": round((r.done_at or load_end) - r.sent_at, 3), "attempts": r.attempts,
+                           "trail": r.trail[:10]} for r in worst]
         completions = sorted(r.done_at for r in requests if r.done_at and r.done_at >= fault_at)
         points = [fault_at, *completions]
         result.longest_gap = round(max((b - a for a, b in itertools.pairwise(points)), default=0.0), 3)

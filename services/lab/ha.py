@@ -124,6 +124,13 @@ class Lab:
         t = self.topo.tiers[tier]
         return f"https://{t.vip}" + ("" if t.https_port == 443 else f":{t.https_port}")
 
+    def plain_url(self, tier: str) -> str | None:
+        """http URL of a tier's VIP for OCSP and CRLs (e.g. http://10.213.2.100); None if it serves none."""
+        t = self.topo.tiers[tier]
+        if t.http_port is None:
+            return None
+        return f"http://{t.vip}" + ("" if t.http_port == 80 else f":{t.http_port}")
+
     def tier_members(self) -> list[str]:
         """All members of the VRRP tiers (cara-1, cara-2, clm-1, clm-2)."""
         return [m for tier in self.topo.tiers for m in self.topo.members_of_tier(tier)]
@@ -319,8 +326,10 @@ class Lab:
                 common: dict[str, Any] = {"member": member, "vip": str(t.vip), "nats": self._nats_config(),
                                           "http_listen": f"127.0.0.1:{t.backend_port}"}
                 if tier == "cara":
+                    # Certificates name the VIP's plain-HTTP OCSP and CRL URLs (CDP, AIA).
                     config: CaraConfig | ClmConfig = CaraConfig(
-                        **common, database=self._database_config("hapki_cara"), hsm=self._hsm_config())
+                        **common, database=self._database_config("hapki_cara"), hsm=self._hsm_config(),
+                        public_url=self.plain_url(tier))
                 elif tier == "clm":
                     config = ClmConfig(**common, database=self._database_config("hapki_clm"))
                 else:

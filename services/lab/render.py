@@ -48,12 +48,15 @@ def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_I
 
 
 def haproxy_cfg(topo: Topology, member: str, pem: Path) -> str:
-    """haproxy.cfg of a tier member: TLS on VIP:https_port with ``pem`` -> 127.0.0.1:backend_port."""
+    """haproxy.cfg of a tier member: TLS on VIP:https_port with ``pem`` -> 127.0.0.1:backend_port, and plain
+    HTTP on VIP:http_port for OCSP and CRL paths only, if the tier has one."""
     tier = _tier_member(topo, member)
     t = topo.tiers[tier]
+    plain = "" if t.http_port is None else template("haproxy-http.cfg").substitute(
+        tier=tier, vip=t.vip, http_port=t.http_port)
     return template("haproxy.cfg").substitute(
         member=member, tier=tier, vip=t.vip, https_port=t.https_port, pem=Path(pem).resolve(),
-        backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT,
+        backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT, plain_http=plain,
     )
 
 

@@ -53,6 +53,12 @@ class Tier(_Strict):
     members: list[str] = Field(min_length=2, max_length=2)
     https_port: int = Field(ge=1, le=65535, description="haproxy TLS port on the VIP")
     backend_port: int = Field(ge=1, le=65535, description="The service's local HTTP port on 127.0.0.1")
+    http_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Plain HTTP on the VIP for OCSP (/ocsp) and CRLs (/crl/) only, the way relying parties fetch "
+        "them (RFC 5280 4.2.1.13, RFC 6960 A.1: the responses are signed, and TLS to check revocation would be "
+        "circular); None: no plain HTTP",
+    )
 
 
 class Member(_Strict):

@@ -21,8 +21,10 @@ from hapki.runtime.config import NatsConfig
 log = logging.getLogger("hapki.bus")
 
 # Redeliver an unacked signing request after this long. Short, because a crashed signer's messages wait
-# exactly this long (FIELD-NOTES); long signings heartbeat with in_progress().
-SIGNING_ACK_WAIT_SECONDS = 1.0
+# exactly this long (FIELD-NOTES), and a CARA crash costs clients max(failover ~0.35 s, ack_wait); signings
+# taking longer heartbeat with in_progress() every 0.1 s. A redelivery racing the original is harmless: the
+# outcome check and the unique keys make the second copy an abandoned intent at worst.
+SIGNING_ACK_WAIT_SECONDS = 0.5
 # JetStream de-duplicates a republished request id within this window; CARA's database checks cover the rest.
 DUPLICATE_WINDOW_SECONDS = 600.0
 

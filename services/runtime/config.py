@@ -49,10 +49,17 @@ class DatabaseConfig(StrictModel):
     sync_wait: bool = Field(default=False, description="SET wsrep_sync_wait=1 on Galera for read-your-writes")
     max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per transaction before giving up")
     transaction_timeout_seconds: float = Field(
-        default=15.0, gt=0, le=300,
-        description="Bound on one transaction attempt, pool acquire included, seconds; above Galera's ~6 s "
-        "reconfiguration stall and the longest CRL transaction. On expiry the attempt's connection is closed and "
-        "the transaction retried on the next node",
+        default=3.0, gt=0, le=300,
+        description="Bound on one transaction attempt once it holds a connection, seconds. Our transactions take "
+        "milliseconds; one that hangs is on a node that died, was cut off or stalls in a Galera reconfiguration "
+        "(~6 s on a member loss): its connection is closed and the transaction retried on the next node, which "
+        "by then has usually finished reconfiguring. Long transactions (CRL signing) pass their own bound",
+    )
+    acquire_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300,
+        description="Bound on waiting for a free pooled connection, seconds. A wait here is overload, not a node "
+        "failure: on expiry the attempt is retried on the same node, and the transaction fails after "
+        "max_attempts",
     )
 
 

@@ -124,28 +124,34 @@ class Database:
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
 
-    async def run(self, body: Body[T], *, name: str, fence: Fence | None = None) -> T:
+    async def run(self, body: Body[T], *, name: str, fence: Fence | None = None, timeout: float | None = None) -> T:
         """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.
 
         With `fence`, the transaction commits only under that epoch, else raises FencedOut (nothing committed).
+        `timeout` bounds one attempt once it holds a connection (default: transaction_timeout_seconds).
         """
+        bound = self._config.transaction_timeout_seconds if timeout is None else timeout
         with tracer.start_as_current_span("db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
             last: BaseException | None = None
             for attempt in range(self._config.max_attempts):
                 node = self._config.nodes[self._current % len(self._config.nodes)]
                 span.set_attribute("db.node", node)
                 try:
-                    # A bound on the whole attempt (pool acquire included): whatever hangs, a node that stopped
-                    # answering or a wedged pool, becomes a retry elsewhere instead of a request stuck forever.
-                    async with asyncio.timeout(self._config.transaction_timeout_seconds):
-                        return await self._run_once(node, body, fence)
-                except TimeoutError as exc:
-                    # The attempt's connection, if it got one, was closed on the way out (a hung connection is
-                    # gone). The pool stays: under overload the wait was in acquire, and its other connections
-                    # carry healthy transactions.
+                    return await self._run_once(node, body, fence, bound)
+                except _AcquireTimeout as exc:
+                    # Every connection of this node's pool is busy: overload, not a failed node. Moving the work
+                    # to another node would only add Galera certification conflicts; try again here.
                     last = exc
-                    log.warning("transaction %s on %s took over %.0f s; retrying on another node", name, node,
-                                self._config.transaction_timeout_seconds)
+                    log.warning("transaction %s waited over %.1f s for a connection to %s; retrying", name,
+                                self._config.acquire_timeout_seconds, node)
+                    span.add_event("acquire_timeout", {"attempt": attempt + 1, "node": node})
+                    continue
+                except TimeoutError as exc:
+                    # The attempt held a connection and got no answer in time: the node died, was cut off or
+                    # stalls in a reconfiguration. Its connection was closed on the way out; the pool stays (its
+                    # other connections may carry healthy transactions).
+                    last = exc
+                    log.warning("transaction %s on %s took over %.1f s; retrying on another node", name, node, bound)
                     self._fail_over(node)
                     span.add_event("timeout", {"attempt": attempt + 1, "node": node})
                     continue
@@ -170,12 +176,18 @@ class Database:
             span.set_attribute("error", True)
             raise DatabaseError(f"transaction {name} failed after {self._config.max_attempts} attempts: {last}")
 
-    async def _run_once(self, node: str, body: Body[T], fence: Fence | None) -> T:
+    async def _run_once(self, node: str, body: Body[T], fence: Fence | None, bound: float) -> T:
         pool = await self._pool(node)
-        conn: aiomysql.Connection = await pool.acquire()
+        try:
+            async with asyncio.timeout(self._config.acquire_timeout_seconds):
+                conn: aiomysql.Connection = await pool.acquire()
+        except TimeoutError:
+            raise _AcquireTimeout(f"no free connection to {node}") from None
         broken = True
         try:
-            async with conn.cursor() as cur:
+            # Whatever hangs from here on (a node that stopped answering, a commit stuck in a reconfiguration)
+            # becomes a retry elsewhere instead of a request stuck forever.
+            async with asyncio.timeout(bound), conn.cursor() as cur:
                 # No BEGIN round trip: with autocommit off, the first statement opens the transaction.
                 try:
                     result = await body(cur)
@@ -217,6 +229,16 @@ class Database:
             if broken:
                 conn.close()
             pool.release(conn)
+            if broken:
+                # aiomysql 0.3.2's Pool.release() wakes a waiting acquire() only when the connection it gets back
+                # is alive (the same code as asyncmy#154): a closed one frees its slot silently, and whoever waits
+                # for a connection sleeps until its timeout. When a node dies every connection of its pool is
+                # closed this way, so without this wake-up every waiter hung for its whole bound.
+                await pool._wakeup()
+
+
+class _AcquireTimeout(Exception):
+    """No pooled connection became free in time (overload); retried on the same node."""
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> bool:

@@ -162,3 +162,59 @@ async def test_a_hung_attempt_is_bounded_and_retried_on_a_fresh_connection(env: 
         assert len(seen) == 2 and seen[0] != seen[1]  # the hung connection was closed, not reused
     finally:
         await database.close()
+
+
+async def test_waiting_for_a_busy_pool_is_overload_not_a_node_failure(env: LocalEnv, caplog) -> None:
+    # One connection, two slow transactions queued on it: the third waits longer than any one transaction may
+    # take, and must retry on the same node rather than fail over (here to a node that does not exist).
+    cfg = stack.database_config(env).model_copy(update={
+        "pool_size": 1, "acquire_timeout_seconds": 0.2, "transaction_timeout_seconds": 0.8, "max_attempts": 20,
+        "nodes": [*stack.database_config(env).nodes, "127.0.0.1:9"]})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        async def slow(cur):
+            await cur.execute("SELECT SLEEP(0.5)")
+            return "slow"
+
+        async def quick(cur):
+            await cur.execute("SELECT 1")
+            return (await cur.fetchone())[0]
+
+        slows = [asyncio.create_task(database.run(slow, name="t.slow")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert await database.run(quick, name="t.quick") == 1
+        assert await asyncio.gather(*slows) == ["slow", "slow"]
+        switches = [r.getMessage() for r in caplog.records if "switching to" in r.getMessage()]
+        assert switches == []  # the node was never given up
+    finally:
+        await database.close()
+
+
+async def test_a_connection_closed_after_a_hang_frees_its_slot_for_a_waiter_at_once(env: LocalEnv, caplog) -> None:
+    # One connection: the first transaction hangs and is cut off (its connection closed, no retry); the second,
+    # waiting for that connection, must get the freed slot then, not sleep until its own acquire timeout.
+    cfg = stack.database_config(env).model_copy(update={
+        "pool_size": 1, "acquire_timeout_seconds": 5.0, "transaction_timeout_seconds": 0.3, "max_attempts": 1})
+    database = Database(cfg, sleep=_no_sleep)
+    calls: list[str] = []
+    try:
+        async def hangs(cur):
+            calls.append("hang")
+            await asyncio.sleep(10)  # a node that stopped answering mid-transaction
+
+        async def quick(cur):
+            await cur.execute("SELECT 2")
+            return (await cur.fetchone())[0]
+
+        first = asyncio.create_task(database.run(hangs, name="t.hang"))
+        await asyncio.sleep(0.05)
+        began = asyncio.get_running_loop().time()
+        assert await database.run(quick, name="t.waiter") == 2
+        waited = asyncio.get_running_loop().time() - began
+        with pytest.raises(DatabaseError):
+            await first
+        assert calls == ["hang"]
+        assert not [r for r in caplog.records if "waited over" in r.getMessage()]
+        assert waited < cfg.acquire_timeout_seconds  # the slot came back with the closed connection
+    finally:
+        await database.close()

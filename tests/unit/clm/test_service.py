@@ -1,0 +1,95 @@
+"""ClmService with fakes for its ports: what the core does, without NATS or a database."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from hapki.cli.client import new_key_and_csr
+from hapki.clm.ports import NewRequest, Recorded
+from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.clm.service import ClmService
+from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, SignCertificate
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+class SlowStore:
+    """Records requests by key; record() waits until released, as a stalled database would."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.records: list[NewRequest] = []
+        self.by_key: dict[tuple[str, str | None], Recorded] = {}
+
+    async def record(self, request: NewRequest, now: datetime) -> Recorded:
+        self.records.append(request)
+        await self.release.wait()
+        key = (request.requester, request.idempotency_key)
+        if key in self.by_key:
+            return Recorded(self.by_key[key].request_id, False, self.by_key[key].approved)
+        self.by_key[key] = Recorded(request.request_id, True, request.approved)
+        return self.by_key[key]
+
+    async def view(self, request_id: str) -> IssueReply:
+        return IssueReply(request_id=request_id, status=RequestStatus.PENDING)
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.submitted: list[SignCertificate] = []
+
+    async def submit(self, request: SignCertificate) -> None:
+        self.submitted.append(request)
+
+
+def _service(store: SlowStore, queue: Queue) -> ClmService:
+    return ClmService(store=store, queue=queue, revocations=None, events=None,  # type: ignore[arg-type]
+                      profiles=load_profiles(SHIPPED_PROFILES_PATH), clock=lambda: NOW, wait_seconds=0.05)
+
+
+def _request(names: list[str], key: str | None) -> IssueCertificate:
+    return IssueCertificate(csr_pem=new_key_and_csr(names)[0].decode(), profile="tls-server", requester="unit",
+                            idempotency_key=key)
+
+
+async def test_a_retry_joins_the_attempt_in_progress_instead_of_queueing_another() -> None:
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    request = _request(["a.example.com"], "k1")
+    first = asyncio.create_task(service.issue(request))
+    await asyncio.sleep(0.01)
+    first.cancel()  # the client gave up on its first attempt (connection closed) ...
+    retry = asyncio.create_task(service.issue(request))  # ... and retried with the same key
+    await asyncio.sleep(0.01)
+    store.release.set()
+    reply = await retry
+    assert len(store.records) == 1  # one database transaction for both attempts
+    assert reply.request_id == store.records[0].request_id and reply.status is RequestStatus.PENDING
+    assert len(queue.submitted) == 1
+
+
+async def test_a_different_csr_under_the_same_key_is_not_joined() -> None:
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    tasks = [asyncio.create_task(service.issue(_request(["a.example.com"], "k1"))),
+             asyncio.create_task(service.issue(_request(["b.example.com"], "k1")))]
+    await asyncio.sleep(0.01)
+    store.release.set()
+    await asyncio.gather(*tasks)
+    assert len(store.records) == 2  # the store decides (IDEMPOTENCY_CONFLICT in the real one)
+
+
+@pytest.mark.parametrize("keys", [(None, None), ("k1", "k2")])
+async def test_requests_without_a_shared_key_run_on_their_own(keys: tuple[str | None, str | None]) -> None:
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    request = _request(["a.example.com"], None)
+    tasks = [asyncio.create_task(service.issue(request.model_copy(update={"idempotency_key": k}))) for k in keys]
+    await asyncio.sleep(0.01)
+    store.release.set()
+    await asyncio.gather(*tasks)
+    assert len(store.records) == 2
+    assert service._inflight == {}  # nothing left behind once done
