@@ -690,6 +690,7 @@ class Lab:
             "health": health,
             "hsm": hsm,
             "client": {"nats_urls": self.nats_urls, "clm_url": self.url("clm"), "cara_url": self.url("cara"),
+                       "revocation_url": self.plain_url("cara"),  # OCSP <url>/ocsp, CRLs <url>/crl/<issuer>.crl
                        "ca_bundle": str(self.ca_bundle), "hapki_root": str(self.hapki_root)},
         }
 
@@ -782,6 +783,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"  HSM seen by {member}: {states}")
     c = st["client"]
     lines += [f"  NATS: {','.join(c['nats_urls'])}", f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
+              f"  OCSP and CRLs: {c['revocation_url']}/ocsp, {c['revocation_url']}/crl/<issuer>.crl",
               f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}"]
     return "\n".join(lines)
 

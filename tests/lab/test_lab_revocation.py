@@ -1,0 +1,189 @@
+"""Revocation through the HA lab: OCSP and CRLs on the CARA VIP (plain HTTP, the URLs certificates name), checked
+with openssl; CRL numbers across forced failovers; OCSP while the active CARA member is crashed."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID
+from hapki.cli.client import ClmClient, new_key_and_csr
+from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReason, RevokeCertificate
+from hapki.lab.ha import Lab
+from hapki.lab.load import connect_db, crash_member
+
+pytestmark = pytest.mark.lab
+
+# OCSP probes while the active member is crashed: each attempt waits this long before the client tries again.
+OCSP_ATTEMPT_SECONDS = 0.3
+OCSP_ANSWER_BOUND = 1.0  # seconds from a probe's first send to its verified answer, whatever the fault
+
+
+async def _issue(lab: Lab, name: str) -> IssueReply:
+    client = await ClmClient.connect(lab.nats_urls, timeout=10.0)
+    try:
+        reply = await client.issue(IssueCertificate(csr_pem=new_key_and_csr([name])[0].decode(), profile="tls-server",
+                                                    requester="lab-revocation"))
+    finally:
+        await client.close()
+    assert reply.serial is not None, reply
+    return reply
+
+
+async def _revoke(lab: Lab, serial: str) -> None:
+    client = await ClmClient.connect(lab.nats_urls, timeout=10.0)
+    try:
+        reply = await client.revoke(RevokeCertificate(serial=serial, reason=RevocationReason.KEY_COMPROMISE,
+                                                      requester="lab-revocation"))
+    finally:
+        await client.close()
+    assert reply.error is None, reply
+
+
+def _urls(reply: IssueReply) -> tuple[str, str]:
+    """The certificate's own OCSP (AIA) and CRL (CDP) URLs."""
+    cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    ocsp_url = next(d.access_location.value for d in aia if d.access_method == AuthorityInformationAccessOID.OCSP)
+    cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    return ocsp_url, cdp[0].full_name[0].value
+
+
+def _files(tmp: Path, reply: IssueReply) -> tuple[Path, Path, Path]:
+    certs = [c + "-----END CERTIFICATE-----\n" for c in reply.chain_pem.split("-----END CERTIFICATE-----") if c.strip()]
+    leaf, issuer, chain = tmp / f"{reply.serial}.pem", tmp / "issuer.pem", tmp / "chain.pem"
+    leaf.write_text(reply.certificate_pem)
+    issuer.write_text(certs[0])
+    chain.write_text("".join(certs))
+    return leaf, issuer, chain
+
+
+def _openssl_ocsp(tmp: Path, reply: IssueReply, url: str) -> str:
+    leaf, issuer, chain = _files(tmp, reply)
+    out = subprocess.run(["openssl", "ocsp", "-issuer", str(issuer), "-cert", str(leaf), "-url", url,
+                          "-CAfile", str(chain), "-timeout", "5"], capture_output=True, text=True, timeout=30)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "Response verify OK" in text, text
+    return text
+
+
+def _crl_listing(url: str, serial: str, timeout: float = 15.0) -> bytes:
+    """The CRL at `url` once it lists `serial` (CARA regenerates within seconds of a revocation)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the lab's own VIP
+            der = response.read()
+        crl = x509.load_der_x509_crl(der)
+        if crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None:
+            return der
+        assert time.monotonic() < deadline, f"{serial} not on {url} after {timeout:.0f} s"
+        time.sleep(0.3)
+
+
+def test_ocsp_and_crl_on_the_cara_vip_agree_with_openssl(lab: Lab, tmp_path: Path) -> None:
+    reply = asyncio.run(_issue(lab, "vip-ocsp.example.com"))
+    ocsp_url, crl_url = _urls(reply)
+    assert ocsp_url == f"{lab.plain_url('cara')}/ocsp" and crl_url.startswith(f"{lab.plain_url('cara')}/crl/")
+
+    assert f"{reply.serial.upper()}" in _openssl_ocsp(tmp_path, reply, ocsp_url).upper()
+    assert ": good" in _openssl_ocsp(tmp_path, reply, ocsp_url)
+    asyncio.run(_revoke(lab, reply.serial))
+    assert ": revoked" in _openssl_ocsp(tmp_path, reply, ocsp_url)
+
+    crl_pem = tmp_path / "crl.pem"
+    crl_pem.write_bytes(x509.load_der_x509_crl(_crl_listing(crl_url, reply.serial)).public_bytes(
+        serialization.Encoding.PEM))
+    leaf, issuer, chain = _files(tmp_path, reply)
+    checked = subprocess.run(["openssl", "crl", "-in", str(crl_pem), "-noout", "-verify", "-CAfile", str(chain)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and "verify OK" in checked.stdout + checked.stderr, checked
+    verdict = subprocess.run(["openssl", "verify", "-crl_check", "-CRLfile", str(crl_pem), "-CAfile", str(chain),
+                              str(leaf)], capture_output=True, text=True)
+    assert verdict.returncode != 0 and "certificate revoked" in verdict.stdout + verdict.stderr, verdict
+    # Only the HTTP paths of revocation status are served in the clear.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{lab.plain_url('cara')}/health", timeout=5)  # noqa: S310
+    assert refused.value.code == 404
+
+
+async def _probe(http: aiohttp.ClientSession, url: str, body: bytes) -> float:
+    """Seconds until a verified, successful OCSP answer, retrying each OCSP_ATTEMPT_SECONDS."""
+    began = time.monotonic()
+    while time.monotonic() - began < 10.0:
+        try:
+            async with http.post(url, data=body, headers={"Content-Type": "application/ocsp-request"},
+                                 timeout=aiohttp.ClientTimeout(total=OCSP_ATTEMPT_SECONDS)) as response:
+                answer = ocsp.load_der_ocsp_response(await response.read())
+            if answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL:
+                assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+                return time.monotonic() - began
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        await asyncio.sleep(0.02)
+    return float("inf")
+
+
+def test_ocsp_answers_within_a_second_while_the_active_cara_member_is_crashed(lab: Lab, timing) -> None:
+    reply = asyncio.run(_issue(lab, "vip-ocsp-crash.example.com"))
+    ocsp_url, _ = _urls(reply)
+    cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    issuer = x509.load_pem_x509_certificates(reply.chain_pem.encode())[0]
+    body = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER)
+    active = lab.vip_holders("cara")[0]
+
+    async def run() -> list[float]:
+        async with aiohttp.ClientSession() as http:
+            assert await _probe(http, ocsp_url, body) < OCSP_ANSWER_BOUND  # healthy first
+            probes = []
+            crash_member(lab, active)
+            for _ in range(40):  # a probe every 50 ms for the 2 s after the crash
+                probes.append(asyncio.create_task(_probe(http, ocsp_url, body)))
+                await asyncio.sleep(0.05)
+            return list(await asyncio.gather(*probes))
+
+    answered = asyncio.run(run())
+    timing("cara.crash.ocsp_worst_answer", max(answered))
+    assert lab.vip_holders("cara") and lab.vip_holders("cara") != [active]
+    assert max(answered) < OCSP_ANSWER_BOUND, answered
+
+
+def test_crl_numbers_strictly_increase_across_forced_failovers(lab: Lab) -> None:
+    async def numbers() -> list[tuple[int, str]]:
+        conn = await connect_db(lab)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT crl_number, member FROM crls ORDER BY created_at, crl_number")
+                return [(n, m) for n, m in await cur.fetchall()]
+        finally:
+            conn.close()
+
+    def revoke_one(name: str) -> None:
+        reply = asyncio.run(_issue(lab, name))
+        asyncio.run(_revoke(lab, reply.serial))
+        _crl_listing(_urls(reply)[1], reply.serial)  # a new CRL, by the member active now
+
+    revoke_one("crl-failover-start.example.com")
+    for round_ in range(2):
+        active = lab.vip_holders("cara")[0]
+        crash_member(lab, active)
+        deadline = time.monotonic() + 10
+        while lab.vip_holders("cara") in ([], [active]):
+            assert time.monotonic() < deadline, "the CARA VIP did not move"
+            time.sleep(0.05)
+        revoke_one(f"crl-failover-{round_}.example.com")  # signed by the member that took over
+        lab.heal()  # the crashed member comes back (preferred, it takes the VIP back)
+        lab.wait_steady(90)
+    revoke_one("crl-failover-end.example.com")
+    rows = asyncio.run(numbers())
+    assert [n for n, _ in rows] == sorted(n for n, _ in rows) and len({n for n, _ in rows}) == len(rows), rows
+    assert len({m for _, m in rows}) == 2, f"both members should have signed CRLs: {rows}"
