@@ -73,6 +73,16 @@ class Signer:
         return self._epoch
 
     @property
+    def issuer(self) -> IssuerRecord:
+        """The issuing CA this signer signs for (name, certificate, chain)."""
+        return self._issuer
+
+    @property
+    def issuer_key(self) -> ec.EllipticCurvePrivateKey:
+        """The issuing CA's private key object (in the HSM; sign-only)."""
+        return self._key
+
+    @property
     def active(self) -> bool:
         return bool(self._workers) and not self._stopping.is_set()
 

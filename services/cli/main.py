@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
     bench.add_argument("--seconds", type=float, default=10.0, help="duration of each level")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--ocsp", metavar="LEVELS", default=None,
+                       help="instead of issuance: OCSP responses/s through the HA lab's CARA VIP at these comma-separated"
+                            " concurrency levels (root; the lab is brought up if it is not)")
+    bench.add_argument("--crl", metavar="N", type=int, default=None,
+                       help="instead of issuance: CRL generation time with N revoked entries (local stack)")
+    bench.add_argument("--lab-dir", type=Path, default=Path(".run/lab"), help="--ocsp: the lab's directory")
 
     lab = sub.add_parser("lab", help="the HA lab: the reference topology in network namespaces on this host (root)")
     lab.add_argument("action", choices=["up", "down", "status", "demo"],

@@ -1,0 +1,227 @@
+"""`hapki bench --ocsp` and `hapki bench --crl N`: revocation figures (issue 5).
+
+OCSP: responses/s and latency through the CARA VIP of the HA lab, over the plain-HTTP URL certificates carry
+(`http://<cara VIP>/ocsp`), with `concurrency` closed-loop clients for `seconds`. The lab is brought up if it is
+not (and taken down again afterwards). Every response is parsed and must be a successful `good`; anything else is
+counted as an error. The load generator shares the machine's 2 cores with the whole lab.
+
+CRL: generation time with N revoked entries on a local single-host stack (real MariaDB and SoftHSM):
+build + HSM signature alone; a full CRL through CARA's fenced transaction (the first one stamps every
+revocation with its CRL number, a second one does not); a delta CRL with 10 new revocations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomysql
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from hapki.cli.client import ClmClient, new_key_and_csr
+from hapki.contracts.models import IssueCertificate
+
+REASONS = ("key_compromise", "superseded", "cessation_of_operation", "unspecified", "affiliation_changed")
+OCSP_REQUEST_TIMEOUT_SECONDS = 5.0
+INSERT_BATCH = 5000
+
+
+def _percentile(ordered: list[float], p: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
+
+
+# --- OCSP through the VIP ---------------------------------------------------------------------------------------
+
+async def _ocsp_request_for_new_certificate(nats_urls: list[str]) -> tuple[str, bytes]:
+    """Issue one certificate through the lab; its AIA OCSP URL and a DER OCSP request for it."""
+    client = await ClmClient.connect(nats_urls, timeout=30.0)
+    try:
+        reply = await client.issue(IssueCertificate(csr_pem=new_key_and_csr(["ocsp-bench.example.com"])[0].decode(),
+                                                    profile="tls-server", requester="bench"))
+    finally:
+        await client.close()
+    if reply.certificate_pem is None or reply.chain_pem is None:
+        raise RuntimeError(f"could not issue the benchmark certificate: {reply.error or reply.status}")
+    cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    issuer = x509.load_pem_x509_certificates(reply.chain_pem.encode())[0]
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    url = next(d.access_location.value for d in aia if d.access_method == x509.AuthorityInformationAccessOID.OCSP)
+    body = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+    return url, body.public_bytes(serialization.Encoding.DER)
+
+
+async def _ocsp_load(url: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    headers = {"Content-Type": "application/ocsp-request"}
+    began = time.monotonic()
+    window = (began + warmup, began + warmup + seconds)
+
+    async def loop(http: aiohttp.ClientSession) -> None:
+        while (start := time.monotonic()) < window[1]:
+            try:
+                async with http.post(url, data=body, headers=headers) as response:
+                    answer = ocsp.load_der_ocsp_response(await response.read())
+                ok = (answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+                      and answer.certificate_status is ocsp.OCSPCertStatus.GOOD)
+                problem = None if ok else f"{answer.response_status.name}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+            if start >= window[0]:
+                if problem is None:
+                    latencies.append((time.monotonic() - start) * 1000)
+                else:
+                    errors.append(problem)
+
+    timeout = aiohttp.ClientTimeout(total=OCSP_REQUEST_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        await asyncio.gather(*(loop(http) for _ in range(concurrency)))
+    ordered = sorted(latencies)
+    return {"concurrency": concurrency, "seconds": seconds, "responses_per_second": round(len(ordered) / seconds, 1),
+            "p50_ms": _percentile(ordered, 50), "p99_ms": _percentile(ordered, 99), "errors": len(errors),
+            "error_samples": errors[:3]}
+
+
+def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any) -> dict[str, Any]:
+    """OCSP through the lab's CARA VIP at each concurrency level (lab brought up and down if needed)."""
+    from hapki.lab.ha import Lab
+
+    lab = Lab(lab_dir)
+    was_up = lab.procs.meta.get("state") == "up" and lab.reachable()
+    if not was_up:
+        say(f"  bringing the HA lab up in {lab.base_dir} ...")
+        lab.up()
+    try:
+        url, body = asyncio.run(_ocsp_request_for_new_certificate(lab.nats_urls))
+        results = []
+        for level in levels:
+            say(f"  OCSP, {level} clients: 1 s warm-up, then {seconds:g} s measured against {url} ...")
+            results.append(asyncio.run(_ocsp_load(url, body, level, seconds, warmup=1.0)))
+        return {"url": url, "levels": results}
+    finally:
+        if was_up:
+            lab.detach()
+        else:
+            lab.down()
+
+
+# --- CRL generation -----------------------------------------------------------------------------------------------
+
+async def _insert_revocations(env: Any, issuer: str, count: int, now: datetime) -> list[Any]:
+    from hapki.cara.issuance import random_serial, serial_hex
+    from hapki.cara.ports import CrlEntry
+
+    entries = [CrlEntry(serial=serial_hex(random_serial()), revoked_at=now - timedelta(seconds=i),
+                        reason=REASONS[i % len(REASONS)]) for i in range(count)]
+    conn = await aiomysql.connect(host="127.0.0.1", port=env.db.port, user=env.db.user, password=env.db.password(),
+                                  db=env.db.database, autocommit=True)
+    try:
+        async with conn.cursor() as cur:
+            for start in range(0, count, INSERT_BATCH):
+                await cur.executemany(
+                    "INSERT INTO revocations (issuer, serial, reason, revoked_at, requester) VALUES (%s, %s, %s, %s,"
+                    " 'bench')", [(issuer, e.serial, e.reason, e.revoked_at.replace(tzinfo=None))
+                                  for e in entries[start:start + INSERT_BATCH]])
+    finally:
+        conn.close()
+    return entries
+
+
+async def _crl_figures(env: Any, base: Path, count: int) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hapki.cara.crl import build_crl
+    from hapki.cara.main import CaraRuntime
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.lab import stack
+
+    path = stack.write_config(stack.cara_config(env), base / "cara.toml")
+    subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(path)], check=True, capture_output=True,
+                   timeout=120, env={**os.environ})
+    cara = CaraRuntime(stack.cara_config(env))
+    await cara.open()  # the signer stays passive: its publisher loop idles, this benchmark drives it
+    out: dict[str, Any] = {"entries": count}
+    try:
+        issuer = cara.signer.issuer.name
+        now = datetime.now(UTC)
+        began = time.perf_counter()
+        entries = await _insert_revocations(env, issuer, count, now)
+        out["insert_seconds"] = round(time.perf_counter() - began, 2)
+        began = time.perf_counter()
+        crl = build_crl(entries, issuer_cert=cara.signer.issuer.certificate, issuer_key=cara.signer.issuer_key,
+                        number=1, base=None,
+                        this_update=now, next_update=now + timedelta(days=7))
+        out["build_and_sign_seconds"] = round(time.perf_counter() - began, 3)
+        out["der_bytes"] = len(crl.public_bytes(Encoding.DER))
+        epoch = await MariaDBSigningStore(cara.db).bump_epoch("bench", datetime.now(UTC))
+        for key in ("full_first_seconds", "full_again_seconds"):
+            began = time.perf_counter()
+            record = await cara.crl.publish(epoch, delta=False)
+            out[key] = round(time.perf_counter() - began, 3)
+            assert record.entries == count, (record.entries, count)
+        await _insert_revocations(env, issuer, 10, datetime.now(UTC))
+        began = time.perf_counter()
+        record = await cara.crl.publish(epoch, delta=True)
+        out["delta_seconds"], out["delta_entries"] = round(time.perf_counter() - began, 3), record.entries
+    finally:
+        await cara.stop()
+    return out
+
+
+def bench_crl(count: int, say: Any) -> dict[str, Any]:
+    """CRL generation figures with `count` revocations on a fresh local stack (started and stopped here)."""
+    from hapki.lab.local import LocalEnv
+
+    with tempfile.TemporaryDirectory(prefix="hapki-crl-bench-") as tmp:
+        say(f"  CRL: local stack, {count} revocations ...")
+        env = LocalEnv(Path(tmp)).start()
+        try:
+            return asyncio.run(_crl_figures(env, Path(tmp), count))
+        finally:
+            env.stop()
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = []
+    if "ocsp" in report:
+        lines += [f"OCSP through the CARA VIP ({report['ocsp']['url']}), plain HTTP, POST, 'good' answers",
+                  f"{'clients':>7}  {'responses/s':>11}  {'p50 ms':>7}  {'p99 ms':>7}  {'errors':>6}"]
+        for r in report["ocsp"]["levels"]:
+            lines.append(f"{r['concurrency']:>7}  {r['responses_per_second']:>11.1f}  {r['p50_ms'] or 0:>7.1f}  "
+                         f"{r['p99_ms'] or 0:>7.1f}  {r['errors']:>6}")
+    if "crl" in report:
+        c = report["crl"]
+        lines += [""] if lines else []
+        lines += [f"CRL generation with {c['entries']} revoked entries (local stack, SoftHSM)",
+                  f"  build + HSM signature only:     {c['build_and_sign_seconds']:.2f} s ({c['der_bytes']} bytes)",
+                  f"  full CRL, fenced, first:        {c['full_first_seconds']:.2f} s (stamps every entry)",
+                  f"  full CRL, fenced, steady state: {c['full_again_seconds']:.2f} s",
+                  f"  delta CRL ({c['delta_entries']} entries):          {c['delta_seconds']:.3f} s"]
+    return "\n".join(lines)
+
+
+def run(lab_dir: Path, *, ocsp_levels: list[int] | None, crl_entries: int | None, seconds: float,
+        as_json: bool) -> int:
+    import json
+
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else (lambda *a: print(*a, flush=True))
+    report: dict[str, Any] = {}
+    if ocsp_levels:
+        report["ocsp"] = bench_ocsp(lab_dir, ocsp_levels, seconds, say)
+    if crl_entries:
+        report["crl"] = bench_crl(crl_entries, say)
+    print(json.dumps(report, indent=2) if as_json else table(report))
+    failed = any(r["errors"] or not r["responses_per_second"] for r in report.get("ocsp", {}).get("levels", []))
+    return 1 if failed else 0
