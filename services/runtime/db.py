@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ CR_CONN_HOST_ERROR = 2003
 CR_SERVER_GONE = 2006
 CR_SERVER_LOST = 2013
 RETRY_SAME_NODE = {ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}
+POOL_RECYCLE_SECONDS = 3600.0  # idle connections older than this are replaced (server wait_timeout is 8 h)
 NODE_DOWN = {ER_UNKNOWN_COM_ERROR, CR_CONN_HOST_ERROR, CR_SERVER_GONE, CR_SERVER_LOST, ER_QUERY_INTERRUPTED, 1053, 1927}
 
 
@@ -73,16 +75,69 @@ def _errno(exc: BaseException) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
+
+class _NodePool:
+    """Connections to one node: at most `size` in use, each wait and each connect bounded on its own.
+
+    Why not aiomysql.Pool (0.3.2): it opens new connections while holding the lock every acquire() and release()
+    needs, with no bound on the handshake, so one connect to a node stuck in a Galera reconfiguration stalls every
+    transaction of the process; and its release() of a closed connection frees the slot without waking anyone
+    waiting for it (the same code as asyncmy#154), so after a node dies every waiter sleeps out its whole bound.
+    Here a slot is a semaphore permit, always given back; connects run outside any lock under their own timeout.
+    """
+
+    def __init__(self, size: int, connect: Callable[[], Awaitable[aiomysql.Connection]], connect_timeout: float,
+                 recycle_seconds: float) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[aiomysql.Connection, float]] = []
+        self._connect, self._connect_timeout, self._recycle = connect, connect_timeout, recycle_seconds
+        self._closed = False
+
+    async def acquire(self, timeout: float) -> aiomysql.Connection:
+        """A connection, idle or new; raises _AcquireTimeout when no slot frees up within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise _AcquireTimeout("no free connection slot") from None
+        try:
+            now = time.monotonic()
+            while self._idle:
+                conn, since = self._idle.pop()
+                if conn.closed or conn._reader.at_eof() or now - since > self._recycle:  # noqa: SLF001
+                    conn.close()
+                    continue
+                return conn
+            # The whole handshake (TCP, greeting, authentication, init_command) is bounded, not just TCP.
+            async with asyncio.timeout(self._connect_timeout):
+                return await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: aiomysql.Connection, *, broken: bool) -> None:
+        """Give the slot back; the connection is kept for reuse unless broken (then closed)."""
+        if broken or self._closed or conn.closed:
+            conn.close()
+        else:
+            self._idle.append((conn, time.monotonic()))
+        self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
 class Database:
-    """A list of database nodes with one aiomysql pool each; the first healthy node takes the work."""
+    """A list of database nodes with one connection pool each; the first healthy node takes the work."""
 
     def __init__(self, config: DatabaseConfig, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._config = config
         self._password = read_secret(config.password_file, config.password_env)
-        self._pools: dict[str, aiomysql.Pool] = {}
+        self._pools: dict[str, _NodePool] = {}
         self._current = 0
         self._sleep = sleep
-        self._lock = asyncio.Lock()
 
     @property
     def nodes(self) -> list[str]:
@@ -92,31 +147,23 @@ class Database:
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             pool.close()
-            await pool.wait_closed()
 
-    async def _pool(self, node: str) -> aiomysql.Pool:
-        async with self._lock:
-            pool = self._pools.get(node)
-            if pool is None:
-                host, _, port = node.rpartition(":")
-                init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if self._config.sync_wait else "")
-                pool = await aiomysql.create_pool(
-                    minsize=0,
-                    maxsize=self._config.pool_size,
-                    host=host,
-                    port=int(port),
-                    user=self._config.user,
-                    password=self._password,
-                    db=self._config.database,
-                    autocommit=False,
-                    connect_timeout=self._config.connect_timeout_seconds,
-                    init_command=init,
-                    charset="utf8mb4",
-                    client_flag=CLIENT.MULTI_STATEMENTS,
-                    pool_recycle=3600,
-                )
-                self._pools[node] = pool
-            return pool
+    def _pool(self, node: str) -> _NodePool:
+        pool = self._pools.get(node)
+        if pool is None:
+            host, _, port = node.rpartition(":")
+            init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if self._config.sync_wait else "")
+
+            def connect() -> Awaitable[aiomysql.Connection]:
+                return aiomysql.connect(
+                    host=host, port=int(port), user=self._config.user, password=self._password,
+                    db=self._config.database, autocommit=False, connect_timeout=self._config.connect_timeout_seconds,
+                    init_command=init, charset="utf8mb4", client_flag=CLIENT.MULTI_STATEMENTS)
+
+            pool = self._pools[node] = _NodePool(self._config.pool_size, connect,
+                                                 connect_timeout=2 * self._config.connect_timeout_seconds,
+                                                 recycle_seconds=POOL_RECYCLE_SECONDS)
+        return pool
 
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
@@ -177,12 +224,8 @@ class Database:
             raise DatabaseError(f"transaction {name} failed after {self._config.max_attempts} attempts: {last}")
 
     async def _run_once(self, node: str, body: Body[T], fence: Fence | None, bound: float) -> T:
-        pool = await self._pool(node)
-        try:
-            async with asyncio.timeout(self._config.acquire_timeout_seconds):
-                conn: aiomysql.Connection = await pool.acquire()
-        except TimeoutError:
-            raise _AcquireTimeout(f"no free connection to {node}") from None
+        pool = self._pool(node)
+        conn = await pool.acquire(self._config.acquire_timeout_seconds)
         broken = True
         try:
             # Whatever hangs from here on (a node that stopped answering, a commit stuck in a reconfiguration)
@@ -226,15 +269,7 @@ class Database:
             broken = False
             return result
         finally:
-            if broken:
-                conn.close()
-            pool.release(conn)
-            if broken:
-                # aiomysql 0.3.2's Pool.release() wakes a waiting acquire() only when the connection it gets back
-                # is alive (the same code as asyncmy#154): a closed one frees its slot silently, and whoever waits
-                # for a connection sleeps until its timeout. When a node dies every connection of its pool is
-                # closed this way, so without this wake-up every waiter hung for its whole bound.
-                await pool._wakeup()
+            pool.release(conn, broken=broken)
 
 
 class _AcquireTimeout(Exception):

@@ -218,3 +218,31 @@ async def test_a_connection_closed_after_a_hang_frees_its_slot_for_a_waiter_at_o
         assert waited < cfg.acquire_timeout_seconds  # the slot came back with the closed connection
     finally:
         await database.close()
+
+
+async def test_a_node_that_accepts_but_never_answers_is_left_for_the_next(env: LocalEnv) -> None:
+    # A listener that takes the TCP connection and never sends the MySQL greeting: a node wedged in a Galera
+    # reconfiguration looks like this. The whole handshake is bounded, and the transaction moves on.
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    mute_node = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    cfg = stack.database_config(env).model_copy(update={
+        "nodes": [mute_node, *stack.database_config(env).nodes], "connect_timeout_seconds": 0.2})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        async def one(cur):
+            await cur.execute("SELECT 1")
+            return (await cur.fetchone())[0]
+
+        assert await asyncio.wait_for(database.run(one, name="t.mute"), timeout=5) == 1
+        assert held, "the mute node was tried first"
+        assert database.nodes[database._current] != mute_node
+    finally:
+        await database.close()
+        for writer in held:
+            writer.close()
+        server.close()
