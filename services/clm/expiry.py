@@ -1,8 +1,10 @@
 """The expiry scheduler: records and publishes a `pki.v1.clm.expiring` notice once per certificate per window.
 
-Runs on the CLM VIP holder only (ClmRuntime gates it). One run:
-  Step 1 for each window (largest first): record a notice for every certificate that entered it and has none
-         (expiry_notices, primary key (issuer, serial, window): a second scheduler records nothing new)
+Runs on the CLM VIP holder only (ClmRuntime gates it). Each certificate carries when to look at it next
+(requests.expiry_check_at: NULL until first seen, then when its next window opens, or never). One run:
+  Step 1 for certificates unseen or due, in batches: record a notice per window each is in and move its
+         expiry_check_at on, one transaction a batch (expiry_notices' primary key (issuer, serial, window): a
+         second scheduler records nothing new)
   Step 2 publish every notice not yet acknowledged, with Nats-Msg-Id = issuer:serial:window, into stream PKI_EXPIRY
   Step 3 mark the acknowledged ones published
 A crash between 1 and 2 leaves notices unpublished: the next run (here or on the new VIP holder) publishes them.
@@ -22,6 +24,9 @@ from hapki.clm.ports import ExpiryPublisher, InventoryStore
 from hapki.contracts.errors import Unavailable
 
 log = logging.getLogger("hapki.clm.expiry")
+# Batches one run may take: a backlog (the first run over certificates that predate the scheduler) is worked off
+# over several runs instead of one long one.
+MAX_BATCHES_PER_RUN = 20
 tracer = trace.get_tracer("hapki.clm")
 
 
@@ -45,8 +50,11 @@ class ExpiryScheduler:
         with tracer.start_as_current_span("clm.expiry") as span:
             now = self._clock()
             recorded = 0
-            for window in self._windows:
-                recorded += await self._store.record_expiring(window, now, self._batch)
+            for _ in range(MAX_BATCHES_PER_RUN):
+                batch = await self._store.record_expiring(self._windows, now, self._batch)
+                recorded += batch.recorded
+                if not batch.more:
+                    break
             published = await self._publish_pending()
             span.set_attribute("pki.expiry_recorded", recorded)
             span.set_attribute("pki.expiry_published", published)

@@ -10,12 +10,15 @@ import binascii
 import ipaddress
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 from hapki.contracts.errors import InvalidCursor, NamesMismatch
 from hapki.contracts.models import CertificateState, SearchCertificates, SignCertificate
 
 CURSOR_VERSION = 1
+# expiry_check_at of a certificate the expiry scheduler is done with (revoked, renewed, expired, past every window).
+NEVER = datetime(9999, 12, 31, tzinfo=UTC)
 # The request_names kinds that are subjectAltNames (the CN is kind "cn").
 SAN_KINDS = ("dns", "ip", "email")
 
@@ -139,3 +142,25 @@ def require_same_names(predecessor: SignCertificate, renewal: SignCertificate) -
             {"field": "csr_pem", "missing": [f"{k}:{v}" for k, v in sorted(before - after)],
              "extra": [f"{k}:{v}" for k, v in sorted(after - before)]},
         )
+
+
+@dataclass(frozen=True)
+class ExpiryPlan:
+    """What the expiry scheduler does with one certificate now: a notice per window it is in, and when to look again."""
+
+    windows: list[int]  # seconds, largest first; a notice already recorded for one is not recorded again
+    next_check: datetime  # when the next window opens; NEVER when nothing more can be due
+
+
+def expiry_plan(not_after: datetime, *, revoked: bool, renewed: bool, windows: Sequence[int],
+                now: datetime) -> ExpiryPlan:
+    """Windows (seconds before not_after) the certificate is in at `now`, and when its next one opens.
+
+    Revoked, renewed (an issued successor exists) and expired certificates are done: all three are final.
+    """
+    if revoked or renewed or not_after <= now:
+        return ExpiryPlan(windows=[], next_check=NEVER)
+    opens = {w: not_after - timedelta(seconds=w) for w in windows}
+    inside = sorted((w for w, at in opens.items() if at <= now), reverse=True)
+    ahead = [at for at in opens.values() if at > now]
+    return ExpiryPlan(windows=inside, next_check=min(ahead) if ahead else NEVER)

@@ -6,12 +6,13 @@ Reads `requests` (with issuer, not_after and revoked kept there, see migration 0
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 
 import aiomysql
 
 from hapki.clm import inventory
-from hapki.clm.ports import ExpiryNotice, Predecessor
+from hapki.clm.ports import ExpiryBatch, ExpiryNotice, Predecessor
 from hapki.contracts.errors import NotFound
 from hapki.contracts.models import (
     CertificateExpiring,
@@ -32,18 +33,17 @@ _SEARCH = (
     " WHERE {where} ORDER BY r.not_after, r.id LIMIT %s"
 )
 
-# Issued, not revoked, not renewed by an issued successor, not_after within (now, now + window], and no notice
-# for this window yet. An index range on (revoked, not_after, id); the NOT EXISTS are primary/secondary key probes.
-DUE_FOR_NOTICE = (
-    "SELECT r.issuer, r.serial, r.id, r.requester, r.profile, r.not_after,"
-    " JSON_VALUE(r.sign_request, '$.common_name')"
+# What the expiry scheduler needs of a certificate. `renewed`: an issued successor exists.
+_EXPIRY_COLUMNS = (
+    "SELECT r.id, r.issuer, r.serial, r.requester, r.profile, r.not_after, r.revoked,"
+    " JSON_VALUE(r.sign_request, '$.common_name'),"
+    " EXISTS (SELECT 1 FROM requests s WHERE s.renews_serial = r.serial AND s.status = 'issued')"
     " FROM requests r"
-    " WHERE r.revoked = 0 AND r.not_after > %s AND r.not_after <= %s"
-    " AND NOT EXISTS (SELECT 1 FROM expiry_notices e"
-    "                 WHERE e.issuer = r.issuer AND e.serial = r.serial AND e.window_seconds = %s)"
-    " AND NOT EXISTS (SELECT 1 FROM requests s WHERE s.renews_serial = r.serial AND s.status = 'issued')"
-    " ORDER BY r.not_after, r.id LIMIT %s"
 )
+# Certificates the scheduler has not looked at yet, and those whose next window opens by now: index ranges on
+# (expiry_check_at, not_after); a run reads what needs work, not every certificate inside a window.
+UNSEEN_FOR_EXPIRY = _EXPIRY_COLUMNS + " WHERE r.expiry_check_at IS NULL AND r.not_after IS NOT NULL LIMIT %s"
+DUE_FOR_EXPIRY = _EXPIRY_COLUMNS + " WHERE r.expiry_check_at <= %s ORDER BY r.expiry_check_at LIMIT %s"
 
 
 def search_statement(query: SearchCertificates, after: inventory.Position | None,
@@ -90,31 +90,44 @@ class MariaDBInventoryStore:
 
         return await self._db.run(body, name="clm.predecessor")
 
-    async def record_expiring(self, window_seconds: int, now: datetime, limit: int) -> int:
-        """Record a notice for up to `limit` certificates that entered the window; return how many are new."""
+    async def record_expiring(self, windows_seconds: Sequence[int], now: datetime, limit: int) -> ExpiryBatch:
+        """For up to `limit` unseen and `limit` due certificates: record a notice per window each is in, and set
+        when to look again, in one transaction."""
 
-        async def body(cur: aiomysql.Cursor) -> int:
-            await cur.execute(DUE_FOR_NOTICE, (db_time(now), db_time(now + timedelta(seconds=window_seconds)),
-                                     window_seconds, limit))
-            rows = await cur.fetchall()
-            if not rows:
-                return 0
-            notices = []
-            for issuer, serial, request_id, requester, profile, not_after, common_name in rows:
-                event = CertificateExpiring(
-                    issuer=issuer, serial=serial, request_id=request_id, requester=requester, profile=profile,
-                    common_name=common_name, not_after=utc(not_after), window_seconds=window_seconds,
-                    detected_at=now,
+        async def body(cur: aiomysql.Cursor) -> ExpiryBatch:
+            await cur.execute(UNSEEN_FOR_EXPIRY, (limit,))
+            unseen = await cur.fetchall()
+            await cur.execute(DUE_FOR_EXPIRY, (db_time(now), limit))
+            due = await cur.fetchall()
+            notices, checks = [], []
+            for request_id, issuer, serial, requester, profile, not_after, revoked, common_name, renewed in (
+                    *unseen, *due):
+                expires = utc(not_after)
+                assert expires is not None
+                plan = inventory.expiry_plan(expires, revoked=bool(revoked), renewed=bool(renewed),
+                                             windows=windows_seconds, now=now)
+                checks.append((db_time(plan.next_check), request_id))
+                for window in plan.windows:
+                    event = CertificateExpiring(
+                        issuer=issuer, serial=serial, request_id=request_id, requester=requester, profile=profile,
+                        common_name=common_name, not_after=expires, window_seconds=window, detected_at=now,
+                    )
+                    notices.append((issuer, serial, window, request_id, event.model_dump_json(), db_time(now)))
+            recorded = 0
+            if notices:
+                # A row already there was recorded earlier (an earlier window's check, another scheduler in a split
+                # brain or before a failover): it is the notice, left as it is (the no-op update counts 0 rows and,
+                # unlike INSERT IGNORE, warns of nothing).
+                await cur.executemany(
+                    "INSERT INTO expiry_notices (issuer, serial, window_seconds, request_id, event, recorded_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE request_id = request_id",
+                    notices,
                 )
-                notices.append((issuer, serial, window_seconds, request_id, event.model_dump_json(), db_time(now)))
-            # A row already there was recorded by another scheduler (split brain, a failover mid-run): it is the
-            # notice, left as it is (the no-op update counts 0 rows and, unlike INSERT IGNORE, warns of nothing).
-            await cur.executemany(
-                "INSERT INTO expiry_notices (issuer, serial, window_seconds, request_id, event, recorded_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE request_id = request_id",
-                notices,
-            )
-            return max(cur.rowcount, 0)
+                recorded = max(cur.rowcount, 0)
+            if checks:
+                await cur.executemany("UPDATE requests SET expiry_check_at = %s WHERE id = %s", checks)
+            return ExpiryBatch(examined=len(checks), recorded=recorded,
+                               more=len(unseen) == limit or len(due) == limit)
 
         return await self._db.run(body, name="clm.expiry_record")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -50,6 +51,8 @@ class RequestStore(Protocol):
 
     async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]: ...
 
+    async def renewal_by_key(self, requester: str, idempotency_key: str) -> tuple[str, str | None] | None: ...
+
 
 class RevocationStore(Protocol):
     """The revocation calls CLM makes on its database."""
@@ -83,6 +86,15 @@ class ExpiryNotice:
         return f"{self.issuer}:{self.serial}:{self.window_seconds}"
 
 
+@dataclass(frozen=True)
+class ExpiryBatch:
+    """One batch of the expiry scheduler: certificates looked at, notices newly recorded, whether more wait."""
+
+    examined: int
+    recorded: int
+    more: bool
+
+
 class InventoryStore(Protocol):
     """The inventory calls CLM makes on its database: search, renewal look-up, expiry notices."""
 
@@ -90,7 +102,7 @@ class InventoryStore(Protocol):
 
     async def predecessor(self, serial: str) -> Predecessor: ...
 
-    async def record_expiring(self, window_seconds: int, now: datetime, limit: int) -> int: ...
+    async def record_expiring(self, windows_seconds: Sequence[int], now: datetime, limit: int) -> ExpiryBatch: ...
 
     async def unpublished_notices(self, limit: int) -> list[ExpiryNotice]: ...
 

@@ -82,6 +82,12 @@ class ClmService:
                     {"field": "requester", "serial": serial},
                 )
             if predecessor.revoked:
+                # A repeat of a renewal that was accepted before the predecessor was revoked (often: revoked as
+                # superseded right after) answers like any repeat: with the original request.
+                if request.idempotency_key is not None:
+                    earlier = await self._store.renewal_by_key(request.requester, request.idempotency_key)
+                    if earlier is not None and earlier[1] == serial:
+                        return await self._store.view(earlier[0])
                 raise NotRenewable(f"certificate {serial} is revoked; request a new certificate instead",
                                    {"field": "serial", "serial": serial, "reason": "revoked"})
             return await self._issue(IssueCertificate(

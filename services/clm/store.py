@@ -115,6 +115,17 @@ class MariaDBRequestStore:
 
         return await self._db.run(body, name="clm.certificate")
 
+    async def renewal_by_key(self, requester: str, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(request id, renews_serial) of the request an idempotency key names, if any."""
+
+        async def body(cur: aiomysql.Cursor) -> tuple[str, str | None] | None:
+            await cur.execute("SELECT id, renews_serial FROM requests WHERE requester = %s AND idempotency_key = %s",
+                              (requester, idempotency_key))
+            row = await cur.fetchone()
+            return (row[0], row[1]) if row is not None else None
+
+        return await self._db.run(body, name="clm.renewal_by_key")
+
     async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]:
         async def body(cur: aiomysql.Cursor) -> list[SignCertificate]:
             await cur.execute(

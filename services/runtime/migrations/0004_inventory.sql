@@ -13,7 +13,9 @@ ALTER TABLE requests
   ADD COLUMN IF NOT EXISTS renews_serial VARCHAR(40) NULL COMMENT 'renewal: the serial of the predecessor',
   ADD COLUMN IF NOT EXISTS issuer VARCHAR(64) NULL COMMENT 'copied from certificates by CARA when issued',
   ADD COLUMN IF NOT EXISTS not_after DATETIME(6) NULL COMMENT 'copied from certificates by CARA when issued',
-  ADD COLUMN IF NOT EXISTS revoked TINYINT(1) NOT NULL DEFAULT 0 COMMENT 'set by CLM with its revocations row';
+  ADD COLUMN IF NOT EXISTS revoked TINYINT(1) NOT NULL DEFAULT 0 COMMENT 'set by CLM with its revocations row',
+  ADD COLUMN IF NOT EXISTS expiry_check_at DATETIME(6) NULL
+    COMMENT 'when the expiry scheduler looks at it next (NULL: not yet, 9999-12-31: never again)';
 
 CREATE INDEX IF NOT EXISTS ix_requests_serial ON requests (serial);
 CREATE INDEX IF NOT EXISTS ix_requests_renews ON requests (renews_serial);
@@ -21,6 +23,9 @@ CREATE INDEX IF NOT EXISTS ix_requests_expiry ON requests (not_after, id);
 CREATE INDEX IF NOT EXISTS ix_requests_revoked_expiry ON requests (revoked, not_after, id);
 CREATE INDEX IF NOT EXISTS ix_requests_requester_expiry ON requests (requester, not_after, id);
 CREATE INDEX IF NOT EXISTS ix_requests_profile_expiry ON requests (profile, not_after, id);
+-- The expiry scheduler reads only what needs it: certificates it has not seen (NULL, not_after set) and those
+-- whose next window opens now. Not a scan of every certificate inside a window on every run.
+CREATE INDEX IF NOT EXISTS ix_requests_expiry_check ON requests (expiry_check_at, not_after);
 
 -- The names CLM approved for a request: the subject CN (kind cn) and every SAN. Values as normalised by
 -- validation (DNS lowercase A-labels, IPs in Python's canonical text form); ASCII only, compared case-insensitively.
@@ -32,9 +37,10 @@ CREATE TABLE IF NOT EXISTS request_names (
   KEY ix_request_names_value (value, kind)
 ) ENGINE=InnoDB;
 
--- Expiry notices: one row per (certificate, window), the outbox of pki.v1.clm.expiring. Recorded first (the
--- primary key makes a second scheduler, or a run after a failover, record nothing new), then published to
--- stream PKI_EXPIRY with Nats-Msg-Id = issuer:serial:window (JetStream drops a republish), then marked.
+-- Expiry notices: one row per (certificate, window), the outbox of pki.v1.clm.expiring. Recorded first, in the
+-- transaction that moves the certificate's expiry_check_at on (the primary key makes a second scheduler, or a run
+-- after a failover, record nothing new), then published to stream PKI_EXPIRY with Nats-Msg-Id =
+-- issuer:serial:window (JetStream drops a republish), then marked.
 CREATE TABLE IF NOT EXISTS expiry_notices (
   issuer          VARCHAR(64)   NOT NULL,
   serial          VARCHAR(40)   NOT NULL,

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from hapki.clm.expiry import ExpiryScheduler
-from hapki.clm.ports import ExpiryNotice
+from datetime import timedelta
+
+from hapki.clm.expiry import MAX_BATCHES_PER_RUN, ExpiryScheduler
+from hapki.clm.inventory import NEVER, expiry_plan
+from hapki.clm.ports import ExpiryBatch, ExpiryNotice
 from hapki.contracts.errors import Unavailable
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 class FakeStore:
-    """Certificates due per window; notices keyed like the table's primary key."""
+    """Certificates due per window (already decided); notices keyed like the table's primary key."""
 
-    def __init__(self, due: dict[int, list[str]]) -> None:
+    def __init__(self, due: dict[int, list[str]], batches: int = 1) -> None:
         self.due = due
         self.notices: dict[tuple[str, int], ExpiryNotice] = {}
         self.published: set[tuple[str, int]] = set()
-        self.windows_asked: list[int] = []
+        self.calls: list[list[int]] = []
+        self.batches = batches
 
-    async def record_expiring(self, window_seconds: int, now: datetime, limit: int) -> int:
-        self.windows_asked.append(window_seconds)
+    async def record_expiring(self, windows_seconds, now: datetime, limit: int) -> ExpiryBatch:
+        self.calls.append(list(windows_seconds))
         new = 0
-        for serial in self.due.get(window_seconds, [])[:limit]:
-            if (serial, window_seconds) not in self.notices:
-                self.notices[(serial, window_seconds)] = ExpiryNotice("ca", serial, window_seconds, f'"{serial}"')
-                new += 1
-        return new
+        for window in windows_seconds:
+            for serial in self.due.get(window, [])[:limit]:
+                if (serial, window) not in self.notices:
+                    self.notices[(serial, window)] = ExpiryNotice("ca", serial, window, f'"{serial}"')
+                    new += 1
+        self.batches -= 1
+        return ExpiryBatch(examined=limit, recorded=new, more=self.batches > 0)
 
     async def unpublished_notices(self, limit: int) -> list[ExpiryNotice]:
         return [n for k, n in self.notices.items() if k not in self.published][:limit]
@@ -60,7 +66,7 @@ async def test_a_run_records_each_window_largest_first_and_publishes_once() -> N
     scheduler = _scheduler(store, stream, [604800, 2592000])
     first = await scheduler.run_once()
     assert (first.recorded, first.published) == (3, 3)
-    assert store.windows_asked == [2592000, 604800]
+    assert store.calls == [[2592000, 604800]]
     assert set(stream.messages) == {"ca:aa:2592000", "ca:bb:2592000", "ca:aa:604800"}
     second = await scheduler.run_once()
     assert (second.recorded, second.published) == (0, 0) and stream.attempts == 3
@@ -80,3 +86,33 @@ async def test_a_failed_publish_is_retried_next_run_and_what_was_acked_is_not_se
 
 async def test_msg_id_names_issuer_serial_and_window() -> None:
     assert ExpiryNotice("issuing-1", "0a", 86400, "{}").msg_id == "issuing-1:0a:86400"
+
+
+async def test_a_backlog_is_taken_in_batches_up_to_a_bound_per_run() -> None:
+    store = FakeStore({}, batches=1000)
+    await _scheduler(store, FakeStream(), [86400]).run_once()
+    assert len(store.calls) == MAX_BATCHES_PER_RUN
+    store = FakeStore({}, batches=3)
+    await _scheduler(store, FakeStream(), [86400]).run_once()
+    assert len(store.calls) == 3
+
+
+WINDOWS = [30 * 86400, 7 * 86400, 86400]
+
+
+def test_expiry_plan_notices_each_window_entered_and_looks_again_when_the_next_opens() -> None:
+    def plan(days_left: float, **flags: bool):
+        return expiry_plan(NOW + timedelta(days=days_left), windows=WINDOWS, now=NOW,
+                           **{"revoked": False, "renewed": False, **flags})
+
+    far = plan(90)
+    assert far.windows == [] and far.next_check == NOW + timedelta(days=60)
+    in_30 = plan(29)
+    assert in_30.windows == [30 * 86400] and in_30.next_check == NOW + timedelta(days=22)
+    exactly = plan(7)  # the 7-day window opens exactly now
+    assert exactly.windows == [30 * 86400, 7 * 86400] and exactly.next_check == NOW + timedelta(days=6)
+    short_lived = plan(0.5)  # first seen inside every window: a notice for each
+    assert short_lived.windows == WINDOWS and short_lived.next_check == NEVER
+    for done in (plan(29, revoked=True), plan(29, renewed=True), plan(0), plan(-3)):
+        assert done.windows == [] and done.next_check == NEVER
+    assert expiry_plan(NOW + timedelta(days=3), revoked=False, renewed=False, windows=[], now=NOW).next_check == NEVER
