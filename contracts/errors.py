@@ -28,6 +28,10 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "INTERNAL"  # a bug; details are in the logs under the trace id
     ALREADY_REVOKED = "ALREADY_REVOKED"  # the certificate is revoked already, with another reason
     FORBIDDEN_REASON = "FORBIDDEN_REASON"  # a revocation reason this CA does not accept (e.g. certificate_hold)
+    INVALID_CURSOR = "INVALID_CURSOR"  # a search cursor this service did not make (garbage or tampered)
+    NOT_RENEWABLE = "NOT_RENEWABLE"  # the certificate to renew is revoked
+    REQUESTER_MISMATCH = "REQUESTER_MISMATCH"  # a renewal asked by another requester than the predecessor's
+    NAMES_MISMATCH = "NAMES_MISMATCH"  # a renewal CSR whose names are not exactly the predecessor's
 
 
 class HapkiError(Exception):
@@ -103,6 +107,22 @@ class AlreadyRevoked(HapkiError):
 
 class ForbiddenReason(HapkiError):
     code = ErrorCode.FORBIDDEN_REASON
+
+
+class InvalidCursor(HapkiError):
+    code = ErrorCode.INVALID_CURSOR
+
+
+class NotRenewable(HapkiError):
+    code = ErrorCode.NOT_RENEWABLE
+
+
+class RequesterMismatch(HapkiError):
+    code = ErrorCode.REQUESTER_MISMATCH
+
+
+class NamesMismatch(HapkiError):
+    code = ErrorCode.NAMES_MISMATCH
 
 
 # Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.

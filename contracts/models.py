@@ -9,7 +9,7 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from hapki.contracts.errors import ErrorCode
 
@@ -23,6 +23,8 @@ SerialHex = Annotated[
     str,
     Field(pattern=r"^[0-9a-f]{2,40}$", description="Certificate serial number, lowercase hex, at most 20 octets"),
 ]
+
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
 class _Model(BaseModel):
@@ -50,11 +52,8 @@ class IssueCertificate(_Model):
 
     csr_pem: str = Field(max_length=MAX_CSR_CHARS, description="PKCS#10 request, PEM (or base64 DER)")
     profile: str = Field(min_length=1, max_length=64, description="Certificate profile name, e.g. tls-server")
-    idempotency_key: str | None = Field(
+    idempotency_key: IdempotencyKey | None = Field(
         default=None,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9._:-]+$",
         description="Client-chosen key; a repeat with the same key and requester returns the original result",
     )
     requester: str = Field(min_length=1, max_length=128, description="Who asks (an account or service name)")
@@ -152,6 +151,112 @@ class CertificateRevoked(_Model):
     serial: SerialHex
     reason: RevocationReason
     revoked_at: datetime
+
+
+class CertificateState(str, enum.Enum):
+    """What an issued certificate is now (search filter and result). Revoked wins over expired."""
+
+    VALID = "valid"  # issued, not revoked, not_after in the future
+    REVOKED = "revoked"  # revoked (whether or not it has expired since)
+    EXPIRED = "expired"  # not revoked, not_after in the past
+
+
+# Page size of a search: the default and the most one page may hold.
+DEFAULT_SEARCH_LIMIT = 100
+MAX_SEARCH_LIMIT = 500
+# A name as CLM stores it after validation: printable ASCII (A-labels, IPs, emails), at most 255 characters.
+SearchName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
+
+
+class SearchCertificates(_Model):
+    """Query to CLM (`pki.v1.clm.search`): issued certificates matching every given filter, one page at a time.
+
+    Results are ordered by (not_after, request id); pass the previous reply's `next_cursor` for the next page.
+    Pending and failed requests are not certificates and are not listed (ask `pki.v1.clm.status` by request id).
+    """
+
+    serial: SerialHex | None = Field(default=None, description="Exactly this serial (lowercase hex)")
+    subject: SearchName | None = Field(default=None, description="Subject common name, exact, case-insensitive")
+    san: SearchName | None = Field(
+        default=None, description="A subjectAltName (DNS name, IP address or email), exact, case-insensitive"
+    )
+    requester: str | None = Field(default=None, min_length=1, max_length=128, description="Who requested it")
+    profile: str | None = Field(default=None, min_length=1, max_length=64, description="Certificate profile name")
+    status: CertificateState | None = Field(default=None, description="valid, revoked or expired, as of now")
+    expiring_before: AwareDatetime | None = Field(
+        default=None, description="Only certificates whose not_after is before this time (timezone required)"
+    )
+    cursor: str | None = Field(
+        default=None, min_length=1, max_length=256, description="Opaque position from a previous reply's next_cursor"
+    )
+    limit: int = Field(
+        default=DEFAULT_SEARCH_LIMIT, ge=1, le=MAX_SEARCH_LIMIT, description="Most items in one reply"
+    )
+
+
+class CertificateSummary(_Model):
+    """One certificate in the inventory (a search result)."""
+
+    serial: SerialHex
+    issuer: str = Field(description="Name of the issuing CA")
+    request_id: RequestId
+    requester: str = Field(description="Who requested it")
+    profile: str = Field(description="Profile it was issued under")
+    status: CertificateState = Field(description="valid, revoked or expired at the time of the search")
+    common_name: str | None = Field(default=None, description="Subject CN, if any")
+    dns_names: list[str] = Field(default_factory=list, description="DNS subjectAltNames")
+    ip_addresses: list[str] = Field(default_factory=list, description="IP address subjectAltNames")
+    emails: list[str] = Field(default_factory=list, description="Email (rfc822Name) subjectAltNames")
+    not_before: datetime | None = Field(default=None, description="Validity start, UTC")
+    not_after: datetime = Field(description="Validity end, UTC")
+    revoked_at: datetime | None = Field(default=None, description="When it was revoked, UTC")
+    revocation_reason: RevocationReason | None = Field(default=None, description="Why it was revoked")
+    renews_serial: SerialHex | None = Field(default=None, description="The certificate this one renewed, if any")
+
+
+class SearchReply(_Model):
+    """Reply to `pki.v1.clm.search`: one page of certificates, or an error."""
+
+    items: list[CertificateSummary] = Field(default_factory=list, description="This page, in (not_after, id) order")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; absent on the last page"
+    )
+    error: ErrorBody | None = Field(default=None, description="Set when the query was refused")
+
+
+class RenewCertificate(_Model):
+    """Command to CLM (`pki.v1.clm.renew`): a new certificate for exactly the names of an issued one, new CSR.
+
+    The requester must be the predecessor's; the predecessor must not be revoked (an expired one may be renewed).
+    Replies with IssueReply, like `pki.v1.clm.issue`, and is idempotent the same way.
+    """
+
+    serial: SerialHex = Field(description="Serial of the certificate to renew (the predecessor)")
+    csr_pem: str = Field(max_length=MAX_CSR_CHARS, description="PKCS#10 request with the same names, PEM (or base64 DER)")
+    requester: str = Field(min_length=1, max_length=128, description="Who asks: must be the predecessor's requester")
+    profile: str | None = Field(
+        default=None, min_length=1, max_length=64, description="Profile of the new certificate; default: the predecessor's"
+    )
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None, description="Client-chosen key; a repeat with the same key and requester returns the first result"
+    )
+
+
+class CertificateExpiring(_Model):
+    """Event from CLM (`pki.v1.clm.expiring`, stream PKI_EXPIRY): a certificate entered an expiry window.
+
+    Once per certificate per window. Not sent for revoked certificates, nor for one already renewed.
+    """
+
+    issuer: str = Field(description="Name of the issuing CA")
+    serial: SerialHex
+    request_id: RequestId
+    requester: str = Field(description="Who requested the certificate")
+    profile: str = Field(description="Profile it was issued under")
+    common_name: str | None = Field(default=None, description="Subject CN, if any")
+    not_after: datetime = Field(description="Validity end, UTC")
+    window_seconds: int = Field(gt=0, description="The window it entered: not_after is at most this far ahead, seconds")
+    detected_at: datetime = Field(description="When the scheduler found it in the window, UTC")
 
 
 class SignCertificate(_Model):

@@ -188,8 +188,10 @@ class MariaDBSigningStore:
                 # but say what happened precisely.
                 raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
             await cur.execute(
-                "UPDATE requests SET status = 'issued', serial = %s, updated_at = %s WHERE id = %s",
-                (record.serial, db_time(now), record.request_id),
+                # issuer and not_after too: CLM's inventory searches and expiry scans read them here (0004).
+                "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
+                " WHERE id = %s",
+                (record.serial, record.issuer, db_time(record.not_after), db_time(now), record.request_id),
             )
             return record
 

@@ -12,7 +12,14 @@ import hapki
 from hapki.clm.app import build_broker
 from hapki.contracts import subjects
 from hapki.contracts.errors import ErrorCode
-from hapki.contracts.models import CertificateIssued, CertificateRevoked, HAEvent, SignCertificate, SigningFailed
+from hapki.contracts.models import (
+    CertificateExpiring,
+    CertificateIssued,
+    CertificateRevoked,
+    HAEvent,
+    SignCertificate,
+    SigningFailed,
+)
 
 # The source tree's copy (this file is services/cli/asyncapi.py; the document lives in contracts/).
 ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.yaml"
@@ -29,6 +36,9 @@ def render() -> str:
                      description="CARA: a request was refused for good")
     broker.publisher(subjects.CLM_REVOKED, title="CertificateRevokedEvent", schema=CertificateRevoked,
                      description="CLM: a revocation was recorded; CARA regenerates its CRLs (core NATS, best effort)")
+    broker.publisher(subjects.CLM_EXPIRING, title="CertificateExpiringEvent", schema=CertificateExpiring,
+                     description="CLM expiry scheduler (VIP holder): a certificate entered an expiry window; once "
+                                 "per certificate per window in stream PKI_EXPIRY, Nats-Msg-Id = issuer:serial:window")
     broker.publisher(subjects.ha_events("{tier}", "{member}"), title="HAEvent", schema=HAEvent,
                      description="watcher: a member's role changed (stream PKI_HA_EVENTS keeps the history)")
     codes = ", ".join(code.value for code in ErrorCode)
@@ -36,7 +46,7 @@ def render() -> str:
         broker, title="hapki bus", version=hapki.__version__,
         description=(
             "Subjects and messages of hapki (pki.v1.*). Request/reply subjects answer with IssueReply, "
-            "CertificateReply or RevokeReply (hapki.contracts.models); a refused request carries "
+            "CertificateReply, RevokeReply or SearchReply (hapki.contracts.models); a refused request carries "
             "`error: {code, message, details}` "
             f"with code one of: {codes}."
         ),

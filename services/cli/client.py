@@ -20,8 +20,11 @@ from hapki.contracts.models import (
     CertificateReply,
     IssueCertificate,
     IssueReply,
+    RenewCertificate,
     RevokeCertificate,
     RevokeReply,
+    SearchCertificates,
+    SearchReply,
     StatusQuery,
 )
 from hapki.runtime import telemetry
@@ -64,6 +67,13 @@ class ClmClient:
     async def revoke(self, request: RevokeCertificate) -> RevokeReply:
         with tracer.start_as_current_span("client.revoke", kind=trace.SpanKind.CLIENT):
             return await self._call(subjects.CLM_REVOKE, request, RevokeReply)
+
+    async def search(self, query: SearchCertificates) -> SearchReply:
+        return await self._call(subjects.CLM_SEARCH, query, SearchReply)
+
+    async def renew(self, request: RenewCertificate, timeout: float | None = None) -> IssueReply:
+        with tracer.start_as_current_span("client.renew", kind=trace.SpanKind.CLIENT):
+            return await self._call(subjects.CLM_RENEW, request, IssueReply, timeout)
 
     async def raw(self, subject: str, data: bytes) -> bytes:
         """Send arbitrary bytes (for tests and diagnostics)."""

@@ -23,8 +23,11 @@ from hapki.contracts.models import (
     CertificateReply,
     IssueCertificate,
     IssueReply,
+    RenewCertificate,
     RevokeCertificate,
     RevokeReply,
+    SearchCertificates,
+    SearchReply,
     SigningFailed,
     StatusQuery,
 )
@@ -95,6 +98,16 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     async def revoke(body: RevokeCertificate) -> RevokeReply:
         """Revoke a certificate by serial with an RFC 5280 reason; idempotent by (serial, reason)."""
         return await svc().revoke(body)
+
+    @broker.subscriber(subjects.CLM_SEARCH, queue="clm", max_workers=64, title="SearchCertificates")
+    async def search(body: SearchCertificates) -> SearchReply:
+        """Issued certificates by serial, subject, SAN, requester, profile, status, expiry; keyset-paged."""
+        return await svc().search(body)
+
+    @broker.subscriber(subjects.CLM_RENEW, queue="clm", max_workers=256, title="RenewCertificate")
+    async def renew(body: RenewCertificate) -> IssueReply:
+        """A new certificate for the same names from a new CSR, linked to its predecessor; idempotent like issue."""
+        return await svc().renew(body)
 
     # No queue group: every CLM member sees every result and wakes its own waiters.
     @broker.subscriber(subjects.CARA_ISSUED, title="CertificateIssued", no_reply=True)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hapki.runtime.config import DatabaseConfig, NatsConfig, StrictModel
+
+
+# A window is at most the longest certificate lifetime a profile may have (398 days).
+WindowSeconds = Annotated[int, Field(gt=0, le=398 * 86400)]
 
 
 class ClmConfig(StrictModel):
@@ -30,3 +35,21 @@ class ClmConfig(StrictModel):
         default=15.0, gt=0, description="Republish a request still pending after this long (outbox sweep), seconds"
     )
     republish_interval_seconds: float = Field(default=5.0, gt=0, description="Period of the outbox sweep, seconds")
+    expiry_windows_seconds: list[WindowSeconds] = Field(
+        default=[30 * 86400, 7 * 86400, 86400], max_length=16,
+        description="Expiry notice windows, seconds before not_after: one pki.v1.clm.expiring per certificate per "
+                    "window it enters; empty: no expiry scheduler",
+    )
+    expiry_interval_seconds: float = Field(
+        default=60.0, gt=0, le=86400, description="Period of the expiry scheduler (VIP holder only), seconds"
+    )
+    expiry_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Most notices one run records per window, and publishes"
+    )
+
+    @field_validator("expiry_windows_seconds")
+    @classmethod
+    def _distinct(cls, windows: list[int]) -> list[int]:
+        if len(set(windows)) != len(windows):
+            raise ValueError("expiry windows must be distinct")
+        return windows

@@ -7,6 +7,7 @@ error code, in STATUS_BY_CODE.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,8 +22,11 @@ from hapki.contracts.models import (
     MAX_REQUEST_BYTES,
     CertificateQuery,
     IssueCertificate,
+    IssueReply,
+    RenewCertificate,
     RequestStatus,
     RevokeCertificate,
+    SearchCertificates,
     StatusQuery,
 )
 from hapki.runtime.edge import error_reply
@@ -51,6 +55,10 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.ALREADY_REVOKED: 409,  # conflicts with the stored state (revoked with another reason)
     ErrorCode.FORBIDDEN_REASON: 422,  # a well-formed reason this CA's policy refuses
+    ErrorCode.INVALID_CURSOR: 400,  # the client sent back something this service did not give it
+    ErrorCode.NOT_RENEWABLE: 409,  # conflicts with the stored state (the predecessor is revoked)
+    ErrorCode.REQUESTER_MISMATCH: 403,  # the one refusal about who asks, not what (until authentication owns 403)
+    ErrorCode.NAMES_MISMATCH: 422,  # a well-formed CSR whose names are not the predecessor's
 }
 # Sent with 503: CLM's own retries (database failover, outbox sweep) usually settle within a second or two.
 RETRY_AFTER_SECONDS = 1
@@ -67,12 +75,24 @@ def build_app(service: ClmService, *, member: str) -> web.Application:
 
     async def issue(request: web.Request) -> web.Response:
         """POST /v1/issue: IssueCertificate -> IssueReply (200 issued, 202 pending, the error's status if failed)."""
-        reply = await service.issue(IssueCertificate.model_validate_json(await _read_json(request)))
-        if reply.error is not None:
-            return _reply(reply, STATUS_BY_CODE[reply.error.code])
-        if reply.status is RequestStatus.PENDING:
-            return _reply(reply, 202, headers={"Location": f"/v1/requests/{reply.request_id}"})
-        return _reply(reply, 200)
+        return _issue_reply(await service.issue(IssueCertificate.model_validate_json(await _read_json(request))))
+
+    async def renew(request: web.Request) -> web.Response:
+        """POST /v1/certificates/{serial}/renew: RenewCertificate without `serial` (the path names it) -> as issue."""
+        body = _json_object(await _read_json(request))
+        if "serial" in body:
+            raise MalformedMessage("serial: give it in the path only", {"field": "serial"})
+        return _issue_reply(await service.renew(RenewCertificate.model_validate(
+            {**body, "serial": request.match_info["serial"]})))
+
+    async def search(request: web.Request) -> web.Response:
+        """GET /v1/certificates?serial=&subject=&san=&requester=&profile=&status=&expiring_before=&cursor=&limit=:
+        SearchReply, 200 (an empty page too). Unknown or repeated parameters are refused."""
+        repeated = sorted({k for k in request.query.keys() if len(request.query.getall(k)) > 1})
+        if repeated:
+            raise MalformedMessage(f"query parameter given more than once: {', '.join(repeated)}",
+                                   {"field": repeated[0]})
+        return _reply(await service.search(SearchCertificates.model_validate(dict(request.query))), 200)
 
     async def status(request: web.Request) -> web.Response:
         """GET /v1/requests/{request_id}: IssueReply, 200 whatever the request's state (a failed one included)."""
@@ -92,7 +112,9 @@ def build_app(service: ClmService, *, member: str) -> web.Application:
 
     app.router.add_post("/v1/issue", issue)
     app.router.add_get("/v1/requests/{request_id}", status)
+    app.router.add_get("/v1/certificates", search)
     app.router.add_get("/v1/certificates/{serial}", certificate)
+    app.router.add_post("/v1/certificates/{serial}/renew", renew)
     app.router.add_post("/v1/revoke", revoke)
     app.router.add_get("/health", health)
     return app
@@ -143,6 +165,26 @@ async def _read_json(request: web.Request) -> bytes:
         return await request.read()  # aiohttp stops at client_max_size (chunked bodies have no length up front)
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(None) from None
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON body that must be an object, or MalformedMessage."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"body is not JSON: {exc}", {"field": "body"}) from None
+    if not isinstance(body, dict):
+        raise MalformedMessage("body must be a JSON object", {"field": "body"})
+    return body
+
+
+def _issue_reply(reply: IssueReply) -> web.Response:
+    """An IssueReply's HTTP status: 200 issued, 202 pending (Location: the request), the error's status if failed."""
+    if reply.error is not None:
+        return _reply(reply, STATUS_BY_CODE[reply.error.code])
+    if reply.status is RequestStatus.PENDING:
+        return _reply(reply, 202, headers={"Location": f"/v1/requests/{reply.request_id}"})
+    return _reply(reply, 200)
 
 
 def _too_large(size: int | None) -> MessageTooLarge:

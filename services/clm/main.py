@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from aiohttp import web
@@ -15,8 +15,10 @@ from nats.aio.client import Client
 from hapki.clm import http
 from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig
+from hapki.clm.expiry import ExpiryScheduler
+from hapki.clm.inventory_store import MariaDBInventoryStore
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
-from hapki.clm.queue import JetStreamSigningQueue, NatsEventPublisher
+from hapki.clm.queue import JetStreamExpiryPublisher, JetStreamSigningQueue, NatsEventPublisher
 from hapki.clm.service import ClmService
 from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
 from hapki.contracts.errors import HapkiError
@@ -40,7 +42,9 @@ class ClmRuntime:
         self.nc: Client | None = None
         self.broker: NatsBroker | None = None
         self.service: ClmService | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self.expiry: ExpiryScheduler | None = None
+        self._vip: VipOwnership | None = None
+        self._schedulers: list[asyncio.Task[None]] = []
         self.http: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -51,44 +55,58 @@ class ClmRuntime:
         self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats)
+        inventory = MariaDBInventoryStore(self.db)
         self.service = ClmService(
             store=MariaDBRequestStore(self.db), queue=JetStreamSigningQueue(js), profiles=profiles,
-            revocations=MariaDBRevocationStore(self.db), events=NatsEventPublisher(self.nc),
+            revocations=MariaDBRevocationStore(self.db), events=NatsEventPublisher(self.nc), inventory=inventory,
             clock=self._clock, wait_seconds=cfg.wait_seconds,
         )
+        self.expiry = ExpiryScheduler(store=inventory, publisher=JetStreamExpiryPublisher(js),
+                                      windows_seconds=cfg.expiry_windows_seconds, clock=self._clock,
+                                      batch=cfg.expiry_batch)
         # FastStream logs two lines per message at its log_level; keep those at DEBUG (about 6% of CLM's CPU).
         self.broker = build_broker(cfg.nats.servers, self.service, logger=logging.getLogger("hapki.clm.broker"),
                                    log_level=logging.DEBUG)
         await self.broker.start()
-        self._sweeper = asyncio.create_task(self._sweep())
+        # Schedulers run only on the CLM VIP holder (every member when no VIP is set).
+        self._vip = VipOwnership(cfg.vip) if cfg.vip else None
+        service, expiry = self.service, self.expiry
+        after = timedelta(seconds=cfg.republish_after_seconds)
+        self._schedulers = [asyncio.create_task(self._every(
+            "outbox sweep", cfg.republish_interval_seconds, lambda: service.republish_stale(after)))]
+        if cfg.expiry_windows_seconds:
+            self._schedulers.append(asyncio.create_task(self._every(
+                "expiry scheduler", cfg.expiry_interval_seconds, expiry.run_once)))
         if cfg.http_listen:
             self.http = await serve(http.build_app(self.service, member=cfg.member), cfg.http_listen)
         log.info("clm %s serving on %s", cfg.member, ", ".join(cfg.nats.servers))
 
-    async def _sweep(self) -> None:
-        """The outbox sweep: a scheduler, so only the CLM VIP holder runs it (every member when no VIP is set)."""
-        assert self.service is not None
-        vip = VipOwnership(self.config.vip) if self.config.vip else None
-        try:
-            while True:
-                await asyncio.sleep(self.config.republish_interval_seconds)
-                if vip is not None and not vip.holds():
-                    continue
-                try:
-                    await self.service.republish_stale(timedelta(seconds=self.config.republish_after_seconds))
-                except HapkiError as exc:
-                    log.warning("outbox sweep failed: %s", exc)
-        finally:
-            if vip is not None:
-                vip.close()
+    def holds_vip(self) -> bool:
+        """Whether this member may run the schedulers now: it holds the CLM VIP, or no VIP is configured."""
+        return self._vip is None or self._vip.holds()
+
+    async def _every(self, name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Run `job` every `interval` seconds while this member holds the VIP; a failed run is retried next time."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.holds_vip():
+                continue
+            try:
+                await job()
+            except HapkiError as exc:
+                log.warning("%s failed: %s", name, exc)
 
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.cleanup()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._schedulers:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await task
+        self._schedulers = []
+        if self._vip is not None:
+            self._vip.close()
+            self._vip = None
         if self.broker is not None:
             await self.broker.stop()
         if self.nc is not None:

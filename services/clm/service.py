@@ -11,10 +11,18 @@ from datetime import datetime, timedelta
 
 from opentelemetry import trace
 
-from hapki.clm import validation
-from hapki.clm.ports import EventPublisher, NewRequest, RequestStore, RevocationStore, SigningQueue
+from hapki.clm import inventory, validation
+from hapki.clm.ports import (
+    EventPublisher,
+    InventoryStore,
+    NewRequest,
+    Predecessor,
+    RequestStore,
+    RevocationStore,
+    SigningQueue,
+)
 from hapki.clm.profiles import Profile
-from hapki.contracts.errors import ForbiddenReason, HapkiError, Unavailable
+from hapki.contracts.errors import ForbiddenReason, HapkiError, NotRenewable, RequesterMismatch, Unavailable
 from hapki.contracts.models import (
     CertificateIssued,
     FORBIDDEN_REASONS,
@@ -23,9 +31,12 @@ from hapki.contracts.models import (
     CertificateRevoked,
     IssueCertificate,
     IssueReply,
+    RenewCertificate,
     RequestStatus,
     RevokeCertificate,
     RevokeReply,
+    SearchCertificates,
+    SearchReply,
     SigningFailed,
     StatusQuery,
 )
@@ -44,12 +55,13 @@ class ClmService:
         queue: SigningQueue,
         revocations: RevocationStore,
         events: EventPublisher,
+        inventory: InventoryStore,
         profiles: Mapping[str, Profile],
         clock: Callable[[], datetime],
         wait_seconds: float,
     ) -> None:
         self._store, self._queue, self._profiles = store, queue, profiles
-        self._revocations, self._events = revocations, events
+        self._revocations, self._events, self._inventory = revocations, events, inventory
         self._clock, self._wait = clock, wait_seconds
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
         # Issue calls in progress here by (requester, idempotency key), with the CSR digest and profile they carry.
@@ -64,15 +76,50 @@ class ClmService:
         the database is back). A retry with another CSR or profile under the same key is not joined: the store
         answers it with IDEMPOTENCY_CONFLICT as usual.
         """
+        with tracer.start_as_current_span("clm.issue"):
+            return await self._once_per_key(request, None)
+
+    async def renew(self, request: RenewCertificate) -> IssueReply:
+        """A new certificate for exactly the names of an issued, unrevoked one, by its requester; then as issue."""
+        with tracer.start_as_current_span("clm.renew") as span:
+            serial = request.serial.lower()
+            span.set_attribute("pki.serial", serial)
+            predecessor = await self._inventory.predecessor(serial)
+            if predecessor.requester != request.requester:
+                raise RequesterMismatch(
+                    f"certificate {serial} was requested by another requester; only it may renew it",
+                    {"field": "requester", "serial": serial},
+                )
+            if predecessor.revoked:
+                # A repeat of a renewal that was accepted before the predecessor was revoked (often: revoked as
+                # superseded right after) answers like any repeat: with the original request.
+                if request.idempotency_key is not None:
+                    earlier = await self._store.renewal_by_key(request.requester, request.idempotency_key)
+                    if earlier is not None and earlier[1] == serial:
+                        return await self._store.view(earlier[0])
+                raise NotRenewable(f"certificate {serial} is revoked; request a new certificate instead",
+                                   {"field": "serial", "serial": serial, "reason": "revoked"})
+            return await self._once_per_key(IssueCertificate(
+                csr_pem=request.csr_pem, profile=request.profile or predecessor.profile,
+                requester=request.requester, idempotency_key=request.idempotency_key,
+            ), predecessor)
+
+    async def search(self, query: SearchCertificates) -> SearchReply:
+        """One page of the certificate inventory."""
+        with tracer.start_as_current_span("clm.search"):
+            return await self._inventory.search(query, self._clock())
+
+    async def _once_per_key(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
+        """Run `_issue`, or join the run already in progress here for the same requester and key (see issue)."""
         if request.idempotency_key is None:
-            return await self._issue(request)
+            return await self._issue(request, predecessor)
         key = (request.requester, request.idempotency_key)
         digest = hashlib.sha256(request.csr_pem.encode()).hexdigest()
         running = self._inflight.get(key)
         if running is not None and running[:2] == (digest, request.profile):
             trace.get_current_span().add_event("clm.joined_attempt")
             return await asyncio.shield(running[2])
-        task = asyncio.ensure_future(self._issue(request))
+        task = asyncio.ensure_future(self._issue(request, predecessor))
         self._inflight[key] = (digest, request.profile, task)
         task.add_done_callback(lambda done: self._forget(key, done))
         # Shielded: a client that gives up (its connection closed) does not cancel the work others may join.
@@ -82,39 +129,41 @@ class ClmService:
         if key in self._inflight and self._inflight[key][2] is task:
             del self._inflight[key]
 
-    async def _issue(self, request: IssueCertificate) -> IssueReply:
-        with tracer.start_as_current_span("clm.issue") as span:
-            span.set_attribute("pki.profile", request.profile)
-            request_id = uuid.uuid4().hex
-            with tracer.start_as_current_span("clm.validate"):
-                approved = validation.approve(request, self._profiles, request_id)
-            recorded = await self._store.record(
-                NewRequest(
-                    request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,
-                    profile=request.profile, csr_sha256=hashlib.sha256(request.csr_pem.encode()).hexdigest(),
-                    approved=approved,
-                ),
-                self._clock(),
-            )
-            span.set_attribute("pki.request_id", recorded.request_id)
-            span.set_attribute("pki.replay", not recorded.created)
-            waiter = self._register(recorded.request_id)
+    async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
+        span = trace.get_current_span()
+        span.set_attribute("pki.profile", request.profile)
+        request_id = uuid.uuid4().hex
+        with tracer.start_as_current_span("clm.validate"):
+            approved = validation.approve(request, self._profiles, request_id)
+            if predecessor is not None:
+                inventory.require_same_names(predecessor.approved, approved)
+        recorded = await self._store.record(
+            NewRequest(
+                request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,
+                profile=request.profile, csr_sha256=hashlib.sha256(request.csr_pem.encode()).hexdigest(),
+                approved=approved, renews_serial=predecessor.serial if predecessor is not None else None,
+            ),
+            self._clock(),
+        )
+        span.set_attribute("pki.request_id", recorded.request_id)
+        span.set_attribute("pki.replay", not recorded.created)
+        waiter = self._register(recorded.request_id)
+        try:
+            if not recorded.created:
+                current = await self._store.view(recorded.request_id)
+                if current.status is not RequestStatus.PENDING:
+                    return current
+            # A replayed pending request is queued again: if its first publish was lost, this recovers it;
+            # otherwise JetStream's de-duplication (Nats-Msg-Id) and CARA's database checks absorb it.
             try:
-                if not recorded.created:
-                    current = await self._store.view(recorded.request_id)
-                    if current.status is not RequestStatus.PENDING:
-                        return current
-                # A replayed pending request is queued again: if its first publish was lost, this recovers it;
-                # otherwise JetStream's de-duplication (Nats-Msg-Id) and CARA's database checks absorb it.
-                try:
-                    await self._queue.submit(recorded.approved)
-                except Unavailable as exc:
-                    # Recorded but not queued: the outbox sweep (or the client's retry) will queue it.
-                    log.warning("request %s recorded but not queued yet: %s", recorded.request_id, exc)
-                    return await self._store.view(recorded.request_id)
-                return await self._await_result(recorded.request_id, waiter)
-            finally:
-                self._unregister(recorded.request_id, waiter)
+                await self._queue.submit(recorded.approved)
+            except Unavailable as exc:
+                # Recorded but not queued: the outbox sweep (or the client's retry) will queue it.
+                log.warning("request %s recorded but not queued yet: %s", recorded.request_id, exc)
+                return await self._store.view(recorded.request_id)
+            return await self._await_result(recorded.request_id, waiter)
+        finally:
+            self._unregister(recorded.request_id, waiter)
 
     async def status(self, query: StatusQuery) -> IssueReply:
         with tracer.start_as_current_span("clm.status"):

@@ -6,6 +6,7 @@ from datetime import datetime
 
 import aiomysql
 
+from hapki.clm.inventory import names_of
 from hapki.clm.ports import NewRequest, Recorded
 from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, NotFound
 from hapki.contracts.models import (
@@ -31,15 +32,16 @@ class MariaDBRequestStore:
 
         async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
             await cur.execute(
-                "SELECT id, profile, csr_sha256, sign_request FROM requests WHERE requester = %s AND idempotency_key = %s",
+                "SELECT id, profile, csr_sha256, sign_request, renews_serial FROM requests"
+                " WHERE requester = %s AND idempotency_key = %s",
                 (request.requester, request.idempotency_key),
             )
             row = await cur.fetchone()
             if row is None:
                 return None
-            if (row[1], row[2]) != (request.profile, request.csr_sha256):
+            if (row[1], row[2], row[4]) != (request.profile, request.csr_sha256, request.renews_serial):
                 raise IdempotencyConflict(
-                    "idempotency key already used for a different CSR or profile",
+                    "idempotency key already used for a different CSR, profile or renewed certificate",
                     {"idempotency_key": request.idempotency_key, "request_id": row[0]},
                 )
             return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
@@ -51,10 +53,19 @@ class MariaDBRequestStore:
                     return found
                 await cur.execute(
                     "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
-                    " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
+                    " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
                     (request.request_id, request.requester, request.idempotency_key, request.profile,
-                     request.csr_sha256, request.approved.model_dump_json(), db_time(now), db_time(now)),
+                     request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
+                     db_time(now)),
                 )
+                # The names, indexed for search (the value column compares case-insensitively: an email differing
+                # only in case is one row).
+                if names := names_of(request.approved):
+                    await cur.executemany(
+                        "INSERT INTO request_names (request_id, kind, value) VALUES (%s, %s, %s)"
+                        " ON DUPLICATE KEY UPDATE value = value",
+                        [(request.request_id, kind, value) for kind, value in names],
+                    )
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
         try:
@@ -103,6 +114,17 @@ class MariaDBRequestStore:
             )
 
         return await self._db.run(body, name="clm.certificate")
+
+    async def renewal_by_key(self, requester: str, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(request id, renews_serial) of the request an idempotency key names, if any."""
+
+        async def body(cur: aiomysql.Cursor) -> tuple[str, str | None] | None:
+            await cur.execute("SELECT id, renews_serial FROM requests WHERE requester = %s AND idempotency_key = %s",
+                              (requester, idempotency_key))
+            row = await cur.fetchone()
+            return (row[0], row[1]) if row is not None else None
+
+        return await self._db.run(body, name="clm.renewal_by_key")
 
     async def stale_pending(self, older_than: datetime, limit: int) -> list[SignCertificate]:
         async def body(cur: aiomysql.Cursor) -> list[SignCertificate]:
@@ -155,6 +177,8 @@ class MariaDBRevocationStore:
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (issuer, serial, reason, db_time(now), requester, request_id),
             )
+            # The inventory's copy, in the same transaction (search and expiry scans filter on it).
+            await cur.execute("UPDATE requests SET revoked = 1 WHERE id = %s", (request_id,))
             return RevokeReply(serial=serial, issuer=issuer, reason=RevocationReason(reason),
                                revoked_at=utc(db_time(now)), requester=requester)
 

@@ -727,7 +727,7 @@ class Lab:
                                     allow_reconnect=False)
             try:
                 js = nc.jetstream(timeout=2)
-                for name in (subjects.SIGNING_STREAM, subjects.HA_EVENTS_STREAM):
+                for name in (subjects.SIGNING_STREAM, subjects.HA_EVENTS_STREAM, subjects.EXPIRY_STREAM):
                     try:
                         info = await js.stream_info(name)
                     except Exception as exc:  # noqa: BLE001 - a status report shows every failure as text

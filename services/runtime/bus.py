@@ -55,6 +55,19 @@ def ha_events_stream(replicas: int) -> StreamConfig:
     )
 
 
+def expiry_stream(replicas: int) -> StreamConfig:
+    """CLM's expiry notices: one message per certificate per window (Nats-Msg-Id de-duplicates a republish)."""
+    return StreamConfig(
+        name=subjects.EXPIRY_STREAM,
+        subjects=[subjects.CLM_EXPIRING],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        max_age=90 * 86400.0,
+    )
+
+
 _UPDATABLE = ("ack_wait", "max_ack_pending", "max_waiting", "max_deliver")
 
 
@@ -96,7 +109,7 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
 
 
 async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
-    """Create the signing stream and consumer when missing; leave existing ones as they are, but say so."""
+    """Create the streams and the signing consumer when missing; leave existing ones as they are, but say so."""
     wanted = signing_stream(config.stream_replicas)
     try:
         info = await js.stream_info(wanted.name)
@@ -105,10 +118,12 @@ async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
     except NotFoundError:
         await js.add_stream(wanted)
         log.info("created stream %s (replicas=%d)", wanted.name, wanted.num_replicas)
-    try:
-        await js.stream_info(subjects.HA_EVENTS_STREAM)
-    except NotFoundError:
-        await js.add_stream(ha_events_stream(config.stream_replicas))
+    for stream in (ha_events_stream(config.stream_replicas), expiry_stream(config.stream_replicas)):
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(stream)
+            log.info("created stream %s (replicas=%d)", stream.name, stream.num_replicas)
     consumer = signing_consumer()
     try:
         info = await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)

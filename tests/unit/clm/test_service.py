@@ -46,7 +46,7 @@ class Queue:
 
 
 def _service(store: SlowStore, queue: Queue) -> ClmService:
-    return ClmService(store=store, queue=queue, revocations=None, events=None,  # type: ignore[arg-type]
+    return ClmService(store=store, queue=queue, revocations=None, events=None, inventory=None,  # type: ignore[arg-type]
                       profiles=load_profiles(SHIPPED_PROFILES_PATH), clock=lambda: NOW, wait_seconds=0.05)
 
 
