@@ -34,6 +34,7 @@ from hapki.contracts.models import (
 from hapki.runtime.edge import error_reply
 
 log = logging.getLogger("hapki.clm.app")
+ISSUE_WORKERS = 4096  # concurrent issue (and renew) handlers per CLM process; see build_broker
 
 
 class SizeLimit(BaseMiddleware):
@@ -79,7 +80,12 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
         assert service is not None, "broker built for documentation only"
         return service
 
-    @broker.subscriber(subjects.CLM_ISSUE, queue="clm", max_workers=256, title="IssueCertificate")
+    # Issue and renew take a handler each for as long as the CA needs (up to wait_seconds): while the database
+    # or the CA stalls, 100 requests/s with client retries need far more than a few hundred. A message beyond the
+    # limit waits in the subscription, first in first out, and is handled after its client gave up, behind other
+    # stale ones, which is what made clients wait 20 s after a 6 s Galera stall. Retries of a request in
+    # progress cost no database work here (ClmService joins them), so the limit is high.
+    @broker.subscriber(subjects.CLM_ISSUE, queue="clm", max_workers=ISSUE_WORKERS, title="IssueCertificate")
     async def issue(body: IssueCertificate) -> IssueReply:
         """Issue a certificate for a CSR under a profile; idempotent by (requester, idempotency_key)."""
         return await svc().issue(body)
@@ -104,7 +110,7 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
         """Issued certificates by serial, subject, SAN, requester, profile, status, expiry; keyset-paged."""
         return await svc().search(body)
 
-    @broker.subscriber(subjects.CLM_RENEW, queue="clm", max_workers=256, title="RenewCertificate")
+    @broker.subscriber(subjects.CLM_RENEW, queue="clm", max_workers=ISSUE_WORKERS, title="RenewCertificate")
     async def renew(body: RenewCertificate) -> IssueReply:
         """A new certificate for the same names from a new CSR, linked to its predecessor; idempotent like issue."""
         return await svc().renew(body)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
@@ -42,6 +44,9 @@ from hapki.contracts.models import (
 )
 
 log = logging.getLogger("hapki.clm")
+# Recently given final answers kept per (requester, idempotency key) for retries: how long and how many.
+ANSWERED_TTL_SECONDS = 120.0
+ANSWERED_MAX = 50_000
 tracer = trace.get_tracer("hapki.clm")
 
 
@@ -66,6 +71,9 @@ class ClmService:
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
         # Issue calls in progress here by (requester, idempotency key), with the CSR digest and profile they carry.
         self._inflight: dict[tuple[str, str], tuple[str, str, asyncio.Task[IssueReply]]] = {}
+        # Final answers given here recently, by the same key: a client whose attempt timed out just before the
+        # answer came retries, and must not cost two more transactions while the database drains a backlog.
+        self._answered: OrderedDict[tuple[str, str], tuple[str, str, IssueReply, float]] = OrderedDict()
 
     async def issue(self, request: IssueCertificate) -> IssueReply:
         """Validate, record (idempotently), queue for the CA, and wait for the result up to wait_seconds.
@@ -115,6 +123,10 @@ class ClmService:
             return await self._issue(request, predecessor)
         key = (request.requester, request.idempotency_key)
         digest = hashlib.sha256(request.csr_pem.encode()).hexdigest()
+        answered = self._answered.get(key)
+        if answered is not None and answered[:2] == (digest, request.profile) and answered[3] > time.monotonic():
+            trace.get_current_span().add_event("clm.answered_before")
+            return answered[2]
         running = self._inflight.get(key)
         if running is not None and running[:2] == (digest, request.profile):
             trace.get_current_span().add_event("clm.joined_attempt")
@@ -126,8 +138,18 @@ class ClmService:
         return await asyncio.shield(task)
 
     def _forget(self, key: tuple[str, str], task: asyncio.Task[IssueReply]) -> None:
-        if key in self._inflight and self._inflight[key][2] is task:
-            del self._inflight[key]
+        running = self._inflight.get(key)
+        if running is None or running[2] is not task:
+            return
+        del self._inflight[key]
+        if task.cancelled() or task.exception() is not None:
+            return
+        reply = task.result()
+        if reply.status in (RequestStatus.ISSUED, RequestStatus.FAILED):  # final: the same answer forever
+            self._answered[key] = (running[0], running[1], reply, time.monotonic() + ANSWERED_TTL_SECONDS)
+            self._answered.move_to_end(key)
+            while len(self._answered) > ANSWERED_MAX:
+                self._answered.popitem(last=False)
 
     async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
         span = trace.get_current_span()

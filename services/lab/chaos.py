@@ -270,7 +270,7 @@ class ChaosRunner:
         result.unavailability = round(max([0.0, *waits]), 3)
         result.request_p99 = round(max(0.0, _pct(waits, 99) or 0.0), 3)
         worst = sorted(requests, key=lambda r: (r.done_at or load_end) - r.sent_at, reverse=True)[:SLOWEST_KEPT]
-        result.slowest = [{"via": r.via, "sent": round(r.sent_at - fault_at, 3),
+        result.slowest = [{"via": r.via, "key": r.key, "request_id": r.request_id, "sent": round(r.sent_at - fault_at, 3),
                            "waited": round((r.done_at or load_end) - r.sent_at, 3), "attempts": r.attempts,
                            "trail": r.trail[:10]} for r in worst]
         completions = sorted(r.done_at for r in requests if r.done_at and r.done_at >= fault_at)

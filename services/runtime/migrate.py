@@ -35,6 +35,11 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in body.split(";") if s.strip()]
 
 
+# A migration rewrites tables and backfills columns: minutes on a large database, not the milliseconds of the
+# bound for ordinary transactions. A DDL cut off by that bound would go on running on the server while the retry
+# started it again on another node.
+MIGRATION_TIMEOUT_SECONDS = 3600.0
+
 async def migrate(db: Database) -> list[int]:
     """Apply every migration not yet recorded; return the versions applied now."""
 
@@ -48,7 +53,7 @@ async def migrate(db: Database) -> list[int]:
         await cur.execute("SELECT version FROM schema_migrations")
         return {row[0] for row in await cur.fetchall()}
 
-    done = await db.run(ensure_table, name="migrate.read")
+    done = await db.run(ensure_table, name="migrate.read", timeout=MIGRATION_TIMEOUT_SECONDS)
     applied = []
     for version, name, sql in available():
         if version in done:
@@ -64,7 +69,7 @@ async def migrate(db: Database) -> list[int]:
             )
 
         try:
-            await db.run(apply, name=f"migrate.{version:04d}")
+            await db.run(apply, name=f"migrate.{version:04d}", timeout=MIGRATION_TIMEOUT_SECONDS)
         except DuplicateKey:
             log.info("migration %04d applied concurrently by another runner", version)
             continue

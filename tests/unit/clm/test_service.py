@@ -11,7 +11,7 @@ from hapki.cli.client import new_key_and_csr
 from hapki.clm.ports import NewRequest, Recorded
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.clm.service import ClmService
-from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, SignCertificate
+from hapki.contracts.models import CertificateIssued, IssueCertificate, IssueReply, RequestStatus, SignCertificate
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -93,3 +93,24 @@ async def test_requests_without_a_shared_key_run_on_their_own(keys: tuple[str | 
     await asyncio.gather(*tasks)
     assert len(store.records) == 2
     assert service._inflight == {}  # nothing left behind once done
+
+
+async def test_a_retry_after_the_final_answer_is_answered_without_the_database() -> None:
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    service._wait = 5.0  # the CA's event comes well within the wait
+    request = _request(["a.example.com"], "k1")
+    store.release.set()
+    first = asyncio.create_task(service.issue(request))
+    while not queue.submitted:
+        await asyncio.sleep(0.001)
+    request_id = queue.submitted[0].request_id
+    service.on_issued(CertificateIssued(request_id=request_id, serial="0a", issuer="issuing-1", certificate_pem="c",
+                                        chain_pem="p", not_before=NOW, not_after=NOW))
+    assert (await first).status is RequestStatus.ISSUED
+    again = await service.issue(request)  # the client's attempt had timed out just before: it asks again
+    assert again.status is RequestStatus.ISSUED and again.serial == "0a"
+    assert len(store.records) == 1  # no second transaction
+    service._wait = 0.05
+    other = await asyncio.wait_for(service.issue(_request(["b.example.com"], "k1")), 1)  # another CSR: not cached
+    assert len(store.records) == 2 and other.status is RequestStatus.PENDING
