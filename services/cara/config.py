@@ -44,6 +44,17 @@ class OcspConfig(StrictModel):
                                   description="nextUpdate - thisUpdate of a response, seconds")
 
 
+class AuditConfig(StrictModel):
+    """The audit sealer (active member only): chains the entries every writer appended, fenced by the epoch."""
+
+    seal_interval_seconds: float = Field(
+        default=0.25, gt=0, le=60,
+        description="How often the active member chains new audit entries, seconds (the window in which the newest "
+                    "entries are not chained yet)",
+    )
+    batch: int = Field(default=2000, ge=1, le=20000, description="Most entries chained in one transaction")
+
+
 class CaraConfig(StrictModel):
     """One CARA member."""
 
@@ -68,3 +79,4 @@ class CaraConfig(StrictModel):
     )
     crl: CrlConfig = CrlConfig()
     ocsp: OcspConfig = OcspConfig()
+    audit: AuditConfig = AuditConfig()

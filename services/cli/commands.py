@@ -77,8 +77,8 @@ async def ca_init(args: argparse.Namespace) -> int:
     db = Database(cfg.database)
     try:
         await migrate(db)
-        store = MariaDBSigningStore(db)
-        revocations = MariaDBRevocationStore(db)
+        store = MariaDBSigningStore(db, actor="cli:ca-init")
+        revocations = MariaDBRevocationStore(db, actor="cli:ca-init")
         try:
             existing = await store.load_issuer(cfg.issuer)
         except NotFound:
@@ -181,6 +181,36 @@ async def db_migrate(args: argparse.Namespace) -> int:
         await db.close()
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
+
+
+async def audit_verify(args: argparse.Namespace) -> int:
+    """Verify the audit chain: 0 intact, 1 broken (the first break named on stderr), 2 bad arguments."""
+    from datetime import timedelta
+
+    from hapki.runtime.audit import verify_database
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+
+    anchor = None
+    if args.anchor:
+        seq, _, digest = args.anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            print("--anchor takes SEQ:HASH (64 hex digits), as printed by an earlier verify", file=sys.stderr)
+            return 2
+        anchor = (int(seq), digest.lower())
+    telemetry.setup_logging("WARNING")
+    db = Database(load_toml(args.config, _DatabaseSection).database)
+    try:
+        report = await verify_database(db, now=utcnow(), grace=timedelta(seconds=args.grace), anchor=anchor)
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps({"ok": report.ok, "sealed": report.sealed, "unsealed": report.unsealed,
+                          "head": {"seq": report.head_seq, "hash": report.head_hash},
+                          "findings": [{"seq": f.seq, "problem": f.problem.value, "entry_id": f.entry_id,
+                                        "message": f.message} for f in report.findings]}, indent=2))
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
 
 
 async def issue(args: argparse.Namespace) -> int:

@@ -52,8 +52,9 @@ class ClmRuntime:
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats)
         self.service = ClmService(
-            store=MariaDBRequestStore(self.db), queue=JetStreamSigningQueue(js), profiles=profiles,
-            revocations=MariaDBRevocationStore(self.db), events=NatsEventPublisher(self.nc),
+            store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
+            profiles=profiles, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
+            events=NatsEventPublisher(self.nc),
             clock=self._clock, wait_seconds=cfg.wait_seconds,
         )
         # FastStream logs two lines per message at its log_level; keep those at DEBUG (about 6% of CLM's CPU).

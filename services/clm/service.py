@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from opentelemetry import trace
 
 from hapki.clm import validation
-from hapki.clm.ports import EventPublisher, NewRequest, RequestStore, RevocationStore, SigningQueue
+from hapki.clm.ports import EventPublisher, NewRequest, Rejection, RequestStore, RevocationStore, SigningQueue
 from hapki.clm.profiles import Profile
 from hapki.contracts.errors import ForbiddenReason, HapkiError, Unavailable
 from hapki.contracts.models import (
@@ -58,12 +58,17 @@ class ClmService:
         with tracer.start_as_current_span("clm.issue") as span:
             span.set_attribute("pki.profile", request.profile)
             request_id = uuid.uuid4().hex
+            csr_sha256 = hashlib.sha256(request.csr_pem.encode()).hexdigest()
             with tracer.start_as_current_span("clm.validate"):
-                approved = validation.approve(request, self._profiles, request_id)
+                try:
+                    approved = validation.approve(request, self._profiles, request_id)
+                except HapkiError as exc:
+                    await self._audit_rejection(request, csr_sha256, exc)
+                    raise
             recorded = await self._store.record(
                 NewRequest(
                     request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,
-                    profile=request.profile, csr_sha256=hashlib.sha256(request.csr_pem.encode()).hexdigest(),
+                    profile=request.profile, csr_sha256=csr_sha256,
                     approved=approved,
                 ),
                 self._clock(),
@@ -87,6 +92,20 @@ class ClmService:
                 return await self._await_result(recorded.request_id, waiter)
             finally:
                 self._unregister(recorded.request_id, waiter)
+
+    async def _audit_rejection(self, request: IssueCertificate, csr_sha256: str, exc: HapkiError) -> None:
+        """Record a policy refusal of a well-formed request; garbage is only logged (see validation.is_well_formed).
+
+        Best effort: the client gets its refusal even when the database is down (nothing else changed state).
+        """
+        if not validation.is_well_formed(request.csr_pem):
+            return
+        try:
+            await self._store.record_rejection(
+                Rejection(requester=request.requester, profile=request.profile, csr_sha256=csr_sha256,
+                          code=exc.code.value, message=exc.message), self._clock())
+        except HapkiError as failure:
+            log.warning("refusal of a request by %s not audited: %s", request.requester, failure)
 
     async def status(self, query: StatusQuery) -> IssueReply:
         with tracer.start_as_current_span("clm.status"):

@@ -1,0 +1,108 @@
+"""The audit sealer: on the active CARA member, chains the audit entries every writer appended.
+
+Writers append unchained entries inside their own transactions (hapki.runtime.audit.append), so they never
+contend for a shared row. Every `seal_interval_seconds` the active member takes the oldest unchained entries (by
+created_at, then id: deterministic), gives them the next sequence numbers and hashes, updates `audit_head` and
+removes their `audit_unsealed` markers, all in one transaction fenced by the CARA epoch: a member that lost its
+role cannot extend the chain, and two members can never both extend it (one chain across the cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import aiomysql
+
+from hapki.cara.config import AuditConfig
+from hapki.cara.crl import Activity
+from hapki.cara.store import TIER
+from hapki.contracts.errors import FencedOut, HapkiError
+from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, link_hash, record_from_row
+from hapki.runtime.db import Database, Fence, db_time
+
+log = logging.getLogger("hapki.cara.audit")
+
+
+async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
+    """Chain up to `batch` unchained entries under `epoch` (FencedOut if it is not current); return how many.
+
+    Idempotent under whole-transaction retry: it starts from the head it reads, so a retry after a commit whose
+    outcome was unknown just finds fewer (or no) entries to chain.
+    """
+
+    async def body(cur: aiomysql.Cursor) -> int:
+        # Step 1: the head, locked (only sealers touch it; one active member, so no one waits in practice).
+        await cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        head = await cur.fetchone()
+        seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
+        # Step 2: the oldest unchained entries; a marker whose entry is chained already is only cleared.
+        await cur.execute(
+            f"SELECT u.entry_id, c.seq, {ENTRY_COLUMNS} FROM audit_unsealed u"
+            " LEFT JOIN audit_entries e ON e.id = u.entry_id LEFT JOIN audit_chain c ON c.entry_id = u.entry_id"
+            " ORDER BY u.created_at, u.entry_id LIMIT %s", (batch,))
+        rows = list(await cur.fetchall())
+        if not rows:
+            return 0
+        # Step 3: the links.
+        links = []
+        for row in rows:
+            if row[1] is not None or row[2] is None:
+                continue  # already chained, or a marker without an entry (verification reports the latter's loss)
+            seq += 1
+            record = record_from_row(row[2:])
+            digest = link_hash(prev, record, seq, detail=row[9])
+            links.append((seq, record.id, prev, digest, epoch, db_time(now)))
+            prev = digest
+        # Step 4: store them, drop the markers, move the head; the fence and COMMIT follow in one round trip.
+        if links:
+            await cur.executemany(
+                "INSERT INTO audit_chain (seq, entry_id, prev_hash, hash, epoch, sealed_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)", links)
+            await cur.execute(
+                "INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, %s, %s, %s)"
+                " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
+                (seq, prev, db_time(now)))
+        ids = [row[0] for row in rows]
+        await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
+        return len(links)
+
+    return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
+
+
+class AuditSealer:
+    """Chains new audit entries every `seal_interval_seconds` while this member is active."""
+
+    def __init__(self, *, db: Database, config: AuditConfig, activity: Activity,
+                 clock: Callable[[], datetime]) -> None:
+        self._db, self._config, self._activity, self._clock = db, config, activity, clock
+        self.sealed = 0  # entries chained by this process (tests and health)
+
+    async def run(self) -> None:
+        """The loop: on every member, but it seals only while the signer is active."""
+        while True:
+            await asyncio.sleep(self._config.seal_interval_seconds)
+            epoch = self._activity.epoch
+            if not self._activity.active or epoch is None:
+                continue
+            try:
+                await self.tick(epoch)
+            except FencedOut as exc:
+                log.info("audit entries not sealed, fenced out (the signer steps down on its own): %s", exc)
+            except HapkiError as exc:
+                log.warning("audit entries not sealed: %s; retrying at the next interval", exc)
+            except Exception:
+                log.exception("bug while sealing audit entries; retrying at the next interval")
+
+    async def tick(self, epoch: int) -> int:
+        """Seal everything waiting now, a batch per transaction; return how many entries were chained."""
+        total = 0
+        while True:
+            count = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
+            total += count
+            if count < self._config.batch:
+                break
+        self.sealed += total
+        return total
