@@ -14,21 +14,35 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from dataclasses import dataclass
+
 import aiomysql
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from hapki.cara.config import AuditConfig
 from hapki.cara.crl import Activity
 from hapki.cara.store import TIER
 from hapki.contracts.errors import FencedOut, HapkiError
-from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, link_hash, record_from_row
+from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
 from hapki.runtime.db import Database, Fence, db_time
 
 log = logging.getLogger("hapki.cara.audit")
 
 
-async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
+@dataclass(frozen=True)
+class CheckpointKey:
+    """The issuer's audit signer: its HSM key signs checkpoints (hapki.runtime.audit.checkpoint_message)."""
+
+    issuer: str
+    key_id: bytes
+    key: ec.EllipticCurvePrivateKey
+
+
+async def seal(db: Database, *, epoch: int, now: datetime, batch: int, sign: CheckpointKey | None = None) -> int:
     """Chain up to `batch` unchained entries under `epoch` (FencedOut if it is not current); return how many.
 
+    With `sign`, also sign a checkpoint of the new head if no checkpoint covers it yet (in the same transaction).
     Idempotent under whole-transaction retry: it starts from the head it reads, so a retry after a commit whose
     outcome was unknown just finds fewer (or no) entries to chain.
     """
@@ -44,7 +58,7 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
             " LEFT JOIN audit_entries e ON e.id = u.entry_id LEFT JOIN audit_chain c ON c.entry_id = u.entry_id"
             " ORDER BY u.created_at, u.entry_id LIMIT %s", (batch,))
         rows = list(await cur.fetchall())
-        if not rows:
+        if not rows and sign is None:
             return 0
         # Step 3: the links.
         links = []
@@ -66,18 +80,45 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
                 " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
                 (seq, prev, db_time(now)))
         ids = [row[0] for row in rows]
-        await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
+        if ids:
+            await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
+        if sign is not None and seq > 0:
+            await _checkpoint(cur, sign, seq, prev, epoch=epoch, now=now)
         return len(links)
 
     return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
 
 
+async def _checkpoint(cur: aiomysql.Cursor, sign: CheckpointKey, seq: int, digest: str, *, epoch: int,
+                      now: datetime) -> None:
+    """Sign (HSM) and store a checkpoint of the head (seq, digest), unless one covers it already."""
+    await cur.execute("SELECT MAX(seq) FROM audit_checkpoints")
+    if ((await cur.fetchone())[0] or 0) >= seq:
+        return
+    signed_at = db_time(now)
+    try:
+        signature = await asyncio.to_thread(
+            sign.key.sign, checkpoint_message(seq, digest, signed_at, sign.issuer), ec.ECDSA(hashes.SHA256()))
+    except HapkiError as exc:  # HSM unavailable: keep chaining; the next checkpoint will cover these entries
+        log.warning("audit checkpoint at seq %d not signed: %s", seq, exc)
+        return
+    await cur.execute(
+        "INSERT INTO audit_checkpoints (seq, hash, signed_at, issuer, key_id, signature, epoch)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (seq, digest, signed_at, sign.issuer, sign.key_id.hex(), signature.hex(), epoch))
+    # A copy outside the database: with it, cutting the chain together with its newest checkpoints shows too.
+    log.info("audit checkpoint seq=%d hash=%s signed_at=%s key_id=%s signature=%s", seq, digest,
+             signed_at.isoformat(), sign.key_id.hex(), signature.hex())
+
+
 class AuditSealer:
     """Chains new audit entries every `seal_interval_seconds` while this member is active."""
 
-    def __init__(self, *, db: Database, config: AuditConfig, activity: Activity,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(self, *, db: Database, config: AuditConfig, activity: Activity, clock: Callable[[], datetime],
+                 sign: CheckpointKey | None = None) -> None:
         self._db, self._config, self._activity, self._clock = db, config, activity, clock
+        self._sign = sign  # None: chain without signed checkpoints (no audit signer yet: `hapki ca init` makes one)
+        self._signed_at: datetime | None = None
         self.sealed = 0  # entries chained by this process (tests and health)
 
     async def run(self) -> None:
@@ -100,7 +141,14 @@ class AuditSealer:
         """Seal everything waiting now, a batch per transaction; return how many entries were chained."""
         total = 0
         while True:
-            count = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
+            now = self._clock()
+            due = self._sign is not None and (
+                self._signed_at is None
+                or (now - self._signed_at).total_seconds() >= self._config.checkpoint_interval_seconds)
+            count = await seal(self._db, epoch=epoch, now=now, batch=self._config.batch,
+                               sign=self._sign if due else None)
+            if due:
+                self._signed_at = now
             total += count
             if count < self._config.batch:
                 break

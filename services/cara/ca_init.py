@@ -110,8 +110,9 @@ def create_hierarchy(
 
 
 @dataclass(frozen=True)
-class OcspSigner:
-    """A delegated OCSP responder: its certificate (issued by the issuing CA) and the CKA_ID of its HSM key."""
+class DelegatedSigner:
+    """A key the issuing CA certifies for one purpose (OCSP responses, audit checkpoints): its certificate and the
+    CKA_ID of its HSM key."""
 
     cert: x509.Certificate
     key_id: bytes
@@ -125,37 +126,74 @@ def create_ocsp_signer(
     org: str = "hapki",
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
-) -> OcspSigner:
+) -> DelegatedSigner:
     """Generate a P-256 key in the HSM and certify it with the issuing CA key as its delegated OCSP signer
     (RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only)."""
+    return _delegated_signer(
+        pool, role="ocsp", label="OCSP Responder", issuing_cert=issuing_cert, issuing_key_id=issuing_key_id, org=org,
+        now=now, validity=OCSP_SIGNER_VALIDITY, replicate_across=replicate_across, non_repudiation=False,
+        extensions=[(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False), (x509.OCSPNoCheck(), False)],
+    )
+
+
+def create_audit_signer(
+    pool: HSMPool,
+    *,
+    issuing_cert: x509.Certificate,
+    issuing_key_id: bytes,
+    org: str = "hapki",
+    now: datetime,
+    replicate_across: Sequence[HSMMemberConfig] = (),
+) -> DelegatedSigner:
+    """Generate a P-256 key in the HSM and certify it with the issuing CA key for signing audit checkpoints.
+
+    Valid as long as the issuing CA: checkpoints must stay verifiable for as long as the log is kept. No EKU (none
+    is defined for this); key usage digitalSignature + nonRepudiation (contentCommitment): it signs statements.
+    """
+    return _delegated_signer(
+        pool, role="audit", label="Audit Signer", issuing_cert=issuing_cert, issuing_key_id=issuing_key_id, org=org,
+        now=now, validity=issuing_cert.not_valid_after_utc - now, replicate_across=replicate_across,
+        non_repudiation=True, extensions=[],
+    )
+
+
+def _delegated_signer(
+    pool: HSMPool, *, role: str, label: str, issuing_cert: x509.Certificate, issuing_key_id: bytes, org: str,
+    now: datetime, validity: timedelta, replicate_across: Sequence[HSMMemberConfig], non_repudiation: bool,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> DelegatedSigner:
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)
-    key = _generate_key(pool, replicate_across, "ocsp", OCSP_CURVE)
+    key = _generate_key(pool, replicate_across, role, OCSP_CURVE)
     issuing_key = pool.private_key(issuing_key_id)
     issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     common_name = issuing_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(org, f"{common_name} OCSP Responder"))
+        .subject_name(_name(org, f"{common_name} {label}"))
         .issuer_name(issuing_cert.subject)
         .public_key(key.public_key())
         .serial_number(issuance.random_serial())
         .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(min(now + OCSP_SIGNER_VALIDITY, issuing_cert.not_valid_after_utc))
+        .not_valid_after(min(now + validity, issuing_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            digital_signature=True, content_commitment=non_repudiation, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
+            decipher_only=False,
         ), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
-        .add_extension(x509.OCSPNoCheck(), critical=False)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = (
+        builder
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuing_ski), critical=False)
         .sign(issuing_key, hashes.SHA256())
     )
     cert.verify_directly_issued_by(issuing_cert)
-    return OcspSigner(cert=cert, key_id=key.key_id)
+    return DelegatedSigner(cert=cert, key_id=key.key_id)
 
 
 def _generate_key(pool: HSMPool, members: Sequence[HSMMemberConfig], role: str,

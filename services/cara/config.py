@@ -53,6 +53,11 @@ class AuditConfig(StrictModel):
                     "entries are not chained yet)",
     )
     batch: int = Field(default=2000, ge=1, le=20000, description="Most entries chained in one transaction")
+    checkpoint_interval_seconds: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="How often at most the sealer signs the head with the audit signer's HSM key, seconds (one HSM "
+                    "signature and one row each time the head moved)",
+    )
 
 
 class CaraConfig(StrictModel):

@@ -12,7 +12,7 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from hapki.cara import http, issuance
-from hapki.cara.audit_sealer import AuditSealer
+from hapki.cara.audit_sealer import AuditSealer, CheckpointKey
 from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
 from hapki.cara.ocsp import OcspResponder
@@ -22,6 +22,7 @@ from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
 from hapki.runtime import bus
+from hapki.runtime.audit import audit_signer
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import HSMConfig
 from hapki.runtime.db import Database
@@ -91,7 +92,13 @@ class CaraRuntime:
         )
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
         self._crl_task = asyncio.create_task(self.crl.run())
-        self.audit = AuditSealer(db=self.db, config=cfg.audit, activity=self.signer, clock=self._clock)
+        found = await audit_signer(self.db, issuer.name)
+        if found is None:
+            log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",
+                        issuer.name)
+        checkpoints = None if found is None else CheckpointKey(issuer.name, found[0], self.hsm.private_key(found[0]))
+        self.audit = AuditSealer(db=self.db, config=cfg.audit, activity=self.signer, clock=self._clock,
+                                 sign=checkpoints)
         self._audit_task = asyncio.create_task(self.audit.run())
         ocsp = None
         ocsp_signer = await revocations.ocsp_signer(issuer.name)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the subcommands import their service modules lazily, to sta
     from hapki.cara.config import CaraConfig
     from hapki.cara.ports import IssuerRecord
     from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.runtime.db import Database
     from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 
 log = logging.getLogger("hapki.cli")
@@ -68,6 +69,7 @@ async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.revocation_store import MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.contracts.errors import NotFound
+    from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
     from hapki.runtime.db import Database
     from hapki.runtime.migrate import migrate
@@ -84,14 +86,19 @@ async def ca_init(args: argparse.Namespace) -> int:
         except NotFound:
             existing = None
         if existing is not None:
-            if await revocations.ocsp_signer(existing.name) is not None:
+            need_ocsp = await revocations.ocsp_signer(existing.name) is None
+            need_audit = await audit_signer(db, existing.name) is None
+            if not (need_ocsp or need_audit):
                 print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
                 return 0
-            # A CA from before OCSP: add its delegated OCSP signer (the cluster KEK of the first ceremony is
-            # still in the tokens, so the new key is replicated like the CA keys).
+            # A CA from before OCSP or the audit log: add the missing signer (the cluster KEK of the first ceremony
+            # is still in the tokens, so the new key is replicated like the CA keys).
+            members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
             with hsm_pool(cfg.hsm) as pool:
-                await _add_ocsp_signer(pool, revocations, existing, _hsm_members(cfg) if len(cfg.hsm.members) > 1
-                                       else [])
+                if need_ocsp:
+                    await _add_ocsp_signer(pool, revocations, existing, members)
+                if need_audit:
+                    await _add_audit_signer(pool, db, existing, members)
             return 0
         # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
         # each token imports first, before the pool logs in as user (SO and user cannot share a login).
@@ -122,6 +129,7 @@ async def ca_init(args: argparse.Namespace) -> int:
                                   key_id=hierarchy.issuing_key_id)
             await store.save_issuer(record, default=True, now=utcnow())
             await _add_ocsp_signer(pool, revocations, record, replicate_across)
+            await _add_audit_signer(pool, db, record, replicate_across)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "root.pem").write_text(root_pem)
@@ -162,6 +170,22 @@ async def _add_ocsp_signer(pool: HSMPool, revocations: MariaDBRevocationStore, i
     )
     print(f"created OCSP signer for {name!r}: {signer.cert.subject.rfc4514_string()}, "
           f"valid until {signer.cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+async def _add_audit_signer(pool: HSMPool, db: Database, issuer: IssuerRecord,
+                            replicate_across: list[HSMMemberConfig]) -> None:
+    """The issuer's audit signer (signs audit checkpoints): key generated in the HSM, certified, stored."""
+    from hapki.cara.ca_init import create_audit_signer
+    from hapki.runtime.audit import save_audit_signer
+    from hapki.runtime.clock import utcnow
+
+    signer = await asyncio.to_thread(
+        create_audit_signer, pool, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
+        now=utcnow(), replicate_across=replicate_across,
+    )
+    await save_audit_signer(db, issuer=issuer.name, cert=signer.cert, key_id=signer.key_id, actor="cli:ca-init",
+                            now=utcnow())
+    print(f"created audit signer for {issuer.name!r}: {signer.cert.subject.rfc4514_string()}")
 
 
 class _DatabaseSection(BaseModel):

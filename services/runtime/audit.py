@@ -25,6 +25,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiomysql
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hapki.runtime.db import Database, db_time
 
@@ -46,6 +51,7 @@ class AuditKind(str, enum.Enum):
     OCSP_SIGNER_CREATED = "ocsp_signer.created"  # a delegated OCSP signer was created (or rotated: `replaces`)
     ISSUER_CREATED = "issuer.created"  # a CA ceremony stored an issuing CA
     EPOCH_CHANGED = "epoch.changed"  # a CARA member became active under a new epoch
+    AUDIT_SIGNER_CREATED = "audit_signer.created"  # a key for signing audit checkpoints was created
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,8 @@ class Problem(str, enum.Enum):
     HEAD_MISMATCH = "head_mismatch"  # the head's hash is not the chain's hash at that position
     UNSEALED = "unsealed"  # an entry left unchained longer than the grace period (sealer down, or tampering)
     ANCHOR_MISMATCH = "anchor_mismatch"  # an externally recorded (seq, hash) is not in the chain any more
+    CHECKPOINT_INVALID = "checkpoint_invalid"  # a checkpoint's signature does not verify with a trusted audit key
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"  # a signed checkpoint's hash is not the chain's: chain rewritten
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,37 @@ class ChainLink:
     hash: str
     entry: AuditRecord | None
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed head: the sealer's statement that the chain had `hash` at `seq` at `signed_at` (naive UTC)."""
+
+    seq: int
+    hash: str
+    signed_at: datetime
+    issuer: str
+    key_id: str
+    signature: bytes
+
+    def message(self) -> bytes:
+        return checkpoint_message(self.seq, self.hash, self.signed_at, self.issuer)
+
+
+def checkpoint_message(seq: int, digest: str, signed_at: datetime, issuer: str) -> bytes:
+    """What an audit signer signs (domain-separated, so the signature means nothing anywhere else)."""
+    return b"hapki audit checkpoint v1\n" + canonical_json(
+        {"seq": seq, "hash": digest, "signed_at": _time(signed_at), "issuer": issuer}).encode("ascii")
+
+
+def checkpoint_valid(checkpoint: Checkpoint, key: ec.EllipticCurvePublicKey | None) -> bool:
+    if key is None:
+        return False
+    try:
+        key.verify(checkpoint.signature, checkpoint.message(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -179,6 +218,7 @@ class AuditReport:
     head_seq: int | None
     head_hash: str | None
     findings: list[Finding]
+    signed_seq: int | None = None  # the newest valid checkpoint: the chain up to here is signed by the HSM key
 
     @property
     def ok(self) -> bool:
@@ -186,8 +226,9 @@ class AuditReport:
 
     def summary(self) -> str:
         if self.ok:
+            signed = "no signed checkpoint" if self.signed_seq is None else f"signed up to seq {self.signed_seq}"
             return (f"audit chain intact: {self.sealed} entries chained, head seq {self.head_seq} "
-                    f"hash {self.head_hash}; {self.unsealed} not chained yet")
+                    f"hash {self.head_hash}; {signed}; {self.unsealed} not chained yet")
         first = self.findings[0]
         more = f" (and {len(self.findings) - 1} more findings)" if len(self.findings) > 1 else ""
         return f"audit chain broken at seq {first.seq}: {first.problem.value}: {first.message}{more}"
@@ -223,11 +264,14 @@ def verify(
     now: datetime | None = None,
     grace: timedelta = timedelta(seconds=60),
     anchor: tuple[int, str] | None = None,
+    checkpoints: Sequence[Checkpoint] = (),
+    keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
 ) -> AuditReport:
-    """Check the chain (links in any order), the head row and the unchained entries; pure.
+    """Check the chain (links in any order), the head row, the signed checkpoints and the unchained entries; pure.
 
     `unsealed`: (entry id, created_at naive UTC) of entries not chained yet; with `now` (naive UTC), those older
     than `grace` are findings. `anchor`: a (seq, hash) recorded elsewhere earlier, which must still be in the chain.
+    `checkpoints` must verify with `keys` (key id hex -> trusted audit signer public key) and match the chain.
     """
     ordered = sorted(links, key=lambda link: link.seq)
     by_hash = {link.hash: link.seq for link in ordered}
@@ -276,6 +320,22 @@ def verify(
                                     f"links after the head (seq {head_seq}) up to {last.seq}: not written by the sealer"))
         elif head_hash != last.hash:
             findings.append(Finding(head_seq, Problem.HEAD_MISMATCH, "the head hash differs from the chain's"))
+    signed_seq = None
+    hash_at = {link.seq: link.hash for link in ordered}
+    for checkpoint in sorted(checkpoints, key=lambda c: c.seq):
+        if not checkpoint_valid(checkpoint, (keys or {}).get(checkpoint.key_id)):
+            findings.append(Finding(checkpoint.seq, Problem.CHECKPOINT_INVALID,
+                                    f"the checkpoint at seq {checkpoint.seq} is not signed by a trusted audit key"))
+        elif checkpoint.seq not in hash_at:
+            if last is None or checkpoint.seq > last.seq:
+                findings.append(Finding((last.seq if last else 0) + 1, Problem.TRUNCATED,
+                                        f"a signed checkpoint names seq {checkpoint.seq}; the chain ends before it"))
+        elif hash_at[checkpoint.seq] != checkpoint.hash:
+            findings.append(Finding(checkpoint.seq, Problem.CHECKPOINT_MISMATCH,
+                                    f"the chain at seq {checkpoint.seq} is not what was signed at "
+                                    f"{checkpoint.signed_at:%Y-%m-%d %H:%M:%S}: rewritten up to here"))
+        else:
+            signed_seq = checkpoint.seq
     if anchor is not None:
         anchor_seq, anchor_hash = anchor
         if by_hash.get(anchor_hash) != anchor_seq:
@@ -289,7 +349,7 @@ def verify(
                 break
     findings.sort(key=lambda f: f.seq)
     return AuditReport(sealed=len(ordered), unsealed=len(unsealed), head_seq=head[0] if head else None,
-                       head_hash=head[1] if head else None, findings=findings)
+                       head_hash=head[1] if head else None, findings=findings, signed_seq=signed_seq)
 
 
 # --- reading the chain from the database ---------------------------------------------------------------
@@ -337,8 +397,75 @@ async def read_chain(db: Database) -> tuple[list[ChainLink], tuple[int, str] | N
     return links, head, unsealed
 
 
+async def read_checkpoints(db: Database) -> tuple[list[Checkpoint], dict[str, ec.EllipticCurvePublicKey]]:
+    """Every checkpoint, and the audit signer keys whose certificate its issuer (as stored) really signed."""
+
+    async def body(cur: aiomysql.Cursor) -> tuple[list[tuple], list[tuple]]:
+        await cur.execute("SELECT seq, hash, signed_at, issuer, key_id, signature FROM audit_checkpoints")
+        checkpoints = list(await cur.fetchall())
+        await cur.execute("SELECT s.key_id, s.cert_pem, i.cert_pem FROM audit_signers s"
+                          " JOIN issuers i ON i.name = s.issuer")
+        return checkpoints, list(await cur.fetchall())
+
+    rows, signers = await db.run(body, name="audit.read_checkpoints")
+    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    for key_id, cert_pem, issuer_pem in signers:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+            cert.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer_pem.encode()))
+        except (ValueError, TypeError, InvalidSignature):
+            continue  # not certified by its issuer: its checkpoints are reported as invalid
+        public_key = cert.public_key()
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            keys[key_id] = public_key
+    checkpoints = []
+    for row in rows:
+        try:
+            signature = bytes.fromhex(row[5])
+        except ValueError:
+            signature = b""
+        checkpoints.append(Checkpoint(seq=row[0], hash=row[1], signed_at=row[2], issuer=row[3], key_id=row[4],
+                                      signature=signature))
+    return checkpoints, keys
+
+
 async def verify_database(db: Database, *, now: datetime, grace: timedelta = timedelta(seconds=60),
                           anchor: tuple[int, str] | None = None) -> AuditReport:
     """Read the chain from `db` and verify it (what `hapki audit verify` and the lab's fault tests call)."""
     links, head, unsealed = await read_chain(db)
-    return verify(links, head, unsealed=unsealed, now=db_time(now), grace=grace, anchor=anchor)
+    checkpoints, keys = await read_checkpoints(db)
+    return verify(links, head, unsealed=unsealed, now=db_time(now), grace=grace, anchor=anchor,
+                  checkpoints=checkpoints, keys=keys)
+
+
+# --- audit signers (keys in the HSM, certified by the issuing CA) --------------------------------------
+
+
+async def save_audit_signer(db: Database, *, issuer: str, cert: x509.Certificate, key_id: bytes, actor: str,
+                            now: datetime) -> None:
+    """Store an issuer's audit signer (made by `hapki ca init`), with its own audit entry."""
+    cert_pem = cert.public_bytes(Encoding.PEM).decode()
+    entry = AuditRecord(
+        kind=AuditKind.AUDIT_SIGNER_CREATED, actor=actor, created_at=now, issuer=issuer,
+        serial=format(cert.serial_number, "x"),
+        detail={"key_id": key_id.hex(), "not_after": cert.not_valid_after_utc.isoformat(),
+                "cert_sha256": hashlib.sha256(cert_pem.encode()).hexdigest()})
+
+    async def body(cur: aiomysql.Cursor) -> None:
+        await append(cur, entry, first=(
+            "INSERT INTO audit_signers (issuer, key_id, cert_pem, not_after, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (issuer, key_id.hex(), cert_pem, db_time(cert.not_valid_after_utc), db_time(now))))
+
+    await db.run(body, name="audit.save_signer")
+
+
+async def audit_signer(db: Database, issuer: str) -> tuple[bytes, x509.Certificate] | None:
+    """The issuer's audit signer valid longest: (CKA_ID, certificate), or None before `hapki ca init` made one."""
+
+    async def body(cur: aiomysql.Cursor) -> tuple | None:
+        await cur.execute("SELECT key_id, cert_pem FROM audit_signers WHERE issuer = %s ORDER BY not_after DESC"
+                          " LIMIT 1", (issuer,))
+        return await cur.fetchone()
+
+    row = await db.run(body, name="audit.signer")
+    return None if row is None else (bytes.fromhex(row[0]), x509.load_pem_x509_certificate(row[1].encode()))

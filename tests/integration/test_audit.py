@@ -22,7 +22,16 @@ from hapki.contracts.errors import ErrorCode, FencedOut
 from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, RevocationReason, RevokeCertificate
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
-from hapki.runtime.audit import AuditKind, AuditRecord, AuditReport, Problem, append, verify_database
+from hapki.runtime.audit import (
+    AuditKind,
+    AuditRecord,
+    AuditReport,
+    Problem,
+    append,
+    link_hash,
+    record_from_row,
+    verify_database,
+)
 from hapki.runtime.clock import utcnow
 from hapki.runtime.db import Database
 from helpers.csr import make_csr, make_key
@@ -49,6 +58,19 @@ async def _settled(sql: aiomysql.Connection, timeout: float = 10.0) -> None:
     deadline = loop.time() + timeout
     while (await query(sql, "SELECT COUNT(*) FROM audit_unsealed"))[0][0]:
         assert loop.time() < deadline, "the sealer did not chain the entries"
+        await asyncio.sleep(0.05)
+
+
+async def _signed(sql: aiomysql.Connection, timeout: float = 10.0) -> int:
+    """Wait until every entry is chained and a signed checkpoint covers the head; return the head's seq."""
+    await _settled(sql, timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        row = (await query(sql, "SELECT h.seq, (SELECT MAX(seq) FROM audit_checkpoints) FROM audit_head h"))[0]
+        if row[0] == row[1]:
+            return row[0]
+        assert loop.time() < deadline, f"no checkpoint of the head: {row}"
         await asyncio.sleep(0.05)
 
 
@@ -117,8 +139,11 @@ async def test_every_state_change_is_appended_and_chained(env, services, client,
     chain = await query(sql, "SELECT MIN(seq), MAX(seq), COUNT(*) FROM audit_chain")
     assert chain == [(1, total, total)]
     assert await query(sql, "SELECT seq FROM audit_head") == [(total,)]
+    # The head is signed by the audit signer's HSM key (made by `hapki ca init`).
+    assert await _signed(sql) == total
+    assert await query(sql, "SELECT COUNT(*) FROM audit_signers") == [(1,)]
     report = await _verify(cara.db)
-    assert report.ok and report.sealed == total, report.summary()
+    assert report.ok and report.sealed == total and report.signed_seq == total, report.summary()
     done = _cli_verify(config_file)
     assert done.returncode == 0 and "audit chain intact" in done.stdout, done.stdout + done.stderr
 
@@ -173,7 +198,7 @@ def _first(report: AuditReport) -> tuple[int, Problem]:
 async def test_each_kind_of_tampering_is_named(services, client, sql, config_file) -> None:
     cara, _ = services
     await _issue(client, "tamper.example.com")
-    await _settled(sql)
+    await _signed(sql)
     async with _sealer_paused(cara):
         head = (await query(sql, "SELECT seq, hash FROM audit_head"))[0]
         last = head[0]
@@ -223,6 +248,47 @@ async def test_each_kind_of_tampering_is_named(services, client, sql, config_fil
         await query(sql, "DELETE FROM audit_head")
         assert _first(await _verify(cara.db)) == (last, Problem.TRUNCATED)
         await query(sql, "INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, %s, %s, NOW(6))", head)
+
+        # Rewritten by someone with write access but no HSM: an entry altered and every later hash recomputed, the
+        # head too. The hash chain alone is consistent again; the signed checkpoint of the head is not.
+        chain = await query(sql, "SELECT seq, entry_id, prev_hash, hash, epoch, sealed_at FROM audit_chain"
+                                 " WHERE seq >= 3 ORDER BY seq")
+        entry = await _entry(sql, chain[0][1])
+        await query(sql, "UPDATE audit_entries SET actor = 'mallory' WHERE id = %s", (chain[0][1],))
+        prev = chain[0][2]
+        for row in chain:
+            record = record_from_row(await _entry(sql, row[1]))
+            digest = link_hash(prev, record, row[0], detail=record.detail_json())
+            await query(sql, "UPDATE audit_chain SET prev_hash = %s, hash = %s WHERE seq = %s", (prev, digest, row[0]))
+            prev = digest
+        await query(sql, "UPDATE audit_head SET hash = %s", (prev,))
+        report = await _verify(cara.db)
+        signed = [row[0] for row in await query(sql, "SELECT seq FROM audit_checkpoints WHERE seq >= 3 ORDER BY seq")]
+        assert [(f.seq, f.problem) for f in report.findings] == [(seq, Problem.CHECKPOINT_MISMATCH) for seq in signed]
+        assert signed[-1] == last
+        await _restore_entry(sql, entry)
+        for row in chain:
+            await _restore_link(sql, row)
+        await query(sql, "UPDATE audit_head SET hash = %s", (head[1],))
+        assert (await _verify(cara.db)).ok
+
+        # The newest entry cut off with the head moved back to match: the signed checkpoint still names it. With
+        # the checkpoint deleted too, only a head kept elsewhere (--anchor) or the sealer's log shows it.
+        link = await _link(sql, last)
+        entry = await _entry(sql, link[1])
+        checkpoint = (await query(sql, "SELECT * FROM audit_checkpoints WHERE seq = %s", (last,)))[0]
+        await query(sql, "DELETE FROM audit_chain WHERE seq = %s", (last,))
+        await query(sql, "DELETE FROM audit_entries WHERE id = %s", (link[1],))
+        await query(sql, "UPDATE audit_head SET seq = %s, hash = %s", (last - 1, link[2]))
+        assert _first(await _verify(cara.db)) == (last, Problem.TRUNCATED)
+        await query(sql, "DELETE FROM audit_checkpoints WHERE seq = %s", (last,))
+        assert (await _verify(cara.db)).ok, "undetectable from the database alone: documented"
+        anchored = await verify_database(cara.db, now=utcnow(), anchor=head)
+        assert [f.problem for f in anchored.findings] == [Problem.ANCHOR_MISMATCH]
+        await _restore_entry(sql, entry)
+        await _restore_link(sql, link)
+        await query(sql, "INSERT INTO audit_checkpoints VALUES (%s, %s, %s, %s, %s, %s, %s)", checkpoint)
+        await query(sql, "UPDATE audit_head SET seq = %s, hash = %s", head)
 
         # Everything put back exactly: intact again (so the checks above can only have failed for the tampering).
         assert (await _verify(cara.db)).ok

@@ -42,4 +42,27 @@ CREATE TABLE IF NOT EXISTS audit_head (
   seq         BIGINT       NOT NULL,
   hash        CHAR(64)     NOT NULL,
   updated_at  DATETIME(6)  NOT NULL
+) ENGINE=InnoDB;
+
+-- The audit signer of an issuer: a P-256 key in the HSM (CKA_ID), certified by the issuing CA (hapki ca init).
+CREATE TABLE IF NOT EXISTS audit_signers (
+  issuer      VARCHAR(64)  NOT NULL,
+  key_id      VARCHAR(64)  NOT NULL COMMENT 'CKA_ID of the signing key, hex',
+  cert_pem    TEXT         NOT NULL,
+  not_after   DATETIME(6)  NOT NULL,
+  created_at  DATETIME(6)  NOT NULL,
+  PRIMARY KEY (issuer, key_id)
+) ENGINE=InnoDB;
+
+-- Signed heads: the sealer signs (seq, hash, time) with the audit signer's key in the sealing transaction, at most
+-- every checkpoint interval. Someone who can write the database but not use the HSM cannot recompute the chain
+-- below a checkpoint, nor cut it below one, without a finding.
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+  seq        BIGINT       NOT NULL PRIMARY KEY,
+  hash       CHAR(64)     NOT NULL,
+  signed_at  DATETIME(6)  NOT NULL,
+  issuer     VARCHAR(64)  NOT NULL,
+  key_id     VARCHAR(64)  NOT NULL,
+  signature  TEXT         NOT NULL COMMENT 'DER ECDSA-Sig-Value over checkpoint_message(), hex',
+  epoch      BIGINT       NOT NULL
 ) ENGINE=InnoDB

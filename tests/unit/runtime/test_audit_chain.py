@@ -7,14 +7,18 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from hapki.runtime.audit import (
     GENESIS,
     AuditKind,
     AuditRecord,
     ChainLink,
+    Checkpoint,
     Problem,
     canonical,
+    checkpoint_message,
     derived_id,
     link_hash,
     verify,
@@ -200,3 +204,60 @@ def test_any_single_altered_field_anywhere_is_caught(n: int) -> None:
         tampered = list(links)
         tampered[i] = dataclasses.replace(links[i], entry=dataclasses.replace(links[i].entry, epoch=99))
         assert _problems(tampered, _head(links)) == [(i + 1, Problem.ALTERED)]
+
+
+# --- signed checkpoints ----------------------------------------------------------------------------------
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def _checkpoint(link: ChainLink, key: ec.EllipticCurvePrivateKey = _KEY) -> Checkpoint:
+    signed_at = T0 + timedelta(minutes=1)
+    signature = key.sign(checkpoint_message(link.seq, link.hash, signed_at, "issuing-1"), ec.ECDSA(hashes.SHA256()))
+    return Checkpoint(seq=link.seq, hash=link.hash, signed_at=signed_at, issuer="issuing-1", key_id="k1",
+                      signature=signature)
+
+
+def _recomputed(links: list[ChainLink], index: int, **change: object) -> list[ChainLink]:
+    """What someone with write access but no HSM can do: alter an entry and recompute every later hash."""
+    out, prev = list(links[:index]), links[index - 1].hash if index else GENESIS
+    for i, link in enumerate(links[index:], start=index):
+        entry = dataclasses.replace(link.entry, **change) if i == index else link.entry
+        digest = link_hash(prev, entry, link.seq)
+        out.append(ChainLink(link.seq, entry.id, prev, digest, entry, entry.detail_json()))
+        prev = digest
+    return out
+
+
+def test_a_valid_checkpoint_covers_the_chain_up_to_it() -> None:
+    links = _chain(5)
+    report = verify(links, _head(links), checkpoints=[_checkpoint(links[2]), _checkpoint(links[4])],
+                    keys={"k1": _KEY.public_key()})
+    assert report.ok and report.signed_seq == 5, report.findings
+    assert "signed up to seq 5" in report.summary()
+
+
+def test_a_recomputed_chain_passes_without_a_checkpoint_and_fails_with_one() -> None:
+    links = _chain(6)
+    forged = _recomputed(links, 2, actor="mallory")
+    assert verify(forged, _head(forged)).ok, "a plain hash chain cannot stop someone who recomputes it"
+    report = verify(forged, _head(forged), checkpoints=[_checkpoint(links[4])], keys={"k1": _KEY.public_key()})
+    assert [(f.seq, f.problem) for f in report.findings] == [(5, Problem.CHECKPOINT_MISMATCH)]
+
+
+def test_a_cut_below_a_checkpoint_is_truncation_even_with_a_consistent_head() -> None:
+    links = _chain(6)
+    cut = links[:4]
+    report = verify(cut, _head(cut), checkpoints=[_checkpoint(links[5])], keys={"k1": _KEY.public_key()})
+    assert [(f.seq, f.problem) for f in report.findings] == [(5, Problem.TRUNCATED)]
+
+
+def test_a_checkpoint_signed_by_another_key_or_tampered_is_invalid() -> None:
+    links = _chain(3)
+    keys = {"k1": _KEY.public_key()}
+    other = _checkpoint(links[2], ec.generate_private_key(ec.SECP256R1()))
+    moved = dataclasses.replace(_checkpoint(links[1]), seq=3, hash=links[2].hash)
+    unknown = dataclasses.replace(_checkpoint(links[2]), key_id="k2")
+    for bad in (other, moved, unknown):
+        report = verify(links, _head(links), checkpoints=[bad], keys=keys)
+        assert [(f.seq, f.problem) for f in report.findings] == [(3, Problem.CHECKPOINT_INVALID)], bad
