@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hapki.cara.config import AuditConfig
-from hapki.cara.crl import Activity
+from hapki.cara.role import Activity, run_while_active
 from hapki.cara.store import TIER
-from hapki.contracts.errors import FencedOut, HapkiError
+from hapki.contracts.errors import HapkiError
 from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
 from hapki.runtime.db import Database, Fence, db_time
 
@@ -123,19 +123,8 @@ class AuditSealer:
 
     async def run(self) -> None:
         """The loop: on every member, but it seals only while the signer is active."""
-        while True:
-            await asyncio.sleep(self._config.seal_interval_seconds)
-            epoch = self._activity.epoch
-            if not self._activity.active or epoch is None:
-                continue
-            try:
-                await self.tick(epoch)
-            except FencedOut as exc:
-                log.info("audit entries not sealed, fenced out (the signer steps down on its own): %s", exc)
-            except HapkiError as exc:
-                log.warning("audit entries not sealed: %s; retrying at the next interval", exc)
-            except Exception:
-                log.exception("bug while sealing audit entries; retrying at the next interval")
+        await run_while_active(self._activity, self.tick, what="audit sealing", logger=log,
+                               wait=lambda: asyncio.sleep(self._config.seal_interval_seconds))
 
     async def tick(self, epoch: int) -> int:
         """Seal everything waiting now, a batch per transaction; return how many entries were chained."""

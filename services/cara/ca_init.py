@@ -118,8 +118,29 @@ class DelegatedSigner:
     key_id: bytes
 
 
-def create_ocsp_signer(
+@dataclass(frozen=True)
+class _Purpose:
+    """What a delegated signer is certified for."""
+
+    label: str  # appended to the issuing CA's common name
+    validity: timedelta | None  # None: as long as the issuing CA
+    non_repudiation: bool
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...]
+
+
+PURPOSES = {
+    # RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only.
+    "ocsp": _Purpose("OCSP Responder", OCSP_SIGNER_VALIDITY, False, (
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False), (x509.OCSPNoCheck(), False))),
+    # Audit checkpoints: verifiable for as long as the log is kept, so as long as the issuing CA. No EKU is defined
+    # for this; digitalSignature + nonRepudiation (contentCommitment): the key signs statements.
+    "audit": _Purpose("Audit Signer", None, True, ()),
+}
+
+
+def create_delegated_signer(
     pool: HSMPool,
+    purpose: str,
     *,
     issuing_cert: x509.Certificate,
     issuing_key_id: bytes,
@@ -127,64 +148,34 @@ def create_ocsp_signer(
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
 ) -> DelegatedSigner:
-    """Generate a P-256 key in the HSM and certify it with the issuing CA key as its delegated OCSP signer
-    (RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only)."""
-    return _delegated_signer(
-        pool, role="ocsp", label="OCSP Responder", issuing_cert=issuing_cert, issuing_key_id=issuing_key_id, org=org,
-        now=now, validity=OCSP_SIGNER_VALIDITY, replicate_across=replicate_across, non_repudiation=False,
-        extensions=[(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False), (x509.OCSPNoCheck(), False)],
-    )
-
-
-def create_audit_signer(
-    pool: HSMPool,
-    *,
-    issuing_cert: x509.Certificate,
-    issuing_key_id: bytes,
-    org: str = "hapki",
-    now: datetime,
-    replicate_across: Sequence[HSMMemberConfig] = (),
-) -> DelegatedSigner:
-    """Generate a P-256 key in the HSM and certify it with the issuing CA key for signing audit checkpoints.
-
-    Valid as long as the issuing CA: checkpoints must stay verifiable for as long as the log is kept. No EKU (none
-    is defined for this); key usage digitalSignature + nonRepudiation (contentCommitment): it signs statements.
-    """
-    return _delegated_signer(
-        pool, role="audit", label="Audit Signer", issuing_cert=issuing_cert, issuing_key_id=issuing_key_id, org=org,
-        now=now, validity=issuing_cert.not_valid_after_utc - now, replicate_across=replicate_across,
-        non_repudiation=True, extensions=[],
-    )
-
-
-def _delegated_signer(
-    pool: HSMPool, *, role: str, label: str, issuing_cert: x509.Certificate, issuing_key_id: bytes, org: str,
-    now: datetime, validity: timedelta, replicate_across: Sequence[HSMMemberConfig], non_repudiation: bool,
-    extensions: list[tuple[x509.ExtensionType, bool]],
-) -> DelegatedSigner:
+    """Generate a P-256 key in the HSM and certify it with the issuing CA key for one of PURPOSES."""
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)
-    key = _generate_key(pool, replicate_across, role, OCSP_CURVE)
+    spec = PURPOSES[purpose]
+    key = _generate_key(pool, replicate_across, purpose, OCSP_CURVE)
     issuing_key = pool.private_key(issuing_key_id)
     issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     common_name = issuing_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    not_after = issuing_cert.not_valid_after_utc
+    if spec.validity is not None:
+        not_after = min(now + spec.validity, not_after)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(org, f"{common_name} {label}"))
+        .subject_name(_name(org, f"{common_name} {spec.label}"))
         .issuer_name(issuing_cert.subject)
         .public_key(key.public_key())
         .serial_number(issuance.random_serial())
         .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(min(now + validity, issuing_cert.not_valid_after_utc))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=non_repudiation, key_encipherment=False,
+            digital_signature=True, content_commitment=spec.non_repudiation, key_encipherment=False,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
             decipher_only=False,
         ), critical=True)
     )
-    for extension, critical in extensions:
+    for extension, critical in spec.extensions:
         builder = builder.add_extension(extension, critical=critical)
     cert = (
         builder

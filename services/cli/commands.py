@@ -86,19 +86,18 @@ async def ca_init(args: argparse.Namespace) -> int:
         except NotFound:
             existing = None
         if existing is not None:
-            need_ocsp = await revocations.ocsp_signer(existing.name) is None
-            need_audit = await audit_signer(db, existing.name) is None
-            if not (need_ocsp or need_audit):
+            missing = [purpose for purpose, found in (
+                ("ocsp", await revocations.ocsp_signer(existing.name)), ("audit", await audit_signer(db, existing.name)),
+            ) if found is None]
+            if not missing:
                 print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
                 return 0
-            # A CA from before OCSP or the audit log: add the missing signer (the cluster KEK of the first ceremony
-            # is still in the tokens, so the new key is replicated like the CA keys).
+            # A CA from before OCSP or the audit log: add the missing signers (the cluster KEK of the first ceremony
+            # is still in the tokens, so the new keys are replicated like the CA keys).
             members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
             with hsm_pool(cfg.hsm) as pool:
-                if need_ocsp:
-                    await _add_ocsp_signer(pool, revocations, existing, members)
-                if need_audit:
-                    await _add_audit_signer(pool, db, existing, members)
+                for purpose in missing:
+                    await _add_signer(pool, purpose, db, revocations, existing, members)
             return 0
         # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
         # each token imports first, before the pool logs in as user (SO and user cannot share a login).
@@ -128,8 +127,8 @@ async def ca_init(args: argparse.Namespace) -> int:
             record = IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
                                   key_id=hierarchy.issuing_key_id)
             await store.save_issuer(record, default=True, now=utcnow())
-            await _add_ocsp_signer(pool, revocations, record, replicate_across)
-            await _add_audit_signer(pool, db, record, replicate_across)
+            for purpose in ("ocsp", "audit"):
+                await _add_signer(pool, purpose, db, revocations, record, replicate_across)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "root.pem").write_text(root_pem)
@@ -151,41 +150,28 @@ def _hsm_members(cfg: CaraConfig) -> list[HSMMemberConfig]:
     ]
 
 
-async def _add_ocsp_signer(pool: HSMPool, revocations: MariaDBRevocationStore, issuer: IssuerRecord,
-                           replicate_across: list[HSMMemberConfig]) -> None:
-    """The issuer's delegated OCSP signer: key generated in the HSM, certified by the issuing CA, stored."""
-    from hapki.cara.ca_init import create_ocsp_signer
+async def _add_signer(pool: HSMPool, purpose: str, db: Database, revocations: MariaDBRevocationStore,
+                      issuer: IssuerRecord, replicate_across: list[HSMMemberConfig]) -> None:
+    """A delegated signer of the issuer ("ocsp": the OCSP responder, "audit": audit checkpoints): key generated in
+    the HSM, certified by the issuing CA, stored."""
+    from hapki.cara.ca_init import create_delegated_signer
     from hapki.cara.ports import OcspSignerRecord
-    from hapki.runtime.clock import utcnow
-
-    signer = await asyncio.to_thread(
-        create_ocsp_signer, pool, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
-        now=utcnow(), replicate_across=replicate_across,
-    )
-    name = issuer.name
-    await revocations.save_ocsp_signer(
-        OcspSignerRecord(issuer=name, cert_pem=signer.cert.public_bytes(serialization.Encoding.PEM).decode(),
-                         key_id=signer.key_id),
-        not_after=signer.cert.not_valid_after_utc, now=utcnow(),
-    )
-    print(f"created OCSP signer for {name!r}: {signer.cert.subject.rfc4514_string()}, "
-          f"valid until {signer.cert.not_valid_after_utc:%Y-%m-%d}")
-
-
-async def _add_audit_signer(pool: HSMPool, db: Database, issuer: IssuerRecord,
-                            replicate_across: list[HSMMemberConfig]) -> None:
-    """The issuer's audit signer (signs audit checkpoints): key generated in the HSM, certified, stored."""
-    from hapki.cara.ca_init import create_audit_signer
     from hapki.runtime.audit import save_audit_signer
     from hapki.runtime.clock import utcnow
 
     signer = await asyncio.to_thread(
-        create_audit_signer, pool, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
+        create_delegated_signer, pool, purpose, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
         now=utcnow(), replicate_across=replicate_across,
     )
-    await save_audit_signer(db, issuer=issuer.name, cert=signer.cert, key_id=signer.key_id, actor="cli:ca-init",
-                            now=utcnow())
-    print(f"created audit signer for {issuer.name!r}: {signer.cert.subject.rfc4514_string()}")
+    name, cert = issuer.name, signer.cert
+    if purpose == "ocsp":
+        await revocations.save_ocsp_signer(
+            OcspSignerRecord(issuer=name, cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                             key_id=signer.key_id), not_after=cert.not_valid_after_utc, now=utcnow())
+    else:
+        await save_audit_signer(db, issuer=name, cert=cert, key_id=signer.key_id, actor="cli:ca-init", now=utcnow())
+    print(f"created {purpose} signer for {name!r}: {cert.subject.rfc4514_string()}, "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 class _DatabaseSection(BaseModel):
@@ -233,7 +219,7 @@ async def audit_verify(args: argparse.Namespace) -> int:
                           "head": {"seq": report.head_seq, "hash": report.head_hash},
                           "findings": [{"seq": f.seq, "problem": f.problem.value, "entry_id": f.entry_id,
                                         "message": f.message} for f in report.findings]}, indent=2))
-    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    print(report.summary(), file=sys.stdout if report.ok and not args.json else sys.stderr)
     return 0 if report.ok else 1
 
 

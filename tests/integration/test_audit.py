@@ -355,3 +355,23 @@ def test_verify_refuses_a_bad_anchor(config_file: Path) -> None:
     done = subprocess.run([*stack.hapki_command(), "audit", "verify", "--config", str(config_file), "--anchor", "x"],
                           capture_output=True, text=True, timeout=60, env={**os.environ})
     assert done.returncode == 2 and "--anchor takes SEQ:HASH" in done.stderr, done.stderr
+
+
+async def test_ca_init_adds_an_audit_signer_to_a_ca_from_before_the_audit_log(services, sql, config_file) -> None:
+    cara, _ = services
+    old = await query(sql, "SELECT issuer, key_id, cert_pem, not_after, created_at FROM audit_signers")
+    await query(sql, "DELETE FROM audit_signers")
+    try:
+        done = subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(config_file)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "created audit signer for 'issuing-1'" in done.stdout and "ocsp" not in done.stdout, done.stdout
+        again = subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(config_file)],
+                               capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert "nothing to do" in again.stdout, again.stdout + again.stderr
+    finally:
+        for row in old:  # the running member still signs with its key: keep it trusted
+            await query(sql, "INSERT INTO audit_signers VALUES (%s, %s, %s, %s, %s)", row)
+    assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'audit_signer.created'") == [(2,)]
+    await _signed(sql)
+    assert (await _verify(cara.db)).ok
