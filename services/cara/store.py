@@ -71,7 +71,8 @@ class MariaDBSigningStore:
 
         entry = AuditRecord(
             kind=AuditKind.ISSUER_CREATED, actor=self._actor, created_at=now, issuer=record.name,
-            detail={"key_id": record.key_id.hex(), "default": default, "subject": record.certificate.subject.rfc4514_string(),
+            detail={"key_id": record.key_id.hex(), "default": default,
+                    "subject": record.certificate.subject.rfc4514_string(),
                     "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()})
 
         await self._db.run(body, name="cara.save_issuer")

@@ -87,7 +87,8 @@ async def ca_init(args: argparse.Namespace) -> int:
             existing = None
         if existing is not None:
             missing = [purpose for purpose, found in (
-                ("ocsp", await revocations.ocsp_signer(existing.name)), ("audit", await audit_signer(db, existing.name)),
+                ("ocsp", await revocations.ocsp_signer(existing.name)),
+                ("audit", await audit_signer(db, existing.name)),
             ) if found is None]
             if not missing:
                 print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
@@ -197,7 +198,7 @@ async def audit_verify(args: argparse.Namespace) -> int:
     """Verify the audit chain: 0 intact, 1 broken (the first break named on stderr), 2 bad arguments."""
     from datetime import timedelta
 
-    from hapki.runtime.audit import verify_database
+    from hapki.runtime.audit_verify import verify_database
     from hapki.runtime.clock import utcnow
     from hapki.runtime.db import Database
 

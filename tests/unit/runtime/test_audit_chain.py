@@ -14,15 +14,13 @@ from hapki.runtime.audit import (
     GENESIS,
     AuditKind,
     AuditRecord,
-    ChainLink,
-    Checkpoint,
-    Problem,
     canonical,
     checkpoint_message,
     derived_id,
     link_hash,
-    verify,
+    record_from_row,
 )
+from hapki.runtime.audit_verify import ChainLink, Checkpoint, Problem, verify
 
 T0 = datetime(2026, 11, 26, 6, 0, 0, 123456)  # naive UTC, as read back from DATETIME(6)
 
@@ -261,3 +259,12 @@ def test_a_checkpoint_signed_by_another_key_or_tampered_is_invalid() -> None:
     for bad in (other, moved, unknown):
         report = verify(links, _head(links), checkpoints=[bad], keys=keys)
         assert [(f.seq, f.problem) for f in report.findings] == [(3, Problem.CHECKPOINT_INVALID)], bad
+
+
+def test_garbage_in_the_tables_is_a_finding_not_a_crash() -> None:
+    links = _chain(4)
+    links[1] = dataclasses.replace(links[1], prev_hash="not hex")
+    links[2] = dataclasses.replace(links[2], detail="{not json")
+    assert [p for _, p in _problems(links, _head(links))] == [Problem.ALTERED, Problem.ALTERED]
+    row = (links[3].entry.id, "certificate.issued", "a", 1, None, None, None, "[1, 2", T0)
+    assert record_from_row(row).detail == {"unparseable": "[1, 2"}
