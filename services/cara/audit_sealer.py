@@ -5,6 +5,8 @@ contend for a shared row. Every `seal_interval_seconds` the active member takes 
 created_at, then id: deterministic), gives them the next sequence numbers and hashes, updates `audit_head` and
 removes their `audit_unsealed` markers, all in one transaction fenced by the CARA epoch: a member that lost its
 role cannot extend the chain, and two members can never both extend it (one chain across the cluster).
+At most every `checkpoint_interval_seconds` it then signs the head with the issuer's audit signer key in the HSM
+(outside any transaction) and stores that checkpoint, fenced too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hapki.cara.config import AuditConfig
 from hapki.cara.role import Activity, run_while_active
 from hapki.cara.store import TIER
-from hapki.contracts.errors import HapkiError
 from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
 from hapki.runtime.db import Database, Fence, db_time
 
@@ -39,10 +40,9 @@ class CheckpointKey:
     key: ec.EllipticCurvePrivateKey
 
 
-async def seal(db: Database, *, epoch: int, now: datetime, batch: int, sign: CheckpointKey | None = None) -> int:
+async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
     """Chain up to `batch` unchained entries under `epoch` (FencedOut if it is not current); return how many.
 
-    With `sign`, also sign a checkpoint of the new head if no checkpoint covers it yet (in the same transaction).
     Idempotent under whole-transaction retry: it starts from the head it reads, so a retry after a commit whose
     outcome was unknown just finds fewer (or no) entries to chain.
     """
@@ -58,7 +58,7 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int, sign: Che
             " LEFT JOIN audit_entries e ON e.id = u.entry_id LEFT JOIN audit_chain c ON c.entry_id = u.entry_id"
             " ORDER BY u.created_at, u.entry_id LIMIT %s", (batch,))
         rows = list(await cur.fetchall())
-        if not rows and sign is None:
+        if not rows:
             return 0
         # Step 3: the links.
         links = []
@@ -80,35 +80,46 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int, sign: Che
                 " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
                 (seq, prev, db_time(now)))
         ids = [row[0] for row in rows]
-        if ids:
-            await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
-        if sign is not None and seq > 0:
-            await _checkpoint(cur, sign, seq, prev, epoch=epoch, now=now)
+        await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
         return len(links)
 
     return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
 
 
-async def _checkpoint(cur: aiomysql.Cursor, sign: CheckpointKey, seq: int, digest: str, *, epoch: int,
-                      now: datetime) -> None:
-    """Sign (HSM) and store a checkpoint of the head (seq, digest), unless one covers it already."""
-    await cur.execute("SELECT MAX(seq) FROM audit_checkpoints")
-    if ((await cur.fetchone())[0] or 0) >= seq:
-        return
+async def sign_head(db: Database, sign: CheckpointKey, *, epoch: int, now: datetime) -> int | None:
+    """Sign the head with the audit signer's HSM key and store the checkpoint, fenced, unless one covers it already.
+
+    Returns the seq signed, or None. The HSM is asked outside any transaction (a slow HSM never holds a database
+    lock); the checkpoint is stored only if the chain still has that hash at that seq.
+    """
+
+    async def head(cur: aiomysql.Cursor) -> tuple[int, str] | None:
+        await cur.execute("SELECT h.seq, h.hash, (SELECT MAX(seq) FROM audit_checkpoints) FROM audit_head h")
+        row = await cur.fetchone()
+        return None if row is None or (row[2] or 0) >= row[0] else (row[0], row[1])
+
+    # Step 1: what to sign.
+    found = await db.run(head, name="cara.audit_head")
+    if found is None:
+        return None
+    seq, digest = found
+    # Step 2: the signature (HSM, in a thread).
     signed_at = db_time(now)
-    try:
-        signature = await asyncio.to_thread(
-            sign.key.sign, checkpoint_message(seq, digest, signed_at, sign.issuer), ec.ECDSA(hashes.SHA256()))
-    except HapkiError as exc:  # HSM unavailable: keep chaining; the next checkpoint will cover these entries
-        log.warning("audit checkpoint at seq %d not signed: %s", seq, exc)
-        return
-    await cur.execute(
-        "INSERT INTO audit_checkpoints (seq, hash, signed_at, issuer, key_id, signature, epoch)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (seq, digest, signed_at, sign.issuer, sign.key_id.hex(), signature.hex(), epoch))
+    signature = await asyncio.to_thread(
+        sign.key.sign, checkpoint_message(seq, digest, signed_at, sign.issuer), ec.ECDSA(hashes.SHA256()))
+
+    # Step 3: store it, fenced: only the active member speaks for the chain.
+    async def store(cur: aiomysql.Cursor) -> None:
+        await cur.execute(
+            "INSERT INTO audit_checkpoints (seq, hash, signed_at, issuer, key_id, signature, epoch)"
+            " SELECT seq, hash, %s, %s, %s, %s, %s FROM audit_chain WHERE seq = %s AND hash = %s",
+            (signed_at, sign.issuer, sign.key_id.hex(), signature.hex(), epoch, seq, digest))
+
+    await db.run(store, name="cara.audit_checkpoint", fence=Fence(TIER, epoch))
     # A copy outside the database: with it, cutting the chain together with its newest checkpoints shows too.
     log.info("audit checkpoint seq=%d hash=%s signed_at=%s key_id=%s signature=%s", seq, digest,
              signed_at.isoformat(), sign.key_id.hex(), signature.hex())
+    return seq
 
 
 class AuditSealer:
@@ -127,19 +138,18 @@ class AuditSealer:
                                wait=lambda: asyncio.sleep(self._config.seal_interval_seconds))
 
     async def tick(self, epoch: int) -> int:
-        """Seal everything waiting now, a batch per transaction; return how many entries were chained."""
+        """Seal everything waiting now, a batch per transaction, then sign the head if a checkpoint is due; return
+        how many entries were chained."""
         total = 0
         while True:
-            now = self._clock()
-            due = self._sign is not None and (
-                self._signed_at is None
-                or (now - self._signed_at).total_seconds() >= self._config.checkpoint_interval_seconds)
-            count = await seal(self._db, epoch=epoch, now=now, batch=self._config.batch,
-                               sign=self._sign if due else None)
-            if due:
-                self._signed_at = now
+            count = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
             total += count
             if count < self._config.batch:
                 break
         self.sealed += total
+        now = self._clock()
+        if self._sign is not None and (self._signed_at is None or (now - self._signed_at).total_seconds()
+                                       >= self._config.checkpoint_interval_seconds):
+            self._signed_at = now  # also on failure: an HSM outage is retried (and logged) once an interval
+            await sign_head(self._db, self._sign, epoch=epoch, now=now)
         return total

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiomysql
 import pytest
 
-from hapki.cara.audit_sealer import seal
+from hapki.cara.audit_sealer import seal, sign_head
 from hapki.cara.main import CaraRuntime
 from hapki.cli.client import ClmClient
 from hapki.contracts.errors import ErrorCode, FencedOut
@@ -316,6 +316,13 @@ async def test_a_stale_epoch_cannot_seal(env, services, sql) -> None:
             # Under the current epoch the same entry is chained (with the epoch change before it).
             assert await seal(cara.db, epoch=current, now=utcnow(), batch=100) >= 1
             assert await query(sql, "SELECT epoch FROM audit_chain WHERE entry_id = %s", (record.id,)) == [(current,)]
+            # Nor can it sign the new head (no one has: the module's sealer is paused).
+            key = cara.audit._sign
+            with pytest.raises(FencedOut):
+                await sign_head(cara.db, key, epoch=stale, now=utcnow())
+            head = (await query(sql, "SELECT seq FROM audit_head"))[0][0]
+            assert await sign_head(cara.db, key, epoch=current, now=utcnow()) == head
+            assert await query(sql, "SELECT epoch FROM audit_checkpoints WHERE seq = %s", (head,)) == [(current,)]
         finally:
             await other.stop()
     await _settled(sql)
