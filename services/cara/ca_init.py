@@ -110,52 +110,81 @@ def create_hierarchy(
 
 
 @dataclass(frozen=True)
-class OcspSigner:
-    """A delegated OCSP responder: its certificate (issued by the issuing CA) and the CKA_ID of its HSM key."""
+class DelegatedSigner:
+    """A key the issuing CA certifies for one purpose (OCSP responses, audit checkpoints): its certificate and the
+    CKA_ID of its HSM key."""
 
     cert: x509.Certificate
     key_id: bytes
 
 
-def create_ocsp_signer(
+@dataclass(frozen=True)
+class _Purpose:
+    """What a delegated signer is certified for."""
+
+    label: str  # appended to the issuing CA's common name
+    validity: timedelta | None  # None: as long as the issuing CA
+    non_repudiation: bool
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...]
+
+
+PURPOSES = {
+    # RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only.
+    "ocsp": _Purpose("OCSP Responder", OCSP_SIGNER_VALIDITY, False, (
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False), (x509.OCSPNoCheck(), False))),
+    # Audit checkpoints: verifiable for as long as the log is kept, so as long as the issuing CA. No EKU is defined
+    # for this; digitalSignature + nonRepudiation (contentCommitment): the key signs statements.
+    "audit": _Purpose("Audit Signer", None, True, ()),
+}
+
+
+def create_delegated_signer(
     pool: HSMPool,
+    purpose: str,
     *,
     issuing_cert: x509.Certificate,
     issuing_key_id: bytes,
     org: str = "hapki",
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
-) -> OcspSigner:
-    """Generate a P-256 key in the HSM and certify it with the issuing CA key as its delegated OCSP signer
-    (RFC 6960 4.2.2.2: EKU id-kp-OCSPSigning; id-pkix-ocsp-nocheck; digitalSignature only)."""
+) -> DelegatedSigner:
+    """Generate a P-256 key in the HSM and certify it with the issuing CA key for one of PURPOSES."""
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)
-    key = _generate_key(pool, replicate_across, "ocsp", OCSP_CURVE)
+    spec = PURPOSES[purpose]
+    key = _generate_key(pool, replicate_across, purpose, OCSP_CURVE)
     issuing_key = pool.private_key(issuing_key_id)
     issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     common_name = issuing_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    cert = (
+    not_after = issuing_cert.not_valid_after_utc
+    if spec.validity is not None:
+        not_after = min(now + spec.validity, not_after)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(org, f"{common_name} OCSP Responder"))
+        .subject_name(_name(org, f"{common_name} {spec.label}"))
         .issuer_name(issuing_cert.subject)
         .public_key(key.public_key())
         .serial_number(issuance.random_serial())
         .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(min(now + OCSP_SIGNER_VALIDITY, issuing_cert.not_valid_after_utc))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            digital_signature=True, content_commitment=spec.non_repudiation, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
+            decipher_only=False,
         ), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
-        .add_extension(x509.OCSPNoCheck(), critical=False)
+    )
+    for extension, critical in spec.extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = (
+        builder
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuing_ski), critical=False)
         .sign(issuing_key, hashes.SHA256())
     )
     cert.verify_directly_issued_by(issuing_cert)
-    return OcspSigner(cert=cert, key_id=key.key_id)
+    return DelegatedSigner(cert=cert, key_id=key.key_id)
 
 
 def _generate_key(pool: HSMPool, members: Sequence[HSMMemberConfig], role: str,

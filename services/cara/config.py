@@ -44,6 +44,22 @@ class OcspConfig(StrictModel):
                                   description="nextUpdate - thisUpdate of a response, seconds")
 
 
+class AuditConfig(StrictModel):
+    """The audit sealer (active member only): chains the entries every writer appended, fenced by the epoch."""
+
+    seal_interval_seconds: float = Field(
+        default=0.25, gt=0, le=60,
+        description="How often the active member chains new audit entries, seconds (the window in which the newest "
+                    "entries are not chained yet)",
+    )
+    batch: int = Field(default=2000, ge=1, le=20000, description="Most entries chained in one transaction")
+    checkpoint_interval_seconds: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="How often at most the sealer signs the head with the audit signer's HSM key, seconds (one HSM "
+                    "signature and one row each time the head moved)",
+    )
+
+
 class CaraConfig(StrictModel):
     """One CARA member."""
 
@@ -68,3 +84,4 @@ class CaraConfig(StrictModel):
     )
     crl: CrlConfig = CrlConfig()
     ocsp: OcspConfig = OcspConfig()
+    audit: AuditConfig = AuditConfig()

@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from hapki.cara.config import CrlConfig
 from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, IssuerRecord
-from hapki.contracts.errors import FencedOut, HapkiError
+from hapki.cara.role import Activity, run_while_active
 
 log = logging.getLogger("hapki.cara.crl")
 tracer = trace.get_tracer("hapki.cara")
@@ -84,16 +84,6 @@ class CrlStore(Protocol):
     async def crl_schedule(self, issuer: str) -> CrlSchedule: ...
 
 
-class Activity(Protocol):
-    """Whether this member is the active one and under which epoch (the Signer)."""
-
-    @property
-    def active(self) -> bool: ...
-
-    @property
-    def epoch(self) -> int | None: ...
-
-
 class CrlPublisher:
     """Keeps the issuer's full and delta CRLs current while this member is active."""
 
@@ -120,23 +110,15 @@ class CrlPublisher:
 
     async def run(self) -> None:
         """The loop: on every member, but it publishes only while the signer is active."""
-        while True:
+
+        async def woken_or_polled() -> None:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._config.poll_seconds)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            epoch = self._activity.epoch
-            if not self._activity.active or epoch is None:
-                continue
-            try:
-                await self.tick(epoch)
-            except FencedOut as exc:
-                log.info("CRL not published, fenced out (the signer steps down on its own): %s", exc)
-            except HapkiError as exc:
-                log.warning("CRL not published: %s; retrying at the next poll", exc)
-            except Exception:
-                log.exception("bug while publishing a CRL; retrying at the next poll")
+
+        await run_while_active(self._activity, self.tick, wait=woken_or_polled, what="CRL publication", logger=log)
 
     async def tick(self, epoch: int) -> list[CrlRecord]:
         """Publish what is due now: a full CRL (then a delta) on revocations or schedule, else a delta if due."""

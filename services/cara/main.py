@@ -12,6 +12,7 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from hapki.cara import http, issuance
+from hapki.cara.audit_sealer import AuditSealer, CheckpointKey
 from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
 from hapki.cara.ocsp import OcspResponder
@@ -21,6 +22,7 @@ from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
 from hapki.runtime import bus
+from hapki.runtime.audit import audit_signer
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import HSMConfig
 from hapki.runtime.db import Database
@@ -60,13 +62,16 @@ class CaraRuntime:
         self.http: web.AppRunner | None = None
         self.crl: CrlPublisher | None = None
         self._crl_task: asyncio.Task[None] | None = None
+        self.audit: AuditSealer | None = None
+        self._audit_task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Connect everything; the signer stays passive until start()."""
         cfg = self.config
         self.db = Database(cfg.database)
         await migrate(self.db)
-        store = MariaDBSigningStore(self.db)
+        actor = f"cara:{cfg.member}"
+        store = MariaDBSigningStore(self.db, actor=actor)
         issuer = await store.load_issuer(cfg.issuer)
         self.hsm = hsm_pool(cfg.hsm)
         self.hsm.open()
@@ -80,13 +85,21 @@ class CaraRuntime:
         )
         # CRLs: the publisher loop runs on every member and publishes only while the signer is active; a
         # revocation event from CLM wakes it (core NATS, no queue group: the active member must see it).
-        revocations = MariaDBRevocationStore(self.db)
+        revocations = MariaDBRevocationStore(self.db, actor=actor)
         self.crl = CrlPublisher(
             store=revocations, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id), member=cfg.member,
             config=cfg.crl, activity=self.signer, clock=self._clock,
         )
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
         self._crl_task = asyncio.create_task(self.crl.run())
+        found = await audit_signer(self.db, issuer.name)
+        if found is None:
+            log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",
+                        issuer.name)
+        checkpoints = None if found is None else CheckpointKey(issuer.name, found[0], self.hsm.private_key(found[0]))
+        self.audit = AuditSealer(db=self.db, config=cfg.audit, activity=self.signer, clock=self._clock,
+                                 sign=checkpoints)
+        self._audit_task = asyncio.create_task(self.audit.run())
         ocsp = None
         ocsp_signer = await revocations.ocsp_signer(issuer.name)
         if ocsp_signer is None:
@@ -124,10 +137,11 @@ class CaraRuntime:
             self._role_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._role_task
-        if self._crl_task is not None:
-            self._crl_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._crl_task
+        for task in (self._crl_task, self._audit_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -10,6 +12,7 @@ import aiomysql
 from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, OcspSignerRecord, SerialStatus
 from hapki.cara.store import TIER
 from hapki.contracts.errors import NotFound
+from hapki.runtime.audit import AuditKind, AuditRecord, append
 from hapki.runtime.db import Database, Fence, db_time, utc
 
 # What a CRL build gets: (CRL number, base CRL number for a delta else None, entries) -> signed DER.
@@ -28,8 +31,9 @@ CRL_TRANSACTION_TIMEOUT_SECONDS = 60.0
 class MariaDBRevocationStore:
     """CRLs and OCSP status on MariaDB/Galera. CLM writes `revocations`; CARA stamps and reads them."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, actor: str = "cara") -> None:
         self._db = db
+        self._actor = actor  # recorded on audit entries: service:member
 
     async def publish_crl(
         self, issuer: str, *, delta: bool, epoch: int, member: str, now: datetime, build: BuildCrl
@@ -70,15 +74,21 @@ class MariaDBRevocationStore:
             der, this_update, next_update = await build(number, base, entries)
             # Step 4: store it; the fence and COMMIT follow in one round trip. Hex on the wire: aiomysql's bytes
             # escaping is broken with the installed PyMySQL (escape_bytes_prefixed), and hex is charset-proof.
-            await cur.execute(
+            await append(cur, AuditRecord(
+                kind=AuditKind.CRL_PUBLISHED, actor=self._actor, created_at=now, epoch=epoch, issuer=issuer,
+                detail={"crl_number": number, "delta": delta, "base": base, "entries": len(entries),
+                        "this_update": this_update.isoformat(), "next_update": next_update.isoformat(),
+                        "der_sha256": hashlib.sha256(der).hexdigest()},
+                id=entry_id), first=(
                 "INSERT INTO crls (issuer, crl_number, is_delta, base_crl_number, entries, this_update, next_update,"
                 " der, epoch, member, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, UNHEX(%s), %s, %s, %s)",
                 (issuer, number, int(delta), base, len(entries), db_time(this_update), db_time(next_update), der.hex(),
                  epoch, member, db_time(now)),
-            )
+            ))
             return CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
                              this_update=this_update, next_update=next_update, der=der)
 
+        entry_id = uuid.uuid4().hex  # one per publication: a retried body appends the same entry
         return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch),
                                   timeout=CRL_TRANSACTION_TIMEOUT_SECONDS)
 
@@ -136,8 +146,18 @@ class MariaDBRevocationStore:
     async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime) -> None:
         async def body(cur: aiomysql.Cursor) -> None:
             await cur.execute(
+                "SELECT key_id FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC LIMIT 1", (record.issuer,))
+            current = await cur.fetchone()
+            await append(cur, AuditRecord(
+                kind=AuditKind.OCSP_SIGNER_CREATED, actor=self._actor, created_at=now, issuer=record.issuer,
+                serial=format(record.certificate.serial_number, "x"),
+                detail={"key_id": record.key_id.hex(), "not_after": not_after.isoformat(),
+                        "replaces": None if current is None else current[0],
+                        "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()},
+                id=entry_id), first=(
                 "INSERT INTO ocsp_signers (issuer, key_id, cert_pem, not_after, created_at)"
                 " VALUES (%s, %s, %s, %s, %s)",
-                (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now)))
+                (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now))))
 
+        entry_id = uuid.uuid4().hex
         await self._db.run(body, name="cara.save_ocsp_signer")

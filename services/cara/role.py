@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from hapki.contracts.errors import HapkiError
+from hapki.contracts.errors import FencedOut, HapkiError
 
 log = logging.getLogger("hapki.cara.role")
 
@@ -33,6 +33,35 @@ class Activatable(Protocol):
     async def start(self) -> int: ...
 
     async def stop(self) -> None: ...
+
+
+class Activity(Protocol):
+    """Whether this member is the active one and under which epoch (the Signer)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def epoch(self) -> int | None: ...
+
+
+async def run_while_active(activity: Activity, tick: Callable[[int], Awaitable[object]], *,
+                           wait: Callable[[], Awaitable[None]], what: str, logger: logging.Logger) -> None:
+    """The loop of a task only the active member does (CRLs, audit sealing): after each `wait`, `tick(epoch)` if
+    active. A failure is logged and retried next round; fenced out, the signer steps down on its own."""
+    while True:
+        await wait()
+        epoch = activity.epoch
+        if not activity.active or epoch is None:
+            continue
+        try:
+            await tick(epoch)
+        except FencedOut as exc:
+            logger.info("%s: fenced out (the signer steps down on its own): %s", what, exc)
+        except HapkiError as exc:
+            logger.warning("%s failed: %s; retrying at the next round", what, exc)
+        except Exception:
+            logger.exception("bug in %s; retrying at the next round", what)
 
 
 class RoleSupervisor:

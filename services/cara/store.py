@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from datetime import datetime
 
 import aiomysql
@@ -9,6 +11,7 @@ import aiomysql
 from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus
 from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
+from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
 from hapki.runtime.db import Database, Fence, db_time, utc
 
 TIER = "cara"
@@ -22,11 +25,25 @@ def _issued(row: tuple) -> IssuedRecord:
     return IssuedRecord(*row[:5], not_before=utc(row[5]), not_after=utc(row[6]))
 
 
-class MariaDBSigningStore:
-    """SigningStore on MariaDB/Galera."""
+async def abandoned(cur: aiomysql.Cursor, intents: list[tuple], *, actor: str, epoch: int | None, reason: str,
+                    now: datetime) -> None:
+    """Audit entries for intents (id, request_id, issuer, serial) just abandoned: each serial stays accounted for.
 
-    def __init__(self, db: Database) -> None:
+    Ids derive from the intent: an intent is abandoned once, so a retried body cannot add a second entry.
+    """
+    for intent_id, request_id, issuer, serial in intents:
+        await append(cur, AuditRecord(
+            kind=AuditKind.INTENT_ABANDONED, actor=actor, created_at=now, epoch=epoch, request_id=request_id,
+            issuer=issuer, serial=serial, detail={"intent_id": intent_id, "reason": reason},
+            id=derived_id(AuditKind.INTENT_ABANDONED.value, intent_id)))
+
+
+class MariaDBSigningStore:
+    """SigningStore on MariaDB/Galera. Every state change appends its audit entry in its own transaction."""
+
+    def __init__(self, db: Database, *, actor: str = "cara") -> None:
         self._db = db
+        self._actor = actor  # recorded on audit entries: service:member
 
     async def load_issuer(self, name: str | None) -> IssuerRecord:
         async def body(cur: aiomysql.Cursor) -> IssuerRecord:
@@ -50,6 +67,13 @@ class MariaDBSigningStore:
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (record.name, record.cert_pem, record.chain_pem, record.key_id.hex(), int(default), db_time(now)),
             )
+            await append(cur, entry)
+
+        entry = AuditRecord(
+            kind=AuditKind.ISSUER_CREATED, actor=self._actor, created_at=now, issuer=record.name,
+            detail={"key_id": record.key_id.hex(), "default": default,
+                    "subject": record.certificate.subject.rfc4514_string(),
+                    "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()})
 
         await self._db.run(body, name="cara.save_issuer")
 
@@ -70,6 +94,7 @@ class MariaDBSigningStore:
                     "INSERT INTO epoch_changes (tier, epoch, holder, fence_seq, changed_at) VALUES (%s, 1, %s, 0, %s)",
                     (TIER, member, db_time(now)),
                 )
+                await append(cur, replace(entry, epoch=1, detail={"tier": TIER, "holder": member, "previous": None}))
                 return 1
             await cur.execute(
                 "UPDATE epochs SET epoch = epoch + 1, holder = %s, updated_at = %s, fence_seq = fence_seq + 1"
@@ -83,9 +108,12 @@ class MariaDBSigningStore:
                 " SELECT tier, epoch, holder, fence_seq, updated_at FROM epochs WHERE tier = %s",
                 (TIER,),
             )
+            await append(cur, replace(entry, epoch=row[0] + 1,
+                                      detail={"tier": TIER, "holder": member, "previous": row[0]}))
             return row[0] + 1
 
         for _ in range(20):
+            entry = AuditRecord(kind=AuditKind.EPOCH_CHANGED, actor=self._actor, created_at=now)
             epoch = await self._db.run(body, name="cara.bump_epoch")
             if epoch is not None:
                 return epoch
@@ -96,13 +124,20 @@ class MariaDBSigningStore:
 
         async def body(cur: aiomysql.Cursor) -> int:
             await cur.execute(
+                "SELECT id, request_id, issuer, serial FROM signing_intents WHERE state = 'reserved' AND epoch < %s"
+                " FOR UPDATE", (epoch,))
+            stale = list(await cur.fetchall())
+            if not stale:
+                return 0
+            await cur.execute(
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
                 " resolution = CONCAT('recovered: epoch ', epoch, ' superseded by ', %s)"
-                " WHERE state = 'reserved' AND epoch < %s",
-                (db_time(now), epoch, epoch),
+                f" WHERE state = 'reserved' AND id IN ({', '.join(['%s'] * len(stale))})",
+                (db_time(now), epoch, *(row[0] for row in stale)),
             )
-            count = cur.rowcount
-            return count
+            await abandoned(cur, stale, actor=self._actor, epoch=epoch, now=now,
+                            reason=f"recovered: superseded by epoch {epoch}")
+            return len(stale)
 
         return await self._db.run(body, name="cara.recover", fence=Fence(TIER, epoch))
 
@@ -142,6 +177,13 @@ class MariaDBSigningStore:
                 " WHERE request_id = %s AND state = 'reserved'",
                 (db_time(now), request_id),
             )
+            if cur.rowcount:  # rare (a redelivery after a crash): find which, for the audit log
+                await cur.execute(
+                    "SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id = %s"
+                    " AND state = 'abandoned' AND resolved_at = %s AND resolution LIKE 'superseded by a new%%'",
+                    (request_id, db_time(now)))
+                await abandoned(cur, list(await cur.fetchall()), actor=self._actor, epoch=epoch, now=now,
+                                reason="superseded by a new attempt for the request")
             await cur.execute(
                 "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, 'reserved', %s)",
@@ -168,9 +210,13 @@ class MariaDBSigningStore:
                 if existing.intent_id != record.intent_id:
                     await cur.execute(
                         "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
-                        " resolution = 'request already issued by another intent' WHERE id = %s",
+                        " resolution = 'request already issued by another intent' WHERE id = %s AND state = 'reserved'",
                         (db_time(now), record.intent_id),
                     )
+                    if cur.rowcount:
+                        await abandoned(cur, [(record.intent_id, record.request_id, record.issuer, record.serial)],
+                                        actor=self._actor, epoch=epoch, now=now,
+                                        reason="request already issued by another intent")
                 return existing
             await cur.execute(
                 "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem,"
@@ -187,14 +233,21 @@ class MariaDBSigningStore:
                 # The intent was abandoned meanwhile (recovery by a newer epoch): the fence below fails too,
                 # but say what happened precisely.
                 raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
-            await cur.execute(
-                # issuer and not_after too: CLM's inventory searches and expiry scans read them here (0004).
+            # The request's new state and the audit entry in one round trip (the hot path); issuer and not_after
+            # too: CLM's inventory searches and expiry scans read them here (0004).
+            await append(cur, entry, first=(
                 "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
                 " WHERE id = %s",
                 (record.serial, record.issuer, db_time(record.not_after), db_time(now), record.request_id),
-            )
+            ))
             return record
 
+        entry = AuditRecord(
+            kind=AuditKind.CERTIFICATE_ISSUED, actor=self._actor, created_at=now, epoch=epoch,
+            request_id=record.request_id, issuer=record.issuer, serial=record.serial,
+            detail={"intent_id": record.intent_id, "not_before": record.not_before.isoformat(),
+                    "not_after": record.not_after.isoformat(),
+                    "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()})
         try:
             stamp = (
                 "UPDATE certificates SET fence_seq = @hapki_fence_seq WHERE intent_id = %s AND fence_seq IS NULL",
@@ -216,7 +269,11 @@ class MariaDBSigningStore:
                 " WHERE id = %s AND status = 'pending'",
                 (error.code.value, error.message[:512], db_time(now), request_id),
             )
+            if cur.rowcount:
+                await append(cur, entry)
 
+        entry = AuditRecord(kind=AuditKind.REQUEST_FAILED, actor=self._actor, created_at=now, epoch=epoch,
+                            request_id=request_id, detail={"code": error.code.value, "message": error.message[:512]})
         await self._db.run(body, name="cara.record_failed", fence=Fence(TIER, epoch))
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
@@ -228,5 +285,10 @@ class MariaDBSigningStore:
                 " WHERE id = %s AND state = 'reserved'",
                 (db_time(now), reason[:255], intent_id),
             )
+            if cur.rowcount:
+                await cur.execute("SELECT id, request_id, issuer, serial, epoch FROM signing_intents WHERE id = %s",
+                                  (intent_id,))
+                row = await cur.fetchone()
+                await abandoned(cur, [row[:4]], actor=self._actor, epoch=row[4], reason=reason[:255], now=now)
 
         await self._db.run(body, name="cara.abandon_intent")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the subcommands import their service modules lazily, to sta
     from hapki.cara.config import CaraConfig
     from hapki.cara.ports import IssuerRecord
     from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.runtime.db import Database
     from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 
 log = logging.getLogger("hapki.cli")
@@ -68,6 +69,7 @@ async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.revocation_store import MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.contracts.errors import NotFound
+    from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
     from hapki.runtime.db import Database
     from hapki.runtime.migrate import migrate
@@ -77,21 +79,26 @@ async def ca_init(args: argparse.Namespace) -> int:
     db = Database(cfg.database)
     try:
         await migrate(db)
-        store = MariaDBSigningStore(db)
-        revocations = MariaDBRevocationStore(db)
+        store = MariaDBSigningStore(db, actor="cli:ca-init")
+        revocations = MariaDBRevocationStore(db, actor="cli:ca-init")
         try:
             existing = await store.load_issuer(cfg.issuer)
         except NotFound:
             existing = None
         if existing is not None:
-            if await revocations.ocsp_signer(existing.name) is not None:
+            missing = [purpose for purpose, found in (
+                ("ocsp", await revocations.ocsp_signer(existing.name)),
+                ("audit", await audit_signer(db, existing.name)),
+            ) if found is None]
+            if not missing:
                 print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
                 return 0
-            # A CA from before OCSP: add its delegated OCSP signer (the cluster KEK of the first ceremony is
-            # still in the tokens, so the new key is replicated like the CA keys).
+            # A CA from before OCSP or the audit log: add the missing signers (the cluster KEK of the first ceremony
+            # is still in the tokens, so the new keys are replicated like the CA keys).
+            members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
             with hsm_pool(cfg.hsm) as pool:
-                await _add_ocsp_signer(pool, revocations, existing, _hsm_members(cfg) if len(cfg.hsm.members) > 1
-                                       else [])
+                for purpose in missing:
+                    await _add_signer(pool, purpose, db, revocations, existing, members)
             return 0
         # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
         # each token imports first, before the pool logs in as user (SO and user cannot share a login).
@@ -121,7 +128,8 @@ async def ca_init(args: argparse.Namespace) -> int:
             record = IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
                                   key_id=hierarchy.issuing_key_id)
             await store.save_issuer(record, default=True, now=utcnow())
-            await _add_ocsp_signer(pool, revocations, record, replicate_across)
+            for purpose in ("ocsp", "audit"):
+                await _add_signer(pool, purpose, db, revocations, record, replicate_across)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "root.pem").write_text(root_pem)
@@ -143,25 +151,28 @@ def _hsm_members(cfg: CaraConfig) -> list[HSMMemberConfig]:
     ]
 
 
-async def _add_ocsp_signer(pool: HSMPool, revocations: MariaDBRevocationStore, issuer: IssuerRecord,
-                           replicate_across: list[HSMMemberConfig]) -> None:
-    """The issuer's delegated OCSP signer: key generated in the HSM, certified by the issuing CA, stored."""
-    from hapki.cara.ca_init import create_ocsp_signer
+async def _add_signer(pool: HSMPool, purpose: str, db: Database, revocations: MariaDBRevocationStore,
+                      issuer: IssuerRecord, replicate_across: list[HSMMemberConfig]) -> None:
+    """A delegated signer of the issuer ("ocsp": the OCSP responder, "audit": audit checkpoints): key generated in
+    the HSM, certified by the issuing CA, stored."""
+    from hapki.cara.ca_init import create_delegated_signer
     from hapki.cara.ports import OcspSignerRecord
+    from hapki.runtime.audit import save_audit_signer
     from hapki.runtime.clock import utcnow
 
     signer = await asyncio.to_thread(
-        create_ocsp_signer, pool, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
+        create_delegated_signer, pool, purpose, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
         now=utcnow(), replicate_across=replicate_across,
     )
-    name = issuer.name
-    await revocations.save_ocsp_signer(
-        OcspSignerRecord(issuer=name, cert_pem=signer.cert.public_bytes(serialization.Encoding.PEM).decode(),
-                         key_id=signer.key_id),
-        not_after=signer.cert.not_valid_after_utc, now=utcnow(),
-    )
-    print(f"created OCSP signer for {name!r}: {signer.cert.subject.rfc4514_string()}, "
-          f"valid until {signer.cert.not_valid_after_utc:%Y-%m-%d}")
+    name, cert = issuer.name, signer.cert
+    if purpose == "ocsp":
+        await revocations.save_ocsp_signer(
+            OcspSignerRecord(issuer=name, cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+                             key_id=signer.key_id), not_after=cert.not_valid_after_utc, now=utcnow())
+    else:
+        await save_audit_signer(db, issuer=name, cert=cert, key_id=signer.key_id, actor="cli:ca-init", now=utcnow())
+    print(f"created {purpose} signer for {name!r}: {cert.subject.rfc4514_string()}, "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 class _DatabaseSection(BaseModel):
@@ -181,6 +192,36 @@ async def db_migrate(args: argparse.Namespace) -> int:
         await db.close()
     print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
+
+
+async def audit_verify(args: argparse.Namespace) -> int:
+    """Verify the audit chain: 0 intact, 1 broken (the first break named on stderr), 2 bad arguments."""
+    from datetime import timedelta
+
+    from hapki.runtime.audit_verify import verify_database
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+
+    anchor = None
+    if args.anchor:
+        seq, _, digest = args.anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            print("--anchor takes SEQ:HASH (64 hex digits), as printed by an earlier verify", file=sys.stderr)
+            return 2
+        anchor = (int(seq), digest.lower())
+    telemetry.setup_logging("WARNING")
+    db = Database(load_toml(args.config, _DatabaseSection).database)
+    try:
+        report = await verify_database(db, now=utcnow(), grace=timedelta(seconds=args.grace), anchor=anchor)
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps({"ok": report.ok, "sealed": report.sealed, "unsealed": report.unsealed,
+                          "head": {"seq": report.head_seq, "hash": report.head_hash},
+                          "findings": [{"seq": f.seq, "problem": f.problem.value, "entry_id": f.entry_id,
+                                        "message": f.message} for f in report.findings]}, indent=2))
+    print(report.summary(), file=sys.stdout if report.ok and not args.json else sys.stderr)
+    return 0 if report.ok else 1
 
 
 async def issue(args: argparse.Namespace) -> int:

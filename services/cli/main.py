@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
     mig.add_argument("--config", type=Path, required=True, help="any service config with a [database] section")
 
+    audit = sub.add_parser("audit", help="the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the audit hash chain; exit 1 naming the first broken entry")
+    verify.add_argument("--config", type=Path, required=True, help="any service config with a [database] section")
+    verify.add_argument("--grace", type=float, default=60.0,
+                        help="seconds an entry may stay unchained before that is a finding (sealer down)")
+    verify.add_argument("--anchor", default=None, metavar="SEQ:HASH",
+                        help="a head printed by an earlier verify and kept elsewhere: it must still be in the chain")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+
     issue = sub.add_parser("issue", help="request a certificate over NATS")
     issue.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL(s), comma-separated")
     issue.add_argument("--profile", default="tls-server")
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": commands.serve,
         "ca": commands.ca_init,
         "db": commands.db_migrate,
+        "audit": commands.audit_verify,
         "issue": commands.issue,
         "docs": commands.docs,
         "demo": commands.demo,

@@ -57,8 +57,9 @@ class ClmRuntime:
         await bus.ensure_topology(js, cfg.nats)
         inventory = MariaDBInventoryStore(self.db)
         self.service = ClmService(
-            store=MariaDBRequestStore(self.db), queue=JetStreamSigningQueue(js), profiles=profiles,
-            revocations=MariaDBRevocationStore(self.db), events=NatsEventPublisher(self.nc), inventory=inventory,
+            store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
+            profiles=profiles, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
+            events=NatsEventPublisher(self.nc), inventory=inventory,
             clock=self._clock, wait_seconds=cfg.wait_seconds,
         )
         self.expiry = ExpiryScheduler(store=inventory, publisher=JetStreamExpiryPublisher(js),

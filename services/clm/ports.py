@@ -40,10 +40,23 @@ class Recorded:
     approved: SignCertificate
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """A well-formed request refused by policy (what the audit log records of it)."""
+
+    requester: str
+    profile: str
+    csr_sha256: str
+    code: str
+    message: str
+
+
 class RequestStore(Protocol):
     """The calls CLM makes on its database."""
 
     async def record(self, request: NewRequest, now: datetime) -> Recorded: ...
+
+    async def record_rejection(self, rejection: Rejection, now: datetime) -> None: ...
 
     async def view(self, request_id: str) -> IssueReply: ...
 

@@ -19,6 +19,7 @@ from hapki.clm.ports import (
     InventoryStore,
     NewRequest,
     Predecessor,
+    Rejection,
     RequestStore,
     RevocationStore,
     SigningQueue,
@@ -155,14 +156,19 @@ class ClmService:
         span = trace.get_current_span()
         span.set_attribute("pki.profile", request.profile)
         request_id = uuid.uuid4().hex
+        csr_sha256 = hashlib.sha256(request.csr_pem.encode()).hexdigest()
         with tracer.start_as_current_span("clm.validate"):
-            approved = validation.approve(request, self._profiles, request_id)
-            if predecessor is not None:
-                inventory.require_same_names(predecessor.approved, approved)
+            try:
+                approved = validation.approve(request, self._profiles, request_id)
+                if predecessor is not None:
+                    inventory.require_same_names(predecessor.approved, approved)
+            except HapkiError as exc:
+                await self._audit_rejection(request, csr_sha256, exc)
+                raise
         recorded = await self._store.record(
             NewRequest(
                 request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,
-                profile=request.profile, csr_sha256=hashlib.sha256(request.csr_pem.encode()).hexdigest(),
+                profile=request.profile, csr_sha256=csr_sha256,
                 approved=approved, renews_serial=predecessor.serial if predecessor is not None else None,
             ),
             self._clock(),
@@ -186,6 +192,20 @@ class ClmService:
             return await self._await_result(recorded.request_id, waiter)
         finally:
             self._unregister(recorded.request_id, waiter)
+
+    async def _audit_rejection(self, request: IssueCertificate, csr_sha256: str, exc: HapkiError) -> None:
+        """Record a policy refusal of a well-formed request; garbage is only logged (see validation.is_well_formed).
+
+        Best effort: the client gets its refusal even when the database is down (nothing else changed state).
+        """
+        if not validation.is_well_formed(request.csr_pem):
+            return
+        try:
+            await self._store.record_rejection(
+                Rejection(requester=request.requester, profile=request.profile, csr_sha256=csr_sha256,
+                          code=exc.code.value, message=exc.message), self._clock())
+        except HapkiError as failure:
+            log.warning("refusal of a request by %s not audited: %s", request.requester, failure)
 
     async def status(self, query: StatusQuery) -> IssueReply:
         with tracer.start_as_current_span("clm.status"):

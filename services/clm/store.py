@@ -7,7 +7,7 @@ from datetime import datetime
 import aiomysql
 
 from hapki.clm.inventory import names_of
-from hapki.clm.ports import NewRequest, Recorded
+from hapki.clm.ports import NewRequest, Recorded, Rejection
 from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, NotFound
 from hapki.contracts.models import (
     CertificateReply,
@@ -18,14 +18,16 @@ from hapki.contracts.models import (
     RevokeReply,
     SignCertificate,
 )
+from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
 from hapki.runtime.db import Database, db_time, utc
 
 
 class MariaDBRequestStore:
-    """RequestStore on MariaDB/Galera."""
+    """RequestStore on MariaDB/Galera. A recorded or rejected request appends its audit entry."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, actor: str = "clm") -> None:
         self._db = db
+        self._actor = actor  # recorded on audit entries: service:member
 
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
         """Insert the request, or return the one an idempotency key already names (same CSR and profile only)."""
@@ -51,13 +53,13 @@ class MariaDBRequestStore:
             if await cur.fetchone() is None:  # else: our own earlier attempt whose COMMIT outcome was unknown
                 if request.idempotency_key is not None and (found := await find_by_key(cur)) is not None:
                     return found
-                await cur.execute(
+                await append(cur, entry, first=(
                     "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
                     " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
                     (request.request_id, request.requester, request.idempotency_key, request.profile,
                      request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
                      db_time(now)),
-                )
+                ))
                 # The names, indexed for search (the value column compares case-insensitively: an email differing
                 # only in case is one row).
                 if names := names_of(request.approved):
@@ -68,6 +70,12 @@ class MariaDBRequestStore:
                     )
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
+        entry = AuditRecord(
+            kind=AuditKind.REQUEST_RECORDED, actor=self._actor, created_at=now, request_id=request.request_id,
+            detail={"requester": request.requester, "idempotency_key": request.idempotency_key,
+                    "profile": request.profile, "csr_sha256": request.csr_sha256,
+                    "names": [*request.approved.dns_names, *request.approved.ip_addresses, *request.approved.emails]})
+
         try:
             return await self._db.run(insert, name="clm.record")
         except DuplicateKey:
@@ -76,6 +84,20 @@ class MariaDBRequestStore:
             if found is None:
                 raise
             return found
+
+    async def record_rejection(self, rejection: Rejection, now: datetime) -> None:
+        """Audit a policy refusal. Once per (requester, profile, CSR, code): a replayed bad request adds nothing."""
+
+        async def body(cur: aiomysql.Cursor) -> None:
+            await append(cur, entry, dedupe=True)
+
+        entry = AuditRecord(
+            kind=AuditKind.REQUEST_REJECTED, actor=self._actor, created_at=now,
+            detail={"requester": rejection.requester, "profile": rejection.profile,
+                    "csr_sha256": rejection.csr_sha256, "code": rejection.code, "message": rejection.message[:512]},
+            id=derived_id(AuditKind.REQUEST_REJECTED.value, rejection.requester, rejection.profile,
+                          rejection.csr_sha256, rejection.code))
+        await self._db.run(body, name="clm.record_rejection")
 
     async def view(self, request_id: str) -> IssueReply:
         async def body(cur: aiomysql.Cursor) -> IssueReply:
@@ -141,8 +163,9 @@ class MariaDBRequestStore:
 class MariaDBRevocationStore:
     """RevocationStore on MariaDB/Galera: one final row per revoked certificate (PRIMARY KEY issuer, serial)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, actor: str = "clm") -> None:
         self._db = db
+        self._actor = actor  # recorded on audit entries: service:member
 
     async def revoke(self, serial: str, reason: str, requester: str, now: datetime) -> RevokeReply:
         """Record the revocation; a repeat with the same reason returns the stored one, another reason refuses."""
@@ -172,11 +195,14 @@ class MariaDBRevocationStore:
             found = await existing(cur, issuer)
             if found is not None:
                 return found  # also our own earlier attempt whose COMMIT outcome was unknown
-            await cur.execute(
+            await append(cur, AuditRecord(
+                kind=AuditKind.CERTIFICATE_REVOKED, actor=self._actor, created_at=now, request_id=request_id,
+                issuer=issuer, serial=serial, detail={"reason": reason, "requester": requester},
+                id=derived_id(AuditKind.CERTIFICATE_REVOKED.value, issuer, serial)), first=(
                 "INSERT INTO revocations (issuer, serial, reason, revoked_at, requester, request_id)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (issuer, serial, reason, db_time(now), requester, request_id),
-            )
+            ))
             # The inventory's copy, in the same transaction (search and expiry scans filter on it).
             await cur.execute("UPDATE requests SET revoked = 1 WHERE id = %s", (request_id,))
             return RevokeReply(serial=serial, issuer=issuer, reason=RevocationReason(reason),

@@ -22,6 +22,7 @@ from hapki.clm.profiles import Profile
 from hapki.contracts.errors import (
     BadCSRSignature,
     ForbiddenName,
+    HapkiError,
     KeyPolicyViolation,
     MalformedCSR,
     MessageTooLarge,
@@ -88,6 +89,20 @@ def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_
         ],
         extended_key_usage=list(profile.extended_key_usage),
     )
+
+
+def is_well_formed(csr_pem: str) -> bool:
+    """Whether the CSR parses and its self-signature verifies (proof of possession).
+
+    What decides if a refusal is audited: a refusal of such a request is a policy decision worth recording;
+    garbage (unparseable, or no proof of possession) is only logged, since auditing it would let anyone on the
+    bus fill the audit log at the cost of sending junk.
+    """
+    try:
+        _check_signature(_parse_csr(csr_pem).csr)
+    except HapkiError:
+        return False
+    return True
 
 
 # --- parsing --------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""The audit sealer: on the active CARA member, chains the audit entries every writer appended.
+
+Writers append unchained entries inside their own transactions (hapki.runtime.audit.append), so they never
+contend for a shared row. Every `seal_interval_seconds` the active member takes the oldest unchained entries (by
+created_at, then id: deterministic), gives them the next sequence numbers and hashes, updates `audit_head` and
+removes their `audit_unsealed` markers, all in one transaction fenced by the CARA epoch: a member that lost its
+role cannot extend the chain, and two members can never both extend it (one chain across the cluster).
+At most every `checkpoint_interval_seconds` it then signs the head with the issuer's audit signer key in the HSM
+(outside any transaction) and stores that checkpoint, fenced too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from dataclasses import dataclass
+
+import aiomysql
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hapki.cara.config import AuditConfig
+from hapki.cara.role import Activity, run_while_active
+from hapki.cara.store import TIER
+from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
+from hapki.runtime.db import Database, Fence, db_time
+
+log = logging.getLogger("hapki.cara.audit")
+
+
+@dataclass(frozen=True)
+class CheckpointKey:
+    """The issuer's audit signer: its HSM key signs checkpoints (hapki.runtime.audit.checkpoint_message)."""
+
+    issuer: str
+    key_id: bytes
+    key: ec.EllipticCurvePrivateKey
+
+
+async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
+    """Chain up to `batch` unchained entries under `epoch` (FencedOut if it is not current); return how many.
+
+    Idempotent under whole-transaction retry: it starts from the head it reads, so a retry after a commit whose
+    outcome was unknown just finds fewer (or no) entries to chain.
+    """
+
+    async def body(cur: aiomysql.Cursor) -> int:
+        # Step 1: the head, locked (only sealers touch it; one active member, so no one waits in practice).
+        await cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        head = await cur.fetchone()
+        seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
+        # Step 2: the oldest unchained entries; a marker whose entry is chained already is only cleared.
+        await cur.execute(
+            f"SELECT u.entry_id, c.seq, {ENTRY_COLUMNS} FROM audit_unsealed u"
+            " LEFT JOIN audit_entries e ON e.id = u.entry_id LEFT JOIN audit_chain c ON c.entry_id = u.entry_id"
+            " ORDER BY u.created_at, u.entry_id LIMIT %s", (batch,))
+        rows = list(await cur.fetchall())
+        if not rows:
+            return 0
+        # Step 3: the links.
+        links = []
+        for row in rows:
+            if row[1] is not None or row[2] is None:
+                continue  # already chained, or a marker without an entry (verification reports the latter's loss)
+            seq += 1
+            record = record_from_row(row[2:])
+            digest = link_hash(prev, record, seq, detail=row[9])
+            links.append((seq, record.id, prev, digest, epoch, db_time(now)))
+            prev = digest
+        # Step 4: store them, drop the markers, move the head; the fence and COMMIT follow in one round trip.
+        if links:
+            await cur.executemany(
+                "INSERT INTO audit_chain (seq, entry_id, prev_hash, hash, epoch, sealed_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)", links)
+            await cur.execute(
+                "INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, %s, %s, %s)"
+                " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
+                (seq, prev, db_time(now)))
+        ids = [row[0] for row in rows]
+        await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
+        return len(links)
+
+    return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
+
+
+async def sign_head(db: Database, sign: CheckpointKey, *, epoch: int, now: datetime) -> int | None:
+    """Sign the head with the audit signer's HSM key and store the checkpoint, fenced, unless one covers it already.
+
+    Returns the seq signed, or None. The HSM is asked outside any transaction (a slow HSM never holds a database
+    lock); the checkpoint is stored only if the chain still has that hash at that seq.
+    """
+
+    async def head(cur: aiomysql.Cursor) -> tuple[int, str] | None:
+        await cur.execute("SELECT h.seq, h.hash, (SELECT MAX(seq) FROM audit_checkpoints) FROM audit_head h")
+        row = await cur.fetchone()
+        return None if row is None or (row[2] or 0) >= row[0] else (row[0], row[1])
+
+    # Step 1: what to sign.
+    found = await db.run(head, name="cara.audit_head")
+    if found is None:
+        return None
+    seq, digest = found
+    # Step 2: the signature (HSM, in a thread).
+    signed_at = db_time(now)
+    signature = await asyncio.to_thread(
+        sign.key.sign, checkpoint_message(seq, digest, signed_at, sign.issuer), ec.ECDSA(hashes.SHA256()))
+
+    # Step 3: store it, fenced: only the active member speaks for the chain.
+    async def store(cur: aiomysql.Cursor) -> None:
+        await cur.execute(
+            "INSERT INTO audit_checkpoints (seq, hash, signed_at, issuer, key_id, signature, epoch)"
+            " SELECT seq, hash, %s, %s, %s, %s, %s FROM audit_chain WHERE seq = %s AND hash = %s",
+            (signed_at, sign.issuer, sign.key_id.hex(), signature.hex(), epoch, seq, digest))
+
+    await db.run(store, name="cara.audit_checkpoint", fence=Fence(TIER, epoch))
+    # A copy outside the database: with it, cutting the chain together with its newest checkpoints shows too.
+    log.info("audit checkpoint seq=%d hash=%s signed_at=%s key_id=%s signature=%s", seq, digest,
+             signed_at.isoformat(), sign.key_id.hex(), signature.hex())
+    return seq
+
+
+class AuditSealer:
+    """Chains new audit entries every `seal_interval_seconds` while this member is active."""
+
+    def __init__(self, *, db: Database, config: AuditConfig, activity: Activity, clock: Callable[[], datetime],
+                 sign: CheckpointKey | None = None) -> None:
+        self._db, self._config, self._activity, self._clock = db, config, activity, clock
+        self._sign = sign  # None: chain without signed checkpoints (no audit signer yet: `hapki ca init` makes one)
+        self._signed_at: datetime | None = None
+        self.sealed = 0  # entries chained by this process (tests and health)
+
+    async def run(self) -> None:
+        """The loop: on every member, but it seals only while the signer is active."""
+        await run_while_active(self._activity, self.tick, what="audit sealing", logger=log,
+                               wait=lambda: asyncio.sleep(self._config.seal_interval_seconds))
+
+    async def tick(self, epoch: int) -> int:
+        """Seal everything waiting now, a batch per transaction, then sign the head if a checkpoint is due; return
+        how many entries were chained."""
+        total = 0
+        while True:
+            count = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
+            total += count
+            if count < self._config.batch:
+                break
+        self.sealed += total
+        now = self._clock()
+        if self._sign is not None and (self._signed_at is None or (now - self._signed_at).total_seconds()
+                                       >= self._config.checkpoint_interval_seconds):
+            self._signed_at = now  # also on failure: an HSM outage is retried (and logged) once an interval
+            await sign_head(self._db, self._sign, epoch=epoch, now=now)
+        return total

@@ -1,0 +1,192 @@
+"""The audit log: entries appended inside state-changing transactions, and the one hash chain they form.
+
+Writers (CLM and CARA) call `append(cur, record)` inside the transaction body that makes the change, so no change
+commits without its entry and no entry exists without its change. Appending is unchained and conflict-free (a new
+row in `audit_entries` plus its marker in `audit_unsealed`), so concurrent writers on any Galera node never wait
+for one another. The active CARA member's sealer (hapki.cara.audit_sealer) chains entries later, under the CARA
+epoch fence: entry `seq` gets
+
+    hash(seq) = SHA-256(bytes.fromhex(hash(seq - 1)) || canonical(entry, seq)),   hash(0) = 64 zeros,
+
+and `audit_head` holds the newest (seq, hash); at most every checkpoint interval the sealer also signs the head
+with the issuer's audit signer key in the HSM (`checkpoint_message`). Verification: hapki.runtime.audit_verify.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiomysql
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from hapki.runtime.db import Database, db_time
+
+GENESIS = "0" * 64
+
+
+class AuditKind(str, enum.Enum):
+    """What changed. Values are stored and hashed: never rename one, add new ones."""
+
+    REQUEST_RECORDED = "request.recorded"  # CLM accepted a request (pending)
+    REQUEST_REJECTED = "request.rejected"  # CLM refused a well-formed request by policy
+    REQUEST_FAILED = "request.failed"  # CARA refused to sign a request (final)
+    CERTIFICATE_ISSUED = "certificate.issued"  # CARA stored a certificate
+    INTENT_ABANDONED = "intent.abandoned"  # a reserved serial/signing intent will never get a certificate
+    CERTIFICATE_REVOKED = "certificate.revoked"  # CLM recorded a revocation
+    CRL_PUBLISHED = "crl.published"  # CARA signed and stored a full or delta CRL
+    OCSP_SIGNER_CREATED = "ocsp_signer.created"  # a delegated OCSP signer was created (or rotated: `replaces`)
+    ISSUER_CREATED = "issuer.created"  # a CA ceremony stored an issuing CA
+    EPOCH_CHANGED = "epoch.changed"  # a CARA member became active under a new epoch
+    AUDIT_SIGNER_CREATED = "audit_signer.created"  # a key for signing audit checkpoints was created
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit entry. `detail` must be JSON-serialisable; it is stored as canonical JSON and hashed as stored."""
+
+    kind: AuditKind
+    actor: str
+    created_at: datetime  # aware UTC, or naive UTC as read back from the database
+    epoch: int | None = None
+    request_id: str | None = None
+    issuer: str | None = None
+    serial: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def detail_json(self) -> str:
+        return canonical_json(self.detail)
+
+
+def canonical_json(value: object) -> str:
+    """Sorted keys, no spaces, ASCII only: one byte string per value, whatever wrote it."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def _stored(value: datetime) -> datetime:
+    return db_time(value) if value.tzinfo else value
+
+
+def _time(value: datetime) -> str:
+    """Naive UTC to the microsecond, as DATETIME(6) stores it."""
+    return _stored(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(record: AuditRecord, seq: int, *, detail: str | None = None) -> bytes:
+    """The bytes hashed for `record` at chain position `seq` (every field, the position included).
+
+    `detail` is the stored detail text when hashing a row read back (hashed exactly as stored).
+    """
+    return canonical_json({
+        "seq": seq, "id": record.id, "kind": record.kind.value if isinstance(record.kind, AuditKind) else record.kind,
+        "actor": record.actor, "epoch": record.epoch, "request_id": record.request_id, "issuer": record.issuer,
+        "serial": record.serial, "detail": record.detail_json() if detail is None else detail,
+        "created_at": _time(record.created_at),
+    }).encode("ascii")
+
+
+def link_hash(prev_hash: str, record: AuditRecord, seq: int, *, detail: str | None = None) -> str:
+    """hash(seq) = SHA-256(prev_hash bytes || canonical(record, seq)), as 64 lowercase hex digits."""
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical(record, seq, detail=detail)).hexdigest()
+
+
+def derived_id(*parts: object) -> str:
+    """A deterministic entry id: for kinds appended at most once per cause (append(dedupe=True) keeps the first)."""
+    return hashlib.sha256(canonical_json([str(p) for p in parts]).encode()).hexdigest()[:32]
+
+
+_INSERT = (
+    "INSERT INTO audit_entries (id, kind, actor, epoch, request_id, issuer, serial, detail, created_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s){keep};"
+    " INSERT INTO audit_unsealed (entry_id, created_at) VALUES (%s, %s){keep_marker}"
+)
+
+
+async def append(cur: aiomysql.Cursor, record: AuditRecord, *, dedupe: bool = False,
+                 first: tuple[str, Sequence[object]] | None = None) -> int:
+    """Append `record` in the caller's transaction, in one round trip; return the row count of `first`, if given.
+
+    `first`: one statement of the caller's (SQL, args) sent ahead in the same round trip, to save one on hot paths.
+    Build the record outside the transaction body, so a retried body appends the same id: a second copy is then
+    a duplicate key, never a second entry. `dedupe`: an entry with the same (derived) id is kept, this one dropped.
+    """
+    created = _stored(record.created_at)
+    # Not INSERT IGNORE: that would also swallow other errors (and warn); a duplicate only keeps the first.
+    sql = _INSERT.format(keep=" ON DUPLICATE KEY UPDATE id = id" if dedupe else "",
+                         keep_marker=" ON DUPLICATE KEY UPDATE entry_id = entry_id" if dedupe else "")
+    args: tuple[object, ...] = (
+        record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id, record.issuer,
+        record.serial, record.detail_json(), created, record.id, created,
+    )
+    if first is not None:
+        sql, args = f"{first[0]}; {sql}", (*first[1], *args)
+    await cur.execute(sql, args)
+    rowcount = cur.rowcount
+    for _ in range(2 if first is not None else 1):
+        await cur.nextset()  # the later statements' results: their errors surface here
+    return rowcount
+
+
+def checkpoint_message(seq: int, digest: str, signed_at: datetime, issuer: str) -> bytes:
+    """What an audit signer signs (domain-separated, so the signature means nothing anywhere else)."""
+    return b"hapki audit checkpoint v1\n" + canonical_json(
+        {"seq": seq, "hash": digest, "signed_at": _time(signed_at), "issuer": issuer}).encode("ascii")
+
+
+def record_from_row(row: Sequence[Any]) -> AuditRecord:
+    """An AuditRecord from (id, kind, actor, epoch, request_id, issuer, serial, detail, created_at).
+
+    Hash it with `detail=` the stored text (row[7]): that, not its parse, is what was chained.
+    """
+    try:
+        detail = json.loads(row[7])
+    except ValueError:  # tampered: the stored text will not hash to the link's hash either
+        detail = {"unparseable": row[7]}
+    return AuditRecord(id=row[0], kind=row[1], actor=row[2], epoch=row[3], request_id=row[4], issuer=row[5],
+                       serial=row[6], detail=detail if isinstance(detail, dict) else {"value": detail},
+                       created_at=row[8])
+
+
+# The columns record_from_row takes, of audit_entries aliased `e`.
+ENTRY_COLUMNS = "e.id, e.kind, e.actor, e.epoch, e.request_id, e.issuer, e.serial, e.detail, e.created_at"
+
+
+# --- audit signers (keys in the HSM, certified by the issuing CA) --------------------------------------
+
+
+async def save_audit_signer(db: Database, *, issuer: str, cert: x509.Certificate, key_id: bytes, actor: str,
+                            now: datetime) -> None:
+    """Store an issuer's audit signer (made by `hapki ca init`), with its own audit entry."""
+    cert_pem = cert.public_bytes(Encoding.PEM).decode()
+    entry = AuditRecord(
+        kind=AuditKind.AUDIT_SIGNER_CREATED, actor=actor, created_at=now, issuer=issuer,
+        serial=format(cert.serial_number, "x"),
+        detail={"key_id": key_id.hex(), "not_after": cert.not_valid_after_utc.isoformat(),
+                "cert_sha256": hashlib.sha256(cert_pem.encode()).hexdigest()})
+
+    async def body(cur: aiomysql.Cursor) -> None:
+        await append(cur, entry, first=(
+            "INSERT INTO audit_signers (issuer, key_id, cert_pem, not_after, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (issuer, key_id.hex(), cert_pem, db_time(cert.not_valid_after_utc), db_time(now))))
+
+    await db.run(body, name="audit.save_signer")
+
+
+async def audit_signer(db: Database, issuer: str) -> tuple[bytes, x509.Certificate] | None:
+    """The issuer's audit signer valid longest: (CKA_ID, certificate), or None before `hapki ca init` made one."""
+
+    async def body(cur: aiomysql.Cursor) -> tuple | None:
+        await cur.execute("SELECT key_id, cert_pem FROM audit_signers WHERE issuer = %s ORDER BY not_after DESC"
+                          " LIMIT 1", (issuer,))
+        return await cur.fetchone()
+
+    row = await db.run(body, name="audit.signer")
+    return None if row is None else (bytes.fromhex(row[0]), x509.load_pem_x509_certificate(row[1].encode()))
