@@ -42,11 +42,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
 from hapki.lab.invariants import violations
+from hapki.runtime.audit_verify import verify_database
+from hapki.runtime.db import Database
 from hapki.lab.load import Load, Request
 from hapki.lab.scenarios import ALIASES, SCENARIOS, Scenario
 
@@ -59,6 +61,8 @@ LEAD_SECONDS = 1.5  # load before the fault: the normal latency is measured here
 GIVE_UP_AFTER = 60.0  # a client stops retrying a request after this long
 QUIET_TIMEOUT = 90.0  # seconds to wait for every request of a run to be final and every intent resolved
 STEADY_TIMEOUT = 90.0
+AUDIT_GRACE_SECONDS = 30.0  # entries may wait this long for the sealer (it pauses while CARA fails over)
+AUDIT_SETTLE_SECONDS = 10.0
 SLOWEST_KEPT = 5  # requests per run whose timeline goes into the JSON record
 
 
@@ -78,6 +82,7 @@ class RunResult:
     violations: dict[str, int] = field(default_factory=dict)
     galera_agree: bool = True
     galera: dict[str, Any] = field(default_factory=dict)
+    audit: str | None = None  # `hapki audit verify` of the whole log after the run: None = intact, else the finding
     unavailability: float | None = None
     request_p99: float | None = None
     first_signature: float | None = None
@@ -95,7 +100,7 @@ class RunResult:
     def clean(self) -> bool:
         """No request lost or duplicated, every signature accounted for, no new violation, Galera in agreement."""
         return (self.lost == 0 and self.duplicated == 0 and self.unaccounted == 0 and not any(self.violations.values())
-                and self.galera_agree and self.sent > 0)
+                and self.galera_agree and self.audit is None and self.sent > 0)
 
 
 def resolve(names: list[str] | None) -> list[Scenario]:
@@ -146,6 +151,7 @@ class ChaosRunner:
         asyncio.run(self._measure(result, load.requests, fault_at, load_end))
         result.galera = self._galera_agreement()
         result.galera_agree = len({json.dumps(v, sort_keys=True) for v in result.galera.values()}) == 1
+        result.audit = asyncio.run(self._audit())
         result.seconds = round(time.monotonic() - began, 1)
         log.info("chaos %s run %d: %s", scenario.name, index, asdict(result))
         return result
@@ -282,6 +288,19 @@ class ChaosRunner:
             result.first_signer = first[0]
             result.first_signature = round(first[1].replace(tzinfo=UTC).timestamp() - fault_at, 3)
 
+    async def _audit(self) -> str | None:
+        """The audit log verified as `hapki audit verify` does (after heal: the sealer has caught up)."""
+        db = Database(self.lab.database_config())
+        try:
+            deadline = time.monotonic() + AUDIT_SETTLE_SECONDS
+            while True:
+                report = await verify_database(db, now=datetime.now(UTC), grace=timedelta(seconds=AUDIT_GRACE_SECONDS))
+                if report.ok or time.monotonic() > deadline:
+                    return None if report.ok else report.summary()
+                await asyncio.sleep(0.5)  # e.g. a checkpoint not signed yet after a failover
+        finally:
+            await db.close()
+
     def _galera_agreement(self) -> dict[str, Any]:
         """Per node: row counts of the three tables and CHECKSUM TABLE certificates (after a causality wait)."""
         out: dict[str, Any] = {}
@@ -325,6 +344,7 @@ class Summary:
     unaccounted: int
     violations: int
     galera_disagreed: int
+    audit_broken: int
     unavailability: dict[str, float | None]
     request_p99_max: float | None
     first_signature: dict[str, float | None]
@@ -351,6 +371,7 @@ def summarize(results: list[RunResult]) -> list[Summary]:
             unaccounted=sum(r.unaccounted for r in runs),
             violations=sum(sum(r.violations.values()) for r in runs),
             galera_disagreed=sum(not r.galera_agree for r in runs),
+            audit_broken=sum(r.audit is not None for r in runs),
             unavailability=stats(lambda r: r.unavailability),
             request_p99_max=max((r.request_p99 for r in runs if r.request_p99 is not None), default=None),
             first_signature=stats(lambda r: r.first_signature),
@@ -370,7 +391,7 @@ def format_table(summaries: list[Summary]) -> str:
     lines = [head, "-" * len(head)]
     for s in summaries:
         lines.append(f"{s.scenario:18} {s.runs:>4} {s.sent:>6} {s.accepted:>8} {s.completed:>9} {s.lost:>4} "
-                     f"{s.duplicated:>3} {s.unaccounted:>6} {s.violations + s.galera_disagreed:>4} "
+                     f"{s.duplicated:>3} {s.unaccounted:>6} {s.violations + s.galera_disagreed + s.audit_broken:>4} "
                      f"{trio(s.unavailability):>17} {'-' if s.request_p99_max is None else f'{s.request_p99_max:.2f}':>7} "
                      f"{trio(s.first_signature):>18} {trio(s.resumed):>17}")
     return "\n".join(lines)

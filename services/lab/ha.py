@@ -303,7 +303,8 @@ class Lab:
     def _nats_config(self) -> NatsConfig:
         return NatsConfig(servers=self.nats.urls, stream_replicas=len(self.nats.nodes))
 
-    def _database_config(self, user: str) -> DatabaseConfig:
+    def database_config(self, user: str = "hapki") -> DatabaseConfig:
+        """How `user` reaches the lab's Galera nodes (every node, in order), password from the lab's secrets."""
         port = self.topo.ports.mariadb
         return DatabaseConfig(nodes=[f"{n.address}:{port}" for n in self.galera.nodes], user=user,
                               password_file=self.galera.password_file(user), sync_wait=True)
@@ -328,10 +329,10 @@ class Lab:
                 if tier == "cara":
                     # Certificates name the VIP's plain-HTTP OCSP and CRL URLs (CDP, AIA).
                     config: CaraConfig | ClmConfig = CaraConfig(
-                        **common, database=self._database_config("hapki_cara"), hsm=self._hsm_config(),
+                        **common, database=self.database_config("hapki_cara"), hsm=self._hsm_config(),
                         public_url=self.plain_url(tier))
                 elif tier == "clm":
-                    config = ClmConfig(**common, database=self._database_config("hapki_clm"))
+                    config = ClmConfig(**common, database=self.database_config("hapki_clm"))
                 else:
                     raise LabError(f"no service known for tier {tier!r}")
                 stack.write_config(config, self.service_config_path(member))

@@ -38,6 +38,7 @@ def test_scenario_keeps_the_invariants(lab: Lab, name: str, timing) -> None:
     assert result.unaccounted == 0, result
     assert not any(result.violations.values()), result.violations
     assert result.galera_agree, result.galera
+    assert result.audit is None, result.audit  # the audit chain verifies after the fault
     assert result.quiet_after is not None, result.notes
     assert result.completed == result.sent, result
     assert result.resumed is not None and result.resumed < RESUME_BOUND[name], result
