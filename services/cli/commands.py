@@ -286,7 +286,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    if args.ocsp or args.crl:
+    if args.ocsp is not None or args.crl is not None:
         from hapki.cli import bench_revocation
 
         try:

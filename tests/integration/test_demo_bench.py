@@ -102,3 +102,18 @@ def test_bench_reports_rate_latency_and_stages_as_json(tmp_path: Path) -> None:
     assert set(STAGES) <= set(level["stages"])
     assert sum(level["stages"][k] for k in STAGES) == pytest.approx(1, abs=0.01)
     assert {"clm", "cara", "mariadbd", "nats-server"} <= {k for k, v in report["rss_peak_mib"].items() if v}
+
+
+def test_bench_crl_reports_generation_times_as_json() -> None:
+    result = _hapki("bench", "--crl", "300", "--json", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    crl = json.loads(result.stdout)["crl"]
+    assert crl["entries"] == 300 and crl["der_bytes"] > 300 * 20  # every entry is on the signed CRL
+    assert crl["delta_entries"] == 10  # exactly the revocations since the base
+    assert 0 < crl["build_and_sign_seconds"] and 0 < crl["full_first_seconds"] and 0 < crl["delta_seconds"]
+
+
+def test_bench_refuses_bad_revocation_arguments() -> None:
+    for args in (["--crl", "0"], ["--ocsp", "x,16"], ["--ocsp", "0"]):
+        result = _hapki("bench", *args)
+        assert result.returncode == 2 and "hapki bench:" in result.stderr, (args, result.stderr)
