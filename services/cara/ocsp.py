@@ -15,22 +15,24 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from opentelemetry import trace
 
 from hapki.cara.ports import IssuerRecord, SerialStatus
-from hapki.contracts.errors import HapkiError
+from hapki.contracts.errors import HapkiError, MalformedMessage
+from hapki.contracts.limits import MAX_OCSP_REQUEST_BYTES
 
 log = logging.getLogger("hapki.cara.ocsp")
 tracer = trace.get_tracer("hapki.cara")
 
-# Largest request read: a single-certificate request with a nonce is about 100 bytes; 64 KiB is generous.
-MAX_REQUEST_BYTES = 64 * 1024
+# Largest request read: one constant for every edge (POST body, decoded GET path), in hapki.contracts.limits.
+MAX_REQUEST_BYTES = MAX_OCSP_REQUEST_BYTES
 _HASHES: tuple[type[hashes.HashAlgorithm], ...] = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 
@@ -72,14 +74,14 @@ class OcspResponder:
         """The DER response to a DER request; never raises."""
         with tracer.start_as_current_span("cara.ocsp") as span:
             try:
-                request = ocsp.load_der_ocsp_request(der)
-                algorithm, serial = request.hash_algorithm, request.serial_number
-                name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
-                nonce = _nonce(request)
-            except Exception as exc:  # cryptography raises ValueError, but a parser must never take the edge down
+                question = parse_request(der)
+            except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
                 span.set_attribute("pki.ocsp_status", "malformedRequest")
+                if not isinstance(exc, MalformedMessage):
+                    log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
                 log.debug("malformed OCSP request: %s", exc)
                 return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+            algorithm, serial, name_hash, key_hash, nonce = question
             span.set_attribute("pki.serial", format(serial, "x"))
             if self._issuer_hashes.get(algorithm.name) != (name_hash, key_hash):
                 span.set_attribute("pki.ocsp_status", "unauthorized")
@@ -125,6 +127,33 @@ class OcspResponder:
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
         return builder.sign(self._signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+class OcspQuestion(NamedTuple):
+    """What a single-certificate OCSP request asks: the CertID and the nonce, if any."""
+
+    algorithm: hashes.HashAlgorithm
+    serial: int
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    nonce: bytes | None
+
+
+# What cryptography raises on a request it cannot parse or represent (found by fuzzing; see docs/SECURITY.md).
+_PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension)
+
+
+def parse_request(der: bytes) -> OcspQuestion:
+    """Parse a DER OCSP request about one certificate; MalformedMessage for anything else (never another error)."""
+    if len(der) > MAX_REQUEST_BYTES:
+        raise MalformedMessage(f"OCSP request is {len(der)} bytes; the limit is {MAX_REQUEST_BYTES}",
+                               {"field": "body", "size": len(der), "limit": MAX_REQUEST_BYTES})
+    try:
+        request = ocsp.load_der_ocsp_request(der)
+        return OcspQuestion(request.hash_algorithm, request.serial_number, request.issuer_name_hash,
+                            request.issuer_key_hash, _nonce(request))
+    except _PARSE_ERRORS as exc:
+        raise MalformedMessage(f"malformed OCSP request: {exc}"[:300], {"field": "body"}) from None
 
 
 def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
