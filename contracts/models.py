@@ -6,10 +6,11 @@ Sizes are in characters of the JSON string values; times are UTC, timezone-aware
 from __future__ import annotations
 
 import enum
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from hapki.contracts.errors import ErrorCode
 
@@ -35,6 +36,26 @@ ProfileName = Annotated[str, Field(
 )]
 
 
+def _finite(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse NaN and infinities anywhere in a free-form JSON object: JSON has no such numbers.
+
+    pydantic reads `NaN` or `1e400` into them and writes them back as null, so a message would not survive a
+    relay (what the contracts fuzz target's round-trip check asserts)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and infinite numbers are not JSON")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -52,7 +73,7 @@ class ErrorBody(_Model):
 
     code: ErrorCode = Field(description="Error code, from the enumerated list")
     message: str = Field(description="What was wrong, for a human")
-    details: dict[str, Any] = Field(default_factory=dict, description="Machine-readable specifics (field, value, limit)")
+    details: JsonObject = Field(default_factory=dict, description="Machine-readable specifics (field, value, limit)")
 
 
 class IssueCertificate(_Model):
@@ -323,4 +344,4 @@ class HAEvent(_Model):
     epoch: int | None = Field(default=None, description="The tier's epoch this member works under (CARA), if known")
     observed_at: datetime = Field(description="When the watcher observed the change, UTC")
     reason: str = Field(description="Why the role changed, e.g. 'vip gained', 'service unreachable'")
-    health: dict[str, Any] = Field(default_factory=dict, description="The member's health report at that moment")
+    health: JsonObject = Field(default_factory=dict, description="The member's health report at that moment")

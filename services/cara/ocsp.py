@@ -139,7 +139,7 @@ class OcspQuestion(NamedTuple):
     nonce: bytes | None
 
 
-# What cryptography raises on a request it cannot parse or represent (found by fuzzing; see docs/SECURITY.md).
+# What cryptography may raise on a request it cannot parse or represent; the fuzz target fails on anything else.
 _PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension)
 
 

@@ -135,8 +135,8 @@ class ClmService:
 
         A retry of an attempt in progress here, or of one answered here recently (same key, CSR and profile),
         costs no token: it costs no work either (see _once_per_key), and a client retrying after a timeout must
-        not be limited for the server's slowness. (For a renewal without a profile the retry still matches: the
-        attempt ran under the predecessor's profile, so it is charged like a new request; rare and harmless.)
+        not be limited for the server's slowness. (A renewal retry without a profile does not match, since its
+        attempt ran under the predecessor's profile: it is charged like a new request; rare and harmless.)
         """
         if self._limiter is None:
             return

@@ -111,3 +111,18 @@ def test_atheris_engine_when_installed(tmp_path: object) -> None:
     pytest.importorskip("atheris")
     result = fuzz.run("contracts", runs=2000, seconds=30, engine="atheris", out_dir=tmp_path)  # type: ignore[arg-type]
     assert result.inputs == 2000 and result.crashes == 0
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_in_free_form_fields_are_refused(number: str) -> None:
+    """The contracts fuzz target's round-trip check: pydantic read them into `details`/`health`, wrote them as null."""
+    from pydantic import ValidationError
+
+    from hapki.contracts.models import ErrorBody, HAEvent
+
+    with pytest.raises(ValidationError):
+        ErrorBody.model_validate_json(f'{{"code": "INTERNAL", "message": "x", "details": {{"a": [{number}]}}}}')
+    with pytest.raises(ValidationError):
+        HAEvent.model_validate_json(
+            f'{{"tier": "cara", "member": "m", "vip": "v", "role": "active", "holds_vip": true, "reason": "r", '
+            f'"observed_at": "2026-01-01T00:00:00Z", "health": {{"x": {{"y": {number}}}}}}}')
