@@ -33,6 +33,7 @@ tracer = trace.get_tracer("hapki.cara")
 
 # Largest request read: one constant for every edge (POST body, decoded GET path), in hapki.contracts.limits.
 MAX_REQUEST_BYTES = MAX_OCSP_REQUEST_BYTES
+MAX_NONCE_BYTES = 32
 _HASHES: tuple[type[hashes.HashAlgorithm], ...] = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 
@@ -81,14 +82,13 @@ class OcspResponder:
                     log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
                 log.debug("malformed OCSP request: %s", exc)
                 return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-            algorithm, serial, name_hash, key_hash, nonce = question
-            span.set_attribute("pki.serial", format(serial, "x"))
-            if self._issuer_hashes.get(algorithm.name) != (name_hash, key_hash):
+            span.set_attribute("pki.serial", format(question.serial, "x"))
+            if not self.authoritative(question):
                 span.set_attribute("pki.ocsp_status", "unauthorized")
                 return unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
             try:
-                status = await self._store.serial_status(self._issuer.name, format(serial, "x"))
-                response = await asyncio.to_thread(self._sign, algorithm, name_hash, key_hash, serial, status, nonce)
+                status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
+                response = await asyncio.to_thread(self.sign_response, question, status)
             except HapkiError as exc:
                 log.warning("OCSP answered tryLater: %s", exc)
                 span.set_attribute("pki.ocsp_status", "tryLater")
@@ -101,8 +101,15 @@ class OcspResponder:
             span.set_attribute("pki.ocsp_status", cert_status)
             return response
 
-    def _sign(self, algorithm: hashes.HashAlgorithm, name_hash: bytes, key_hash: bytes, serial: int,
-              status: SerialStatus, nonce: bytes | None) -> bytes:
+    def authoritative(self, question: OcspQuestion) -> bool:
+        """Whether the request's CertID names this responder's issuer (RFC 6960 2.3: else `unauthorized`)."""
+        hashes_of_issuer = self._issuer_hashes.get(question.algorithm.name)
+        return hashes_of_issuer == (question.issuer_name_hash, question.issuer_key_hash)
+
+    def sign_response(self, question: OcspQuestion, status: SerialStatus) -> bytes:
+        """The signed DER response to an authoritative question, for this status (blocking: the key is in the HSM)."""
+        algorithm, name_hash, key_hash = question.algorithm, question.issuer_name_hash, question.issuer_key_hash
+        serial, nonce = question.serial, question.nonce
         this_update = self._clock().replace(microsecond=0)
         revoked_at = reason = None
         if not status.known:
@@ -150,10 +157,19 @@ def parse_request(der: bytes) -> OcspQuestion:
                                {"field": "body", "size": len(der), "limit": MAX_REQUEST_BYTES})
     try:
         request = ocsp.load_der_ocsp_request(der)
-        return OcspQuestion(request.hash_algorithm, request.serial_number, request.issuer_name_hash,
-                            request.issuer_key_hash, _nonce(request))
+        question = OcspQuestion(request.hash_algorithm, request.serial_number, request.issuer_name_hash,
+                                request.issuer_key_hash, _nonce(request))
     except _PARSE_ERRORS as exc:
         raise MalformedMessage(f"malformed OCSP request: {exc}"[:300], {"field": "body"}) from None
+    # Found by fuzzing: a negative serial parsed, then the response builder raised (internalError and a traceback
+    # in the log for every such request). Serial numbers are positive (RFC 5280 4.1.2.2): the request is malformed.
+    if question.serial < 0:
+        raise MalformedMessage("OCSP request for a negative serial number", {"field": "serial"})
+    # RFC 8954 2.1: a nonce is 1 to 32 octets; a longer one is refused, not echoed into a signed response.
+    if question.nonce is not None and not 1 <= len(question.nonce) <= MAX_NONCE_BYTES:
+        raise MalformedMessage(f"OCSP nonce of {len(question.nonce)} octets; 1 to {MAX_NONCE_BYTES} allowed",
+                               {"field": "nonce", "size": len(question.nonce), "limit": MAX_NONCE_BYTES})
+    return question
 
 
 def _nonce(request: ocsp.OCSPRequest) -> bytes | None:

@@ -82,7 +82,7 @@ def _run_atheris(target: str, *, runs: int, seconds: float, out: Path) -> FuzzRe
     argv = [sys.executable, "-m", "hapki.cli.fuzz", "--atheris-child", target, str(corpus),
             f"-runs={runs}", f"-max_total_time={max(1, int(seconds))}", f"-timeout={INPUT_TIMEOUT_SECONDS}",
             f"-rss_limit_mb={RSS_LIMIT_MB}", f"-artifact_prefix={out}/", "-print_final_stats=1",
-            "-max_len=8192", "-close_fd_mask=1"]
+            "-max_len=8192", "-close_fd_mask=1", "-keep_seed=1"]
     started = time.monotonic()
     with (out / "libfuzzer.log").open("w") as log_file:
         proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=log_file, check=False)
@@ -186,9 +186,9 @@ def _run_random(target: str, *, runs: int, seconds: float, out: Path, seed: int 
 
 
 def _save(out: Path, kind: str, data: bytes, why: str) -> str:
-    path = out / f"{kind}-{len(list(out.glob(kind + '-*')))}"
+    path = out / f"{kind}-{len(list(out.glob(kind + '-*.txt')))}"
     path.write_bytes(data)
-    path.with_suffix(".txt").write_text(why)
+    path.with_name(path.name + ".txt").write_text(why)
     return str(path)
 
 

@@ -7,7 +7,8 @@ built-in mutator) and by the hypothesis property tests in tests/unit/fuzz/.
 - csr: what CLM does with a CSR: `validation.approve` (PEM, base64 DER or raw text; both shipped profiles) and
   `validation.is_well_formed`.
 - contracts: `model_validate_json` of every wire model, on the raw bytes, after the edge's size check.
-- ocsp: `ocsp.parse_request`, what CARA's responder does with a request body.
+- ocsp: what CARA's OCSP responder does with a request body, without its database: `ocsp.parse_request`, then
+  for a request about the (fuzz) issuer, the signed response for each kind of status, read back.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ValidationError
 
-from hapki.cara.ocsp import parse_request
+from hapki.cara.ocsp import OcspResponder, parse_request
+from hapki.cara.ports import IssuerRecord, SerialStatus
 from hapki.clm import validation
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.contracts import models
@@ -82,11 +84,43 @@ def contracts_input(data: bytes) -> None:
 
 
 def ocsp_input(data: bytes) -> None:
-    """CARA's OCSP request parser."""
+    """CARA's OCSP responder without its database: parse, then (about our issuer) sign a response and re-read it."""
     try:
-        parse_request(data)
+        question = parse_request(data)
     except MalformedMessage:
-        pass
+        return
+    responder = _responder()
+    if responder.authoritative(question):
+        status = _OCSP_STATUSES[len(data) % len(_OCSP_STATUSES)]
+        x509_ocsp.load_der_ocsp_response(responder.sign_response(question, status))
+
+
+_OCSP_STATUSES = (
+    SerialStatus(known=False), SerialStatus(known=True),
+    SerialStatus(known=True, revoked_at=datetime(2026, 1, 1, tzinfo=timezone.utc), reason="key_compromise"),
+    SerialStatus(known=True, revoked_at=datetime(2026, 1, 1, tzinfo=timezone.utc), reason="unspecified"),
+)
+
+
+@functools.cache
+def _fuzz_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A throwaway EC CA (software key) that the OCSP seeds ask about and the fuzz responder answers for."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz CA")])
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(12345).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+@functools.cache
+def _responder() -> OcspResponder:
+    key, cert = _fuzz_ca()
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return OcspResponder(store=None, issuer=IssuerRecord(name="fuzz", cert_pem=pem, chain_pem=pem, key_id=b"k"),  # type: ignore[arg-type]
+                         signer_cert=cert, signer_key=key, validity_seconds=3600,
+                         clock=lambda: datetime(2026, 1, 1, 12, tzinfo=timezone.utc))
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {"csr": csr_input, "contracts": contracts_input, "ocsp": ocsp_input}
@@ -161,16 +195,12 @@ def _contract_seeds() -> list[bytes]:
 
 
 def _ocsp_seeds() -> list[bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz CA")])
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(12345).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    _, cert = _fuzz_ca()
     out = []
-    for algorithm in (hashes.SHA1(), hashes.SHA256()):
+    for algorithm in (hashes.SHA1(), hashes.SHA256(), hashes.SHA512()):
         builder = x509_ocsp.OCSPRequestBuilder().add_certificate(cert, cert, algorithm)
         out.append(builder.build().public_bytes(serialization.Encoding.DER))
-        out.append(builder.add_extension(x509.OCSPNonce(b"\x01" * 16), critical=False).build()
-                   .public_bytes(serialization.Encoding.DER))
+        for nonce in (b"\x01" * 16, b"\x02" * 32):
+            out.append(builder.add_extension(x509.OCSPNonce(nonce), critical=False).build()
+                       .public_bytes(serialization.Encoding.DER))
     return out

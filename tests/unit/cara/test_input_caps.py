@@ -113,3 +113,33 @@ async def test_ocsp_post_and_get_caps() -> None:
         assert _status(await response.read()) is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
     finally:
         await client.close()
+
+
+def test_a_nonce_over_32_octets_is_malformed_not_echoed() -> None:
+    """RFC 8954 2.1: 1 to 32 octets; a longer one would be echoed into a response signed by the CA's responder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp as x509_ocsp
+
+    from hapki.cli.fuzz_targets import _fuzz_ca
+
+    _, cert = _fuzz_ca()
+    builder = x509_ocsp.OCSPRequestBuilder().add_certificate(cert, cert, hashes.SHA256())
+    for size, ok in ((1, True), (32, True), (33, False), (1024, False)):
+        der = builder.add_extension(x509.OCSPNonce(b"n" * size), critical=False).build().public_bytes(
+            serialization.Encoding.DER)
+        if ok:
+            assert parse_request(der).nonce == b"n" * size
+        else:
+            with pytest.raises(MalformedMessage) as info:
+                parse_request(der)
+            assert info.value.details == {"field": "nonce", "size": size, "limit": 32}
+
+
+def test_a_negative_serial_is_malformed() -> None:
+    """Found by fuzzing: it parsed, then the response builder raised (internalError, a traceback per request)."""
+    der = seeds("ocsp")[0]
+    assert der.count(b"\x02\x02\x30\x39") == 1  # INTEGER 12345, the seed's serial
+    with pytest.raises(MalformedMessage) as info:
+        parse_request(der.replace(b"\x02\x02\x30\x39", b"\x02\x02\xb0\x39"))
+    assert info.value.details == {"field": "serial"}
