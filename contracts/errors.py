@@ -32,6 +32,7 @@ class ErrorCode(str, enum.Enum):
     NOT_RENEWABLE = "NOT_RENEWABLE"  # the certificate to renew is revoked
     REQUESTER_MISMATCH = "REQUESTER_MISMATCH"  # a renewal asked by another requester than the predecessor's
     NAMES_MISMATCH = "NAMES_MISMATCH"  # a renewal CSR whose names are not exactly the predecessor's
+    RATE_LIMITED = "RATE_LIMITED"  # this requester sent more than its rate allows; details.retry_after_seconds
 
 
 class HapkiError(Exception):
@@ -123,6 +124,17 @@ class RequesterMismatch(HapkiError):
 
 class NamesMismatch(HapkiError):
     code = ErrorCode.NAMES_MISMATCH
+
+
+class RateLimited(HapkiError):
+    """Over this requester's rate: nothing was done; the same request after `retry_after_seconds` can succeed."""
+
+    code = ErrorCode.RATE_LIMITED
+    retryable = True
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, {**(details or {}), "retry_after_seconds": round(retry_after, 3)})
+        self.retry_after = retry_after
 
 
 # Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.

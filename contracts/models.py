@@ -6,17 +6,15 @@ Sizes are in characters of the JSON string values; times are UTC, timezone-aware
 from __future__ import annotations
 
 import enum
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from hapki.contracts.errors import ErrorCode
 
-# A PEM CSR for RSA-8192 with a hundred SANs stays well under this; anything larger is refused unread.
-MAX_CSR_CHARS = 32 * 1024
-# Cap of one request message on the wire, in bytes, checked before parsing.
-MAX_REQUEST_BYTES = 64 * 1024
+from hapki.contracts.limits import MAX_CSR_CHARS, MAX_REQUEST_BYTES  # noqa: F401  (re-exported: the caps' old home)
 
 RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="Request id: 32 lowercase hex digits")]
 SerialHex = Annotated[
@@ -25,6 +23,37 @@ SerialHex = Annotated[
 ]
 
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+# Who asks: it is logged, stored, audited and compared, so only printable ASCII, no leading or trailing space:
+# no control characters (newlines, NUL, ESC), no bidi overrides or other invisible Unicode that could forge
+# a log line or make two requesters look alike.
+Requester = Annotated[str, Field(
+    min_length=1, max_length=128, pattern=r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$",
+    description="Who asks (an account or service name): printable ASCII, at most 128 characters",
+)]
+# A profile name as profiles.toml defines them: letters, digits, dot, underscore, hyphen.
+ProfileName = Annotated[str, Field(
+    min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="Certificate profile name, e.g. tls-server",
+)]
+
+
+def _finite(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse NaN and infinities anywhere in a free-form JSON object: JSON has no such numbers.
+
+    pydantic reads `NaN` or `1e400` into them and writes them back as null, so a message would not survive a
+    relay (what the contracts fuzz target's round-trip check asserts)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and infinite numbers are not JSON")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_finite)]
 
 
 class _Model(BaseModel):
@@ -44,19 +73,19 @@ class ErrorBody(_Model):
 
     code: ErrorCode = Field(description="Error code, from the enumerated list")
     message: str = Field(description="What was wrong, for a human")
-    details: dict[str, Any] = Field(default_factory=dict, description="Machine-readable specifics (field, value, limit)")
+    details: JsonObject = Field(default_factory=dict, description="Machine-readable specifics (field, value, limit)")
 
 
 class IssueCertificate(_Model):
     """Command to CLM (`pki.v1.clm.issue`): issue a certificate for this CSR under this profile."""
 
     csr_pem: str = Field(max_length=MAX_CSR_CHARS, description="PKCS#10 request, PEM (or base64 DER)")
-    profile: str = Field(min_length=1, max_length=64, description="Certificate profile name, e.g. tls-server")
+    profile: ProfileName
     idempotency_key: IdempotencyKey | None = Field(
         default=None,
         description="Client-chosen key; a repeat with the same key and requester returns the original result",
     )
-    requester: str = Field(min_length=1, max_length=128, description="Who asks (an account or service name)")
+    requester: Requester
 
 
 class IssueReply(_Model):
@@ -130,7 +159,7 @@ class RevokeCertificate(_Model):
     serial: SerialHex
     reason: RevocationReason = Field(description="RFC 5280 reason; certificate_hold, remove_from_crl, "
                                                  "ca_compromise and aa_compromise are refused (FORBIDDEN_REASON)")
-    requester: str = Field(min_length=1, max_length=128, description="Who asks (an account or service name)")
+    requester: Requester
 
 
 class RevokeReply(_Model):
@@ -180,8 +209,8 @@ class SearchCertificates(_Model):
     san: SearchName | None = Field(
         default=None, description="A subjectAltName (DNS name, IP address or email), exact, case-insensitive"
     )
-    requester: str | None = Field(default=None, min_length=1, max_length=128, description="Who requested it")
-    profile: str | None = Field(default=None, min_length=1, max_length=64, description="Certificate profile name")
+    requester: Requester | None = Field(default=None, description="Who requested it")
+    profile: ProfileName | None = Field(default=None, description="Certificate profile name")
     status: CertificateState | None = Field(default=None, description="valid, revoked or expired, as of now")
     expiring_before: AwareDatetime | None = Field(
         default=None, description="Only certificates whose not_after is before this time (timezone required)"
@@ -233,9 +262,9 @@ class RenewCertificate(_Model):
 
     serial: SerialHex = Field(description="Serial of the certificate to renew (the predecessor)")
     csr_pem: str = Field(max_length=MAX_CSR_CHARS, description="PKCS#10 request with the same names, PEM (or base64 DER)")
-    requester: str = Field(min_length=1, max_length=128, description="Who asks: must be the predecessor's requester")
-    profile: str | None = Field(
-        default=None, min_length=1, max_length=64, description="Profile of the new certificate; default: the predecessor's"
+    requester: Requester = Field(description="Who asks: must be the predecessor's requester")
+    profile: ProfileName | None = Field(
+        default=None, description="Profile of the new certificate; default: the predecessor's"
     )
     idempotency_key: IdempotencyKey | None = Field(
         default=None, description="Client-chosen key; a repeat with the same key and requester returns the first result"
@@ -315,4 +344,4 @@ class HAEvent(_Model):
     epoch: int | None = Field(default=None, description="The tier's epoch this member works under (CARA), if known")
     observed_at: datetime = Field(description="When the watcher observed the change, UTC")
     reason: str = Field(description="Why the role changed, e.g. 'vip gained', 'service unreachable'")
-    health: dict[str, Any] = Field(default_factory=dict, description="The member's health report at that moment")
+    health: JsonObject = Field(default_factory=dict, description="The member's health report at that moment")

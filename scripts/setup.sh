@@ -54,6 +54,8 @@ if [[ -e $stamp ]]; then
 else
   say "installing python packages into .venv"
   .venv/bin/python -m pip install -q -e '.[test]'
+  # The fuzzer (atheris) is optional: where no wheel exists for this Python, `hapki fuzz` uses its own mutator.
+  .venv/bin/python -m pip install -q -e '.[test,fuzz]' || say "atheris not installed: hapki fuzz uses --engine random"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

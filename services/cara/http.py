@@ -24,11 +24,11 @@ from cryptography.x509 import ocsp as x509_ocsp
 from nats.aio.client import Client
 from opentelemetry import context, trace
 
-from hapki.cara.ocsp import MAX_REQUEST_BYTES as OCSP_MAX_REQUEST_BYTES
 from hapki.cara.ocsp import OcspResponder, unsuccessful
 from hapki.cara.ports import CrlRecord
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import HapkiError
+from hapki.contracts.limits import MAX_OCSP_GET_CHARS, MAX_OCSP_REQUEST_BYTES
 from hapki.runtime.db import Database
 from hapki.runtime.hsm import HSMPool
 
@@ -84,7 +84,8 @@ _CRL_NAME = re.compile(r"^(?P<issuer>[A-Za-z0-9._-]{1,64}?)(?P<delta>-delta)?\.c
 def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
               ocsp: OcspResponder | None = None) -> web.Application:
     """The aiohttp application with CARA's routes (/crl with `crls`, /ocsp always: unauthorized without `ocsp`)."""
-    app = web.Application()
+    # No route takes a larger body than an OCSP request; aiohttp refuses more with 413 before a handler runs.
+    app = web.Application(client_max_size=MAX_OCSP_REQUEST_BYTES)
 
     async def crl(request: web.Request) -> web.Response:
         """GET /crl/{issuer}.crl or /crl/{issuer}-delta.crl: the latest CRL of that kind, from the database."""
@@ -103,14 +104,18 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
 
     async def ocsp_post(request: web.Request) -> web.Response:
         """POST /ocsp: the DER request is the body."""
-        body = await request.content.read(OCSP_MAX_REQUEST_BYTES + 1)
-        if len(body) > OCSP_MAX_REQUEST_BYTES:
+        if request.content_length is not None and request.content_length > MAX_OCSP_REQUEST_BYTES:
+            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+        body = await request.content.read(MAX_OCSP_REQUEST_BYTES + 1)
+        if len(body) > MAX_OCSP_REQUEST_BYTES:
             return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
         return await _ocsp_answer(body)
 
     async def ocsp_get(request: web.Request) -> web.Response:
         """GET /ocsp/{url-encoded base64 of the DER request}."""
         raw = request.rel_url.raw_path.removeprefix("/ocsp/")
+        if len(raw) > MAX_OCSP_GET_CHARS:  # refused before decoding (aiohttp's own line limit is 8190)
+            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
         try:
             der = base64.b64decode(urllib.parse.unquote(raw), validate=True)
         except (binascii.Error, ValueError):

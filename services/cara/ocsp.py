@@ -15,22 +15,25 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from opentelemetry import trace
 
 from hapki.cara.ports import IssuerRecord, SerialStatus
-from hapki.contracts.errors import HapkiError
+from hapki.contracts.errors import HapkiError, MalformedMessage
+from hapki.contracts.limits import MAX_OCSP_REQUEST_BYTES
 
 log = logging.getLogger("hapki.cara.ocsp")
 tracer = trace.get_tracer("hapki.cara")
 
-# Largest request read: a single-certificate request with a nonce is about 100 bytes; 64 KiB is generous.
-MAX_REQUEST_BYTES = 64 * 1024
+# Largest request read: one constant for every edge (POST body, decoded GET path), in hapki.contracts.limits.
+MAX_REQUEST_BYTES = MAX_OCSP_REQUEST_BYTES
+MAX_NONCE_BYTES = 32
 _HASHES: tuple[type[hashes.HashAlgorithm], ...] = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 
@@ -72,21 +75,20 @@ class OcspResponder:
         """The DER response to a DER request; never raises."""
         with tracer.start_as_current_span("cara.ocsp") as span:
             try:
-                request = ocsp.load_der_ocsp_request(der)
-                algorithm, serial = request.hash_algorithm, request.serial_number
-                name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
-                nonce = _nonce(request)
-            except Exception as exc:  # cryptography raises ValueError, but a parser must never take the edge down
+                question = parse_request(der)
+            except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
                 span.set_attribute("pki.ocsp_status", "malformedRequest")
+                if not isinstance(exc, MalformedMessage):
+                    log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
                 log.debug("malformed OCSP request: %s", exc)
                 return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-            span.set_attribute("pki.serial", format(serial, "x"))
-            if self._issuer_hashes.get(algorithm.name) != (name_hash, key_hash):
+            span.set_attribute("pki.serial", format(question.serial, "x"))
+            if not self.authoritative(question):
                 span.set_attribute("pki.ocsp_status", "unauthorized")
                 return unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
             try:
-                status = await self._store.serial_status(self._issuer.name, format(serial, "x"))
-                response = await asyncio.to_thread(self._sign, algorithm, name_hash, key_hash, serial, status, nonce)
+                status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
+                response = await asyncio.to_thread(self.sign_response, question, status)
             except HapkiError as exc:
                 log.warning("OCSP answered tryLater: %s", exc)
                 span.set_attribute("pki.ocsp_status", "tryLater")
@@ -99,8 +101,15 @@ class OcspResponder:
             span.set_attribute("pki.ocsp_status", cert_status)
             return response
 
-    def _sign(self, algorithm: hashes.HashAlgorithm, name_hash: bytes, key_hash: bytes, serial: int,
-              status: SerialStatus, nonce: bytes | None) -> bytes:
+    def authoritative(self, question: OcspQuestion) -> bool:
+        """Whether the request's CertID names this responder's issuer (RFC 6960 2.3: else `unauthorized`)."""
+        hashes_of_issuer = self._issuer_hashes.get(question.algorithm.name)
+        return hashes_of_issuer == (question.issuer_name_hash, question.issuer_key_hash)
+
+    def sign_response(self, question: OcspQuestion, status: SerialStatus) -> bytes:
+        """The signed DER response to an authoritative question, for this status (blocking: the key is in the HSM)."""
+        algorithm, name_hash, key_hash = question.algorithm, question.issuer_name_hash, question.issuer_key_hash
+        serial, nonce = question.serial, question.nonce
         this_update = self._clock().replace(microsecond=0)
         revoked_at = reason = None
         if not status.known:
@@ -125,6 +134,42 @@ class OcspResponder:
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
         return builder.sign(self._signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+class OcspQuestion(NamedTuple):
+    """What a single-certificate OCSP request asks: the CertID and the nonce, if any."""
+
+    algorithm: hashes.HashAlgorithm
+    serial: int
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    nonce: bytes | None
+
+
+# What cryptography may raise on a request it cannot parse or represent; the fuzz target fails on anything else.
+_PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension)
+
+
+def parse_request(der: bytes) -> OcspQuestion:
+    """Parse a DER OCSP request about one certificate; MalformedMessage for anything else (never another error)."""
+    if len(der) > MAX_REQUEST_BYTES:
+        raise MalformedMessage(f"OCSP request is {len(der)} bytes; the limit is {MAX_REQUEST_BYTES}",
+                               {"field": "body", "size": len(der), "limit": MAX_REQUEST_BYTES})
+    try:
+        request = ocsp.load_der_ocsp_request(der)
+        question = OcspQuestion(request.hash_algorithm, request.serial_number, request.issuer_name_hash,
+                                request.issuer_key_hash, _nonce(request))
+    except _PARSE_ERRORS as exc:
+        raise MalformedMessage(f"malformed OCSP request: {exc}"[:300], {"field": "body"}) from None
+    # Found by fuzzing: a negative serial parsed, then the response builder raised (internalError and a traceback
+    # in the log for every such request). Serial numbers are positive (RFC 5280 4.1.2.2): the request is malformed.
+    if question.serial < 0:
+        raise MalformedMessage("OCSP request for a negative serial number", {"field": "serial"})
+    # RFC 8954 2.1: a nonce is 1 to 32 octets; a longer one is refused, not echoed into a signed response.
+    if question.nonce is not None and not 1 <= len(question.nonce) <= MAX_NONCE_BYTES:
+        raise MalformedMessage(f"OCSP nonce of {len(question.nonce)} octets; 1 to {MAX_NONCE_BYTES} allowed",
+                               {"field": "nonce", "size": len(question.nonce), "limit": MAX_NONCE_BYTES})
+    return question
 
 
 def _nonce(request: ocsp.OCSPRequest) -> bytes | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -28,12 +29,14 @@ from hapki.cara import issuance
 from hapki.cara.config import SignerConfig
 from hapki.cara.ports import IssuedRecord, IssuerRecord, SigningStore
 from hapki.contracts import subjects
-from hapki.contracts.errors import FencedOut, HapkiError, SigningRejected
+from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError, SigningRejected
+from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
 from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
 from hapki.runtime import telemetry
 from hapki.runtime.faults import FailPoints
 
 log = logging.getLogger("hapki.cara.signer")
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 tracer = trace.get_tracer("hapki.cara")
 
 
@@ -170,10 +173,13 @@ class Signer:
         parent = telemetry.extract(msg.headers)
         with tracer.start_as_current_span("cara.sign", context=parent, kind=trace.SpanKind.CONSUMER) as span:
             span.set_attribute("pki.member", self._member)
+            if len(msg.data) > MAX_SIGNING_REQUEST_BYTES:
+                await self._refuse_oversized(msg, span)
+                return
             try:
                 request = SignCertificate.model_validate_json(msg.data)
             except ValidationError as exc:
-                log.error("malformed signing request terminated: %s", exc.errors(include_url=False)[:3])
+                log.error("malformed signing request terminated: %s", exc.errors(include_url=False, include_input=False)[:3])
                 span.set_status(trace.StatusCode.ERROR, "malformed signing request")
                 await msg.term()
                 return
@@ -203,6 +209,25 @@ class Signer:
                 await msg.nak(delay=self._config.retry_delay_seconds)
             finally:
                 self._inflight.pop(request.request_id, None)
+
+    async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:
+        """Terminate a signing request over MAX_SIGNING_REQUEST_BYTES unread; tell CLM if it names a request id.
+
+        CLM cannot publish one (the stream's max_msg_size is the same cap), so this is a stream configured
+        elsewhere or a forged message. The request id comes from the Nats-Msg-Id header (CLM sets it to the
+        request id), never from the body, which is not parsed.
+        """
+        size, request_id = len(msg.data), (msg.headers or {}).get("Nats-Msg-Id", "")
+        valid_id = _REQUEST_ID.fullmatch(request_id) is not None
+        log.error("oversized signing request terminated unread: %d bytes, the limit is %d; request id %s",
+                  size, MAX_SIGNING_REQUEST_BYTES, request_id if valid_id else "unknown")
+        span.set_status(trace.StatusCode.ERROR, "oversized signing request")
+        await msg.term()
+        if valid_id:
+            error = ErrorBody(code=ErrorCode.MESSAGE_TOO_LARGE,
+                              message=f"signing request is {size} bytes; the limit is {MAX_SIGNING_REQUEST_BYTES}",
+                              details={"size": size, "limit": MAX_SIGNING_REQUEST_BYTES})
+            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))
 
     async def _process(self, request: SignCertificate, msg: Msg, span: trace.Span) -> None:
         epoch = self._epoch

@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path(".run/demo"), help="working directory of the demo")
     demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
 
+    fuzz = sub.add_parser("fuzz", help="fuzz a parser of untrusted input: N inputs, bounded in time; exit 1 on a crash")
+    fuzz.add_argument("--target", choices=["csr", "contracts", "ocsp", "all"], required=True)
+    fuzz.add_argument("--runs", type=int, default=1_000_000, help="inputs to run (per target)")
+    fuzz.add_argument("--seconds", type=float, default=600.0, help="time bound per target, seconds")
+    fuzz.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto",
+                      help="atheris (coverage-guided, pip install -e .[fuzz]) or the built-in mutator; auto: atheris "
+                           "if installed")
+    fuzz.add_argument("--out", type=Path, default=None, help="keep corpus and findings here (default: a temporary "
+                                                             "directory, kept only when something crashed)")
+    fuzz.add_argument("--json", action="store_true")
+
     bench = sub.add_parser("bench", help="measure issuance throughput and latency on a local stack")
     bench.add_argument("--dir", type=Path, default=Path(".run/bench"))
     bench.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
@@ -93,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fuzz(args: argparse.Namespace) -> int:
+    from hapki.cli import fuzz  # imports the parsers only when asked
+
+    return fuzz.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "docs": commands.docs,
         "demo": commands.demo,
         "bench": commands.bench,
+        "fuzz": _fuzz,
         "lab": commands.lab,
         "chaos": commands.chaos,
     }[args.command]

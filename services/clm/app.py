@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from hapki.clm.service import ClmService
 from hapki.contracts import subjects
 from hapki.contracts.errors import HapkiError, MessageTooLarge
+from hapki.contracts.limits import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from hapki.contracts.models import (
-    MAX_REQUEST_BYTES,
     CertificateIssued,
     CertificateQuery,
     CertificateReply,
@@ -37,15 +37,29 @@ log = logging.getLogger("hapki.clm.app")
 ISSUE_WORKERS = 4096  # concurrent issue (and renew) handlers per CLM process; see build_broker
 
 
+# Result events from CARA are larger than requests (a certificate and its chain) and are not answered.
+_EVENT_SUBJECTS = frozenset({subjects.CARA_ISSUED, subjects.CARA_FAILED})
+
+
+def size_cap(subject: str) -> int:
+    """The most bytes CLM reads from one message on `subject` (every subscriber, the broker's middleware)."""
+    return MAX_EVENT_BYTES if subject in _EVENT_SUBJECTS else MAX_REQUEST_BYTES
+
+
 class SizeLimit(BaseMiddleware):
-    """Refuse an oversized request before anything parses it."""
+    """Refuse an oversized message before anything parses it: a request gets MESSAGE_TOO_LARGE, an event is dropped.
+
+    Broker-wide, so every subscriber has it, present and future.
+    """
 
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
-        if len(msg.body) > MAX_REQUEST_BYTES:
-            raise MessageTooLarge(
-                f"request is {len(msg.body)} bytes; the limit is {MAX_REQUEST_BYTES}",
-                {"size": len(msg.body), "limit": MAX_REQUEST_BYTES},
-            )
+        subject = getattr(msg.raw_message, "subject", "")
+        limit, size = size_cap(subject), len(msg.body)
+        if size > limit:
+            if subject in _EVENT_SUBJECTS:
+                log.error("dropped an oversized event on %s: %d bytes, the limit is %d", subject, size, limit)
+                return None
+            raise MessageTooLarge(f"request is {size} bytes; the limit is {limit}", {"size": size, "limit": limit})
         return await call_next(msg)
 
 

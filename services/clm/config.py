@@ -10,6 +10,33 @@ from pydantic import Field, field_validator
 from hapki.runtime.config import DatabaseConfig, NatsConfig, StrictModel
 
 
+class RateLimitRule(StrictModel):
+    """One token bucket: a sustained rate and a burst."""
+
+    per_second: float = Field(gt=0, le=1_000_000, description="Requests added to the bucket each second, requests/s")
+    burst: int = Field(ge=1, le=1_000_000, description="Most requests the bucket holds: a burst after idling, requests")
+
+
+class RateLimitConfig(StrictModel):
+    """Rates per requester on the commands that cost work (issue, renew, revoke), per CLM member, in process.
+
+    The default is a guard, not a quota: above what one CLM member issues (several hundred per second), so the
+    benchmark and the lab's load run unhindered, while one runaway requester cannot take the whole RA. Give
+    tight quotas per requester in `overrides`.
+    """
+
+    default: RateLimitRule = Field(
+        default=RateLimitRule(per_second=1000, burst=2000), description="Bucket of every requester without an override"
+    )
+    overrides: dict[str, RateLimitRule] = Field(
+        default_factory=dict, max_length=10_000, description="Bucket by requester name, replacing the default"
+    )
+    max_requesters: int = Field(
+        default=100_000, ge=1, le=10_000_000,
+        description="Most buckets held in memory; the least recently used is dropped first, requesters",
+    )
+
+
 # A window is at most the longest certificate lifetime a profile may have (398 days).
 WindowSeconds = Annotated[int, Field(gt=0, le=398 * 86400)]
 
@@ -42,6 +69,9 @@ class ClmConfig(StrictModel):
     )
     expiry_interval_seconds: float = Field(
         default=60.0, gt=0, le=86400, description="Period of the expiry scheduler (VIP holder only), seconds"
+    )
+    rate_limit: RateLimitConfig = Field(
+        default_factory=RateLimitConfig, description="Per-requester token buckets on issue, renew and revoke"
     )
     expiry_batch: int = Field(
         default=500, ge=1, le=10_000, description="Most notices one run records per window, and publishes"

@@ -17,7 +17,8 @@ from opentelemetry import propagate, trace
 from pydantic import BaseModel
 
 from hapki.clm.service import ClmService
-from hapki.contracts.errors import ErrorCode, MalformedMessage, MessageTooLarge, NotFound
+from hapki.clm.ratelimit import retry_after_header
+from hapki.contracts.errors import ErrorCode, MalformedMessage, MessageTooLarge, NotFound, RateLimited
 from hapki.contracts.models import (
     MAX_REQUEST_BYTES,
     CertificateQuery,
@@ -59,6 +60,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.NOT_RENEWABLE: 409,  # conflicts with the stored state (the predecessor is revoked)
     ErrorCode.REQUESTER_MISMATCH: 403,  # the one refusal about who asks, not what (until authentication owns 403)
     ErrorCode.NAMES_MISMATCH: 422,  # a well-formed CSR whose names are not the predecessor's
+    ErrorCode.RATE_LIMITED: 429,  # RFC 6585 4, with Retry-After from the requester's bucket
 }
 # Sent with 503: CLM's own retries (database failover, outbox sweep) usually settle within a second or two.
 RETRY_AFTER_SECONDS = 1
@@ -149,7 +151,7 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
     except Exception as exc:  # every other failure: the one mapping in hapki.runtime.edge
         body = error_reply(exc)
         code = ErrorCode(body["error"]["code"])
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code is ErrorCode.UNAVAILABLE else None
+        headers = _retry_after(exc, code)
         trace.get_current_span().set_attribute("pki.error_code", code.value)
         return web.json_response(body, status=STATUS_BY_CODE[code], headers=headers)
 
@@ -196,6 +198,15 @@ def _too_large(size: int | None) -> MessageTooLarge:
 def _reply(model: BaseModel, status: int, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=model.model_dump_json(), status=status, content_type="application/json",
                         headers=headers)
+
+
+def _retry_after(exc: Exception, code: ErrorCode) -> dict[str, str] | None:
+    """Retry-After for the refusals a later retry can pass: 503 (a fixed second) and 429 (the bucket's wait)."""
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": retry_after_header(exc.retry_after)}
+    if code is ErrorCode.UNAVAILABLE:
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return None
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str] | None:

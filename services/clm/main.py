@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -14,10 +15,11 @@ from nats.aio.client import Client
 
 from hapki.clm import http
 from hapki.clm.app import build_broker
-from hapki.clm.config import ClmConfig
+from hapki.clm.config import ClmConfig, RateLimitConfig
 from hapki.clm.expiry import ExpiryScheduler
 from hapki.clm.inventory_store import MariaDBInventoryStore
 from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.clm.ratelimit import Rate, RateLimiter
 from hapki.clm.queue import JetStreamExpiryPublisher, JetStreamSigningQueue, NatsEventPublisher
 from hapki.clm.service import ClmService
 from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
@@ -30,6 +32,15 @@ from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
 
 log = logging.getLogger("hapki.clm")
+
+
+def rate_limiter(config: RateLimitConfig) -> RateLimiter:
+    """The per-requester token buckets of this member, from its config (monotonic time)."""
+    return RateLimiter(
+        Rate(config.default.per_second, config.default.burst),
+        overrides={name: Rate(rule.per_second, rule.burst) for name, rule in config.overrides.items()},
+        max_requesters=config.max_requesters, clock=time.monotonic,
+    )
 
 
 class ClmRuntime:
@@ -60,7 +71,7 @@ class ClmRuntime:
             store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
             profiles=profiles, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
             events=NatsEventPublisher(self.nc), inventory=inventory,
-            clock=self._clock, wait_seconds=cfg.wait_seconds,
+            clock=self._clock, wait_seconds=cfg.wait_seconds, limiter=rate_limiter(cfg.rate_limit),
         )
         self.expiry = ExpiryScheduler(store=inventory, publisher=JetStreamExpiryPublisher(js),
                                       windows_seconds=cfg.expiry_windows_seconds, clock=self._clock,

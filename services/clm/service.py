@@ -25,7 +25,15 @@ from hapki.clm.ports import (
     SigningQueue,
 )
 from hapki.clm.profiles import Profile
-from hapki.contracts.errors import ForbiddenReason, HapkiError, NotRenewable, RequesterMismatch, Unavailable
+from hapki.clm.ratelimit import RateLimiter
+from hapki.contracts.errors import (
+    ForbiddenReason,
+    HapkiError,
+    NotRenewable,
+    RateLimited,
+    RequesterMismatch,
+    Unavailable,
+)
 from hapki.contracts.models import (
     CertificateIssued,
     FORBIDDEN_REASONS,
@@ -65,8 +73,10 @@ class ClmService:
         profiles: Mapping[str, Profile],
         clock: Callable[[], datetime],
         wait_seconds: float,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._store, self._queue, self._profiles = store, queue, profiles
+        self._limiter = limiter  # per-requester token buckets (None: no limit, as in unit tests of other rules)
         self._revocations, self._events, self._inventory = revocations, events, inventory
         self._clock, self._wait = clock, wait_seconds
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
@@ -86,6 +96,7 @@ class ClmService:
         answers it with IDEMPOTENCY_CONFLICT as usual.
         """
         with tracer.start_as_current_span("clm.issue"):
+            self._admit(request.requester, request.idempotency_key, request.csr_pem, request.profile)
             return await self._once_per_key(request, None)
 
     async def renew(self, request: RenewCertificate) -> IssueReply:
@@ -93,6 +104,7 @@ class ClmService:
         with tracer.start_as_current_span("clm.renew") as span:
             serial = request.serial.lower()
             span.set_attribute("pki.serial", serial)
+            self._admit(request.requester, request.idempotency_key, request.csr_pem, request.profile)
             predecessor = await self._inventory.predecessor(serial)
             if predecessor.requester != request.requester:
                 raise RequesterMismatch(
@@ -117,6 +129,30 @@ class ClmService:
         """One page of the certificate inventory."""
         with tracer.start_as_current_span("clm.search"):
             return await self._inventory.search(query, self._clock())
+
+    def _admit(self, requester: str, key: str | None, csr_pem: str, profile: str | None) -> None:
+        """Take a token from the requester's bucket, or raise RateLimited; before any parsing or database work.
+
+        A retry of an attempt in progress here, or of one answered here recently (same key, CSR and profile),
+        costs no token: it costs no work either (see _once_per_key), and a client retrying after a timeout must
+        not be limited for the server's slowness. (A renewal retry without a profile does not match, since its
+        attempt ran under the predecessor's profile: it is charged like a new request; rare and harmless.)
+        """
+        if self._limiter is None:
+            return
+        if key is not None:
+            digest = hashlib.sha256(csr_pem.encode()).hexdigest()
+            answered = self._answered.get((requester, key))
+            running = self._inflight.get((requester, key))
+            if (answered is not None and answered[:2] == (digest, profile) and answered[3] > time.monotonic()) or (
+                    running is not None and running[:2] == (digest, profile)):
+                return
+        try:
+            self._limiter.check(requester)
+        except RateLimited as exc:
+            trace.get_current_span().set_attribute("pki.rate_limited", True)
+            log.info("requester %r rate limited (retry after %.3f s)", requester, exc.retry_after)
+            raise
 
     async def _once_per_key(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
         """Run `_issue`, or join the run already in progress here for the same requester and key (see issue)."""
@@ -221,6 +257,7 @@ class ClmService:
             serial = request.serial.lower()
             span.set_attribute("pki.serial", serial)
             span.set_attribute("pki.revocation_reason", request.reason.value)
+            self._admit(request.requester, None, "", None)
             if request.reason in FORBIDDEN_REASONS:
                 raise ForbiddenReason(
                     f"revocation reason {request.reason.value} is not accepted: revocations are final (no holds)"

@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.errors import NotFoundError
 
 from hapki.contracts import subjects
-from hapki.contracts.models import MAX_REQUEST_BYTES
+from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
 from hapki.runtime.config import NatsConfig
 
 log = logging.getLogger("hapki.bus")
@@ -37,7 +37,7 @@ def signing_stream(replicas: int) -> StreamConfig:
         storage=StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        max_msg_size=2 * MAX_REQUEST_BYTES,
+        max_msg_size=MAX_SIGNING_REQUEST_BYTES,
         max_age=7 * 86400.0,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -106,13 +107,47 @@ class TraceIdFilter(logging.Filter):
         return True
 
 
+# Characters that could forge or hide a log line: C0 and C1 controls and DEL (newline, carriage return, NUL,
+# ESC sequences), Unicode line and paragraph separators, and the invisible bidi and format characters (RLO
+# and friends) that make a line read differently from what it holds.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s span_id=%(span_id)s %(message)s"
+# Continuation lines of a traceback start with this, so no line of one can pass for a record (records start
+# with a timestamp).
+TRACEBACK_PREFIX = "  | "
+
+
+def escape_control(text: str) -> str:
+    """`text` with every character in _UNSAFE written as a Python escape (\\n, \\x00, \\u202e): one printable line."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class SafeFormatter(logging.Formatter):
+    """One record, one line: the message (and anything user-controlled in it) has its control characters escaped.
+
+    A traceback keeps its lines, each escaped and prefixed with TRACEBACK_PREFIX, so an exception message
+    carrying a newline cannot start a forged record either.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_control(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return self._indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indent(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indent(text: str) -> str:
+        return "\n".join(TRACEBACK_PREFIX + escape_control(line) for line in text.splitlines())
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Structured one-line logs with the trace id, to stderr."""
+    """Structured one-line logs with the trace id, to stderr; control characters escaped (SafeFormatter)."""
     handler = logging.StreamHandler()
     handler.addFilter(TraceIdFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s span_id=%(span_id)s %(message)s")
-    )
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("HAPKI_LOG_LEVEL", level))

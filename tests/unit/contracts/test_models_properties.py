@@ -68,9 +68,9 @@ _IDEMPOTENCY_KEY = st.text(alphabet=string.ascii_letters + string.digits + "._:-
 ISSUE_CERTIFICATES = st.builds(
     IssueCertificate,
     csr_pem=st.text(max_size=200),
-    profile=st.text(min_size=1, max_size=64),
+    profile=st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
     idempotency_key=st.none() | _IDEMPOTENCY_KEY,
-    requester=st.text(min_size=1, max_size=128),
+    requester=st.from_regex(r"\A[\x21-\x7e]([\x20-\x7e]{0,126}[\x21-\x7e])?\Z"),
 )
 _NAMES = st.lists(st.text(max_size=30), max_size=5)
 SIGN_CERTIFICATES = st.builds(
