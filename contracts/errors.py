@@ -32,6 +32,8 @@ class ErrorCode(str, enum.Enum):
     NOT_RENEWABLE = "NOT_RENEWABLE"  # the certificate to renew is revoked
     REQUESTER_MISMATCH = "REQUESTER_MISMATCH"  # a renewal asked by another requester than the predecessor's
     NAMES_MISMATCH = "NAMES_MISMATCH"  # a renewal CSR whose names are not exactly the predecessor's
+    APPROVAL_INVALID = "APPROVAL_INVALID"  # a signing request without a valid CLM approval signature (CA refuses)
+    POLICY_VIOLATION = "POLICY_VIOLATION"  # approved content the CA's own profile check refuses
 
 
 class HapkiError(Exception):
@@ -123,6 +125,18 @@ class RequesterMismatch(HapkiError):
 
 class NamesMismatch(HapkiError):
     code = ErrorCode.NAMES_MISMATCH
+
+
+class ApprovalInvalid(SigningRejected):
+    """The signing request carries no approval, or one that no trusted CLM approval key made over this content."""
+
+    code = ErrorCode.APPROVAL_INVALID
+
+
+class PolicyViolation(SigningRejected):
+    """The CA's own re-check of the approved content against its profiles refused it."""
+
+    code = ErrorCode.POLICY_VIOLATION
 
 
 # Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.

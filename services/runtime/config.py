@@ -28,6 +28,19 @@ def read_secret(path: Path | None, env: str | None = None) -> str:
     raise ValueError(f"secret not configured (file or env {env!r})")
 
 
+def require_owner_only(path: Path, what: str) -> None:
+    """Raise ValueError if `path` can be read or written by its group or by others (mode & 0o077).
+
+    For secrets that must stay with the service user (the HSM PIN, CLM's approval key): a service refuses to start
+    on a file anyone else on the host could read, rather than use a secret that may have leaked already.
+    FileNotFoundError passes through (the caller decides whether a missing file is fatal).
+    """
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{what} {path} is accessible to group or others (mode {mode:04o}): it must be readable by "
+                         f"the service user only; run `chmod 600 {path}`")
+
+
 class NatsConfig(StrictModel):
     """How a service reaches the bus."""
 
