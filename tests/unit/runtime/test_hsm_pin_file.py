@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,13 @@ def test_an_owner_only_pin_file_is_read(tmp_path: Path, mode: int) -> None:
     pin = _pin(tmp_path, mode)
     require_owner_only(pin, "PIN file")
     assert _read_pin(pin) == "1234"
+
+
+def test_a_pin_file_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pin = _pin(tmp_path, 0o600)
+    monkeypatch.setattr(os, "geteuid", lambda: pin.stat().st_uid + 1)  # as if the service ran as another user
+    with pytest.raises(ValueError, match="not to the service user"):
+        require_owner_only(pin, "PIN file")
 
 
 def test_a_missing_pin_file_only_keeps_the_member_down(tmp_path: Path) -> None:
