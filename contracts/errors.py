@@ -33,6 +33,8 @@ class ErrorCode(str, enum.Enum):
     REQUESTER_MISMATCH = "REQUESTER_MISMATCH"  # a renewal asked by another requester than the predecessor's
     NAMES_MISMATCH = "NAMES_MISMATCH"  # a renewal CSR whose names are not exactly the predecessor's
     RATE_LIMITED = "RATE_LIMITED"  # this requester sent more than its rate allows; details.retry_after_seconds
+    APPROVAL_INVALID = "APPROVAL_INVALID"  # a signing request without a valid CLM approval signature (CA refuses)
+    POLICY_VIOLATION = "POLICY_VIOLATION"  # approved content the CA's own profile check refuses
 
 
 class HapkiError(Exception):
@@ -135,6 +137,16 @@ class RateLimited(HapkiError):
     def __init__(self, message: str, details: dict[str, Any] | None = None, *, retry_after: float = 1.0) -> None:
         super().__init__(message, {**(details or {}), "retry_after_seconds": round(retry_after, 3)})
         self.retry_after = retry_after
+class ApprovalInvalid(SigningRejected):
+    """The signing request carries no approval, or one that no trusted CLM approval key made over this content."""
+
+    code = ErrorCode.APPROVAL_INVALID
+
+
+class PolicyViolation(SigningRejected):
+    """The CA's own re-check of the approved content against its profiles refused it."""
+
+    code = ErrorCode.POLICY_VIOLATION
 
 
 # Storage-level errors. They never cross a service edge as such: handlers map them to the codes above.

@@ -291,7 +291,10 @@ class CertificateExpiring(_Model):
 class SignCertificate(_Model):
     """Command from CLM to CARA on the signing work queue (`pki.v1.cara.sign`), Nats-Msg-Id = request_id.
 
-    Carries what CLM approved: the CA signs exactly these names and extensions with the CSR's public key.
+    Carries what CLM approved: the CA signs exactly these names and extensions with the CSR's public key. CLM signs
+    every other field with its approval key (`approval`, `approval_key_id`; see hapki.runtime.approval for the
+    signed bytes); the CA refuses a request without a valid approval, and re-checks the content against its own
+    copy of the profiles.
     """
 
     request_id: RequestId
@@ -304,6 +307,18 @@ class SignCertificate(_Model):
     validity_seconds: int = Field(gt=0, le=398 * 86400, description="Lifetime of the certificate, seconds")
     key_usage: list[str] = Field(description="KeyUsage bits by cryptography's attribute names, e.g. digital_signature")
     extended_key_usage: list[str] = Field(description="EKU names: server_auth, client_auth")
+    approval: str | None = Field(
+        default=None, max_length=128, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+        description="CLM's Ed25519 signature (64 bytes, base64) over every other field of this message, the CSR by "
+        "its SHA-256 (canonical form: hapki.runtime.approval.approval_payload). Required by the CA; optional in "
+        "the schema only so that requests queued before approvals existed parse and are refused with "
+        "APPROVAL_INVALID instead of being dropped",
+    )
+    approval_key_id: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{16}$",
+        description="Which CLM approval key signed: the first 8 bytes of the SHA-256 of its raw Ed25519 public key, "
+        "16 lowercase hex digits",
+    )
 
 
 class CertificateIssued(_Model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from hapki.runtime.config import DatabaseConfig, HSMConfig, NatsConfig, StrictModel
@@ -75,6 +77,16 @@ class CaraConfig(StrictModel):
     nats: NatsConfig
     database: DatabaseConfig
     hsm: HSMConfig
+    approval_public_keys: list[Path] = Field(
+        min_length=1, max_length=16,
+        description="CLM approval public keys this CA trusts (PEM files, Ed25519): a signing request must carry a "
+        "valid approval by one of them or it is refused (APPROVAL_INVALID). Several during a key rotation",
+    )
+    profiles_file: Path | None = Field(
+        default=None,
+        description="Profiles TOML the CA re-checks every approved request against (POLICY_VIOLATION otherwise); "
+        "must be CLM's profiles; default: the packaged profiles.toml",
+    )
     signer: SignerConfig = SignerConfig()
     public_url: str | None = Field(
         default=None, pattern=r"^https?://[^\s/]+$",

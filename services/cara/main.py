@@ -22,6 +22,7 @@ from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
 from hapki.runtime import bus
+from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.audit import audit_signer
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import HSMConfig
@@ -31,12 +32,13 @@ from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 
 log = logging.getLogger("hapki.cara")
 
 
-def hsm_pool(config: HSMConfig) -> HSMPool:
-    """The HSM pool of a config section (members tried in order)."""
+def hsm_pool(config: HSMConfig, *, rw: bool = False) -> HSMPool:
+    """The HSM pool of a config section (members tried in order); read-only sessions unless `rw` (ceremonies)."""
     members = [
         HSMMemberConfig(
             name=m.name, module_path=str(m.module_path), token_label=m.token_label, pin_file=m.pin_file,
@@ -44,7 +46,7 @@ def hsm_pool(config: HSMConfig) -> HSMPool:
         )
         for m in config.members
     ]
-    return HSMPool(members, retry_after_s=config.retry_down_after_seconds)
+    return HSMPool(members, retry_after_s=config.retry_down_after_seconds, rw=rw)
 
 
 class CaraRuntime:
@@ -68,31 +70,40 @@ class CaraRuntime:
     async def open(self) -> None:
         """Connect everything; the signer stays passive until start()."""
         cfg = self.config
+        # Local checks first: a bad approval key or profiles file stops the start before anything connects.
+        approvals = ApprovalVerifier.from_files(cfg.approval_public_keys)
+        profiles = load_profiles(cfg.profiles_file or SHIPPED_PROFILES_PATH)
         self.db = Database(cfg.database)
         await migrate(self.db)
         actor = f"cara:{cfg.member}"
         store = MariaDBSigningStore(self.db, actor=actor)
         issuer = await store.load_issuer(cfg.issuer)
-        self.hsm = hsm_pool(cfg.hsm)
+        revocations = MariaDBRevocationStore(self.db, actor=actor)
+        found = await audit_signer(self.db, issuer.name)
+        ocsp_signer = await revocations.ocsp_signer(issuer.name)
+        self.hsm = hsm_pool(cfg.hsm)  # read-only sessions: this process cannot create or change HSM objects
         self.hsm.open()
+        # Every key this member signs with must be sign-only and non-extractable, or the member does not start.
+        key_ids = [issuer.key_id, *(key_id for key_id in (found and found[0], ocsp_signer and ocsp_signer.key_id)
+                                    if key_id)]
+        await asyncio.to_thread(self.hsm.verify_keys, key_ids)
         self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats)
         self.signer = Signer(
             nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
-            member=cfg.member, config=cfg.signer, clock=self._clock, faults=FailPoints(),
+            member=cfg.member, config=cfg.signer, clock=self._clock, approvals=approvals, profiles=profiles,
+            faults=FailPoints(),
             distribution=issuance.Distribution.at(cfg.public_url, issuer.name),
         )
         # CRLs: the publisher loop runs on every member and publishes only while the signer is active; a
         # revocation event from CLM wakes it (core NATS, no queue group: the active member must see it).
-        revocations = MariaDBRevocationStore(self.db, actor=actor)
         self.crl = CrlPublisher(
             store=revocations, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id), member=cfg.member,
             config=cfg.crl, activity=self.signer, clock=self._clock,
         )
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
         self._crl_task = asyncio.create_task(self.crl.run())
-        found = await audit_signer(self.db, issuer.name)
         if found is None:
             log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",
                         issuer.name)
@@ -101,7 +112,6 @@ class CaraRuntime:
                                  sign=checkpoints)
         self._audit_task = asyncio.create_task(self.audit.run())
         ocsp = None
-        ocsp_signer = await revocations.ocsp_signer(issuer.name)
         if ocsp_signer is None:
             log.warning("issuer %s has no OCSP signer (run `hapki ca init`): OCSP answers unauthorized", issuer.name)
         else:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from hapki.contracts.models import ErrorBody
+from hapki.contracts.models import ErrorBody, SignCertificate
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class SigningStore(Protocol):
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord: ...
 
-    async def record_failed(self, request_id: str, error: ErrorBody, *, epoch: int, now: datetime) -> None: ...
+    async def refuse(self, request: SignCertificate, error: ErrorBody, *, epoch: int, now: datetime) -> bool: ...
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None: ...
 

@@ -1,7 +1,11 @@
 """The CARA signer: consumes signing requests from JetStream and issues certificates through the HSM.
 
 Active only between start() and stop() (the HA supervisor calls them on VIP changes). For each request:
+Step 0: the request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
+        is read, reserved or signed.
 Step 1: a final outcome already stored (redelivery) is republished without signing again.
+        Then the CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
+        content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
 Step 2: reserve a random serial and write the signing intent, fenced by our epoch, in one transaction.
 Step 3: build the certificate and sign it through the HSM.
 Step 4: store the certificate and mark the request issued, fenced again.
@@ -14,7 +18,7 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,8 +36,10 @@ from hapki.contracts import subjects
 from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError, SigningRejected
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
 from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
-from hapki.runtime import telemetry
+from hapki.runtime import telemetry, validation
+from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.faults import FailPoints
+from hapki.runtime.profiles import Profile
 
 log = logging.getLogger("hapki.cara.signer")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
@@ -54,10 +60,13 @@ class Signer:
         member: str,
         config: SignerConfig,
         clock: Callable[[], datetime],
+        approvals: ApprovalVerifier,
+        profiles: Mapping[str, Profile],
         faults: FailPoints | None = None,
         distribution: issuance.Distribution | None = None,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
+        self._approvals, self._profiles = approvals, profiles
         self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
         self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
         self._member, self._config, self._clock = member, config, clock
@@ -188,9 +197,11 @@ class Signer:
                 return  # a redelivery of what this process is working on; the first copy acks
             self._inflight[request.request_id] = msg
             try:
-                await self._process(request, msg, span)
-            except SigningRejected as exc:
-                await self._reject(request, exc, msg)
+                try:
+                    await self._process(request, msg, span)
+                except SigningRejected as exc:
+                    # Recording a refusal can meet a fence or a database outage too: handled below (NAK, retry).
+                    await self._reject(request, exc, msg)
             except FencedOut as exc:
                 log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
                 span.set_status(trace.StatusCode.ERROR, "fenced out")
@@ -232,6 +243,8 @@ class Signer:
     async def _process(self, request: SignCertificate, msg: Msg, span: trace.Span) -> None:
         epoch = self._epoch
         assert epoch is not None, "handle() before start()"
+        # Step 0: only what CLM approved, whoever could publish on the bus (ApprovalInvalid otherwise).
+        self._approvals.verify(request)
         # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
         outcome = await self._store.outcome(request.request_id)
         if outcome.issued is not None:
@@ -244,6 +257,7 @@ class Signer:
             await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=outcome.failed))
             return
         csr = issuance.parse_csr(request)
+        validation.recheck(request, self._profiles)  # PolicyViolation: not what this CA's profiles allow
         # Step 2: reserve serial + intent, fenced. A serial collision (UNIQUE) just draws again.
         intent_id = uuid.uuid4().hex
         serial = issuance.random_serial()
@@ -283,11 +297,21 @@ class Signer:
         await self._publish_issued(stored)
 
     async def _reject(self, request: SignCertificate, exc: SigningRejected, msg: Msg) -> None:
-        log.warning("request %s rejected by the CA: %s", request.request_id, exc)
+        """Refuse for good: term the message (no redelivery), record the refusal, tell CLM if the request failed.
+
+        Nothing was reserved or signed. SigningFailed goes out only when the store marked the request failed, i.e.
+        the message was exactly what CLM recorded: a forged message must not wake (and fail) a waiting client.
+        """
         error = ErrorBody(code=exc.code, message=exc.message, details=exc.details)
-        await self._store.record_failed(request.request_id, error, epoch=self._epoch or 0, now=self._clock())
-        await msg.ack()
-        await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
+        marked = await self._store.refuse(request, error, epoch=self._epoch or 0, now=self._clock())
+        await msg.term()
+        if marked:
+            log.warning("request %s refused by the CA (%s): %s", request.request_id, exc.code.value, exc)
+            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
+        else:
+            log.warning("signing request naming %s refused by the CA (%s) and audited; it is not what CLM recorded, "
+                        "so no request changed state: %s", request.request_id, exc.code.value, exc)
+        trace.get_current_span().set_status(trace.StatusCode.ERROR, exc.code.value)
 
     async def _publish_issued(self, record: IssuedRecord) -> None:
         await self._publish(

@@ -9,7 +9,7 @@ from datetime import datetime
 import aiomysql
 
 from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
-from hapki.contracts.models import ErrorBody, RequestStatus
+from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
 from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
 from hapki.runtime.db import Database, Fence, db_time, utc
@@ -18,6 +18,14 @@ TIER = "cara"
 
 
 _CERTIFICATE_COLUMNS = "request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
+
+
+def _same_request(stored_json: str, request: SignCertificate) -> bool:
+    """Whether the SignCertificate CLM stored (JSON) is exactly `request`."""
+    try:
+        return SignCertificate.model_validate_json(stored_json) == request
+    except ValueError:  # pydantic's ValidationError: a row no current model reads is not this message
+        return False
 
 
 def _issued(row: tuple) -> IssuedRecord:
@@ -262,19 +270,46 @@ class MariaDBSigningStore:
             await self.abandon_intent(record.intent_id, "request already issued by another intent", now)
             return outcome.issued
 
-    async def record_failed(self, request_id: str, error: ErrorBody, *, epoch: int, now: datetime) -> None:
-        async def body(cur: aiomysql.Cursor) -> None:
-            await cur.execute(
-                "UPDATE requests SET status = 'failed', error_code = %s, error_message = %s, updated_at = %s"
-                " WHERE id = %s AND status = 'pending'",
-                (error.code.value, error.message[:512], db_time(now), request_id),
-            )
-            if cur.rowcount:
-                await append(cur, entry)
+    async def refuse(self, request: SignCertificate, error: ErrorBody, *, epoch: int, now: datetime) -> bool:
+        """Record the CA's refusal of a signing request; True if the request is (now) failed with this error.
 
-        entry = AuditRecord(kind=AuditKind.REQUEST_FAILED, actor=self._actor, created_at=now, epoch=epoch,
-                            request_id=request_id, detail={"code": error.code.value, "message": error.message[:512]})
-        await self._db.run(body, name="cara.record_failed", fence=Fence(TIER, epoch))
+        The message is unauthenticated input when its approval is bad, so it changes the request's state only if it
+        is exactly what CLM recorded for that request id (stored SignCertificate equal, approval fields included):
+        then the request is marked failed (entry `request.failed`), as for a request queued before approvals
+        existed. Anything else (a forged message, one naming another request's id) changes no state: it gets a
+        `signing.refused` entry, once per distinct message and error code, so a replay loop cannot fill the log.
+        """
+
+        async def body(cur: aiomysql.Cursor) -> bool:
+            await cur.execute("SELECT status, error_code, sign_request FROM requests WHERE id = %s FOR UPDATE",
+                              (request.request_id,))
+            row = await cur.fetchone()
+            recorded = row is not None and _same_request(row[2], request)
+            if recorded and row[0] == RequestStatus.PENDING.value:
+                await append(cur, failed, first=(
+                    "UPDATE requests SET status = 'failed', error_code = %s, error_message = %s, updated_at = %s"
+                    " WHERE id = %s AND status = 'pending'",
+                    (error.code.value, error.message[:512], db_time(now), request.request_id),
+                ))
+                return True
+            if recorded and row[0] == RequestStatus.FAILED.value and row[1] == error.code.value:
+                return True  # a redelivery of a refusal already recorded
+            stored = "absent" if row is None else "differs" if not recorded else row[0]
+            await append(cur, replace(refused, detail={**refused.detail, "stored_request": stored}), dedupe=True)
+            return False
+
+        content_sha256 = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        failed = AuditRecord(kind=AuditKind.REQUEST_FAILED, actor=self._actor, created_at=now, epoch=epoch,
+                             request_id=request.request_id,
+                             detail={"code": error.code.value, "message": error.message[:512]})
+        refused = AuditRecord(
+            kind=AuditKind.SIGNING_REFUSED, actor=self._actor, created_at=now, epoch=epoch,
+            request_id=request.request_id,
+            detail={"code": error.code.value, "message": error.message[:512], "content_sha256": content_sha256,
+                    "approval_key_id": request.approval_key_id, "profile": request.profile[:64],
+                    "names": [*request.dns_names, *request.ip_addresses, *request.emails][:10]},
+            id=derived_id(AuditKind.SIGNING_REFUSED.value, request.request_id, error.code.value, content_sha256))
+        return await self._db.run(body, name="cara.refuse", fence=Fence(TIER, epoch))
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
         """Resolve a reserved intent whose signature will never be stored. Unfenced: abandoning is always safe."""

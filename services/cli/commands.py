@@ -96,7 +96,7 @@ async def ca_init(args: argparse.Namespace) -> int:
             # A CA from before OCSP or the audit log: add the missing signers (the cluster KEK of the first ceremony
             # is still in the tokens, so the new keys are replicated like the CA keys).
             members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
-            with hsm_pool(cfg.hsm) as pool:
+            with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
                 for purpose in missing:
                     await _add_signer(pool, purpose, db, revocations, existing, members)
             return 0
@@ -120,7 +120,7 @@ async def ca_init(args: argparse.Namespace) -> int:
             replicate_across = members
         pem = serialization.Encoding.PEM
         name = cfg.issuer or "issuing-1"
-        with hsm_pool(cfg.hsm) as pool:
+        with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
             hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow(),
                                                 replicate_across=replicate_across)
             issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
@@ -173,6 +173,21 @@ async def _add_signer(pool: HSMPool, purpose: str, db: Database, revocations: Ma
         await save_audit_signer(db, issuer=name, cert=cert, key_id=signer.key_id, actor="cli:ca-init", now=utcnow())
     print(f"created {purpose} signer for {name!r}: {cert.subject.rfc4514_string()}, "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+def clm_keygen(args: argparse.Namespace) -> int:
+    """Create CLM's approval key pair: private key for CLM (0600), public key for every CARA member."""
+    from hapki.runtime.approval import generate_key_files
+
+    public = args.public or args.out.with_suffix(".pub")
+    try:
+        key_id = generate_key_files(args.out, public)
+    except FileExistsError:
+        print(f"{args.out} exists already; not overwriting a key (remove it first to replace it)", file=sys.stderr)
+        return 2
+    print(f"created CLM approval key {key_id}: private {args.out} (CLM approval_key_file), public {public} "
+          f"(add to approval_public_keys of every CARA member)")
+    return 0
 
 
 class _DatabaseSection(BaseModel):

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ValidationError
 
 from hapki.cara.ocsp import OcspResponder, parse_request
 from hapki.cara.ports import IssuerRecord, SerialStatus
-from hapki.clm import validation
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime import validation
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.contracts import models
 from hapki.contracts.errors import HapkiError, MalformedMessage
 from hapki.contracts.limits import MAX_CSR_CHARS, MAX_REQUEST_BYTES

@@ -24,6 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
     init.add_argument("--out", type=Path, default=None, help="also write root.pem and issuing.pem here")
 
+    clm = sub.add_parser("clm", help="registration authority administration")
+    clm_sub = clm.add_subparsers(dest="clm_command", required=True)
+    keygen = clm_sub.add_parser("keygen", help="create CLM's approval key pair (Ed25519) for signing requests")
+    keygen.add_argument("--out", type=Path, required=True,
+                        help="private key file to create (mode 0600; never overwritten): CLM's approval_key_file")
+    keygen.add_argument("--public", type=Path, default=None,
+                        help="public key file for CARA's approval_public_keys (default: --out with suffix .pub)")
+
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "serve": commands.serve,
         "ca": commands.ca_init,
+        "clm": commands.clm_keygen,
         "db": commands.db_migrate,
         "audit": commands.audit_verify,
         "issue": commands.issue,

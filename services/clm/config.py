@@ -55,6 +55,11 @@ class ClmConfig(StrictModel):
         default=None, description="host:port of the local CLM REST API, behind haproxy on the VIP"
     )
     profiles_file: Path | None = Field(default=None, description="Profiles TOML; default: the packaged profiles.toml")
+    approval_key_file: Path = Field(
+        description="CLM's Ed25519 approval private key (PEM, PKCS#8, unencrypted), readable by the service user "
+        "only (mode 0600, else CLM refuses to start): it signs every signing request; CARA trusts its public key "
+        "(`approval_public_keys`). Create a pair with `hapki clm keygen`"
+    )
     wait_seconds: float = Field(
         default=10.0, gt=0, le=60, description="How long an issue request waits for the CA before replying pending"
     )

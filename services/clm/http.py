@@ -61,6 +61,8 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.REQUESTER_MISMATCH: 403,  # the one refusal about who asks, not what (until authentication owns 403)
     ErrorCode.NAMES_MISMATCH: 422,  # a well-formed CSR whose names are not the predecessor's
     ErrorCode.RATE_LIMITED: 429,  # RFC 6585 4, with Retry-After from the requester's bucket
+    ErrorCode.APPROVAL_INVALID: 422,  # the CA refused to sign (a request queued before approvals existed)
+    ErrorCode.POLICY_VIOLATION: 422,  # the CA's own profile check refused what CLM approved
 }
 # Sent with 503: CLM's own retries (database failover, outbox sweep) usually settle within a second or two.
 RETRY_AFTER_SECONDS = 1

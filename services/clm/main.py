@@ -18,14 +18,15 @@ from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig, RateLimitConfig
 from hapki.clm.expiry import ExpiryScheduler
 from hapki.clm.inventory_store import MariaDBInventoryStore
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.clm.ratelimit import Rate, RateLimiter
 from hapki.clm.queue import JetStreamExpiryPublisher, JetStreamSigningQueue, NatsEventPublisher
 from hapki.clm.service import ClmService
 from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
 from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus
+from hapki.runtime.approval import ApprovalKey
 from hapki.runtime.clock import utcnow
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.db import Database
 from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
@@ -61,6 +62,7 @@ class ClmRuntime:
     async def start(self) -> None:
         cfg = self.config
         profiles = load_profiles(cfg.profiles_file or SHIPPED_PROFILES_PATH)
+        approver = ApprovalKey.from_file(cfg.approval_key_file)  # before any connection: a bad key stops the start
         self.db = Database(cfg.database)
         await migrate(self.db)
         self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
@@ -69,7 +71,7 @@ class ClmRuntime:
         inventory = MariaDBInventoryStore(self.db)
         self.service = ClmService(
             store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
-            profiles=profiles, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
+            profiles=profiles, approver=approver, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
             events=NatsEventPublisher(self.nc), inventory=inventory,
             clock=self._clock, wait_seconds=cfg.wait_seconds, limiter=rate_limiter(cfg.rate_limit),
         )

@@ -13,7 +13,9 @@ from datetime import datetime, timedelta
 
 from opentelemetry import trace
 
-from hapki.clm import inventory, validation
+from hapki.clm import inventory
+from hapki.runtime import validation
+from hapki.runtime.approval import ApprovalKey
 from hapki.clm.ports import (
     EventPublisher,
     InventoryStore,
@@ -24,7 +26,6 @@ from hapki.clm.ports import (
     RevocationStore,
     SigningQueue,
 )
-from hapki.clm.profiles import Profile
 from hapki.clm.ratelimit import RateLimiter
 from hapki.contracts.errors import (
     ForbiddenReason,
@@ -34,6 +35,7 @@ from hapki.contracts.errors import (
     RequesterMismatch,
     Unavailable,
 )
+from hapki.runtime.profiles import Profile
 from hapki.contracts.models import (
     CertificateIssued,
     FORBIDDEN_REASONS,
@@ -71,11 +73,12 @@ class ClmService:
         events: EventPublisher,
         inventory: InventoryStore,
         profiles: Mapping[str, Profile],
+        approver: ApprovalKey,
         clock: Callable[[], datetime],
         wait_seconds: float,
         limiter: RateLimiter | None = None,
     ) -> None:
-        self._store, self._queue, self._profiles = store, queue, profiles
+        self._store, self._queue, self._profiles, self._approver = store, queue, profiles, approver
         self._limiter = limiter  # per-requester token buckets (None: no limit, as in unit tests of other rules)
         self._revocations, self._events, self._inventory = revocations, events, inventory
         self._clock, self._wait = clock, wait_seconds
@@ -201,6 +204,8 @@ class ClmService:
             except HapkiError as exc:
                 await self._audit_rejection(request, csr_sha256, exc)
                 raise
+            # Signed before it is recorded: the stored copy (the outbox) carries the approval, so a republish does too.
+            approved = self._approver.sign(approved)
         recorded = await self._store.record(
             NewRequest(
                 request_id=request_id, requester=request.requester, idempotency_key=request.idempotency_key,

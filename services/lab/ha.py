@@ -322,6 +322,9 @@ class Lab:
     def _write_service_configs(self) -> None:
         for hsm in self.hsms.values():
             hsm.start()  # its directory holds the private module copy the CARA config names
+        # CLM's approval key pair, as for the single-host stack: CLM members sign with the private key, CARA members
+        # trust the public key.
+        approval_key, approval_public = stack.approval_keys(self.config_dir)
         for tier, t in self.topo.tiers.items():
             for member in t.members:
                 common: dict[str, Any] = {"member": member, "vip": str(t.vip), "nats": self._nats_config(),
@@ -330,9 +333,10 @@ class Lab:
                     # Certificates name the VIP's plain-HTTP OCSP and CRL URLs (CDP, AIA).
                     config: CaraConfig | ClmConfig = CaraConfig(
                         **common, database=self.database_config("hapki_cara"), hsm=self._hsm_config(),
-                        public_url=self.plain_url(tier))
+                        public_url=self.plain_url(tier), approval_public_keys=[approval_public])
                 elif tier == "clm":
-                    config = ClmConfig(**common, database=self.database_config("hapki_clm"))
+                    config = ClmConfig(**common, database=self.database_config("hapki_clm"),
+                                       approval_key_file=approval_key)
                 else:
                     raise LabError(f"no service known for tier {tier!r}")
                 stack.write_config(config, self.service_config_path(member))

@@ -20,6 +20,7 @@ import tomli_w
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
 from hapki.lab.local import LocalEnv
+from hapki.runtime.approval import generate_key_files
 from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
 
 TOKEN = "hapki-a"
@@ -57,13 +58,27 @@ def hsm_config(env: LocalEnv) -> HSMConfig:
     )])
 
 
+def approval_keys(config_dir: Path) -> tuple[Path, Path]:
+    """CLM's approval key pair in `config_dir` (private key 0600, public key), created on first use."""
+    private, public = config_dir / "clm-approval.key", config_dir / "clm-approval.pub"
+    if not private.exists():
+        try:
+            generate_key_files(private, public)
+        except FileExistsError:
+            pass  # made concurrently by another caller: theirs is as good
+    return private, public
+
+
 def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
-    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env), **overrides)
+    private, _ = approval_keys(env.base_dir / "approval")
+    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env),
+                     **{"approval_key_file": private, **overrides})
 
 
 def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
+    _, public = approval_keys(env.base_dir / "approval")
     return CaraConfig(member=member, nats=nats_config(env), database=database_config(env), hsm=hsm_config(env),
-                      **overrides)
+                      **{"approval_public_keys": [public], **overrides})
 
 
 def write_config(config: ClmConfig | CaraConfig, path: Path) -> Path:

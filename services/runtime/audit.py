@@ -46,6 +46,7 @@ class AuditKind(str, enum.Enum):
     ISSUER_CREATED = "issuer.created"  # a CA ceremony stored an issuing CA
     EPOCH_CHANGED = "epoch.changed"  # a CARA member became active under a new epoch
     AUDIT_SIGNER_CREATED = "audit_signer.created"  # a key for signing audit checkpoints was created
+    SIGNING_REFUSED = "signing.refused"  # CARA refused a signing request that is not what CLM recorded (forged)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,24 @@ def read_secret(path: Path | None, env: str | None = None) -> str:
     raise ValueError(f"secret not configured (file or env {env!r})")
 
 
+def require_owner_only(path: Path, what: str) -> None:
+    """Raise ValueError unless `path` belongs to the user this process runs as and its group and others have no
+    access to it (mode & 0o077 == 0).
+
+    For secrets that must stay with the service user (the HSM PIN, CLM's approval key): a service refuses to start
+    on a file anyone else on the host could read, rather than use a secret that may have leaked already.
+    FileNotFoundError passes through (the caller decides whether a missing file is fatal).
+    """
+    info = path.stat()
+    mode = info.st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{what} {path} is accessible to group or others (mode {mode:04o}): it must be readable by "
+                         f"the service user only; run `chmod 600 {path}`")
+    if info.st_uid != os.geteuid():
+        raise ValueError(f"{what} {path} belongs to uid {info.st_uid}, not to the service user (uid {os.geteuid()}), "
+                         "who alone must be able to read it: chown it to the service user")
+
+
 class NatsConfig(StrictModel):
     """How a service reaches the bus."""
 

@@ -6,6 +6,11 @@ Facts this module is built on (measured with SoftHSM2 2.6 + python-pkcs11 0.10.1
   is kept for the process's life. Two pools on one token in one process share (and end) each other's login.
 - A dead token shows as ObjectHandleInvalid, NoSuchKey or GeneralError; any PKCS11Error marks the member down,
   and it is re-opened (after reinitializing the library when needed) once a cool-down has passed.
+- Least privilege at run time: a pool opens read-only user sessions unless built with `rw=True` (key ceremonies
+  only), so the token itself refuses to create, change or destroy token objects through it (CKR_SESSION_READ_ONLY).
+  Keys are checked to be sign-only (CKA_SIGN, sensitive, not extractable, no decrypt/unwrap/derive) before first
+  use on every member (`verify_keys` at start, `_KeyUnsafe` after), and a PIN file that group or others may read
+  stops the pool from opening.
 No python-pkcs11 type or exception leaves this module: failures become `HSMUnavailable`.
 """
 
@@ -27,6 +32,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from hapki.contracts.errors import HSMUnavailable
+from hapki.runtime.config import require_owner_only
 from hapki.runtime.hsm_key import DigestSigner, HSMPrivateKey, SignMechanism
 from hapki.runtime.hsm_library import PKCS11_LOCK, library_for
 
@@ -77,7 +83,19 @@ class _Member:
                 and lib is not None and lib.initialized)
 
 
+# What a CA key must be, attribute by attribute. CKA_WRAP is not an attribute of a private key (the token answers
+# AttributeTypeInvalid): a private key cannot wrap; CKA_UNWRAP and CKA_DECRYPT are what it could be misused for.
+SIGN_ONLY: dict[Attribute, bool] = {
+    Attribute.SIGN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+    Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.DERIVE: False,
+}
+
+
 def _read_pin(path: Path) -> str:
+    try:
+        require_owner_only(path, "HSM PIN file")  # also checked at open(); here for a file changed since
+    except ValueError as exc:
+        raise PermissionError(str(exc)) from None  # an OSError: the member is down, with this reason logged
     lines = path.read_text().splitlines()  # OSError if missing: the member is down, like any other failure
     if not lines or not lines[0]:
         raise OSError(f"PIN file {path} is empty")
@@ -88,11 +106,16 @@ class _KeyMissing(Exception):
     """The member is alive but does not hold the key."""
 
 
+class _KeyUnsafe(Exception):
+    """The member holds the key, but not as a sign-only, non-extractable key: it is not used there."""
+
+
 class HSMPool:
     """Signs with the first member that can; members that fail are skipped until `retry_after_s` has passed."""
 
     def __init__(self, members: Sequence[HSMMemberConfig], *, retry_after_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, rw: bool = False) -> None:
+        """`rw`: read/write sessions, for key ceremonies (`hapki ca init`) only; services use read-only ones."""
         if not members:
             raise ValueError("an HSM pool needs at least one member")
         if len({m.name for m in members}) != len(members):
@@ -102,6 +125,7 @@ class HSMPool:
         self._members = [_Member(m) for m in members]
         self._retry_after_s = retry_after_s
         self._clock = clock
+        self._rw = rw
         self._public_keys: dict[bytes, ec.EllipticCurvePublicKey] = {}
         self._closed = True
 
@@ -115,8 +139,14 @@ class HSMPool:
     def open(self) -> None:
         """Log in to every member; raise HSMUnavailable if none is usable (the pool keeps retrying later).
 
-        Raises ValueError if another open pool in the process uses a member's module path with another config.
+        Raises ValueError if another open pool in the process uses a member's module path with another config, or
+        if a member's PIN file is accessible to group or others (a missing one only keeps that member down).
         """
+        for member in self._members:
+            try:
+                require_owner_only(member.config.pin_file, f"HSM member {member.name}: PIN file")
+            except FileNotFoundError:
+                pass
         with PKCS11_LOCK:
             if self._closed:
                 attached: list[_Member] = []
@@ -192,11 +222,34 @@ class HSMPool:
         """A key object for cryptography's builders that signs with `key_id` through this pool."""
         return HSMPrivateKey(self, key_id, self.public_key(key_id))
 
+    def verify_keys(self, key_ids: Sequence[bytes]) -> None:
+        """Check that each key is a sign-only key (SIGN_ONLY) on every usable member that holds it; ValueError naming
+        each member, key and wrong attribute otherwise. A member that is down now is checked when it is first used."""
+        problems = []
+        with PKCS11_LOCK:
+            for member in self._members:
+                if not self._usable(member):
+                    continue
+                for key_id in key_ids:
+                    try:
+                        self._sign_key(member, key_id)
+                    except _KeyUnsafe as exc:
+                        problems.append(str(exc))
+                    except _KeyMissing:
+                        pass  # logged by _find; signing uses the members that hold the key, as before
+                    except p11.PKCS11Error as exc:
+                        self._mark_down(member, exc)
+        if problems:
+            raise ValueError("refusing to use the HSM keys: " + "; ".join(problems))
+
     def generate_ec_key(self, label: str, key_id: bytes, curve: ec.EllipticCurve) -> ec.EllipticCurvePublicKey:
-        """Generate a sign-only, non-extractable EC key pair inside the first usable member.
+        """Generate a sign-only, non-extractable EC key pair inside the first usable member (a `rw=True` pool).
 
         Copying the key to the other members (wrap under a trusted KEK, unwrap) is a separate ceremony.
         """
+        if not self._rw:
+            raise ValueError("this HSM pool has read-only sessions and cannot create keys; key ceremonies open "
+                             "their pool with rw=True")
         if curve.name not in _CURVES:
             raise ValueError(f"unsupported curve {curve.name}; use one of {sorted(_CURVES)}")
         with PKCS11_LOCK:
@@ -218,6 +271,9 @@ class HSMPool:
             try:
                 return member.name, operation(member)
             except _KeyMissing:
+                lacking.append(member.name)
+            except _KeyUnsafe as exc:
+                _log.error("%s; not signing with it", exc)
                 lacking.append(member.name)
             except p11.PKCS11Error as exc:
                 self._mark_down(member, exc)
@@ -243,26 +299,26 @@ class HSMPool:
         self._drop_session(member)
         pin = _read_pin(member.config.pin_file)
         try:
-            session = self._login(member.library.get(), member.config.token_label, pin)
+            session = self._login(member.library.get(), member.config.token_label, pin, self._rw)
         except _CREDENTIAL_ERRORS:
             raise
         except p11.PKCS11Error as exc:
             _log.warning("HSM member %s: %s while opening; reinitializing %s",
                          member.name, type(exc).__name__, member.library.path)
-            session = self._login(member.library.reinitialize(), member.config.token_label, pin)
+            session = self._login(member.library.reinitialize(), member.config.token_label, pin, self._rw)
         member.session, member.generation = session, member.library.generation
         if not member.up:
             _log.info("HSM member %s is up", member.name)
         member.up, member.down_at = True, None
 
     @staticmethod
-    def _login(lib: Any, token_label: str, pin: str) -> Any:
+    def _login(lib: Any, token_label: str, pin: str, rw: bool) -> Any:
         token = lib.get_token(token_label=token_label)
         try:
-            return token.open(rw=True, user_pin=pin)
+            return token.open(rw=rw, user_pin=pin)
         except p11.UserAlreadyLoggedIn:
             # Login is per token per process: another session already holds it, and this one shares it.
-            return token.open(rw=True)
+            return token.open(rw=rw)
 
     def _drop_session(self, member: _Member) -> None:
         if member.session_current():
@@ -299,8 +355,18 @@ class HSMPool:
                 return key.sign(digest, mechanism=mechanism)
             except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
                 pass  # cached handle went stale (e.g. the token reloaded its objects): look the key up again
-        key = member.keys[key_id] = self._find(member, ObjectClass.PRIVATE_KEY, key_id)
-        return key.sign(digest, mechanism=mechanism)
+        return self._sign_key(member, key_id).sign(digest, mechanism=mechanism)
+
+    def _sign_key(self, member: _Member, key_id: bytes) -> Any:
+        """Look up private key `key_id` on `member`, check it is SIGN_ONLY, and cache its handle."""
+        key = self._find(member, ObjectClass.PRIVATE_KEY, key_id)
+        found = key.get_attributes(list(SIGN_ONLY))
+        wrong = {attr.name: bool(found[attr]) for attr, value in SIGN_ONLY.items() if bool(found[attr]) != value}
+        if wrong:
+            raise _KeyUnsafe(f"HSM member {member.name}: key {key_id.hex()} is not a sign-only, non-extractable key "
+                             f"(wrong: {wrong})")
+        member.keys[key_id] = key
+        return key
 
     def _generate_on(self, member: _Member, label: str, key_id: bytes, curve_name: str) -> bytes:
         session = member.session

@@ -246,7 +246,9 @@ def _step(member: HSMMemberConfig, what: str) -> Iterator[None]:
     """Turn python-pkcs11 errors (and unreadable files) of one step into HSMUnavailable or ValueError."""
     try:
         yield
-    except p11.AnotherUserAlreadyLoggedIn:
+    except (p11.AnotherUserAlreadyLoggedIn, p11.SessionReadOnlyExists):
+        # SessionReadOnlyExists: the SO cannot log in while a read-only session is open (an HSMPool's, since pools
+        # are read-only at run time); AnotherUserAlreadyLoggedIn: a read/write pool holds the user login.
         raise ValueError(f"HSM member {member.name}: cannot {what}: a user session in this process holds the "
                          "token's login (provision the KEK before opening an HSMPool on it)") from None
     except _REFUSALS as exc:

@@ -71,8 +71,9 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHSMStore:
 
 @pytest.fixture(scope="session")
 def hsm_pool(softhsm: SoftHSMStore) -> Iterator[HSMPool]:
-    """One pool (member hsm-a on TOKEN) for the whole session: it holds the token's login."""
-    pool = HSMPool([softhsm.member()])
+    """One read/write pool (member hsm-a on TOKEN) for the whole session: it holds the token's login, and makes
+    the test keys (a ceremony's pool)."""
+    pool = HSMPool([softhsm.member()], rw=True)
     pool.open()
     yield pool
     pool.close()

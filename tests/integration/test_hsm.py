@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from hapki.cara import issuance
 from hapki.cara.ca_init import CAHierarchy, create_hierarchy
@@ -175,6 +177,7 @@ def test_down_member_is_retried_only_after_the_cool_down(
         with pytest.raises(HSMUnavailable):
             pool.open()
         pin_file.write_text(softhsm.pin_file.read_text())
+        pin_file.chmod(0o600)
         now[0] += 4.9
         assert pool.health() == {"hsm-late": False}
         now[0] += 0.2
@@ -248,3 +251,71 @@ async def test_hsm_sign_span_is_a_child_of_the_callers_span(
         assert span.context.trace_id == caller.get_span_context().trace_id
         assert span.attributes["hsm.member"] == "hsm-a"
         assert span.attributes["hsm.key_id"] == p256_key.key_id.hex()
+
+
+# --- least privilege at run time (issue 6 item 4) ---------------------------------------------------------
+
+
+def _ec_params(session: object) -> object:
+    return session.create_domain_parameters(  # type: ignore[attr-defined]
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+
+
+def test_the_runtime_session_cannot_create_or_export_keys(softhsm: SoftHSMStore, hsm_pool: HSMPool,
+                                                          p256_key: HSMPrivateKey) -> None:
+    """CARA's pool opens read-only sessions: the token itself refuses to store a new key or to change one, and the
+    CA key (sensitive, non-extractable) can be neither read nor wrapped out, even under a key the caller made."""
+    runtime = HSMPool([softhsm.member("hsm-runtime")])  # as CaraRuntime opens it (rw=False by default)
+    runtime.open()
+    try:
+        runtime.verify_keys([p256_key.key_id])  # a ceremony key: sign-only, sensitive, non-extractable
+        with pytest.raises(ValueError, match="read-only"):
+            runtime.generate_ec_key("runtime-key", os.urandom(16), ec.SECP256R1())
+        with PKCS11_LOCK:
+            session = runtime._members[0].session  # the very session the service signs through
+            with pytest.raises(p11.SessionReadOnly):
+                _ec_params(session).generate_keypair(store=True, id=os.urandom(16), label="runtime-key")
+            with pytest.raises(p11.SessionReadOnly):
+                session.generate_key(KeyType.AES, 256, store=True, id=os.urandom(16), label="runtime-aes")
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=p256_key.key_id)
+            with pytest.raises(p11.AttributeSensitive):
+                private[Attribute.VALUE]  # noqa: B018 (the read is the test)
+            with pytest.raises((p11.SessionReadOnly, p11.AttributeReadOnly)):
+                private[Attribute.EXTRACTABLE] = True
+            with pytest.raises(p11.SessionReadOnly):
+                private.destroy()
+            # PKCS#11 lets a read-only session make a session key (gone at logout, never stored); what matters is
+            # that the CA key does not leave under it.
+            wrapper = session.generate_key(KeyType.AES, 256, store=False,
+                                           capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP)
+            with pytest.raises(p11.KeyUnextractable):
+                wrapper.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        assert len(runtime.sign_digest(p256_key.key_id, SignMechanism.ECDSA, DIGEST)) == 64  # it still signs
+        assert runtime.health() == {"hsm-runtime": True}
+    finally:
+        runtime.close()
+
+
+def test_a_key_that_is_not_sign_only_is_refused(softhsm: SoftHSMStore, hsm_pool: HSMPool) -> None:
+    """A key someone created extractable (or able to decrypt) stops the service at start and is never signed with."""
+    key_id = os.urandom(16)
+    with PKCS11_LOCK:
+        public, private = _ec_params(hsm_pool._members[0].session).generate_keypair(
+            store=True, id=key_id, label="not-sign-only", capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            private_template={Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                              Attribute.SIGN: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                              Attribute.DERIVE: False})
+    runtime = HSMPool([softhsm.member("hsm-runtime")])
+    runtime.open()
+    try:
+        with pytest.raises(ValueError, match=rf"key {key_id.hex()} is not a sign-only, non-extractable key.*EXTRACTABLE"):
+            runtime.verify_keys([key_id])
+        with pytest.raises(HSMUnavailable) as refused:
+            runtime.sign_digest(key_id, SignMechanism.ECDSA, DIGEST)
+        assert refused.value.details["key_missing_on"] == ["hsm-runtime"]
+        assert runtime.health() == {"hsm-runtime": True}  # the member stays up for its good keys
+    finally:
+        runtime.close()
+        with PKCS11_LOCK:
+            private.destroy()
+            public.destroy()

@@ -108,6 +108,7 @@ async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(en
     from hapki.clm.store import MariaDBRequestStore
     from hapki.contracts.errors import ErrorCode
     from hapki.contracts.models import SignCertificate
+    from hapki.runtime.approval import ApprovalKey
     from hapki.runtime.clock import utcnow
     from helpers.csr import csr_der, der_to_pem
 
@@ -115,10 +116,11 @@ async def test_the_ca_rechecks_and_rejects_a_request_clm_should_not_have_sent(en
     der = bytearray(csr_der(make_csr(["bypass.example.com"], key=make_key("p256"))[0]))
     der[-5] ^= 0x01
     request_id = uuid.uuid4().hex
-    approved = SignCertificate(
+    # Approved with CLM's own key: the approval holds, and the CA's re-verification of the CSR is what refuses.
+    approved = ApprovalKey.from_file(stack.approval_keys(env.base_dir / "approval")[0]).sign(SignCertificate(
         request_id=request_id, profile="tls-server", csr_pem=der_to_pem(bytes(der)), dns_names=["bypass.example.com"],
         validity_seconds=3600, key_usage=["digital_signature"], extended_key_usage=["server_auth"],
-    )
+    ))
     await MariaDBRequestStore(clm.db).record(
         NewRequest(request_id=request_id, requester="tests", idempotency_key=None, profile="tls-server",
                    csr_sha256="0" * 64, approved=approved), utcnow())

@@ -49,7 +49,8 @@ class FakeNats:
 def _signer(nc: FakeNats) -> Signer:
     return Signer(nc=nc, js=None, store=None, issuer=SimpleNamespace(certificate=None),  # type: ignore[arg-type]
                   issuer_key=None, member="cara-1", config=SignerConfig(),  # type: ignore[arg-type]
-                  clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+                  clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
+                  approvals=None, profiles={})  # type: ignore[arg-type]  # never reached: the size cap comes first
 
 
 @pytest.mark.parametrize("msg_id", [REQUEST_ID, None, "not-a-request-id"])

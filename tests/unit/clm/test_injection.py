@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
-from hapki.clm.validation import approve
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.validation import approve
 from hapki.contracts.errors import ForbiddenName, HapkiError, InvalidName
 from hapki.contracts.models import IssueCertificate, RenewCertificate, RevokeCertificate, SearchCertificates
 from hapki.runtime.edge import error_body

@@ -115,7 +115,8 @@ def test_names_of_lists_cn_and_every_san_kind() -> None:
 
 def _config(**fields: object) -> ClmConfig:
     return ClmConfig.model_validate({"member": "clm-1", "nats": {"servers": ["nats://x:4222"]},
-                                     "database": {"nodes": ["db:3306"], "user": "u", "database": "d"}, **fields})
+                                     "database": {"nodes": ["db:3306"], "user": "u", "database": "d"},
+                                     "approval_key_file": "/etc/hapki/clm-approval.key", **fields})
 
 
 def test_expiry_config_is_strict() -> None:

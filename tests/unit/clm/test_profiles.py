@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, Profile, load_profiles, parse_profiles
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, Profile, load_profiles, parse_profiles
 
 MINIMAL = """
 [profiles.web]
@@ -61,7 +61,7 @@ def test_shipped_profiles_load() -> None:
 
 def test_shipped_file_is_package_data() -> None:
     assert SHIPPED_PROFILES_PATH.name == "profiles.toml"
-    assert SHIPPED_PROFILES_PATH.parent.name == "clm"
+    assert SHIPPED_PROFILES_PATH.parent.name == "runtime"
 
 
 def test_minimal_profile_loads(tmp_path: Path) -> None:

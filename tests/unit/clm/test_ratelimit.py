@@ -82,7 +82,7 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
 def test_config_defaults_are_a_guard_above_the_benchmarks_rate() -> None:
     config = ClmConfig.model_validate({
         "member": "clm-1", "nats": {"servers": ["nats://127.0.0.1:4222"]},
-        "database": {"nodes": ["127.0.0.1:3306"], "user": "u", "database": "d"},
+        "database": {"nodes": ["127.0.0.1:3306"], "user": "u", "database": "d"}, "approval_key_file": "/nonexistent/key",
         "rate_limit": {"overrides": {"slow": {"per_second": 0.5, "burst": 2}}},
     })
     limiter = rate_limiter(config.rate_limit)

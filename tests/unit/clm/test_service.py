@@ -9,7 +9,8 @@ import pytest
 
 from hapki.cli.client import new_key_and_csr
 from hapki.clm.ports import NewRequest, Recorded
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.approval import ApprovalKey
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.clm.service import ClmService
 from hapki.contracts.models import CertificateIssued, IssueCertificate, IssueReply, RequestStatus, SignCertificate
 
@@ -47,7 +48,7 @@ class Queue:
 
 def _service(store: SlowStore, queue: Queue) -> ClmService:
     return ClmService(store=store, queue=queue, revocations=None, events=None, inventory=None,  # type: ignore[arg-type]
-                      profiles=load_profiles(SHIPPED_PROFILES_PATH), clock=lambda: NOW, wait_seconds=0.05)
+                      profiles=load_profiles(SHIPPED_PROFILES_PATH), approver=ApprovalKey.generate(), clock=lambda: NOW, wait_seconds=0.05)
 
 
 def _request(names: list[str], key: str | None) -> IssueCertificate:

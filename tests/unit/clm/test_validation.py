@@ -8,8 +8,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, Profile, load_profiles
-from hapki.clm.validation import approve, check_message_size
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, Profile, load_profiles
+from hapki.runtime.validation import approve, check_message_size
 from hapki.contracts.errors import (
     BadCSRSignature,
     ForbiddenName,

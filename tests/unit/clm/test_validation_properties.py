@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hapki.clm import names
-from hapki.clm.profiles import SHIPPED_PROFILES_PATH, load_profiles
-from hapki.clm.validation import approve
+from hapki.runtime import names
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.validation import approve
 from hapki.contracts.errors import HapkiError, InvalidName, MalformedCSR
 from hapki.contracts.models import MAX_CSR_CHARS, IssueCertificate
 from helpers.csr import csr_der, der_to_pem, make_csr, make_csr_obj, make_key

@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hapki.clm.names import IPNetwork, normalize_dns_name
+from hapki.runtime.names import IPNetwork, normalize_dns_name
 from hapki.contracts.errors import InvalidName
 
 # The profiles file shipped with the package (the development defaults).

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from hapki.contracts.errors import ForbiddenName, InvalidName
 
 if TYPE_CHECKING:  # profiles imports this module's syntax rules
-    from hapki.clm.profiles import Profile
+    from hapki.runtime.profiles import Profile
 
 MAX_DNS_NAME_LENGTH = 253  # RFC 1035, without the trailing dot
 MAX_LABEL_LENGTH = 63

@@ -1,7 +1,9 @@
-"""What CLM checks before a request reaches the CA: profile, CSR syntax, key policy, proof of possession, names.
+"""What is checked before the CA signs: profile, CSR syntax, key policy, proof of possession, names.
 
 `approve` turns an IssueCertificate into the SignCertificate CLM sends the CA, or raises the HapkiError that
-says why not. Pure and synchronous: no I/O, no clock, linear in the size of the request.
+says why not. `recheck` is the CA's side: the same rules, applied again to what arrived on the bus. Pure and
+synchronous: no I/O, no clock, linear in the size of the request. Shared by CLM and CARA (services never import
+each other), so both enforce one set of rules.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hapki.clm import names
-from hapki.clm.profiles import Profile
+from hapki.runtime import names
+from hapki.runtime.approval import APPROVAL_FIELDS
+from hapki.runtime.profiles import Profile
+from pydantic import ValidationError
+
 from hapki.contracts.errors import (
     BadCSRSignature,
     ForbiddenName,
@@ -26,6 +31,7 @@ from hapki.contracts.errors import (
     KeyPolicyViolation,
     MalformedCSR,
     MessageTooLarge,
+    PolicyViolation,
     UnknownProfile,
 )
 from hapki.contracts.models import MAX_CSR_CHARS, MAX_REQUEST_BYTES, IssueCertificate, SignCertificate
@@ -89,6 +95,36 @@ def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_
         ],
         extended_key_usage=list(profile.extended_key_usage),
     )
+
+
+def recheck(request: SignCertificate, profiles: Mapping[str, Profile]) -> None:
+    """The CA's own check: approve the request's CSR again under its profile; the result must be this request.
+
+    So the CA signs only what its copy of the profiles allows for this CSR (names, forms, domains, networks, count,
+    key type and size, validity, usages), even when the approval key was stolen or CLM has a bug. Raises
+    PolicyViolation naming the refusal (the code approve gave) or the fields that differ.
+    """
+    try:
+        expected = approve(
+            IssueCertificate(csr_pem=request.csr_pem, profile=request.profile, requester="cara"), profiles,
+            request.request_id,
+        )
+    except HapkiError as exc:
+        raise PolicyViolation(
+            f"the CA's profile check refuses request {request.request_id}: {exc.message}",
+            {"request_id": request.request_id, "refused": {"code": exc.code.value, **exc.details}},
+        ) from None
+    except ValidationError:  # e.g. an empty profile name, which IssueCertificate does not allow
+        raise PolicyViolation(f"request {request.request_id} names no valid profile",
+                              {"request_id": request.request_id, "field": "profile"}) from None
+    differing = sorted(name for name in SignCertificate.model_fields
+                       if name not in APPROVAL_FIELDS and getattr(expected, name) != getattr(request, name))
+    if differing:
+        raise PolicyViolation(
+            f"request {request.request_id} asks for other content than profile {request.profile!r} gives this CSR: "
+            f"{', '.join(differing)}",
+            {"request_id": request.request_id, "fields": differing},
+        )
 
 
 def is_well_formed(csr_pem: str) -> bool:

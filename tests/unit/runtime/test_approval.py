@@ -1,0 +1,178 @@
+"""CLM's approval of signing requests: canonical bytes, signing, verification, key files; the CA's profile re-check."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hapki.contracts.errors import ApprovalInvalid, ErrorCode, PolicyViolation
+from hapki.contracts.models import IssueCertificate, SignCertificate
+from hapki.runtime import approval
+from hapki.runtime.approval import ApprovalKey, ApprovalVerifier, approval_payload, generate_key_files
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.validation import approve, recheck
+from helpers.csr import make_csr, make_key
+
+PROFILES = load_profiles(SHIPPED_PROFILES_PATH)
+REQUEST_ID = "ab" * 16
+
+
+def _approved(names: list[str] | None = None, profile: str = "tls-server", key: str = "p256") -> SignCertificate:
+    names = names or ["www.example.com", "api.example.com", "192.0.2.10"]
+    csr_pem, _ = make_csr(names, key=make_key(key), cn=names[0])
+    return approve(IssueCertificate(csr_pem=csr_pem, profile=profile, requester="tests"), PROFILES, REQUEST_ID)
+
+
+# One tampered value per field that is not an approval field: every one must break the approval.
+TAMPERED: dict[str, Any] = {
+    "request_id": "cd" * 16,
+    "profile": "tls-client",
+    "csr_pem": None,  # filled in below: another valid CSR
+    "common_name": "api.example.com",
+    "dns_names": ["www.example.com", "evil.example.com"],
+    "ip_addresses": ["192.0.2.11"],
+    "emails": ["ops@example.com"],
+    "validity_seconds": 398 * 86400,
+    "key_usage": ["digital_signature", "key_cert_sign"],
+    "extended_key_usage": ["server_auth", "client_auth"],
+}
+
+
+def test_every_field_but_the_approval_is_covered() -> None:
+    """A field added to SignCertificate later must get a tampering case here (and is covered by the payload)."""
+    assert set(TAMPERED) == set(SignCertificate.model_fields) - approval.APPROVAL_FIELDS
+
+
+def test_a_signed_request_verifies_and_the_payload_is_canonical() -> None:
+    key, base = ApprovalKey.generate(), _approved()
+    signed = key.sign(base)
+    assert signed.approval_key_id == key.key_id and len(base64.b64decode(signed.approval or "")) == 64
+    ApprovalVerifier([key.public_key()]).verify(signed)
+    # Survives the wire and the database (JSON round trip), and the payload does not depend on the approval.
+    again = SignCertificate.model_validate_json(signed.model_dump_json())
+    ApprovalVerifier([key.public_key()]).verify(again)
+    assert approval_payload(again) == approval_payload(base)
+    assert approval_payload(again).startswith(approval.DOMAIN)
+
+
+@pytest.mark.parametrize("field", sorted(TAMPERED))
+def test_tampering_with_any_covered_field_is_refused(field: str) -> None:
+    key = ApprovalKey.generate()
+    signed = key.sign(_approved())
+    value = TAMPERED[field]
+    if field == "csr_pem":
+        value = make_csr(["www.example.com"], key=make_key("p384"), cn="www.example.com")[0]
+    assert getattr(signed, field) != value
+    forged = SignCertificate.model_validate({**signed.model_dump(), field: value})
+    with pytest.raises(ApprovalInvalid) as caught:
+        ApprovalVerifier([key.public_key()]).verify(forged)
+    assert caught.value.code is ErrorCode.APPROVAL_INVALID
+    assert caught.value.details["reason"] == "the approval does not verify over this content"
+
+
+def test_a_missing_approval_is_refused() -> None:
+    key = ApprovalKey.generate()
+    for unsigned in (_approved(), key.sign(_approved()).model_copy(update={"approval_key_id": None}),
+                     key.sign(_approved()).model_copy(update={"approval": None})):
+        with pytest.raises(ApprovalInvalid, match="no CLM approval"):
+            ApprovalVerifier([key.public_key()]).verify(unsigned)
+
+
+def test_an_approval_by_an_untrusted_key_is_refused_even_under_a_trusted_key_id() -> None:
+    trusted, stranger = ApprovalKey.generate(), ApprovalKey.generate()
+    verifier = ApprovalVerifier([trusted.public_key()])
+    by_stranger = stranger.sign(_approved())
+    with pytest.raises(ApprovalInvalid, match="does not trust"):
+        verifier.verify(by_stranger)
+    # The stranger's signature presented under the trusted key's id.
+    with pytest.raises(ApprovalInvalid, match="does not verify"):
+        verifier.verify(by_stranger.model_copy(update={"approval_key_id": trusted.key_id}))
+    garbage = trusted.sign(_approved()).model_copy(update={"approval": base64.b64encode(os.urandom(64)).decode()})
+    with pytest.raises(ApprovalInvalid, match="does not verify"):
+        verifier.verify(garbage)
+    short = trusted.sign(_approved()).model_copy(update={"approval": "AAAA"})
+    with pytest.raises(ApprovalInvalid, match="does not verify"):
+        verifier.verify(short)
+
+
+def test_rotation_trusts_every_listed_key() -> None:
+    old, new = ApprovalKey.generate(), ApprovalKey.generate()
+    verifier = ApprovalVerifier([old.public_key(), new.public_key()])
+    assert verifier.key_ids == sorted([old.key_id, new.key_id])
+    verifier.verify(old.sign(_approved()))
+    verifier.verify(new.sign(_approved()))
+    with pytest.raises(ValueError):
+        ApprovalVerifier([])
+
+
+def test_key_files_private_0600_never_overwritten_and_checked(tmp_path: Path) -> None:
+    private, public = tmp_path / "k" / "clm.key", tmp_path / "k" / "clm.pub"
+    kid = generate_key_files(private, public)
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = ApprovalKey.from_file(private)
+    assert key.key_id == kid
+    ApprovalVerifier.from_files([public]).verify(key.sign(_approved()))
+    with pytest.raises(FileExistsError):
+        generate_key_files(private, public)
+    private.chmod(0o640)
+    with pytest.raises(ValueError, match="accessible to group or others"):
+        ApprovalKey.from_file(private)
+    with pytest.raises(ValueError, match="cannot read"):
+        ApprovalKey.from_file(tmp_path / "missing.key")
+    with pytest.raises(ValueError, match="no PEM public key"):
+        ApprovalVerifier.from_files([private])  # a private key is not a public key file
+    not_a_key = tmp_path / "junk.key"
+    not_a_key.write_text("junk")
+    not_a_key.chmod(0o600)
+    with pytest.raises(ValueError, match="no unencrypted PEM private key"):
+        ApprovalKey.from_file(not_a_key)
+
+
+# --- the CA's own re-check --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("profile", "names", "key"), [
+    ("tls-server", ["www.example.com", "*.example.org", "10.1.2.3", "2001:db8::1"], "p256"),
+    ("tls-server", ["rsa.example.net"], "rsa2048"),
+    ("tls-client", ["device.internal", "ops@example.com"], "p384"),
+])
+def test_recheck_accepts_what_clm_approves(profile: str, names: list[str], key: str) -> None:
+    recheck(_approved(names, profile, key), PROFILES)
+
+
+@pytest.mark.parametrize(("change", "refusal"), [
+    ({"dns_names": ["www.example.com", "www.evil.com"]}, "dns_names"),  # a name outside the profile's domains
+    ({"common_name": "www.evil.com"}, "common_name"),
+    ({"ip_addresses": ["8.8.8.8"]}, "ip_addresses"),  # a public address, outside the allowed networks
+    ({"emails": ["ceo@example.com"]}, "emails"),  # tls-server allows no email names
+    ({"validity_seconds": 7776000 + 1}, "validity_seconds"),  # above the profile's validity
+    ({"key_usage": ["digital_signature", "key_cert_sign"]}, "key_usage"),  # a CA certificate
+    ({"extended_key_usage": ["server_auth", "client_auth"]}, "extended_key_usage"),
+    ({"profile": "tls-client"}, "common_name"),  # tls-client allows no IP names: refused outright
+])
+def test_recheck_refuses_content_the_profile_does_not_give(change: dict[str, Any], refusal: str) -> None:
+    forged = SignCertificate.model_validate({**_approved().model_dump(), **change})
+    with pytest.raises(PolicyViolation) as caught:
+        recheck(forged, PROFILES)
+    assert caught.value.code is ErrorCode.POLICY_VIOLATION
+    details = caught.value.details
+    assert details["request_id"] == REQUEST_ID
+    assert refusal in details.get("fields", []) or details.get("refused", {}).get("code") == "FORBIDDEN_NAME"
+
+
+def test_recheck_refuses_an_unknown_profile_and_a_key_the_profile_refuses() -> None:
+    with pytest.raises(PolicyViolation) as caught:
+        recheck(SignCertificate.model_validate({**_approved().model_dump(), "profile": "root-ca"}), PROFILES)
+    assert caught.value.details["refused"]["code"] == "UNKNOWN_PROFILE"
+    with pytest.raises(PolicyViolation):
+        recheck(SignCertificate.model_validate({**_approved().model_dump(), "profile": ""}), PROFILES)
+    # A P-521 key: CLM never approves it; the CA refuses it whatever the names say.
+    csr_pem, _ = make_csr(["www.example.com"], key=make_key("p521"), cn="www.example.com")
+    forged = SignCertificate.model_validate({**_approved(["www.example.com"]).model_dump(), "csr_pem": csr_pem})
+    with pytest.raises(PolicyViolation) as caught:
+        recheck(forged, PROFILES)
+    assert caught.value.details["refused"]["code"] == "KEY_POLICY_VIOLATION"
