@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from hapki.lab.local import (
     _MAX_SOCKET_PATH,
@@ -49,6 +49,7 @@ from hapki.lab.local import (
     install_datadir,
 )
 from hapki.lab.render import template
+from hapki.runtime import grants
 
 __all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix"]
 
@@ -382,13 +383,14 @@ class GaleraNode(_Server):
 class GaleraCluster:
     """Galera nodes forming one cluster, database ``hapki`` and its users (passwords in 0600 files).
 
-    Users, all ``@'%'``: ``hapki_clm`` (CLM), ``hapki_cara`` (CARA) with ALL on ``hapki``.*, and ``hapki``
-    (admin/tests) with ALL on ``hapki%``.* so tests can create side databases, as with hapki.lab.local.
+    Users, all ``@'%'``: ``hapki_clm`` (CLM) and ``hapki_cara`` (CARA) with exactly hapki.runtime.grants (applied
+    after the migrations, which the bootstrap runs as root), and ``hapki`` (admin/tests) with ALL on ``hapki%``.*
+    so tests can create side databases, as with hapki.lab.local.
     """
 
     database = "hapki"
     users = ("hapki_clm", "hapki_cara", "hapki")
-    _grants: ClassVar[dict[str, str]] = {"hapki_clm": "`hapki`.*", "hapki_cara": "`hapki`.*", "hapki": "`hapki%`.*"}
+    admin = "hapki"
 
     def __init__(self, base_dir: Path, nodes: list[GaleraNode]) -> None:
         if not nodes:
@@ -406,6 +408,9 @@ class GaleraCluster:
 
     def password(self, user: str) -> str:
         return self.password_file(user).read_text().strip()
+
+    def _require(self) -> str:
+        return ""
 
     def start(self) -> GaleraCluster:
         """Form the cluster and create the database and users; return when every node is Synced.
@@ -451,10 +456,11 @@ class GaleraCluster:
             account = f"'{user}'@'%'"
             statements += [
                 f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
-                f"ALTER USER {account} IDENTIFIED BY '{password}'",
-                f"GRANT ALL PRIVILEGES ON {self._grants[user]} TO {account}",
+                f"ALTER USER {account} IDENTIFIED BY '{password}'{self._require()}",
             ]
+        statements.append(f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO '{self.admin}'@'%'")
         node.sql(";\n".join(statements) + ";")
+        grants.provision(node.sql, self.database, {u: [f"'{u}'@'%'"] for u in grants.SERVICE_USERS})
         for user, password in fresh.items():  # only once the server has them, so a file always matches
             _write_secret(self.password_file(user), password)
 

@@ -431,7 +431,8 @@ class MariaDB(_Server):
     def _install(self) -> None:
         """Create a fresh datadir; root may log in only over the socket (unix_socket auth), as OS user root."""
         shutil.rmtree(self.datadir, ignore_errors=True)
-        self.password_file.unlink(missing_ok=True)
+        for path in self.dir.glob("*password"):
+            path.unlink(missing_ok=True)
         result = install_datadir(self.cnf_path, self.datadir)
         if result.returncode != 0:
             # Its own output is mostly boilerplate; the server's reason is in log-error.
@@ -457,23 +458,44 @@ class MariaDB(_Server):
         return True
 
     def _bootstrap(self) -> None:
-        """Create the database and the application user; (re)set its password from the file."""
-        if self.password_file.exists():
-            password = self.password_file.read_text().strip()
-        else:
-            password = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
+        """Create the database and its users, apply the migrations and the service users' grants.
+
+        ``hapki`` is the admin (migrations, tests' assertions; ALL on ``hapki%``.* so tests can create side
+        databases such as hapki_test_x); ``hapki_clm`` and ``hapki_cara`` get exactly hapki.runtime.grants.
+        Passwords are (re)set from their files, so a restarted server keeps them.
+        """
+        from hapki.runtime import grants  # the lab's starters otherwise need nothing of the services
+
+        fresh: dict[str, str] = {}
         statements = [f"CREATE DATABASE IF NOT EXISTS `{self.database}`"]
-        for host in (_LOCALHOST, "localhost"):
-            account = f"'{self.user}'@'{host}'"
-            statements += [
-                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
-                f"ALTER USER {account} IDENTIFIED BY '{password}'",
-                # hapki% also lets tests create side databases such as hapki_test_x.
-                f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO {account}",
-            ]
+        for user in (self.user, *grants.SERVICE_USERS):
+            path = self.password_file_for(user)
+            if path.exists():
+                password = path.read_text().strip()
+            else:
+                password = fresh[user] = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
+            for account in self._accounts(user):
+                statements += [
+                    f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
+                    f"ALTER USER {account} IDENTIFIED BY '{password}'{self._require()}",
+                ]
+            if user == self.user:
+                statements += [f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO {a}" for a in self._accounts(user)]
         self.sql(";\n".join(statements) + ";")
-        if not self.password_file.exists():
-            _write_secret(self.password_file, password)
+        grants.provision(self.sql, self.database, {u: self._accounts(u) for u in grants.SERVICE_USERS})
+        for user, password in fresh.items():  # only once the server has them, so a file always matches
+            _write_secret(self.password_file_for(user), password)
+
+    @staticmethod
+    def _accounts(user: str) -> list[str]:
+        return [f"'{user}'@'{host}'" for host in (_LOCALHOST, "localhost")]
+
+    def _require(self) -> str:
+        return ""
+
+    def password_file_for(self, user: str) -> Path:
+        """The 0600 file holding ``user``'s password (the admin's is ``password_file``)."""
+        return self.password_file if user == self.user else self.dir / f"{user}.password"
 
     def sql(self, statement: str) -> str:
         """Run SQL as root over the socket with the ``mariadb`` client; tab-separated rows, no header."""
@@ -506,7 +528,8 @@ class MariaDB(_Server):
 
     def _wipe(self) -> None:
         shutil.rmtree(self.datadir, ignore_errors=True)
-        self.password_file.unlink(missing_ok=True)
+        for path in self.dir.glob("*password"):
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

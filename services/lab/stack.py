@@ -20,6 +20,7 @@ import tomli_w
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
 from hapki.lab.local import LocalEnv
+from hapki.runtime.grants import CARA_USER, CLM_USER
 from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
 
 TOKEN = "hapki-a"
@@ -29,9 +30,11 @@ def nats_config(env: LocalEnv) -> NatsConfig:
     return NatsConfig(servers=[env.nats.url])
 
 
-def database_config(env: LocalEnv, **overrides: Any) -> DatabaseConfig:
+def database_config(env: LocalEnv, user: str | None = None, **overrides: Any) -> DatabaseConfig:
+    """The env's database as `user` (default: the admin; the services use their own, see hapki.runtime.grants)."""
+    user = user or env.db.user
     return DatabaseConfig(
-        nodes=[f"127.0.0.1:{env.db.port}"], user=env.db.user, password_file=env.db.password_file,
+        nodes=[f"127.0.0.1:{env.db.port}"], user=user, password_file=env.db.password_file_for(user),
         database=env.db.database, **overrides,
     )
 
@@ -58,11 +61,11 @@ def hsm_config(env: LocalEnv) -> HSMConfig:
 
 
 def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
-    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env), **overrides)
+    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env, CLM_USER), **overrides)
 
 
 def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
-    return CaraConfig(member=member, nats=nats_config(env), database=database_config(env), hsm=hsm_config(env),
+    return CaraConfig(member=member, nats=nats_config(env), database=database_config(env, CARA_USER), hsm=hsm_config(env),
                       **overrides)
 
 
