@@ -77,7 +77,7 @@ class CaraRuntime:
         self.hsm.open()
         self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
         js = self.nc.jetstream()
-        await bus.ensure_topology(js, cfg.nats)
+        await bus.ensure_topology(js, cfg.nats, streams=(subjects.SIGNING_STREAM,))
         self.signer = Signer(
             nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=self._clock, faults=FailPoints(),

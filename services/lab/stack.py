@@ -26,16 +26,19 @@ from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfi
 TOKEN = "hapki-a"
 
 
-def nats_config(env: LocalEnv) -> NatsConfig:
-    return NatsConfig(servers=[env.nats.url])
+def nats_config(env: LocalEnv, user: str = "admin") -> NatsConfig:
+    """The env's bus as `user` (hapki.lab.local.BusUsers; the services use their own)."""
+    config: NatsConfig = env.nats.nats_config(user)
+    return config
 
 
 def database_config(env: LocalEnv, user: str | None = None, **overrides: Any) -> DatabaseConfig:
     """The env's database as `user` (default: the admin; the services use their own, see hapki.runtime.grants)."""
     user = user or env.db.user
+    tls = {"tls_ca_file": env.db.tls.ca_file} if env.db.tls else {}
     return DatabaseConfig(
         nodes=[f"127.0.0.1:{env.db.port}"], user=user, password_file=env.db.password_file_for(user),
-        database=env.db.database, **overrides,
+        database=env.db.database, **tls, **overrides,
     )
 
 
@@ -61,11 +64,13 @@ def hsm_config(env: LocalEnv) -> HSMConfig:
 
 
 def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
-    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env, CLM_USER), **overrides)
+    return ClmConfig(member=member, nats=nats_config(env, "clm"), database=database_config(env, CLM_USER),
+                     **overrides)
 
 
 def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
-    return CaraConfig(member=member, nats=nats_config(env), database=database_config(env, CARA_USER), hsm=hsm_config(env),
+    return CaraConfig(member=member, nats=nats_config(env, "cara"), database=database_config(env, CARA_USER),
+                      hsm=hsm_config(env),
                       **overrides)
 
 
