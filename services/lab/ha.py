@@ -813,7 +813,8 @@ def format_status(st: dict[str, Any]) -> str:
         states = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in (hsm or {}).items())
         lines.append(f"  HSM seen by {member}: {states}")
     c = st["client"]
-    lines += [f"  NATS: {','.join(c['nats_urls'])}", f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
+    lines += [f"  NATS: {','.join(c['nats_urls'])} (TLS; user {c['nats_user']}, password in {c['nats_password_file']})",
+              f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
               f"  OCSP and CRLs: {c['revocation_url']}/ocsp, {c['revocation_url']}/crl/<issuer>.crl",
               f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}"]
     return "\n".join(lines)

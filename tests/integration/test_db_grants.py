@@ -22,28 +22,24 @@ ER_COLUMNACCESS_DENIED = 1143
 ER_DBACCESS_DENIED = 1044
 
 
-async def _connect(env: LocalEnv, user: str) -> aiomysql.Connection:
-    return await aiomysql.connect(host="127.0.0.1", port=env.db.port, user=user,
-                                  password=env.db.password_file_for(user).read_text().strip(),
-                                  db=env.db.database, autocommit=True)
+async def _session(env: LocalEnv, user: str) -> AsyncIterator[aiomysql.Connection]:
+    conn = await aiomysql.connect(**env.db.connect_kwargs(user), autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @pytest.fixture
 async def clm_sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
-    conn = await _connect(env, CLM_USER)
-    try:
+    async for conn in _session(env, CLM_USER):
         yield conn
-    finally:
-        conn.close()
 
 
 @pytest.fixture
 async def cara_sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
-    conn = await _connect(env, CARA_USER)
-    try:
+    async for conn in _session(env, CARA_USER):
         yield conn
-    finally:
-        conn.close()
 
 
 async def _refused(conn: aiomysql.Connection, statement: str, args: object = None) -> int:
