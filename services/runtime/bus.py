@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 
 from hapki.contracts import subjects
 from hapki.contracts.models import MAX_REQUEST_BYTES
-from faststream.security import BaseSecurity, SASLPlaintext
+from faststream.nats.security import NatsSecurity, NatsUserPassword
 
 from hapki.runtime import bus_auth
 from hapki.runtime.config import NatsConfig, read_secret
@@ -119,10 +119,10 @@ def faststream_options(config: NatsConfig) -> dict[str, Any]:
     if "inbox_prefix" in options:
         out["inbox_prefix"] = options["inbox_prefix"]
     if "user" in options:
-        out["security"] = SASLPlaintext(username=options["user"], password=options["password"] or "",
-                                        ssl_context=options.get("tls"))
+        out["security"] = NatsUserPassword(username=options["user"], password=options["password"] or "",
+                                           ssl_context=options.get("tls"))
     elif "tls" in options:
-        out["security"] = BaseSecurity(ssl_context=options["tls"])
+        out["security"] = NatsSecurity(ssl_context=options["tls"])
     return out
 
 

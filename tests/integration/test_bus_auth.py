@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import aiomysql
@@ -117,9 +118,19 @@ async def test_only_the_signer_reaches_the_signing_stream(env: LocalEnv) -> None
 
 async def test_connections_without_credentials_or_tls_are_refused(env: LocalEnv) -> None:
     kwargs = env.nats.connect_kwargs("client")
-    with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):  # no TLS: the server requires it
-        await nats.connect(servers=kwargs["servers"], user="client", password=str(kwargs["password"]),
-                           connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    # Plaintext, spoken by hand (a client library would refuse on its own): the server requires TLS and answers
+    # a plaintext CONNECT with no PONG, only an error or a closed connection.
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.nats.port)
+    try:
+        info = json.loads((await asyncio.wait_for(reader.readline(), 5)).decode().removeprefix("INFO "))
+        assert info["tls_required"] is True and info["auth_required"] is True
+        connect = {"user": "client", "pass": str(kwargs["password"]), "verbose": False, "pedantic": False}
+        writer.write(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        assert b"PONG" not in answer, answer
+    finally:
+        writer.close()
     with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):  # TLS but no credentials
         await nats.connect(servers=kwargs["servers"], tls=kwargs["tls"], connect_timeout=2, allow_reconnect=False,
                            max_reconnect_attempts=0)
