@@ -44,10 +44,12 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
         Grant("issuers"),
         # Records requests; later only flags them (revoked) and schedules expiry checks.
         Grant("requests", ("SELECT", "INSERT"), update_columns=("revoked", "expiry_check_at")),
-        Grant("request_names", ("SELECT", "INSERT"), update_columns=("value",)),  # ON DUPLICATE KEY no-op
+        # INSERT ... ON DUPLICATE KEY UPDATE needs UPDATE on every inserted column (MariaDB): whole-table UPDATE on
+        # the tables CLM alone owns and writes that way.
+        Grant("request_names", ("SELECT", "INSERT", "UPDATE")),
         Grant("certificates"),  # read only: CLM cannot write certificates
         Grant("revocations", ("SELECT", "INSERT")),
-        Grant("expiry_notices", ("SELECT", "INSERT"), update_columns=("request_id", "published_at")),
+        Grant("expiry_notices", ("SELECT", "INSERT", "UPDATE")),
         Grant("audit_entries", ("INSERT",)),
         Grant("audit_unsealed", ("INSERT",)),
     ),
@@ -67,7 +69,7 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
         Grant("audit_entries", ("SELECT", "INSERT")),  # the sealer reads entries to chain them
         Grant("audit_unsealed", ("SELECT", "INSERT", "DELETE")),  # the sealer removes what it chained
         Grant("audit_chain", ("SELECT", "INSERT")),
-        Grant("audit_head", ("SELECT", "INSERT"), update_columns=("seq", "hash", "updated_at")),
+        Grant("audit_head", ("SELECT", "INSERT", "UPDATE")),  # its one row, upserted by the sealer
         Grant("audit_signers", ("SELECT", "INSERT")),
         Grant("audit_checkpoints", ("SELECT", "INSERT")),
     ),

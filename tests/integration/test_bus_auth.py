@@ -33,7 +33,7 @@ class _Session:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             for err in self.errors:
-                if "Permissions Violation" in err and what in err:
+                if "permissions violation" in err.lower() and what.lower() in err.lower():
                     return err
             await asyncio.sleep(0.02)
         raise AssertionError(f"no permissions violation for {what!r}; errors: {self.errors}")
