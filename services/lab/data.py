@@ -165,7 +165,11 @@ class GaleraNode(_Server):
         # TLS: client connections (required for every TCP client) and replication/IST between the nodes. The
         # rsync SST stays plaintext on the data segment (it would need stunnel or socat; see docs/SECURITY.md).
         tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
-                     *(f"{k}={v}" for k, v in tls.mariadb_options().items())] if tls else []
+                     *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
+                     "", "[sst]",
+                     "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
+                     "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
+                     "ssl-mode=DISABLED"] if tls else []
         return template("galera.cnf").substitute(
             name=self.name, datadir=self.datadir, socket=self.socket, pid_file=self.pid_file, port=self.port,
             address=self.address, log_path=self.log_path, provider=GALERA_PROVIDER, galera_port=self.galera_port,

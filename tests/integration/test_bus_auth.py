@@ -7,51 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from collections.abc import AsyncIterator
 
 import aiomysql
 import nats
 import nats.errors
 import pymysql.err
 import pytest
-from nats.aio.client import Client
 
+from bus_session import BusSession, bus_session, plaintext_refused
 from hapki.contracts import subjects
 from hapki.lab.local import LocalEnv
 
 pytestmark = pytest.mark.integration
 
 
-class _Session:
-    def __init__(self, nc: Client, errors: list[str]) -> None:
-        self.nc, self.errors = nc, errors
-
-    async def violation(self, what: str, timeout: float = 3.0) -> str:
-        """Wait for the server's permissions violation that names `what`."""
-        await self.nc.flush()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            for err in self.errors:
-                if "permissions violation" in err.lower() and what.lower() in err.lower():
-                    return err
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no permissions violation for {what!r}; errors: {self.errors}")
-
-
-@contextlib.asynccontextmanager
-async def _as(env: LocalEnv, user: str) -> AsyncIterator[_Session]:
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(**env.nats.connect_kwargs(user), error_cb=on_error, allow_reconnect=False,
-                            connect_timeout=5)
-    try:
-        yield _Session(nc, errors)
-    finally:
-        await nc.close()
+def _as(env: LocalEnv, user: str) -> contextlib.AbstractAsyncContextManager[BusSession]:
+    return bus_session(env.nats.connect_kwargs(user))
 
 
 async def _signing_messages(env: LocalEnv) -> int:
@@ -118,19 +89,8 @@ async def test_only_the_signer_reaches_the_signing_stream(env: LocalEnv) -> None
 
 async def test_connections_without_credentials_or_tls_are_refused(env: LocalEnv) -> None:
     kwargs = env.nats.connect_kwargs("client")
-    # Plaintext, spoken by hand (a client library would refuse on its own): the server requires TLS and answers
-    # a plaintext CONNECT with no PONG, only an error or a closed connection.
-    reader, writer = await asyncio.open_connection("127.0.0.1", env.nats.port)
-    try:
-        info = json.loads((await asyncio.wait_for(reader.readline(), 5)).decode().removeprefix("INFO "))
-        assert info["tls_required"] is True and info["auth_required"] is True
-        connect = {"user": "client", "pass": str(kwargs["password"]), "verbose": False, "pedantic": False}
-        writer.write(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(4096), 5)
-        assert b"PONG" not in answer, answer
-    finally:
-        writer.close()
+    info = await plaintext_refused("127.0.0.1", env.nats.port, "client", str(kwargs["password"]))
+    assert info["tls_required"] is True and info["auth_required"] is True
     with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):  # TLS but no credentials
         await nats.connect(servers=kwargs["servers"], tls=kwargs["tls"], connect_timeout=2, allow_reconnect=False,
                            max_reconnect_attempts=0)
