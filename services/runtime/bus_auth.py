@@ -100,15 +100,3 @@ def accounts_conf(users: Sequence[User], *, account: str = "HAPKI") -> str:
             raise ValueError(f"unknown bus role {user.role!r} for {user.name!r}")
     body = {account: {"jetstream": "enabled", "users": [_user_block(u) for u in users]}}
     return "accounts: " + json.dumps(body, indent=2) + "\n"
-
-
-def users_by_role(users: Sequence[User]) -> dict[str, list[User]]:
-    grouped: dict[str, list[User]] = {}
-    for user in users:
-        grouped.setdefault(user.role, []).append(user)
-    return grouped
-
-
-def default_users(passwords: Mapping[str, str]) -> list[User]:
-    """The standard users (one per role, named after it) with the given passwords."""
-    return [User(name, name, passwords[name]) for name in ROLES]
