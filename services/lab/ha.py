@@ -89,7 +89,8 @@ class Lab:
         self.tls_dir = self.base_dir / "tls"
         # The data tier speaks TLS only, with certificates of the lab's infrastructure CA (issued at each start);
         # every bus user has its own password and subjects (hapki.runtime.bus_auth).
-        self.bus_users = BusUsers(self.base_dir / "secrets")
+        self.bus_users = BusUsers(self.base_dir / "secrets", [
+            *BusUsers.DEFAULT, *(BusUsers.watcher_user(tier, m) for tier, t in topo.tiers.items() for m in t.members)])
         self.galera = GaleraCluster(self.base_dir, [
             GaleraNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.galera}" for p in dbs],
                        netns=topo.namespace(m), port=ports.mariadb, galera_port=ports.galera,
@@ -364,7 +365,7 @@ class Lab:
                     raise LabError(f"no service known for tier {tier!r}")
                 stack.write_config(config, self.service_config_path(member))
                 watcher: dict[str, Any] = {"member": member, "tier": tier, "vip": str(t.vip),
-                                           "nats": self._nats_config("watcher")}
+                                           "nats": self._nats_config(f"watcher-{member}")}
                 if "health_url" in WatcherConfig.model_fields:
                     watcher["health_url"] = f"http://127.0.0.1:{t.backend_port}/health"
                 stack.write_config(WatcherConfig(**watcher), self.watcher_config_path(member))  # type: ignore[arg-type]

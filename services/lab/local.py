@@ -376,20 +376,27 @@ class BusUsers:
     each service a NatsConfig naming its own user and password file.
     """
 
-    # (user, role): one user per role, and a second client to show that requesters cannot read each other's replies.
-    DEFAULT: tuple[tuple[str, str], ...] = (
+    # (user, role[, scope]): one user per role, a second client to show that requesters cannot read each other's
+    # replies, and a watcher scoped to one member (the lab gives every member's watcher its own, see watcher_user).
+    DEFAULT: tuple[tuple[str, ...], ...] = (
         ("admin", "admin"), ("clm", "clm"), ("cara", "cara"), ("watcher", "watcher"), ("client", "client"),
-        ("client-b", "client"),
+        ("client-b", "client"), ("watcher-cara-1", "watcher", "cara.cara-1"),
     )
 
-    def __init__(self, secrets_dir: Path, users: Sequence[tuple[str, str]] = DEFAULT) -> None:
+    def __init__(self, secrets_dir: Path, users: Sequence[tuple[str, ...]] = DEFAULT) -> None:
         self.secrets_dir = Path(secrets_dir)
-        self.users = tuple(users)
+        self.users = tuple({u[0]: tuple(u) for u in users}.values())  # one entry per name, the last one wins
+
+    @staticmethod
+    def watcher_user(tier: str, member: str) -> tuple[str, str, str]:
+        """The bus user of `member`'s watcher: it may publish that member's HA events only."""
+        return (f"watcher-{member}", "watcher", f"{tier}.{member}")
 
     def password_file(self, user: str) -> Path:
         """The 0600 file holding ``user``'s bus password."""
-        if user not in dict(self.users):
-            raise KeyError(f"unknown bus user {user!r}; known: {', '.join(dict(self.users))}")
+        names = [u[0] for u in self.users]
+        if user not in names:
+            raise KeyError(f"unknown bus user {user!r}; known: {', '.join(names)}")
         return self.secrets_dir / f"nats-{user}.password"
 
     def accounts_conf(self) -> str:
@@ -398,11 +405,11 @@ class BusUsers:
 
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         users = []
-        for name, role in self.users:
+        for name, role, *scope in self.users:
             path = self.password_file(name)
             if not path.exists():
                 _write_secret(path, secrets.token_urlsafe(24))
-            users.append(User(name, role, path.read_text().strip()))
+            users.append(User(name, role, path.read_text().strip(), *scope))
         return accounts_conf(users)
 
 

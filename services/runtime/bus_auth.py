@@ -9,7 +9,7 @@ Every party connects with its own user (password from a 0600 file) and gets exac
   cannot read signing requests back;
 - CARA (the signer) alone pulls from and acks on the signing stream's durable consumer, and alone publishes
   results;
-- watchers alone publish HA events;
+- watchers alone publish HA events, each only its own member's (a user with a scope ``<tier>.<member>``);
 - the admin (provisioning: streams and consumers; the lab's and the tests' inspection) may do everything.
 
 Stream and consumer definitions are created by the admin (hapki.runtime.bus.ensure_topology at provisioning);
@@ -63,18 +63,20 @@ ROLES: Mapping[str, Permissions] = {
                  f"$JS.ACK.{_SIGNER}.>"),
         subscribe=(s.CLM_REVOKED,),
     ),
-    "watcher": Permissions(publish=(f"{s.HA_EVENTS_PREFIX}.>", f"{_INFO}.{s.HA_EVENTS_STREAM}"), subscribe=()),
+    # {scope}: the user's own tier.member (User.scope); ">" for an unscoped watcher user.
+    "watcher": Permissions(publish=(f"{s.HA_EVENTS_PREFIX}.{{scope}}", f"{_INFO}.{s.HA_EVENTS_STREAM}"), subscribe=()),
     "admin": Permissions(publish=(">",), subscribe=(">",), respond=True),
 }
 
 
 @dataclass(frozen=True)
 class User:
-    """One bus user: its name, role (a key of ROLES) and password."""
+    """One bus user: its name, role (a key of ROLES) and password; `scope` fills {scope} in its subjects."""
 
     name: str
     role: str
     password: str
+    scope: str = ">"
 
 
 def _user_block(user: User) -> dict[str, object]:
@@ -83,7 +85,8 @@ def _user_block(user: User) -> dict[str, object]:
     if user.role != "admin":
         subscribe.append(f"{inbox_prefix(user.name)}.>")
     block: dict[str, object] = {"user": user.name, "password": user.password,
-                                "permissions": {"publish": {"allow": list(perms.publish)},
+                                "permissions": {"publish": {"allow": [p.replace("{scope}", user.scope)
+                                                                      for p in perms.publish]},
                                                 "subscribe": {"allow": subscribe}}}
     if perms.respond and user.role != "admin":
         block["permissions"]["allow_responses"] = True  # type: ignore[index]

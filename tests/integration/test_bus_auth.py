@@ -59,9 +59,13 @@ async def test_only_watchers_publish_ha_events(env: LocalEnv) -> None:
         async with _as(env, user) as session:
             await session.nc.publish(subject, b"{}")
             await session.violation(f'Publish to "{subject}"')
-    async with _as(env, "watcher") as watcher:
+    async with _as(env, "watcher-cara-1") as watcher:
         ack = await watcher.nc.jetstream().publish(subject, b'{"test": true}', timeout=5)
         assert ack.stream == subjects.HA_EVENTS_STREAM
+        # A member's watcher speaks for that member only.
+        other = subjects.ha_events("cara", "cara-2")
+        await watcher.nc.publish(other, b"{}")
+        await watcher.violation(f'Publish to "{other}"')
 
 
 async def test_only_the_signer_reaches_the_signing_stream(env: LocalEnv) -> None:

@@ -22,7 +22,7 @@ def _matches(pattern: str, subject: str) -> bool:
 
 def _may(role: str, verb: str, subject: str, user: str | None = None) -> bool:
     perms = ROLES[role]
-    allowed = list(perms.publish if verb == "pub" else perms.subscribe)
+    allowed = [p.replace("{scope}", ">") for p in (perms.publish if verb == "pub" else perms.subscribe)]
     if verb == "sub" and role != "admin":
         allowed.append(f"{inbox_prefix(user or role)}.>")
     return any(_matches(p, subject) for p in allowed)
@@ -65,6 +65,13 @@ def test_only_the_signer_and_admin_reach_the_signing_consumer() -> None:
             assert subjects.SIGNING_STREAM not in pattern or (role, pattern) == (
                 "clm", f"$JS.API.STREAM.INFO.{subjects.SIGNING_STREAM}"), (role, pattern)
             assert not _matches(pattern, f"$JS.API.CONSUMER.MSG.NEXT.{SIGNER}"), (role, pattern)
+
+
+def test_a_scoped_watcher_publishes_only_its_members_events() -> None:
+    body = json.loads(accounts_conf([User("watcher-cara-1", "watcher", "pw", "cara.cara-1")]).removeprefix("accounts: "))
+    allowed = body["HAPKI"]["users"][0]["permissions"]["publish"]["allow"]
+    assert subjects.ha_events("cara", "cara-1") in allowed
+    assert not any(_matches(p, subjects.ha_events("cara", "cara-2")) for p in allowed)
 
 
 def test_accounts_conf_is_json_with_every_user() -> None:
