@@ -89,7 +89,7 @@ class CaraRuntime:
         await asyncio.to_thread(self.hsm.verify_keys, key_ids)
         self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
         js = self.nc.jetstream()
-        await bus.ensure_topology(js, cfg.nats)
+        await bus.ensure_topology(js, cfg.nats, streams=(subjects.SIGNING_STREAM,))
         self.signer = Signer(
             nc=self.nc, js=js, store=store, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=self._clock, approvals=approvals, profiles=profiles,

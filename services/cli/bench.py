@@ -140,7 +140,7 @@ def _peak_rss_mib(pid: int | None) -> float | None:
 
 
 async def _run_level(
-    nats_url: str, concurrency: int, seconds: float, warmup: float, pool: list[IssueCertificate],
+    nats: Any, concurrency: int, seconds: float, warmup: float, pool: list[IssueCertificate],
     pids: dict[str, int | None],
 ) -> LevelResult:
     from opentelemetry import trace
@@ -149,7 +149,7 @@ async def _run_level(
 
     tracer = trace.get_tracer("hapki.bench")
     result = LevelResult(concurrency=concurrency, seconds=seconds)
-    client = await ClmClient.connect([nats_url], timeout=REQUEST_TIMEOUT_SECONDS)
+    client = await ClmClient.connect(nats, timeout=REQUEST_TIMEOUT_SECONDS)
     start = time.perf_counter()
     window_start, window_end = start + warmup, start + warmup + seconds
 
@@ -267,7 +267,7 @@ def _bench(base_dir: Path, levels: list[int], seconds: float, as_json: bool) -> 
         pids = _pids(stack)
         for level in levels:
             _progress(f"  {level} clients: {warmup:.0f} s warm-up, then {seconds:g} s measured ...")
-            result = asyncio.run(_run_level(stack.env.nats.url, level, seconds, warmup, pool, pids))
+            result = asyncio.run(_run_level(stack.env.nats.nats_config("client"), level, seconds, warmup, pool, pids))
             results.append(result)
             _progress(f"  {level} clients: {len(result.latencies_ms) / seconds:.1f} issued/s, "
                       f"{result.errors} errors")

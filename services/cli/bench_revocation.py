@@ -44,7 +44,7 @@ def _percentile(ordered: list[float], p: float) -> float | None:
 
 # --- OCSP through the VIP ---------------------------------------------------------------------------------------
 
-async def _ocsp_request_for_new_certificate(nats_urls: list[str]) -> tuple[str, bytes]:
+async def _ocsp_request_for_new_certificate(nats_urls: Any) -> tuple[str, bytes]:
     """Issue one certificate through the lab; its AIA OCSP URL and a DER OCSP request for it."""
     client = await ClmClient.connect(nats_urls, timeout=30.0)
     try:
@@ -104,7 +104,7 @@ def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any) -> di
         say(f"  bringing the HA lab up in {lab.base_dir} ...")
         lab.up()
     try:
-        url, body = asyncio.run(_ocsp_request_for_new_certificate(lab.nats_urls))
+        url, body = asyncio.run(_ocsp_request_for_new_certificate(lab.client_nats_config()))
         results = []
         for level in levels:
             say(f"  OCSP, {level} clients: 1 s warm-up, then {seconds:g} s measured against {url} ...")
@@ -125,8 +125,7 @@ async def _insert_revocations(env: Any, issuer: str, count: int, now: datetime) 
 
     entries = [CrlEntry(serial=serial_hex(random_serial()), revoked_at=now - timedelta(seconds=i),
                         reason=REASONS[i % len(REASONS)]) for i in range(count)]
-    conn = await aiomysql.connect(host="127.0.0.1", port=env.db.port, user=env.db.user, password=env.db.password(),
-                                  db=env.db.database, autocommit=True)
+    conn = await aiomysql.connect(**env.db.connect_kwargs(), autocommit=True)
     try:
         async with conn.cursor() as cur:
             for start in range(0, count, INSERT_BATCH):

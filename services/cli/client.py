@@ -27,7 +27,8 @@ from hapki.contracts.models import (
     SearchReply,
     StatusQuery,
 )
-from hapki.runtime import telemetry
+from hapki.runtime import bus, telemetry
+from hapki.runtime.config import NatsConfig
 
 R = TypeVar("R", bound=BaseModel)
 tracer = trace.get_tracer("hapki.client")
@@ -41,7 +42,12 @@ class ClmClient:
         self._timeout = timeout
 
     @classmethod
-    async def connect(cls, servers: list[str], timeout: float = 30.0) -> ClmClient:
+    async def connect(cls, servers: list[str] | NatsConfig, timeout: float = 30.0) -> ClmClient:
+        """Connect to `servers`, or as the client user of a NatsConfig (credentials, TLS, its own inbox)."""
+        if isinstance(servers, NatsConfig):
+            return cls(await nats.connect(servers=servers.servers, name="hapki-client",
+                                          connect_timeout=servers.connect_timeout_seconds,
+                                          **bus.connect_options(servers)), timeout)
         return cls(await nats.connect(servers=servers, name="hapki-client"), timeout)
 
     async def close(self) -> None:

@@ -251,7 +251,11 @@ async def issue(args: argparse.Namespace) -> int:
             print("give --csr FILE or at least one --name", file=sys.stderr)
             return 2
         csr_pem, key_pem = new_key_and_csr(args.name)
-    client = await ClmClient.connect(args.nats.split(","), timeout=args.timeout)
+    from hapki.runtime.config import NatsConfig
+
+    client = await ClmClient.connect(NatsConfig(servers=args.nats.split(","), user=args.nats_user,
+                                                password_file=args.nats_password_file, tls_ca_file=args.nats_ca),
+                                     timeout=args.timeout)
     try:
         reply = await client.issue(
             IssueCertificate(csr_pem=csr_pem.decode(), profile=args.profile, requester=args.requester,

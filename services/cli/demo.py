@@ -14,6 +14,7 @@ Then stop everything (with --keep: after Ctrl-C).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 import contextlib
 import os
 import signal
@@ -124,14 +125,14 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _issue(nats_url: str, csr_pem: bytes) -> tuple[IssueReply, str, float]:
+async def _issue(nats: Any, csr_pem: bytes) -> tuple[IssueReply, str, float]:
     """Ask CLM for a certificate inside a `demo.issue` root span; (reply, trace id, seconds)."""
     from opentelemetry import trace
 
     from hapki.cli.client import ClmClient
     from hapki.contracts.models import IssueCertificate
 
-    client = await ClmClient.connect([nats_url], timeout=20.0)
+    client = await ClmClient.connect(nats, timeout=20.0)
     try:
         request = IssueCertificate(csr_pem=csr_pem.decode(), profile="tls-server", requester="hapki-demo")
         with trace.get_tracer("hapki.demo").start_as_current_span("demo.issue") as span:
@@ -252,7 +253,7 @@ def _demo(base_dir: Path, keep: bool) -> int:
         _say(f"[2/5] Generating a P-256 key and a CSR for {', '.join(DEMO_NAMES)}, asking CLM for a certificate ...")
         csr_pem, key_pem = new_key_and_csr(DEMO_NAMES)
         try:
-            reply, trace_id, took = asyncio.run(_issue(stack.env.nats.url, csr_pem))
+            reply, trace_id, took = asyncio.run(_issue(stack.env.nats.nats_config("client"), csr_pem))
         except Exception as exc:  # nats timeouts and connection errors: the message says enough
             raise DemoError(f"no answer from CLM ({type(exc).__name__}: {exc}); see {base_dir / 'logs'}") from exc
         telemetry.shutdown()  # flush this process's spans (demo.issue, client.issue) to the trace file
@@ -322,7 +323,9 @@ def _demo(base_dir: Path, keep: bool) -> int:
         if keep:
             _say()
             _say("Everything keeps running until Ctrl-C. Try, in another terminal:")
+            client = stack.env.nats.nats_config("client")
             _say(f"  {Path(sys.executable).parent / 'hapki'} issue --nats {stack.env.nats.url} "
+                 f"--nats-user client --nats-password-file {client.password_file} --nats-ca {client.tls_ca_file} "
                  f"--name www.example.com --out /tmp/hapki-cert")
             _say(f"  NATS: {stack.env.nats.url}")
             try:

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     issue = sub.add_parser("issue", help="request a certificate over NATS")
     issue.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL(s), comma-separated")
+    issue.add_argument("--nats-user", help="bus user (the lab's client user: see `hapki lab status --json`)")
+    issue.add_argument("--nats-password-file", type=Path, help="file holding the bus user's password")
+    issue.add_argument("--nats-ca", type=Path, help="CA bundle of the NATS servers' certificates (TLS)")
     issue.add_argument("--profile", default="tls-server")
     issue.add_argument("--csr", type=Path, help="PEM CSR; without it a P-256 key and CSR are generated")
     issue.add_argument("--name", action="append", default=[], help="DNS name / IP / email (repeatable)")

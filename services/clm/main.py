@@ -21,6 +21,7 @@ from hapki.clm.inventory_store import MariaDBInventoryStore
 from hapki.clm.ratelimit import Rate, RateLimiter
 from hapki.clm.queue import JetStreamExpiryPublisher, JetStreamSigningQueue, NatsEventPublisher
 from hapki.clm.service import ClmService
+from hapki.contracts import subjects
 from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
 from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus
@@ -67,7 +68,8 @@ class ClmRuntime:
         await migrate(self.db)
         self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
         js = self.nc.jetstream()
-        await bus.ensure_topology(js, cfg.nats)
+        await bus.ensure_topology(js, cfg.nats, consumer=False,
+                                 streams=(subjects.SIGNING_STREAM, subjects.EXPIRY_STREAM))
         inventory = MariaDBInventoryStore(self.db)
         self.service = ClmService(
             store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
@@ -80,7 +82,7 @@ class ClmRuntime:
                                       batch=cfg.expiry_batch)
         # FastStream logs two lines per message at its log_level; keep those at DEBUG (about 6% of CLM's CPU).
         self.broker = build_broker(cfg.nats.servers, self.service, logger=logging.getLogger("hapki.clm.broker"),
-                                   log_level=logging.DEBUG)
+                                   log_level=logging.DEBUG, **bus.faststream_options(cfg.nats))
         await self.broker.start()
         # Schedulers run only on the CLM VIP holder (every member when no VIP is set).
         self._vip = VipOwnership(cfg.vip) if cfg.vip else None

@@ -89,7 +89,7 @@ class MariaDBRequestStore:
         """Audit a policy refusal. Once per (requester, profile, CSR, code): a replayed bad request adds nothing."""
 
         async def body(cur: aiomysql.Cursor) -> None:
-            await append(cur, entry, dedupe=True)
+            await append(cur, entry)
 
         entry = AuditRecord(
             kind=AuditKind.REQUEST_REJECTED, actor=self._actor, created_at=now,
@@ -97,7 +97,10 @@ class MariaDBRequestStore:
                     "csr_sha256": rejection.csr_sha256, "code": rejection.code, "message": rejection.message[:512]},
             id=derived_id(AuditKind.REQUEST_REJECTED.value, rejection.requester, rejection.profile,
                           rejection.csr_sha256, rejection.code))
-        await self._db.run(body, name="clm.record_rejection")
+        try:
+            await self._db.run(body, name="clm.record_rejection")
+        except DuplicateKey:
+            pass  # recorded before (derived id): the first entry is kept
 
     async def view(self, request_id: str) -> IssueReply:
         async def body(cur: aiomysql.Cursor) -> IssueReply:

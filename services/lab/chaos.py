@@ -187,7 +187,7 @@ class ChaosRunner:
             try:
                 conn = await aiomysql.connect(host=node.address, port=node.port, user="hapki", db="hapki",
                                               autocommit=True, password=self.lab.galera.password("hapki"),
-                                              connect_timeout=2)
+                                              connect_timeout=2, ssl=self.lab.db_ssl_context())
             except Exception as exc:  # noqa: BLE001 - try the next node
                 last = exc
                 continue

@@ -37,10 +37,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from hapki.lab.local import (
     _MAX_SOCKET_PATH,
+    BusUsers,
+    TlsFiles,
     _nats_binary,
     _reap_stale,
     _Server,
@@ -49,6 +51,7 @@ from hapki.lab.local import (
     install_datadir,
 )
 from hapki.lab.render import template
+from hapki.runtime import grants
 
 __all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix"]
 
@@ -152,15 +155,26 @@ class GaleraNode(_Server):
             sock = Path("/tmp") / f"hapki-lab-{digest}" / "mariadbd.sock"
         self.socket = sock
         self._extra_args: list[str] = []
+        self.tls: Callable[[], TlsFiles] | None = None  # set by GaleraCluster: this node's TLS files, at each start
         self.last_start_offset = 0  # byte offset of the log where the last start began (see joined_by())
 
     # -- configuration -----------------------------------------------------------------------------------------
 
     def _cnf(self) -> str:
+        tls = self.tls() if self.tls is not None else None
+        # TLS: client connections (required for every TCP client) and replication/IST between the nodes. The
+        # rsync SST stays plaintext on the data segment (it would need stunnel or socat; see docs/SECURITY.md).
+        tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
+                     *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
+                     "", "[sst]",
+                     "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
+                     "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
+                     "ssl-mode=DISABLED"] if tls else []
         return template("galera.cnf").substitute(
             name=self.name, datadir=self.datadir, socket=self.socket, pid_file=self.pid_file, port=self.port,
             address=self.address, log_path=self.log_path, provider=GALERA_PROVIDER, galera_port=self.galera_port,
             ist_port=self.ist_port, peers=",".join(self.peers), sst_method=_SST_METHOD, sst_port=self.sst_port,
+            provider_tls=f";{tls.galera_provider_options()}" if tls else "", tls="\n".join(tls_lines) + "\n",
         )
 
     def _prepare(self) -> None:
@@ -382,19 +396,25 @@ class GaleraNode(_Server):
 class GaleraCluster:
     """Galera nodes forming one cluster, database ``hapki`` and its users (passwords in 0600 files).
 
-    Users, all ``@'%'``: ``hapki_clm`` (CLM), ``hapki_cara`` (CARA) with ALL on ``hapki``.*, and ``hapki``
-    (admin/tests) with ALL on ``hapki%``.* so tests can create side databases, as with hapki.lab.local.
+    Users, all ``@'%'``: ``hapki_clm`` (CLM) and ``hapki_cara`` (CARA) with exactly hapki.runtime.grants (applied
+    after the migrations, which the bootstrap runs as root), and ``hapki`` (admin/tests) with ALL on ``hapki%``.*
+    so tests can create side databases, as with hapki.lab.local.
     """
 
     database = "hapki"
     users = ("hapki_clm", "hapki_cara", "hapki")
-    _grants: ClassVar[dict[str, str]] = {"hapki_clm": "`hapki`.*", "hapki_cara": "`hapki`.*", "hapki": "`hapki%`.*"}
+    admin = "hapki"
 
-    def __init__(self, base_dir: Path, nodes: list[GaleraNode]) -> None:
+    def __init__(self, base_dir: Path, nodes: list[GaleraNode], *,
+                 tls: Callable[[GaleraNode], TlsFiles] | None = None) -> None:
         if not nodes:
             raise ValueError("a Galera cluster needs at least one node")
         self.base_dir = Path(base_dir).resolve()
         self.nodes = list(nodes)
+        self.tls_required = tls is not None
+        if tls is not None:
+            for node in self.nodes:
+                node.tls = lambda node=node: tls(node)  # type: ignore[misc]
         self.secrets_dir = self.base_dir / "secrets"
         self.started_in: float | None = None  # seconds the last start() took
 
@@ -406,6 +426,9 @@ class GaleraCluster:
 
     def password(self, user: str) -> str:
         return self.password_file(user).read_text().strip()
+
+    def _require(self) -> str:
+        return " REQUIRE SSL" if self.tls_required else ""
 
     def start(self) -> GaleraCluster:
         """Form the cluster and create the database and users; return when every node is Synced.
@@ -451,10 +474,11 @@ class GaleraCluster:
             account = f"'{user}'@'%'"
             statements += [
                 f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
-                f"ALTER USER {account} IDENTIFIED BY '{password}'",
-                f"GRANT ALL PRIVILEGES ON {self._grants[user]} TO {account}",
+                f"ALTER USER {account} IDENTIFIED BY '{password}'{self._require()}",
             ]
+        statements.append(f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO '{self.admin}'@'%'")
         node.sql(";\n".join(statements) + ";")
+        grants.provision(node.sql, self.database, {u: [f"'{u}'@'%'"] for u in grants.SERVICE_USERS})
         for user, password in fresh.items():  # only once the server has them, so a file always matches
             _write_secret(self.password_file(user), password)
 
@@ -568,6 +592,11 @@ class NatsClusterNode(_Server):
         self.conf_path = self.dir / "nats-server.conf"
         self.store_dir = self.dir / "store"
         self.pid_file = self.dir / "nats-server.pid"
+        # Set by NatsCluster: computes the accounts block (users and permissions) and this node's TLS files at
+        # every start, so a node restarted alone (chaos) is configured like the others.
+        self.security: Callable[[], tuple[str | None, TlsFiles | None]] | None = None
+        self.accounts: str | None = None
+        self.tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
@@ -580,11 +609,15 @@ class NatsClusterNode(_Server):
             monitor_port=self.monitor_port, pid_file_json=json.dumps(str(self.pid_file)),
             store_dir_json=json.dumps(str(self.store_dir)), cluster_port=self.cluster_port,
             routes="\n".join(f"    {json.dumps(r)}" for r in self.routes),
+            cluster_tls=f"  tls: {json.dumps(self.tls.nats_cluster_tls())}" if self.tls else "",
+            security="\n".join(part for part in (self.accounts, self.tls.nats_block() if self.tls else None) if part),
         )
 
     def _prepare(self) -> None:
         _reap_stale(self.pid_file, str(self.conf_path))
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.security is not None:
+            self.accounts, self.tls = self.security()
         self.conf_path.write_text(self._conf())
 
     def _argv(self) -> list[str]:
@@ -648,14 +681,25 @@ class NatsClusterNode(_Server):
 
 
 class NatsCluster:
-    """nats-servers forming the JetStream cluster ``hapki``."""
+    """nats-servers forming the JetStream cluster ``hapki``.
 
-    def __init__(self, base_dir: Path, nodes: list[NatsClusterNode]) -> None:
+    With ``users``, every connection needs one of them (hapki.runtime.bus_auth permissions); with ``tls``
+    (node name -> its files), clients and routes speak TLS only, routes mutually authenticated by the CA.
+    """
+
+    def __init__(self, base_dir: Path, nodes: list[NatsClusterNode], *, users: BusUsers | None = None,
+                 tls: Callable[[NatsClusterNode], TlsFiles] | None = None) -> None:
         if not nodes:
             raise ValueError("a NATS cluster needs at least one node")
         self.base_dir = Path(base_dir).resolve()
         self.nodes = list(nodes)
+        self.users = users
+        self.tls = tls
         self.started_in: float | None = None
+        if users is not None or tls is not None:
+            for node in self.nodes:
+                node.security = lambda node=node: (  # type: ignore[misc]
+                    users.accounts_conf() if users else None, tls(node) if tls else None)
 
     @property
     def urls(self) -> list[str]:

@@ -39,7 +39,7 @@ from hapki.clm.config import ClmConfig
 from hapki.lab import render, stack, tls
 from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
-from hapki.lab.local import SoftHSM, _tail
+from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _tail
 from hapki.lab.network import LabNetwork, NetworkError, list_namespaces, netns_pids
 from hapki.lab.topology import Topology, default
 from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
@@ -86,20 +86,24 @@ class Lab:
         topo, ports = self.topo, self.topo.ports
         addr = lambda m: str(topo.address(m))
         dbs, buses = topo.members_by_role("db"), topo.members_by_role("nats")
+        self.tls_dir = self.base_dir / "tls"
+        # The data tier speaks TLS only, with certificates of the lab's infrastructure CA (issued at each start);
+        # every bus user has its own password and subjects (hapki.runtime.bus_auth).
+        self.bus_users = BusUsers(self.base_dir / "secrets", [
+            *BusUsers.DEFAULT, *(BusUsers.watcher_user(tier, m) for tier, t in topo.tiers.items() for m in t.members)])
         self.galera = GaleraCluster(self.base_dir, [
             GaleraNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.galera}" for p in dbs],
                        netns=topo.namespace(m), port=ports.mariadb, galera_port=ports.galera,
                        ist_port=ports.ist, sst_port=ports.sst)
             for m in dbs
-        ])
+        ], tls=lambda node: self._data_tls(node.name, node.address))
         self.nats = NatsCluster(self.base_dir, [
             NatsClusterNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.nats_cluster}" for p in buses],
                             netns=topo.namespace(m), client_port=ports.nats_client,
                             cluster_port=ports.nats_cluster, monitor_port=ports.nats_monitor)
             for m in buses
-        ])
+        ], users=self.bus_users, tls=lambda node: self._data_tls(node.name, node.address))
         self.hsms = {name: SoftHSM(self.base_dir / "hsm", name) for name in topo.hsm.members}
-        self.tls_dir = self.base_dir / "tls"
         self.config_dir = self.base_dir / "config"
         self.trace_file = self.base_dir / "traces.jsonl"
 
@@ -195,6 +199,9 @@ class Lab:
             with self._step("network"):
                 self.net.create()
             self._write_service_configs()
+            # The infrastructure CA and the bus passwords once, before the nodes that use them start in parallel.
+            tls.create_infra_ca(self.tls_dir)
+            self.bus_users.accounts_conf()
             # Step 2: the data tier and the front ends (HSM, TLS, keepalived, haproxy) need nothing from each other.
             with self._step("data+front"):
                 with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-up") as pool:
@@ -300,14 +307,35 @@ class Lab:
 
     # --- service configs ------------------------------------------------------------------------------------
 
-    def _nats_config(self) -> NatsConfig:
-        return NatsConfig(servers=self.nats.urls, stream_replicas=len(self.nats.nodes))
+    def _data_tls(self, name: str, address: str) -> TlsFiles:
+        """A data-tier node's server certificate (also for dialling its peers: routes, replication)."""
+        return TlsFiles.issue(self.tls_dir, name, [address], [f"{name}.{self.topo.lab.prefix}.lab"], client_auth=True)
+
+    def _nats_config(self, user: str = "admin") -> NatsConfig:
+        """How bus user `user` (admin, clm, cara, watcher, client) reaches the cluster: TLS, its password file."""
+        return NatsConfig(servers=self.nats.urls, stream_replicas=len(self.nats.nodes), user=user,
+                          password_file=self.bus_users.password_file(user), tls_ca_file=self.ca_bundle)
+
+    def client_nats_config(self) -> NatsConfig:
+        """What a client on the host needs to call CLM over the bus (`status --json` names the same files)."""
+        return self._nats_config("client")
+
+    def nats_connect_kwargs(self, user: str = "admin") -> dict[str, Any]:
+        """nats.connect() keywords for `user` (the lab's own inspection and the tests use admin)."""
+        from hapki.runtime.bus import connect_options
+
+        return {"servers": self.nats_urls, **connect_options(self._nats_config(user))}
+
+    def db_ssl_context(self) -> ssl.SSLContext:
+        """TLS to the Galera nodes from the host (aiomysql's `ssl=`): the nodes accept nothing else."""
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
 
     def database_config(self, user: str = "hapki") -> DatabaseConfig:
-        """How `user` reaches the lab's Galera nodes (every node, in order), password from the lab's secrets."""
+        """How `user` reaches the lab's Galera nodes (every node, in order, over TLS), password from the secrets."""
         port = self.topo.ports.mariadb
         return DatabaseConfig(nodes=[f"{n.address}:{port}" for n in self.galera.nodes], user=user,
-                              password_file=self.galera.password_file(user), sync_wait=True)
+                              password_file=self.galera.password_file(user), sync_wait=True,
+                              tls_ca_file=self.ca_bundle)
 
     def _hsm_config(self) -> HSMConfig:
         members = []
@@ -327,7 +355,7 @@ class Lab:
         approval_key, approval_public = stack.approval_keys(self.config_dir)
         for tier, t in self.topo.tiers.items():
             for member in t.members:
-                common: dict[str, Any] = {"member": member, "vip": str(t.vip), "nats": self._nats_config(),
+                common: dict[str, Any] = {"member": member, "vip": str(t.vip), "nats": self._nats_config(tier),
                                           "http_listen": f"127.0.0.1:{t.backend_port}"}
                 if tier == "cara":
                     # Certificates name the VIP's plain-HTTP OCSP and CRL URLs (CDP, AIA).
@@ -341,7 +369,7 @@ class Lab:
                     raise LabError(f"no service known for tier {tier!r}")
                 stack.write_config(config, self.service_config_path(member))
                 watcher: dict[str, Any] = {"member": member, "tier": tier, "vip": str(t.vip),
-                                           "nats": self._nats_config()}
+                                           "nats": self._nats_config(f"watcher-{member}")}
                 if "health_url" in WatcherConfig.model_fields:
                     watcher["health_url"] = f"http://127.0.0.1:{t.backend_port}/health"
                 stack.write_config(WatcherConfig(**watcher), self.watcher_config_path(member))  # type: ignore[arg-type]
@@ -694,7 +722,10 @@ class Lab:
                      "streams": stream_f.result() if stream_f else {}},
             "health": health,
             "hsm": hsm,
-            "client": {"nats_urls": self.nats_urls, "clm_url": self.url("clm"), "cara_url": self.url("cara"),
+            # What an outside client needs: the bus as user `client` (TLS: ca_bundle also signs the NATS servers).
+            "client": {"nats_urls": self.nats_urls, "nats_user": "client",
+                       "nats_password_file": str(self.bus_users.password_file("client")),
+                       "clm_url": self.url("clm"), "cara_url": self.url("cara"),
                        "revocation_url": self.plain_url("cara"),  # OCSP <url>/ocsp, CRLs <url>/crl/<issuer>.crl
                        "ca_bundle": str(self.ca_bundle), "hapki_root": str(self.hapki_root)},
         }
@@ -728,7 +759,7 @@ class Lab:
             import nats
 
             streams: dict[str, Any] = {}
-            nc = await nats.connect(servers=self.nats_urls, connect_timeout=1, max_reconnect_attempts=1,
+            nc = await nats.connect(**self.nats_connect_kwargs(), connect_timeout=1, max_reconnect_attempts=1,
                                     allow_reconnect=False)
             try:
                 js = nc.jetstream(timeout=2)
@@ -787,7 +818,8 @@ def format_status(st: dict[str, Any]) -> str:
         states = ", ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in (hsm or {}).items())
         lines.append(f"  HSM seen by {member}: {states}")
     c = st["client"]
-    lines += [f"  NATS: {','.join(c['nats_urls'])}", f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
+    lines += [f"  NATS: {','.join(c['nats_urls'])} (TLS; user {c['nats_user']}, password in {c['nats_password_file']})",
+              f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
               f"  OCSP and CRLs: {c['revocation_url']}/ocsp, {c['revocation_url']}/crl/<issuer>.crl",
               f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}"]
     return "\n".join(lines)

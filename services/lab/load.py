@@ -63,7 +63,7 @@ class Load:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Load:
-        self._nats = await ClmClient.connect(self._lab.nats_urls, timeout=MAX_ATTEMPT_TIMEOUT_SECONDS)
+        self._nats = await ClmClient.connect(self._lab.client_nats_config(), timeout=MAX_ATTEMPT_TIMEOUT_SECONDS)
         context = ssl.create_default_context(cafile=str(self._lab.ca_bundle))
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context),
                                            timeout=aiohttp.ClientTimeout(total=MAX_ATTEMPT_TIMEOUT_SECONDS))
@@ -152,7 +152,7 @@ async def connect_db(lab: Any) -> aiomysql.Connection:
     """A direct connection from the host to the first Galera node, for assertions and reports."""
     db = lab.galera.nodes[0]
     return await aiomysql.connect(host=db.address, port=db.port, user="hapki", db="hapki", autocommit=True,
-                                  password=lab.galera.password("hapki"))
+                                  password=lab.galera.password("hapki"), ssl=lab.db_ssl_context())
 
 
 async def database_facts(lab: Any, keys: list[str], crashed: str, crash_at: float) -> dict[str, Any]:

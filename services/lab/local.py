@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -36,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["LocalEnv", "MariaDB", "NatsServer", "SoftHSM", "free_port"]
 
@@ -162,6 +164,13 @@ def _pid_running(pid: int) -> bool:
         return False
     # The state letter follows the parenthesised command name, which may itself contain spaces.
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _write_secret_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file readable by the owner only (0600 from the first byte on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -309,8 +318,107 @@ def install_datadir(cnf_path: Path, datadir: Path) -> subprocess.CompletedProces
     )
 
 
+class TlsFiles:
+    """Server TLS material from an infrastructure CA (hapki.lab.tls): the CA bundle clients trust, and one PEM file
+    holding a server's certificate, chain and key (nats-server, MariaDB and Galera all read it as cert and key)."""
+
+    def __init__(self, ca_file: Path, pem_file: Path) -> None:
+        self.ca_file, self.pem_file = Path(ca_file), Path(pem_file)
+        # Separate certificate (with chain) and key files too: not every server reads both from one file.
+        self.cert_file, self.key_file = self.pem_file.with_suffix(".crt"), self.pem_file.with_suffix(".key")
+
+    @classmethod
+    def issue(cls, directory: Path, name: str, ips: Sequence[str], dns: Sequence[str] = (), *,
+              client_auth: bool = False) -> TlsFiles:
+        """Create (or reuse) the CA in ``directory`` and a server certificate ``name`` for these addresses."""
+        from hapki.lab import tls
+
+        ca = tls.create_infra_ca(directory)
+        files = cls(ca.cert_path, tls.issue_server_cert(ca, directory, name, list(ips), list(dns),
+                                                        client_auth=client_auth))
+        files._split()
+        return files
+
+    def _split(self) -> None:
+        pem = self.pem_file.read_bytes()
+        start = pem.find(b"-----BEGIN PRIVATE KEY-----")
+        for path, data in ((self.cert_file, pem[:start]), (self.key_file, pem[start:])):
+            if not path.exists() or path.read_bytes() != data:
+                path.unlink(missing_ok=True)
+                _write_secret_bytes(path, data)
+
+    def nats_block(self, *, verify_clients: bool = False) -> str:
+        """A nats.conf ``tls`` block: TLS required for every client connection."""
+        return "tls: " + json.dumps(self._nats_tls(verify_clients), indent=2) + "\n"
+
+    def _nats_tls(self, verify: bool) -> dict[str, object]:
+        return {"cert_file": str(self.cert_file), "key_file": str(self.key_file), "ca_file": str(self.ca_file),
+                "verify": verify, "timeout": 2}
+
+    def nats_cluster_tls(self) -> dict[str, object]:
+        """The ``tls`` of a nats.conf ``cluster`` block: routes are mutual TLS under the same CA."""
+        return self._nats_tls(True)
+
+    def mariadb_options(self) -> dict[str, str | None]:
+        """my.cnf settings: TLS offered with these files, and required for every TCP connection."""
+        return {"ssl-cert": str(self.cert_file), "ssl-key": str(self.key_file), "ssl-ca": str(self.ca_file),
+                "require-secure-transport": "ON"}
+
+    def galera_provider_options(self) -> str:
+        """wsrep_provider_options that encrypt (and authenticate by the CA) Galera replication and IST."""
+        return f"socket.ssl_cert={self.cert_file};socket.ssl_key={self.key_file};socket.ssl_ca={self.ca_file}"
+
+
+class BusUsers:
+    """The bus users of hapki.runtime.bus_auth with their passwords in 0600 files under ``secrets_dir``.
+
+    Shared by the single server here and the lab's cluster: both render the same ``accounts`` block, and both hand
+    each service a NatsConfig naming its own user and password file.
+    """
+
+    # (user, role[, scope]): one user per role, a second client to show that requesters cannot read each other's
+    # replies, and a watcher scoped to one member (the lab gives every member's watcher its own, see watcher_user).
+    DEFAULT: tuple[tuple[str, ...], ...] = (
+        ("admin", "admin"), ("clm", "clm"), ("cara", "cara"), ("watcher", "watcher"), ("client", "client"),
+        ("client-b", "client"), ("watcher-cara-1", "watcher", "cara.cara-1"),
+    )
+
+    def __init__(self, secrets_dir: Path, users: Sequence[tuple[str, ...]] = DEFAULT) -> None:
+        self.secrets_dir = Path(secrets_dir)
+        self.users = tuple({u[0]: tuple(u) for u in users}.values())  # one entry per name, the last one wins
+
+    @staticmethod
+    def watcher_user(tier: str, member: str) -> tuple[str, str, str]:
+        """The bus user of `member`'s watcher: it may publish that member's HA events only."""
+        return (f"watcher-{member}", "watcher", f"{tier}.{member}")
+
+    def password_file(self, user: str) -> Path:
+        """The 0600 file holding ``user``'s bus password."""
+        names = [u[0] for u in self.users]
+        if user not in names:
+            raise KeyError(f"unknown bus user {user!r}; known: {', '.join(names)}")
+        return self.secrets_dir / f"nats-{user}.password"
+
+    def accounts_conf(self) -> str:
+        """The nats.conf ``accounts`` block; creates missing passwords first."""
+        from hapki.runtime.bus_auth import User, accounts_conf
+
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        users = []
+        for name, role, *scope in self.users:
+            path = self.password_file(name)
+            if not path.exists():
+                _write_secret(path, secrets.token_urlsafe(24))
+            users.append(User(name, role, path.read_text().strip(), *scope))
+        return accounts_conf(users)
+
+
 class NatsServer(_Server):
-    """A nats-server with JetStream, its store in ``base_dir/<name>/store``, client and monitor on 127.0.0.1."""
+    """A nats-server with JetStream, its store in ``base_dir/<name>/store``, client and monitor on 127.0.0.1.
+
+    Authorization is on (hapki.runtime.bus_auth): every connection needs a user of ``users``; the streams and the
+    signing consumer are created as ``admin`` once the server is up (services only look them up).
+    """
 
     kind = "nats-server"
     start_timeout = 20.0
@@ -319,21 +427,43 @@ class NatsServer(_Server):
         super().__init__(base_dir, name, port)
         self.store_dir = self.dir / "store"
         self.pid_file = self.dir / "nats-server.pid"
+        self.conf_path = self.dir / "nats-server.conf"
+        self.users = BusUsers(self.dir)
         self.monitor_port: int | None = None
+        self.tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
         """Client URL, ``nats://127.0.0.1:PORT``."""
-        return f"nats://{_LOCALHOST}:{self.port}"
+        return f"nats://{_LOCALHOST}:{self.port}"  # TLS, when on, comes from the client's context
+
+    def connect_kwargs(self, user: str = "admin") -> dict[str, object]:
+        """nats.connect() keywords to connect as ``user`` (tests and tools)."""
+        from hapki.runtime.bus import connect_options
+
+        return {"servers": [self.url], **connect_options(self.nats_config(user))}
+
+    def nats_config(self, user: str, **overrides: object) -> Any:
+        """A NatsConfig for ``user`` (its password file, the CA bundle when TLS is on)."""
+        from hapki.runtime.config import NatsConfig
+
+        tls = {"tls_ca_file": self.tls.ca_file} if self.tls else {}
+        return NatsConfig(servers=[self.url], user=user, password_file=self.users.password_file(user),
+                          **tls, **overrides)
 
     def _prepare(self) -> None:
         _reap_stale(self.pid_file, str(self.store_dir))
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.monitor_port = free_port()
+        conf = [self.users.accounts_conf()]
+        if self.tls is not None:
+            conf.append(self.tls.nats_block())
+        self.conf_path.write_text("# Written by hapki.lab.local; rewritten at every start.\n" + "\n".join(conf))
 
     def _argv(self) -> list[str]:
         return [
             _nats_binary(),
+            "--config", str(self.conf_path),
             "--addr", _LOCALHOST,
             "--port", str(self.port),
             "--http_port", str(self.monitor_port),
@@ -349,15 +479,38 @@ class NatsServer(_Server):
             with socket.create_connection((_LOCALHOST, self.port), timeout=0.5):
                 pass
             with urllib.request.urlopen(f"http://{_LOCALHOST}:{self.monitor_port}/healthz", timeout=1) as r:
-                return r.status == 200 and b'"ok"' in r.read()
+                if not (r.status == 200 and b'"ok"' in r.read()):
+                    return False
         except (OSError, urllib.error.URLError):
             return False
+        _run_async(self._provision())
+        return True
+
+    async def _provision(self) -> None:
+        """Create the streams and the signing consumer as admin (services are not allowed to)."""
+        import nats
+
+        from hapki.runtime import bus
+
+        nc = await nats.connect(**self.connect_kwargs("admin"), connect_timeout=5, allow_reconnect=False)
+        try:
+            await bus.ensure_topology(nc.jetstream(timeout=10), self.nats_config("admin"))
+        finally:
+            await nc.close()
 
     def _has_state(self) -> bool:
         return self.store_dir.is_dir() and any(self.store_dir.iterdir())
 
     def _wipe(self) -> None:
         shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def _run_async(coro: Any) -> Any:
+    """Run a coroutine to completion from synchronous code, even if the caller's thread runs an event loop."""
+    import asyncio
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lab-async") as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,6 +546,7 @@ class MariaDB(_Server):
         self.pid_file = self.dir / "mariadbd.pid"
         self.password_file = self.dir / "password"
         self.options = dict(options or {})
+        self.tls: TlsFiles | None = None  # set: TLS required on TCP (the root socket stays plain, it is local)
         sock = self.dir / "mariadbd.sock"
         if len(str(sock)) > _MAX_SOCKET_PATH:
             # Derived from our directory, so a later run on the same base_dir finds (and cleans) the same path.
@@ -415,6 +569,8 @@ class MariaDB(_Server):
             "skip-name-resolve": None,
             "character-set-server": "utf8mb4",
         }
+        if self.tls is not None:
+            settings.update(self.tls.mariadb_options())
         settings.update(self.options)
         lines = ["# Written by hapki.lab.local; rewritten at every start.", "[mariadbd]"]
         lines += [k if v is None else f"{k}={v}" for k, v in settings.items()]
@@ -431,7 +587,8 @@ class MariaDB(_Server):
     def _install(self) -> None:
         """Create a fresh datadir; root may log in only over the socket (unix_socket auth), as OS user root."""
         shutil.rmtree(self.datadir, ignore_errors=True)
-        self.password_file.unlink(missing_ok=True)
+        for path in self.dir.glob("*password"):
+            path.unlink(missing_ok=True)
         result = install_datadir(self.cnf_path, self.datadir)
         if result.returncode != 0:
             # Its own output is mostly boilerplate; the server's reason is in log-error.
@@ -457,23 +614,55 @@ class MariaDB(_Server):
         return True
 
     def _bootstrap(self) -> None:
-        """Create the database and the application user; (re)set its password from the file."""
-        if self.password_file.exists():
-            password = self.password_file.read_text().strip()
-        else:
-            password = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
+        """Create the database and its users, apply the migrations and the service users' grants.
+
+        ``hapki`` is the admin (migrations, tests' assertions; ALL on ``hapki%``.* so tests can create side
+        databases such as hapki_test_x); ``hapki_clm`` and ``hapki_cara`` get exactly hapki.runtime.grants.
+        Passwords are (re)set from their files, so a restarted server keeps them.
+        """
+        from hapki.runtime import grants  # the lab's starters otherwise need nothing of the services
+
+        fresh: dict[str, str] = {}
         statements = [f"CREATE DATABASE IF NOT EXISTS `{self.database}`"]
-        for host in (_LOCALHOST, "localhost"):
-            account = f"'{self.user}'@'{host}'"
-            statements += [
-                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
-                f"ALTER USER {account} IDENTIFIED BY '{password}'",
-                # hapki% also lets tests create side databases such as hapki_test_x.
-                f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO {account}",
-            ]
+        for user in (self.user, *grants.SERVICE_USERS):
+            path = self.password_file_for(user)
+            if path.exists():
+                password = path.read_text().strip()
+            else:
+                password = fresh[user] = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
+            for account in self._accounts(user):
+                statements += [
+                    f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
+                    f"ALTER USER {account} IDENTIFIED BY '{password}'{self._require()}",
+                ]
+            if user == self.user:
+                statements += [f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO {a}" for a in self._accounts(user)]
         self.sql(";\n".join(statements) + ";")
-        if not self.password_file.exists():
-            _write_secret(self.password_file, password)
+        grants.provision(self.sql, self.database, {u: self._accounts(u) for u in grants.SERVICE_USERS})
+        for user, password in fresh.items():  # only once the server has them, so a file always matches
+            _write_secret(self.password_file_for(user), password)
+
+    @staticmethod
+    def _accounts(user: str) -> list[str]:
+        return [f"'{user}'@'{host}'" for host in (_LOCALHOST, "localhost")]
+
+    def _require(self) -> str:
+        return " REQUIRE SSL" if self.tls is not None else ""
+
+    def connect_kwargs(self, user: str | None = None) -> dict[str, Any]:
+        """aiomysql.connect() keywords for ``user`` (default: the admin), with TLS when it is on."""
+        import ssl
+
+        user = user or self.user
+        kwargs: dict[str, Any] = {"host": _LOCALHOST, "port": self.port, "user": user, "db": self.database,
+                                  "password": self.password_file_for(user).read_text().strip()}
+        if self.tls is not None:
+            kwargs["ssl"] = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        return kwargs
+
+    def password_file_for(self, user: str) -> Path:
+        """The 0600 file holding ``user``'s password (the admin's is ``password_file``)."""
+        return self.password_file if user == self.user else self.dir / f"{user}.password"
 
     def sql(self, statement: str) -> str:
         """Run SQL as root over the socket with the ``mariadb`` client; tab-separated rows, no header."""
@@ -506,7 +695,8 @@ class MariaDB(_Server):
 
     def _wipe(self) -> None:
         shutil.rmtree(self.datadir, ignore_errors=True)
-        self.password_file.unlink(missing_ok=True)
+        for path in self.dir.glob("*password"):
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -628,10 +818,11 @@ class LocalEnv:
     partial start, and processes are stopped at interpreter exit if the caller forgot.
     """
 
-    def __init__(self, base_dir: Path, token_labels: Sequence[str] = ("hapki-a",)) -> None:
+    def __init__(self, base_dir: Path, token_labels: Sequence[str] = ("hapki-a",), *, tls: bool = True) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.nats = NatsServer(self.base_dir)
         self.db = MariaDB(self.base_dir)
+        self.use_tls = tls
         self.hsm = SoftHSM(self.base_dir)
         self.token_labels = tuple(token_labels)
         self.started_in: float | None = None  # seconds the last start() took
@@ -640,6 +831,9 @@ class LocalEnv:
         """Start all three; on any failure stop what did start and re-raise the first error."""
         began = time.monotonic()
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        if self.use_tls:
+            # A throwaway infrastructure CA per env: NATS and MariaDB accept TLS connections only.
+            self.nats.tls = self.db.tls = TlsFiles.issue(self.base_dir / "tls", "localhost", [_LOCALHOST], ["localhost"])
         atexit.register(self.stop)
         with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-start") as pool:
             futures = [pool.submit(self.nats.start), pool.submit(self.db.start), pool.submit(self._start_hsm)]

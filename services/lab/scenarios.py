@@ -201,7 +201,7 @@ def signing_stream_leader(lab: Any) -> str:
     async def read() -> str:
         import nats
 
-        nc = await nats.connect(servers=lab.nats_urls, connect_timeout=2, allow_reconnect=False)
+        nc = await nats.connect(**lab.nats_connect_kwargs(), connect_timeout=2, allow_reconnect=False)
         try:
             info = await nc.jetstream(timeout=5).stream_info(subjects.SIGNING_STREAM)
             if info.cluster is None or not info.cluster.leader:

@@ -21,19 +21,25 @@ from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
 from hapki.lab.local import LocalEnv
 from hapki.runtime.approval import generate_key_files
+from hapki.runtime.grants import CARA_USER, CLM_USER
 from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
 
 TOKEN = "hapki-a"
 
 
-def nats_config(env: LocalEnv) -> NatsConfig:
-    return NatsConfig(servers=[env.nats.url])
+def nats_config(env: LocalEnv, user: str = "admin") -> NatsConfig:
+    """The env's bus as `user` (hapki.lab.local.BusUsers; the services use their own)."""
+    config: NatsConfig = env.nats.nats_config(user)
+    return config
 
 
-def database_config(env: LocalEnv, **overrides: Any) -> DatabaseConfig:
+def database_config(env: LocalEnv, user: str | None = None, **overrides: Any) -> DatabaseConfig:
+    """The env's database as `user` (default: the admin; the services use their own, see hapki.runtime.grants)."""
+    user = user or env.db.user
+    tls = {"tls_ca_file": env.db.tls.ca_file} if env.db.tls else {}
     return DatabaseConfig(
-        nodes=[f"127.0.0.1:{env.db.port}"], user=env.db.user, password_file=env.db.password_file,
-        database=env.db.database, **overrides,
+        nodes=[f"127.0.0.1:{env.db.port}"], user=user, password_file=env.db.password_file_for(user),
+        database=env.db.database, **tls, **overrides,
     )
 
 
@@ -71,14 +77,14 @@ def approval_keys(config_dir: Path) -> tuple[Path, Path]:
 
 def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
     private, _ = approval_keys(env.base_dir / "approval")
-    return ClmConfig(member=member, nats=nats_config(env), database=database_config(env),
+    return ClmConfig(member=member, nats=nats_config(env, "clm"), database=database_config(env, CLM_USER),
                      **{"approval_key_file": private, **overrides})
 
 
 def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
     _, public = approval_keys(env.base_dir / "approval")
-    return CaraConfig(member=member, nats=nats_config(env), database=database_config(env), hsm=hsm_config(env),
-                      **{"approval_public_keys": [public], **overrides})
+    return CaraConfig(member=member, nats=nats_config(env, "cara"), database=database_config(env, CARA_USER),
+                      hsm=hsm_config(env), **{"approval_public_keys": [public], **overrides})
 
 
 def write_config(config: ClmConfig | CaraConfig, path: Path) -> Path:

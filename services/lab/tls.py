@@ -64,11 +64,13 @@ def create_infra_ca(directory: Path, *, now: datetime | None = None) -> InfraCA:
 
 
 def issue_server_cert(
-    ca: InfraCA, directory: Path, name: str, ips: list[str], dns: list[str], *, now: datetime | None = None
+    ca: InfraCA, directory: Path, name: str, ips: list[str], dns: list[str], *, now: datetime | None = None,
+    client_auth: bool = False,
 ) -> Path:
     """`directory/<name>.pem`: certificate, CA chain and key in one 0600 file, as haproxy's `crt` wants it.
 
     Reused while it is signed by `ca`, carries exactly these names and is not within RENEW_BEFORE of its end.
+    `client_auth`: also for TLS clients (cluster members that dial each other: NATS routes, Galera replication).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,8 @@ def issue_server_cert(
     path = directory / f"{name}.pem"
     ca_cert = x509.load_pem_x509_certificate(ca.cert_path.read_bytes())
     sans = [*(x509.DNSName(d) for d in dns), *(x509.IPAddress(ipaddress.ip_address(i)) for i in ips)]
-    if _server_usable(path, ca_cert, sans, now):
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])]
+    if _server_usable(path, ca_cert, sans, now, usages):
         return path
     ca_key = serialization.load_pem_private_key(ca.key_path.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -89,7 +92,7 @@ def issue_server_cert(
         .not_valid_before(now - BACKDATE).not_valid_after(now + SERVER_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(_aki(ca_cert), critical=False)
@@ -109,18 +112,21 @@ def _ca_usable(ca: InfraCA, now: datetime) -> bool:
     return key.public_key() == cert.public_key() and cert.not_valid_after_utc > now + RENEW_BEFORE
 
 
-def _server_usable(path: Path, ca_cert: x509.Certificate, sans: list[x509.GeneralName], now: datetime) -> bool:
+def _server_usable(path: Path, ca_cert: x509.Certificate, sans: list[x509.GeneralName], now: datetime,
+                   usages: list[x509.ObjectIdentifier]) -> bool:
     try:
         pem = path.read_bytes()
         cert = x509.load_pem_x509_certificate(pem)  # the first certificate in the file: the leaf
         key = serialization.load_pem_private_key(_key_block(pem), password=None)
         cert.verify_directly_issued_by(ca_cert)
         present = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         return False
     return (
         key.public_key() == cert.public_key()
         and set(present) == set(sans)
+        and set(eku) == set(usages)
         and cert.not_valid_after_utc > now + RENEW_BEFORE
     )
 

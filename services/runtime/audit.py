@@ -100,29 +100,30 @@ def link_hash(prev_hash: str, record: AuditRecord, seq: int, *, detail: str | No
 
 
 def derived_id(*parts: object) -> str:
-    """A deterministic entry id: for kinds appended at most once per cause (append(dedupe=True) keeps the first)."""
+    """A deterministic entry id: for kinds appended at most once per cause (a second append is a DuplicateKey)."""
     return hashlib.sha256(canonical_json([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
+# Plain inserts: the audit tables are insert-only for the services (hapki.runtime.grants), so no ON DUPLICATE KEY
+# UPDATE (it needs the UPDATE privilege). A duplicate id fails the caller's transaction with DuplicateKey.
 _INSERT = (
     "INSERT INTO audit_entries (id, kind, actor, epoch, request_id, issuer, serial, detail, created_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s){keep};"
-    " INSERT INTO audit_unsealed (entry_id, created_at) VALUES (%s, %s){keep_marker}"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s);"
+    " INSERT INTO audit_unsealed (entry_id, created_at) VALUES (%s, %s)"
 )
 
 
-async def append(cur: aiomysql.Cursor, record: AuditRecord, *, dedupe: bool = False,
+async def append(cur: aiomysql.Cursor, record: AuditRecord, *,
                  first: tuple[str, Sequence[object]] | None = None) -> int:
     """Append `record` in the caller's transaction, in one round trip; return the row count of `first`, if given.
 
     `first`: one statement of the caller's (SQL, args) sent ahead in the same round trip, to save one on hot paths.
     Build the record outside the transaction body, so a retried body appends the same id: a second copy is then
-    a duplicate key, never a second entry. `dedupe`: an entry with the same (derived) id is kept, this one dropped.
+    a duplicate key, never a second entry. A kind appended at most once per cause uses a derived id and a
+    transaction of its own that treats DuplicateKey as "already recorded" (the first one is kept).
     """
     created = _stored(record.created_at)
-    # Not INSERT IGNORE: that would also swallow other errors (and warn); a duplicate only keeps the first.
-    sql = _INSERT.format(keep=" ON DUPLICATE KEY UPDATE id = id" if dedupe else "",
-                         keep_marker=" ON DUPLICATE KEY UPDATE entry_id = entry_id" if dedupe else "")
+    sql = _INSERT
     args: tuple[object, ...] = (
         record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id, record.issuer,
         record.serial, record.detail_json(), created, record.id, created,

@@ -7,16 +7,20 @@ re-declares streams silently, and an existing durable consumer keeps its config)
 from __future__ import annotations
 
 import logging
+import ssl
+from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from faststream.nats.security import NatsSecurity, NatsUserPassword
 from nats.js.errors import NotFoundError
 
 from hapki.contracts import subjects
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
-from hapki.runtime.config import NatsConfig
+from hapki.runtime import bus_auth
+from hapki.runtime.config import NatsConfig, read_secret
 
 log = logging.getLogger("hapki.bus")
 
@@ -84,6 +88,43 @@ def signing_consumer() -> ConsumerConfig:
     )
 
 
+def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
+    """A client TLS context verifying the servers against config.tls_ca_file (None: plaintext)."""
+    if config.tls_ca_file is None:
+        return None
+    context = ssl.create_default_context(cafile=str(config.tls_ca_file))
+    if config.tls_cert_file is not None:
+        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file) if config.tls_key_file else None)
+    return context
+
+
+def connect_options(config: NatsConfig) -> dict[str, Any]:
+    """nats.connect() keywords for credentials, TLS and the user's own inbox prefix (secrets read here)."""
+    options: dict[str, Any] = {}
+    if config.user is not None:
+        options["user"] = config.user
+        options["password"] = read_secret(config.password_file) if config.password_file else None
+        options["inbox_prefix"] = bus_auth.inbox_prefix(config.user)
+    context = tls_context(config)
+    if context is not None:
+        options["tls"] = context
+    return options
+
+
+def faststream_options(config: NatsConfig) -> dict[str, Any]:
+    """The same for a FastStream NatsBroker (credentials and TLS go through its `security` object)."""
+    options = connect_options(config)
+    out: dict[str, Any] = {}
+    if "inbox_prefix" in options:
+        out["inbox_prefix"] = options["inbox_prefix"]
+    if "user" in options:
+        out["security"] = NatsUserPassword(username=options["user"], password=options["password"] or "",
+                                           ssl_context=options.get("tls"))
+    elif "tls" in options:
+        out["security"] = NatsSecurity(ssl_context=options["tls"])
+    return out
+
+
 async def connect(config: NatsConfig, *, name: str) -> Client:
     """Connect to the NATS cluster, reconnecting forever (the bus is clustered; members come back)."""
 
@@ -105,12 +146,34 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **connect_options(config),
     )
 
 
-async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
-    """Create the streams and the signing consumer when missing; leave existing ones as they are, but say so."""
+async def ensure_topology(js: JetStreamContext, config: NatsConfig, *, consumer: bool = True,
+                          streams: tuple[str, ...] | None = None) -> None:
+    """Create the streams and the signing consumer when missing; leave existing ones as they are, but say so.
+
+    Provisioning runs this as the bus admin. Services run it too, but their bus users (hapki.runtime.bus_auth) may
+    only look streams up: on a provisioned bus that is all it does. Only the CARA signer touches the signing
+    consumer (`consumer`); CLM and the watchers pass False. `streams`: only these (default: all).
+    """
     wanted = signing_stream(config.stream_replicas)
+    if streams is None or wanted.name in streams:
+        await _ensure_signing_stream(js, wanted)
+    for stream in (ha_events_stream(config.stream_replicas), expiry_stream(config.stream_replicas)):
+        if streams is not None and stream.name not in streams:
+            continue
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(stream)
+            log.info("created stream %s (replicas=%d)", stream.name, stream.num_replicas)
+    if consumer:
+        await _ensure_signing_consumer(js, wanted)
+
+
+async def _ensure_signing_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
     try:
         info = await js.stream_info(wanted.name)
         if info.config.retention != RetentionPolicy.WORK_QUEUE or info.config.subjects != wanted.subjects:
@@ -118,23 +181,20 @@ async def ensure_topology(js: JetStreamContext, config: NatsConfig) -> None:
     except NotFoundError:
         await js.add_stream(wanted)
         log.info("created stream %s (replicas=%d)", wanted.name, wanted.num_replicas)
-    for stream in (ha_events_stream(config.stream_replicas), expiry_stream(config.stream_replicas)):
-        try:
-            await js.stream_info(stream.name)
-        except NotFoundError:
-            await js.add_stream(stream)
-            log.info("created stream %s (replicas=%d)", stream.name, stream.num_replicas)
-    consumer = signing_consumer()
+
+
+async def _ensure_signing_consumer(js: JetStreamContext, wanted: StreamConfig) -> None:
+    durable = signing_consumer()
     try:
         info = await js.consumer_info(wanted.name, subjects.SIGNING_CONSUMER)
     except NotFoundError:
-        await js.add_consumer(wanted.name, consumer)
+        await js.add_consumer(wanted.name, durable)
         log.info("created consumer %s", subjects.SIGNING_CONSUMER)
         return
     # An existing durable keeps its config unless told otherwise (FIELD-NOTES): converge the settings the server
     # lets us change, so a deployment picks up a new ack_wait without deleting the consumer (and its state).
-    drift = {f: (getattr(info.config, f), getattr(consumer, f)) for f in _UPDATABLE
-             if getattr(info.config, f) != getattr(consumer, f)}
+    drift = {f: (getattr(info.config, f), getattr(durable, f)) for f in _UPDATABLE
+             if getattr(info.config, f) != getattr(durable, f)}
     if drift:
-        await js.add_consumer(wanted.name, consumer)
+        await js.add_consumer(wanted.name, durable)
         log.info("updated consumer %s: %s", subjects.SIGNING_CONSUMER, drift)

@@ -52,6 +52,15 @@ class NatsConfig(StrictModel):
     servers: list[str] = Field(min_length=1, description="NATS URLs, e.g. nats://127.0.0.1:4222; all cluster members")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="Replicas of the signing stream (3 in the HA lab)")
     connect_timeout_seconds: float = Field(default=2.0, gt=0, description="Per-server connect timeout, seconds")
+    user: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Bus user (hapki.runtime.bus_auth: one per service role); None connects without credentials. "
+        "The user's reply inbox is _INBOX.<user>, the only inbox it may subscribe to")
+    password_file: Path | None = Field(default=None, description="File (0600) holding the bus user's password")
+    tls_ca_file: Path | None = Field(
+        default=None, description="PEM bundle of the CAs that issue the NATS servers' certificates; set: TLS required")
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM) when servers verify clients")
+    tls_key_file: Path | None = Field(default=None, description="Private key (PEM) of tls_cert_file")
 
 
 class DatabaseConfig(StrictModel):
@@ -73,6 +82,9 @@ class DatabaseConfig(StrictModel):
         "(~6 s on a member loss): its connection is closed and the transaction retried on the next node, which "
         "by then has usually finished reconfiguring. Long transactions (CRL signing) pass their own bound",
     )
+    tls_ca_file: Path | None = Field(
+        default=None, description="PEM bundle of the CAs that issue the database nodes' certificates; set: every "
+        "connection uses TLS and verifies the node's certificate against it")
     acquire_timeout_seconds: float = Field(
         default=10.0, gt=0, le=300,
         description="Bound on waiting for a free pooled connection, seconds. A wait here is overload, not a node "

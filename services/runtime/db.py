@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class Database:
     def __init__(self, config: DatabaseConfig, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._config = config
         self._password = read_secret(config.password_file, config.password_env)
+        # TLS to every node, verifying its certificate (name = the host part of the node address).
+        self._ssl = ssl.create_default_context(cafile=str(config.tls_ca_file)) if config.tls_ca_file else None
         self._pools: dict[str, _NodePool] = {}
         self._current = 0
         self._sleep = sleep
@@ -158,7 +161,7 @@ class Database:
                 return aiomysql.connect(
                     host=host, port=int(port), user=self._config.user, password=self._password,
                     db=self._config.database, autocommit=False, connect_timeout=self._config.connect_timeout_seconds,
-                    init_command=init, charset="utf8mb4", client_flag=CLIENT.MULTI_STATEMENTS)
+                    init_command=init, charset="utf8mb4", client_flag=CLIENT.MULTI_STATEMENTS, ssl=self._ssl)
 
             pool = self._pools[node] = _NodePool(self._config.pool_size, connect,
                                                  connect_timeout=2 * self._config.connect_timeout_seconds,

@@ -30,7 +30,7 @@ def available() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def _statements(sql: str) -> list[str]:
+def split_statements(sql: str) -> list[str]:
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     return [s.strip() for s in body.split(";") if s.strip()]
 
@@ -40,16 +40,27 @@ def _statements(sql: str) -> list[str]:
 # started it again on another node.
 MIGRATION_TIMEOUT_SECONDS = 3600.0
 
+SCHEMA_TABLE_SQL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " version INT NOT NULL PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at DATETIME(6) NOT NULL"
+    ") ENGINE=InnoDB"
+)
+
+
 async def migrate(db: Database) -> list[int]:
-    """Apply every migration not yet recorded; return the versions applied now."""
+    """Apply every migration not yet recorded; return the versions applied now.
+
+    A schema that is already current costs one SELECT and needs no DDL privilege: the services run this at start
+    as their own least-privileged users (hapki.runtime.grants), and only an admin ever applies anything.
+    """
 
     async def ensure_table(cur: aiomysql.Cursor) -> set[int]:
         await cur.execute("SET SESSION sql_notes = 0")  # "already exists" notes are expected, not warnings
-        await cur.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INT NOT NULL PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at DATETIME(6) NOT NULL"
-            ") ENGINE=InnoDB"
-        )
+        await cur.execute("SELECT COUNT(*) FROM information_schema.tables"
+                          " WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            await cur.execute(SCHEMA_TABLE_SQL)
         await cur.execute("SELECT version FROM schema_migrations")
         return {row[0] for row in await cur.fetchall()}
 
@@ -61,7 +72,7 @@ async def migrate(db: Database) -> list[int]:
 
         async def apply(cur: aiomysql.Cursor, sql: str = sql, version: int = version, name: str = name) -> None:
             await cur.execute("SET SESSION sql_notes = 0")
-            for statement in _statements(sql):
+            for statement in split_statements(sql):
                 await cur.execute(statement)
             await cur.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",

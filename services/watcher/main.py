@@ -142,7 +142,7 @@ class WatcherRuntime:
     async def start(self) -> None:
         self._nc = await bus.connect(self.config.nats, name=f"hapki-watcher-{self.config.member}")
         js = self._nc.jetstream()
-        await bus.ensure_topology(js, self.config.nats)
+        await bus.ensure_topology(js, self.config.nats, consumer=False, streams=(subjects.HA_EVENTS_STREAM,))
         self._dump = AddressDump()
 
         async def publish(event: HAEvent) -> None:

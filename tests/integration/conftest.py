@@ -50,7 +50,7 @@ async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime
 @contextlib.asynccontextmanager
 async def connected_client(env: LocalEnv) -> AsyncIterator[ClmClient]:
     """A CLM NATS client on the env's server, closed afterwards (modules with their own runtimes use it too)."""
-    c = await ClmClient.connect([env.nats.url], timeout=15.0)
+    c = await ClmClient.connect(stack.nats_config(env, "client"), timeout=15.0)
     try:
         yield c
     finally:
@@ -66,8 +66,7 @@ async def client(env: LocalEnv, services: object) -> AsyncIterator[ClmClient]:
 @pytest.fixture
 async def sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
     """A direct connection for assertions on rows (autocommit, fresh reads)."""
-    conn = await aiomysql.connect(host="127.0.0.1", port=env.db.port, user=env.db.user,
-                                  password=env.db.password(), db=env.db.database, autocommit=True)
+    conn = await aiomysql.connect(**env.db.connect_kwargs(), autocommit=True)
     try:
         yield conn
     finally:

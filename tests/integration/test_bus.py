@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_an_existing_consumer_with_an_old_ack_wait_is_updated(env) -> None:
-    nc = await nats.connect(env.nats.url)
+    nc = await nats.connect(**env.nats.connect_kwargs())
     try:
         js = nc.jetstream()
         await bus.ensure_topology(js, stack.nats_config(env))

@@ -95,7 +95,7 @@ async def test_rest_issue_returns_the_same_reply_as_nats(edges: Edges, env: Loca
     cert = x509.load_pem_x509_certificate(parsed.certificate_pem.encode())
     assert format(cert.serial_number, "x") == parsed.serial
     # The same request again over NATS and over REST (same requester and key): the same JSON from both edges.
-    client = await ClmClient.connect([env.nats.url], timeout=15.0)
+    client = await ClmClient.connect(stack.nats_config(env, "client"), timeout=15.0)
     try:
         over_nats = json.loads(await client.raw(subjects.CLM_ISSUE, json.dumps(body).encode()))
     finally:

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import aiomysql
+import nats
 import pytest
 from nats.js.errors import NotFoundError
 
@@ -332,20 +333,25 @@ async def test_renew_over_rest(nats_client, rig, http) -> None:
 
 # --- expiry ---
 
-async def _stream_notices(clm: ClmRuntime, serial: str) -> list[int]:
-    """The windows of every message about `serial` in stream PKI_EXPIRY (duplicates included)."""
-    js = clm.nc.jetstream()
-    state = (await js.stream_info(subjects.EXPIRY_STREAM)).state
-    windows = []
-    for seq in range(state.first_seq, state.last_seq + 1):
-        try:
-            msg = await js.get_msg(subjects.EXPIRY_STREAM, seq)
-        except NotFoundError:
-            continue
-        event = CertificateExpiring.model_validate_json(msg.data)
-        if event.serial == serial:
-            windows.append(event.window_seconds)
-    return sorted(windows)
+async def _stream_notices(env: LocalEnv, serial: str) -> list[int]:
+    """The windows of every message about `serial` in stream PKI_EXPIRY (duplicates included), read as admin
+    (CLM's bus user may publish there, not read)."""
+    nc = await nats.connect(**env.nats.connect_kwargs())
+    try:
+        js = nc.jetstream()
+        state = (await js.stream_info(subjects.EXPIRY_STREAM)).state
+        windows = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            try:
+                msg = await js.get_msg(subjects.EXPIRY_STREAM, seq)
+            except NotFoundError:
+                continue
+            event = CertificateExpiring.model_validate_json(msg.data)
+            if event.serial == serial:
+                windows.append(event.window_seconds)
+        return sorted(windows)
+    finally:
+        await nc.close()
 
 
 async def _notice_rows(sql: aiomysql.Connection, serial: str) -> list[tuple[int, bool]]:
@@ -368,7 +374,7 @@ async def test_expiry_notice_once_per_window_even_with_two_schedulers(env, nats_
     clm = rig.clm
 
     await clm.expiry.run_once()
-    assert await _stream_notices(clm, cert.serial) == [], "90 days left: in no window"
+    assert await _stream_notices(env, cert.serial) == [], "90 days left: in no window"
     rig.clock.offset = timedelta(days=61)  # 29 days left: in the 30-day window only
     other = _clm(env, rig.clock, member="clm-2")
     await other.start()
@@ -378,15 +384,15 @@ async def test_expiry_notice_once_per_window_even_with_two_schedulers(env, nats_
         await other.expiry.run_once()
     finally:
         await other.stop()
-    assert await _stream_notices(clm, cert.serial) == [30 * DAY]
+    assert await _stream_notices(env, cert.serial) == [30 * DAY]
     assert await _notice_rows(sql, cert.serial) == [(30 * DAY, True)]
-    assert await _stream_notices(clm, revoked.serial) == [], "revoked: no notice"
-    assert await _stream_notices(clm, renewed.serial) == [], "renewed: no notice for the predecessor"
+    assert await _stream_notices(env, revoked.serial) == [], "revoked: no notice"
+    assert await _stream_notices(env, renewed.serial) == [], "renewed: no notice for the predecessor"
 
     rig.clock.offset = timedelta(days=84)  # 6 days left: the 7-day window too
     await clm.expiry.run_once()
     await clm.expiry.run_once()
-    assert await _stream_notices(clm, cert.serial) == [7 * DAY, 30 * DAY]
+    assert await _stream_notices(env, cert.serial) == [7 * DAY, 30 * DAY]
     event = next(e for e in [CertificateExpiring.model_validate_json(r[0]) for r in await query(
         sql, "SELECT event FROM expiry_notices WHERE serial = %s AND window_seconds = %s", (cert.serial, 7 * DAY))])
     assert (event.request_id, event.requester, event.not_after, event.issuer) == (
@@ -394,11 +400,11 @@ async def test_expiry_notice_once_per_window_even_with_two_schedulers(env, nats_
 
     rig.clock.offset = timedelta(days=91)  # expired: nothing more
     await clm.expiry.run_once()
-    assert await _stream_notices(clm, cert.serial) == [7 * DAY, 30 * DAY]
+    assert await _stream_notices(env, cert.serial) == [7 * DAY, 30 * DAY]
 
 
 async def test_expiry_crash_after_record_or_after_publish_loses_nothing_and_duplicates_nothing(
-        nats_client, rig, sql) -> None:
+        env, nats_client, rig, sql) -> None:
     clm, inventory = rig.clm, rig.clm.expiry._store
     recorded_only = await _issue(nats_client, [f"cr-{_tag()}.example.com"], "crash")
     published_unmarked = await _issue(nats_client, [f"cp-{_tag()}.example.com"], "crash")
@@ -409,10 +415,10 @@ async def test_expiry_crash_after_record_or_after_publish_loses_nothing_and_dupl
     # One of them also published (acked by the stream) but not marked, as if it died between steps 2 and 3.
     notice = next(n for n in await inventory.unpublished_notices(10_000) if n.serial == published_unmarked.serial)
     await clm.expiry._publisher.expiring(notice)
-    assert await _stream_notices(clm, recorded_only.serial) == []
+    assert await _stream_notices(env, recorded_only.serial) == []
     await clm.expiry.run_once()
-    assert await _stream_notices(clm, recorded_only.serial) == [30 * DAY], "recorded, then published next run"
-    assert await _stream_notices(clm, published_unmarked.serial) == [30 * DAY], "republished, the stream dropped it"
+    assert await _stream_notices(env, recorded_only.serial) == [30 * DAY], "recorded, then published next run"
+    assert await _stream_notices(env, published_unmarked.serial) == [30 * DAY], "republished, the stream dropped it"
     for serial in (recorded_only.serial, published_unmarked.serial):
         assert await _notice_rows(sql, serial) == [(30 * DAY, True)]
 
@@ -449,7 +455,7 @@ async def test_expiry_scheduler_runs_only_on_the_vip_holder(env, nats_client, ri
         assert await _wait_for(noticed, 10.0), "the VIP holder did not send the expiry notice"
     finally:
         await active.stop()
-    assert await _stream_notices(rig.clm, cert.serial) == [30 * DAY]
+    assert await _stream_notices(env, cert.serial) == [30 * DAY]
 
 
 # --- indexes (last: it adds synthetic rows) ---

@@ -144,9 +144,9 @@ async def test_watcher_records_role_changes_in_the_ha_stream(env, span_exporter)
     from hapki.watcher.main import WatcherConfig, WatcherRuntime
 
     runtime = WatcherRuntime(WatcherConfig(member="cara-1", tier="cara", vip="127.0.0.1",
-                                           nats=stack.nats_config(env)))
+                                           nats=stack.nats_config(env, "watcher")))
     await runtime.start()
-    nc = await nats.connect(env.nats.url)
+    nc = await nats.connect(**env.nats.connect_kwargs())
     try:
         js = nc.jetstream()
         sub = await js.subscribe(subjects.ha_events("cara", "cara-1"), ordered_consumer=True)

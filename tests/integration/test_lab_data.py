@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import aiomysql
 import nats
+import pymysql.err
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from hapki.lab import tls
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
+from hapki.lab.local import BusUsers, TlsFiles
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +40,10 @@ NETNS = "hapki-test-data"
 def galera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GaleraCluster]:
     base = tmp_path_factory.mktemp("galera")
     nodes = [GaleraNode(base, f"db-{i}", address, DB_ADDRESSES) for i, address in enumerate(DB_ADDRESSES, 1)]
-    cluster = GaleraCluster(base, nodes)
+    # As in the lab: TLS for clients (required) and for replication, certificates from one infrastructure CA.
+    tls.create_infra_ca(base / "tls")
+    cluster = GaleraCluster(base, nodes, tls=lambda n: TlsFiles.issue(base / "tls", n.name, [n.address],
+                                                                      client_auth=True))
     cluster.start()
     log.info("galera: 3 nodes Synced in %.1f s", cluster.started_in)
     try:
@@ -53,7 +60,12 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
     base = tmp_path_factory.mktemp("nats")
     routes = [f"{address}:6222" for address in NATS_ADDRESSES]
     nodes = [NatsClusterNode(base, f"nats-{i}", address, routes) for i, address in enumerate(NATS_ADDRESSES, 1)]
-    cluster = NatsCluster(base, nodes)
+    # As in the lab: users with permissions, TLS for clients and mutual TLS between the routes.
+    tls.create_infra_ca(base / "tls")
+    users = BusUsers(base / "secrets")
+    users.accounts_conf()
+    cluster = NatsCluster(base, nodes, users=users, tls=lambda n: TlsFiles.issue(base / "tls", n.name, [n.address],
+                                                                                 client_auth=True))
     cluster.start()
     log.info("nats: 3 nodes with a meta leader in %.1f s", cluster.started_in)
     try:
@@ -85,13 +97,28 @@ async def test_app_users_log_in_over_tcp_on_any_node(galera: GaleraCluster) -> N
         path = galera.password_file(user)
         assert path.stat().st_mode & 0o777 == 0o600
         conn = await aiomysql.connect(host=node.address, port=node.port, user=user, password=galera.password(user),
-                                      db="hapki", connect_timeout=5)
+                                      db="hapki", connect_timeout=5, ssl=_ssl(galera.base_dir))
         try:
             async with conn.cursor() as cur:
                 await cur.execute("SELECT CURRENT_USER()")
                 assert await cur.fetchone() == (f"{user}@%",)
         finally:
             conn.close()
+        with pytest.raises(pymysql.err.Error):  # without TLS: refused
+            plain = await aiomysql.connect(host=node.address, port=node.port, user=user, db="hapki",
+                                           password=galera.password(user), connect_timeout=5)
+            plain.close()
+
+
+def test_galera_replication_is_encrypted(galera: GaleraCluster) -> None:
+    options = galera.nodes[0].sql("SELECT @@wsrep_provider_options")
+    assert "socket.ssl = YES" in options, options
+    status = galera.status()
+    assert all(st["wsrep_cluster_size"] == 3 for st in status.values()), status
+
+
+def _ssl(base: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(base / "tls" / "infra-ca.pem"))
 
 
 def test_write_on_node_1_is_read_on_node_3(galera: GaleraCluster) -> None:
@@ -129,8 +156,10 @@ def test_killed_node_rejoins_by_ist_at_its_recovered_position(galera: GaleraClus
 
 @pytest.fixture
 async def js(nats_cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
+    assert nats_cluster.users is not None
     nc = await nats.connect(servers=nats_cluster.urls, connect_timeout=5, reconnect_time_wait=0.2,
-                            max_reconnect_attempts=-1)
+                            max_reconnect_attempts=-1, user="admin", tls=_ssl(nats_cluster.base_dir),
+                            password=nats_cluster.users.password_file("admin").read_text().strip())
     try:
         yield nc.jetstream(timeout=5)
     finally:

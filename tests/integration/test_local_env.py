@@ -31,8 +31,8 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-async def _check_nats(url: str, stream: str) -> None:
-    nc = await nats.connect(url, connect_timeout=5)
+async def _check_nats(env: LocalEnv, stream: str) -> None:
+    nc = await nats.connect(**env.nats.connect_kwargs(), connect_timeout=5)
     try:
         js = nc.jetstream()
         await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
@@ -44,14 +44,7 @@ async def _check_nats(url: str, stream: str) -> None:
 
 
 async def _check_db(env: LocalEnv) -> None:
-    conn = await aiomysql.connect(
-        host=env.db.host,
-        port=env.db.port,
-        user=env.db.user,
-        password=env.db.password_file.read_text().strip(),
-        db=env.db.database,
-        connect_timeout=5,
-    )
+    conn = await aiomysql.connect(**env.db.connect_kwargs(), connect_timeout=5)
     try:
         async with conn.cursor() as cur:
             await cur.execute("SELECT 1")
@@ -62,7 +55,7 @@ async def _check_db(env: LocalEnv) -> None:
 
 async def test_nats_jetstream_publish_is_acked(env: LocalEnv) -> None:
     assert env.nats.url == f"nats://127.0.0.1:{env.nats.port}"
-    await _check_nats(env.nats.url, "LABCHECK")
+    await _check_nats(env, "LABCHECK")
 
 
 async def test_mariadb_accepts_the_app_user(env: LocalEnv) -> None:
@@ -90,14 +83,14 @@ async def test_env_comes_back_after_sigkill_on_the_same_dir(tmp_path: Path) -> N
     first = LocalEnv(tmp_path).start()
     pids = [first.nats.pid, first.db.pid]
     assert all(pids)
-    await _check_nats(first.nats.url, "BEFORE")
+    await _check_nats(first, "BEFORE")
     first.kill()
     assert all(_gone(pid) for pid in pids if pid)
     # Leftovers of the crash are still there: pid files, the MariaDB socket, a JetStream store.
     assert first.nats.pid_file.exists()
 
     with LocalEnv(tmp_path) as second:
-        await _check_nats(second.nats.url, "AFTER")
+        await _check_nats(second, "AFTER")
         await _check_db(second)
         assert second.hsm.pin_file("hapki-a").read_text() == first.hsm.pin_file("hapki-a").read_text()
         live = [second.nats.pid, second.db.pid]

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from hapki.cli.client import ClmClient
@@ -104,7 +105,7 @@ async def test_crash_between_sign_and_commit_abandons_the_intent_and_issues_once
     assert abandoned[1] != final.serial and abandoned[3]  # the lost signature's serial is never reused
 
 
-async def test_crash_between_commit_and_ack_redelivers_without_signing_again(client, cara_process, sql) -> None:
+async def test_crash_between_commit_and_ack_redelivers_without_signing_again(env, client, cara_process, sql) -> None:
     crashing = cara_process("cara.after_commit=crash")
     request = _request("crash-ack.example.com")
     first = await client.issue(request)
@@ -120,7 +121,7 @@ async def test_crash_between_commit_and_ack_redelivers_without_signing_again(cli
         pending = await query(sql, "SELECT COUNT(*) FROM requests WHERE id = %s", (first.request_id,))
         assert pending == [(1,)]
         await asyncio.sleep(0.5)
-        info = await _stream_pending(client)
+        info = await _stream_pending(env)
         if info == 0:
             break
     final = await _retry_until_issued(client, request)
@@ -129,8 +130,11 @@ async def test_crash_between_commit_and_ack_redelivers_without_signing_again(cli
     assert intents == [(stored[0][1], "issued")], "a redelivery must not sign a second time"
 
 
-async def _stream_pending(client: ClmClient) -> int:
-    """Messages still in the signing work queue (acked ones are removed)."""
-    js = client._nc.jetstream()  # noqa: SLF001 - test introspection of the stream
-    info = await js.stream_info("PKI_SIGNING")
-    return info.state.messages
+async def _stream_pending(env: LocalEnv) -> int:
+    """Messages still in the signing work queue (acked ones are removed), read as admin."""
+    nc = await nats.connect(**env.nats.connect_kwargs())
+    try:
+        info = await nc.jetstream().stream_info("PKI_SIGNING")
+        return info.state.messages
+    finally:
+        await nc.close()

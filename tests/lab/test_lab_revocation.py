@@ -29,7 +29,7 @@ OCSP_ANSWER_BOUND = 1.0  # seconds from a probe's first send to its verified ans
 
 
 async def _issue(lab: Lab, name: str) -> IssueReply:
-    client = await ClmClient.connect(lab.nats_urls, timeout=10.0)
+    client = await ClmClient.connect(lab.client_nats_config(), timeout=10.0)
     try:
         reply = await client.issue(IssueCertificate(csr_pem=new_key_and_csr([name])[0].decode(), profile="tls-server",
                                                     requester="lab-revocation"))
@@ -40,7 +40,7 @@ async def _issue(lab: Lab, name: str) -> IssueReply:
 
 
 async def _revoke(lab: Lab, serial: str) -> None:
-    client = await ClmClient.connect(lab.nats_urls, timeout=10.0)
+    client = await ClmClient.connect(lab.client_nats_config(), timeout=10.0)
     try:
         reply = await client.revoke(RevokeCertificate(serial=serial, reason=RevocationReason.KEY_COMPROMISE,
                                                       requester="lab-revocation"))

@@ -34,3 +34,22 @@ def test_galera_config_is_accepted_by_mariadbd(tmp_path: Path) -> None:
                   if line.startswith("wsrep-") and len(line.split(None, 1)) == 2)
     assert values["wsrep-cluster-address"].strip() == "gcomm://10.213.3.21:4567,10.213.3.22:4567"
     assert values["wsrep-node-name"].strip() == "db-1"
+
+
+def test_secured_nats_config_passes_nats_server_t(tmp_path: Path) -> None:
+    from hapki.lab import tls
+    from hapki.lab.local import BusUsers, TlsFiles
+
+    tls.create_infra_ca(tmp_path / "tls")
+    users = BusUsers(tmp_path / "secrets")
+    node = NatsClusterNode(tmp_path, "nats-1", "10.213.3.31", ["10.213.3.31:6222", "10.213.3.32:6222"])
+    node.accounts = users.accounts_conf()
+    node.tls = TlsFiles.issue(tmp_path / "tls", "nats-1", ["10.213.3.31"], client_auth=True)
+    conf = tmp_path / "nats.conf"
+    conf.write_text(node._conf())  # noqa: SLF001
+    result = subprocess.run([_nats_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 or "cannot assign requested address" in result.stderr, result.stderr
+    text = conf.read_text()
+    assert '"verify": true' in text and "allow_responses" in text
+    for user, *_ in BusUsers.DEFAULT:  # every password only in its 0600 file and the server's config
+        assert users.password_file(user).stat().st_mode & 0o777 == 0o600

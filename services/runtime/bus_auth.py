@@ -1,0 +1,105 @@
+"""Bus authorization: the one table of who may publish and subscribe to what, rendered into nats-server config.
+
+Every party connects with its own user (password from a 0600 file) and gets exactly its subjects (issue 6):
+
+- clients call the CLM API subjects and read replies in their own inbox only (``_INBOX.<user>.>``, which the
+  client sets as its inbox prefix), so one requester cannot read another's replies nor CARA's result events;
+- CLM answers clients, publishes signing requests into the signing stream (the subject; JetStream acks to its
+  inbox) and its events, and hears CARA's results; it cannot create a consumer on the signing stream, so it
+  cannot read signing requests back;
+- CARA (the signer) alone pulls from and acks on the signing stream's durable consumer, and alone publishes
+  results;
+- watchers alone publish HA events, each only its own member's (a user with a scope ``<tier>.<member>``);
+- the admin (provisioning: streams and consumers; the lab's and the tests' inspection) may do everything.
+
+Stream and consumer definitions are created by the admin (hapki.runtime.bus.ensure_topology at provisioning);
+services only look them up (``$JS.API.STREAM.INFO``), like database users that only check the schema.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hapki.contracts import subjects as s
+
+__all__ = ["ROLES", "Permissions", "User", "accounts_conf", "inbox_prefix"]
+
+_JS = "$JS.API"
+_CLM_API = (s.CLM_ISSUE, s.CLM_STATUS, s.CLM_CERTIFICATE, s.CLM_REVOKE, s.CLM_SEARCH, s.CLM_RENEW)
+_INFO = f"{_JS}.STREAM.INFO"
+_SIGNER = f"{s.SIGNING_STREAM}.{s.SIGNING_CONSUMER}"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects one role may publish to and subscribe to; `respond`: may answer requests (allow_responses)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    respond: bool = False
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply inbox prefix of `user`: only that user may subscribe below it."""
+    return f"_INBOX.{user}"
+
+
+ROLES: Mapping[str, Permissions] = {
+    "client": Permissions(publish=_CLM_API, subscribe=()),
+    "clm": Permissions(
+        # Stream lookups: the streams it produces into (services check, the admin provisions).
+        publish=(s.CARA_SIGN, s.CLM_EXPIRING, s.CLM_REVOKED, f"{_INFO}.{s.SIGNING_STREAM}", f"{_INFO}.{s.EXPIRY_STREAM}"),
+        subscribe=(*_CLM_API, s.CARA_ISSUED, s.CARA_FAILED),
+        respond=True,
+    ),
+    "cara": Permissions(
+        publish=(s.CARA_ISSUED, s.CARA_FAILED, f"{_INFO}.{s.SIGNING_STREAM}",
+                 f"{_JS}.CONSUMER.INFO.{_SIGNER}", f"{_JS}.CONSUMER.MSG.NEXT.{_SIGNER}",
+                 # Converging the durable's settings (bus.ensure_topology): only this consumer, on this stream.
+                 f"{_JS}.CONSUMER.CREATE.{_SIGNER}", f"{_JS}.CONSUMER.CREATE.{_SIGNER}.>",
+                 f"{_JS}.CONSUMER.DURABLE.CREATE.{_SIGNER}",
+                 f"$JS.ACK.{_SIGNER}.>"),
+        subscribe=(s.CLM_REVOKED,),
+    ),
+    # {scope}: the user's own tier.member (User.scope); ">" for an unscoped watcher user.
+    "watcher": Permissions(publish=(f"{s.HA_EVENTS_PREFIX}.{{scope}}", f"{_INFO}.{s.HA_EVENTS_STREAM}"), subscribe=()),
+    "admin": Permissions(publish=(">",), subscribe=(">",), respond=True),
+}
+
+
+@dataclass(frozen=True)
+class User:
+    """One bus user: its name, role (a key of ROLES) and password; `scope` fills {scope} in its subjects."""
+
+    name: str
+    role: str
+    password: str
+    scope: str = ">"
+
+
+def _user_block(user: User) -> dict[str, object]:
+    perms = ROLES[user.role]
+    subscribe = [*perms.subscribe]
+    if user.role != "admin":
+        subscribe.append(f"{inbox_prefix(user.name)}.>")
+    block: dict[str, object] = {"user": user.name, "password": user.password,
+                                "permissions": {"publish": {"allow": [p.replace("{scope}", user.scope)
+                                                                      for p in perms.publish]},
+                                                "subscribe": {"allow": subscribe}}}
+    if perms.respond and user.role != "admin":
+        block["permissions"]["allow_responses"] = True  # type: ignore[index]
+    return block
+
+
+def accounts_conf(users: Sequence[User], *, account: str = "HAPKI") -> str:
+    """The ``accounts`` block of nats.conf: one account with JetStream, every user with its permissions.
+
+    JSON is valid nats-server config syntax, and quoting it this way leaves no room for injection through names.
+    """
+    for user in users:
+        if user.role not in ROLES:
+            raise ValueError(f"unknown bus role {user.role!r} for {user.name!r}")
+    body = {account: {"jetstream": "enabled", "users": [_user_block(u) for u in users]}}
+    return "accounts: " + json.dumps(body, indent=2) + "\n"

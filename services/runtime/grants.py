@@ -1,0 +1,124 @@
+"""Database privileges: the one table of what each service may do, and the SQL that provisions it.
+
+Every service connects as its own MariaDB user with exactly the privileges its SQL needs (issue 6): CLM (the RA)
+records requests and revocations but cannot write certificates; CARA (the CA) writes certificates and the outcome
+columns of a request but not what CLM approved (``requests.sign_request``, ``profile``, ``csr_sha256``...); the
+audit tables are insert-only for both, except the three chain tables the CARA sealer maintains. Schema changes
+belong to an admin (migrator) user; a service only checks that the schema is current (hapki.runtime.migrate).
+
+Grants name tables and columns, which must exist: they are applied after the migrations, by whoever provisions
+the database (`provision`, used by hapki.lab.local.MariaDB and the lab's Galera bootstrap). Keep this table
+in step with the SQL in services/clm, services/cara and hapki.runtime.audit: the integration tests run every
+service flow under these users, so a missing privilege fails them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from hapki.runtime.migrate import SCHEMA_TABLE_SQL, split_statements, available
+
+__all__ = ["ADMIN_USER", "GRANTS", "SERVICE_USERS", "Grant", "grant_sql", "migration_sql", "provision", "revoke_sql"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Privileges of one user on one table: whole-table privileges and column-level UPDATE."""
+
+    table: str
+    privileges: tuple[str, ...] = ("SELECT",)
+    update_columns: tuple[str, ...] = ()
+
+
+CLM_USER = "hapki_clm"
+CARA_USER = "hapki_cara"
+ADMIN_USER = "hapki"  # migrations, provisioning, the lab's invariant checks and `hapki audit verify`
+SERVICE_USERS = (CLM_USER, CARA_USER)
+
+_SCHEMA = Grant("schema_migrations")  # services check that every migration is applied; only the admin migrates
+
+GRANTS: Mapping[str, Sequence[Grant]] = {
+    CLM_USER: (
+        _SCHEMA,
+        Grant("issuers"),
+        # Records requests; later only flags them (revoked) and schedules expiry checks.
+        Grant("requests", ("SELECT", "INSERT"), update_columns=("revoked", "expiry_check_at")),
+        # INSERT ... ON DUPLICATE KEY UPDATE needs UPDATE on every inserted column (MariaDB): whole-table UPDATE on
+        # the tables CLM alone owns and writes that way.
+        Grant("request_names", ("SELECT", "INSERT", "UPDATE")),
+        Grant("certificates"),  # read only: CLM cannot write certificates
+        Grant("revocations", ("SELECT", "INSERT")),
+        Grant("expiry_notices", ("SELECT", "INSERT", "UPDATE")),
+        Grant("audit_entries", ("INSERT",)),
+        Grant("audit_unsealed", ("INSERT",)),
+    ),
+    CARA_USER: (
+        _SCHEMA,
+        Grant("issuers", ("SELECT", "INSERT"), update_columns=("is_default",)),  # hapki ca init
+        # The outcome columns only: never sign_request, profile, csr_sha256, requester or the names CLM approved.
+        Grant("requests", update_columns=("status", "serial", "issuer", "not_after", "updated_at", "error_code",
+                                          "error_message")),
+        Grant("epochs", ("SELECT", "INSERT", "UPDATE")),
+        Grant("epoch_changes", ("INSERT",)),
+        Grant("signing_intents", ("SELECT", "INSERT"), update_columns=("state", "resolved_at", "resolution")),
+        Grant("certificates", ("SELECT", "INSERT"), update_columns=("fence_seq",)),
+        Grant("revocations", update_columns=("crl_number",)),  # stamps revocations onto a CRL
+        Grant("crls", ("SELECT", "INSERT")),
+        Grant("ocsp_signers", ("SELECT", "INSERT")),
+        Grant("audit_entries", ("SELECT", "INSERT")),  # the sealer reads entries to chain them
+        Grant("audit_unsealed", ("SELECT", "INSERT", "DELETE")),  # the sealer removes what it chained
+        Grant("audit_chain", ("SELECT", "INSERT")),
+        Grant("audit_head", ("SELECT", "INSERT", "UPDATE")),  # its one row, upserted by the sealer
+        Grant("audit_signers", ("SELECT", "INSERT")),
+        Grant("audit_checkpoints", ("SELECT", "INSERT")),
+    ),
+}
+
+
+def grant_sql(database: str, accounts: Mapping[str, Sequence[str]]) -> list[str]:
+    """GRANT statements for each service user's accounts (``{user: ["'user'@'host'", ...]}``).
+
+    Starts by revoking everything the account holds, so re-provisioning also removes privileges this table no
+    longer lists (and the ALL an older deployment gave its service users).
+    """
+    statements: list[str] = []
+    for user, names in accounts.items():
+        for account in names:
+            statements.extend(revoke_sql(account))
+            for grant in GRANTS[user]:
+                privileges = list(grant.privileges)
+                if grant.update_columns:
+                    privileges.append(f"UPDATE ({', '.join(grant.update_columns)})")
+                statements.append(f"GRANT {', '.join(privileges)} ON `{database}`.`{grant.table}` TO {account}")
+    return statements
+
+
+def revoke_sql(account: str) -> list[str]:
+    # REVOKE ALL fails with 1141 when the account holds nothing; an innocuous USAGE grant first makes it total.
+    return [f"GRANT USAGE ON *.* TO {account}", f"REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}"]
+
+
+def migration_sql(database: str, applied: set[int]) -> list[str]:
+    """The pending migrations as SQL scripts for the ``mariadb`` client (provisioning over the root socket)."""
+    scripts = [f"CREATE DATABASE IF NOT EXISTS `{database}`;\nUSE `{database}`;\n{SCHEMA_TABLE_SQL};"]
+    for version, name, sql in available():
+        if version in applied:
+            continue
+        scripts.append(
+            f"USE `{database}`;\nSET SESSION sql_notes = 0;\n" + "".join(f"{s};\n" for s in split_statements(sql)) +
+            f"INSERT INTO schema_migrations (version, name, applied_at) VALUES ({version}, '{name}', UTC_TIMESTAMP(6));"
+        )
+    return scripts
+
+
+def provision(run_sql: Callable[[str], str], database: str, accounts: Mapping[str, Sequence[str]]) -> None:
+    """Apply pending migrations, then the grants, with an admin's ``run_sql`` (the ``mariadb`` client, batch mode).
+
+    The users themselves (and their passwords) are the caller's: they differ per environment (host part, TLS).
+    """
+    run_sql(migration_sql(database, set())[0])
+    applied = {int(v) for v in run_sql(f"SELECT version FROM `{database}`.schema_migrations").split()}
+    for script in migration_sql(database, applied)[1:]:
+        run_sql(script)
+    run_sql(";\n".join(grant_sql(database, accounts)) + ";")

@@ -1,0 +1,86 @@
+"""The bus permission table: who may publish and subscribe to what (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hapki.contracts import subjects
+from hapki.runtime.bus_auth import ROLES, User, accounts_conf, inbox_prefix
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def _may(role: str, verb: str, subject: str, user: str | None = None) -> bool:
+    perms = ROLES[role]
+    allowed = [p.replace("{scope}", ">") for p in (perms.publish if verb == "pub" else perms.subscribe)]
+    if verb == "sub" and role != "admin":
+        allowed.append(f"{inbox_prefix(user or role)}.>")
+    return any(_matches(p, subject) for p in allowed)
+
+
+SIGNER = f"{subjects.SIGNING_STREAM}.{subjects.SIGNING_CONSUMER}"
+
+
+@pytest.mark.parametrize(("role", "verb", "subject", "allowed"), [
+    ("client", "pub", subjects.CLM_ISSUE, True),
+    ("client", "pub", subjects.CARA_SIGN, False),
+    ("client", "pub", subjects.CLM_REVOKED, False),
+    ("client", "pub", subjects.ha_events("cara", "cara-1"), False),
+    ("client", "sub", subjects.CARA_ISSUED, False),
+    ("client", "sub", "_INBOX.client.abc", True),
+    ("client", "sub", "_INBOX.clm.abc", False),
+    ("clm", "pub", subjects.CARA_SIGN, True),
+    ("clm", "sub", subjects.CARA_SIGN, False),
+    ("clm", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{SIGNER}", False),
+    ("clm", "pub", f"$JS.API.CONSUMER.CREATE.{subjects.SIGNING_STREAM}", False),
+    ("clm", "pub", subjects.ha_events("clm", "clm-1"), False),
+    ("cara", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{SIGNER}", True),
+    ("cara", "pub", f"$JS.ACK.{SIGNER}.1.2.3.4.5.6", True),
+    ("cara", "pub", subjects.CARA_ISSUED, True),
+    ("cara", "pub", subjects.CARA_SIGN, False),
+    ("cara", "pub", f"$JS.API.STREAM.DELETE.{subjects.SIGNING_STREAM}", False),
+    ("watcher", "pub", subjects.ha_events("cara", "cara-1"), True),
+    ("watcher", "pub", subjects.CARA_SIGN, False),
+])
+def test_permission_table(role: str, verb: str, subject: str, allowed: bool) -> None:
+    assert _may(role, verb, subject) is allowed
+
+
+def test_only_the_signer_and_admin_reach_the_signing_consumer() -> None:
+    for role in ROLES:
+        if role in ("cara", "admin"):
+            continue
+        for pattern in ROLES[role].publish:
+            # CLM, the producer, may look the stream up (message counts), nothing more.
+            assert subjects.SIGNING_STREAM not in pattern or (role, pattern) == (
+                "clm", f"$JS.API.STREAM.INFO.{subjects.SIGNING_STREAM}"), (role, pattern)
+            assert not _matches(pattern, f"$JS.API.CONSUMER.MSG.NEXT.{SIGNER}"), (role, pattern)
+
+
+def test_a_scoped_watcher_publishes_only_its_members_events() -> None:
+    body = json.loads(accounts_conf([User("watcher-cara-1", "watcher", "pw", "cara.cara-1")]).removeprefix("accounts: "))
+    allowed = body["HAPKI"]["users"][0]["permissions"]["publish"]["allow"]
+    assert subjects.ha_events("cara", "cara-1") in allowed
+    assert not any(_matches(p, subjects.ha_events("cara", "cara-2")) for p in allowed)
+
+
+def test_accounts_conf_is_json_with_every_user() -> None:
+    text = accounts_conf([User("client", "client", 'pa"ss'), User("clm", "clm", "x")])
+    body = json.loads(text.removeprefix("accounts: "))
+    users = body["HAPKI"]["users"]
+    assert body["HAPKI"]["jetstream"] == "enabled"
+    assert users[0]["password"] == 'pa"ss'
+    assert users[0]["permissions"]["subscribe"]["allow"] == ["_INBOX.client.>"]
+    assert users[1]["permissions"]["allow_responses"] is True
+    with pytest.raises(ValueError):
+        accounts_conf([User("x", "root", "y")])
