@@ -295,7 +295,8 @@ class MariaDBSigningStore:
             if recorded and row[0] == RequestStatus.FAILED.value and row[1] == error.code.value:
                 return True  # a redelivery of a refusal already recorded
             stored = "absent" if row is None else "differs" if not recorded else row[0]
-            await append(cur, replace(refused, detail={**refused.detail, "stored_request": stored}), dedupe=True)
+            # A derived id: a second refusal of the same message and code is a duplicate key (below), not an entry.
+            await append(cur, replace(refused, detail={**refused.detail, "stored_request": stored}))
             return False
 
         content_sha256 = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
@@ -309,7 +310,10 @@ class MariaDBSigningStore:
                     "approval_key_id": request.approval_key_id, "profile": request.profile[:64],
                     "names": [*request.dns_names, *request.ip_addresses, *request.emails][:10]},
             id=derived_id(AuditKind.SIGNING_REFUSED.value, request.request_id, error.code.value, content_sha256))
-        return await self._db.run(body, name="cara.refuse", fence=Fence(TIER, epoch))
+        try:
+            return await self._db.run(body, name="cara.refuse", fence=Fence(TIER, epoch))
+        except DuplicateKey:
+            return False  # this refusal is audited already (the audit table is insert-only for services)
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
         """Resolve a reserved intent whose signature will never be stored. Unfenced: abandoning is always safe."""

@@ -48,7 +48,7 @@ def _clm_key(env: LocalEnv) -> ApprovalKey:
 @pytest.fixture
 async def bus(env: LocalEnv) -> AsyncIterator[tuple[Any, list[SigningFailed]]]:
     """A plain NATS connection (the attacker's, or an old CLM's) and the SigningFailed events CARA publishes."""
-    nc = await nats.connect(env.nats.url)
+    nc = await nats.connect(**env.nats.connect_kwargs("clm"))  # stolen CLM credentials: may publish signing requests
     failures: list[SigningFailed] = []
 
     async def on_failed(msg: Any) -> None:

@@ -15,13 +15,14 @@ from hapki.contracts import subjects
 from hapki.contracts.errors import ErrorCode
 from hapki.contracts.models import IssueCertificate, RequestStatus, RevocationReason, RevokeCertificate
 from hapki.lab.secrets_scan import log_files, scan_tree, secrets_in
-from hapki.lab.stack import LocalStack
+from hapki.lab.stack import LocalStack, nats_config
+from hapki.runtime.config import NatsConfig
 
 pytestmark = pytest.mark.integration
 
 
-async def _drive(nats_url: str) -> None:
-    client = await ClmClient.connect([nats_url], timeout=30.0)
+async def _drive(nats: NatsConfig) -> None:
+    client = await ClmClient.connect(nats, timeout=30.0)
     try:
         serials = []
         for index in range(3):
@@ -47,7 +48,7 @@ def test_no_secret_in_any_log_of_a_stack_run(tmp_path: Path, monkeypatch: pytest
     stack = LocalStack(tmp_path, trace_file=tmp_path / "logs" / "spans.jsonl")
     stack.start()
     try:
-        asyncio.run(_drive(stack.env.nats.url))
+        asyncio.run(_drive(nats_config(stack.env, "client")))
     finally:
         stack.stop()  # flushes and closes every log
 

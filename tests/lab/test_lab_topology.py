@@ -79,6 +79,10 @@ def test_haproxy_accepts_the_rendered_config(tmp_path: Path) -> None:
     files = render.render_member(topo, "cara-2", tmp_path / "cara-2", pem)
     text = files["haproxy.cfg"].read_text()
     assert f"bind 10.213.2.100:443 ssl crt {pem.resolve()} transparent" in text
+    # Plain HTTP on the CARA VIP serves only revocation status; the CLM tier has no plain frontend.
+    assert "bind 10.213.2.100:80 transparent" in text and "deny deny_status 404 unless { path_beg /ocsp /crl/ }" in text
+    clm = render.render_member(topo, "clm-1", tmp_path / "clm-1", pem)["haproxy.cfg"].read_text()
+    assert "10.213.1.100:80 " not in clm and "frontend clm_http\n" not in clm
     assert "server cara-2 127.0.0.1:8081 check" in text
     result = subprocess.run(["haproxy", "-c", "-f", str(files["haproxy.cfg"])], check=False, capture_output=True,
                             text=True)
@@ -88,7 +92,8 @@ def test_haproxy_accepts_the_rendered_config(tmp_path: Path) -> None:
 def test_nft_ruleset_has_exactly_the_flows() -> None:
     rules = nft_ruleset(default())
     assert "policy drop;" in rules and "ct state established,related accept" in rules
-    assert 'ip saddr 10.213.1.0/24 ip daddr 10.213.2.100/32 tcp dport { 443 } counter accept' in rules
+    # CLM reaches the CARA VIP on 443 (TLS) and 80 (OCSP and CRLs only, see the haproxy test below).
+    assert 'ip saddr 10.213.1.0/24 ip daddr 10.213.2.100/32 tcp dport { 80, 443 } counter accept' in rules
     assert 'ip saddr 10.213.0.1/32 ip daddr 10.213.3.0/24 tcp dport { 3306, 4222, 8222 } counter accept' in rules
     assert rules.count(" accept comment ") == len(default().flows)
     assert "ip protocol 112 ip saddr . ip daddr @blocked_vrrp counter drop" in rules
