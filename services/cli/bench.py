@@ -65,7 +65,7 @@ class LevelResult:
             "requests": len(ordered),
             "rate_per_s": len(ordered) / self.seconds,
             "latency_ms": {
-                "p50": _percentile(ordered, 50), "p99": _percentile(ordered, 99),
+                "p50": percentile(ordered, 50), "p99": percentile(ordered, 99),
                 "max": ordered[-1] if ordered else None,
                 "mean": statistics.fmean(ordered) if ordered else None,
             },
@@ -80,7 +80,7 @@ class LevelResult:
         }
 
 
-def _percentile(ordered: list[float], p: float) -> float | None:
+def percentile(ordered: list[float], p: float) -> float | None:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
         return None

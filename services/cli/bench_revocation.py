@@ -28,18 +28,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from hapki.cli.bench import percentile
 from hapki.cli.client import ClmClient, new_key_and_csr
 from hapki.contracts.models import IssueCertificate
 
 REASONS = ("key_compromise", "superseded", "cessation_of_operation", "unspecified", "affiliation_changed")
 OCSP_REQUEST_TIMEOUT_SECONDS = 5.0
 INSERT_BATCH = 5000
-
-
-def _percentile(ordered: list[float], p: float) -> float | None:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
 
 
 # --- OCSP through the VIP ---------------------------------------------------------------------------------------
@@ -90,7 +85,7 @@ async def _ocsp_load(url: str, body: bytes, concurrency: int, seconds: float, wa
         await asyncio.gather(*(loop(http) for _ in range(concurrency)))
     ordered = sorted(latencies)
     return {"concurrency": concurrency, "seconds": seconds, "responses_per_second": round(len(ordered) / seconds, 1),
-            "p50_ms": _percentile(ordered, 50), "p99_ms": _percentile(ordered, 99), "errors": len(errors),
+            "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99), "errors": len(errors),
             "error_samples": errors[:3]}
 
 
