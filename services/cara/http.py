@@ -15,6 +15,7 @@ import binascii
 import logging
 import random
 import re
+import time
 import urllib.parse
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ log = logging.getLogger("hapki.cara.http")
 
 # The database answers a SELECT 1 in milliseconds; past this it is not serving, whatever it may do later.
 DATABASE_TIMEOUT_SECONDS = 2.0
+UNKNOWN_GRACE_SECONDS = 5.0  # no answer from any database node for this long: unfit to lead
 PRIMARY_TIMEOUT_SECONDS = 1.0  # /health/primary's database bound: under the track script's curl --max-time (1.5 s)
 
 
@@ -44,6 +46,7 @@ class HealthProbe:
 
     def __init__(self, *, member: str, signer: Signer, hsm: HSMPool, db: Database, nc: Client) -> None:
         self._member, self._signer, self._hsm, self._db, self._nc = member, signer, hsm, db, nc
+        self._last_primary = time.monotonic()  # the last time a database node said it is in the Primary component
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         """(can this member serve, the report). A passive but healthy member can serve: `active` says which."""
@@ -61,14 +64,20 @@ class HealthProbe:
 
         An HSM member up, the bus connected, and a database node in Galera's Primary component reachable. A
         cluster-wide stall (a Galera node lost, not yet evicted) does not fail it: every member would fail at once
-        and the VIP would move back and forth for nothing. Left with only non-Primary (or no) nodes, it fails, and
-        the member's VRRP priority drops below its peer's: a CA cut off from the quorum gives the VIP away.
+        and the VIP would move back and forth for nothing. Left with only non-Primary (or refusing) nodes, it fails
+        at once; with no answer at all (cut off, or a starved host) only after UNKNOWN_GRACE_SECONDS without a
+        Primary answer. A failing member's VRRP priority drops below its peer's: a CA cut off from the quorum
+        gives the VIP away.
         """
         hsm = await asyncio.to_thread(self._hsm.health)
-        primary = await self._db.primary_reachable(PRIMARY_TIMEOUT_SECONDS)
+        status = await self._db.primary_status(PRIMARY_TIMEOUT_SECONDS)
+        now = time.monotonic()
+        if status == "primary":
+            self._last_primary = now
+        database = status == "primary" or (status == "unknown" and now - self._last_primary < UNKNOWN_GRACE_SECONDS)
         nats = self._nc.is_connected
-        report = {"member": self._member, "hsm": any(hsm.values()), "database_primary": primary, "nats": nats}
-        return any(hsm.values()) and primary and nats, report
+        report = {"member": self._member, "hsm": any(hsm.values()), "database": status, "nats": nats}
+        return any(hsm.values()) and database and nats, report
 
     async def _database(self) -> str:
         async def select_one(cur: aiomysql.Cursor) -> None:

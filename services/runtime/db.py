@@ -139,6 +139,9 @@ class Database:
         # TLS to every node, verifying its certificate (name = the host part of the node address).
         self._ssl = ssl.create_default_context(cafile=str(config.tls_ca_file)) if config.tls_ca_file else None
         self._pools: dict[str, _NodePool] = {}
+        # One connection per node for primary_reachable(): a status read must not queue behind transactions that
+        # hold every pooled connection while Galera stalls (it would then report a stall as "no Primary node").
+        self._status_pools: dict[str, _NodePool] = {}
         self._current = 0
         self._sleep = sleep
 
@@ -147,12 +150,15 @@ class Database:
         return list(self._config.nodes)
 
     async def close(self) -> None:
-        pools, self._pools = self._pools, {}
-        for pool in pools.values():
+        pools = [*self._pools.values(), *self._status_pools.values()]
+        self._pools, self._status_pools = {}, {}
+        for pool in pools:
             pool.close()
 
-    def _pool(self, node: str) -> _NodePool:
-        pool = self._pools.get(node)
+    def _pool(self, node: str, *, status: bool = False) -> _NodePool:
+        """The transaction pool of `node`, or (`status`) its own one-connection pool for status reads."""
+        pools = self._status_pools if status else self._pools
+        pool = pools.get(node)
         if pool is None:
             host, _, port = node.rpartition(":")
             init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if self._config.sync_wait else "")
@@ -163,7 +169,7 @@ class Database:
                     db=self._config.database, autocommit=False, connect_timeout=self._config.connect_timeout_seconds,
                     init_command=init, charset="utf8mb4", client_flag=CLIENT.MULTI_STATEMENTS, ssl=self._ssl)
 
-            pool = self._pools[node] = _NodePool(self._config.pool_size, connect,
+            pool = pools[node] = _NodePool(1 if status else self._config.pool_size, connect,
                                                  connect_timeout=2 * self._config.connect_timeout_seconds,
                                                  recycle_seconds=POOL_RECYCLE_SECONDS)
         return pool
@@ -174,15 +180,17 @@ class Database:
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
 
-    async def primary_reachable(self, timeout: float) -> bool:
-        """Whether some node this process can reach is in Galera's Primary component (asked of all nodes at once).
+    async def primary_status(self, timeout: float) -> str:
+        """Whether a node this process reaches is in Galera's Primary component, asking all nodes at once.
 
-        A status read, not a transaction: a Primary node answers it during a cluster-wide stall too (a node lost
-        and not yet evicted), so every member sees the same answer then; only a member left with non-Primary or
-        unreachable nodes gets False. A server without Galera (wsrep_on OFF) counts as Primary.
+        "primary": some node says so. "not_primary": none does, and at least one answered otherwise (non-Primary,
+        refused, an error). "unknown": nothing answered within `timeout` (a starved host looks like this too, so
+        callers should not act on one such answer). A status read on its own connection per node, not a
+        transaction: a Primary node answers it during a cluster-wide stall too (a node lost and not yet evicted),
+        so every member sees "primary" then. A server without Galera (wsrep_on OFF) counts as Primary.
         """
         async def ask(node: str) -> bool:
-            pool = self._pool(node)
+            pool = self._pool(node, status=True)
             conn = await pool.acquire(timeout)
             broken = True
             try:
@@ -199,12 +207,17 @@ class Database:
                 pool.release(conn, broken=broken)
 
         asks = [asyncio.create_task(ask(node)) for node in self._config.nodes]
+        answered = False
         try:
             for done in asyncio.as_completed(asks, timeout=timeout):
                 try:
                     if await done:
-                        return True
-                except (_AcquireTimeout, pymysql.err.Error, OSError) as exc:
+                        return "primary"
+                    answered = True
+                except (pymysql.err.Error, ConnectionRefusedError) as exc:
+                    answered = True
+                    log.debug("primary check: %s", exc)
+                except (_AcquireTimeout, TimeoutError, OSError) as exc:
                     log.debug("primary check: %s", exc)
         except TimeoutError:
             pass
@@ -212,7 +225,7 @@ class Database:
             for task in asks:
                 task.cancel()
             await asyncio.gather(*asks, return_exceptions=True)
-        return False
+        return "not_primary" if answered else "unknown"
 
     async def run(self, body: Body[T], *, name: str, fence: Fence | None = None, timeout: float | None = None) -> T:
         """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.

@@ -248,32 +248,42 @@ async def test_a_node_that_accepts_but_never_answers_is_left_for_the_next(env: L
         server.close()
 
 
-async def test_primary_reachable_is_true_for_a_reachable_node_even_behind_a_dead_one(env: LocalEnv) -> None:
+async def test_primary_status_is_primary_for_a_reachable_node_even_behind_a_dead_one(env: LocalEnv) -> None:
     # A server without Galera counts as Primary; the dead node first in the list does not hide the live one.
     cfg = stack.database_config(env)
     cfg = cfg.model_copy(update={"nodes": [f"127.0.0.1:{free_port()}", *cfg.nodes]})
     database = Database(cfg, sleep=_no_sleep)
     try:
-        assert await database.primary_reachable(timeout=2.0) is True
+        assert await database.primary_status(timeout=2.0) == "primary"
     finally:
         await database.close()
 
 
-async def test_primary_reachable_is_false_within_its_bound_when_no_node_answers(env: LocalEnv) -> None:
+async def test_primary_status_is_unknown_within_its_bound_when_no_node_answers(env: LocalEnv) -> None:
     held: list[asyncio.StreamWriter] = []
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
 
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
-    nodes = [f"127.0.0.1:{server.sockets[0].getsockname()[1]}", f"127.0.0.1:{free_port()}"]
+    nodes = [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]  # takes the connection, never answers
     database = Database(stack.database_config(env).model_copy(update={"nodes": nodes}), sleep=_no_sleep)
     try:
         began = asyncio.get_running_loop().time()
-        assert await database.primary_reachable(timeout=0.5) is False
+        assert await database.primary_status(timeout=0.5) == "unknown"
         assert asyncio.get_running_loop().time() - began < 2.0
     finally:
         await database.close()
         for writer in held:
             writer.close()
         server.close()
+
+
+async def test_primary_status_is_not_primary_when_the_only_answers_are_refusals(env: LocalEnv) -> None:
+    # A refused connection is an answer (nothing Primary there), unlike silence, which a starved host also gives.
+    cfg = stack.database_config(env).model_copy(update={"nodes": [f"127.0.0.1:{free_port()}"]})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        assert await database.primary_status(timeout=2.0) == "not_primary"
+    finally:
+        await database.close()
