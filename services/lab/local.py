@@ -329,13 +329,24 @@ class TlsFiles:
 
     @classmethod
     def issue(cls, directory: Path, name: str, ips: Sequence[str], dns: Sequence[str] = (), *,
-              client_auth: bool = False) -> TlsFiles:
-        """Create (or reuse) the CA in ``directory`` and a server certificate ``name`` for these addresses."""
+              client_auth: bool = False, ca: Any = None) -> TlsFiles:
+        """Create (or reuse) the CA in ``directory`` and a server certificate ``name`` for these addresses.
+
+        ``ca`` (a hapki.lab.tls.InfraCA kept elsewhere): issue with it instead, and put only a copy of its
+        certificate into ``directory`` (the Compose demo: each container gets its own files, never the CA key).
+        """
         from hapki.lab import tls
 
-        ca = tls.create_infra_ca(directory)
-        files = cls(ca.cert_path, tls.issue_server_cert(ca, directory, name, list(ips), list(dns),
-                                                        client_auth=client_auth))
+        if ca is None:
+            ca = tls.create_infra_ca(directory)
+            ca_file = ca.cert_path
+        else:
+            ca_file = Path(directory) / ca.cert_path.name
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            if not ca_file.exists() or ca_file.read_bytes() != ca.cert_path.read_bytes():
+                ca_file.write_bytes(ca.cert_path.read_bytes())
+        files = cls(ca_file, tls.issue_server_cert(ca, directory, name, list(ips), list(dns),
+                                                   client_auth=client_auth))
         files._split()
         return files
 
