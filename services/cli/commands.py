@@ -305,14 +305,14 @@ def compose(args: argparse.Namespace) -> int:
     topo = default()
     if args.compose_command == "render":
         if args.check:
-            problems = demo_compose.check(topo)
+            problems = demo_compose.check(topo, demo_compose.COMPOSE_DIR)
             if problems:
                 print("the compose demo is stale: run `hapki compose render`\n  " + "\n  ".join(problems),
                       file=sys.stderr)
                 return 1
             print(f"{demo_compose.COMPOSE_DIR} is current")
             return 0
-        written = demo_compose.write(topo)
+        written = demo_compose.write(topo, demo_compose.COMPOSE_DIR)
         print(f"wrote {len(written)} files under {demo_compose.COMPOSE_DIR}")
         return 0
     from hapki.lab import compose_init

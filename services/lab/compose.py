@@ -52,6 +52,7 @@ HEADER = "# Rendered by `hapki compose render` from compose/topology.toml (hapki
 HAPKI_UID = 10001
 NATS_UID = 10002
 MYSQL_UID = 10003
+GRAFANA_UID = 472  # the grafana/grafana image's user
 ROOT_UID = 0
 
 # Inside the containers.
@@ -104,6 +105,7 @@ class Consumer:
     vip_tier: str | None = None  # haproxy's PEM for this tier's VIP
     approval: str | None = None  # "private" (CLM) or "public" (CARA)
     accounts: bool = False  # the NATS users block (nats.conf includes it)
+    grafana_admin: bool = False  # Grafana's admin password (anonymous visitors may only view)
 
 
 def consumers(topo: Topology) -> dict[str, Consumer]:
@@ -126,8 +128,9 @@ def consumers(topo: Topology) -> dict[str, Consumer]:
     # The provisioner: database users over db-1's root socket, migrations, grants, streams, `hapki ca init`.
     out["provision"] = Consumer("provision", ROOT_UID, bus_users=("admin",),
                                 db_users=(ADMIN_USER, CARA_USER, CLM_USER), approval="public")
-    # What a user of the demo copies out (`docker compose cp`): the bus client's password and the TLS CA.
+    # What a user of the demo reads out of the volume (README): the bus client's password and the TLS CA.
     out["client"] = Consumer("client", ROOT_UID, bus_users=("client",))
+    out["grafana"] = Consumer("grafana", GRAFANA_UID, grafana_admin=True)
     return out
 
 
@@ -480,7 +483,8 @@ def compose_document(topo: Topology) -> dict[str, Any]:
                 "command": ["hapki", "serve", "watcher", "--config", str(ETC / "watcher.toml")],
                 "network_mode": f"service:{m}", "environment": _otel_env(m),
                 "volumes": [_bind(f"rendered/{m}/watcher.toml", ETC / "watcher.toml"), _secrets(cons[w])],
-                "depends_on": _after(**{m: "service_started"}), "restart": "unless-stopped",
+                # A restarted member is a new network namespace: the watcher must follow it into the new one.
+                "depends_on": {m: {"condition": "service_started", "restart": True}}, "restart": "unless-stopped",
             }
     segments = list(topo.segments)
     services["otel-collector"] = {
@@ -499,11 +503,14 @@ def compose_document(topo: Topology) -> dict[str, Any]:
     }
     services["grafana"] = {
         "image": IMAGES["grafana"],
-        "environment": {"GF_AUTH_ANONYMOUS_ENABLED": "true", "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer"},
+        "environment": {"GF_AUTH_ANONYMOUS_ENABLED": "true", "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+                        "GF_SECURITY_ADMIN_PASSWORD__FILE": str(SECRETS / "grafana-admin.password")},
         "volumes": [_bind("grafana/provisioning", "/etc/grafana/provisioning"),
-                    _bind("grafana/dashboards", "/var/lib/grafana/dashboards")],
+                    _bind("grafana/dashboards", "/var/lib/grafana/dashboards"), _secrets(cons["grafana"])],
         "networks": ["obs"], "ports": [_port("grafana")],
-        "depends_on": _after(prometheus="service_started", jaeger="service_started"), "restart": "unless-stopped",
+        "depends_on": _after(init="service_completed_successfully", prometheus="service_started",
+                             jaeger="service_started"),
+        "restart": "unless-stopped",
     }
     volumes = ["secrets", *topo.hsm.members, *(f"{d}-data" for d in dbs), f"{dbs[0]}-socket",
                *(f"{n}-store" for n in buses)]

@@ -5,9 +5,10 @@ the repository:
 
 - ``init`` (before anything else starts): the infrastructure CA and every TLS certificate (data-tier nodes, the
   two VIPs), the bus users' passwords and the NATS ``accounts`` block (hapki.runtime.bus_auth), the database
-  passwords, CLM's approval key pair, and the SoftHSM tokens of hsm-a and hsm-b. Each container gets its own
-  directory of the `secrets` volume holding exactly the files its config names (hapki.lab.compose.consumers),
-  owned by the user it runs as; the CA key and the master copies stay in ``_issuer/``, which no service mounts.
+  passwords, Grafana's admin password, CLM's approval key pair, and the SoftHSM tokens of hsm-a and hsm-b. Each
+  container gets its own directory of the `secrets` volume holding exactly the files its config names
+  (hapki.lab.compose.consumers), owned by the user it runs as; the CA key and the master copies stay in
+  ``_issuer/``, which no service mounts.
   Idempotent: an existing CA, password, key or token is kept.
 - ``provision`` (once Galera and NATS are healthy): the database users, migrations and grants over db-1's root
   socket (the same statements as the lab's bootstrap), the JetStream streams as the bus admin, then
@@ -33,6 +34,7 @@ __all__ = ["init_secrets", "provision"]
 
 ISSUER = "_issuer"  # the CA key and the master copy of every secret: mounted by init only
 DB_USERS = (CLM_USER, CARA_USER, ADMIN_USER)
+GRAFANA_ADMIN = "grafana-admin.password"
 
 
 def _bus_users(topo: Topology, issuer: Path) -> BusUsers:
@@ -79,6 +81,8 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
             path.parent.mkdir(mode=0o700, exist_ok=True)
             _write_secret(path, new_password())
     approval_key, approval_pub = stack.approval_keys(issuer / "approval")
+    if not (issuer / GRAFANA_ADMIN).exists():
+        _write_secret(issuer / GRAFANA_ADMIN, new_password())
     vip_pems = {tier: tls.issue_server_cert(ca, issuer / "tls", f"{tier}-vip", [str(t.vip)],
                                             [f"{tier}.{topo.lab.prefix}.lab"])
                 for tier, t in topo.tiers.items()}
@@ -119,6 +123,8 @@ def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUs
         _copy(_db_password_file(issuer, user), d / f"{user}.password")
     if consumer.vip_tier:
         _copy(vip_pems[consumer.vip_tier], d / f"{consumer.vip_tier}-vip.pem")
+    if consumer.grafana_admin:
+        _copy(issuer / GRAFANA_ADMIN, d / GRAFANA_ADMIN)
     if consumer.approval == "private":
         _copy(approval_key, d / approval_key.name)
     elif consumer.approval == "public":

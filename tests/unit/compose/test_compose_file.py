@@ -184,3 +184,13 @@ def test_grafana_provisions_both_datasources_and_the_dashboard_folder() -> None:
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     collector = yaml.safe_load((COMPOSE / "otel" / "collector.yaml").read_text())
     assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+
+
+def test_cli_check_says_current_or_stale(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    from hapki.cli.main import main
+
+    assert main(["compose", "render", "--check"]) == 0
+    monkeypatch.setattr(compose, "COMPOSE_DIR", tmp_path)  # an empty checkout: everything missing
+    assert main(["compose", "render", "--check"]) == 1
+    assert "docker-compose.yml: missing" in capsys.readouterr().err
