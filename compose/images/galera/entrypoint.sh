@@ -9,15 +9,17 @@
 # After a crash of all three nodes, follow FIELD-NOTES: the highest seqno bootstraps (set safe_to_bootstrap: 1
 # in its grastate.dat); `hapki lab` does this automatically, the demo leaves it to the operator.
 set -eu
-cnf=/etc/mysql/hapki/galera.cnf
-datadir=/var/lib/mysql
+# (The paths are the image's; tests/integration/test_compose_galera.py runs this script on the host with its own.)
+cnf=${GALERA_CNF:-/etc/mysql/hapki/galera.cnf}
+datadir=${GALERA_DATADIR:-/var/lib/mysql}
 bootstrap=${GALERA_BOOTSTRAP:-0}
 
 if [ ! -d "$datadir/mysql" ]; then
   if [ "$bootstrap" = 1 ]; then
-    # Root and the server's own OS user (mysql) may log in over the socket only (unix_socket authentication).
-    mariadb-install-db --defaults-file="$cnf" --user=mysql --auth-root-authentication-method=socket \
-      --skip-test-db >/dev/null
+    # Runs as mysql already (no --user: that needs root). Root and the OS user mysql (the health check) may log
+    # in over the socket only (unix_socket authentication), without a password.
+    mariadb-install-db --defaults-file="$cnf" --auth-root-authentication-method=socket \
+      --auth-root-socket-user=mysql --skip-test-db >/dev/null
     exec mariadbd --defaults-file="$cnf" --wsrep-new-cluster
   fi
   exec mariadbd --defaults-file="$cnf"
