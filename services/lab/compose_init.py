@@ -26,8 +26,9 @@ from pathlib import Path
 from hapki.lab import compose, stack, tls
 from hapki.lab.compose import Consumer
 from hapki.lab.data import new_password, provision_database
-from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _write_secret
+from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _write_secret, root_sql
 from hapki.lab.topology import Topology
+from hapki.runtime.config import NatsConfig
 from hapki.runtime.grants import ADMIN_USER, CARA_USER, CLM_USER
 
 __all__ = ["init_secrets", "provision"]
@@ -132,21 +133,16 @@ def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUs
 
 
 def _socket_sql(socket: Path) -> Callable[[str], str]:
-    def run_sql(statement: str) -> str:
-        # On stdin: passwords never show up in a process listing. Root over the socket: unix_socket auth.
-        result = subprocess.run(
-            ["mariadb", "--no-defaults", f"--socket={socket}", "--user=root", "--batch", "--skip-column-names",
-             "--connect-timeout=5"],
-            input=statement, capture_output=True, text=True, timeout=300, check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"mariadb client failed ({result.returncode}): {result.stderr.strip()}")
-        return result.stdout
-    return run_sql
+    """Root's SQL over db-1's socket (the provision container runs as uid 0: unix_socket authentication)."""
+    return lambda statement: root_sql(socket, statement, timeout=300)
 
 
-def provision(topo: Topology, secrets: Path, socket: Path, cara_config: Path, hsm_dir: Path) -> None:
-    """Database users, migrations and grants; the streams; the CA. Runs as root in the `provision` container."""
+def provision(topo: Topology, secrets: Path, socket: Path, cara_config: Path, hsm_dir: Path, *,
+              nats: NatsConfig | None = None) -> None:
+    """Database users, migrations and grants; the streams; the CA. Runs as root in the `provision` container.
+
+    ``nats``: the bus as its admin (default: the demo's cluster with this container's password file).
+    """
     from hapki.runtime import bus
 
     secrets = Path(secrets)
@@ -154,7 +150,7 @@ def provision(topo: Topology, secrets: Path, socket: Path, cara_config: Path, hs
     provision_database(_socket_sql(socket), "hapki", ADMIN_USER, passwords, require_ssl=True)
 
     async def streams() -> None:
-        config = compose.nats_admin(topo)
+        config = nats or compose.nats_admin(topo)
         nc = await bus.connect(config, name="hapki-compose-provision")
         try:
             await bus.ensure_topology(nc.jetstream(timeout=30), config)

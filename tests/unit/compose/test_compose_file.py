@@ -194,3 +194,25 @@ def test_cli_check_says_current_or_stale(capsys: pytest.CaptureFixture[str], mon
     monkeypatch.setattr(compose, "COMPOSE_DIR", tmp_path)  # an empty checkout: everything missing
     assert main(["compose", "render", "--check"]) == 1
     assert "docker-compose.yml: missing" in capsys.readouterr().err
+
+
+def test_image_scripts_parse_and_are_what_the_compose_file_runs(doc: dict[str, Any]) -> None:
+    import subprocess
+
+    scripts = sorted((COMPOSE / "images").rglob("*.sh"))
+    assert len(scripts) == 3
+    for script in scripts:
+        shell = "bash" if script.read_text().startswith("#!/bin/bash") else "sh"
+        result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+        assert script.stat().st_mode & 0o111, f"{script} is not executable"
+    # Commands and health checks name the files the Dockerfiles install.
+    installed = {}
+    for dockerfile in (COMPOSE / "images").rglob("Dockerfile"):
+        for source, target in re.findall(r"(?m)^COPY\s+(\S+\.sh)\s+(\S+)$", dockerfile.read_text()):
+            installed[Path(target).name] = source
+    services = doc["services"]
+    assert services["cara-1"]["command"][0] in installed
+    assert services["db-1"]["healthcheck"]["test"][1] in installed
+    galera = (COMPOSE / "images" / "galera" / "Dockerfile").read_text()
+    assert re.search(r'(?m)^ENTRYPOINT \["(\S+)"\]', galera).group(1) in installed  # type: ignore[union-attr]
