@@ -44,7 +44,7 @@ OTLP_HTTP = "http://otel-collector:4318"  # runtime/telemetry.py exports OTLP ov
 
 # Third-party images, pinned (no `latest`: a demo that changes under its users is not a demo).
 IMAGES = {
-    "otel-collector": "otel/opentelemetry-collector-contrib:0.115.1",
+    "otel-collector": "otel/opentelemetry-collector-contrib:0.115.0",
     "jaeger": "jaegertracing/jaeger:2.1.0",
     "prometheus": "prom/prometheus:v3.0.1",
     "grafana": "grafana/grafana:11.4.0",
