@@ -22,6 +22,7 @@ from hapki.lab.compose_layout import (
     NATS_STORE,
     OTLP_HTTP,
     PUBLISHED,
+    ISSUER,
     SECRETS,
     Consumer,
     consumers,
@@ -31,7 +32,8 @@ from hapki.lab.compose_layout import (
 )
 from hapki.lab.topology import Topology
 
-__all__ = ["collector", "compose_document", "grafana_dashboards", "grafana_datasources", "prometheus"]
+__all__ = ["collector", "compose_document", "grafana_dashboards", "grafana_datasources", "prometheus",
+           "secrets_volume"]
 
 
 # --- observability: Prometheus, the OpenTelemetry Collector, Grafana -----------------------------------------
@@ -89,13 +91,10 @@ def grafana_dashboards() -> dict[str, Any]:
 # --- the compose file ------------------------------------------------------------------------------------------
 
 
-def _volume(source: str, target: PurePosixPath | str, *, subpath: str | None = None, read_only: bool = False
-            ) -> dict[str, Any]:
+def _volume(source: str, target: PurePosixPath | str, *, read_only: bool = False) -> dict[str, Any]:
     mount: dict[str, Any] = {"type": "volume", "source": source, "target": str(target)}
     if read_only:
         mount["read_only"] = True
-    if subpath:
-        mount["volume"] = {"subpath": subpath}
     return mount
 
 
@@ -104,8 +103,15 @@ def _bind(source: str, target: PurePosixPath | str) -> dict[str, Any]:
     return {"type": "bind", "source": f"./{source}", "target": str(target), "read_only": True}
 
 
+def secrets_volume(consumer: str) -> str:
+    """The volume holding ``consumer``'s secrets. One volume per container, not subpaths of one: Compose creates
+    every container before it starts any, and Docker refuses to create one whose volume subpath does not exist
+    yet, which it would not until the init container has run."""
+    return f"secrets-{consumer}"
+
+
 def _secrets(consumer: Consumer, *, read_only: bool = True) -> dict[str, Any]:
-    return _volume("secrets", consumer.mount, subpath=consumer.name, read_only=read_only)
+    return _volume(secrets_volume(consumer.name), consumer.mount, read_only=read_only)
 
 
 def _build(target: str, dockerfile: str, **args: str) -> dict[str, Any]:
@@ -148,7 +154,8 @@ def compose_document(topo: Topology) -> dict[str, Any]:
     services["init"] = {
         "build": app, "image": "hapki/app:demo", "user": "0:0",
         "command": ["hapki", "compose", "init", "--secrets", "/secrets", "--hsm", str(HSM_ROOT)],
-        "volumes": [_volume("secrets", "/secrets"), *hsm_mounts], "network_mode": "none",
+        "volumes": [*(_volume(secrets_volume(c), f"/secrets/{c}") for c in [ISSUER, *cons]), *hsm_mounts],
+        "network_mode": "none",
     }
     for i, d in enumerate(dbs):
         addr = str(topo.address(d))
@@ -254,8 +261,8 @@ def compose_document(topo: Topology) -> dict[str, Any]:
                              jaeger="service_started"),
         "restart": "unless-stopped",
     }
-    volumes = ["secrets", *topo.hsm.members, *(f"{d}-data" for d in dbs), f"{dbs[0]}-socket",
-               *(f"{n}-store" for n in buses)]
+    volumes = [*(secrets_volume(c) for c in [ISSUER, *cons]), *topo.hsm.members, *(f"{d}-data" for d in dbs),
+               f"{dbs[0]}-socket", *(f"{n}-store" for n in buses)]
     return {
         "name": "hapki",
         "services": services,

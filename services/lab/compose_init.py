@@ -6,9 +6,9 @@ the repository:
 - ``init`` (before anything else starts): the infrastructure CA and every TLS certificate (data-tier nodes, the
   two VIPs), the bus users' passwords and the NATS ``accounts`` block (hapki.runtime.bus_auth), the database
   passwords, Grafana's admin password, CLM's approval key pair, and the SoftHSM tokens of hsm-a and hsm-b. Each
-  container gets its own directory of the `secrets` volume holding exactly the files its config names
-  (hapki.lab.compose.consumers), owned by the user it runs as; the CA key and the master copies stay in
-  ``_issuer/``, which no service mounts.
+  container gets its own secrets volume (``secrets-<name>``, mounted at ``/secrets/<name>`` in init) holding
+  exactly the files its config names (hapki.lab.compose_layout.consumers), owned by the user it runs as; the CA
+  key and the master copies stay in ``secrets-_issuer``, which no service mounts.
   Idempotent: an existing CA, password, key or token is kept.
 - ``provision`` (once Galera and NATS are healthy): the database users, migrations and grants over db-1's root
   socket (the same statements as the lab's bootstrap), the JetStream streams as the bus admin, then
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hapki.lab import compose, stack, tls
-from hapki.lab.compose import Consumer
+from hapki.lab.compose_layout import ISSUER, Consumer
 from hapki.lab.data import new_password, provision_database
 from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _write_secret, root_sql
 from hapki.lab.topology import Topology
@@ -33,7 +33,6 @@ from hapki.runtime.grants import ADMIN_USER, CARA_USER, CLM_USER
 
 __all__ = ["init_secrets", "provision"]
 
-ISSUER = "_issuer"  # the CA key and the master copy of every secret: mounted by init only
 DB_USERS = (CLM_USER, CARA_USER, ADMIN_USER)
 GRAFANA_ADMIN = "grafana-admin.password"
 
@@ -73,6 +72,7 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
     secrets_dir, hsm_dir = Path(secrets_dir), Path(hsm_dir)
     issuer = secrets_dir / ISSUER
     issuer.mkdir(mode=0o700, parents=True, exist_ok=True)
+    issuer.chmod(0o700)  # a volume's root comes 0755
     ca = tls.create_infra_ca(issuer / "tls")
     bus = _bus_users(topo, issuer)
     accounts = bus.accounts_conf()  # creates the missing bus passwords
@@ -92,6 +92,7 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
     for name, consumer in compose.consumers(topo).items():
         d = secrets_dir / name
         d.mkdir(mode=0o700, exist_ok=True)
+        d.chmod(0o700)
         _fill(consumer, d, issuer, ca, bus, accounts, vip_pems, approval_key, approval_pub)
         if chown:
             _chown_tree(d, consumer.uid)

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from hapki.lab.topology import Topology
 from hapki.runtime.grants import ADMIN_USER, CARA_USER, CLM_USER
 
-__all__ = ["COMPOSE_DIR", "METRICS_PORTS", "Consumer", "check_ranges", "consumers", "dynamic_range", "ifname",
+__all__ = ["COMPOSE_DIR", "ISSUER", "METRICS_PORTS", "Consumer", "check_ranges", "consumers", "dynamic_range", "ifname",
            "reachable_segments", "token_label"]
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
@@ -27,7 +27,8 @@ GRAFANA_UID = 472  # the grafana/grafana image's user
 ROOT_UID = 0
 
 # Inside the containers.
-SECRETS = PurePosixPath("/run/hapki")  # a consumer's own directory of the `secrets` volume
+SECRETS = PurePosixPath("/run/hapki")  # where a container's own secrets volume is mounted
+ISSUER = "_issuer"  # the init's own secrets: the infrastructure CA's key, the master copies
 NATS_SECRETS = PurePosixPath("/etc/nats/secrets")  # beside nats.conf: NATS resolves `include` relative to it
 ETC = PurePosixPath("/etc/hapki")
 HSM_ROOT = PurePosixPath("/var/lib/hsm")
@@ -55,7 +56,7 @@ PUBLISHED = {"grafana": (3000, 3000), "jaeger": (16686, 16686), "prometheus": (9
 
 @dataclass(frozen=True)
 class Consumer:
-    """A container that gets its own directory ``<name>/`` of the `secrets` volume (mounted at ``mount``)."""
+    """A container that gets its own secrets volume (``secrets-<name>``, mounted at ``mount``)."""
 
     name: str
     uid: int

@@ -23,6 +23,7 @@ import yaml
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
 from hapki.lab import compose
+from hapki.lab.compose_document import secrets_volume
 from hapki.lab.compose_init import init_secrets
 from hapki.lab.local import _nats_binary
 from hapki.lab.topology import default
@@ -36,9 +37,9 @@ COMPOSE = compose.COMPOSE_DIR
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo's named volumes after its init service ran (module scope: one init for all checks)."""
     base = tmp_path_factory.mktemp("volumes")
-    init_secrets(default(), base / "secrets", base / "hsm", chown=False)
-    found = {"secrets": base / "secrets", **{h: base / "hsm" / h for h in default().hsm.members}}
-    return found
+    dirs = init_secrets(default(), base / "secrets", base / "hsm", chown=False)
+    return {**{secrets_volume(name): d for name, d in dirs.items()},
+            **{h: base / "hsm" / h for h in default().hsm.members}}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ class Container:
             if mount["type"] == "bind":
                 source = COMPOSE / mount["source"]
             elif mount["source"] in volumes:
-                source = volumes[mount["source"]] / mount.get("volume", {}).get("subpath", "")
+                source = volumes[mount["source"]]
             else:
                 continue  # data volumes (datadirs, stores): empty at first start
             assert source.exists(), f"{name}: {mount['source']} is not there after init"
@@ -196,7 +197,7 @@ def test_the_provisioner_has_what_ca_init_and_the_database_need(container: Calla
 
 
 def test_secrets_stay_out_of_reach(volumes: dict[str, Path]) -> None:
-    secrets = volumes["secrets"]
+    secrets = volumes[secrets_volume("provision")].parent
     # Only the init service mounts _issuer (the infrastructure CA's key, the master copies).
     assert (secrets / "_issuer" / "tls" / "infra-ca.key").is_file()
     assert not list(secrets.glob("[!_]*/infra-ca.key"))

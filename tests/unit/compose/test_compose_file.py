@@ -90,6 +90,11 @@ def test_the_topology_becomes_the_containers(doc: dict[str, Any]) -> None:
     assert services["provision"]["depends_on"]["nats-3"] == {"condition": "service_healthy"}
     assert services["cara-1"]["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
     assert {"hsm-a", "hsm-b"} <= set(doc["volumes"])
+    # Each container's secrets are its own volume; only init mounts them all (and the CA key's).
+    secrets_of = {v["source"] for v in services["cara-1"]["volumes"] if v["source"].startswith("secrets-")}
+    assert secrets_of == {"secrets-cara-1"}
+    assert {v["source"] for v in services["init"]["volumes"]} >= {"secrets-_issuer", "secrets-db-1", "secrets-grafana"}
+    assert not [s for s in services.values() for v in s.get("volumes", []) if "volume" in v], "no volume subpaths"
     assert {"otel-collector", "jaeger", "prometheus", "grafana"} <= set(services)
 
 
