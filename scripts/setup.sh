@@ -8,7 +8,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages the lab starts for real (MariaDB/Galera, SoftHSM2, keepalived, haproxy, nftables, ...).
 packages=(
-  mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync iproute2 nftables keepalived haproxy make
+  mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync iproute2 nftables keepalived haproxy make curl
   python3 python3-venv
 )
 

@@ -36,6 +36,7 @@ log = logging.getLogger("hapki.cara.http")
 
 # The database answers a SELECT 1 in milliseconds; past this it is not serving, whatever it may do later.
 DATABASE_TIMEOUT_SECONDS = 2.0
+PRIMARY_TIMEOUT_SECONDS = 1.0  # /health/primary's database bound: under the track script's curl --max-time (1.5 s)
 
 
 class HealthProbe:
@@ -54,6 +55,20 @@ class HealthProbe:
             "hsm": hsm, "database": database, "nats": nats,
         }
         return any(hsm.values()) and database == "ok" and nats == "connected", report
+
+    async def fit_to_lead(self) -> tuple[bool, dict[str, Any]]:
+        """(may this member hold the CARA VIP, the report): keepalived's track script asks this every second.
+
+        An HSM member up, the bus connected, and a database node in Galera's Primary component reachable. A
+        cluster-wide stall (a Galera node lost, not yet evicted) does not fail it: every member would fail at once
+        and the VIP would move back and forth for nothing. Left with only non-Primary (or no) nodes, it fails, and
+        the member's VRRP priority drops below its peer's: a CA cut off from the quorum gives the VIP away.
+        """
+        hsm = await asyncio.to_thread(self._hsm.health)
+        primary = await self._db.primary_reachable(PRIMARY_TIMEOUT_SECONDS)
+        nats = self._nc.is_connected
+        report = {"member": self._member, "hsm": any(hsm.values()), "database_primary": primary, "nats": nats}
+        return any(hsm.values()) and primary and nats, report
 
     async def _database(self) -> str:
         async def select_one(cur: aiomysql.Cursor) -> None:
@@ -132,7 +147,15 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
         ok, report = await probe.check()
         return web.json_response(report, status=200 if ok else 503)
 
+    async def health_primary(request: web.Request) -> web.Response:
+        """GET /health/primary: 200 when this member is fit to hold the VIP (see HealthProbe.fit_to_lead)."""
+        ok, report = await probe.fit_to_lead()
+        if not ok:
+            log.warning("not fit to hold the CARA VIP: %s", report)
+        return web.json_response(report, status=200 if ok else 503)
+
     app.router.add_get("/health", health)
+    app.router.add_get("/health/primary", health_primary)
     app.router.add_get("/crl/{name}", crl)
     app.router.add_post("/ocsp", ocsp_post)
     app.router.add_get("/ocsp/{request:.+}", ocsp_get)

@@ -62,6 +62,7 @@ def run_chaos(base_dir: Path, *, scenarios: list[str] | None, runs: int, rate: f
                 say(f"{scenario.name} run {i + 1}/{runs}: sent {result.sent} lost {result.lost} dup "
                     f"{result.duplicated} unacct {result.unaccounted} unavailability {result.unavailability} s "
                     f"first signature {result.first_signature} s ({result.first_signer}) "
+                    f"{'' if result.galera_resumed is None else f'galera resumed {result.galera_resumed} s '}"
                     f"{'' if result.clean else 'NOT CLEAN ' + str(result.violations) + ' ' + str(result.notes)}"
                     f"{'' if result.audit is None else ' AUDIT: ' + result.audit}")
             say(format_table(summarize([r for r in results if r.scenario == scenario.name])))

@@ -29,7 +29,12 @@ What a run reports (`RunResult`):
 - first_signature (seconds): from the fault to the first HSM signature made for an intent created at or after the
   fault, by whichever member signs after the fault (certificates.created_at is taken right after C_Sign, so a
   reservation that stalls in Galera does not count early);
-- resumed (seconds, client side): from the fault to the first certificate received for a request sent after it.
+- resumed (seconds, client side): from the fault to the first certificate received for a request sent after it;
+- galera_resumed (db scenarios; seconds): from the fault to when Galera itself commits again: the lab host writes
+  a row per node (database hapki_probe, not the product's) every PROBE_INTERVAL s on its own connections, and
+  this is the first commit, on any node, of a write begun after the fault. A write begun during the stall hangs
+  until the cluster commits again, so the figure is exact up to that interval. `resume_lag` = first_signature -
+  galera_resumed: how long after Galera the CA signs again (the goal: issuance resumes as soon as Galera does).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
+import pymysql.err
 from hapki.lab.invariants import violations
 from hapki.runtime.audit_verify import verify_database
 from hapki.runtime.db import Database
@@ -64,6 +70,13 @@ STEADY_TIMEOUT = 90.0
 AUDIT_GRACE_SECONDS = 30.0  # entries may wait this long for the sealer (it pauses while CARA fails over)
 AUDIT_SETTLE_SECONDS = 10.0
 SLOWEST_KEPT = 5  # requests per run whose timeline goes into the JSON record
+PROBE_INTERVAL = 0.1  # seconds between the Galera probe's writes to one node (db scenarios)
+PROBE_TIMEOUT = 2.0  # a probe write (or connect) that takes longer is abandoned and its connection closed
+PROBE_SETUP = ("CREATE DATABASE IF NOT EXISTS hapki_probe;"
+               " CREATE TABLE IF NOT EXISTS hapki_probe.beat (node VARCHAR(32) PRIMARY KEY, n BIGINT NOT NULL,"
+               " at DATETIME(6) NOT NULL) ENGINE=InnoDB")
+PROBE_WRITE = ("INSERT INTO hapki_probe.beat (node, n, at) VALUES (%s, 1, NOW(6))"
+               " ON DUPLICATE KEY UPDATE n = n + 1, at = NOW(6)")
 
 
 @dataclass
@@ -87,7 +100,10 @@ class RunResult:
     request_p99: float | None = None
     first_signature: float | None = None
     first_signer: str | None = None
+    faulted_member: str | None = None  # the tier member the fault was aimed at, if the scenario names one
     resumed: float | None = None
+    galera_resumed: float | None = None  # db scenarios: fault -> Galera commits again (the probe)
+    resume_lag: float | None = None  # first_signature - galera_resumed
     normal_latency: float | None = None
     longest_gap: float | None = None
     quiet_after: float | None = None
@@ -163,11 +179,15 @@ class ChaosRunner:
         seconds = self.lead + scenario.hold + scenario.tail if scenario.restore else self.lead + scenario.tail
         if self.seconds is not None:
             seconds = max(self.seconds, self.lead + (scenario.hold if scenario.restore else 0.0) + 1.0)
+        probe = _GaleraProbe(self.lab) if scenario.kind == "db" else None
+        if probe is not None:
+            await probe.start()
         async with Load(self.lab, self.csrs, self.rate) as load:
             driver = asyncio.create_task(load.run(seconds, give_up_after=self.give_up_after))
             try:
                 await asyncio.sleep(self.lead)
                 fault_at = await asyncio.to_thread(scenario.inject, self.lab, ctx)
+                result.faulted_member = ctx.get("member")
                 if scenario.restore is not None:
                     await asyncio.sleep(max(0.0, fault_at + scenario.hold - time.time()))
                     restore_began = time.time()
@@ -175,7 +195,12 @@ class ChaosRunner:
                     result.notes.append(f"restore took {time.time() - restore_began:.1f} s")
             finally:
                 await driver
+                if probe is not None:
+                    await probe.stop()
             load_end = time.time()
+        if probe is not None:
+            resumed = probe.resumed_after(fault_at)
+            result.galera_resumed = None if resumed is None else round(resumed - fault_at, 3)
         return load, fault_at, load_end
 
     # --- database -----------------------------------------------------------------------------------------
@@ -287,6 +312,8 @@ class ChaosRunner:
         if first is not None:
             result.first_signer = first[0]
             result.first_signature = round(first[1].replace(tzinfo=UTC).timestamp() - fault_at, 3)
+        if result.first_signature is not None and result.galera_resumed is not None:
+            result.resume_lag = round(result.first_signature - result.galera_resumed, 3)
 
     async def _audit(self) -> str | None:
         """The audit log verified as `hapki audit verify` does (after heal: the sealer has caught up)."""
@@ -316,6 +343,65 @@ class ChaosRunner:
             except Exception as exc:  # noqa: BLE001 - reported as disagreement
                 out[node.name] = {"error": str(exc)[:200]}
         return out
+
+
+class _GaleraProbe:
+    """Writes a row per Galera node every PROBE_INTERVAL s from the lab host; records (began, ended) of each commit.
+
+    One task and connection per node, each write bounded by PROBE_TIMEOUT (the connection is then closed and a new
+    one made). The product's tables and users are not involved: database hapki_probe, the lab's admin user.
+    """
+
+    def __init__(self, lab: Any) -> None:
+        self.lab = lab
+        self.commits: list[tuple[str, float, float]] = []  # (node, began, ended), wall-clock seconds
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        conn = await self._connect(self.lab.galera.nodes[0])
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(PROBE_SETUP)
+        finally:
+            conn.close()
+        self._tasks = [asyncio.create_task(self._beat(node)) for node in self.lab.galera.nodes]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def resumed_after(self, fault_at: float) -> float | None:
+        """When the first write begun after `fault_at` committed, on any node (None: none did)."""
+        return min((ended for _, began, ended in self.commits if began >= fault_at), default=None)
+
+    async def _connect(self, node: Any) -> aiomysql.Connection:
+        return await asyncio.wait_for(aiomysql.connect(
+            host=node.address, port=node.port, user="hapki", password=self.lab.galera.password("hapki"),
+            autocommit=True, connect_timeout=PROBE_TIMEOUT, ssl=self.lab.db_ssl_context()), PROBE_TIMEOUT)
+
+    async def _beat(self, node: Any) -> None:
+        conn: aiomysql.Connection | None = None
+        while not self._stop.is_set():
+            began = time.time()
+            try:
+                if conn is None:
+                    conn = await self._connect(node)
+                async with conn.cursor() as cur:
+                    await asyncio.wait_for(cur.execute(PROBE_WRITE, (node.name,)), PROBE_TIMEOUT)
+                self.commits.append((node.name, began, time.time()))
+            except (TimeoutError, OSError, pymysql.err.Error) as exc:
+                # Down, cut off, non-Primary (1047) or stalled: what the probe is for. A fresh connection next time.
+                log.debug("galera probe %s: %s", node.name, exc)
+                if conn is not None:
+                    conn.close()
+                    conn = None
+            try:
+                await asyncio.wait_for(self._stop.wait(), PROBE_INTERVAL)
+            except TimeoutError:
+                pass
+        if conn is not None:
+            conn.close()
 
 
 # --- summaries ------------------------------------------------------------------------------------------------
@@ -349,6 +435,8 @@ class Summary:
     request_p99_max: float | None
     first_signature: dict[str, float | None]
     resumed: dict[str, float | None]
+    galera_resumed: dict[str, float | None]
+    resume_lag: dict[str, float | None]
     clean_runs: int
 
 
@@ -375,7 +463,8 @@ def summarize(results: list[RunResult]) -> list[Summary]:
             unavailability=stats(lambda r: r.unavailability),
             request_p99_max=max((r.request_p99 for r in runs if r.request_p99 is not None), default=None),
             first_signature=stats(lambda r: r.first_signature),
-            resumed=stats(lambda r: r.resumed), clean_runs=sum(r.clean for r in runs),
+            resumed=stats(lambda r: r.resumed), galera_resumed=stats(lambda r: r.galera_resumed),
+            resume_lag=stats(lambda r: r.resume_lag), clean_runs=sum(r.clean for r in runs),
         ))
     return out
 
@@ -383,15 +472,18 @@ def summarize(results: list[RunResult]) -> list[Summary]:
 def format_table(summaries: list[Summary]) -> str:
     """A fixed-width table: one line per scenario (times in seconds, p50/p99/max over runs)."""
     def trio(d: dict[str, float | None]) -> str:
+        if all(d[k] is None for k in ("p50", "p99", "max")):
+            return "-"
         return "/".join("-" if d[k] is None else f"{d[k]:.2f}" for k in ("p50", "p99", "max"))
 
     head = (f"{'scenario':18} {'runs':>4} {'sent':>6} {'accepted':>8} {'completed':>9} {'lost':>4} {'dup':>3} "
             f"{'unacct':>6} {'viol':>4} {'unavailability s':>17} {'req p99':>7} {'first signature s':>18} "
-            f"{'resumed s':>17}")
+            f"{'resumed s':>17} {'galera resumed s':>17} {'lag s':>17}")
     lines = [head, "-" * len(head)]
     for s in summaries:
         lines.append(f"{s.scenario:18} {s.runs:>4} {s.sent:>6} {s.accepted:>8} {s.completed:>9} {s.lost:>4} "
                      f"{s.duplicated:>3} {s.unaccounted:>6} {s.violations + s.galera_disagreed + s.audit_broken:>4} "
                      f"{trio(s.unavailability):>17} {'-' if s.request_p99_max is None else f'{s.request_p99_max:.2f}':>7} "
-                     f"{trio(s.first_signature):>18} {trio(s.resumed):>17}")
+                     f"{trio(s.first_signature):>18} {trio(s.resumed):>17} {trio(s.galera_resumed):>17} "
+                     f"{trio(s.resume_lag):>17}")
     return "\n".join(lines)

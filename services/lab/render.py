@@ -24,6 +24,11 @@ GALERA_PROVIDER = "/usr/lib/galera/libgalera_smm.so"
 
 ADVERT_INT = 0.1  # seconds; 0.02 flapped under CPU load on these machines, 0.1 did not (FIELD-NOTES)
 GARP_REFRESH = 5  # seconds between gratuitous ARP refreshes while MASTER
+# The track script (tiers with track_path): failing `fall` checks in a row takes TRACK_WEIGHT off the member's
+# priority (150 -> 50, below its peer's 100); `rise` good checks give it back. A check is bounded by its own
+# timeout so that a hung service counts as failing.
+TRACK_INTERVAL, TRACK_TIMEOUT, TRACK_FALL, TRACK_RISE, TRACK_WEIGHT = 1, 2, 2, 2, -100
+TRACK_CURL_SECONDS = 1.5
 # CLM holds an issue request open while it waits for the CA (ClmConfig.wait_seconds, at most 60 s).
 SERVER_TIMEOUT = 65
 
@@ -47,7 +52,17 @@ def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_I
     tier = _tier_member(topo, member)
     t = topo.tiers[tier]
     peers = "\n".join(f"        {topo.address(p)}" for p in topo.peers(member))
+    track_script = track_use = ""
+    if t.track_path is not None:
+        url = f"http://127.0.0.1:{t.backend_port}{t.track_path}"
+        track_script = (
+            f"\nvrrp_script hapki_{tier}_fit {{\n"
+            f"    script \"/usr/bin/curl -sf -o /dev/null --max-time {TRACK_CURL_SECONDS} {url}\"\n"
+            f"    interval {TRACK_INTERVAL}\n    timeout {TRACK_TIMEOUT}\n    fall {TRACK_FALL}\n"
+            f"    rise {TRACK_RISE}\n    weight {TRACK_WEIGHT}\n}}\n")
+        track_use = f"    track_script {{\n        hapki_{tier}_fit\n    }}\n"
     return template("keepalived.conf").substitute(
+        track_script=track_script, track_use=track_use,
         member=member, tier=tier, router_id=topo.namespace(member), garp_refresh=GARP_REFRESH,
         instance=f"hapki_{tier}", interface=interface, vrid=t.vrid, priority=topo.members[member].priority,
         advert_int=advert_int, address=topo.address(member), unicast_peers=peers, vip=t.vip,

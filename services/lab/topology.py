@@ -59,6 +59,12 @@ class Tier(_Strict):
         "them (RFC 5280 4.2.1.13, RFC 6960 A.1: the responses are signed, and TLS to check revocation would be "
         "circular); None: no plain HTTP",
     )
+    track_path: str | None = Field(
+        default=None, pattern=r"^/[A-Za-z0-9/_-]*$",
+        description="keepalived tracks GET 127.0.0.1:backend_port<track_path> every second; while it fails, the "
+        "member's VRRP priority drops by TRACK_WEIGHT (below its peer's), so a member unfit to lead gives the VIP "
+        "away; None: VIP ownership follows VRRP alone",
+    )
 
 
 class Member(_Strict):

@@ -174,6 +174,46 @@ class Database:
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
 
+    async def primary_reachable(self, timeout: float) -> bool:
+        """Whether some node this process can reach is in Galera's Primary component (asked of all nodes at once).
+
+        A status read, not a transaction: a Primary node answers it during a cluster-wide stall too (a node lost
+        and not yet evicted), so every member sees the same answer then; only a member left with non-Primary or
+        unreachable nodes gets False. A server without Galera (wsrep_on OFF) counts as Primary.
+        """
+        async def ask(node: str) -> bool:
+            pool = self._pool(node)
+            conn = await pool.acquire(timeout)
+            broken = True
+            try:
+                # SHOW is answered by a non-Primary node too (other statements get 1047 there).
+                async with conn.cursor() as cur:
+                    await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
+                    galera = dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON"
+                    await cur.execute(
+                        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_cluster_status', 'wsrep_ready')")
+                    status = dict(await cur.fetchall())
+                broken = False
+                return not galera or (status.get("wsrep_cluster_status"), status.get("wsrep_ready")) == ("Primary", "ON")
+            finally:
+                pool.release(conn, broken=broken)
+
+        asks = [asyncio.create_task(ask(node)) for node in self._config.nodes]
+        try:
+            for done in asyncio.as_completed(asks, timeout=timeout):
+                try:
+                    if await done:
+                        return True
+                except (_AcquireTimeout, pymysql.err.Error, OSError) as exc:
+                    log.debug("primary check: %s", exc)
+        except TimeoutError:
+            pass
+        finally:
+            for task in asks:
+                task.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
+        return False
+
     async def run(self, body: Body[T], *, name: str, fence: Fence | None = None, timeout: float | None = None) -> T:
         """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.
 

@@ -246,3 +246,34 @@ async def test_a_node_that_accepts_but_never_answers_is_left_for_the_next(env: L
         for writer in held:
             writer.close()
         server.close()
+
+
+async def test_primary_reachable_is_true_for_a_reachable_node_even_behind_a_dead_one(env: LocalEnv) -> None:
+    # A server without Galera counts as Primary; the dead node first in the list does not hide the live one.
+    cfg = stack.database_config(env)
+    cfg = cfg.model_copy(update={"nodes": [f"127.0.0.1:{free_port()}", *cfg.nodes]})
+    database = Database(cfg, sleep=_no_sleep)
+    try:
+        assert await database.primary_reachable(timeout=2.0) is True
+    finally:
+        await database.close()
+
+
+async def test_primary_reachable_is_false_within_its_bound_when_no_node_answers(env: LocalEnv) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    nodes = [f"127.0.0.1:{server.sockets[0].getsockname()[1]}", f"127.0.0.1:{free_port()}"]
+    database = Database(stack.database_config(env).model_copy(update={"nodes": nodes}), sleep=_no_sleep)
+    try:
+        began = asyncio.get_running_loop().time()
+        assert await database.primary_reachable(timeout=0.5) is False
+        assert asyncio.get_running_loop().time() - began < 2.0
+    finally:
+        await database.close()
+        for writer in held:
+            writer.close()
+        server.close()

@@ -27,6 +27,9 @@ RESUME_BOUND = {
     "clm-crash": 6.0, "db-node-kill": 15.0, "db-partition": 20.0, "db-minority": 25.0, "hsm-member-down": 2.0,
     "nats-node-kill": 10.0,
 }
+# db scenarios: seconds from Galera committing again (the chaos probe's writes) to the first signature. The CA
+# must resume as soon as Galera does; db-minority adds the VIP move (the track script's two failed checks).
+RESUME_LAG_BOUND = {"db-node-kill": 2.0, "db-partition": 2.0, "db-minority": 4.0}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -45,3 +48,9 @@ def test_scenario_keeps_the_invariants(lab: Lab, name: str, timing) -> None:
     assert result.completed == result.sent, result
     assert result.resumed is not None and result.resumed < RESUME_BOUND[name], result
     assert result.seconds < 120, result
+    if SCENARIOS[name].kind == "db":
+        assert result.galera_resumed is not None, result
+        assert result.resume_lag is not None and result.resume_lag < RESUME_LAG_BOUND[name], result
+    if name == "db-minority":
+        # The member left with only a non-Primary node must give the VIP away: the other member signs.
+        assert result.faulted_member and result.first_signer not in (None, result.faulted_member), result

@@ -61,6 +61,18 @@ def test_keepalived_conf_follows_the_topology() -> None:
     assert not [line for line in settings if line.startswith("notify")]
 
 
+def test_a_cara_member_unfit_to_lead_drops_below_its_peer() -> None:
+    # The CARA tier tracks /health/primary: a member that fails it loses TRACK_WEIGHT, which must take the
+    # preferred member below its peer (else a CA cut off from Galera's quorum would keep the VIP).
+    topo = default()
+    text = render.keepalived_conf(topo, "cara-1")
+    assert "http://127.0.0.1:8081/health/primary" in text and "track_script {" in text
+    assert f"weight {render.TRACK_WEIGHT}" in text
+    first, second = (topo.members[m].priority for m in topo.tiers["cara"].members)
+    assert max(first, second) + render.TRACK_WEIGHT < min(first, second)
+    assert "track_script" not in render.keepalived_conf(topo, "clm-1")
+
+
 @pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived not installed")
 @pytest.mark.parametrize("member", ["cara-1", "clm-2"])
 def test_keepalived_accepts_the_rendered_config(tmp_path: Path, member: str) -> None:
