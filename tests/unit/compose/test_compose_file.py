@@ -240,3 +240,13 @@ def _entrypoint(dockerfile: Path, target: str) -> list[str]:
             stages[current] = (stages[current][0], json.loads(line.removeprefix("ENTRYPOINT ")))
     base, entry = stages[target]
     return entry or (_entrypoint(dockerfile, base) if base in stages else [])
+
+
+def test_programs_the_member_configs_run_are_in_the_member_image() -> None:
+    dockerfile = (COMPOSE / "images" / "hapki" / "Dockerfile").read_text()
+    member_stage = dockerfile[dockerfile.index(" AS member"):]
+    packages = set(" ".join(re.findall(r"apt-get install -y --no-install-recommends ([^\\\n&]+)", member_stage)).split())
+    programs = {Path(p).name for conf in (COMPOSE / "rendered").glob("*/keepalived.conf")
+                for p in re.findall(r'(?m)^\s*script "(\S+)', conf.read_text())}
+    assert programs, "no track script rendered: the check would prove nothing"
+    assert programs <= packages | {"sh"}, f"member image lacks {programs - packages}"
