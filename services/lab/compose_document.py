@@ -242,8 +242,9 @@ def compose_document(topo: Topology) -> dict[str, Any]:
         "networks": {**{s: None for s in segments}, "obs": None}, "depends_on": _after(jaeger="service_started"),
         "restart": "unless-stopped",
     }
-    services["jaeger"] = {"image": IMAGES["jaeger"], "networks": ["obs"], "restart": "unless-stopped",
-                          "ports": [_port("jaeger")]}
+    # Jaeger v2 listens on localhost unless told otherwise; the collector reaches it over the obs network.
+    services["jaeger"] = {"image": IMAGES["jaeger"], "environment": {"JAEGER_LISTEN_HOST": "0.0.0.0"},
+                          "networks": ["obs"], "restart": "unless-stopped", "ports": [_port("jaeger")]}
     services["prometheus"] = {
         "image": IMAGES["prometheus"], "command": ["--config.file=/etc/prometheus/prometheus.yml"],
         "volumes": [_bind("prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml")],
