@@ -218,3 +218,13 @@ def test_init_is_idempotent(tmp_path: Path) -> None:
     init_secrets(topo, tmp_path / "s", tmp_path / "h", chown=False)
     after = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     assert after == before
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="prometheus (promtool) is not installed")
+def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
+    config = COMPOSE / "prometheus" / "prometheus.yml"
+    result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "prometheus.yml"  # the check can fail: a scrape job without a name
+    broken.write_text(config.read_text().replace("- job_name: cara\n", "- jobname: cara\n"))
+    assert subprocess.run(["promtool", "check", "config", str(broken)], capture_output=True, timeout=60).returncode
