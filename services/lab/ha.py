@@ -53,6 +53,8 @@ DEFAULT_DIR = Path(".run/lab")
 SERVICE_READY_TIMEOUT = 90.0  # seconds; 8 Python processes start at once on 2 cores
 VIP_TIMEOUT = 10.0
 HTTPS_TIMEOUT = 30.0
+STREAMS_API_TIMEOUT = 15.0  # seconds per JetStream API call while the lab creates its streams
+STREAMS_ATTEMPTS = 3  # of creating the streams; a rolling restart of the NATS servers between attempts
 # Stop order of `down()`: callers first, then what they call; Galera last and one node at a time (the first
 # node stops last and is left safe_to_bootstrap, see hapki.lab.data).
 _STOP_WAVES = (("watcher",), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
@@ -395,17 +397,44 @@ class Lab:
                            f"{(result.stdout + result.stderr)[-3000:]}")
 
     def _ensure_streams(self) -> None:
-        """Create the JetStream streams and consumer (R3) from the host, as the services would."""
+        """Create the JetStream streams and consumer (R3) from the host, as the services would.
+
+        Over a lab restarted on its old stores, an R3 stream now and then elects no leader at all (seen with
+        PKI_HA_EVENTS: the meta leader and the other streams' leaders elected within a second, that stream none in
+        30 s; nats-server#6890 and #2673 describe the same). Every API call on it then times out. A restart of the
+        servers one by one has always got an election going again, so that is done (at most twice) before failing.
+        """
+        import nats.errors
+
         from hapki.runtime import bus
 
         async def ensure() -> None:
             nc = await bus.connect(self._nats_config(), name="hapki-lab")
             try:
-                await bus.ensure_topology(nc.jetstream(timeout=30), self._nats_config())
+                await bus.ensure_topology(nc.jetstream(timeout=STREAMS_API_TIMEOUT), self._nats_config())
             finally:
                 await nc.close()
 
-        asyncio.run(ensure())
+        for attempt in range(1, STREAMS_ATTEMPTS + 1):
+            try:
+                asyncio.run(ensure())
+                return
+            except (nats.errors.TimeoutError, TimeoutError) as exc:
+                if attempt == STREAMS_ATTEMPTS:
+                    raise LabError(f"JetStream streams not ready after {attempt} attempts and "
+                                   f"{attempt - 1} rolling restarts of the NATS servers: {exc!r}") from exc
+                log.warning("JetStream streams not ready (%r; a stream without a leader?): restarting the NATS "
+                            "servers one by one", exc)
+                self._restart_nats_rolling()
+
+    def _restart_nats_rolling(self, timeout: float = 60.0) -> None:
+        """Stop and start each NATS server in turn (gracefully), waiting for the cluster's health in between."""
+        for node in self.nats.nodes:
+            node.stop()
+            node.start()
+            if wait_until(lambda: all(self._nats_healthy(n) for n in self.nats.nodes), timeout, 0.2) is None:
+                raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after restarting {node.name}")
+        self._record_data_nodes(self.nats.nodes, "nats", lambda n: n.conf_path)
 
     def _service_argv(self, member: str, kind: str, config: Path) -> list[str]:
         return self.net.exec_argv(member, [*stack.hapki_command(), "serve", kind, "--config", str(config)])
