@@ -298,6 +298,35 @@ def docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def compose(args: argparse.Namespace) -> int:
+    from hapki.lab import compose as demo_compose
+    from hapki.lab.topology import default
+
+    topo = default()
+    if args.compose_command == "render":
+        if args.check:
+            problems = demo_compose.check(topo, demo_compose.COMPOSE_DIR)
+            if problems:
+                print("the compose demo is stale: run `hapki compose render`\n  " + "\n  ".join(problems),
+                      file=sys.stderr)
+                return 1
+            print(f"{demo_compose.COMPOSE_DIR} is current")
+            return 0
+        written = demo_compose.write(topo, demo_compose.COMPOSE_DIR)
+        print(f"wrote {len(written)} files under {demo_compose.COMPOSE_DIR}")
+        return 0
+    from hapki.lab import compose_init
+
+    telemetry.setup_logging()
+    if args.compose_command == "init":
+        dirs = compose_init.init_secrets(topo, args.secrets, args.hsm, chown=not args.no_chown)
+        print(f"secrets ready for {len(dirs)} containers")
+        return 0
+    compose_init.provision(topo, args.secrets, args.socket, args.cara_config, args.hsm)
+    print("provisioned: database users and grants, streams, CA")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from hapki.cli.demo import run_demo
 

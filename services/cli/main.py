@@ -64,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     docs.add_argument("what", choices=["asyncapi"])
     docs.add_argument("--check", action="store_true", help="fail if the committed document is stale")
 
+    comp = sub.add_parser("compose", help="the Docker Compose demo, rendered from compose/topology.toml")
+    comp_sub = comp.add_subparsers(dest="compose_command", required=True)
+    comp_render = comp_sub.add_parser("render", help="write compose/docker-compose.yml and the configs it mounts")
+    comp_render.add_argument("--check", action="store_true", help="fail if the committed files are stale")
+    comp_init = comp_sub.add_parser("init", help="(in the demo's init container) create every secret into volumes")
+    comp_init.add_argument("--secrets", type=Path, required=True, help="the `secrets` volume")
+    comp_init.add_argument("--hsm", type=Path, required=True, help="where the HSM volumes are mounted")
+    comp_init.add_argument("--no-chown", action="store_true", help="leave file owners alone (not as root)")
+    comp_prov = comp_sub.add_parser("provision", help="(in the demo's provision container) database, streams, CA")
+    comp_prov.add_argument("--cara-config", type=Path, required=True, help="a CARA member's config (for ca init)")
+    comp_prov.add_argument("--socket", type=Path, required=True, help="db-1's server socket (root)")
+    comp_prov.add_argument("--hsm", type=Path, required=True, help="where the HSM volumes are mounted")
+    comp_prov.add_argument("--secrets", type=Path, default=Path("/run/hapki"), help="this container's secrets")
+
     demo = sub.add_parser("demo", help="start NATS, MariaDB, SoftHSM, CARA and CLM locally and issue a certificate")
     demo.add_argument("--dir", type=Path, default=Path(".run/demo"), help="working directory of the demo")
     demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit": commands.audit_verify,
         "issue": commands.issue,
         "docs": commands.docs,
+        "compose": commands.compose,
         "demo": commands.demo,
         "bench": commands.bench,
         "fuzz": _fuzz,

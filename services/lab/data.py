@@ -34,7 +34,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -50,16 +50,16 @@ from hapki.lab.local import (
     _write_secret,
     install_datadir,
 )
-from hapki.lab.render import template
+from hapki.lab import render
 from hapki.runtime import grants
 
-__all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix"]
+__all__ = ["GaleraCluster", "GaleraNode", "NatsCluster", "NatsClusterNode", "netns_prefix", "new_password",
+           "provision_database"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-GALERA_PROVIDER = "/usr/lib/galera/libgalera_smm.so"
 _SST_METHOD = "hapki_rsync"  # rsync SST with a root receiver (see GaleraNode._write_sst_scripts)
 
 
@@ -112,6 +112,31 @@ def _seqno(position: str) -> int:
     return int(m.group(2)) if m else -1
 
 
+def new_password() -> str:
+    """A random database password: URL-safe, so it needs no quoting in SQL or DSNs."""
+    return secrets.token_urlsafe(24)
+
+
+def provision_database(run_sql: Callable[[str], str], database: str, admin: str, passwords: Mapping[str, str], *,
+                       require_ssl: bool) -> None:
+    """Create the database and its users (``{user: password}``, all ``@'%'``, TLS required if asked), give the admin
+    ALL on ``<database>%``.*, then apply the migrations and the service users' grants (hapki.runtime.grants).
+
+    ``run_sql`` runs a script as the server's root (the ``mariadb`` client on its socket). Used by the lab's
+    bootstrap and by the Compose demo's provisioner, so both end with the same users and privileges.
+    """
+    statements = [f"CREATE DATABASE IF NOT EXISTS `{database}`"]
+    for user, password in passwords.items():
+        account = f"'{user}'@'%'"
+        statements += [
+            f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
+            f"ALTER USER {account} IDENTIFIED BY '{password}'" + (" REQUIRE SSL" if require_ssl else ""),
+        ]
+    statements.append(f"GRANT ALL PRIVILEGES ON `{database}%`.* TO '{admin}'@'%'")
+    run_sql(";\n".join(statements) + ";")
+    grants.provision(run_sql, database, {u: [f"'{u}'@'%'"] for u in grants.SERVICE_USERS})
+
+
 class GaleraNode(_Server):
     """One mariadbd of a Galera cluster, with its datadir, my.cnf, socket, pid file and log in ``base_dir/<name>/``.
 
@@ -161,20 +186,11 @@ class GaleraNode(_Server):
     # -- configuration -----------------------------------------------------------------------------------------
 
     def _cnf(self) -> str:
-        tls = self.tls() if self.tls is not None else None
-        # TLS: client connections (required for every TCP client) and replication/IST between the nodes. The
-        # rsync SST stays plaintext on the data segment (it would need stunnel or socat; see docs/SECURITY.md).
-        tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
-                     *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
-                     "", "[sst]",
-                     "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
-                     "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
-                     "ssl-mode=DISABLED"] if tls else []
-        return template("galera.cnf").substitute(
-            name=self.name, datadir=self.datadir, socket=self.socket, pid_file=self.pid_file, port=self.port,
-            address=self.address, log_path=self.log_path, provider=GALERA_PROVIDER, galera_port=self.galera_port,
-            ist_port=self.ist_port, peers=",".join(self.peers), sst_method=_SST_METHOD, sst_port=self.sst_port,
-            provider_tls=f";{tls.galera_provider_options()}" if tls else "", tls="\n".join(tls_lines) + "\n",
+        return render.galera_cnf(
+            name=self.name, address=self.address, peers=self.peers, datadir=self.datadir, socket=self.socket,
+            pid_file=self.pid_file, port=self.port, galera_port=self.galera_port, ist_port=self.ist_port,
+            sst_port=self.sst_port, sst_method=_SST_METHOD, log_path=self.log_path,
+            tls=self.tls() if self.tls is not None else None,
         )
 
     def _prepare(self) -> None:
@@ -427,9 +443,6 @@ class GaleraCluster:
     def password(self, user: str) -> str:
         return self.password_file(user).read_text().strip()
 
-    def _require(self) -> str:
-        return " REQUIRE SSL" if self.tls_required else ""
-
     def start(self) -> GaleraCluster:
         """Form the cluster and create the database and users; return when every node is Synced.
 
@@ -463,22 +476,15 @@ class GaleraCluster:
 
     def _create_users(self, node: GaleraNode) -> None:
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        statements = [f"CREATE DATABASE IF NOT EXISTS `{self.database}`"]
+        passwords: dict[str, str] = {}
         fresh: dict[str, str] = {}
         for user in self.users:
             path = self.password_file(user)
             if path.exists():
-                password = path.read_text().strip()
+                passwords[user] = path.read_text().strip()
             else:
-                password = fresh[user] = secrets.token_urlsafe(24)  # URL-safe: no quoting issues in SQL or DSNs
-            account = f"'{user}'@'%'"
-            statements += [
-                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY '{password}'",
-                f"ALTER USER {account} IDENTIFIED BY '{password}'{self._require()}",
-            ]
-        statements.append(f"GRANT ALL PRIVILEGES ON `{self.database}%`.* TO '{self.admin}'@'%'")
-        node.sql(";\n".join(statements) + ";")
-        grants.provision(node.sql, self.database, {u: [f"'{u}'@'%'"] for u in grants.SERVICE_USERS})
+                passwords[user] = fresh[user] = new_password()
+        provision_database(node.sql, self.database, self.admin, passwords, require_ssl=self.tls_required)
         for user, password in fresh.items():  # only once the server has them, so a file always matches
             _write_secret(self.password_file(user), password)
 
@@ -604,13 +610,10 @@ class NatsClusterNode(_Server):
         return f"nats://{self.address}:{self.client_port}"
 
     def _conf(self) -> str:
-        return template("nats.conf").substitute(
-            name=self.name, name_json=json.dumps(self.name), address=self.address, client_port=self.client_port,
-            monitor_port=self.monitor_port, pid_file_json=json.dumps(str(self.pid_file)),
-            store_dir_json=json.dumps(str(self.store_dir)), cluster_port=self.cluster_port,
-            routes="\n".join(f"    {json.dumps(r)}" for r in self.routes),
-            cluster_tls=f"  tls: {json.dumps(self.tls.nats_cluster_tls())}" if self.tls else "",
-            security="\n".join(part for part in (self.accounts, self.tls.nats_block() if self.tls else None) if part),
+        return render.nats_conf(
+            name=self.name, address=self.address, client_port=self.client_port, cluster_port=self.cluster_port,
+            monitor_port=self.monitor_port, routes=self.routes, pid_file=self.pid_file, store_dir=self.store_dir,
+            tls=self.tls, accounts=self.accounts,
         )
 
     def _prepare(self) -> None:

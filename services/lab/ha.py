@@ -36,7 +36,7 @@ from typing import Any
 
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
-from hapki.lab import render, stack, tls
+from hapki.lab import compose_layout, render, stack, tls
 from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
 from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _tail
@@ -147,8 +147,8 @@ class Lab:
 
     @staticmethod
     def token_label(hsm: str) -> str:
-        """SoftHSM token label of an HSM member: hsm-a -> hapki-a."""
-        return f"hapki-{hsm.rsplit('-', 1)[-1]}"
+        """SoftHSM token label of an HSM member: hsm-a -> hapki-a (as in the Compose demo)."""
+        return compose_layout.token_label(hsm)
 
     def member_dir(self, member: str) -> Path:
         return self.base_dir / member

@@ -318,6 +318,21 @@ def install_datadir(cnf_path: Path, datadir: Path) -> subprocess.CompletedProces
     )
 
 
+def root_sql(socket: Path, statement: str, timeout: float = 60) -> str:
+    """Run SQL as the server's root over its socket (unix_socket authentication: this process must be root) with
+    the ``mariadb`` client; tab-separated rows, no header. RuntimeError with the client's message on failure."""
+    result = subprocess.run(
+        ["mariadb", "--no-defaults", f"--socket={socket}", "--user=root", "--batch", "--skip-column-names"],
+        input=statement,  # on stdin, so passwords inside never show up in a process listing
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"mariadb client failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
 class TlsFiles:
     """Server TLS material from an infrastructure CA (hapki.lab.tls): the CA bundle clients trust, and one PEM file
     holding a server's certificate, chain and key (nats-server, MariaDB and Galera all read it as cert and key)."""
@@ -329,13 +344,24 @@ class TlsFiles:
 
     @classmethod
     def issue(cls, directory: Path, name: str, ips: Sequence[str], dns: Sequence[str] = (), *,
-              client_auth: bool = False) -> TlsFiles:
-        """Create (or reuse) the CA in ``directory`` and a server certificate ``name`` for these addresses."""
+              client_auth: bool = False, ca: Any = None) -> TlsFiles:
+        """Create (or reuse) the CA in ``directory`` and a server certificate ``name`` for these addresses.
+
+        ``ca`` (a hapki.lab.tls.InfraCA kept elsewhere): issue with it instead, and put only a copy of its
+        certificate into ``directory`` (the Compose demo: each container gets its own files, never the CA key).
+        """
         from hapki.lab import tls
 
-        ca = tls.create_infra_ca(directory)
-        files = cls(ca.cert_path, tls.issue_server_cert(ca, directory, name, list(ips), list(dns),
-                                                        client_auth=client_auth))
+        if ca is None:
+            ca = tls.create_infra_ca(directory)
+            ca_file = ca.cert_path
+        else:
+            ca_file = Path(directory) / ca.cert_path.name
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            if not ca_file.exists() or ca_file.read_bytes() != ca.cert_path.read_bytes():
+                ca_file.write_bytes(ca.cert_path.read_bytes())
+        files = cls(ca_file, tls.issue_server_cert(ca, directory, name, list(ips), list(dns),
+                                                   client_auth=client_auth))
         files._split()
         return files
 
@@ -666,16 +692,7 @@ class MariaDB(_Server):
 
     def sql(self, statement: str) -> str:
         """Run SQL as root over the socket with the ``mariadb`` client; tab-separated rows, no header."""
-        result = subprocess.run(
-            ["mariadb", "--no-defaults", f"--socket={self.socket}", "--user=root", "--batch", "--skip-column-names"],
-            input=statement,  # on stdin, so passwords inside never show up in a process listing
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"mariadb client failed ({result.returncode}): {result.stderr.strip()}")
-        return result.stdout
+        return root_sql(self.socket, statement)
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM, wait, then SIGKILL); remove the short socket directory if we made one."""

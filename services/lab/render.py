@@ -6,15 +6,21 @@ template that names a value we do not supply, so a template and this module cann
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+from hapki.lab.local import TlsFiles
 from hapki.lab.network import MEMBER_IFACE
 from hapki.lab.topology import Topology
 
-__all__ = ["ADVERT_INT", "haproxy_cfg", "keepalived_conf", "render_member", "template"]
+__all__ = ["ADVERT_INT", "GALERA_PROVIDER", "galera_cnf", "haproxy_cfg", "keepalived_conf", "nats_conf",
+           "render_member", "template"]
+
+GALERA_PROVIDER = "/usr/lib/galera/libgalera_smm.so"
 
 ADVERT_INT = 0.1  # seconds; 0.02 flapped under CPU load on these machines, 0.1 did not (FIELD-NOTES)
 GARP_REFRESH = 5  # seconds between gratuitous ARP refreshes while MASTER
@@ -39,8 +45,10 @@ def _tier_member(topo: Topology, member: str) -> str:
     return tier
 
 
-def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_INT) -> str:
-    """keepalived.conf of a tier member: VRRPv3, unicast to its peer, the tier VIP on its interface."""
+def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_INT,
+                    interface: str = MEMBER_IFACE) -> str:
+    """keepalived.conf of a tier member: VRRPv3, unicast to its peer, the tier VIP on its ``interface`` (the one on
+    its own segment)."""
     tier = _tier_member(topo, member)
     t = topo.tiers[tier]
     peers = "\n".join(f"        {topo.address(p)}" for p in topo.peers(member))
@@ -56,7 +64,7 @@ def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_I
     return template("keepalived.conf").substitute(
         track_script=track_script, track_use=track_use,
         member=member, tier=tier, router_id=topo.namespace(member), garp_refresh=GARP_REFRESH,
-        instance=f"hapki_{tier}", interface=MEMBER_IFACE, vrid=t.vrid, priority=topo.members[member].priority,
+        instance=f"hapki_{tier}", interface=interface, vrid=t.vrid, priority=topo.members[member].priority,
         advert_int=advert_int, address=topo.address(member), unicast_peers=peers, vip=t.vip,
         prefixlen=topo.segment_of(member).subnet.prefixlen,
     )
@@ -72,6 +80,45 @@ def haproxy_cfg(topo: Topology, member: str, pem: Path) -> str:
     return template("haproxy.cfg").substitute(
         member=member, tier=tier, vip=t.vip, https_port=t.https_port, pem=Path(pem).resolve(),
         backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT, plain_http=plain,
+    )
+
+
+def galera_cnf(
+    *, name: str, address: str, peers: Sequence[str], datadir: Path, socket: Path, pid_file: Path, port: int,
+    galera_port: int, ist_port: int, sst_port: int, sst_method: str, log_path: Path | None, user: str = "root",
+    tls: TlsFiles | None = None, provider: str = GALERA_PROVIDER,
+) -> str:
+    """my.cnf of Galera node ``name``; ``peers`` are the members' ``host:port`` for gcomm://. ``log_path`` None:
+    the server logs to stderr (a container's log). ``tls``: client TLS required on TCP, replication and IST
+    encrypted (the rsync SST stays plaintext, see docs/SECURITY.md)."""
+    tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
+                 *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
+                 "", "[sst]",
+                 "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
+                 "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
+                 "ssl-mode=DISABLED"] if tls else []
+    log_error = f"log-error={log_path}" if log_path is not None else "# no log-error: the server logs to stderr"
+    return template("galera.cnf").substitute(
+        name=name, user=user, datadir=datadir, socket=socket, pid_file=pid_file, port=port, address=address,
+        log_error=log_error, provider=provider, galera_port=galera_port, ist_port=ist_port, peers=",".join(peers),
+        sst_method=sst_method, sst_port=sst_port,
+        provider_tls=f";{tls.galera_provider_options()}" if tls else "", tls="\n".join(tls_lines) + "\n",
+    )
+
+
+def nats_conf(
+    *, name: str, address: str, client_port: int, cluster_port: int, monitor_port: int, routes: Sequence[str],
+    pid_file: Path, store_dir: Path, tls: TlsFiles | None = None, accounts: str | None = None,
+) -> str:
+    """nats-server.conf of JetStream cluster node ``name``; ``routes`` are ``nats-route://host:port`` URLs.
+    ``accounts``: the users block (hapki.runtime.bus_auth), or an ``include`` of a file holding it."""
+    return template("nats.conf").substitute(
+        name=name, name_json=json.dumps(name), address=address, client_port=client_port,
+        monitor_port=monitor_port, pid_file_json=json.dumps(str(pid_file)),
+        store_dir_json=json.dumps(str(store_dir)), cluster_port=cluster_port,
+        routes="\n".join(f"    {json.dumps(r)}" for r in routes),
+        cluster_tls=f"  tls: {json.dumps(tls.nats_cluster_tls())}" if tls else "",
+        security="\n".join(part for part in (accounts, tls.nats_block() if tls else None) if part),
     )
 
 
