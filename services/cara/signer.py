@@ -1,15 +1,20 @@
-"""The CARA signer: consumes signing requests from JetStream and issues certificates through the HSM.
+"""The CARA signer: consumes signing requests from JetStream in batches and issues certificates through the HSM.
 
-Active only between start() and stop() (the HA supervisor calls them on VIP changes). For each request:
-Step 0: the request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
+Active only between start() and stop() (the HA supervisor calls them on VIP changes). One pull request at a time
+fetches up to `batch` messages: it waits for the first one and returns with whatever else is ready, so a batch
+never waits to fill (at low load it holds one message). Up to `batches_in_flight` batches are worked on at once;
+while they are, messages queue in the stream, so the next fetch takes them together. For each batch:
+Step 0: every request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
         is read, reserved or signed.
-Step 1: a final outcome already stored (redelivery) is republished without signing again.
-        Then the CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
+Step 1: final outcomes already stored (redeliveries), one read for the batch: republished without signing again.
+        Then each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
         content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
-Step 2: reserve a random serial and write the signing intent, fenced by our epoch, in one transaction.
-Step 3: build the certificate and sign it through the HSM.
-Step 4: store the certificate and mark the request issued, fenced again.
-Step 5: ack the message, then publish the result.
+Step 2: reserve a random serial and write a signing intent for each, fenced by our epoch, in one transaction.
+Step 3: build the certificates and sign them through the HSM (one thread hop for the batch).
+Step 4: store the certificates and mark the requests issued, fenced again, in one transaction.
+Step 5: ack each message, then publish the results.
+A refusal or a failure of one request (its HSM signature, say) settles that request alone; being fenced hands
+every unsettled message of the batch back (NAK), as does a database outage (NAK with a delay).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from nats.aio.client import Client
@@ -31,9 +38,9 @@ from pydantic import ValidationError
 
 from hapki.cara import issuance
 from hapki.cara.config import SignerConfig
-from hapki.cara.ports import IssuedRecord, IssuerRecord, SigningStore
+from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, SigningStore
 from hapki.contracts import subjects
-from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError, SigningRejected
+from hapki.contracts.errors import DuplicateKey, ErrorCode, FencedOut, HapkiError, SigningRejected
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
 from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
 from hapki.runtime import telemetry, validation
@@ -44,10 +51,42 @@ from hapki.runtime.profiles import Profile
 log = logging.getLogger("hapki.cara.signer")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 tracer = trace.get_tracer("hapki.cara")
+# A serial collision (UNIQUE key) in a batch reservation draws new serials for the batch, at most this often.
+RESERVE_ATTEMPTS = 4
+
+
+@dataclass(eq=False)
+class _Item:
+    """One signing request of a batch, from its message to its settlement (ack, NAK or term)."""
+
+    msg: Msg
+    request: SignCertificate
+    span: trace.Span  # `cara.sign`, a child of the trace the message carried
+    csr: x509.CertificateSigningRequest | None = None
+    intent_id: str = ""
+    serial: int = 0
+    cert: x509.Certificate | None = None
+    settled: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    async def ack(self) -> None:
+        self.settled = True
+        await self.msg.ack()
+
+    async def term(self) -> None:
+        self.settled = True
+        await self.msg.term()
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.settled = True
+        await self.msg.nak(delay=delay)
 
 
 class Signer:
-    """Pull workers over the signing consumer, fenced by the CARA epoch."""
+    """The batched pull loop over the signing consumer, fenced by the CARA epoch."""
 
     def __init__(
         self,
@@ -64,21 +103,24 @@ class Signer:
         profiles: Mapping[str, Profile],
         faults: FailPoints | None = None,
         distribution: issuance.Distribution | None = None,
+        serials: Callable[[], int] = issuance.random_serial,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
         self._approvals, self._profiles = approvals, profiles
         self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
         self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
         self._member, self._config, self._clock = member, config, clock
+        self._serials = serials  # the CSPRNG draw (tests inject collisions)
         self._faults = faults or FailPoints("")
         self._epoch: int | None = None
         self._stopping = asyncio.Event()
-        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the heartbeat, the batches being worked on
         self._inflight: dict[str, Msg] = {}
         self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
         self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
         self.signatures = 0  # HSM signatures made by this process (for tests and metrics)
+        self.batches: list[int] = []  # sizes of the last batches fetched (for tests and metrics), newest last
 
     @property
     def epoch(self) -> int | None:
@@ -96,74 +138,89 @@ class Signer:
 
     @property
     def active(self) -> bool:
-        return bool(self._workers) and not self._stopping.is_set()
+        return bool(self._tasks) and not self._stopping.is_set()
 
     async def start(self) -> int:
         """Become active: bump the epoch (compare-and-set), resolve stale intents, start pulling."""
         if self.active:
             return self._epoch or 0
-        if self._workers:
-            await self.stop()  # fenced earlier: reap the old workers before new ones exist
+        if self._tasks:
+            await self.stop()  # fenced earlier: reap the old tasks before new ones exist
         self._stopping.clear()
         self.fenced.clear()
         now = self._clock()
         self._epoch = await self._store.bump_epoch(self._member, now)
         abandoned = await self._store.abandon_stale_intents(self._epoch, now)
         log.info("signer %s active at epoch %d; %d stale intents abandoned", self._member, self._epoch, abandoned)
-        self._workers = [asyncio.create_task(self._worker(i)) for i in range(self._config.workers)]
-        self._workers.append(asyncio.create_task(self._heartbeat()))
+        self._spawn(self._fetch_loop())
+        self._spawn(self._heartbeat())
         return self._epoch
 
     async def stop(self) -> None:
-        """Become passive: stop fetching, let in-flight requests finish, release open pull requests, then NAK."""
+        """Become passive: stop fetching, let batches in progress finish, release the pull request, then NAK."""
         self._stopping.set()
-        workers, self._workers = self._workers, []
-        if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._hand_back()
         log.info("signer %s passive (epoch was %s)", self._member, self._epoch)
 
-    async def _hand_back(self, exclude: asyncio.Task[object] | None = None) -> None:
-        """NAK what this member will not process, once none of its own pull requests is open any more.
+    def _spawn(self, work: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-        A NAKed message is redelivered at once to whichever pull request the server holds; if that were one of
-        our workers that is shutting down, the message would sit in a dead inbox until ack_wait. So first every
-        other worker unsubscribes, then the messages go back, to the member that is active now.
+    async def _hand_back(self, exclude: asyncio.Task[object] | None = None) -> None:
+        """NAK what this member will not process, once its pull request is closed and its batches are done.
+
+        A NAKed message is redelivered at once to whichever pull request the server holds; if that were ours while
+        shutting down, the message would sit in a dead inbox until ack_wait. So first the fetch loop unsubscribes
+        and the other batches finish, then the messages go back, to the member that is active now.
         """
-        others = [w for w in self._workers if w is not exclude and not w.done()]
-        if others:
+        while others := [t for t in self._tasks if t is not exclude and not t.done()]:
             await asyncio.gather(*others, return_exceptions=True)
         pending, self._to_hand_back = self._to_hand_back, []
         for msg in pending:
             await msg.nak()
 
-    async def _worker(self, index: int) -> None:
-        # One pull subscription per worker, each fetching one message at a time: a batch fetch in nats-py
-        # lingers for the rest of the batch, which would add its whole timeout to latency at low load.
+    async def _fetch_loop(self) -> None:
+        # One pull request open at a time: nats-py's fetch(n) waits for the first message and returns with what
+        # is ready then (the server ends a no_wait pull as soon as it delivered some), so a batch never waits to
+        # fill. A second open pull request of ours could make the server answer "408 Requests Pending", after which
+        # nats-py falls back to a pull that does wait for the whole batch.
         psub = await self._js.pull_subscribe_bind(durable=subjects.SIGNING_CONSUMER, stream=subjects.SIGNING_STREAM)
+        slots = asyncio.Semaphore(self._config.batches_in_flight)
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.ensure_future(psub.fetch(1, timeout=self._config.fetch_timeout_seconds))
+                await slots.acquire()  # a batch slot first: while all are busy, messages wait in the stream
+                if self._stopping.is_set():
+                    slots.release()
+                    break
+                fetch = asyncio.ensure_future(psub.fetch(self._config.batch, timeout=self._config.fetch_timeout_seconds))
                 stop = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 if not fetch.done():
                     fetch.cancel()
                     await asyncio.gather(fetch, return_exceptions=True)
+                    slots.release()
                     break
                 try:
                     msgs = fetch.result()
                 except (asyncio.TimeoutError, asyncio.CancelledError):
+                    slots.release()
                     continue
                 except Exception as exc:  # nats errors while the bus reconnects: keep polling
-                    log.warning("worker %d fetch failed: %s", index, exc)
+                    log.warning("fetch failed: %s", exc)
+                    slots.release()
                     await asyncio.sleep(0.2)
                     continue
-                for msg in msgs:
-                    if self._stopping.is_set():
-                        self._to_hand_back.append(msg)  # NAKed by stop() once our pull requests are closed
-                    else:
-                        await self.handle(msg)
+                if self._stopping.is_set():
+                    self._to_hand_back.extend(msgs)  # NAKed by stop() once our pull request is closed
+                    slots.release()
+                    break
+                self.batches = [*self.batches[-99:], len(msgs)]
+                self._spawn(self._batch(msgs)).add_done_callback(lambda _: slots.release())
         finally:
             # A cancelled fetch leaves its pull request open on the server, where it would capture the next
             # message until ack_wait (FIELD-NOTES): unsubscribing closes it.
@@ -179,47 +236,82 @@ class Signer:
 
     async def handle(self, msg: Msg) -> None:
         """Process one signing request message to an ack, a NAK (retry) or a term (never processable)."""
-        parent = telemetry.extract(msg.headers)
-        with tracer.start_as_current_span("cara.sign", context=parent, kind=trace.SpanKind.CONSUMER) as span:
-            span.set_attribute("pki.member", self._member)
+        await self.handle_batch([msg])
+
+    async def handle_batch(self, msgs: Sequence[Msg]) -> None:
+        """Process fetched signing request messages, each to an ack, a NAK (retry) or a term (never processable)."""
+        await self._batch(msgs)
+
+    async def _batch(self, msgs: Sequence[Msg]) -> None:
+        items = [item for msg in msgs if (item := await self._admit(msg)) is not None]
+        if not items:
+            return
+        links = [trace.Link(item.span.get_span_context()) for item in items]
+        try:
+            # The batch's transactions run under the first request's trace (linked to every request's span).
+            with tracer.start_as_current_span("cara.batch", context=trace.set_span_in_context(items[0].span),
+                                              links=links) as span:
+                span.set_attribute("pki.batch_size", len(items))
+                span.set_attribute("pki.member", self._member)
+                try:
+                    await self._process(items)
+                except FencedOut as exc:
+                    log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
+                    self._mark_unsettled(items, "fenced out")
+                    self._to_hand_back.extend(item.msg for item in items if not item.settled)
+                    self.fenced.set()
+                    self._stopping.set()
+                    # Hand the messages back as soon as the other batches are gone (this one ends after returning).
+                    current = asyncio.current_task()
+                    self._releasing = asyncio.create_task(self._hand_back(exclude=current))
+                except HapkiError as exc:
+                    log.warning("batch of %d not processed (%s): %s; will retry", len(items), exc.code.value, exc)
+                    await self._nak_all(items, exc.code.value)
+                except Exception:
+                    log.exception("bug while processing a batch of %d; will retry", len(items))
+                    await self._nak_all(items, "internal error")
+        finally:
+            for item in items:
+                item.span.end()
+                if self._inflight.get(item.request_id) is item.msg:
+                    del self._inflight[item.request_id]
+
+    def _mark_unsettled(self, items: Sequence[_Item], status: str) -> None:
+        """Mark the spans of the items not settled yet with an error status."""
+        for item in items:
+            if not item.settled:
+                item.span.set_status(trace.StatusCode.ERROR, status)
+
+    async def _nak_all(self, items: Sequence[_Item], status: str) -> None:
+        self._mark_unsettled(items, status)
+        for item in items:
+            if not item.settled:
+                await item.nak(delay=self._config.retry_delay_seconds)
+
+    async def _admit(self, msg: Msg) -> _Item | None:
+        """Open the request's span and parse it; None when it is settled here already (or a duplicate in flight)."""
+        span = tracer.start_span("cara.sign", context=telemetry.extract(msg.headers), kind=trace.SpanKind.CONSUMER)
+        span.set_attribute("pki.member", self._member)
+        with trace.use_span(span, end_on_exit=False):
             if len(msg.data) > MAX_SIGNING_REQUEST_BYTES:
                 await self._refuse_oversized(msg, span)
-                return
+                span.end()
+                return None
             try:
                 request = SignCertificate.model_validate_json(msg.data)
             except ValidationError as exc:
-                log.error("malformed signing request terminated: %s", exc.errors(include_url=False, include_input=False)[:3])
+                log.error("malformed signing request terminated: %s",
+                          exc.errors(include_url=False, include_input=False)[:3])
                 span.set_status(trace.StatusCode.ERROR, "malformed signing request")
                 await msg.term()
-                return
-            span.set_attribute("pki.request_id", request.request_id)
-            if request.request_id in self._inflight:
-                return  # a redelivery of what this process is working on; the first copy acks
-            self._inflight[request.request_id] = msg
-            try:
-                try:
-                    await self._process(request, msg, span)
-                except SigningRejected as exc:
-                    # Recording a refusal can meet a fence or a database outage too: handled below (NAK, retry).
-                    await self._reject(request, exc, msg)
-            except FencedOut as exc:
-                log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
-                span.set_status(trace.StatusCode.ERROR, "fenced out")
-                self._to_hand_back.append(msg)
-                self.fenced.set()
-                self._stopping.set()
-                # Hand the message back as soon as the other workers are gone (this one ends after returning).
-                self._releasing = asyncio.create_task(self._hand_back(exclude=asyncio.current_task()))
-            except HapkiError as exc:
-                log.warning("request %s not processed (%s): %s; will retry", request.request_id, exc.code.value, exc)
-                span.set_status(trace.StatusCode.ERROR, exc.code.value)
-                await msg.nak(delay=self._config.retry_delay_seconds)
-            except Exception:
-                log.exception("bug while processing request %s; will retry", request.request_id)
-                span.set_status(trace.StatusCode.ERROR, "internal error")
-                await msg.nak(delay=self._config.retry_delay_seconds)
-            finally:
-                self._inflight.pop(request.request_id, None)
+                span.end()
+                return None
+        span.set_attribute("pki.request_id", request.request_id)
+        if request.request_id in self._inflight:
+            span.end()
+            return None  # a redelivery of what this process is working on; the first copy acks
+        self._inflight[request.request_id] = msg
+        return _Item(msg=msg, request=request, span=span)
 
     async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:
         """Terminate a signing request over MAX_SIGNING_REQUEST_BYTES unread; tell CLM if it names a request id.
@@ -240,88 +332,156 @@ class Signer:
                               details={"size": size, "limit": MAX_SIGNING_REQUEST_BYTES})
             await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))
 
-    async def _process(self, request: SignCertificate, msg: Msg, span: trace.Span) -> None:
+    async def _process(self, items: list[_Item]) -> None:
         epoch = self._epoch
         assert epoch is not None, "handle() before start()"
         # Step 0: only what CLM approved, whoever could publish on the bus (ApprovalInvalid otherwise).
-        self._approvals.verify(request)
+        approved: list[_Item] = []
+        for item in items:
+            try:
+                self._approvals.verify(item.request)
+            except SigningRejected as exc:
+                await self._reject(item, exc)
+                continue
+            approved.append(item)
         # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
-        outcome = await self._store.outcome(request.request_id)
-        if outcome.issued is not None:
-            span.set_attribute("pki.redelivered", True)
-            await msg.ack()
-            await self._publish_issued(outcome.issued)
+        outcomes = await self._store.outcomes([item.request_id for item in approved]) if approved else {}
+        todo: list[_Item] = []
+        for item in approved:
+            outcome = outcomes.get(item.request_id)
+            if outcome is None:
+                try:
+                    item.csr = issuance.parse_csr(item.request)
+                    validation.recheck(item.request, self._profiles)  # PolicyViolation: not what our profiles allow
+                except SigningRejected as exc:
+                    await self._reject(item, exc)
+                    continue
+                todo.append(item)
+            elif outcome.issued is not None:
+                item.span.set_attribute("pki.redelivered", True)
+                await item.ack()
+                await self._publish_issued(outcome.issued, item.span)
+            elif outcome.failed is not None:
+                await item.ack()
+                with trace.use_span(item.span, end_on_exit=False):
+                    await self._publish(subjects.CARA_FAILED,
+                                        SigningFailed(request_id=item.request_id, error=outcome.failed))
+        if not todo:
             return
-        if outcome.failed is not None:
-            await msg.ack()
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=outcome.failed))
-            return
-        csr = issuance.parse_csr(request)
-        validation.recheck(request, self._profiles)  # PolicyViolation: not what this CA's profiles allow
-        # Step 2: reserve serial + intent, fenced. A serial collision (UNIQUE) just draws again.
-        intent_id = uuid.uuid4().hex
-        serial = issuance.random_serial()
+        # Step 2: reserve serials + intents for the batch, fenced. A serial collision (UNIQUE) draws again.
         now = self._clock()
-        await self._store.reserve(
-            intent_id=intent_id, request_id=request.request_id, issuer=self._issuer.name,
-            serial=issuance.serial_hex(serial), epoch=epoch, member=self._member, now=now,
-        )
-        span.set_attribute("pki.serial", issuance.serial_hex(serial))
-        # Step 3: sign through the HSM (in a thread: the PKCS#11 call blocks; contextvars carry the span).
-        try:
-            cert = await asyncio.to_thread(
-                issuance.build_certificate, request, csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
-                serial=serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
-                distribution=self._distribution,
-            )
-        except SigningRejected:
-            await self._store.abandon_intent(intent_id, "rejected before signing", self._clock())
-            raise
-        except HapkiError:
-            await self._store.abandon_intent(intent_id, "HSM failed; no signature made", self._clock())
-            raise
-        self.signatures += 1
+        await self._reserve(todo, epoch, now)
+        # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
+        failures = await asyncio.to_thread(self._sign_all, todo, now)
+        signed = [item for item in todo if item.cert is not None]
+        self.signatures += len(signed)
+        for item, exc in failures:
+            await self._failed_signing(item, exc)
+        if not signed:
+            return
         await self._faults.hit("cara.after_sign")
-        # Step 4: store it, fenced. If another intent won the request meanwhile, theirs is returned.
-        stored = await self._store.record_issued(
-            IssuedRecord(
-                request_id=request.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(serial),
-                intent_id=intent_id, cert_pem=cert.public_bytes(Encoding.PEM).decode(),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            ),
-            epoch=epoch, now=self._clock(),
-        )
+        # Step 4: store them, fenced. Where another intent won a request meanwhile, theirs is returned.
+        stored = await self._store.record_issued_batch([self._record(item) for item in signed], epoch=epoch,
+                                                       now=self._clock())
         await self._faults.hit("cara.after_commit")
-        # Step 5: ack, then tell CLM.
-        await msg.ack()
-        await self._publish_issued(stored)
+        # Step 5: ack each (only now: everything is committed), then tell CLM.
+        for item, record in zip(signed, stored):
+            if record is None:
+                # A newer attempt for this request superseded our intent; this signature is never stored.
+                log.warning("request %s: intent %s was superseded before its certificate was stored",
+                            item.request_id, item.intent_id)
+                await item.nak()
+            else:
+                await item.ack()
+        for item, record in zip(signed, stored):
+            if record is not None:
+                await self._publish_issued(record, item.span)
 
-    async def _reject(self, request: SignCertificate, exc: SigningRejected, msg: Msg) -> None:
+    async def _reserve(self, items: list[_Item], epoch: int, now: datetime) -> None:
+        for attempt in range(1, RESERVE_ATTEMPTS + 1):
+            for item in items:
+                item.intent_id, item.serial = uuid.uuid4().hex, self._serials()
+                item.span.set_attribute("pki.serial", issuance.serial_hex(item.serial))
+            intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
+                              serial=issuance.serial_hex(item.serial)) for item in items]
+            try:
+                await self._store.reserve_batch(intents, epoch=epoch, member=self._member, now=now)
+                return
+            except DuplicateKey:
+                if attempt == RESERVE_ATTEMPTS:
+                    raise
+                log.warning("serial collision reserving a batch of %d; drawing again", len(items))
+
+    def _sign_all(self, items: list[_Item], now: datetime) -> list[tuple[_Item, Exception]]:
+        """Build and sign each certificate (in a worker thread); the failures, each with its item."""
+        failures: list[tuple[_Item, Exception]] = []
+        for item in items:
+            assert item.csr is not None
+            with trace.use_span(item.span, end_on_exit=False):
+                try:
+                    item.cert = issuance.build_certificate(
+                        item.request, item.csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
+                        serial=item.serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
+                        distribution=self._distribution,
+                    )
+                except Exception as exc:  # settled one by one on the loop (_failed_signing); the others go on
+                    failures.append((item, exc))
+        return failures
+
+    async def _failed_signing(self, item: _Item, exc: Exception) -> None:
+        """Abandon the intent of a request whose certificate was not made (audited), then refuse or retry it."""
+        if isinstance(exc, SigningRejected):
+            await self._store.abandon_intent(item.intent_id, "rejected before signing", self._clock())
+            await self._reject(item, exc)
+            return
+        if isinstance(exc, HapkiError):
+            reason, status = "HSM failed; no signature made", exc.code.value
+            log.warning("request %s not signed (%s): %s; will retry", item.request_id, status, exc)
+        else:
+            reason, status = f"internal error while signing: {type(exc).__name__}", "internal error"
+            log.error("bug while signing request %s; will retry", item.request_id, exc_info=exc)
+        await self._store.abandon_intent(item.intent_id, reason, self._clock())
+        item.span.set_status(trace.StatusCode.ERROR, status)
+        await item.nak(delay=self._config.retry_delay_seconds)
+
+    def _record(self, item: _Item) -> IssuedRecord:
+        assert item.cert is not None
+        return IssuedRecord(
+            request_id=item.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(item.serial),
+            intent_id=item.intent_id, cert_pem=item.cert.public_bytes(Encoding.PEM).decode(),
+            not_before=item.cert.not_valid_before_utc, not_after=item.cert.not_valid_after_utc,
+        )
+
+    async def _reject(self, item: _Item, exc: SigningRejected) -> None:
         """Refuse for good: term the message (no redelivery), record the refusal, tell CLM if the request failed.
 
         Nothing was reserved or signed. SigningFailed goes out only when the store marked the request failed, i.e.
         the message was exactly what CLM recorded: a forged message must not wake (and fail) a waiting client.
         """
+        request = item.request
         error = ErrorBody(code=exc.code, message=exc.message, details=exc.details)
+        # Recording a refusal can meet a fence or a database outage too: the batch hands it back (NAK, retry).
         marked = await self._store.refuse(request, error, epoch=self._epoch or 0, now=self._clock())
-        await msg.term()
+        await item.term()
+        item.span.set_status(trace.StatusCode.ERROR, exc.code.value)
         if marked:
             log.warning("request %s refused by the CA (%s): %s", request.request_id, exc.code.value, exc)
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
+            with trace.use_span(item.span, end_on_exit=False):
+                await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
         else:
             log.warning("signing request naming %s refused by the CA (%s) and audited; it is not what CLM recorded, "
                         "so no request changed state: %s", request.request_id, exc.code.value, exc)
-        trace.get_current_span().set_status(trace.StatusCode.ERROR, exc.code.value)
 
-    async def _publish_issued(self, record: IssuedRecord) -> None:
-        await self._publish(
-            subjects.CARA_ISSUED,
-            CertificateIssued(
-                request_id=record.request_id, serial=record.serial, issuer=record.issuer,
-                certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
-                not_before=record.not_before, not_after=record.not_after,
-            ),
-        )
+    async def _publish_issued(self, record: IssuedRecord, span: trace.Span) -> None:
+        with trace.use_span(span, end_on_exit=False):
+            await self._publish(
+                subjects.CARA_ISSUED,
+                CertificateIssued(
+                    request_id=record.request_id, serial=record.serial, issuer=record.issuer,
+                    certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
+                    not_before=record.not_before, not_after=record.not_after,
+                ),
+            )
 
     async def _publish(self, subject: str, event: CertificateIssued | SigningFailed) -> None:
         await self._nc.publish(subject, event.model_dump_json().encode(), headers=telemetry.inject())
