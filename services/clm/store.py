@@ -18,8 +18,12 @@ from hapki.contracts.models import (
     RevokeReply,
     SignCertificate,
 )
-from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
+from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
 from hapki.runtime.db import Database, db_time, utc
+
+
+# What `record` reads of an existing request: enough to answer a repeat or refuse a conflicting one.
+_RECORDED_COLUMNS = "id, profile, csr_sha256, sign_request, renews_serial"
 
 
 class MariaDBRequestStore:
@@ -30,17 +34,13 @@ class MariaDBRequestStore:
         self._actor = actor  # recorded on audit entries: service:member
 
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
-        """Insert the request, or return the one an idempotency key already names (same CSR and profile only)."""
+        """Insert the request, or return the one an idempotency key already names (same CSR and profile only).
 
-        async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
-            await cur.execute(
-                "SELECT id, profile, csr_sha256, sign_request, renews_serial FROM requests"
-                " WHERE requester = %s AND idempotency_key = %s",
-                (request.requester, request.idempotency_key),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return None
+        Three round trips: one read (our own earlier attempt, and what the key names), the inserts with the audit
+        entry, COMMIT.
+        """
+
+        def by_key(row: tuple) -> Recorded:
             if (row[1], row[2], row[4]) != (request.profile, request.csr_sha256, request.renews_serial):
                 raise IdempotencyConflict(
                     "idempotency key already used for a different CSR, profile or renewed certificate",
@@ -48,26 +48,42 @@ class MariaDBRequestStore:
                 )
             return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
 
+        async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
+            await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
+                              (request.requester, request.idempotency_key))
+            row = await cur.fetchone()
+            return None if row is None else by_key(row)
+
         async def insert(cur: aiomysql.Cursor) -> Recorded:
-            await cur.execute("SELECT 1 FROM requests WHERE id = %s", (request.request_id,))
-            if await cur.fetchone() is None:  # else: our own earlier attempt whose COMMIT outcome was unknown
-                if request.idempotency_key is not None and (found := await find_by_key(cur)) is not None:
-                    return found
-                await append(cur, entry, first=(
-                    "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
-                    " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
-                    (request.request_id, request.requester, request.idempotency_key, request.profile,
-                     request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
-                     db_time(now)),
+            if request.idempotency_key is None:
+                await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s", (request.request_id,))
+            else:
+                await cur.execute(
+                    f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s UNION ALL"
+                    f" SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
+                    (request.request_id, request.requester, request.idempotency_key))
+            rows = await cur.fetchall()
+            if any(row[0] == request.request_id for row in rows):
+                # Our own earlier attempt, whose COMMIT outcome was unknown.
+                return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+            if rows:
+                return by_key(rows[0])
+            statements: list[tuple[str, tuple[object, ...]]] = [(
+                "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
+                " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
+                (request.request_id, request.requester, request.idempotency_key, request.profile,
+                 request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
+                 db_time(now)),
+            )]
+            # The names, indexed for search (the value column compares case-insensitively: an email differing
+            # only in case is one row).
+            if names := names_of(request.approved):
+                statements.append((
+                    f"INSERT INTO request_names (request_id, kind, value) VALUES {', '.join(['(%s, %s, %s)'] * len(names))}"
+                    " ON DUPLICATE KEY UPDATE value = value",
+                    tuple(value for kind, name in names for value in (request.request_id, kind, name)),
                 ))
-                # The names, indexed for search (the value column compares case-insensitively: an email differing
-                # only in case is one row).
-                if names := names_of(request.approved):
-                    await cur.executemany(
-                        "INSERT INTO request_names (request_id, kind, value) VALUES (%s, %s, %s)"
-                        " ON DUPLICATE KEY UPDATE value = value",
-                        [(request.request_id, kind, value) for kind, value in names],
-                    )
+            await append_many(cur, [entry], first=statements)
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
         entry = AuditRecord(
