@@ -36,38 +36,12 @@ class MariaDBRequestStore:
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
         """Insert the request, or return the one an idempotency key already names (same CSR and profile only).
 
-        Three round trips: one read (our own earlier attempt, and what the key names), the inserts with the audit
-        entry, COMMIT.
+        The hot path is one insert: request, names and audit entry in one round trip, then COMMIT. The unique keys
+        decide the rest: a duplicate is our own earlier attempt (its COMMIT outcome was unknown: same request id)
+        or a request the key already names, read in a second transaction only then.
         """
 
-        def by_key(row: tuple) -> Recorded:
-            if (row[1], row[2], row[4]) != (request.profile, request.csr_sha256, request.renews_serial):
-                raise IdempotencyConflict(
-                    "idempotency key already used for a different CSR, profile or renewed certificate",
-                    {"idempotency_key": request.idempotency_key, "request_id": row[0]},
-                )
-            return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
-
-        async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
-            await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
-                              (request.requester, request.idempotency_key))
-            row = await cur.fetchone()
-            return None if row is None else by_key(row)
-
         async def insert(cur: aiomysql.Cursor) -> Recorded:
-            if request.idempotency_key is None:
-                await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s", (request.request_id,))
-            else:
-                await cur.execute(
-                    f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s UNION ALL"
-                    f" SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
-                    (request.request_id, request.requester, request.idempotency_key))
-            rows = await cur.fetchall()
-            if any(row[0] == request.request_id for row in rows):
-                # Our own earlier attempt, whose COMMIT outcome was unknown.
-                return Recorded(request_id=request.request_id, created=True, approved=request.approved)
-            if rows:
-                return by_key(rows[0])
             statements: list[tuple[str, tuple[object, ...]]] = [(
                 "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
                 " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
@@ -86,6 +60,27 @@ class MariaDBRequestStore:
             await append_many(cur, [entry], first=statements)
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
+        async def existing(cur: aiomysql.Cursor) -> Recorded | None:
+            if request.idempotency_key is None:
+                await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s", (request.request_id,))
+            else:
+                await cur.execute(
+                    f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s UNION ALL"
+                    f" SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
+                    (request.request_id, request.requester, request.idempotency_key))
+            rows = await cur.fetchall()
+            if any(row[0] == request.request_id for row in rows):
+                return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+            if not rows:
+                return None
+            row = rows[0]
+            if (row[1], row[2], row[4]) != (request.profile, request.csr_sha256, request.renews_serial):
+                raise IdempotencyConflict(
+                    "idempotency key already used for a different CSR, profile or renewed certificate",
+                    {"idempotency_key": request.idempotency_key, "request_id": row[0]},
+                )
+            return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
+
         entry = AuditRecord(
             kind=AuditKind.REQUEST_RECORDED, actor=self._actor, created_at=now, request_id=request.request_id,
             detail={"requester": request.requester, "idempotency_key": request.idempotency_key,
@@ -95,8 +90,9 @@ class MariaDBRequestStore:
         try:
             return await self._db.run(insert, name="clm.record")
         except DuplicateKey:
-            # A concurrent request with the same key committed first: answer with that one.
-            found = await self._db.run(find_by_key, name="clm.record_lookup")
+            # The key names a request already (a repeat, or a concurrent request with the same key that committed
+            # first), or the row is our own from an attempt whose COMMIT outcome was unknown: answer with that.
+            found = await self._db.run(existing, name="clm.record_lookup")
             if found is None:
                 raise
             return found
