@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-
 import pytest
 
 from hapki.clm.ports import NewRequest
-from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts.errors import IdempotencyConflict
 from hapki.contracts.models import IssueCertificate
-from hapki.lab import stack
-from hapki.lab.local import LocalEnv
 from hapki.runtime.clock import utcnow
-from hapki.runtime.db import Database
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
@@ -23,15 +17,6 @@ from integration.conftest import query
 pytestmark = pytest.mark.integration
 
 PROFILES = load_profiles(SHIPPED_PROFILES_PATH)
-
-
-@pytest.fixture(scope="module")
-async def store(env: LocalEnv) -> AsyncIterator[MariaDBRequestStore]:
-    db = Database(stack.clm_config(env).database)
-    try:
-        yield MariaDBRequestStore(db)
-    finally:
-        await db.close()
 
 
 def _new(key: str | None, name: str = "record.example.com", digest: str = "a" * 64) -> NewRequest:
@@ -43,10 +28,10 @@ def _new(key: str | None, name: str = "record.example.com", digest: str = "a" * 
                       csr_sha256=digest, approved=approved)
 
 
-async def test_a_repeat_of_the_key_answers_with_the_first_request_and_writes_nothing(store, sql) -> None:
+async def test_a_repeat_of_the_key_answers_with_the_first_request_and_writes_nothing(clm_store, sql) -> None:
     key = uuid.uuid4().hex
-    first = await store.record(_new(key), utcnow())
-    repeat = await store.record(_new(key), utcnow())  # same CSR digest and profile, a fresh request id
+    first = await clm_store.record(_new(key), utcnow())
+    repeat = await clm_store.record(_new(key), utcnow())  # same CSR digest and profile, a fresh request id
     assert first.created and not repeat.created
     assert repeat.request_id == first.request_id and repeat.approved == first.approved
     assert await query(sql, "SELECT COUNT(*) FROM requests WHERE requester = 'record-tests' AND idempotency_key = %s",
@@ -57,15 +42,15 @@ async def test_a_repeat_of_the_key_answers_with_the_first_request_and_writes_not
                        (first.request_id,)) == [("cn", "record.example.com"), ("dns", "record.example.com")]
 
     with pytest.raises(IdempotencyConflict):
-        await store.record(_new(key, digest="b" * 64), utcnow())
+        await clm_store.record(_new(key, digest="b" * 64), utcnow())
 
 
 @pytest.mark.parametrize("key", [None, "with-key"])
-async def test_recording_the_same_request_again_is_our_own_earlier_attempt(store, sql, key: str | None) -> None:
+async def test_recording_the_same_request_again_is_our_own_earlier_attempt(clm_store, sql, key: str | None) -> None:
     """A body run again after a COMMIT whose outcome was unknown finds its own row: created, not a conflict."""
     request = _new(None if key is None else uuid.uuid4().hex)
-    assert (await store.record(request, utcnow())).created
-    again = await store.record(request, utcnow())
+    assert (await clm_store.record(request, utcnow())).created
+    again = await clm_store.record(request, utcnow())
     assert again.created and again.request_id == request.request_id
     assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'request.recorded' AND request_id = %s",
                        (request.request_id,)) == [(1,)]

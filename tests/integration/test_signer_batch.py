@@ -31,7 +31,6 @@ from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.approval import ApprovalKey, ApprovalVerifier
 from hapki.runtime.clock import utcnow
-from hapki.runtime.db import Database
 from hapki.runtime.hsm_key import HSMPrivateKey
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
@@ -54,15 +53,6 @@ async def cara(env: LocalEnv) -> AsyncIterator[CaraRuntime]:
         yield runtime
     finally:
         await runtime.stop()
-
-
-@pytest.fixture(scope="module")
-async def clm_store(env: LocalEnv) -> AsyncIterator[MariaDBRequestStore]:
-    db = Database(stack.clm_config(env).database)
-    try:
-        yield MariaDBRequestStore(db)
-    finally:
-        await db.close()
 
 
 @pytest.fixture
@@ -112,6 +102,15 @@ async def _fetch(cara: CaraRuntime, n: int) -> list[Any]:
     finally:
         await psub.unsubscribe()
     return msgs
+
+
+async def _queued(env: LocalEnv, store: MariaDBRequestStore, nc: Any, cara: CaraRuntime, prefix: str,
+                  n: int) -> tuple[list[SignCertificate], list[Any]]:
+    """n requests recorded and approved as CLM does, published, and fetched as one batch of messages."""
+    requests = [await _recorded(env, store, f"{prefix}-{i}.example.com") for i in range(n)]
+    for request in requests:
+        await _publish(nc, request)
+    return requests, await _fetch(cara, n)
 
 
 async def _signer(cara: CaraRuntime, *, store: MariaDBSigningStore | None = None, key: Any = None,
@@ -164,11 +163,8 @@ def _cara_transactions(exporter: Any) -> list[str]:
 async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_three_transactions(
         env, cara, clm_store, bus, sql) -> None:
     nc, events = bus
-    requests = [await _recorded(env, clm_store, f"batch-{i}.example.com") for i in range(8)]
     signer = await _signer(cara)
-    for request in requests:
-        await _publish(nc, request)
-    msgs = await _fetch(cara, len(requests))
+    requests, msgs = await _queued(env, clm_store, nc, cara, "batch", 8)
     exporter = memory_exporter()
     exporter.clear()
 
@@ -258,10 +254,7 @@ async def test_a_batch_fenced_midway_hands_every_message_back(env, cara, clm_sto
     store = _FencedAtCommit(cara.db) if stage == "commit" else MariaDBSigningStore(cara.db)
     signer = await _signer(cara, store=store)
     old_epoch = signer.epoch
-    requests = [await _recorded(env, clm_store, f"fenced-{stage}-{i}.example.com") for i in range(4)]
-    for request in requests:
-        await _publish(nc, request)
-    msgs = await _fetch(cara, len(requests))
+    requests, msgs = await _queued(env, clm_store, nc, cara, f"fenced-{stage}", 4)
     if stage == "reserve":
         await MariaDBSigningStore(cara.db).bump_epoch("cara-2", utcnow())
 
@@ -308,10 +301,7 @@ async def test_an_hsm_failure_on_one_request_abandons_only_its_intent(env, cara,
     assert cara.signer is not None
     key = _FailsOnce(cara.signer.issuer_key, fail_at=2)  # type: ignore[arg-type]
     signer = await _signer(cara, key=key)
-    requests = [await _recorded(env, clm_store, f"hsm-{i}.example.com") for i in range(4)]
-    for request in requests:
-        await _publish(nc, request)
-    msgs = await _fetch(cara, len(requests))
+    requests, msgs = await _queued(env, clm_store, nc, cara, "hsm", 4)
 
     await signer.handle_batch(msgs)
 
@@ -345,10 +335,7 @@ async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara
         return next(draws, None) or random_serial()
 
     signer = await _signer(cara, serials=serials)
-    requests = [await _recorded(env, clm_store, f"collide-{i}.example.com") for i in range(3)]
-    for request in requests:
-        await _publish(nc, request)
-    msgs = await _fetch(cara, len(requests))
+    requests, msgs = await _queued(env, clm_store, nc, cara, "collide", 3)
     exporter = memory_exporter()
     exporter.clear()
 
