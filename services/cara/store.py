@@ -21,6 +21,10 @@ TIER = "cara"
 _CERTIFICATE_COLUMNS = "request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
 
 
+class _Contended(Exception):
+    """Raised inside a transaction body that met another attempt's row: the body rolls back and runs carefully."""
+
+
 def _marks(items: Sized) -> str:
     """`%s` placeholders for an IN list of len(items) values."""
     return ", ".join(["%s"] * len(items))
@@ -194,7 +198,8 @@ class MariaDBSigningStore:
         Older reserved intents of the same requests are abandoned here (audited): their signature, if one was made,
         never reached the database and never will (redelivery after a crash between sign and commit). A serial
         already taken (UNIQUE (issuer, serial)) fails the whole transaction with DuplicateKey: the caller draws
-        again. Round trips: the idempotency check, supersede + insert, fence + COMMIT.
+        again. Two round trips: supersede + insert, fence + COMMIT (a duplicate key: one more read, to tell our own
+        earlier commit, whose outcome was unknown, from a collision).
         """
         if not intents:
             return
@@ -203,9 +208,6 @@ class MariaDBSigningStore:
         resolution = "superseded by a new attempt for the request"
 
         async def body(cur: aiomysql.Cursor) -> None:
-            await cur.execute(f"SELECT COUNT(*) FROM signing_intents WHERE id IN ({_marks(ids)})", ids)
-            if (await cur.fetchone())[0]:
-                return  # our earlier attempt committed (all or nothing); the outcome of its COMMIT was unknown to us
             await cur.execute(
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
                 f" WHERE request_id IN ({_marks(requests)}) AND state = 'reserved';"
@@ -216,7 +218,7 @@ class MariaDBSigningStore:
                                                              intent.serial, epoch, member, "reserved", db_time(now)))),
             )
             superseded = cur.rowcount
-            await cur.nextset()  # the insert's result: a serial collision surfaces here
+            await cur.nextset()  # the insert's result: a duplicate key surfaces here
             if superseded:  # rare (a redelivery after a crash): find which, for the audit log
                 await cur.execute(
                     f"SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id IN ({_marks(requests)})"
@@ -225,7 +227,16 @@ class MariaDBSigningStore:
                 await abandoned(cur, list(await cur.fetchall()), actor=self._actor, epoch=epoch, now=now,
                                 reason=resolution)
 
-        await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
+        async def ours(cur: aiomysql.Cursor) -> int:
+            await cur.execute(f"SELECT COUNT(*) FROM signing_intents WHERE id IN ({_marks(ids)})", ids)
+            return int((await cur.fetchone())[0])
+
+        try:
+            await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
+        except DuplicateKey:
+            if await self._db.run(ours, name="cara.reserve_check") != len(ids):
+                raise  # a serial collision: nothing of ours was written
+            # Our earlier attempt committed (all or nothing); the outcome of its COMMIT was unknown to us.
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord:
         """Store one certificate, fenced (see record_issued_batch); FencedOut if its intent is no longer reserved."""
@@ -242,8 +253,10 @@ class MariaDBSigningStore:
         Per record, in order, what is stored for its request: ours; or, when another intent already produced the
         request's certificate, theirs (ours is abandoned: at most one certificate per request id, UNIQUE
         request_id); or None when our intent is no longer reserved (a newer attempt for the request superseded
-        it; its signature is never stored). Round trips: read what exists, insert + resolve intents, the requests'
-        new states + audit entries, fence + commit-order stamp + COMMIT.
+        it; its signature is never stored). The usual case takes two round trips: the inserts and updates with
+        the audit entries, then fence + commit-order stamp + COMMIT. When the unique keys or the intents' states
+        say another attempt got in the way (or our own earlier COMMIT, whose outcome was unknown, did happen), the
+        transaction is rolled back and run again the careful way: read what exists first, settle each record.
         """
         if not records:
             return []
@@ -255,7 +268,34 @@ class MariaDBSigningStore:
                     "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()}) for record in records}
         lost_reason = "request already issued by another intent"
 
-        async def body(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
+        async def store(cur: aiomysql.Cursor, fresh: Sequence[IssuedRecord]) -> None:
+            """Insert the certificates, resolve their intents, mark their requests; _Contended if an intent is not
+            reserved any more (nothing of this transaction may then commit)."""
+            await cur.execute(
+                "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
+                f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))};"
+                " UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
+                f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
+                (*(value for r in fresh for value in (
+                    r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
+                    db_time(r.not_after), db_time(now))),
+                 db_time(now), *(r.intent_id for r in fresh)),
+            )
+            await cur.nextset()
+            if cur.rowcount != len(fresh):
+                raise _Contended("an intent of this batch is no longer reserved")
+            # The requests' new states and the audit entries in one round trip; issuer and not_after too: CLM's
+            # inventory searches and expiry scans read them here (0004).
+            await append_many(cur, [entries[r.intent_id] for r in fresh], first=[(
+                "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
+                " WHERE id = %s",
+                (r.serial, r.issuer, db_time(r.not_after), db_time(now), r.request_id)) for r in fresh])
+
+        async def straight(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
+            await store(cur, records)
+            return list(records)
+
+        async def careful(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
             await cur.execute(
                 f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN"
                 f" ({_marks(records)}); SELECT id FROM signing_intents WHERE id IN ({_marks(records)})"
@@ -284,23 +324,7 @@ class MariaDBSigningStore:
                     existing[record.request_id] = record  # a second copy of the request in this batch loses
                     fresh.append(record)
             if fresh:
-                await cur.execute(
-                    "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
-                    f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))};"
-                    " UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
-                    f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
-                    (*(value for r in fresh for value in (
-                        r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
-                        db_time(r.not_after), db_time(now))),
-                     db_time(now), *(r.intent_id for r in fresh)),
-                )
-                await cur.nextset()
-                # The requests' new states and the audit entries in one round trip; issuer and not_after too: CLM's
-                # inventory searches and expiry scans read them here (0004).
-                await append_many(cur, [entries[r.intent_id] for r in fresh], first=[(
-                    "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
-                    " WHERE id = %s",
-                    (r.serial, r.issuer, db_time(r.not_after), db_time(now), r.request_id)) for r in fresh])
+                await store(cur, fresh)
             return [result[record.intent_id] for record in records]
 
         stamp = (
@@ -308,12 +332,12 @@ class MariaDBSigningStore:
             " AND fence_seq IS NULL",
             tuple(record.intent_id for record in records),
         )
-        for _ in range(3):
+        for body in (straight, careful, careful, careful):
             try:
                 return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch, stamp))
-            except DuplicateKey:
-                # A concurrent commit of one of these requests won the UNIQUE key (another process or member):
-                # run again; the read at the start now finds it, and ours is abandoned.
+            except (_Contended, DuplicateKey):
+                # Another attempt's row (a concurrent commit of one of these requests, by another process or
+                # member, won a UNIQUE key; or a newer attempt superseded an intent): settle record by record.
                 continue
         raise DuplicateKey("certificates of this batch keep colliding with concurrent commits")
 

@@ -282,6 +282,57 @@ async def test_a_batch_fenced_midway_hands_every_message_back(env, cara, clm_sto
                                     + [(successor.epoch, "issued")] * len(requests))
 
 
+class _IssuedMeanwhile(MariaDBSigningStore):
+    """The real store; just before this batch commits, another attempt stores a certificate for its first request
+    (a redelivered copy handled by another process, say)."""
+
+    winner: IssuedRecord | None = None
+
+    async def record_issued_batch(self, records: list[IssuedRecord], *, epoch: int,
+                                  now: datetime) -> list[IssuedRecord | None]:
+        first = records[0]
+        winner = IssuedRecord(request_id=first.request_id, issuer=first.issuer, serial=uuid.uuid4().hex[:30],
+                              intent_id=uuid.uuid4().hex, cert_pem=first.cert_pem, not_before=first.not_before,
+                              not_after=first.not_after)
+        other = MariaDBSigningStore(self._db, actor="cara:other")
+        await other.reserve(intent_id=winner.intent_id, request_id=winner.request_id, issuer=winner.issuer,
+                            serial=winner.serial, epoch=epoch, member="cara-other", now=now)
+        self.winner = await other.record_issued(winner, epoch=epoch, now=now)
+        return await super().record_issued_batch(records, epoch=epoch, now=now)
+
+
+async def test_a_request_another_intent_issued_meanwhile_keeps_that_certificate(env, cara, clm_store, bus,
+                                                                               sql) -> None:
+    """At most one certificate per request: the batch stores the others and answers that one with the winner's."""
+    nc, events = bus
+    assert cara.db is not None
+    store = _IssuedMeanwhile(cara.db)
+    signer = await _signer(cara, store=store)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "meanwhile", 3)
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs)
+    winner = store.winner
+    assert winner is not None
+    stored = await _certificates(sql, requests)
+    assert len(stored) == 3 and stored[winner.request_id][:2] == (winner.serial, winner.intent_id)
+    intents = await query(sql, "SELECT id, state, resolution FROM signing_intents WHERE request_id = %s",
+                          (winner.request_id,))
+    [(ours, state, resolution)] = [row for row in intents if row[0] != winner.intent_id]
+    # The winner's reservation superseded ours (on one node; a race across Galera nodes ends in "request already
+    # issued by another intent" instead): either way ours is abandoned, once, and never stored.
+    assert state == "abandoned" and resolution in ("superseded by a new attempt for the request",
+                                                   "request already issued by another intent")
+    assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'intent.abandoned' AND detail LIKE %s",
+                       (f"%{ours}%",)) == [(1,)]
+    for _ in range(100):
+        if {e.request_id for e in events} >= {r.request_id for r in requests}:
+            break
+        await asyncio.sleep(0.05)
+    assert [e.serial for e in events if e.request_id == winner.request_id] == [winner.serial]
+
+
 class _FailsOnce(HSMPrivateKey):
     """The real HSM key, except that its n-th signature fails as a dead HSM pool does (HSMUnavailable)."""
 
@@ -342,7 +393,9 @@ async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara
     await signer.handle_batch(msgs)
 
     assert all(msg.is_acked for msg in msgs)
-    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.reserve", "cara.record_issued"]
+    # The collision fails the reservation; a read tells it from our own earlier commit; new serials go through.
+    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.reserve_check", "cara.reserve",
+                                            "cara.record_issued"]
     stored = await _certificates(sql, requests)
     assert len(stored) == len(requests) and taken not in {serial for serial, _, _ in stored.values()}
     assert await query(sql, "SELECT COUNT(*) FROM signing_intents WHERE serial = %s", (taken,)) == [(1,)]
