@@ -18,6 +18,7 @@ import nats
 import pytest
 from cryptography import x509
 
+from hapki.cara.config import SignerConfig
 from hapki.cara.main import CaraRuntime
 from hapki.cara.ports import IssuedRecord
 from hapki.cara.signer import Signer
@@ -114,13 +115,15 @@ async def _queued(env: LocalEnv, store: MariaDBRequestStore, nc: Any, cara: Cara
 
 
 async def _signer(cara: CaraRuntime, *, store: MariaDBSigningStore | None = None, key: Any = None,
-                  serials: Callable[[], int] | None = None, active: bool = False) -> Signer:
+                  serials: Callable[[], int] | None = None, active: bool = False,
+                  config: SignerConfig | None = None) -> Signer:
     """A signer like the runtime's, with an epoch of its own; passive (for handle_batch) unless `active`."""
     assert cara.db is not None and cara.nc is not None and cara.signer is not None
     cfg = cara.config
     signer = Signer(
         nc=cara.nc, js=cara.nc.jetstream(), store=store or MariaDBSigningStore(cara.db, actor="cara:batch-tests"),
-        issuer=cara.signer.issuer, issuer_key=key or cara.signer.issuer_key, member=cfg.member, config=cfg.signer,
+        issuer=cara.signer.issuer, issuer_key=key or cara.signer.issuer_key, member=cfg.member,
+        config=config or cfg.signer,
         clock=utcnow, approvals=ApprovalVerifier.from_files(cfg.approval_public_keys), profiles=PROFILES,
         **({"serials": serials} if serials else {}),
     )
@@ -412,3 +415,17 @@ async def test_the_fetch_loop_takes_what_waits_in_the_stream_as_one_batch(env, c
     finally:
         await signer.stop()
     assert signer.batches[0] == len(requests)
+
+
+async def test_a_lone_request_is_signed_while_the_long_poll_is_still_open(env, cara, clm_store, bus, sql) -> None:
+    """Low load: a fetch returns with the first message; it never waits for the batch to fill or the poll to end."""
+    nc, _ = bus
+    signer = await _signer(cara, active=True, config=SignerConfig(batch=64, fetch_timeout_seconds=60.0))
+    try:
+        for i in range(3):  # one at a time, each while the signer's 60 s pull request is open
+            [request] = [await _recorded(env, clm_store, f"lone-{i}.example.com")]
+            await _publish(nc, request)
+            await _wait_issued(sql, [request], timeout=10.0)
+    finally:
+        await signer.stop()
+    assert signer.batches == [1, 1, 1]
