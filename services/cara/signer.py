@@ -3,18 +3,10 @@
 Active only between start() and stop() (the HA supervisor calls them on VIP changes). One pull request at a time
 fetches up to `batch` messages: it waits for the first one and returns with whatever else is ready, so a batch
 never waits to fill (at low load it holds one message). Up to `batches_in_flight` batches are worked on at once;
-while they are, messages queue in the stream, so the next fetch takes them together. For each batch:
-Step 0: every request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
-        is read, reserved or signed.
-Step 1: final outcomes already stored (redeliveries), one read for the batch: republished without signing again.
-        Then each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
-        content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
-Step 2: reserve a random serial and write a signing intent for each, fenced by our epoch, in one transaction.
-Step 3: build the certificates and sign them through the HSM (one thread hop for the batch).
-Step 4: store the certificates and mark the requests issued, fenced again, in one transaction.
-Step 5: ack each message, then publish the results.
-A refusal or a failure of one request (its HSM signature, say) settles that request alone; being fenced hands
-every unsettled message of the batch back (NAK), as does a database outage (NAK with a delay).
+while they are, messages queue in the stream, so the next fetch takes them together. Each message is admitted
+(size cap, parse, not already in flight here), then the batch goes through the five steps of hapki.cara.batch.
+Being fenced hands every unsettled message of the batch back (NAK) and steps down; a database outage NAKs them
+with a delay.
 """
 
 from __future__ import annotations
@@ -22,14 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -37,13 +25,14 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from hapki.cara import issuance
+from hapki.cara.batch import BatchSteps, Item
 from hapki.cara.config import SignerConfig
-from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, SigningStore
+from hapki.cara.ports import IssuerRecord, SigningStore
 from hapki.contracts import subjects
-from hapki.contracts.errors import DuplicateKey, ErrorCode, FencedOut, HapkiError, SigningRejected
+from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
-from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
-from hapki.runtime import telemetry, validation
+from hapki.contracts.models import ErrorBody, SignCertificate, SigningFailed
+from hapki.runtime import telemetry
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.faults import FailPoints
 from hapki.runtime.profiles import Profile
@@ -51,38 +40,6 @@ from hapki.runtime.profiles import Profile
 log = logging.getLogger("hapki.cara.signer")
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 tracer = trace.get_tracer("hapki.cara")
-# A serial collision (UNIQUE key) in a batch reservation draws new serials for the batch, at most this often.
-RESERVE_ATTEMPTS = 4
-
-
-@dataclass(eq=False)
-class _Item:
-    """One signing request of a batch, from its message to its settlement (ack, NAK or term)."""
-
-    msg: Msg
-    request: SignCertificate
-    span: trace.Span  # `cara.sign`, a child of the trace the message carried
-    csr: x509.CertificateSigningRequest | None = None
-    intent_id: str = ""
-    serial: int = 0
-    cert: x509.Certificate | None = None
-    settled: bool = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    async def ack(self) -> None:
-        self.settled = True
-        await self.msg.ack()
-
-    async def term(self) -> None:
-        self.settled = True
-        await self.msg.term()
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.settled = True
-        await self.msg.nak(delay=delay)
 
 
 class Signer:
@@ -106,12 +63,12 @@ class Signer:
         serials: Callable[[], int] = issuance.random_serial,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
-        self._approvals, self._profiles = approvals, profiles
-        self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
-        self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
+        self._issuer, self._key = issuer, issuer_key
         self._member, self._config, self._clock = member, config, clock
-        self._serials = serials  # the CSPRNG draw (tests inject collisions)
-        self._faults = faults or FailPoints("")
+        self._steps = BatchSteps(
+            nc=nc, store=store, issuer=issuer, issuer_key=issuer_key, member=member, config=config, clock=clock,
+            approvals=approvals, profiles=profiles, faults=faults or FailPoints(""), distribution=distribution,
+            serials=serials)
         self._epoch: int | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the heartbeat, the batches being worked on
@@ -119,8 +76,12 @@ class Signer:
         self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
         self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
-        self.signatures = 0  # HSM signatures made by this process (for tests and metrics)
         self.batches: list[int] = []  # sizes of the last batches fetched (for tests and metrics), newest last
+
+    @property
+    def signatures(self) -> int:
+        """HSM signatures made by this signer (for tests and metrics)."""
+        return self._steps.signatures
 
     @property
     def epoch(self) -> int | None:
@@ -254,7 +215,8 @@ class Signer:
                 span.set_attribute("pki.batch_size", len(items))
                 span.set_attribute("pki.member", self._member)
                 try:
-                    await self._process(items)
+                    assert self._epoch is not None, "handle() before start()"
+                    await self._steps.run(items, self._epoch)
                 except FencedOut as exc:
                     log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
                     self._mark_unsettled(items, "fenced out")
@@ -276,19 +238,19 @@ class Signer:
                 if self._inflight.get(item.request_id) is item.msg:
                     del self._inflight[item.request_id]
 
-    def _mark_unsettled(self, items: Sequence[_Item], status: str) -> None:
+    def _mark_unsettled(self, items: Sequence[Item], status: str) -> None:
         """Mark the spans of the items not settled yet with an error status."""
         for item in items:
             if not item.settled:
                 item.span.set_status(trace.StatusCode.ERROR, status)
 
-    async def _nak_all(self, items: Sequence[_Item], status: str) -> None:
+    async def _nak_all(self, items: Sequence[Item], status: str) -> None:
         self._mark_unsettled(items, status)
         for item in items:
             if not item.settled:
                 await item.nak(delay=self._config.retry_delay_seconds)
 
-    async def _admit(self, msg: Msg) -> _Item | None:
+    async def _admit(self, msg: Msg) -> Item | None:
         """Open the request's span and parse it; None when it is settled here already (or a duplicate in flight)."""
         span = tracer.start_span("cara.sign", context=telemetry.extract(msg.headers), kind=trace.SpanKind.CONSUMER)
         span.set_attribute("pki.member", self._member)
@@ -311,7 +273,7 @@ class Signer:
             span.end()
             return None  # a redelivery of what this process is working on; the first copy acks
         self._inflight[request.request_id] = msg
-        return _Item(msg=msg, request=request, span=span)
+        return Item(msg=msg, request=request, span=span)
 
     async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:
         """Terminate a signing request over MAX_SIGNING_REQUEST_BYTES unread; tell CLM if it names a request id.
@@ -330,158 +292,4 @@ class Signer:
             error = ErrorBody(code=ErrorCode.MESSAGE_TOO_LARGE,
                               message=f"signing request is {size} bytes; the limit is {MAX_SIGNING_REQUEST_BYTES}",
                               details={"size": size, "limit": MAX_SIGNING_REQUEST_BYTES})
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))
-
-    async def _process(self, items: list[_Item]) -> None:
-        epoch = self._epoch
-        assert epoch is not None, "handle() before start()"
-        # Step 0: only what CLM approved, whoever could publish on the bus (ApprovalInvalid otherwise).
-        approved: list[_Item] = []
-        for item in items:
-            try:
-                self._approvals.verify(item.request)
-            except SigningRejected as exc:
-                await self._reject(item, exc)
-                continue
-            approved.append(item)
-        # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
-        outcomes = await self._store.outcomes([item.request_id for item in approved]) if approved else {}
-        todo: list[_Item] = []
-        for item in approved:
-            outcome = outcomes.get(item.request_id)
-            if outcome is None:
-                try:
-                    item.csr = issuance.parse_csr(item.request)
-                    validation.recheck(item.request, self._profiles)  # PolicyViolation: not what our profiles allow
-                except SigningRejected as exc:
-                    await self._reject(item, exc)
-                    continue
-                todo.append(item)
-            elif outcome.issued is not None:
-                item.span.set_attribute("pki.redelivered", True)
-                await item.ack()
-                await self._publish_issued(outcome.issued, item.span)
-            elif outcome.failed is not None:
-                await item.ack()
-                with trace.use_span(item.span, end_on_exit=False):
-                    await self._publish(subjects.CARA_FAILED,
-                                        SigningFailed(request_id=item.request_id, error=outcome.failed))
-        if not todo:
-            return
-        # Step 2: reserve serials + intents for the batch, fenced. A serial collision (UNIQUE) draws again.
-        now = self._clock()
-        await self._reserve(todo, epoch, now)
-        # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
-        failures = await asyncio.to_thread(self._sign_all, todo, now)
-        signed = [item for item in todo if item.cert is not None]
-        self.signatures += len(signed)
-        for item, exc in failures:
-            await self._failed_signing(item, exc)
-        if not signed:
-            return
-        await self._faults.hit("cara.after_sign")
-        # Step 4: store them, fenced. Where another intent won a request meanwhile, theirs is returned.
-        stored = await self._store.record_issued_batch([self._record(item) for item in signed], epoch=epoch,
-                                                       now=self._clock())
-        await self._faults.hit("cara.after_commit")
-        # Step 5: ack each (only now: everything is committed), then tell CLM.
-        for item, record in zip(signed, stored):
-            if record is None:
-                # A newer attempt for this request superseded our intent; this signature is never stored.
-                log.warning("request %s: intent %s was superseded before its certificate was stored",
-                            item.request_id, item.intent_id)
-                await item.nak()
-            else:
-                await item.ack()
-        for item, record in zip(signed, stored):
-            if record is not None:
-                await self._publish_issued(record, item.span)
-
-    async def _reserve(self, items: list[_Item], epoch: int, now: datetime) -> None:
-        for attempt in range(1, RESERVE_ATTEMPTS + 1):
-            for item in items:
-                item.intent_id, item.serial = uuid.uuid4().hex, self._serials()
-                item.span.set_attribute("pki.serial", issuance.serial_hex(item.serial))
-            intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
-                              serial=issuance.serial_hex(item.serial)) for item in items]
-            try:
-                await self._store.reserve_batch(intents, epoch=epoch, member=self._member, now=now)
-                return
-            except DuplicateKey:
-                if attempt == RESERVE_ATTEMPTS:
-                    raise
-                log.warning("serial collision reserving a batch of %d; drawing again", len(items))
-
-    def _sign_all(self, items: list[_Item], now: datetime) -> list[tuple[_Item, Exception]]:
-        """Build and sign each certificate (in a worker thread); the failures, each with its item."""
-        failures: list[tuple[_Item, Exception]] = []
-        for item in items:
-            assert item.csr is not None
-            with trace.use_span(item.span, end_on_exit=False):
-                try:
-                    item.cert = issuance.build_certificate(
-                        item.request, item.csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
-                        serial=item.serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
-                        distribution=self._distribution,
-                    )
-                except Exception as exc:  # settled one by one on the loop (_failed_signing); the others go on
-                    failures.append((item, exc))
-        return failures
-
-    async def _failed_signing(self, item: _Item, exc: Exception) -> None:
-        """Abandon the intent of a request whose certificate was not made (audited), then refuse or retry it."""
-        if isinstance(exc, SigningRejected):
-            await self._store.abandon_intent(item.intent_id, "rejected before signing", self._clock())
-            await self._reject(item, exc)
-            return
-        if isinstance(exc, HapkiError):
-            reason, status = "HSM failed; no signature made", exc.code.value
-            log.warning("request %s not signed (%s): %s; will retry", item.request_id, status, exc)
-        else:
-            reason, status = f"internal error while signing: {type(exc).__name__}", "internal error"
-            log.error("bug while signing request %s; will retry", item.request_id, exc_info=exc)
-        await self._store.abandon_intent(item.intent_id, reason, self._clock())
-        item.span.set_status(trace.StatusCode.ERROR, status)
-        await item.nak(delay=self._config.retry_delay_seconds)
-
-    def _record(self, item: _Item) -> IssuedRecord:
-        assert item.cert is not None
-        return IssuedRecord(
-            request_id=item.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(item.serial),
-            intent_id=item.intent_id, cert_pem=item.cert.public_bytes(Encoding.PEM).decode(),
-            not_before=item.cert.not_valid_before_utc, not_after=item.cert.not_valid_after_utc,
-        )
-
-    async def _reject(self, item: _Item, exc: SigningRejected) -> None:
-        """Refuse for good: term the message (no redelivery), record the refusal, tell CLM if the request failed.
-
-        Nothing was reserved or signed. SigningFailed goes out only when the store marked the request failed, i.e.
-        the message was exactly what CLM recorded: a forged message must not wake (and fail) a waiting client.
-        """
-        request = item.request
-        error = ErrorBody(code=exc.code, message=exc.message, details=exc.details)
-        # Recording a refusal can meet a fence or a database outage too: the batch hands it back (NAK, retry).
-        marked = await self._store.refuse(request, error, epoch=self._epoch or 0, now=self._clock())
-        await item.term()
-        item.span.set_status(trace.StatusCode.ERROR, exc.code.value)
-        if marked:
-            log.warning("request %s refused by the CA (%s): %s", request.request_id, exc.code.value, exc)
-            with trace.use_span(item.span, end_on_exit=False):
-                await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
-        else:
-            log.warning("signing request naming %s refused by the CA (%s) and audited; it is not what CLM recorded, "
-                        "so no request changed state: %s", request.request_id, exc.code.value, exc)
-
-    async def _publish_issued(self, record: IssuedRecord, span: trace.Span) -> None:
-        with trace.use_span(span, end_on_exit=False):
-            await self._publish(
-                subjects.CARA_ISSUED,
-                CertificateIssued(
-                    request_id=record.request_id, serial=record.serial, issuer=record.issuer,
-                    certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
-                    not_before=record.not_before, not_after=record.not_after,
-                ),
-            )
-
-    async def _publish(self, subject: str, event: CertificateIssued | SigningFailed) -> None:
-        await self._nc.publish(subject, event.model_dump_json().encode(), headers=telemetry.inject())
+            await self._steps.publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))
