@@ -12,7 +12,16 @@ from hapki.runtime.config import DatabaseConfig, HSMConfig, NatsConfig, StrictMo
 class SignerConfig(StrictModel):
     """The signing-request consumer."""
 
-    workers: int = Field(default=32, ge=1, le=256, description="Concurrent pull workers (requests in flight)")
+    batch: int = Field(
+        default=64, ge=1, le=256,
+        description="Most signing requests fetched and worked on together (one reservation, one HSM thread hop, one "
+                    "commit); a fetch never waits for a batch to fill",
+    )
+    batches_in_flight: int = Field(
+        default=4, ge=1, le=64,
+        description="Batches worked on at once (one reserving, one signing, one committing, ...); while all are "
+                    "busy, requests wait in the stream and the next fetch takes them together",
+    )
     fetch_timeout_seconds: float = Field(default=2.0, gt=0, description="Long-poll of one idle pull request, seconds")
     heartbeat_seconds: float = Field(
         default=0.1, gt=0, description="in_progress() interval for long signings, seconds (well under ack_wait, 0.5 s)"

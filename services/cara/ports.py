@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -39,6 +40,16 @@ class IssuedRecord:
 
 
 @dataclass(frozen=True)
+class Intent:
+    """A signing intent to reserve: the serial drawn for one request, before the HSM is asked."""
+
+    intent_id: str
+    request_id: str
+    issuer: str
+    serial: str
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What the database already knows about a request: issued, failed, or nothing final yet."""
 
@@ -57,11 +68,26 @@ class SigningStore(Protocol):
 
     async def outcome(self, request_id: str) -> Outcome: ...
 
+    async def outcomes(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        """What is final for each request, in one read; requests with nothing final yet are left out."""
+        ...
+
     async def reserve(
         self, *, intent_id: str, request_id: str, issuer: str, serial: str, epoch: int, member: str, now: datetime
     ) -> None: ...
 
+    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime) -> None:
+        """Reserve every intent (and its serial) in one fenced transaction; DuplicateKey on a serial collision."""
+        ...
+
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord: ...
+
+    async def record_issued_batch(
+        self, records: Sequence[IssuedRecord], *, epoch: int, now: datetime
+    ) -> list[IssuedRecord | None]:
+        """Store every certificate in one fenced transaction; per record what is stored for its request, or None
+        when its intent is no longer reserved (another attempt for the request superseded it)."""
+        ...
 
     async def refuse(self, request: SignCertificate, error: ErrorBody, *, epoch: int, now: datetime) -> bool: ...
 

@@ -1,15 +1,12 @@
-"""The CARA signer: consumes signing requests from JetStream and issues certificates through the HSM.
+"""The CARA signer: consumes signing requests from JetStream in batches and issues certificates through the HSM.
 
-Active only between start() and stop() (the HA supervisor calls them on VIP changes). For each request:
-Step 0: the request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
-        is read, reserved or signed.
-Step 1: a final outcome already stored (redelivery) is republished without signing again.
-        Then the CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
-        content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
-Step 2: reserve a random serial and write the signing intent, fenced by our epoch, in one transaction.
-Step 3: build the certificate and sign it through the HSM.
-Step 4: store the certificate and mark the request issued, fenced again.
-Step 5: ack the message, then publish the result.
+Active only between start() and stop() (the HA supervisor calls them on VIP changes). One pull request at a time
+fetches up to `batch` messages: it waits for the first one and returns with whatever else is ready, so a batch
+never waits to fill (at low load it holds one message). Up to `batches_in_flight` batches are worked on at once;
+while they are, messages queue in the stream, so the next fetch takes them together. Each message is admitted
+(size cap, parse, not already in flight here), then the batch goes through the five steps of hapki.cara.batch.
+Being fenced hands every unsettled message of the batch back (NAK) and steps down; a database outage NAKs them
+with a delay.
 """
 
 from __future__ import annotations
@@ -17,12 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
-from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -30,13 +25,14 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from hapki.cara import issuance
+from hapki.cara.batch import BatchSteps, Item
 from hapki.cara.config import SignerConfig
-from hapki.cara.ports import IssuedRecord, IssuerRecord, SigningStore
+from hapki.cara.ports import IssuerRecord, SigningStore
 from hapki.contracts import subjects
-from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError, SigningRejected
+from hapki.contracts.errors import ErrorCode, FencedOut, HapkiError
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
-from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
-from hapki.runtime import telemetry, validation
+from hapki.contracts.models import ErrorBody, SignCertificate, SigningFailed
+from hapki.runtime import telemetry
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.faults import FailPoints
 from hapki.runtime.profiles import Profile
@@ -47,7 +43,7 @@ tracer = trace.get_tracer("hapki.cara")
 
 
 class Signer:
-    """Pull workers over the signing consumer, fenced by the CARA epoch."""
+    """The batched pull loop over the signing consumer, fenced by the CARA epoch."""
 
     def __init__(
         self,
@@ -64,21 +60,28 @@ class Signer:
         profiles: Mapping[str, Profile],
         faults: FailPoints | None = None,
         distribution: issuance.Distribution | None = None,
+        serials: Callable[[], int] = issuance.random_serial,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
-        self._approvals, self._profiles = approvals, profiles
-        self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
-        self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
+        self._issuer, self._key = issuer, issuer_key
         self._member, self._config, self._clock = member, config, clock
-        self._faults = faults or FailPoints("")
+        self._steps = BatchSteps(
+            nc=nc, store=store, issuer=issuer, issuer_key=issuer_key, member=member, config=config, clock=clock,
+            approvals=approvals, profiles=profiles, faults=faults or FailPoints(""), distribution=distribution,
+            serials=serials)
         self._epoch: int | None = None
         self._stopping = asyncio.Event()
-        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the heartbeat, the batches being worked on
         self._inflight: dict[str, Msg] = {}
         self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
         self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
-        self.signatures = 0  # HSM signatures made by this process (for tests and metrics)
+        self.batches: list[int] = []  # sizes of the last batches fetched (for tests and metrics), newest last
+
+    @property
+    def signatures(self) -> int:
+        """HSM signatures made by this signer (for tests and metrics)."""
+        return self._steps.signatures
 
     @property
     def epoch(self) -> int | None:
@@ -96,74 +99,89 @@ class Signer:
 
     @property
     def active(self) -> bool:
-        return bool(self._workers) and not self._stopping.is_set()
+        return bool(self._tasks) and not self._stopping.is_set()
 
     async def start(self) -> int:
         """Become active: bump the epoch (compare-and-set), resolve stale intents, start pulling."""
         if self.active:
             return self._epoch or 0
-        if self._workers:
-            await self.stop()  # fenced earlier: reap the old workers before new ones exist
+        if self._tasks:
+            await self.stop()  # fenced earlier: reap the old tasks before new ones exist
         self._stopping.clear()
         self.fenced.clear()
         now = self._clock()
         self._epoch = await self._store.bump_epoch(self._member, now)
         abandoned = await self._store.abandon_stale_intents(self._epoch, now)
         log.info("signer %s active at epoch %d; %d stale intents abandoned", self._member, self._epoch, abandoned)
-        self._workers = [asyncio.create_task(self._worker(i)) for i in range(self._config.workers)]
-        self._workers.append(asyncio.create_task(self._heartbeat()))
+        self._spawn(self._fetch_loop())
+        self._spawn(self._heartbeat())
         return self._epoch
 
     async def stop(self) -> None:
-        """Become passive: stop fetching, let in-flight requests finish, release open pull requests, then NAK."""
+        """Become passive: stop fetching, let batches in progress finish, release the pull request, then NAK."""
         self._stopping.set()
-        workers, self._workers = self._workers, []
-        if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._hand_back()
         log.info("signer %s passive (epoch was %s)", self._member, self._epoch)
 
-    async def _hand_back(self, exclude: asyncio.Task[object] | None = None) -> None:
-        """NAK what this member will not process, once none of its own pull requests is open any more.
+    def _spawn(self, work: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-        A NAKed message is redelivered at once to whichever pull request the server holds; if that were one of
-        our workers that is shutting down, the message would sit in a dead inbox until ack_wait. So first every
-        other worker unsubscribes, then the messages go back, to the member that is active now.
+    async def _hand_back(self, exclude: asyncio.Task[object] | None = None) -> None:
+        """NAK what this member will not process, once its pull request is closed and its batches are done.
+
+        A NAKed message is redelivered at once to whichever pull request the server holds; if that were ours while
+        shutting down, the message would sit in a dead inbox until ack_wait. So first the fetch loop unsubscribes
+        and the other batches finish, then the messages go back, to the member that is active now.
         """
-        others = [w for w in self._workers if w is not exclude and not w.done()]
-        if others:
+        while others := [t for t in self._tasks if t is not exclude and not t.done()]:
             await asyncio.gather(*others, return_exceptions=True)
         pending, self._to_hand_back = self._to_hand_back, []
         for msg in pending:
             await msg.nak()
 
-    async def _worker(self, index: int) -> None:
-        # One pull subscription per worker, each fetching one message at a time: a batch fetch in nats-py
-        # lingers for the rest of the batch, which would add its whole timeout to latency at low load.
+    async def _fetch_loop(self) -> None:
+        # One pull request open at a time: nats-py's fetch(n) waits for the first message and returns with what
+        # is ready then (the server ends a no_wait pull as soon as it delivered some), so a batch never waits to
+        # fill. A second open pull request of ours could make the server answer "408 Requests Pending", after which
+        # nats-py falls back to a pull that does wait for the whole batch.
         psub = await self._js.pull_subscribe_bind(durable=subjects.SIGNING_CONSUMER, stream=subjects.SIGNING_STREAM)
+        slots = asyncio.Semaphore(self._config.batches_in_flight)
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.ensure_future(psub.fetch(1, timeout=self._config.fetch_timeout_seconds))
+                await slots.acquire()  # a batch slot first: while all are busy, messages wait in the stream
+                if self._stopping.is_set():
+                    slots.release()
+                    break
+                fetch = asyncio.ensure_future(psub.fetch(self._config.batch, timeout=self._config.fetch_timeout_seconds))
                 stop = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 if not fetch.done():
                     fetch.cancel()
                     await asyncio.gather(fetch, return_exceptions=True)
+                    slots.release()
                     break
                 try:
                     msgs = fetch.result()
                 except (asyncio.TimeoutError, asyncio.CancelledError):
+                    slots.release()
                     continue
                 except Exception as exc:  # nats errors while the bus reconnects: keep polling
-                    log.warning("worker %d fetch failed: %s", index, exc)
+                    log.warning("fetch failed: %s", exc)
+                    slots.release()
                     await asyncio.sleep(0.2)
                     continue
-                for msg in msgs:
-                    if self._stopping.is_set():
-                        self._to_hand_back.append(msg)  # NAKed by stop() once our pull requests are closed
-                    else:
-                        await self.handle(msg)
+                if self._stopping.is_set():
+                    self._to_hand_back.extend(msgs)  # NAKed by stop() once our pull request is closed
+                    slots.release()
+                    break
+                self.batches = [*self.batches[-99:], len(msgs)]
+                self._spawn(self._batch(msgs)).add_done_callback(lambda _: slots.release())
         finally:
             # A cancelled fetch leaves its pull request open on the server, where it would capture the next
             # message until ack_wait (FIELD-NOTES): unsubscribing closes it.
@@ -179,47 +197,83 @@ class Signer:
 
     async def handle(self, msg: Msg) -> None:
         """Process one signing request message to an ack, a NAK (retry) or a term (never processable)."""
-        parent = telemetry.extract(msg.headers)
-        with tracer.start_as_current_span("cara.sign", context=parent, kind=trace.SpanKind.CONSUMER) as span:
-            span.set_attribute("pki.member", self._member)
+        await self.handle_batch([msg])
+
+    async def handle_batch(self, msgs: Sequence[Msg]) -> None:
+        """Process fetched signing request messages, each to an ack, a NAK (retry) or a term (never processable)."""
+        await self._batch(msgs)
+
+    async def _batch(self, msgs: Sequence[Msg]) -> None:
+        items = [item for msg in msgs if (item := await self._admit(msg)) is not None]
+        if not items:
+            return
+        links = [trace.Link(item.span.get_span_context()) for item in items]
+        try:
+            # The batch's transactions run under the first request's trace (linked to every request's span).
+            with tracer.start_as_current_span("cara.batch", context=trace.set_span_in_context(items[0].span),
+                                              links=links) as span:
+                span.set_attribute("pki.batch_size", len(items))
+                span.set_attribute("pki.member", self._member)
+                try:
+                    assert self._epoch is not None, "handle() before start()"
+                    await self._steps.run(items, self._epoch)
+                except FencedOut as exc:
+                    log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
+                    self._mark_unsettled(items, "fenced out")
+                    self._to_hand_back.extend(item.msg for item in items if not item.settled)
+                    self.fenced.set()
+                    self._stopping.set()
+                    # Hand the messages back as soon as the other batches are gone (this one ends after returning).
+                    current = asyncio.current_task()
+                    self._releasing = asyncio.create_task(self._hand_back(exclude=current))
+                except HapkiError as exc:
+                    log.warning("batch of %d not processed (%s): %s; will retry", len(items), exc.code.value, exc)
+                    await self._nak_all(items, exc.code.value)
+                except Exception:
+                    log.exception("bug while processing a batch of %d; will retry", len(items))
+                    await self._nak_all(items, "internal error")
+        finally:
+            for item in items:
+                item.span.end()
+                if self._inflight.get(item.request_id) is item.msg:
+                    del self._inflight[item.request_id]
+
+    def _mark_unsettled(self, items: Sequence[Item], status: str) -> None:
+        """Mark the spans of the items not settled yet with an error status."""
+        for item in items:
+            if not item.settled:
+                item.span.set_status(trace.StatusCode.ERROR, status)
+
+    async def _nak_all(self, items: Sequence[Item], status: str) -> None:
+        self._mark_unsettled(items, status)
+        for item in items:
+            if not item.settled:
+                await item.nak(delay=self._config.retry_delay_seconds)
+
+    async def _admit(self, msg: Msg) -> Item | None:
+        """Open the request's span and parse it; None when it is settled here already (or a duplicate in flight)."""
+        span = tracer.start_span("cara.sign", context=telemetry.extract(msg.headers), kind=trace.SpanKind.CONSUMER)
+        span.set_attribute("pki.member", self._member)
+        with trace.use_span(span, end_on_exit=False):
             if len(msg.data) > MAX_SIGNING_REQUEST_BYTES:
                 await self._refuse_oversized(msg, span)
-                return
+                span.end()
+                return None
             try:
                 request = SignCertificate.model_validate_json(msg.data)
             except ValidationError as exc:
-                log.error("malformed signing request terminated: %s", exc.errors(include_url=False, include_input=False)[:3])
+                log.error("malformed signing request terminated: %s",
+                          exc.errors(include_url=False, include_input=False)[:3])
                 span.set_status(trace.StatusCode.ERROR, "malformed signing request")
                 await msg.term()
-                return
-            span.set_attribute("pki.request_id", request.request_id)
-            if request.request_id in self._inflight:
-                return  # a redelivery of what this process is working on; the first copy acks
-            self._inflight[request.request_id] = msg
-            try:
-                try:
-                    await self._process(request, msg, span)
-                except SigningRejected as exc:
-                    # Recording a refusal can meet a fence or a database outage too: handled below (NAK, retry).
-                    await self._reject(request, exc, msg)
-            except FencedOut as exc:
-                log.warning("fenced out at epoch %s: %s; stepping down", self._epoch, exc)
-                span.set_status(trace.StatusCode.ERROR, "fenced out")
-                self._to_hand_back.append(msg)
-                self.fenced.set()
-                self._stopping.set()
-                # Hand the message back as soon as the other workers are gone (this one ends after returning).
-                self._releasing = asyncio.create_task(self._hand_back(exclude=asyncio.current_task()))
-            except HapkiError as exc:
-                log.warning("request %s not processed (%s): %s; will retry", request.request_id, exc.code.value, exc)
-                span.set_status(trace.StatusCode.ERROR, exc.code.value)
-                await msg.nak(delay=self._config.retry_delay_seconds)
-            except Exception:
-                log.exception("bug while processing request %s; will retry", request.request_id)
-                span.set_status(trace.StatusCode.ERROR, "internal error")
-                await msg.nak(delay=self._config.retry_delay_seconds)
-            finally:
-                self._inflight.pop(request.request_id, None)
+                span.end()
+                return None
+        span.set_attribute("pki.request_id", request.request_id)
+        if request.request_id in self._inflight:
+            span.end()
+            return None  # a redelivery of what this process is working on; the first copy acks
+        self._inflight[request.request_id] = msg
+        return Item(msg=msg, request=request, span=span)
 
     async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:
         """Terminate a signing request over MAX_SIGNING_REQUEST_BYTES unread; tell CLM if it names a request id.
@@ -238,90 +292,4 @@ class Signer:
             error = ErrorBody(code=ErrorCode.MESSAGE_TOO_LARGE,
                               message=f"signing request is {size} bytes; the limit is {MAX_SIGNING_REQUEST_BYTES}",
                               details={"size": size, "limit": MAX_SIGNING_REQUEST_BYTES})
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))
-
-    async def _process(self, request: SignCertificate, msg: Msg, span: trace.Span) -> None:
-        epoch = self._epoch
-        assert epoch is not None, "handle() before start()"
-        # Step 0: only what CLM approved, whoever could publish on the bus (ApprovalInvalid otherwise).
-        self._approvals.verify(request)
-        # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
-        outcome = await self._store.outcome(request.request_id)
-        if outcome.issued is not None:
-            span.set_attribute("pki.redelivered", True)
-            await msg.ack()
-            await self._publish_issued(outcome.issued)
-            return
-        if outcome.failed is not None:
-            await msg.ack()
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=outcome.failed))
-            return
-        csr = issuance.parse_csr(request)
-        validation.recheck(request, self._profiles)  # PolicyViolation: not what this CA's profiles allow
-        # Step 2: reserve serial + intent, fenced. A serial collision (UNIQUE) just draws again.
-        intent_id = uuid.uuid4().hex
-        serial = issuance.random_serial()
-        now = self._clock()
-        await self._store.reserve(
-            intent_id=intent_id, request_id=request.request_id, issuer=self._issuer.name,
-            serial=issuance.serial_hex(serial), epoch=epoch, member=self._member, now=now,
-        )
-        span.set_attribute("pki.serial", issuance.serial_hex(serial))
-        # Step 3: sign through the HSM (in a thread: the PKCS#11 call blocks; contextvars carry the span).
-        try:
-            cert = await asyncio.to_thread(
-                issuance.build_certificate, request, csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
-                serial=serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
-                distribution=self._distribution,
-            )
-        except SigningRejected:
-            await self._store.abandon_intent(intent_id, "rejected before signing", self._clock())
-            raise
-        except HapkiError:
-            await self._store.abandon_intent(intent_id, "HSM failed; no signature made", self._clock())
-            raise
-        self.signatures += 1
-        await self._faults.hit("cara.after_sign")
-        # Step 4: store it, fenced. If another intent won the request meanwhile, theirs is returned.
-        stored = await self._store.record_issued(
-            IssuedRecord(
-                request_id=request.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(serial),
-                intent_id=intent_id, cert_pem=cert.public_bytes(Encoding.PEM).decode(),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            ),
-            epoch=epoch, now=self._clock(),
-        )
-        await self._faults.hit("cara.after_commit")
-        # Step 5: ack, then tell CLM.
-        await msg.ack()
-        await self._publish_issued(stored)
-
-    async def _reject(self, request: SignCertificate, exc: SigningRejected, msg: Msg) -> None:
-        """Refuse for good: term the message (no redelivery), record the refusal, tell CLM if the request failed.
-
-        Nothing was reserved or signed. SigningFailed goes out only when the store marked the request failed, i.e.
-        the message was exactly what CLM recorded: a forged message must not wake (and fail) a waiting client.
-        """
-        error = ErrorBody(code=exc.code, message=exc.message, details=exc.details)
-        marked = await self._store.refuse(request, error, epoch=self._epoch or 0, now=self._clock())
-        await msg.term()
-        if marked:
-            log.warning("request %s refused by the CA (%s): %s", request.request_id, exc.code.value, exc)
-            await self._publish(subjects.CARA_FAILED, SigningFailed(request_id=request.request_id, error=error))
-        else:
-            log.warning("signing request naming %s refused by the CA (%s) and audited; it is not what CLM recorded, "
-                        "so no request changed state: %s", request.request_id, exc.code.value, exc)
-        trace.get_current_span().set_status(trace.StatusCode.ERROR, exc.code.value)
-
-    async def _publish_issued(self, record: IssuedRecord) -> None:
-        await self._publish(
-            subjects.CARA_ISSUED,
-            CertificateIssued(
-                request_id=record.request_id, serial=record.serial, issuer=record.issuer,
-                certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
-                not_before=record.not_before, not_after=record.not_after,
-            ),
-        )
-
-    async def _publish(self, subject: str, event: CertificateIssued | SigningFailed) -> None:
-        await self._nc.publish(subject, event.model_dump_json().encode(), headers=telemetry.inject())
+            await self._steps.publish(subjects.CARA_FAILED, SigningFailed(request_id=request_id, error=error))

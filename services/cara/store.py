@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence, Sized
 from dataclasses import replace
 from datetime import datetime
 
@@ -10,14 +11,23 @@ import aiomysql
 
 from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
-from hapki.cara.ports import IssuedRecord, IssuerRecord, Outcome
-from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
+from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
+from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
 from hapki.runtime.db import Database, Fence, db_time, utc
 
 TIER = "cara"
 
 
 _CERTIFICATE_COLUMNS = "request_id, issuer, serial, intent_id, cert_pem, not_before, not_after"
+
+
+class _Contended(Exception):
+    """Raised inside a transaction body that met another attempt's row: the body rolls back and runs carefully."""
+
+
+def _marks(items: Sized) -> str:
+    """`%s` placeholders for an IN list of len(items) values."""
+    return ", ".join(["%s"] * len(items))
 
 
 def _same_request(stored_json: str, request: SignCertificate) -> bool:
@@ -150,125 +160,186 @@ class MariaDBSigningStore:
         return await self._db.run(body, name="cara.recover", fence=Fence(TIER, epoch))
 
     async def outcome(self, request_id: str) -> Outcome:
-        async def body(cur: aiomysql.Cursor) -> Outcome:
-            await cur.execute(
-                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id = %s",
-                (request_id,),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                return Outcome(issued=_issued(row))
-            await cur.execute("SELECT status, error_code, error_message FROM requests WHERE id = %s", (request_id,))
-            req = await cur.fetchone()
-            if req is not None and req[0] == RequestStatus.FAILED.value:
-                return Outcome(failed=ErrorBody(code=req[1], message=req[2] or ""))
-            return Outcome()
+        return (await self.outcomes([request_id])).get(request_id, Outcome())
 
+    async def outcomes(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
+        """What is final for each request (stored certificate, or failed), in one read of one round trip.
+
+        Requests with nothing final yet are left out of the answer.
+        """
+        ids = list(dict.fromkeys(request_ids))
+
+        async def body(cur: aiomysql.Cursor) -> dict[str, Outcome]:
+            await cur.execute(
+                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)});"
+                f" SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
+                (*ids, *ids, RequestStatus.FAILED.value),
+            )
+            found = {row[0]: Outcome(issued=_issued(row)) for row in await cur.fetchall()}
+            await cur.nextset()
+            for row in await cur.fetchall():
+                found.setdefault(row[0], Outcome(failed=ErrorBody(code=row[1], message=row[2] or "")))
+            return found
+
+        if not ids:
+            return {}
         return await self._db.run(body, name="cara.outcome")
 
     async def reserve(
         self, *, intent_id: str, request_id: str, issuer: str, serial: str, epoch: int, member: str, now: datetime
     ) -> None:
-        """Reserve the serial and write the signing intent, fenced, in one transaction. Idempotent by intent id.
+        """Reserve one serial and signing intent, fenced (see reserve_batch)."""
+        await self.reserve_batch([Intent(intent_id=intent_id, request_id=request_id, issuer=issuer, serial=serial)],
+                                 epoch=epoch, member=member, now=now)
 
-        Older reserved intents of the same request are abandoned here: their signature, if one was made, never
-        reached the database and never will (redelivery after a crash between sign and commit).
+    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime) -> None:
+        """Reserve the serials and write the signing intents, fenced, in one transaction. Idempotent by intent id.
+
+        Older reserved intents of the same requests are abandoned here (audited): their signature, if one was made,
+        never reached the database and never will (redelivery after a crash between sign and commit). A serial
+        already taken (UNIQUE (issuer, serial)) fails the whole transaction with DuplicateKey: the caller draws
+        again. Two round trips: supersede + insert, fence + COMMIT (a duplicate key: one more read, to tell our own
+        earlier commit, whose outcome was unknown, from a collision).
         """
+        if not intents:
+            return
+        ids = [intent.intent_id for intent in intents]
+        requests = list(dict.fromkeys(intent.request_id for intent in intents))
+        resolution = "superseded by a new attempt for the request"
 
         async def body(cur: aiomysql.Cursor) -> None:
-            await cur.execute("SELECT 1 FROM signing_intents WHERE id = %s", (intent_id,))
-            if await cur.fetchone() is not None:
-                return  # our earlier attempt committed; the outcome of its COMMIT was just unknown to us
             await cur.execute(
-                "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
-                " resolution = 'superseded by a new attempt for the request'"
-                " WHERE request_id = %s AND state = 'reserved'",
-                (db_time(now), request_id),
+                "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
+                f" WHERE request_id IN ({_marks(requests)}) AND state = 'reserved';"
+                " INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                f" VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(intents))}",
+                (db_time(now), resolution, *requests,
+                 *(value for intent in intents for value in (intent.intent_id, intent.request_id, intent.issuer,
+                                                             intent.serial, epoch, member, "reserved", db_time(now)))),
             )
-            if cur.rowcount:  # rare (a redelivery after a crash): find which, for the audit log
+            superseded = cur.rowcount
+            await cur.nextset()  # the insert's result: a duplicate key surfaces here
+            if superseded:  # rare (a redelivery after a crash): find which, for the audit log
                 await cur.execute(
-                    "SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id = %s"
-                    " AND state = 'abandoned' AND resolved_at = %s AND resolution LIKE 'superseded by a new%%'",
-                    (request_id, db_time(now)))
+                    f"SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id IN ({_marks(requests)})"
+                    " AND state = 'abandoned' AND resolved_at = %s AND resolution = %s",
+                    (*requests, db_time(now), resolution))
                 await abandoned(cur, list(await cur.fetchall()), actor=self._actor, epoch=epoch, now=now,
-                                reason="superseded by a new attempt for the request")
-            await cur.execute(
-                "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, 'reserved', %s)",
-                (intent_id, request_id, issuer, serial, epoch, member, db_time(now)),
-            )
+                                reason=resolution)
 
-        await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
+        async def ours(cur: aiomysql.Cursor) -> int:
+            await cur.execute(f"SELECT COUNT(*) FROM signing_intents WHERE id IN ({_marks(ids)})", ids)
+            return int((await cur.fetchone())[0])
+
+        try:
+            await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
+        except DuplicateKey:
+            if await self._db.run(ours, name="cara.reserve_check") != len(ids):
+                raise  # a serial collision: nothing of ours was written
+            # Our earlier attempt committed (all or nothing); the outcome of its COMMIT was unknown to us.
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord:
-        """Store the certificate, resolve the intent and mark the request issued, fenced. Returns what is stored.
+        """Store one certificate, fenced (see record_issued_batch); FencedOut if its intent is no longer reserved."""
+        [stored] = await self.record_issued_batch([record], epoch=epoch, now=now)
+        if stored is None:
+            raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
+        return stored
 
-        If another intent already produced the request's certificate, ours is abandoned and theirs returned:
-        at most one certificate per request id (UNIQUE request_id).
+    async def record_issued_batch(
+        self, records: Sequence[IssuedRecord], *, epoch: int, now: datetime
+    ) -> list[IssuedRecord | None]:
+        """Store the certificates, resolve their intents and mark their requests issued: one fenced transaction.
+
+        Per record, in order, what is stored for its request: ours; or, when another intent already produced the
+        request's certificate, theirs (ours is abandoned: at most one certificate per request id, UNIQUE
+        request_id); or None when our intent is no longer reserved (a newer attempt for the request superseded
+        it; its signature is never stored). The usual case takes two round trips: the inserts and updates with
+        the audit entries, then fence + commit-order stamp + COMMIT. When the unique keys or the intents' states
+        say another attempt got in the way (or our own earlier COMMIT, whose outcome was unknown, did happen), the
+        transaction is rolled back and run again the careful way: read what exists first, settle each record.
         """
-
-        async def body(cur: aiomysql.Cursor) -> IssuedRecord:
-            await cur.execute(
-                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id = %s",
-                (record.request_id,),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                existing = _issued(row)
-                if existing.intent_id != record.intent_id:
-                    await cur.execute(
-                        "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s,"
-                        " resolution = 'request already issued by another intent' WHERE id = %s AND state = 'reserved'",
-                        (db_time(now), record.intent_id),
-                    )
-                    if cur.rowcount:
-                        await abandoned(cur, [(record.intent_id, record.request_id, record.issuer, record.serial)],
-                                        actor=self._actor, epoch=epoch, now=now,
-                                        reason="request already issued by another intent")
-                return existing
-            await cur.execute(
-                "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem,"
-                " not_before, not_after, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (record.issuer, record.serial, record.request_id, record.intent_id, epoch, record.cert_pem,
-                 db_time(record.not_before), db_time(record.not_after), db_time(now)),
-            )
-            await cur.execute(
-                "UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
-                " WHERE id = %s AND state = 'reserved'",
-                (db_time(now), record.intent_id),
-            )
-            if cur.rowcount != 1:
-                # The intent was abandoned meanwhile (recovery by a newer epoch): the fence below fails too,
-                # but say what happened precisely.
-                raise FencedOut(f"intent {record.intent_id} is no longer reserved", {"intent_id": record.intent_id})
-            # The request's new state and the audit entry in one round trip (the hot path); issuer and not_after
-            # too: CLM's inventory searches and expiry scans read them here (0004).
-            await append(cur, entry, first=(
-                "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
-                " WHERE id = %s",
-                (record.serial, record.issuer, db_time(record.not_after), db_time(now), record.request_id),
-            ))
-            return record
-
-        entry = AuditRecord(
+        if not records:
+            return []
+        entries = {record.intent_id: AuditRecord(
             kind=AuditKind.CERTIFICATE_ISSUED, actor=self._actor, created_at=now, epoch=epoch,
             request_id=record.request_id, issuer=record.issuer, serial=record.serial,
             detail={"intent_id": record.intent_id, "not_before": record.not_before.isoformat(),
                     "not_after": record.not_after.isoformat(),
-                    "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()})
-        try:
-            stamp = (
-                "UPDATE certificates SET fence_seq = @hapki_fence_seq WHERE intent_id = %s AND fence_seq IS NULL",
-                (record.intent_id,),
+                    "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()}) for record in records}
+        lost_reason = "request already issued by another intent"
+
+        async def store(cur: aiomysql.Cursor, fresh: Sequence[IssuedRecord]) -> None:
+            """Insert the certificates, resolve their intents, mark their requests; _Contended if an intent is not
+            reserved any more (nothing of this transaction may then commit)."""
+            await cur.execute(
+                "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
+                f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))};"
+                " UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
+                f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
+                (*(value for r in fresh for value in (
+                    r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
+                    db_time(r.not_after), db_time(now))),
+                 db_time(now), *(r.intent_id for r in fresh)),
             )
-            return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch, stamp))
-        except DuplicateKey:
-            # A concurrent commit of the same request won the UNIQUE key; report what is stored.
-            outcome = await self.outcome(record.request_id)
-            if outcome.issued is None:
-                raise
-            await self.abandon_intent(record.intent_id, "request already issued by another intent", now)
-            return outcome.issued
+            await cur.nextset()
+            if cur.rowcount != len(fresh):
+                raise _Contended("an intent of this batch is no longer reserved")
+            # The requests' new states and the audit entries in one round trip; issuer and not_after too: CLM's
+            # inventory searches and expiry scans read them here (0004).
+            await append_many(cur, [entries[r.intent_id] for r in fresh], first=[(
+                "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
+                " WHERE id = %s",
+                (r.serial, r.issuer, db_time(r.not_after), db_time(now), r.request_id)) for r in fresh])
+
+        async def straight(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
+            await store(cur, records)
+            return list(records)
+
+        async def careful(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
+            await cur.execute(
+                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN"
+                f" ({_marks(records)}); SELECT id FROM signing_intents WHERE id IN ({_marks(records)})"
+                " AND state = 'reserved' FOR UPDATE",
+                (*(r.request_id for r in records), *(r.intent_id for r in records)),
+            )
+            existing = {row[0]: _issued(row) for row in await cur.fetchall()}
+            await cur.nextset()
+            reserved = {row[0] for row in await cur.fetchall()}
+            result: dict[str, IssuedRecord | None] = {}
+            fresh: list[IssuedRecord] = []
+            for record in records:
+                stored = existing.get(record.request_id)
+                if stored is not None:
+                    result[record.intent_id] = stored
+                    if stored.intent_id != record.intent_id and record.intent_id in reserved:
+                        await cur.execute(
+                            "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
+                            " WHERE id = %s AND state = 'reserved'", (db_time(now), lost_reason, record.intent_id))
+                        await abandoned(cur, [(record.intent_id, record.request_id, record.issuer, record.serial)],
+                                        actor=self._actor, epoch=epoch, now=now, reason=lost_reason)
+                elif record.intent_id not in reserved:
+                    result[record.intent_id] = None  # superseded (or recovered by a newer epoch: the fence fails)
+                else:
+                    result[record.intent_id] = record
+                    existing[record.request_id] = record  # a second copy of the request in this batch loses
+                    fresh.append(record)
+            if fresh:
+                await store(cur, fresh)
+            return [result[record.intent_id] for record in records]
+
+        stamp = (
+            f"UPDATE certificates SET fence_seq = @hapki_fence_seq WHERE intent_id IN ({_marks(records)})"
+            " AND fence_seq IS NULL",
+            tuple(record.intent_id for record in records),
+        )
+        for body in (straight, careful, careful, careful):
+            try:
+                return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch, stamp))
+            except (_Contended, DuplicateKey):
+                # Another attempt's row (a concurrent commit of one of these requests, by another process or
+                # member, won a UNIQUE key; or a newer attempt superseded an intent): settle record by record.
+                continue
+        raise DuplicateKey("certificates of this batch keep colliding with concurrent commits")
 
     async def refuse(self, request: SignCertificate, error: ErrorBody, *, epoch: int, now: datetime) -> bool:
         """Record the CA's refusal of a signing request; True if the request is (now) failed with this error.

@@ -61,6 +61,10 @@ ANSWERED_MAX = 50_000
 tracer = trace.get_tracer("hapki.clm")
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class ClmService:
     """Request handlers of the RA. Transport-free: the FastStream app in app.py calls these."""
 
@@ -99,15 +103,17 @@ class ClmService:
         answers it with IDEMPOTENCY_CONFLICT as usual.
         """
         with tracer.start_as_current_span("clm.issue"):
-            self._admit(request.requester, request.idempotency_key, request.csr_pem, request.profile)
-            return await self._once_per_key(request, None)
+            digest = _sha256(request.csr_pem)
+            self._admit(request.requester, request.idempotency_key, digest, request.profile)
+            return await self._once_per_key(request, None, digest)
 
     async def renew(self, request: RenewCertificate) -> IssueReply:
         """A new certificate for exactly the names of an issued, unrevoked one, by its requester; then as issue."""
         with tracer.start_as_current_span("clm.renew") as span:
             serial = request.serial.lower()
             span.set_attribute("pki.serial", serial)
-            self._admit(request.requester, request.idempotency_key, request.csr_pem, request.profile)
+            digest = _sha256(request.csr_pem)
+            self._admit(request.requester, request.idempotency_key, digest, request.profile)
             predecessor = await self._inventory.predecessor(serial)
             if predecessor.requester != request.requester:
                 raise RequesterMismatch(
@@ -126,14 +132,14 @@ class ClmService:
             return await self._once_per_key(IssueCertificate(
                 csr_pem=request.csr_pem, profile=request.profile or predecessor.profile,
                 requester=request.requester, idempotency_key=request.idempotency_key,
-            ), predecessor)
+            ), predecessor, digest)
 
     async def search(self, query: SearchCertificates) -> SearchReply:
         """One page of the certificate inventory."""
         with tracer.start_as_current_span("clm.search"):
             return await self._inventory.search(query, self._clock())
 
-    def _admit(self, requester: str, key: str | None, csr_pem: str, profile: str | None) -> None:
+    def _admit(self, requester: str, key: str | None, digest: str, profile: str | None) -> None:
         """Take a token from the requester's bucket, or raise RateLimited; before any parsing or database work.
 
         A retry of an attempt in progress here, or of one answered here recently (same key, CSR and profile),
@@ -144,7 +150,6 @@ class ClmService:
         if self._limiter is None:
             return
         if key is not None:
-            digest = hashlib.sha256(csr_pem.encode()).hexdigest()
             answered = self._answered.get((requester, key))
             running = self._inflight.get((requester, key))
             if (answered is not None and answered[:2] == (digest, profile) and answered[3] > time.monotonic()) or (
@@ -157,12 +162,15 @@ class ClmService:
             log.info("requester %r rate limited (retry after %.3f s)", requester, exc.retry_after)
             raise
 
-    async def _once_per_key(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
-        """Run `_issue`, or join the run already in progress here for the same requester and key (see issue)."""
+    async def _once_per_key(self, request: IssueCertificate, predecessor: Predecessor | None,
+                            digest: str) -> IssueReply:
+        """Run `_issue`, or join the run already in progress here for the same requester and key (see issue).
+
+        `digest`: SHA-256 of the CSR text (hex), computed once per call and used for every comparison and record.
+        """
         if request.idempotency_key is None:
-            return await self._issue(request, predecessor)
+            return await self._issue(request, predecessor, digest)
         key = (request.requester, request.idempotency_key)
-        digest = hashlib.sha256(request.csr_pem.encode()).hexdigest()
         answered = self._answered.get(key)
         if answered is not None and answered[:2] == (digest, request.profile) and answered[3] > time.monotonic():
             trace.get_current_span().add_event("clm.answered_before")
@@ -171,7 +179,7 @@ class ClmService:
         if running is not None and running[:2] == (digest, request.profile):
             trace.get_current_span().add_event("clm.joined_attempt")
             return await asyncio.shield(running[2])
-        task = asyncio.ensure_future(self._issue(request, predecessor))
+        task = asyncio.ensure_future(self._issue(request, predecessor, digest))
         self._inflight[key] = (digest, request.profile, task)
         task.add_done_callback(lambda done: self._forget(key, done))
         # Shielded: a client that gives up (its connection closed) does not cancel the work others may join.
@@ -191,11 +199,10 @@ class ClmService:
             while len(self._answered) > ANSWERED_MAX:
                 self._answered.popitem(last=False)
 
-    async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None) -> IssueReply:
+    async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None, csr_sha256: str) -> IssueReply:
         span = trace.get_current_span()
         span.set_attribute("pki.profile", request.profile)
         request_id = uuid.uuid4().hex
-        csr_sha256 = hashlib.sha256(request.csr_pem.encode()).hexdigest()
         with tracer.start_as_current_span("clm.validate"):
             try:
                 approved = validation.approve(request, self._profiles, request_id)

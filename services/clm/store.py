@@ -18,8 +18,12 @@ from hapki.contracts.models import (
     RevokeReply,
     SignCertificate,
 )
-from hapki.runtime.audit import AuditKind, AuditRecord, append, derived_id
+from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
 from hapki.runtime.db import Database, db_time, utc
+
+
+# What `record` reads of an existing request: enough to answer a repeat or refuse a conflicting one.
+_RECORDED_COLUMNS = "id, profile, csr_sha256, sign_request, renews_serial"
 
 
 class MariaDBRequestStore:
@@ -30,45 +34,52 @@ class MariaDBRequestStore:
         self._actor = actor  # recorded on audit entries: service:member
 
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
-        """Insert the request, or return the one an idempotency key already names (same CSR and profile only)."""
+        """Insert the request, or return the one an idempotency key already names (same CSR and profile only).
 
-        async def find_by_key(cur: aiomysql.Cursor) -> Recorded | None:
-            await cur.execute(
-                "SELECT id, profile, csr_sha256, sign_request, renews_serial FROM requests"
-                " WHERE requester = %s AND idempotency_key = %s",
-                (request.requester, request.idempotency_key),
-            )
-            row = await cur.fetchone()
-            if row is None:
+        The hot path is one insert: request, names and audit entry in one round trip, then COMMIT. The unique keys
+        decide the rest: a duplicate is our own earlier attempt (its COMMIT outcome was unknown: same request id)
+        or a request the key already names, read in a second transaction only then.
+        """
+
+        async def insert(cur: aiomysql.Cursor) -> Recorded:
+            statements: list[tuple[str, tuple[object, ...]]] = [(
+                "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
+                " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
+                (request.request_id, request.requester, request.idempotency_key, request.profile,
+                 request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
+                 db_time(now)),
+            )]
+            # The names, indexed for search (the value column compares case-insensitively: an email differing
+            # only in case is one row).
+            if names := names_of(request.approved):
+                statements.append((
+                    f"INSERT INTO request_names (request_id, kind, value) VALUES {', '.join(['(%s, %s, %s)'] * len(names))}"
+                    " ON DUPLICATE KEY UPDATE value = value",
+                    tuple(value for kind, name in names for value in (request.request_id, kind, name)),
+                ))
+            await append_many(cur, [entry], first=statements)
+            return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+
+        async def existing(cur: aiomysql.Cursor) -> Recorded | None:
+            if request.idempotency_key is None:
+                await cur.execute(f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s", (request.request_id,))
+            else:
+                await cur.execute(
+                    f"SELECT {_RECORDED_COLUMNS} FROM requests WHERE id = %s UNION ALL"
+                    f" SELECT {_RECORDED_COLUMNS} FROM requests WHERE requester = %s AND idempotency_key = %s",
+                    (request.request_id, request.requester, request.idempotency_key))
+            rows = await cur.fetchall()
+            if any(row[0] == request.request_id for row in rows):
+                return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+            if not rows:
                 return None
+            row = rows[0]
             if (row[1], row[2], row[4]) != (request.profile, request.csr_sha256, request.renews_serial):
                 raise IdempotencyConflict(
                     "idempotency key already used for a different CSR, profile or renewed certificate",
                     {"idempotency_key": request.idempotency_key, "request_id": row[0]},
                 )
             return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
-
-        async def insert(cur: aiomysql.Cursor) -> Recorded:
-            await cur.execute("SELECT 1 FROM requests WHERE id = %s", (request.request_id,))
-            if await cur.fetchone() is None:  # else: our own earlier attempt whose COMMIT outcome was unknown
-                if request.idempotency_key is not None and (found := await find_by_key(cur)) is not None:
-                    return found
-                await append(cur, entry, first=(
-                    "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
-                    " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
-                    (request.request_id, request.requester, request.idempotency_key, request.profile,
-                     request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
-                     db_time(now)),
-                ))
-                # The names, indexed for search (the value column compares case-insensitively: an email differing
-                # only in case is one row).
-                if names := names_of(request.approved):
-                    await cur.executemany(
-                        "INSERT INTO request_names (request_id, kind, value) VALUES (%s, %s, %s)"
-                        " ON DUPLICATE KEY UPDATE value = value",
-                        [(request.request_id, kind, value) for kind, value in names],
-                    )
-            return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
         entry = AuditRecord(
             kind=AuditKind.REQUEST_RECORDED, actor=self._actor, created_at=now, request_id=request.request_id,
@@ -79,8 +90,9 @@ class MariaDBRequestStore:
         try:
             return await self._db.run(insert, name="clm.record")
         except DuplicateKey:
-            # A concurrent request with the same key committed first: answer with that one.
-            found = await self._db.run(find_by_key, name="clm.record_lookup")
+            # The key names a request already (a repeat, or a concurrent request with the same key that committed
+            # first), or the row is our own from an attempt whose COMMIT outcome was unknown: answer with that.
+            found = await self._db.run(existing, name="clm.record_lookup")
             if found is None:
                 raise
             return found

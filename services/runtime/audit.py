@@ -106,11 +106,8 @@ def derived_id(*parts: object) -> str:
 
 # Plain inserts: the audit tables are insert-only for the services (hapki.runtime.grants), so no ON DUPLICATE KEY
 # UPDATE (it needs the UPDATE privilege). A duplicate id fails the caller's transaction with DuplicateKey.
-_INSERT = (
-    "INSERT INTO audit_entries (id, kind, actor, epoch, request_id, issuer, serial, detail, created_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s);"
-    " INSERT INTO audit_unsealed (entry_id, created_at) VALUES (%s, %s)"
-)
+_ENTRY_COLUMNS = "id, kind, actor, epoch, request_id, issuer, serial, detail, created_at"
+_ENTRY_VALUES = "(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 
 async def append(cur: aiomysql.Cursor, record: AuditRecord, *,
@@ -122,19 +119,36 @@ async def append(cur: aiomysql.Cursor, record: AuditRecord, *,
     a duplicate key, never a second entry. A kind appended at most once per cause uses a derived id and a
     transaction of its own that treats DuplicateKey as "already recorded" (the first one is kept).
     """
-    created = _stored(record.created_at)
-    sql = _INSERT
-    args: tuple[object, ...] = (
-        record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id, record.issuer,
-        record.serial, record.detail_json(), created, record.id, created,
-    )
-    if first is not None:
-        sql, args = f"{first[0]}; {sql}", (*first[1], *args)
-    await cur.execute(sql, args)
-    rowcount = cur.rowcount
-    for _ in range(2 if first is not None else 1):
+    return (await append_many(cur, [record], first=[first] if first is not None else []))[0]
+
+
+async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
+                      first: Sequence[tuple[str, Sequence[object]]] = ()) -> list[int]:
+    """Append `records` (one or more) as `append` does, all in one round trip with the statements `first` ahead.
+
+    Two multi-row inserts whatever the number of records (a signing batch appends one entry per certificate).
+    Returns the row count of each statement of `first`, then of the audit_entries insert.
+    """
+    if not records:
+        raise ValueError("append_many needs at least one record")
+    entries: list[object] = []
+    unsealed: list[object] = []
+    for record in records:
+        created = _stored(record.created_at)
+        entries += [record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id,
+                    record.issuer, record.serial, record.detail_json(), created]
+        unsealed += [record.id, created]
+    statements = [sql for sql, _ in first] + [
+        f"INSERT INTO audit_entries ({_ENTRY_COLUMNS}) VALUES {', '.join([_ENTRY_VALUES] * len(records))}",
+        f"INSERT INTO audit_unsealed (entry_id, created_at) VALUES {', '.join(['(%s, %s)'] * len(records))}",
+    ]
+    args = [arg for _, statement_args in first for arg in statement_args] + entries + unsealed
+    await cur.execute("; ".join(statements), tuple(args))
+    counts = [cur.rowcount]
+    for _ in range(len(statements) - 1):
         await cur.nextset()  # the later statements' results: their errors surface here
-    return rowcount
+        counts.append(cur.rowcount)
+    return counts[:-1]
 
 
 def checkpoint_message(seq: int, digest: str, signed_at: datetime, issuer: str) -> bytes:

@@ -15,8 +15,10 @@ import pytest
 from hapki.cara.main import CaraRuntime
 from hapki.cli.client import ClmClient
 from hapki.clm.main import ClmRuntime
+from hapki.clm.store import MariaDBRequestStore
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
+from hapki.runtime.db import Database
 from telemetry_fixture import memory_exporter
 
 
@@ -45,6 +47,16 @@ async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime
     finally:
         await clm.stop()
         await cara.stop()
+
+
+@pytest.fixture(scope="module")
+async def clm_store(env: LocalEnv) -> AsyncIterator[MariaDBRequestStore]:
+    """CLM's request store on its own database user, for tests that record requests as CLM does."""
+    db = Database(stack.clm_config(env).database)
+    try:
+        yield MariaDBRequestStore(db)
+    finally:
+        await db.close()
 
 
 @contextlib.asynccontextmanager

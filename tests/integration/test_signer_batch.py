@@ -1,0 +1,431 @@
+"""The batched signing path against real NATS, MariaDB and SoftHSM.
+
+Each test publishes approved (and recorded) signing requests into the real stream, fetches them through the real
+durable consumer, and hands them to a signer as one batch, so the batch's make-up is known; the last test lets the
+signer's own fetch loop form the batch. Failures are injected at the edges only: a competing epoch bump (another
+member becoming active), a serial source that repeats a stored serial, an HSM key whose n-th signature fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+import nats
+import pytest
+from cryptography import x509
+
+from hapki.cara.config import SignerConfig
+from hapki.cara.main import CaraRuntime
+from hapki.cara.ports import IssuedRecord
+from hapki.cara.signer import Signer
+from hapki.cara.store import MariaDBSigningStore
+from hapki.clm.ports import NewRequest
+from hapki.clm.store import MariaDBRequestStore
+from hapki.contracts import subjects
+from hapki.contracts.errors import HSMUnavailable
+from hapki.contracts.models import CertificateIssued, IssueCertificate, SignCertificate
+from hapki.lab import stack
+from hapki.lab.local import LocalEnv
+from hapki.runtime.approval import ApprovalKey, ApprovalVerifier
+from hapki.runtime.clock import utcnow
+from hapki.runtime.hsm_key import HSMPrivateKey
+from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.validation import approve
+from helpers.csr import make_csr, make_key
+from integration.conftest import query
+from telemetry_fixture import memory_exporter
+
+pytestmark = pytest.mark.integration
+
+PROFILES = load_profiles(SHIPPED_PROFILES_PATH)
+
+
+@pytest.fixture(scope="module")
+async def cara(env: LocalEnv) -> AsyncIterator[CaraRuntime]:
+    """CARA's connections, HSM pool and issuer, its own signer left passive: the tests bring their signers."""
+    memory_exporter()
+    runtime = CaraRuntime(stack.cara_config(env))
+    await runtime.open()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+async def bus(env: LocalEnv) -> AsyncIterator[tuple[Any, list[CertificateIssued]]]:
+    """A connection with CLM's rights (publishes signing requests) and the CertificateIssued events seen."""
+    nc = await nats.connect(**env.nats.connect_kwargs("clm"))
+    issued: list[CertificateIssued] = []
+
+    async def on_issued(msg: Any) -> None:
+        issued.append(CertificateIssued.model_validate_json(msg.data))
+
+    await nc.subscribe(subjects.CARA_ISSUED, cb=on_issued)
+    try:
+        yield nc, issued
+    finally:
+        await nc.close()
+
+
+def _content(name: str) -> SignCertificate:
+    csr_pem, _ = make_csr([name], key=make_key("p256", fresh=True), cn=name)
+    return approve(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="batch-tests"), PROFILES,
+                   uuid.uuid4().hex)
+
+
+async def _recorded(env: LocalEnv, store: MariaDBRequestStore, name: str) -> SignCertificate:
+    """A request as CLM records and approves it."""
+    request = ApprovalKey.from_file(stack.approval_keys(env.base_dir / "approval")[0]).sign(_content(name))
+    await store.record(NewRequest(request_id=request.request_id, requester="batch-tests", idempotency_key=None,
+                                  profile="tls-server", csr_sha256="0" * 64, approved=request), utcnow())
+    return request
+
+
+async def _publish(nc: Any, request: SignCertificate, msg_id: str | None = None) -> None:
+    await nc.jetstream().publish(subjects.CARA_SIGN, request.model_dump_json().encode(),
+                                 headers={"Nats-Msg-Id": msg_id or request.request_id})
+
+
+async def _fetch(cara: CaraRuntime, n: int) -> list[Any]:
+    """Exactly n messages from the signing consumer, as the signer's pull request gets them."""
+    assert cara.nc is not None
+    psub = await cara.nc.jetstream().pull_subscribe_bind(durable=subjects.SIGNING_CONSUMER,
+                                                         stream=subjects.SIGNING_STREAM)
+    msgs: list[Any] = []
+    try:
+        while len(msgs) < n:
+            msgs += await psub.fetch(n - len(msgs), timeout=5)
+    finally:
+        await psub.unsubscribe()
+    return msgs
+
+
+async def _queued(env: LocalEnv, store: MariaDBRequestStore, nc: Any, cara: CaraRuntime, prefix: str,
+                  n: int) -> tuple[list[SignCertificate], list[Any]]:
+    """n requests recorded and approved as CLM does, published, and fetched as one batch of messages."""
+    requests = [await _recorded(env, store, f"{prefix}-{i}.example.com") for i in range(n)]
+    for request in requests:
+        await _publish(nc, request)
+    return requests, await _fetch(cara, n)
+
+
+async def _signer(cara: CaraRuntime, *, store: MariaDBSigningStore | None = None, key: Any = None,
+                  serials: Callable[[], int] | None = None, active: bool = False,
+                  config: SignerConfig | None = None) -> Signer:
+    """A signer like the runtime's, with an epoch of its own; passive (for handle_batch) unless `active`."""
+    assert cara.db is not None and cara.nc is not None and cara.signer is not None
+    cfg = cara.config
+    signer = Signer(
+        nc=cara.nc, js=cara.nc.jetstream(), store=store or MariaDBSigningStore(cara.db, actor="cara:batch-tests"),
+        issuer=cara.signer.issuer, issuer_key=key or cara.signer.issuer_key, member=cfg.member,
+        config=config or cfg.signer,
+        clock=utcnow, approvals=ApprovalVerifier.from_files(cfg.approval_public_keys), profiles=PROFILES,
+        **({"serials": serials} if serials else {}),
+    )
+    await signer.start()
+    if not active:
+        await signer.stop()  # the epoch stays ours until someone bumps it
+    return signer
+
+
+async def _settled(msgs: list[Any], timeout: float = 10.0) -> None:
+    """Wait until every message was acked, NAKed or termed by the signer (a fenced hand-back runs in a task)."""
+    for _ in range(int(timeout / 0.02)):
+        if all(msg.is_acked for msg in msgs):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not every message of the batch was settled")
+
+
+async def _certificates(sql: Any, requests: list[SignCertificate]) -> dict[str, tuple]:
+    ids = [r.request_id for r in requests]
+    rows = await query(sql, f"SELECT request_id, serial, intent_id, cert_pem FROM certificates WHERE request_id IN"
+                            f" ({', '.join(['%s'] * len(ids))})", ids)
+    return {row[0]: row[1:] for row in rows}
+
+
+async def _wait_issued(sql: Any, requests: list[SignCertificate], timeout: float = 20.0) -> dict[str, tuple]:
+    for _ in range(int(timeout / 0.1)):
+        found = await _certificates(sql, requests)
+        if len(found) == len(requests):
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"only {len(found)} of {len(requests)} requests were issued")
+
+
+def _cara_transactions(exporter: Any) -> list[str]:
+    return [s.attributes["db.txn"] for s in exporter.get_finished_spans()
+            if s.name == "db.commit" and str(s.attributes.get("db.txn", "")).startswith("cara.")]
+
+
+async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_three_transactions(
+        env, cara, clm_store, bus, sql) -> None:
+    nc, events = bus
+    signer = await _signer(cara)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "batch", 8)
+    exporter = memory_exporter()
+    exporter.clear()
+
+    await signer.handle_batch(msgs)
+
+    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.record_issued"]
+    assert all(msg.is_acked for msg in msgs)
+    assert signer.signatures == len(requests)
+    stored = await _certificates(sql, requests)
+    assert set(stored) == {r.request_id for r in requests}
+    assert len({serial for serial, _, _ in stored.values()}) == len(requests)
+    for request in requests:
+        serial, intent_id, cert_pem = stored[request.request_id]
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        assert format(cert.serial_number, "x") == serial and cert.subject.rfc4514_string() == f"CN={request.common_name}"
+        assert await query(sql, "SELECT id, state FROM signing_intents WHERE request_id = %s",
+                           (request.request_id,)) == [(intent_id, "issued")]
+        assert await query(sql, "SELECT status, serial FROM requests WHERE id = %s",
+                           (request.request_id,)) == [("issued", serial)]
+        assert await query(sql, "SELECT serial FROM audit_entries WHERE request_id = %s AND kind = 'certificate.issued'",
+                           (request.request_id,)) == [(serial,)]
+    # The commit-order stamp covers the whole batch (one fenced commit).
+    stamps = await query(sql, f"SELECT DISTINCT fence_seq FROM certificates WHERE request_id IN"
+                              f" ({', '.join(['%s'] * len(requests))})", [r.request_id for r in requests])
+    assert len(stamps) == 1 and stamps[0][0] is not None
+    for _ in range(100):
+        if {e.request_id for e in events} >= {r.request_id for r in requests}:
+            break
+        await asyncio.sleep(0.05)
+    assert {e.request_id: e.serial for e in events} == {r.request_id: stored[r.request_id][0] for r in requests}
+
+
+async def test_a_mixed_batch_settles_each_request_on_its_own(env, cara, clm_store, bus, sql) -> None:
+    """Forged, already issued (redelivered) and good requests in one batch: each gets what it would alone."""
+    nc, events = bus
+    signer = await _signer(cara)
+    earlier = await _recorded(env, clm_store, "earlier.example.com")
+    await _publish(nc, earlier)
+    await signer.handle_batch(await _fetch(cara, 1))
+    [(serial, intent_id, _)] = (await _certificates(sql, [earlier])).values()
+
+    forged = _content("forged-in-batch.example.com")  # never approved by CLM, never recorded
+    good = [await _recorded(env, clm_store, f"mixed-{i}.example.com") for i in range(3)]
+    await _publish(nc, good[0])
+    await _publish(nc, forged)
+    await _publish(nc, earlier, msg_id=f"{earlier.request_id}-redelivered")  # past JetStream's de-duplication
+    await _publish(nc, good[1])
+    await _publish(nc, good[2])
+    msgs = await _fetch(cara, 5)
+    signatures = signer.signatures
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs)  # acked, or termed (the forgery)
+    assert signer.signatures == signatures + len(good)
+    assert len(await _wait_issued(sql, good)) == len(good)
+    # The forgery: refused and audited; nothing reserved or signed for it.
+    refused = await query(sql, "SELECT detail FROM audit_entries WHERE request_id = %s AND kind = 'signing.refused'",
+                          (forged.request_id,))
+    assert len(refused) == 1 and "APPROVAL_INVALID" in refused[0][0]
+    assert await query(sql, "SELECT id FROM signing_intents WHERE request_id = %s", (forged.request_id,)) == []
+    # The redelivery: the stored certificate is republished, nothing reserved or signed again.
+    assert await query(sql, "SELECT serial, intent_id FROM certificates WHERE request_id = %s",
+                       (earlier.request_id,)) == [(serial, intent_id)]
+    assert await query(sql, "SELECT id FROM signing_intents WHERE request_id = %s",
+                       (earlier.request_id,)) == [(intent_id,)]
+    for _ in range(100):
+        if len([e for e in events if e.request_id == earlier.request_id]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert [e.serial for e in events if e.request_id == earlier.request_id] == [serial, serial]
+
+
+class _FencedAtCommit(MariaDBSigningStore):
+    """The real store; another member becomes active (bumps the epoch) just before this batch commits."""
+
+    async def record_issued_batch(self, records: list[IssuedRecord], *, epoch: int,
+                                  now: datetime) -> list[IssuedRecord | None]:
+        await MariaDBSigningStore(self._db).bump_epoch("cara-2", now)
+        return await super().record_issued_batch(records, epoch=epoch, now=now)
+
+
+@pytest.mark.parametrize("stage", ["reserve", "commit"])
+async def test_a_batch_fenced_midway_hands_every_message_back(env, cara, clm_store, bus, sql, stage: str) -> None:
+    nc, _ = bus
+    assert cara.db is not None
+    store = _FencedAtCommit(cara.db) if stage == "commit" else MariaDBSigningStore(cara.db)
+    signer = await _signer(cara, store=store)
+    old_epoch = signer.epoch
+    requests, msgs = await _queued(env, clm_store, nc, cara, f"fenced-{stage}", 4)
+    if stage == "reserve":
+        await MariaDBSigningStore(cara.db).bump_epoch("cara-2", utcnow())
+
+    await signer.handle_batch(msgs)
+    await _settled(msgs)  # NAKed, not acked: nothing of the batch was committed
+
+    assert signer.fenced.is_set() and not signer.active
+    assert await _certificates(sql, requests) == {}
+    ids = [r.request_id for r in requests]
+    intents = await query(sql, f"SELECT epoch, state FROM signing_intents WHERE request_id IN"
+                               f" ({', '.join(['%s'] * len(ids))})", ids)
+    assert signer.signatures == (len(requests) if stage == "commit" else 0)
+    assert intents == ([(old_epoch, "reserved")] * len(requests) if stage == "commit" else [])
+
+    # The member that is active now gets every message and issues each request once; our intents are resolved.
+    successor = await _signer(cara, active=True)
+    try:
+        stored = await _wait_issued(sql, requests)
+    finally:
+        await successor.stop()
+    assert len({serial for serial, _, _ in stored.values()}) == len(requests)
+    states = await query(sql, f"SELECT epoch, state FROM signing_intents WHERE request_id IN"
+                              f" ({', '.join(['%s'] * len(ids))}) ORDER BY epoch", ids)
+    assert sorted(states) == sorted([(old_epoch, "abandoned")] * len(intents)
+                                    + [(successor.epoch, "issued")] * len(requests))
+
+
+class _IssuedMeanwhile(MariaDBSigningStore):
+    """The real store; just before this batch commits, another attempt stores a certificate for its first request
+    (a redelivered copy handled by another process, say)."""
+
+    winner: IssuedRecord | None = None
+
+    async def record_issued_batch(self, records: list[IssuedRecord], *, epoch: int,
+                                  now: datetime) -> list[IssuedRecord | None]:
+        first = records[0]
+        winner = IssuedRecord(request_id=first.request_id, issuer=first.issuer, serial=uuid.uuid4().hex[:30],
+                              intent_id=uuid.uuid4().hex, cert_pem=first.cert_pem, not_before=first.not_before,
+                              not_after=first.not_after)
+        other = MariaDBSigningStore(self._db, actor="cara:other")
+        await other.reserve(intent_id=winner.intent_id, request_id=winner.request_id, issuer=winner.issuer,
+                            serial=winner.serial, epoch=epoch, member="cara-other", now=now)
+        self.winner = await other.record_issued(winner, epoch=epoch, now=now)
+        return await super().record_issued_batch(records, epoch=epoch, now=now)
+
+
+async def test_a_request_another_intent_issued_meanwhile_keeps_that_certificate(env, cara, clm_store, bus,
+                                                                               sql) -> None:
+    """At most one certificate per request: the batch stores the others and answers that one with the winner's."""
+    nc, events = bus
+    assert cara.db is not None
+    store = _IssuedMeanwhile(cara.db)
+    signer = await _signer(cara, store=store)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "meanwhile", 3)
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs)
+    winner = store.winner
+    assert winner is not None
+    stored = await _certificates(sql, requests)
+    assert len(stored) == 3 and stored[winner.request_id][:2] == (winner.serial, winner.intent_id)
+    intents = await query(sql, "SELECT id, state, resolution FROM signing_intents WHERE request_id = %s",
+                          (winner.request_id,))
+    [(ours, state, resolution)] = [row for row in intents if row[0] != winner.intent_id]
+    # The winner's reservation superseded ours (on one node; a race across Galera nodes ends in "request already
+    # issued by another intent" instead): either way ours is abandoned, once, and never stored.
+    assert state == "abandoned" and resolution in ("superseded by a new attempt for the request",
+                                                   "request already issued by another intent")
+    assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'intent.abandoned' AND detail LIKE %s",
+                       (f"%{ours}%",)) == [(1,)]
+    for _ in range(100):
+        if {e.request_id for e in events} >= {r.request_id for r in requests}:
+            break
+        await asyncio.sleep(0.05)
+    assert [e.serial for e in events if e.request_id == winner.request_id] == [winner.serial]
+
+
+class _FailsOnce(HSMPrivateKey):
+    """The real HSM key, except that its n-th signature fails as a dead HSM pool does (HSMUnavailable)."""
+
+    def __init__(self, key: HSMPrivateKey, fail_at: int) -> None:
+        super().__init__(key._signer, key.key_id, key.public_key())  # noqa: SLF001 (the same HSM pool)
+        self.calls, self._fail_at = 0, fail_at
+
+    def sign(self, data: bytes, signature_algorithm: Any) -> bytes:
+        self.calls += 1
+        if self.calls == self._fail_at:
+            raise HSMUnavailable("no HSM member could sign", {"members": {"hsm-a": "down"}})
+        return super().sign(data, signature_algorithm)
+
+
+async def test_an_hsm_failure_on_one_request_abandons_only_its_intent(env, cara, clm_store, bus, sql) -> None:
+    nc, _ = bus
+    assert cara.signer is not None
+    key = _FailsOnce(cara.signer.issuer_key, fail_at=2)  # type: ignore[arg-type]
+    signer = await _signer(cara, key=key)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "hsm", 4)
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs)  # three acked, one NAKed
+    stored = await _certificates(sql, requests)
+    [failed] = [r for r in requests if r.request_id not in stored]
+    assert len(stored) == 3 and signer.signatures == 3
+    [(intent_id, state, resolution)] = await query(
+        sql, "SELECT id, state, resolution FROM signing_intents WHERE request_id = %s", (failed.request_id,))
+    assert (state, resolution) == ("abandoned", "HSM failed; no signature made")
+    assert await query(sql, "SELECT request_id FROM audit_entries WHERE kind = 'intent.abandoned' AND detail LIKE %s",
+                       (f'%{intent_id}%',)) == [(failed.request_id,)]
+    assert await query(sql, "SELECT status FROM requests WHERE id = %s", (failed.request_id,)) == [("pending",)]
+
+    # The NAKed request comes back and is issued (once) by a signer whose HSM works.
+    successor = await _signer(cara, active=True)
+    try:
+        [(serial, new_intent, _)] = (await _wait_issued(sql, [failed])).values()
+    finally:
+        await successor.stop()
+    assert new_intent != intent_id
+
+
+async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara, clm_store, bus, sql) -> None:
+    nc, _ = bus
+    taken = (await query(sql, "SELECT serial FROM certificates LIMIT 1"))[0][0]
+    draws = iter([int(taken, 16)])
+
+    def serials() -> int:  # the first draw repeats a stored serial; the rest come from the CSPRNG
+        from hapki.cara.issuance import random_serial
+        return next(draws, None) or random_serial()
+
+    signer = await _signer(cara, serials=serials)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "collide", 3)
+    exporter = memory_exporter()
+    exporter.clear()
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs)
+    # The collision fails the reservation; a read tells it from our own earlier commit; new serials go through.
+    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.reserve_check", "cara.reserve",
+                                            "cara.record_issued"]
+    stored = await _certificates(sql, requests)
+    assert len(stored) == len(requests) and taken not in {serial for serial, _, _ in stored.values()}
+    assert await query(sql, "SELECT COUNT(*) FROM signing_intents WHERE serial = %s", (taken,)) == [(1,)]
+
+
+async def test_the_fetch_loop_takes_what_waits_in_the_stream_as_one_batch(env, cara, clm_store, bus, sql) -> None:
+    nc, _ = bus
+    requests = [await _recorded(env, clm_store, f"queued-{i}.example.com") for i in range(12)]
+    for request in requests:  # queued while no signer is active
+        await _publish(nc, request)
+    signer = await _signer(cara, active=True)
+    try:
+        await _wait_issued(sql, requests)
+    finally:
+        await signer.stop()
+    assert signer.batches[0] == len(requests)
+
+
+async def test_a_lone_request_is_signed_while_the_long_poll_is_still_open(env, cara, clm_store, bus, sql) -> None:
+    """Low load: a fetch returns with the first message; it never waits for the batch to fill or the poll to end."""
+    nc, _ = bus
+    signer = await _signer(cara, active=True, config=SignerConfig(batch=64, fetch_timeout_seconds=60.0))
+    try:
+        for i in range(3):  # one at a time, each while the signer's 60 s pull request is open
+            [request] = [await _recorded(env, clm_store, f"lone-{i}.example.com")]
+            await _publish(nc, request)
+            await _wait_issued(sql, [request], timeout=10.0)
+    finally:
+        await signer.stop()
+    assert signer.batches == [1, 1, 1]
