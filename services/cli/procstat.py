@@ -80,15 +80,21 @@ def with_descendants(pids: Iterable[int]) -> list[int]:
 class ProcessGroups:
     """CPU seconds and peak RSS of named groups of processes over a measured window (see the module docstring)."""
 
-    def __init__(self, groups: Mapping[str, Iterable[int | None]]) -> None:
+    def __init__(self, groups: Mapping[str, Iterable[int | None]], *, alone: Iterable[str] = ()) -> None:
+        """`alone`: groups whose processes count without their descendants (a load generator that also happens
+        to be the parent of the services it measures)."""
         self.groups = {name: [p for p in pids if p] for name, pids in groups.items()}
+        self._alone = set(alone)
         self._before: dict[str, dict[int, float]] = {}
+
+    def _members(self, name: str) -> list[int]:
+        return self.groups[name] if name in self._alone else with_descendants(self.groups[name])
 
     def _sample(self) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}
-        for name, pids in self.groups.items():
+        for name in self.groups:
             out[name] = {}
-            for pid in with_descendants(pids):
+            for pid in self._members(name):
                 seconds = cpu_seconds(pid)
                 if seconds is not None:
                     out[name][pid] = seconds
@@ -106,8 +112,8 @@ class ProcessGroups:
     def peak_rss_mib(self) -> dict[str, float | None]:
         """Largest VmHWM of one process (descendants included) per group, MiB: the per-process memory figure."""
         out: dict[str, float | None] = {}
-        for name, pids in self.groups.items():
-            values = [v for v in (peak_rss_mib(p) for p in with_descendants(pids)) if v is not None]
+        for name in self.groups:
+            values = [v for v in (peak_rss_mib(p) for p in self._members(name)) if v is not None]
             out[name] = round(max(values), 1) if values else None
         return out
 
