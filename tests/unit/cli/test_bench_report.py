@@ -85,3 +85,14 @@ def test_clone_statement_gives_each_copy_its_own_identity_and_copies_the_rest() 
 def test_change_in_percent() -> None:
     assert bench_growth.change(100.0, 91.0) == -9.0
     assert bench_growth.change(None, 1.0) is None and bench_growth.change(0, 1.0) is None
+
+
+def test_secondary_indexes_are_re_created_as_they_were() -> None:
+    rows = ("ix_a\t1\tstatus\t\nix_a\t1\tcreated_at\t\nuq_b\t0\trequester\t\nuq_b\t0\tidempotency_key\t\n"
+            "ix_c\t1\tvalue\t16\n")
+    asked: list[str] = []
+    indexes = bench_growth.secondary_indexes(lambda q: asked.append(q) or rows, "requests")
+    assert "table_name = 'requests'" in asked[0] and "index_name <> 'PRIMARY'" in asked[0]
+    assert indexes == {"ix_a": "ADD INDEX `ix_a` (`status`, `created_at`)",
+                       "uq_b": "ADD UNIQUE INDEX `uq_b` (`requester`, `idempotency_key`)",
+                       "ix_c": "ADD INDEX `ix_c` (`value`(16))"}
