@@ -214,7 +214,7 @@ def cfssl_server(base: Path, say: Say) -> Iterator[tuple[str, Path, int, Any]]:
     if binary is None:
         raise RuntimeError("cfssl not found: apt-get install golang-cfssl (scripts/setup.sh installs it)")
     base.mkdir(parents=True, exist_ok=True)
-    db = MariaDB(base, "cfssl-db", options={"tmpdir": str(base)})
+    db = MariaDB(base, "cfssl-db")
     # Like hapki's: TLS on TCP; the same my.cnf (durability settings, buffer pool) as every hapki MariaDB.
     db.tls = TlsFiles.issue(base / "tls", "localhost", ["127.0.0.1"], ["localhost"])
     say("  (b) starting MariaDB and cfssl serve ...")

@@ -35,8 +35,21 @@ CAPTURE_SECONDS = 6.0  # longer than the outbox sweep's period (5 s) and the sea
 
 # Per table, how a clone of the template row gets its own identity; `s` is the clone's number (1..N).
 # Every other column is copied from the template row as it is (sizes and shapes stay real).
-_REQUEST_ID = "MD5(CONCAT('growth-r', s))"
-_SERIAL = "CONCAT('7', LEFT(MD5(CONCAT('growth-s', s)), 31))"
+
+
+def _key(tag: str, first: str = "", salt: str = "") -> str:
+    """32 hex digits: 8 that grow with s, spread evenly over the key space (SCALE = 2^32 / N), then MD5 digits.
+
+    Clones in the order of s append to the primary key (a random-order load of a million rows through a small
+    buffer pool takes an hour), while the keys still cover the whole space as random ids do, so what the benchmark
+    inserts afterwards lands among them as it would among real rows.
+    """
+    return (f"CONCAT('{first}', LOWER(LPAD(HEX(FLOOR((s - 1) * SCALE)), 8, '0')), "
+            f"LEFT(MD5(CONCAT('growth-{tag}', {salt}s)), {24 - len(first)}))")
+
+
+_REQUEST_ID = _key("r")
+_SERIAL = _key("s", first="7")
 _NOT_AFTER = "NOW(6) + INTERVAL 31 DAY + INTERVAL (s MOD (59 * 86400)) SECOND"
 _CREATED = "NOW(6) - INTERVAL (s MOD (90 * 86400)) SECOND"
 OVERRIDES: dict[str, dict[str, str]] = {
@@ -46,11 +59,11 @@ OVERRIDES: dict[str, dict[str, str]] = {
                  # the next expiry window (30 days before not_after) is in the future: the scheduler leaves them be
                  "expiry_check_at": f"({_NOT_AFTER}) - INTERVAL 30 DAY"},
     "request_names": {"request_id": _REQUEST_ID, "value": "CONCAT('growth-', s, '.example.com')"},
-    "signing_intents": {"id": "MD5(CONCAT('growth-i', s))", "request_id": _REQUEST_ID, "serial": _SERIAL,
+    "signing_intents": {"id": _key("i"), "request_id": _REQUEST_ID, "serial": _SERIAL,
                         "created_at": _CREATED, "resolved_at": _CREATED},
-    "certificates": {"serial": _SERIAL, "request_id": _REQUEST_ID, "intent_id": "MD5(CONCAT('growth-i', s))",
+    "certificates": {"serial": _SERIAL, "request_id": _REQUEST_ID, "intent_id": _key("i"),
                      "created_at": _CREATED, "not_before": _CREATED, "not_after": _NOT_AFTER},
-    "audit_entries": {"id": "MD5(CONCAT('growth-a', t.id, s))", "request_id": _REQUEST_ID, "serial": _SERIAL,
+    "audit_entries": {"id": _key("a", salt="t.id, "), "request_id": _REQUEST_ID, "serial": _SERIAL,
                       "created_at": _CREATED},
 }
 # Which template rows each table clones: those of the template request.
@@ -69,11 +82,13 @@ def staging_statements(table: str, request_id: str) -> str:
             f"INSERT INTO `growth_{table}` SELECT * FROM `{table}` t WHERE {where}")
 
 
-def clone_statement(table: str, columns: list[str], first: int, last: int) -> str:
-    """INSERT ... SELECT cloning the staged template rows of `table` once per s in first..last (MariaDB's seq
-    engine)."""
+def clone_statement(table: str, columns: list[str], first: int, last: int, count: int) -> str:
+    """INSERT ... SELECT cloning the staged template rows of `table` once per s in first..last of `count` (MariaDB's
+    seq engine): the template rows are the outer table, so the rows come in the order of s (no ORDER BY: a sort
+    of the chunk through a temporary table)."""
     overrides = OVERRIDES[table]
-    exprs = [overrides.get(c, f"t.`{c}`") for c in columns]
+    scale = repr(2**32 / count)
+    exprs = [overrides.get(c, f"t.`{c}`").replace("SCALE", scale) for c in columns]
     return (f"INSERT INTO `{table}` ({', '.join(f'`{c}`' for c in columns)}) "
             f"SELECT {', '.join(exprs)} FROM `growth_{table}` t, (SELECT seq AS s FROM seq_{first}_to_{last}) g")
 
@@ -115,7 +130,7 @@ def preload(sql: Any, count: int, say: Any) -> dict[str, Any]:
         try:
             for first in range(1, count + 1, CHUNK):
                 last = min(count, first + CHUNK - 1)
-                sql(clone_statement(table, columns, first, last))
+                sql(clone_statement(table, columns, first, last, count))
                 say(f"    preload {table}: {last}/{count} ({time.monotonic() - began:.0f} s)")
         finally:
             if indexes:

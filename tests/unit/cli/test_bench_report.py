@@ -74,9 +74,11 @@ def test_scans_flags_full_scans_of_big_tables_only() -> None:
 
 
 def test_clone_statement_gives_each_copy_its_own_identity_and_copies_the_rest() -> None:
-    sql = bench_growth.clone_statement("certificates", ["issuer", "serial", "request_id", "cert_pem"], 1, 100000)
+    sql = bench_growth.clone_statement("certificates", ["issuer", "serial", "request_id", "cert_pem"], 1, 100000,
+                                       1000000)
     assert sql.startswith("INSERT INTO `certificates` (`issuer`, `serial`, `request_id`, `cert_pem`) SELECT t.`issuer`,")
-    assert "MD5(CONCAT('growth-s', s))" in sql and "MD5(CONCAT('growth-r', s))" in sql and "t.`cert_pem`" in sql
+    assert "MD5(CONCAT('growth-s', s)), 23)" in sql and "MD5(CONCAT('growth-r', s)), 24)" in sql
+    assert "(s - 1) * 4294.967296" in sql and "t.`cert_pem`" in sql and "SCALE" not in sql
     assert sql.endswith("FROM `growth_certificates` t, (SELECT seq AS s FROM seq_1_to_100000) g")
     staging = bench_growth.staging_statements("certificates", "ab" * 16)
     assert "CREATE TABLE `growth_certificates` LIKE `certificates`" in staging and f"'{'ab' * 16}'" in staging
@@ -96,3 +98,16 @@ def test_secondary_indexes_are_re_created_as_they_were() -> None:
     assert indexes == {"ix_a": "ADD INDEX `ix_a` (`status`, `created_at`)",
                        "uq_b": "ADD UNIQUE INDEX `uq_b` (`requester`, `idempotency_key`)",
                        "ix_c": "ADD INDEX `ix_c` (`value`(16))"}
+
+
+def test_clone_keys_are_32_hex_digits_in_the_order_of_s_over_the_whole_key_space() -> None:
+    import hashlib
+
+    def key(s: int, n: int, first: str, tag: str) -> str:  # what _key's SQL computes
+        return first + format(int((s - 1) * 2**32 / n), "08x") + hashlib.md5(f"growth-{tag}{s}".encode()).hexdigest()[
+            :24 - len(first)]
+
+    keys = [key(s, 1000, "7", "s") for s in (1, 2, 500, 1000)]
+    assert all(len(k) == 32 for k in keys) and keys == sorted(keys)
+    assert keys[0].startswith("700000000") and keys[-1].startswith("7ffbe76c")
+    assert "LPAD(HEX(FLOOR((s - 1) * SCALE)), 8, '0')" in bench_growth.OVERRIDES["certificates"]["serial"]
