@@ -120,7 +120,8 @@ def raw_limit(base: Path, csrs: list[str], seconds: float) -> dict[str, Any]:
         "runs": {"max": {"issued": issued, "seconds": round(elapsed, 2), "rate_per_s": round(issued / elapsed, 1),
                          "p50_ms": percentile(ordered, 50), "p95_ms": percentile(ordered, 95),
                          "p99_ms": percentile(ordered, 99), "errors": 0,
-                         "cpu_ms_per_issuance": per_issuance_ms({"bench (one process)": cpu}, issued)}},
+                         "cpu_ms_per_issuance": per_issuance_ms({"bench (one process)": cpu}, issued),
+                         "ceiling_per_s": ceiling({"bench (one process)": cpu}, issued)}},
         "rss_peak_mib": {"bench (one process)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         "verified": {"stored": None, "checked": 1, "failed": 0},
         "note": "one process, one core: CSR parse + verify, CARA's build_certificate, SoftHSM ECDSA P-256, PEM",
@@ -166,9 +167,17 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
                       "p50_ms": summary.p50_ms, "p95_ms": summary.p95_ms, "p99_ms": summary.p99_ms,
                       "errors": summary.errors, "cpu_seconds": cpu,
                       "cpu_ms_per_issuance": per_issuance_ms(cpu, summary.issued),
+                      "ceiling_per_s": ceiling(cpu, summary.issued),
                       "machine_cpu_percent": round(100 * (machine_busy_seconds() - machine) / wall)}
         say(f"    {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms or 0:.1f} ms, {summary.errors} errors")
     return {"runs": runs, "rss_peak_mib": groups.peak_rss_mib()}
+
+
+def ceiling(cpu: dict[str, float], issued: int, cores: int | None = None) -> float | None:
+    """Issuances/s this machine's cores would allow if the measured processes (load generator included) had them
+    all: cores / CPU seconds per issuance. A figure other load on a shared machine does not move, unlike the rate."""
+    total = sum(cpu.values())
+    return round((cores or os.cpu_count() or 1) * issued / total, 1) if issued and total > 0 else None
 
 
 def _mode_text(mode: str, shape: LoadShape) -> str:
@@ -361,11 +370,12 @@ def lab_column(lab_dir: Path, shape: LoadShape, csr_file: Path, base: Path, say:
 
 # --- the report ---------------------------------------------------------------------------------------------------------
 
-def ratios(columns: dict[str, Any], mode: str = "max") -> dict[str, float | None]:
-    """Throughput ratios in `mode`: hapki single / CFSSL and HA lab / CFSSL (None when a side is missing)."""
+def ratios(columns: dict[str, Any], mode: str = "max", key: str = "rate_per_s") -> dict[str, float | None]:
+    """Ratios of `key` (measured rate, or the CPU ceiling) in `mode`: hapki single / CFSSL and HA lab / CFSSL
+    (None when a side is missing)."""
     def rate(name: str) -> float | None:
         run = (columns.get(name) or {}).get("runs", {}).get(mode)
-        return run["rate_per_s"] if run else None
+        return run.get(key) if run else None
 
     cfssl = rate("cfssl")
     return {f"{name}/cfssl": (round(r / cfssl, 2) if r is not None and cfssl else None)
@@ -382,7 +392,7 @@ def table(report: dict[str, Any]) -> str:
              f"k6/issue.js per column: rate = {shape['rate']}/s arrivals, max = {shape['vus']} closed-loop clients; "
              f"{shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up.", "",
              f"{'column':<24} {'mode':<5} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
-             f"{'verified':>12}"]
+             f"{'verified':>12} {'ceiling/s':>9} {'machine':>7}"]
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
         if column is None:
@@ -394,11 +404,15 @@ def table(report: dict[str, Any]) -> str:
         v = column["verified"]
         checked = f"{v['checked'] - v['failed']}/{v['checked']}" + (f" of {v['stored']}" if v["stored"] else "")
         for mode, run in column["runs"].items():
+            machine = run.get("machine_cpu_percent")
             lines.append(f"{title:<24} {mode:<5} {run['rate_per_s']:>9.1f} {_fmt(run['p50_ms']):>7} "
-                         f"{_fmt(run['p95_ms']):>7} {_fmt(run['p99_ms']):>7} {run['errors']:>6} {checked:>12}")
+                         f"{_fmt(run['p95_ms']):>7} {_fmt(run['p99_ms']):>7} {run['errors']:>6} {checked:>12} "
+                         f"{_fmt(run.get('ceiling_per_s'), '.0f'):>9} {(f'{machine}%' if machine is not None else '-'):>7}")
             title = ""
-    lines += ["", "Ratios of throughput at max load: " + ", ".join(
-        f"{k} {_fmt(v, '.2f')}" for k, v in report["ratios"].items())]
+    lines += ["", "ceiling/s: the rate the cores would allow if the measured processes had them all (cores / CPU s per "
+              "issuance, k6 included); machine: CPU of the whole host during the run (200% = both cores busy).",
+              "Ratios at max load, measured: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ratios"].items())
+              + "; by CPU ceiling: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ceiling_ratios"].items())]
     lines += ["", "CPU ms per issuance by process (max load; k6 is the load generator), peak RSS MiB per process"]
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
@@ -439,7 +453,8 @@ def run_compare(base_dir: Path, shape: LoadShape, *, with_lab: bool, lab_dir: Pa
             columns[name] = {"failed": f"{type(exc).__name__}: {exc}"[:1500]}
         if "skipped" in columns[name]:
             say(f"  {COLUMNS[name]}: skipped: {columns[name]['skipped']}")
-    report = {"cores": os.cpu_count(), "shape": shape.__dict__, "columns": columns, "ratios": ratios(columns)}
+    report = {"cores": os.cpu_count(), "shape": shape.__dict__, "columns": columns, "ratios": ratios(columns),
+              "ceiling_ratios": ratios(columns, key="ceiling_per_s")}
     (base / "compare.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if as_json else table(report))
     ran = [c for c in columns.values() if "skipped" not in c]

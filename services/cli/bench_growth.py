@@ -26,6 +26,7 @@ from typing import Any
 from hapki.cli.bench import percentile
 
 CHUNK = 100_000  # rows per INSERT ... SELECT: bounded transactions, progress to show
+PRELOAD_TIMEOUT_SECONDS = 3600.0  # one statement; re-building a table's indexes over 1M rows takes minutes
 SCAN_ROWS_LIMIT = 1000  # EXPLAIN estimates above this for a full scan are findings (tiny tables are fine)
 WARMUP_SECONDS = 1.0
 CONCURRENCY = 16
@@ -352,11 +353,11 @@ def _root_sql(db: Any) -> Any:
     """Run SQL as root over the socket; `header=True` keeps the column names line (for EXPLAIN)."""
     import subprocess
 
-    def run_sql(statement: str, header: bool = False) -> str:
+    def run_sql(statement: str, header: bool = False, timeout: float = PRELOAD_TIMEOUT_SECONDS) -> str:
         argv = ["mariadb", "--no-defaults", f"--socket={db.socket}", "--user=root", "--batch", "--raw"]
         if not header:
             argv.append("--skip-column-names")
-        result = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"mariadb client failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout

@@ -25,12 +25,20 @@ def test_table_shows_every_column_skips_and_failures_by_name() -> None:
     report = {"cores": 2, "shape": {"rate": 300, "vus": 32, "seconds": 10.0, "warmup": 3.0},
               "columns": {"cfssl": _column(800.0), "single": _column(400.0), "lab": {"skipped": "lab not up"},
                           "raw": {"failed": "RuntimeError: no softhsm"}},
-              "ratios": {"single/cfssl": 0.5, "lab/cfssl": None}}
+              "ratios": {"single/cfssl": 0.5, "lab/cfssl": None}, "ceiling_ratios": {"single/cfssl": 0.25,
+                                                                                        "lab/cfssl": None}}
     text = bench_compare.table(report)
     assert "(d) hapki HA lab         skipped: lab not up" in text
     assert "(a) raw limit            FAILED: RuntimeError: no softhsm" in text
-    assert "single/cfssl 0.50, lab/cfssl -" in text
+    assert "measured: single/cfssl 0.50, lab/cfssl -; by CPU ceiling: single/cfssl 0.25, lab/cfssl -" in text
     assert "50/50 of 1234" in text and "cpu: clm 1.25  k6 0.50" in text and "rss: clm 80  k6 -" in text
+
+
+def test_ceiling_is_cores_over_cpu_seconds_per_issuance() -> None:
+    assert bench_compare.ceiling({"clm": 3.0, "k6": 1.0}, 1000, cores=2) == 500.0
+    assert bench_compare.ceiling({"clm": 0.0}, 1000, cores=2) is None and bench_compare.ceiling({"a": 1.0}, 0) is None
+    columns = {"cfssl": {"runs": {"max": {"ceiling_per_s": 1000.0}}}, "single": {"runs": {"max": {"ceiling_per_s": 250.0}}}}
+    assert bench_compare.ratios(columns, key="ceiling_per_s") == {"single/cfssl": 0.25, "lab/cfssl": None}
 
 
 def test_load_shape_env_measures_without_a_warmup_of_its_own() -> None:
