@@ -7,6 +7,7 @@ Step 2: preload N certificates with bulk SQL: every row hapki writes for one iss
         intent, certificate, audit entries) cloned N times from a real issuance, with fresh ids, serials, names and
         times (`preload`). Not N signatures: the rows are what the queries see, not what the HSM did. The audit
         chain is not extended (clones are entries no chain link covers; `hapki audit verify` would say so).
+        CLM and CARA are stopped meanwhile and started again after.
 Step 3: measure again, and EXPLAIN every distinct statement the services ran during a few issuances and OCSP
         requests (captured from MariaDB's general log, so the list cannot drift from the code): a full table or
         index scan over more than SCAN_ROWS_LIMIT rows on the hot path is a finding.
@@ -328,9 +329,14 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
         url, body = asyncio.run(_ocsp_request_for_new_certificate(nats))
         say(f"  empty database: issuance and OCSP, {seconds:g} s each ...")
         empty = asyncio.run(_measure(stack, pool, seconds, url, body))
-        say(f"  preloading {count} certificates ...")
+        say(f"  preloading {count} certificates (CLM and CARA stopped meanwhile: their background queries would "
+            "scan the tables while the indexes are being re-built) ...")
         root_sql = _root_sql(stack.env.db)
+        for service in (stack.clm, stack.cara):
+            service.stop()
         loaded_rows = preload(lambda q: root_sql(f"USE hapki; {q}"), count, say)
+        stack.cara.start()
+        stack.clm.start()
         say(f"  {count} certificates: issuance and OCSP, {seconds:g} s each ...")
         loaded = asyncio.run(_measure(stack, pool, seconds, url, body))
         say("  EXPLAIN of the hot-path statements ...")
