@@ -25,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from hapki.cli.bench import percentile
+from hapki.cli.procstat import ProcessGroups
 
 CHUNK = 100_000  # rows per INSERT ... SELECT: bounded transactions, progress to show
 PRELOAD_TIMEOUT_SECONDS = 3600.0  # one statement; re-building a table's indexes over 1M rows takes minutes
 SCAN_ROWS_LIMIT = 1000  # EXPLAIN estimates above this for a full scan are findings (tiny tables are fine)
 WARMUP_SECONDS = 1.0
+# A fresh stack is slower for its first seconds (connection pools, caches, the buffer pool): load it this long
+# before the empty-database figures, as the loaded ones come after minutes of running.
+SETTLE_SECONDS = 5.0
 CONCURRENCY = 16
 SERVICE_USERS = ("hapki_clm", "hapki_cara")
 HOT_PATH_ISSUANCES = 5  # and one repeat of the first request
@@ -244,13 +248,27 @@ async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, o
     from hapki.cli.bench import _run_level
     from hapki.cli.bench_revocation import _ocsp_load
 
-    level = await _run_level(stack.env.nats.nats_config("client"), CONCURRENCY, seconds, WARMUP_SECONDS, pool, {})
+    # CPU of the services per issuance / per response: unlike the rates, other load on the host does not move it.
+    services = {"clm": stack.clm.pid, "cara": stack.cara.pid, "mariadbd": stack.env.db.pid,
+                "nats-server": stack.env.nats.pid}
+    level = await _run_level(stack.env.nats.nats_config("client"), CONCURRENCY, seconds, WARMUP_SECONDS, pool,
+                             services)
     ordered = sorted(level.latencies_ms)
-    ocsp = await _ocsp_load(ocsp_url, ocsp_body, CONCURRENCY, seconds, WARMUP_SECONDS)
+    groups = ProcessGroups({name: [pid] for name, pid in services.items()})
+    groups.start()
+    ocsp = await _ocsp_load(ocsp_url, ocsp_body, CONCURRENCY, seconds + WARMUP_SECONDS, 0.0)
+    ocsp_cpu = groups.stop()
+    answered = round(ocsp["responses_per_second"] * (seconds + WARMUP_SECONDS))
     return {"issuance": {"rate_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(ordered, 50),
-                         "p99_ms": percentile(ordered, 99), "errors": level.errors},
+                         "p99_ms": percentile(ordered, 99), "errors": level.errors,
+                         "cpu_ms": _total_ms(level.cpu_seconds, len(ordered))},
             "ocsp": {"rate_per_s": ocsp["responses_per_second"], "p50_ms": ocsp["p50_ms"], "p99_ms": ocsp["p99_ms"],
-                     "errors": ocsp["errors"]}}
+                     "errors": ocsp["errors"], "cpu_ms": _total_ms(ocsp_cpu, answered)}}
+
+
+def _total_ms(cpu: dict[str, float], count: int) -> float | None:
+    """CPU milliseconds of all the services per operation."""
+    return round(1000 * sum(cpu.values()) / count, 3) if count else None
 
 
 async def _hot_path(stack: Any, pool: list[Any], ocsp_url: str, ocsp_body: bytes) -> None:
@@ -293,8 +311,9 @@ def table(report: dict[str, Any]) -> str:
              f"({', '.join(f'{t} {n}' for t, n in report['preload']['rows'].items())})", "",
              f"{'figure':<22} {'empty':>9} {'loaded':>9} {'change':>8}"]
     for what in ("issuance", "ocsp"):
-        for key, label in (("rate_per_s", "/s"), ("p50_ms", " p50 ms"), ("p99_ms", " p99 ms"), ("errors", " errors")):
-            a, b = e[what][key], l[what][key]
+        for key, label in (("rate_per_s", "/s"), ("p50_ms", " p50 ms"), ("p99_ms", " p99 ms"), ("errors", " errors"),
+                           ("cpu_ms", " CPU ms each")):
+            a, b = e[what].get(key), l[what].get(key)
             delta = change(a, b)
             lines.append(f"{what + label:<22} {_fmt(a):>9} {_fmt(b):>9} "
                          f"{(f'{delta:+.1f}%' if delta is not None else '-'):>8}")
@@ -327,6 +346,8 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
         pool = _csr_pool(64)
         nats = stack.env.nats.nats_config("client")
         url, body = asyncio.run(_ocsp_request_for_new_certificate(nats))
+        say(f"  settling: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
+        asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body))
         say(f"  empty database: issuance and OCSP, {seconds:g} s each ...")
         empty = asyncio.run(_measure(stack, pool, seconds, url, body))
         say(f"  preloading {count} certificates (CLM and CARA stopped meanwhile: their background queries would "
