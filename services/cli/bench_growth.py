@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hapki.cli.bench import percentile
-from hapki.cli.procstat import ProcessGroups
+from hapki.cli.procstat import ProcessGroups, per_issuance_ms
 
 CHUNK = 100_000  # rows per INSERT ... SELECT: bounded transactions, progress to show
 PRELOAD_TIMEOUT_SECONDS = 3600.0  # one statement; re-building a table's indexes over 1M rows takes minutes
@@ -261,9 +261,11 @@ async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, o
     answered = round(ocsp["responses_per_second"] * (seconds + WARMUP_SECONDS))
     return {"issuance": {"rate_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(ordered, 50),
                          "p99_ms": percentile(ordered, 99), "errors": level.errors,
-                         "cpu_ms": _total_ms(level.cpu_seconds, len(ordered))},
+                         "cpu_ms": _total_ms(level.cpu_seconds, len(ordered)),
+                         "cpu_ms_by_process": per_issuance_ms(level.cpu_seconds, len(ordered))},
             "ocsp": {"rate_per_s": ocsp["responses_per_second"], "p50_ms": ocsp["p50_ms"], "p99_ms": ocsp["p99_ms"],
-                     "errors": ocsp["errors"], "cpu_ms": _total_ms(ocsp_cpu, answered)}}
+                     "errors": ocsp["errors"], "cpu_ms": _total_ms(ocsp_cpu, answered),
+                     "cpu_ms_by_process": per_issuance_ms(ocsp_cpu, answered)}}
 
 
 def _total_ms(cpu: dict[str, float], count: int) -> float | None:
@@ -304,6 +306,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _fmt2(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(report: dict[str, Any]) -> str:
     e, l = report["empty"], report["loaded"]
     lines = [f"hapki bench --growth {report['count']}: local stack, {CONCURRENCY} closed-loop clients, "
@@ -317,6 +323,10 @@ def table(report: dict[str, Any]) -> str:
             delta = change(a, b)
             lines.append(f"{what + label:<22} {_fmt(a):>9} {_fmt(b):>9} "
                          f"{(f'{delta:+.1f}%' if delta is not None else '-'):>8}")
+    for what in ("issuance", "ocsp"):
+        lines.append(f"{what} CPU ms each by process, empty -> loaded: " + ", ".join(
+            f"{k} {_fmt2(v)} -> {_fmt2(l[what]['cpu_ms_by_process'].get(k))}"
+            for k, v in e[what]["cpu_ms_by_process"].items()))
     sent = report["statements_sent"]
     lines += ["", f"Statements sent during {report['issuances_captured']} issuances (and a repeat), 5 OCSP requests and "
               f"{CAPTURE_SECONDS:g} s of background work: " + ", ".join(f"{u} {n}" for u, n in sent.items())]

@@ -119,3 +119,24 @@ def test_clone_keys_are_32_hex_digits_in_the_order_of_s_over_the_whole_key_space
     assert all(len(k) == 32 for k in keys) and keys == sorted(keys)
     assert keys[0].startswith("700000000") and keys[-1].startswith("7ffbe76c")
     assert "LPAD(HEX(FLOOR((s - 1) * SCALE)), 8, '0')" in bench_growth.OVERRIDES["certificates"]["serial"]
+
+
+def test_growth_table_compares_empty_and_loaded_and_marks_scans() -> None:
+    def phase(rate: float, cpu: float) -> dict[str, object]:
+        figures = {"rate_per_s": rate, "p50_ms": 10.0, "p99_ms": 20.0, "errors": 0, "cpu_ms": cpu,
+                   "cpu_ms_by_process": {"clm": cpu / 2, "mariadbd": cpu / 2}}
+        return {"issuance": figures, "ocsp": figures}
+
+    report = {"count": 1000000, "seconds": 10, "empty": phase(100.0, 10.0), "loaded": phase(90.0, 12.0),
+              "preload": {"seconds": 138.0, "rows": {"certificates": 1000001}},
+              "statements_sent": {"hapki_clm": 37, "hapki_cara": 212}, "issuances_captured": 5,
+              "explain": [{"statement": "SELECT ? FROM requests WHERE id = ?", "scans": [],
+                           "plan": [{"table": "requests", "type": "const", "key": "PRIMARY", "rows": "1"}]},
+                          {"statement": "SELECT * FROM certificates", "scans": ["certificates: ALL over ~1000000 rows"],
+                           "plan": [{"table": "certificates", "type": "ALL", "key": None, "rows": "1000000"}]}]}
+    text = bench_growth.table(report)
+    assert "issuance/s                 100.0      90.0   -10.0%" in text
+    assert "issuance CPU ms each        10.0      12.0   +20.0%" in text
+    assert "issuance CPU ms each by process, empty -> loaded: clm 5.00 -> 6.00, mariadbd 5.00 -> 6.00" in text
+    assert "2 shapes, 1 with a full scan" in text and "SCAN SELECT * FROM certificates" in text
+    assert "hapki_clm 37, hapki_cara 212" in text
