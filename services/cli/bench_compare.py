@@ -83,7 +83,6 @@ def raw_limit(base: Path, csrs: list[str], seconds: float) -> dict[str, Any]:
     hsm.start()
     try:
         hsm.init_token("raw")
-        os.environ["SOFTHSM2_CONF"] = str(hsm.conf_path)
         module = hsm.conf_path.parent / "libsofthsm2-raw.so"  # a private copy: SOFTHSM2_CONF is read once per library
         shutil.copyfile(hsm.module_path, module)
         member = HSMMemberConfig(name="raw", module_path=str(module), token_label="raw", pin_file=hsm.pin_file("raw"),
