@@ -10,6 +10,7 @@ say() { printf 'setup: %s\n' "$*"; }
 packages=(
   mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync iproute2 nftables keepalived haproxy make curl
   python3 python3-venv
+  golang-cfssl  # the peer CA of `hapki bench --compare`
 )
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hapki.cli.demo import setup_tracing, sigterm_as_interrupt, start_stack
+from hapki.cli.procstat import ProcessGroups, machine_busy_seconds, per_issuance_ms
 from hapki.contracts.models import IssueCertificate
 from hapki.lab.stack import LocalStack
 from hapki.lab.traces import DB_PARTS, STAGES, issuance_stages, load_spans, stage_breakdown
@@ -75,6 +76,7 @@ class LevelResult:
             "stages": stage_breakdown(mine),
             "stage_ms": stage_ms,
             "cpu_percent": {k: 100 * v / self.seconds for k, v in self.cpu_seconds.items()},
+            "cpu_ms_per_issuance": per_issuance_ms(self.cpu_seconds, len(ordered)),
             "machine_cpu_percent": None if self.machine_busy_seconds is None
             else 100 * self.machine_busy_seconds / self.seconds,
         }
@@ -107,36 +109,9 @@ def _pids(stack: LocalStack) -> dict[str, int | None]:
     }
 
 
-def _cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process so far (from /proc/<pid>/stat), None if it is gone."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # fields after the command name; utime, stime are the 12th, 13th
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_seconds() -> float:
-    """CPU time all cores of the machine spent busy so far (from /proc/stat), whoever used it."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_mib(pid: int | None) -> float | None:
-    """Peak resident set size (VmHWM) of a process in MiB, None if it is gone."""
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+def _groups(pids: dict[str, int | None]) -> ProcessGroups:
+    """The services with their descendants (signer processes); this process, their parent, alone."""
+    return ProcessGroups({name: [pid] for name, pid in pids.items()}, alone=["bench-client"])
 
 
 async def _run_level(
@@ -182,14 +157,12 @@ async def _run_level(
 
     async def sample_cpu() -> None:
         await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-        machine_before = _machine_busy_seconds()
+        groups = _groups(pids)  # descendants (signer processes) too
+        groups.start()
+        machine_before = machine_busy_seconds()
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        result.machine_busy_seconds = _machine_busy_seconds() - machine_before
-        for name, pid in pids.items():
-            after = _cpu_seconds(pid)
-            if after is not None and before[name] is not None:
-                result.cpu_seconds[name] = after - before[name]  # type: ignore[operator]
+        result.machine_busy_seconds = machine_busy_seconds() - machine_before
+        result.cpu_seconds.update({name: cpu for name, cpu in groups.stop().items() if pids[name]})
 
     try:
         await asyncio.gather(sample_cpu(), *(loop(i) for i in range(concurrency)))
@@ -240,6 +213,11 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(f"{level['concurrency']:>7}" + "".join(f"  {_fmt(cpu.get(k), '.0f'):>12}" for k in PROCESSES)
                      + f"  {sum(cpu.values()):>7.0f}  {_fmt(level['machine_cpu_percent'], '.0f'):>7}")
     lines.append("  (machine: every process on this host; well above total means other load skewed the figures)")
+    lines += ["", "CPU ms per issuance by process"]
+    lines.append(f"{'clients':>7}" + "".join(f"  {k:>12}" for k in PROCESSES))
+    for level in report["levels"]:
+        per = level["cpu_ms_per_issuance"]
+        lines.append(f"{level['concurrency']:>7}" + "".join(f"  {_fmt(per.get(k), '.2f'):>12}" for k in PROCESSES))
     rss = report["rss_peak_mib"]
     lines += ["", "Peak RSS (VmHWM) over the whole run, MiB: "
               + ", ".join(f"{k} {_fmt(rss.get(k), '.0f')}" for k in PROCESSES)]
@@ -271,7 +249,7 @@ def _bench(base_dir: Path, levels: list[int], seconds: float, as_json: bool) -> 
             results.append(result)
             _progress(f"  {level} clients: {len(result.latencies_ms) / seconds:.1f} issued/s, "
                       f"{result.errors} errors")
-        rss = {name: _peak_rss_mib(pid) for name, pid in pids.items()}
+        rss = _groups(pids).peak_rss_mib()
     finally:
         _progress("  stopping the stack (the services flush their spans) ...")
         stack.stop()

@@ -334,6 +334,25 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    if args.compare:
+        from hapki.cli import bench_compare
+
+        only = tuple(c for c in args.columns.split(",") if c)
+        unknown = set(only) - set(bench_compare.COLUMNS)
+        if unknown or args.rate < 1 or args.vus < 1 or args.seconds <= 0 or args.warmup <= 0:
+            print(f"hapki bench --compare: columns are {','.join(bench_compare.COLUMNS)}; --rate, --vus, --seconds "
+                  "and --warmup must be positive", file=sys.stderr)
+            return 2
+        shape = bench_compare.LoadShape(rate=args.rate, vus=args.vus, seconds=args.seconds, warmup=args.warmup)
+        return bench_compare.run_compare(args.dir, shape, with_lab=args.with_lab, lab_dir=args.lab_dir,
+                                         as_json=args.json, only=only)
+    if args.growth is not None:
+        from hapki.cli import bench_growth
+
+        if args.growth < 1 or args.seconds <= 0:
+            print("hapki bench --growth: N and --seconds must be positive", file=sys.stderr)
+            return 2
+        return bench_growth.run(args.dir, args.growth, seconds=args.seconds, as_json=args.json)
     if args.ocsp is not None or args.crl is not None:
         from hapki.cli import bench_revocation
 

@@ -74,8 +74,9 @@ def reap_leftover_services(base_dir: Path) -> list[int]:
     return found
 
 
-def start_stack(base_dir: Path, trace_file: Path) -> LocalStack:
-    """A started LocalStack in `base_dir` whose services write spans to `trace_file` (emptied first).
+def start_stack(base_dir: Path, trace_file: Path | None, **overrides: Any) -> LocalStack:
+    """A started LocalStack in `base_dir` whose services write spans to `trace_file` (emptied first; None: no
+    spans), with LocalStack's `overrides` (`clm_overrides`, `cara_overrides`).
 
     Reuses the directory's state (database, tokens, CA) as LocalEnv allows; a Ctrl-C during the start leaves no
     process behind.
@@ -84,8 +85,9 @@ def start_stack(base_dir: Path, trace_file: Path) -> LocalStack:
     leftovers = reap_leftover_services(base_dir)
     if leftovers:
         print(f"  (stopped services left over from an earlier run: pids {leftovers})", file=sys.stderr)
-    trace_file.write_bytes(b"")
-    stack = LocalStack(base_dir, trace_file=trace_file)
+    if trace_file is not None:
+        trace_file.write_bytes(b"")
+    stack = LocalStack(base_dir, trace_file=trace_file, **overrides)
     try:
         return stack.start()
     except BaseException:

@@ -103,7 +103,29 @@ def _parser() -> argparse.ArgumentParser:
                             " concurrency levels (root; the lab is brought up if it is not)")
     bench.add_argument("--crl", metavar="N", type=int, default=None,
                        help="instead of issuance: CRL generation time with N revoked entries (local stack)")
-    bench.add_argument("--lab-dir", type=Path, default=Path(".run/lab"), help="--ocsp: the lab's directory")
+    bench.add_argument("--lab-dir", type=Path, default=Path(".run/lab"),
+                       help="--ocsp, --compare --with-lab: the lab's directory")
+    bench.add_argument("--compare", action="store_true",
+                       help="instead: side by side under one k6 load: raw limit, CFSSL + MariaDB, hapki single node "
+                            "(and the HA lab with --with-lab); --seconds per run")
+    bench.add_argument("--columns", default="raw,cfssl,single,lab",
+                       help="--compare: which of raw,cfssl,single,lab to run")
+    bench.add_argument("--rate", type=int, default=300, help="--compare: arrivals/s of the fixed-rate run")
+    bench.add_argument("--vus", type=int, default=32, help="--compare: closed-loop clients of the max-load run")
+    bench.add_argument("--warmup", type=float, default=3.0, help="--compare: warm-up seconds per column")
+    bench.add_argument("--with-lab", action="store_true",
+                       help="--compare: also load the HA lab (it must be up; one lab per host: only your own)")
+    bench.add_argument("--growth", metavar="N", type=int, default=None,
+                       help="instead: issuance rate and OCSP latency on an empty database, then with N certificates "
+                            "preloaded (bulk SQL), and EXPLAIN of the hot-path queries")
+
+    k6 = sub.add_parser("k6", help="helpers of the k6 scripts in k6/: their CSR pool, the failover gap")
+    k6.add_argument("action", choices=["csrs", "gap"],
+                    help="csrs: write a JSON array of P-256 CSRs to PATH (CSR_FILE of the scripts); gap: read "
+                         "`k6 run --out json=PATH k6/failover.js` and print issuance second by second")
+    k6.add_argument("path", type=Path)
+    k6.add_argument("--count", type=int, default=512, help="csrs: how many")
+    k6.add_argument("--json", action="store_true", help="gap: print JSON")
 
     lab = sub.add_parser("lab", help="the HA lab: the reference topology in network namespaces on this host (root)")
     lab.add_argument("action", choices=["up", "down", "status", "demo"],
@@ -135,6 +157,12 @@ def _fuzz(args: argparse.Namespace) -> int:
     return fuzz.main(args)
 
 
+def _k6(args: argparse.Namespace) -> int:
+    from hapki.cli import k6
+
+    return k6.main(args.action, args.path, args.count, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
@@ -149,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.demo,
         "bench": commands.bench,
         "fuzz": _fuzz,
+        "k6": _k6,
         "lab": commands.lab,
         "chaos": commands.chaos,
     }[args.command]

@@ -589,6 +589,9 @@ class MariaDB(_Server):
             "port": str(self.port),
             "bind-address": _LOCALHOST,
             "log-error": str(self.log_path),
+            # Its own temporary files (internal temporary tables, filesorts) in its own directory: in a shared /tmp
+            # anything that cleans up there breaks running queries ("Error on delete of '/tmp/#sql-temptable...'").
+            "tmpdir": str(self.dir / "tmp"),
             "innodb_flush_log_at_trx_commit": "2",
             "innodb_buffer_pool_size": "64M",
             "max_connections": "300",
@@ -606,6 +609,7 @@ class MariaDB(_Server):
         _reap_stale(self.pid_file, str(self.cnf_path))
         self.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
+        (self.dir / "tmp").mkdir(exist_ok=True)
         self.cnf_path.write_text(self._cnf())
         if not self._has_state():
             self._install()

@@ -148,10 +148,13 @@ class ServiceProcess:
 class LocalStack:
     """LocalEnv + an initialised CA + one CARA and one CLM process."""
 
-    def __init__(self, base_dir: Path, *, trace_file: Path | None = None) -> None:
+    def __init__(self, base_dir: Path, *, trace_file: Path | None = None, clm_overrides: dict[str, Any] | None = None,
+                 cara_overrides: dict[str, Any] | None = None) -> None:
+        """`clm_overrides`/`cara_overrides`: config fields for the services, e.g. `http_listen` (the benchmarks)."""
         self.base_dir = Path(base_dir).resolve()
         self.env = LocalEnv(self.base_dir)
         self.trace_file = trace_file
+        self.clm_overrides, self.cara_overrides = dict(clm_overrides or {}), dict(cara_overrides or {})
         self.cara: ServiceProcess | None = None
         self.clm: ServiceProcess | None = None
 
@@ -166,8 +169,8 @@ class LocalStack:
         self.env.start()
         try:
             conf = self.base_dir / "config"
-            cara_path = write_config(cara_config(self.env), conf / "cara.toml")
-            clm_path = write_config(clm_config(self.env), conf / "clm.toml")
+            cara_path = write_config(cara_config(self.env, **self.cara_overrides), conf / "cara.toml")
+            clm_path = write_config(clm_config(self.env, **self.clm_overrides), conf / "clm.toml")
             subprocess.run([*hapki_command(), "ca", "init", "--config", str(cara_path), "--out", str(conf)],
                            check=True, env=self.child_env(), capture_output=True, timeout=120)
             logs = self.base_dir / "logs"

@@ -102,6 +102,9 @@ def test_bench_reports_rate_latency_and_stages_as_json(tmp_path: Path) -> None:
     assert set(STAGES) <= set(level["stages"])
     assert sum(level["stages"][k] for k in STAGES) == pytest.approx(1, abs=0.01)
     assert {"clm", "cara", "mariadbd", "nats-server"} <= {k for k, v in report["rss_peak_mib"].items() if v}
+    per = level["cpu_ms_per_issuance"]  # every service did work for each certificate; the client counts alone
+    assert all(per[k] > 0 for k in ("clm", "cara", "mariadbd", "nats-server")), per
+    assert per["bench-client"] < per["clm"] + per["cara"] + per["mariadbd"], per
 
 
 def test_bench_crl_reports_generation_times_as_json() -> None:

@@ -1,0 +1,142 @@
+"""The pure parts of `hapki bench --compare` and `--growth`: ratios, the table, and reading the hot path's SQL."""
+
+from __future__ import annotations
+
+from hapki.cli import bench_compare, bench_growth
+
+
+def _run(rate: float, errors: int = 0) -> dict[str, object]:
+    return {"issued": int(rate * 10), "seconds": 10, "rate_per_s": rate, "p50_ms": 5.0, "p95_ms": 9.0, "p99_ms": 12.0,
+            "errors": errors, "cpu_ms_per_issuance": {"clm": 1.25, "k6": 0.5}}
+
+
+def _column(max_rate: float) -> dict[str, object]:
+    return {"runs": {"rate": _run(100.0), "max": _run(max_rate)}, "rss_peak_mib": {"clm": 80.4, "k6": None},
+            "verified": {"stored": 1234, "checked": 50, "failed": 0}}
+
+
+def test_ratios_are_against_cfssl_at_max_load() -> None:
+    columns = {"cfssl": _column(800.0), "single": _column(400.0), "lab": {"skipped": "not asked"}}
+    assert bench_compare.ratios(columns) == {"single/cfssl": 0.5, "lab/cfssl": None}
+    assert bench_compare.ratios({"single": _column(1.0)}) == {"single/cfssl": None, "lab/cfssl": None}
+
+
+def test_table_shows_every_column_skips_and_failures_by_name() -> None:
+    report = {"cores": 2, "shape": {"rate": 300, "vus": 32, "seconds": 10.0, "warmup": 3.0},
+              "columns": {"cfssl": _column(800.0), "single": _column(400.0), "lab": {"skipped": "lab not up"},
+                          "raw": {"failed": "RuntimeError: no softhsm"}},
+              "ratios": {"single/cfssl": 0.5, "lab/cfssl": None}, "ceiling_ratios": {"single/cfssl": 0.25,
+                                                                                        "lab/cfssl": None}}
+    text = bench_compare.table(report)
+    assert "(d) hapki HA lab         skipped: lab not up" in text
+    assert "(a) raw limit            FAILED: RuntimeError: no softhsm" in text
+    assert "measured: single/cfssl 0.50, lab/cfssl -; by CPU ceiling: single/cfssl 0.25, lab/cfssl -" in text
+    assert "50/50 of 1234" in text and "cpu: clm 1.25  k6 0.50" in text and "rss: clm 80  k6 -" in text
+
+
+def test_ceiling_is_cores_over_cpu_seconds_per_issuance() -> None:
+    assert bench_compare.ceiling({"clm": 3.0, "k6": 1.0}, 1000, cores=2) == 500.0
+    assert bench_compare.ceiling({"clm": 0.0}, 1000, cores=2) is None and bench_compare.ceiling({"a": 1.0}, 0) is None
+    columns = {"cfssl": {"runs": {"max": {"ceiling_per_s": 1000.0}}}, "single": {"runs": {"max": {"ceiling_per_s": 250.0}}}}
+    assert bench_compare.ratios(columns, key="ceiling_per_s") == {"single/cfssl": 0.25, "lab/cfssl": None}
+
+
+def test_load_shape_env_measures_without_a_warmup_of_its_own() -> None:
+    env = bench_compare.LoadShape(rate=300, vus=32, seconds=10.0, warmup=3.0).env("max")
+    assert env == {"MODE": "max", "RATE": "300", "VUS": "32", "SECONDS": "10", "WARMUP": "0"}
+
+
+def test_split_statements_respects_quotes() -> None:
+    text = "UPDATE a SET x = 'a;b\\'c' WHERE id = 1; INSERT INTO t VALUES (\"q;\"); COMMIT;"
+    assert bench_growth.split_statements(text) == ["UPDATE a SET x = 'a;b\\'c' WHERE id = 1",
+                                                   'INSERT INTO t VALUES ("q;")', "COMMIT"]
+
+
+def test_normalise_folds_literals_into_one_shape() -> None:
+    a = bench_growth.normalise("SELECT 1 FROM requests WHERE id = 'abc'  AND n = 42")
+    b = bench_growth.normalise("SELECT 1 FROM requests\n WHERE id = 'x\\'y' AND n = 7")
+    assert a == b == "SELECT ? FROM requests WHERE id = ? AND n = ?"
+
+
+def test_explainable_statements_are_those_with_an_access_path() -> None:
+    assert bench_growth.explainable("  select 1")
+    assert bench_growth.explainable("UPDATE epochs SET x = 1")
+    assert bench_growth.explainable("DELETE FROM audit_unsealed WHERE entry_id = 'a'")
+    assert bench_growth.explainable("INSERT INTO a SELECT * FROM b")
+    assert not bench_growth.explainable("INSERT INTO a (x) VALUES (1)")
+    assert not bench_growth.explainable("COMMIT") and not bench_growth.explainable("SET SESSION x = 1")
+    assert not bench_growth.explainable("")
+
+
+def test_scans_flags_full_scans_of_big_tables_only() -> None:
+    output = ("id\tselect_type\ttable\ttype\tpossible_keys\tkey\tkey_len\tref\trows\tExtra\n"
+              "1\tSIMPLE\tcertificates\tALL\tNULL\tNULL\tNULL\tNULL\t1000000\tUsing where\n"
+              "1\tSIMPLE\tissuers\tALL\tNULL\tNULL\tNULL\tNULL\t1\t\n"
+              "1\tSIMPLE\trequests\tindex\tNULL\tix_requests_status\t4\tNULL\t5000\t\n"
+              "1\tSIMPLE\tsigning_intents\tref\tix_intents_request\tix_intents_request\t128\tconst\t1\t\n"
+              "1\tSIMPLE\tepochs\tconst\tPRIMARY\tPRIMARY\t66\tconst\tNULL\t\n")
+    rows = bench_growth.parse_explain(output)
+    assert [r["table"] for r in rows] == ["certificates", "issuers", "requests", "signing_intents", "epochs"]
+    assert bench_growth.scans(rows) == ["certificates: ALL over ~1000000 rows", "requests: index over ~5000 rows"]
+    assert bench_growth.parse_explain("") == []
+
+
+def test_clone_statement_gives_each_copy_its_own_identity_and_copies_the_rest() -> None:
+    sql = bench_growth.clone_statement("certificates", ["issuer", "serial", "request_id", "cert_pem"], 1, 100000,
+                                       1000000)
+    assert sql.startswith("INSERT INTO `certificates` (`issuer`, `serial`, `request_id`, `cert_pem`) SELECT t.`issuer`,")
+    assert "MD5(CONCAT('growth-s', s)), 23)" in sql and "MD5(CONCAT('growth-r', s)), 24)" in sql
+    assert "(s - 1) * 4294.967296" in sql and "t.`cert_pem`" in sql and "SCALE" not in sql
+    assert sql.endswith("FROM `growth_certificates` t, (SELECT seq AS s FROM seq_1_to_100000) g")
+    staging = bench_growth.staging_statements("certificates", "ab" * 16)
+    assert "CREATE TABLE `growth_certificates` LIKE `certificates`" in staging and f"'{'ab' * 16}'" in staging
+
+
+def test_change_in_percent() -> None:
+    assert bench_growth.change(100.0, 91.0) == -9.0
+    assert bench_growth.change(None, 1.0) is None and bench_growth.change(0, 1.0) is None
+
+
+def test_secondary_indexes_are_re_created_as_they_were() -> None:
+    rows = ("ix_a\t1\tstatus\t\nix_a\t1\tcreated_at\t\nuq_b\t0\trequester\t\nuq_b\t0\tidempotency_key\t\n"
+            "ix_c\t1\tvalue\t16\n")
+    asked: list[str] = []
+    indexes = bench_growth.secondary_indexes(lambda q: asked.append(q) or rows, "requests")
+    assert "table_name = 'requests'" in asked[0] and "index_name <> 'PRIMARY'" in asked[0]
+    assert indexes == {"ix_a": "ADD INDEX `ix_a` (`status`, `created_at`)",
+                       "uq_b": "ADD UNIQUE INDEX `uq_b` (`requester`, `idempotency_key`)",
+                       "ix_c": "ADD INDEX `ix_c` (`value`(16))"}
+
+
+def test_clone_keys_are_32_hex_digits_in_the_order_of_s_over_the_whole_key_space() -> None:
+    import hashlib
+
+    def key(s: int, n: int, first: str, tag: str) -> str:  # what _key's SQL computes
+        return first + format(int((s - 1) * 2**32 / n), "08x") + hashlib.md5(f"growth-{tag}{s}".encode()).hexdigest()[
+            :24 - len(first)]
+
+    keys = [key(s, 1000, "7", "s") for s in (1, 2, 500, 1000)]
+    assert all(len(k) == 32 for k in keys) and keys == sorted(keys)
+    assert keys[0].startswith("700000000") and keys[-1].startswith("7ffbe76c")
+    assert "LPAD(HEX(FLOOR((s - 1) * SCALE)), 8, '0')" in bench_growth.OVERRIDES["certificates"]["serial"]
+
+
+def test_growth_table_compares_empty_and_loaded_and_marks_scans() -> None:
+    def phase(rate: float, cpu: float) -> dict[str, object]:
+        figures = {"rate_per_s": rate, "p50_ms": 10.0, "p99_ms": 20.0, "errors": 0, "cpu_ms": cpu,
+                   "cpu_ms_by_process": {"clm": cpu / 2, "mariadbd": cpu / 2}}
+        return {"issuance": figures, "ocsp": figures}
+
+    report = {"count": 1000000, "seconds": 10, "empty": phase(100.0, 10.0), "loaded": phase(90.0, 12.0),
+              "preload": {"seconds": 138.0, "rows": {"certificates": 1000001}},
+              "statements_sent": {"hapki_clm": 37, "hapki_cara": 212}, "issuances_captured": 5,
+              "explain": [{"statement": "SELECT ? FROM requests WHERE id = ?", "scans": [],
+                           "plan": [{"table": "requests", "type": "const", "key": "PRIMARY", "rows": "1"}]},
+                          {"statement": "SELECT * FROM certificates", "scans": ["certificates: ALL over ~1000000 rows"],
+                           "plan": [{"table": "certificates", "type": "ALL", "key": None, "rows": "1000000"}]}]}
+    text = bench_growth.table(report)
+    assert "issuance/s                 100.0      90.0   -10.0%" in text
+    assert "issuance CPU ms each        10.0      12.0   +20.0%" in text
+    assert "issuance CPU ms each by process, empty -> loaded: clm 5.00 -> 6.00, mariadbd 5.00 -> 6.00" in text
+    assert "2 shapes, 1 with a full scan" in text and "SCAN SELECT * FROM certificates" in text
+    assert "hapki_clm 37, hapki_cara 212" in text
