@@ -45,6 +45,7 @@ import json
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -362,7 +363,9 @@ class _GaleraProbe:
         conn = await self._connect(self.lab.galera.nodes[0])
         try:
             async with conn.cursor() as cur:
-                await cur.execute(PROBE_SETUP)
+                with warnings.catch_warnings():  # "already exists" from the second run on
+                    warnings.simplefilter("ignore")
+                    await cur.execute(PROBE_SETUP)
         finally:
             conn.close()
         self._tasks = [asyncio.create_task(self._beat(node)) for node in self.lab.galera.nodes]

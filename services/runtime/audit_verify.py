@@ -28,6 +28,9 @@ from hapki.runtime.db import Database, db_time
 
 # Read a chain this many links at a time (memory stays bounded by the chain, not by one huge result).
 _PAGE = 5000
+# One consistent read of the whole log: seconds, not the 3 s bound of a service transaction (a log of a few
+# hundred thousand entries takes several seconds on a busy host).
+READ_TIMEOUT_SECONDS = 300.0
 
 
 class Problem(str, enum.Enum):
@@ -284,7 +287,7 @@ async def read_log(db: Database) -> AuditLog:
                           " JOIN issuers i ON i.name = s.issuer")
         return chain, head, unsealed, checkpoints, list(await cur.fetchall())
 
-    chain, head, unsealed, checkpoints, signers = await db.run(body, name="audit.read")
+    chain, head, unsealed, checkpoints, signers = await db.run(body, name="audit.read", timeout=READ_TIMEOUT_SECONDS)
     links = [ChainLink(row[0], row[1], row[2], row[3], None if row[4] is None else record_from_row(row[4:]),
                        None if row[4] is None else row[11]) for row in chain]
     return AuditLog(links=links, head=None if head is None else (head[0], head[1]),

@@ -28,8 +28,9 @@ RESUME_BOUND = {
     "nats-node-kill": 10.0,
 }
 # db scenarios: seconds from Galera committing again (the chaos probe's writes) to the first signature. The CA
-# must resume as soon as Galera does; db-minority adds the VIP move (the track script's two failed checks).
-RESUME_LAG_BOUND = {"db-node-kill": 2.0, "db-partition": 2.0, "db-minority": 4.0}
+# must resume as soon as Galera does; db-minority adds the VIP move: two failed checks of the track script at 1 s
+# intervals, VRRP, the other signer's start (measured 2.6-4.3 s over 20 runs, RELIABILITY.md).
+RESUME_LAG_BOUND = {"db-node-kill": 2.0, "db-partition": 2.0, "db-minority": 6.0}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
