@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from hapki.runtime.config import DatabaseConfig, HSMConfig, NatsConfig, StrictModel
+from hapki.runtime.config import DatabaseConfig, HSMConfig, MetricsConfig, NatsConfig, StrictModel
+from hapki.runtime.metrics import PORTS
 
 
 class SignerConfig(StrictModel):
@@ -106,3 +107,6 @@ class CaraConfig(StrictModel):
     crl: CrlConfig = CrlConfig()
     ocsp: OcspConfig = OcspConfig()
     audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = Field(
+        default=MetricsConfig(listen=f"0.0.0.0:{PORTS['cara']}"),
+        description="GET /metrics for Prometheus (port 9101) and the sampling interval")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -31,9 +32,11 @@ from opentelemetry import trace
 from hapki.cara.config import CrlConfig
 from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, IssuerRecord
 from hapki.cara.role import Activity, run_while_active
+from hapki.runtime import metrics
 
 log = logging.getLogger("hapki.cara.crl")
 tracer = trace.get_tracer("hapki.cara")
+_SECONDS = metrics.histogram("hapki.crl.generation.duration")
 
 
 def build_crl(
@@ -104,6 +107,13 @@ class CrlPublisher:
         self._wake = asyncio.Event()
         self.published: list[CrlRecord] = []  # by this process, newest last (tests and health)
 
+    def _measure(self, kind: str, record: CrlRecord, seconds: float) -> None:
+        attributes = {"pki.member": self._member, "pki.issuer": self._issuer.name, "crl.kind": kind}
+        _SECONDS.record(seconds, attributes)
+        metrics.State.of("hapki.crl.number").set(record.number, attributes)
+        metrics.State.of("hapki.crl.size").set(len(record.der), attributes)
+        metrics.State.of("hapki.crl.entries").set(record.entries, attributes)
+
     def wake(self) -> None:
         """A revocation was recorded: check at once instead of at the next poll."""
         self._wake.set()
@@ -138,6 +148,7 @@ class CrlPublisher:
         with tracer.start_as_current_span("cara.crl", attributes={"pki.crl_kind": kind, "pki.member": self._member,
                                                                    "pki.issuer": self._issuer.name}) as span:
             validity = self._config.delta_validity_seconds if delta else self._config.full_validity_seconds
+            began = time.perf_counter()
 
             async def build(number: int, base: int | None, entries: list[CrlEntry]) -> tuple[bytes, datetime, datetime]:
                 this_update = self._clock().replace(microsecond=0)
@@ -154,6 +165,7 @@ class CrlPublisher:
             span.set_attribute("pki.crl_entries", record.entries)
             log.info("published %s CRL %d of %s (%d entries, epoch %d)", kind, record.number, self._issuer.name,
                      record.entries, epoch)
+            self._measure(kind, record, time.perf_counter() - began)
             self.published.append(record)
             del self.published[:-100]
             return record

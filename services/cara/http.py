@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from opentelemetry import context, trace
 
 from hapki.cara.ocsp import OcspResponder, unsuccessful
+from hapki.cara.ocsp import record as record_ocsp
 from hapki.cara.ports import CrlRecord
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import HapkiError
@@ -129,25 +130,26 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
     async def ocsp_post(request: web.Request) -> web.Response:
         """POST /ocsp: the DER request is the body."""
         if request.content_length is not None and request.content_length > MAX_OCSP_REQUEST_BYTES:
-            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+            return _ocsp_malformed()
         body = await request.content.read(MAX_OCSP_REQUEST_BYTES + 1)
         if len(body) > MAX_OCSP_REQUEST_BYTES:
-            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+            return _ocsp_malformed()
         return await _ocsp_answer(body)
 
     async def ocsp_get(request: web.Request) -> web.Response:
         """GET /ocsp/{url-encoded base64 of the DER request}."""
         raw = request.rel_url.raw_path.removeprefix("/ocsp/")
         if len(raw) > MAX_OCSP_GET_CHARS:  # refused before decoding (aiohttp's own line limit is 8190)
-            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+            return _ocsp_malformed()
         try:
             der = base64.b64decode(urllib.parse.unquote(raw), validate=True)
         except (binascii.Error, ValueError):
-            return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+            return _ocsp_malformed()
         return await _ocsp_answer(der)
 
     async def _ocsp_answer(der: bytes) -> web.Response:
         if ocsp is None:  # no delegated OCSP signer for this member's issuer (`hapki ca init` creates one)
+            record_ocsp("unauthorized", 0.0)
             return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED))
         return _ocsp_reply(await ocsp.respond(der))
 
@@ -169,6 +171,12 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
     app.router.add_post("/ocsp", ocsp_post)
     app.router.add_get("/ocsp/{request:.+}", ocsp_get)
     return app
+
+
+def _ocsp_malformed() -> web.Response:
+    """malformedRequest for a request refused at the HTTP edge (too large, not base64), counted like the others."""
+    record_ocsp("malformedRequest", 0.0)
+    return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
 
 
 def _ocsp_reply(der: bytes) -> web.Response:

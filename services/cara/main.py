@@ -12,6 +12,7 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from hapki.cara import http, issuance
+from hapki.cara import metrics as cara_metrics
 from hapki.cara.audit_sealer import AuditSealer, CheckpointKey
 from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
@@ -21,7 +22,7 @@ from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
-from hapki.runtime import bus
+from hapki.runtime import bus, metrics
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.audit import audit_signer
 from hapki.runtime.clock import utcnow
@@ -66,6 +67,8 @@ class CaraRuntime:
         self._crl_task: asyncio.Task[None] | None = None
         self.audit: AuditSealer | None = None
         self._audit_task: asyncio.Task[None] | None = None
+        self._samplers: list[asyncio.Task[None]] = []
+        self._unwatch: Callable[[], None] | None = None
 
     async def open(self) -> None:
         """Connect everything; the signer stays passive until start()."""
@@ -103,6 +106,14 @@ class CaraRuntime:
             config=cfg.crl, activity=self.signer, clock=self._clock,
         )
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
+        # Metrics: the signer's role and epoch live; the queue and the database nodes sampled.
+        self._unwatch = cara_metrics.watch_signer(self.signer, cfg.member)
+        every = cfg.metrics.sample_seconds
+        self._samplers = [
+            asyncio.create_task(metrics.Sampler("signing queue", cara_metrics.queue_sample(js, cfg.member), every).run()),
+            asyncio.create_task(metrics.Sampler("database nodes", metrics.database_sample(self.db, cfg.member),
+                                                every).run()),
+        ]
         self._crl_task = asyncio.create_task(self.crl.run())
         if found is None:
             log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",
@@ -135,7 +146,8 @@ class CaraRuntime:
         assert self.signer is not None
         if self.config.vip is None:
             return await self.signer.start()
-        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signer, poll_seconds=self.config.vip_poll_seconds)
+        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signer, poll_seconds=self.config.vip_poll_seconds,
+                                   member=self.config.member)
         await self.role.step()
         self._role_task = asyncio.create_task(self.role.run())
         return self.signer.epoch or 0
@@ -147,7 +159,9 @@ class CaraRuntime:
             self._role_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._role_task
-        for task in (self._crl_task, self._audit_task):
+        if self._unwatch is not None:
+            self._unwatch()
+        for task in (self._crl_task, self._audit_task, *self._samplers):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
@@ -27,9 +28,12 @@ from opentelemetry import trace
 from hapki.cara.ports import IssuerRecord, SerialStatus
 from hapki.contracts.errors import HapkiError, MalformedMessage
 from hapki.contracts.limits import MAX_OCSP_REQUEST_BYTES
+from hapki.runtime import metrics
 
 log = logging.getLogger("hapki.cara.ocsp")
 tracer = trace.get_tracer("hapki.cara")
+_RESPONSES = metrics.counter("hapki.ocsp.responses")
+_SECONDS = metrics.histogram("hapki.ocsp.duration")
 
 # Largest request read: one constant for every edge (POST body, decoded GET path), in hapki.contracts.limits.
 MAX_REQUEST_BYTES = MAX_OCSP_REQUEST_BYTES
@@ -39,6 +43,12 @@ _HASHES: tuple[type[hashes.HashAlgorithm], ...] = (hashes.SHA1, hashes.SHA256, h
 
 class StatusStore(Protocol):
     async def serial_status(self, issuer: str, serial: str) -> SerialStatus: ...
+
+
+def record(status: str, seconds: float) -> None:
+    """Count and time one OCSP answer: good, revoked, unknown, or the name of the error status."""
+    _RESPONSES.add(1, {"ocsp.status": status})
+    _SECONDS.record(seconds, {"ocsp.status": status})
 
 
 def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
@@ -72,34 +82,36 @@ class OcspResponder:
                                for algorithm in _HASHES}
 
     async def respond(self, der: bytes) -> bytes:
-        """The DER response to a DER request; never raises."""
+        """The DER response to a DER request; never raises. Counted and timed by status (hapki.ocsp.*)."""
+        began = time.perf_counter()
         with tracer.start_as_current_span("cara.ocsp") as span:
-            try:
-                question = parse_request(der)
-            except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
-                span.set_attribute("pki.ocsp_status", "malformedRequest")
-                if not isinstance(exc, MalformedMessage):
-                    log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
-                log.debug("malformed OCSP request: %s", exc)
-                return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-            span.set_attribute("pki.serial", format(question.serial, "x"))
-            if not self.authoritative(question):
-                span.set_attribute("pki.ocsp_status", "unauthorized")
-                return unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
-            try:
-                status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
-                response = await asyncio.to_thread(self.sign_response, question, status)
-            except HapkiError as exc:
-                log.warning("OCSP answered tryLater: %s", exc)
-                span.set_attribute("pki.ocsp_status", "tryLater")
-                return unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
-            except Exception:
-                log.exception("bug while answering an OCSP request")
-                span.set_attribute("pki.ocsp_status", "internalError")
-                return unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
-            cert_status = "unknown" if not status.known else "revoked" if status.revoked_at else "good"
-            span.set_attribute("pki.ocsp_status", cert_status)
-            return response
+            status, response = await self._answer(der, span)
+            span.set_attribute("pki.ocsp_status", status)
+        record(status, time.perf_counter() - began)
+        return response
+
+    async def _answer(self, der: bytes, span: trace.Span) -> tuple[str, bytes]:
+        """(status name for span and metrics, DER response)."""
+        try:
+            question = parse_request(der)
+        except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
+            if not isinstance(exc, MalformedMessage):
+                log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
+            log.debug("malformed OCSP request: %s", exc)
+            return "malformedRequest", unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        span.set_attribute("pki.serial", format(question.serial, "x"))
+        if not self.authoritative(question):
+            return "unauthorized", unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        try:
+            status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
+            response = await asyncio.to_thread(self.sign_response, question, status)
+        except HapkiError as exc:
+            log.warning("OCSP answered tryLater: %s", exc)
+            return "tryLater", unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+        except Exception:
+            log.exception("bug while answering an OCSP request")
+            return "internalError", unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+        return "unknown" if not status.known else "revoked" if status.revoked_at else "good", response
 
     def authoritative(self, question: OcspQuestion) -> bool:
         """Whether the request's CertID names this responder's issuer (RFC 6960 2.3: else `unauthorized`)."""

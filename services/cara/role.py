@@ -16,8 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from hapki.contracts.errors import FencedOut, HapkiError
+from hapki.runtime import metrics
 
 log = logging.getLogger("hapki.cara.role")
+_TRANSITIONS = metrics.counter("hapki.cara.role.transitions")
 
 
 class Ownership(Protocol):
@@ -75,8 +77,9 @@ class RoleSupervisor:
         poll_seconds: float,
         fenced_backoff_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        member: str = "-",
     ) -> None:
-        self._ownership, self._signer = ownership, signer
+        self._ownership, self._signer, self._member = ownership, signer, member
         self._poll, self._backoff, self._clock = poll_seconds, fenced_backoff_seconds, clock
         self._retry_at = 0.0
         self.transitions: list[tuple[float, str]] = []  # (monotonic time, what happened), for health and tests
@@ -88,7 +91,7 @@ class RoleSupervisor:
         if holds and not active:
             if self._signer.fenced.is_set() and self._retry_at == 0.0:
                 self._retry_at = self._clock() + self._backoff
-                self._note("fenced: stepped down")
+                self._note("fenced: stepped down", "fenced")
             if self._clock() < self._retry_at:
                 return
             try:
@@ -97,17 +100,18 @@ class RoleSupervisor:
                 log.warning("could not become active: %s", exc)
                 return
             self._retry_at = 0.0
-            self._note(f"active at epoch {epoch}")
+            self._note(f"active at epoch {epoch}", "active")
         elif not holds and active:
             await self._signer.stop()
             self._retry_at = 0.0
-            self._note("passive: VIP lost")
+            self._note("passive: VIP lost", "passive")
 
     async def run(self) -> None:
         while True:
             await self.step()
             await asyncio.sleep(self._poll)
 
-    def _note(self, what: str) -> None:
+    def _note(self, what: str, transition: str) -> None:
         log.info("role: %s", what)
+        _TRANSITIONS.add(1, {"pki.member": self._member, "pki.transition": transition})
         self.transitions.append((self._clock(), what))

@@ -35,6 +35,9 @@ async def _until_signalled() -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from hapki.runtime.http import serve as serve_http
+    from hapki.runtime.metrics import metrics_app
+
     telemetry.setup_logging()
     telemetry.setup(f"hapki-{args.service}")
     try:
@@ -52,10 +55,15 @@ async def serve(args: argparse.Namespace) -> int:
             from hapki.watcher.main import WatcherRuntime, WatcherConfig
 
             runtime = WatcherRuntime(load_toml(args.config, WatcherConfig))
+        listen = runtime.config.metrics.listen  # type: ignore[attr-defined]
+        # /metrics first: a port taken by another process stops the start before anything connects.
+        scrape = await serve_http(metrics_app(), listen) if listen else None
         await runtime.start()  # type: ignore[attr-defined]
         print(f"hapki {args.service} ready", flush=True)
         await _until_signalled()
         await runtime.stop()  # type: ignore[attr-defined]
+        if scrape is not None:
+            await scrape.cleanup()
     finally:
         telemetry.shutdown()
     return 0

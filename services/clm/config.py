@@ -7,7 +7,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from hapki.runtime.config import DatabaseConfig, NatsConfig, StrictModel
+from hapki.runtime.config import DatabaseConfig, MetricsConfig, NatsConfig, StrictModel
+from hapki.runtime.metrics import PORTS
 
 
 class RateLimitRule(StrictModel):
@@ -81,6 +82,9 @@ class ClmConfig(StrictModel):
     expiry_batch: int = Field(
         default=500, ge=1, le=10_000, description="Most notices one run records per window, and publishes"
     )
+    metrics: MetricsConfig = Field(
+        default=MetricsConfig(listen=f"0.0.0.0:{PORTS['clm']}"),
+        description="GET /metrics for Prometheus (port 9102) and the sampling interval")
 
     @field_validator("expiry_windows_seconds")
     @classmethod

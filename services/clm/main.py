@@ -24,7 +24,7 @@ from hapki.clm.service import ClmService
 from hapki.contracts import subjects
 from hapki.clm.store import MariaDBRequestStore, MariaDBRevocationStore
 from hapki.contracts.errors import HapkiError
-from hapki.runtime import bus
+from hapki.runtime import bus, metrics
 from hapki.runtime.approval import ApprovalKey
 from hapki.runtime.clock import utcnow
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
@@ -75,7 +75,7 @@ class ClmRuntime:
             store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
             profiles=profiles, approver=approver, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
             events=NatsEventPublisher(self.nc), inventory=inventory,
-            clock=self._clock, wait_seconds=cfg.wait_seconds, limiter=rate_limiter(cfg.rate_limit),
+            clock=self._clock, wait_seconds=cfg.wait_seconds, limiter=rate_limiter(cfg.rate_limit), member=cfg.member,
         )
         self.expiry = ExpiryScheduler(store=inventory, publisher=JetStreamExpiryPublisher(js),
                                       windows_seconds=cfg.expiry_windows_seconds, clock=self._clock,
@@ -90,6 +90,8 @@ class ClmRuntime:
         after = timedelta(seconds=cfg.republish_after_seconds)
         self._schedulers = [asyncio.create_task(self._every(
             "outbox sweep", cfg.republish_interval_seconds, lambda: service.republish_stale(after)))]
+        self._schedulers.append(asyncio.create_task(metrics.Sampler(
+            "database nodes", metrics.database_sample(self.db, cfg.member), cfg.metrics.sample_seconds).run()))
         if cfg.expiry_windows_seconds:
             self._schedulers.append(asyncio.create_task(self._every(
                 "expiry scheduler", cfg.expiry_interval_seconds, expiry.run_once)))

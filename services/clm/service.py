@@ -8,13 +8,13 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 
 from opentelemetry import trace
 
 from hapki.clm import inventory
-from hapki.runtime import validation
+from hapki.runtime import metrics, validation
 from hapki.runtime.approval import ApprovalKey
 from hapki.clm.ports import (
     EventPublisher,
@@ -28,6 +28,7 @@ from hapki.clm.ports import (
 )
 from hapki.clm.ratelimit import RateLimiter
 from hapki.contracts.errors import (
+    ErrorCode,
     ForbiddenReason,
     HapkiError,
     NotRenewable,
@@ -59,6 +60,8 @@ log = logging.getLogger("hapki.clm")
 ANSWERED_TTL_SECONDS = 120.0
 ANSWERED_MAX = 50_000
 tracer = trace.get_tracer("hapki.clm")
+_ISSUANCE = metrics.counter("hapki.clm.issuance")
+_ISSUANCE_SECONDS = metrics.histogram("hapki.clm.issuance.duration")
 
 
 def _sha256(text: str) -> str:
@@ -81,11 +84,13 @@ class ClmService:
         clock: Callable[[], datetime],
         wait_seconds: float,
         limiter: RateLimiter | None = None,
+        member: str = "-",
     ) -> None:
         self._store, self._queue, self._profiles, self._approver = store, queue, profiles, approver
         self._limiter = limiter  # per-requester token buckets (None: no limit, as in unit tests of other rules)
         self._revocations, self._events, self._inventory = revocations, events, inventory
         self._clock, self._wait = clock, wait_seconds
+        self._member = member  # the pki.member attribute of this service's metrics
         self._waiters: dict[str, list[asyncio.Future[IssueReply]]] = {}
         # Issue calls in progress here by (requester, idempotency key), with the CSR digest and profile they carry.
         self._inflight: dict[tuple[str, str], tuple[str, str, asyncio.Task[IssueReply]]] = {}
@@ -102,37 +107,65 @@ class ClmService:
         the database is back). A retry with another CSR or profile under the same key is not joined: the store
         answers it with IDEMPOTENCY_CONFLICT as usual.
         """
-        with tracer.start_as_current_span("clm.issue"):
+        async def answer() -> IssueReply:
             digest = _sha256(request.csr_pem)
             self._admit(request.requester, request.idempotency_key, digest, request.profile)
             return await self._once_per_key(request, None, digest)
 
+        with tracer.start_as_current_span("clm.issue"):
+            return await self._measured(request.profile, answer)
+
     async def renew(self, request: RenewCertificate) -> IssueReply:
         """A new certificate for exactly the names of an issued, unrevoked one, by its requester; then as issue."""
         with tracer.start_as_current_span("clm.renew") as span:
-            serial = request.serial.lower()
-            span.set_attribute("pki.serial", serial)
-            digest = _sha256(request.csr_pem)
-            self._admit(request.requester, request.idempotency_key, digest, request.profile)
-            predecessor = await self._inventory.predecessor(serial)
-            if predecessor.requester != request.requester:
-                raise RequesterMismatch(
-                    f"certificate {serial} was requested by another requester; only it may renew it",
-                    {"field": "requester", "serial": serial},
-                )
-            if predecessor.revoked:
-                # A repeat of a renewal that was accepted before the predecessor was revoked (often: revoked as
-                # superseded right after) answers like any repeat: with the original request.
-                if request.idempotency_key is not None:
-                    earlier = await self._store.renewal_by_key(request.requester, request.idempotency_key)
-                    if earlier is not None and earlier[1] == serial:
-                        return await self._store.view(earlier[0])
-                raise NotRenewable(f"certificate {serial} is revoked; request a new certificate instead",
-                                   {"field": "serial", "serial": serial, "reason": "revoked"})
-            return await self._once_per_key(IssueCertificate(
-                csr_pem=request.csr_pem, profile=request.profile or predecessor.profile,
-                requester=request.requester, idempotency_key=request.idempotency_key,
-            ), predecessor, digest)
+            return await self._measured(request.profile, lambda: self._renew(request, span))
+
+    async def _renew(self, request: RenewCertificate, span: trace.Span) -> IssueReply:
+        serial = request.serial.lower()
+        span.set_attribute("pki.serial", serial)
+        digest = _sha256(request.csr_pem)
+        self._admit(request.requester, request.idempotency_key, digest, request.profile)
+        predecessor = await self._inventory.predecessor(serial)
+        if predecessor.requester != request.requester:
+            raise RequesterMismatch(
+                f"certificate {serial} was requested by another requester; only it may renew it",
+                {"field": "requester", "serial": serial},
+            )
+        if predecessor.revoked:
+            # A repeat of a renewal that was accepted before the predecessor was revoked (often: revoked as
+            # superseded right after) answers like any repeat: with the original request.
+            if request.idempotency_key is not None:
+                earlier = await self._store.renewal_by_key(request.requester, request.idempotency_key)
+                if earlier is not None and earlier[1] == serial:
+                    return await self._store.view(earlier[0])
+            raise NotRenewable(f"certificate {serial} is revoked; request a new certificate instead",
+                               {"field": "serial", "serial": serial, "reason": "revoked"})
+        return await self._once_per_key(IssueCertificate(
+            csr_pem=request.csr_pem, profile=request.profile or predecessor.profile,
+            requester=request.requester, idempotency_key=request.idempotency_key,
+        ), predecessor, digest)
+
+    async def _measured(self, profile: str | None, answer: Callable[[], Awaitable[IssueReply]]) -> IssueReply:
+        """`answer()`, counted and timed by profile and outcome (issued, pending, failed, rejected + error code).
+
+        The profile label is a configured profile name or "other": a client-chosen string must not create series.
+        """
+        began = time.perf_counter()
+        outcome, error = "rejected", ErrorCode.INTERNAL.value
+        try:
+            reply = await answer()
+            outcome = reply.status.value if reply.status is not None else "rejected"
+            error = reply.error.code.value if reply.error is not None else ""
+            return reply
+        except HapkiError as exc:
+            error = exc.code.value
+            raise
+        finally:
+            attributes = {"pki.member": self._member, "pki.outcome": outcome,
+                          "pki.profile": profile if profile in self._profiles else ("default" if profile is None
+                                                                                    else "other")}
+            _ISSUANCE.add(1, {**attributes, "pki.error": error})
+            _ISSUANCE_SECONDS.record(time.perf_counter() - began, attributes)
 
     async def search(self, query: SearchCertificates) -> SearchReply:
         """One page of the certificate inventory."""

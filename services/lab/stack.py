@@ -19,10 +19,10 @@ import tomli_w
 
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
-from hapki.lab.local import LocalEnv
+from hapki.lab.local import LocalEnv, free_port
 from hapki.runtime.approval import generate_key_files
 from hapki.runtime.grants import CARA_USER, CLM_USER
-from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
+from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, MetricsConfig, NatsConfig
 
 TOKEN = "hapki-a"
 
@@ -75,16 +75,22 @@ def approval_keys(config_dir: Path) -> tuple[Path, Path]:
     return private, public
 
 
+def local_metrics() -> MetricsConfig:
+    """/metrics on loopback at a free port: on one host the fixed ports (9101..) would collide between stacks."""
+    return MetricsConfig(listen=f"127.0.0.1:{free_port()}")
+
+
 def clm_config(env: LocalEnv, member: str = "clm-1", **overrides: Any) -> ClmConfig:
     private, _ = approval_keys(env.base_dir / "approval")
     return ClmConfig(member=member, nats=nats_config(env, "clm"), database=database_config(env, CLM_USER),
-                     **{"approval_key_file": private, **overrides})
+                     **{"approval_key_file": private, "metrics": local_metrics(), **overrides})
 
 
 def cara_config(env: LocalEnv, member: str = "cara-1", **overrides: Any) -> CaraConfig:
     _, public = approval_keys(env.base_dir / "approval")
     return CaraConfig(member=member, nats=nats_config(env, "cara"), database=database_config(env, CARA_USER),
-                      hsm=hsm_config(env), **{"approval_public_keys": [public], **overrides})
+                      hsm=hsm_config(env), **{"approval_public_keys": [public], "metrics": local_metrics(),
+                                              **overrides})
 
 
 def write_config(config: ClmConfig | CaraConfig, path: Path) -> Path:

@@ -93,6 +93,17 @@ class DatabaseConfig(StrictModel):
     )
 
 
+class MetricsConfig(StrictModel):
+    """Where the process serves its metrics to Prometheus, and how often it samples what it must ask for."""
+
+    listen: str | None = Field(
+        description="host:port of GET /metrics (Prometheus text format); fixed ports: cara 9101, clm 9102, watcher "
+                    "9103; None: no endpoint (OTLP push only, when OTEL_EXPORTER_OTLP_ENDPOINT is set)")
+    sample_seconds: float = Field(
+        default=5.0, gt=0, le=300,
+        description="How often sampled figures (signing queue depth, Galera node state) are read, seconds")
+
+
 class HSMMember(StrictModel):
     """One HSM of the cluster, reached through PKCS#11."""
 

@@ -174,6 +174,29 @@ class Database:
                                                  recycle_seconds=POOL_RECYCLE_SECONDS)
         return pool
 
+    async def node_status(self, node: str, timeout: float = 2.0) -> dict[str, str]:
+        """The node's wsrep status variables (lower-case names; empty on a server without Galera), for metrics.
+
+        DatabaseError when the node does not answer within `timeout` seconds (connecting included).
+        """
+        pool = self._pool(node)
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await pool.acquire(timeout)
+                broken = True
+                try:
+                    async with conn.cursor() as cur:
+                        await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
+                                          "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
+                        rows = await cur.fetchall()
+                    await conn.rollback()
+                    broken = False
+                finally:
+                    pool.release(conn, broken=broken)
+        except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
+            raise DatabaseError(f"database node {node} did not answer a status query: {exc}", {"node": node}) from exc
+        return {str(name).lower(): str(value) for name, value in rows}
+
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
         if nodes[self._current % len(nodes)] == node:

@@ -34,12 +34,15 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from hapki.contracts.errors import HSMUnavailable
 from hapki.runtime.config import require_owner_only
 from hapki.runtime.hsm_key import DigestSigner, HSMPrivateKey, SignMechanism
+from hapki.runtime import metrics
 from hapki.runtime.hsm_library import PKCS11_LOCK, library_for
 
 __all__ = ["HSMMemberConfig", "HSMPool", "HSMPrivateKey", "SignMechanism", "DigestSigner", "PKCS11_LOCK"]
 
 _log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("hapki.hsm")
+_SIGN_SECONDS = metrics.histogram("hapki.hsm.sign.duration")
+_FAILURES = metrics.counter("hapki.hsm.member.failures")
 T = TypeVar("T")
 
 _MECHANISMS = {SignMechanism.ECDSA: Mechanism.ECDSA}
@@ -162,6 +165,8 @@ class HSMPool:
             for member in self._members:
                 member.down_at = None
                 self._usable(member)
+                metrics.State.of("hapki.hsm.member.up").watch({"hsm.member": member.name},
+                                                              lambda m=member: float(m.up))
             if not any(m.up for m in self._members):
                 raise HSMUnavailable("no HSM member could be opened", {"members": self._states()})
 
@@ -174,6 +179,7 @@ class HSMPool:
             for member in self._members:
                 self._drop_session(member)
                 member.up, member.down_at = False, None
+                metrics.State.of("hapki.hsm.member.up").discard({"hsm.member": member.name})
             for member in self._members:
                 member.library.detach()  # the last claim on a library finalizes it
 
@@ -200,8 +206,14 @@ class HSMPool:
             span.set_attribute("hsm.key_id", key_id.hex())
             waited = time.perf_counter()
             with PKCS11_LOCK:
-                span.set_attribute("hsm.lock_wait_ms", (time.perf_counter() - waited) * 1000)
-                member, signature = self._run("sign", lambda m: self._sign_on(m, key_id, p11_mechanism, digest))
+                began = time.perf_counter()
+                span.set_attribute("hsm.lock_wait_ms", (began - waited) * 1000)
+                try:
+                    member, signature = self._run("sign", lambda m: self._sign_on(m, key_id, p11_mechanism, digest))
+                except HSMUnavailable:
+                    _SIGN_SECONDS.record(time.perf_counter() - began, {"hsm.member": "none", "pki.outcome": "unavailable"})
+                    raise
+                _SIGN_SECONDS.record(time.perf_counter() - began, {"hsm.member": member, "pki.outcome": "ok"})
             span.set_attribute("hsm.member", member)
             return signature
 
@@ -332,6 +344,7 @@ class HSMPool:
     def _mark_down(self, member: _Member, exc: BaseException) -> None:
         if member.up or member.down_at is None:
             _log.warning("HSM member %s is down: %s %s", member.name, type(exc).__name__, exc)
+            _FAILURES.add(1, {"hsm.member": member.name})
         member.up, member.down_at = False, self._clock()
         member.keys.clear()
 

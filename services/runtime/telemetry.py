@@ -1,7 +1,8 @@
 """OpenTelemetry set-up and W3C trace-context propagation over NATS headers; logs that carry trace ids.
 
-Exporters come from the standard OTEL_* environment (OTLP traces and metrics when OTEL_EXPORTER_OTLP_ENDPOINT, or
-the per-signal OTEL_EXPORTER_OTLP_TRACES_/METRICS_ENDPOINT, is set).
+Exporters come from the standard OTEL_* environment (OTLP/HTTP traces and metrics when OTEL_EXPORTER_OTLP_ENDPOINT,
+or the per-signal OTEL_EXPORTER_OTLP_TRACES_/METRICS_ENDPOINT, is set). Metrics are always readable by Prometheus
+(hapki.runtime.metrics: each `hapki serve` process serves /metrics).
 HAPKI_TRACE_FILE adds a JSON-lines span file: the local environment's collector, read by `hapki demo`/`bench`.
 """
 
@@ -59,13 +60,9 @@ def setup(service_name: str) -> None:
     if isinstance(trace.get_tracer_provider(), TracerProvider):
         return
     resource = Resource.create({"service.name": service_name})
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from hapki.runtime.metrics import install_provider  # the Prometheus reader (+ OTLP when configured)
 
-        metrics.set_meter_provider(
-            MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    install_provider(resource)
     provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

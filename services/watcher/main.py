@@ -25,8 +25,9 @@ from pydantic import Field
 from hapki.contracts import subjects
 from hapki.contracts.models import HAEvent, HARole
 from hapki.runtime import bus, telemetry
+from hapki.runtime import metrics as metrics_catalog
 from hapki.runtime.clock import utcnow
-from hapki.runtime.config import NatsConfig, StrictModel
+from hapki.runtime.config import MetricsConfig, NatsConfig, StrictModel
 from hapki.runtime.netlink import AddressDump
 
 log = logging.getLogger("hapki.watcher")
@@ -43,6 +44,9 @@ class WatcherConfig(StrictModel):
     poll_seconds: float = Field(default=0.05, gt=0, le=5, description="Kernel poll interval, seconds")
     health_poll_seconds: float = Field(default=0.5, gt=0, le=30, description="Health poll interval, seconds")
     nats: NatsConfig
+    metrics: MetricsConfig = Field(
+        default=MetricsConfig(listen=f"0.0.0.0:{metrics_catalog.PORTS['watcher']}"),
+        description="GET /metrics for Prometheus (port 9103)")
 
 
 class AddressSource(Protocol):
@@ -67,13 +71,9 @@ class Watcher:
                  meter: metrics.Meter | None = None) -> None:
         self._config, self._source, self._publish, self._health, self._clock = config, source, publish, health, clock
         meter = meter or metrics.get_meter("hapki.watcher")
-        self._changes = meter.create_counter(
-            "hapki.ha.role_changes", unit="{change}", description="Role changes of this member (failovers)")
-        meter.create_observable_gauge(
-            "hapki.ha.active", callbacks=[self._observe_active], unit="1",
-            description="1 while this member is the active one of its tier, else 0")
-        meter.create_observable_gauge(
-            "hapki.ha.epoch", callbacks=[self._observe_epoch], unit="1", description="The epoch this member reports")
+        self._changes = metrics_catalog.counter("hapki.ha.role_changes", meter)
+        metrics_catalog.gauge("hapki.ha.active", self._observe_active, meter)
+        metrics_catalog.gauge("hapki.ha.epoch", self._observe_epoch, meter)
         self.holds_vip: bool | None = None
         self._last: tuple[HARole, int | None] | None = None
         self._health_report: dict[str, Any] | None = None
@@ -110,14 +110,14 @@ class Watcher:
     def _attributes(self) -> dict[str, str]:
         return {"pki.tier": self._config.tier, "pki.member": self._config.member}
 
-    def _observe_active(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+    def _observe_active(self) -> list[tuple[float, dict[str, str]]]:
         active = self._last is not None and self._last[0] is HARole.ACTIVE
-        return [metrics.Observation(int(active), self._attributes())]
+        return [(int(active), self._attributes())]
 
-    def _observe_epoch(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+    def _observe_epoch(self) -> list[tuple[float, dict[str, str]]]:
         if self._last is None or self._last[1] is None:
             return []
-        return [metrics.Observation(self._last[1], self._attributes())]
+        return [(self._last[1], self._attributes())]
 
     def _reason(self, vip_changed: bool, holds: bool, role: HARole, epoch: int | None) -> str:
         if self._last is None:
