@@ -8,6 +8,8 @@ import json
 import logging
 import signal
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
@@ -66,6 +68,37 @@ async def serve(args: argparse.Namespace) -> int:
             await scrape.cleanup()
     finally:
         telemetry.shutdown()
+    return 0
+
+
+DEFAULT_TRACE_FILES = (Path(".run/lab/traces.jsonl"), Path(".run/demo/traces.jsonl"))
+
+
+def trace(args: argparse.Namespace) -> int:
+    """`hapki trace <request-id>`: the request's trace(s) as trees; exit 1 when no span names the request."""
+    from hapki.lab.traces import load_spans, trace_tree, traces_of_request
+
+    files = list(args.file) or [f for f in DEFAULT_TRACE_FILES if f.exists()]
+    if not files:
+        known = ", ".join(map(str, DEFAULT_TRACE_FILES))
+        print(f"no span file: pass --file, or run the lab or the demo (they write {known})", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        spans = [span for path in files for span in load_spans(path)]
+        trace_ids = traces_of_request(spans, args.request_id)
+        # The CA's spans end last: wait for cara.sign too, so the tree is whole when it is printed.
+        whole = any(s.get("name") == "cara.sign" for s in spans if s.get("trace_id") in trace_ids)
+        if (trace_ids and whole) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if not trace_ids:
+        print(f"no span names request {args.request_id} in {', '.join(map(str, files))}", file=sys.stderr)
+        return 1
+    for number, trace_id in enumerate(trace_ids, start=1):
+        header = f"trace {trace_id} of request {args.request_id}"
+        print(header + (f" ({number} of {len(trace_ids)})" if len(trace_ids) > 1 else ""))
+        print(trace_tree(spans, trace_id))
     return 0
 
 

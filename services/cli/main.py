@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path(".run/demo"), help="working directory of the demo")
     demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
 
+    trace = sub.add_parser("trace", help="print the trace of one issuance as a tree with timings, from span files")
+    trace.add_argument("request_id", help="the request id (IssueReply.request_id, 32 hex digits)")
+    trace.add_argument("--file", type=Path, action="append", default=[], metavar="PATH",
+                       help="JSON-lines span file (repeatable; default: the lab's and the demo's, "
+                            ".run/lab/traces.jsonl and .run/demo/traces.jsonl, those that exist)")
+    trace.add_argument("--wait", type=float, default=0.0,
+                       help="seconds to keep looking while the request's spans are not there yet (services export "
+                            "spans in batches, up to 5 s late)")
+
     fuzz = sub.add_parser("fuzz", help="fuzz a parser of untrusted input: N inputs, bounded in time; exit 1 on a crash")
     fuzz.add_argument("--target", choices=["csr", "contracts", "ocsp", "all"], required=True)
     fuzz.add_argument("--runs", type=int, default=1_000_000, help="inputs to run (per target)")
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": commands.bench,
         "fuzz": _fuzz,
         "k6": _k6,
+        "trace": commands.trace,
         "lab": commands.lab,
         "chaos": commands.chaos,
     }[args.command]

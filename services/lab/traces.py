@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "stage_breakdown", "trace_tree"]
+__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "stage_breakdown", "trace_tree",
+           "traces_of_request"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,20 @@ def trace_tree(spans: Iterable[Span], trace_id: str) -> str:
         line = f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def traces_of_request(spans: Iterable[Span], request_id: str) -> list[str]:
+    """Ids of the traces holding a span whose pki.request_id is `request_id`, oldest first.
+
+    Usually one; more when the client retried (each attempt is its own trace, joined in CLM to the first) or the
+    request was queued again by CLM's outbox sweep.
+    """
+    starts: dict[str, int] = {}
+    for span in spans:
+        if (span.get("attributes") or {}).get("pki.request_id") == request_id:
+            trace_id = str(span["trace_id"])
+            starts[trace_id] = min(starts.get(trace_id, int(span["start_ns"])), int(span["start_ns"]))
+    return sorted(starts, key=lambda t: starts[t])
 
 
 def _by_trace(spans: Iterable[Span]) -> dict[str, list[Span]]:
