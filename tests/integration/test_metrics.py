@@ -1,0 +1,147 @@
+"""Metrics and `hapki trace` on real service processes: CARA and CLM as `hapki serve` children of a LocalStack.
+
+One issuance; then each service's /metrics (the Prometheus exporter of the real process) must show it with the
+right labels, and `hapki trace <request-id>` must print its trace from the span file those processes wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hapki.cara.config import CaraConfig
+from hapki.cli.client import ClmClient
+from hapki.clm.config import ClmConfig
+from hapki.contracts.models import IssueCertificate
+from hapki.lab import stack
+from hapki.lab.stack import LocalStack
+from hapki.runtime import metrics
+from hapki.runtime.config import load_toml
+from helpers.csr import make_csr, make_key
+
+pytestmark = pytest.mark.integration
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+
+
+def scrape(listen: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample at http://<listen>/metrics."""
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        match = _SAMPLE.match(line)
+        assert match is not None, line
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+        samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    return sum(v for n, found, v in samples if n == name and labels.items() <= found.items())
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    base = tmp_path_factory.mktemp("metrics")
+    saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # the children export spans every 0.2 s instead of 5 s
+    try:
+        with LocalStack(base, trace_file=base / "traces.jsonl") as started:
+            yield started
+    finally:
+        if saved is None:
+            os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+        else:
+            os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
+
+
+@pytest.fixture(scope="module")
+async def issued(local_stack: LocalStack) -> str:
+    """The request id of one certificate issued through the stack."""
+    csr_pem, _ = make_csr(["metrics.example.com"], key=make_key("p256"), cn="metrics.example.com")
+    client = await ClmClient.connect(stack.nats_config(local_stack.env, "client"), timeout=15.0)
+    try:
+        reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"))
+    finally:
+        await client.close()
+    assert reply.error is None and reply.request_id is not None
+    return reply.request_id
+
+
+def _listen(local_stack: LocalStack, service: str) -> str:
+    model = {"cara": CaraConfig, "clm": ClmConfig}[service]
+    listen = load_toml(local_stack.base_dir / "config" / f"{service}.toml", model).metrics.listen  # type: ignore[attr-defined]
+    assert listen is not None
+    return str(listen)
+
+
+async def test_clm_counts_the_issuance_by_profile_and_outcome(local_stack: LocalStack, issued: str) -> None:
+    samples = scrape(_listen(local_stack, "clm"))
+    labels = {"pki_profile": "tls-server", "pki_outcome": "issued", "pki_member": "clm-1", "pki_error": ""}
+    assert value(samples, "hapki_clm_issuance_total", **labels) == 1
+    assert value(samples, "hapki_clm_issuance_total", pki_outcome="failed") == 0
+    timed = {"pki_profile": "tls-server", "pki_outcome": "issued"}
+    assert value(samples, "hapki_clm_issuance_duration_seconds_count", **timed) == 1
+    assert 0 < value(samples, "hapki_clm_issuance_duration_seconds_sum", **timed) < 10
+    # The database node as CLM sees it (sampled at start; the single-host MariaDB is not Galera).
+    assert value(samples, "hapki_db_node_up", pki_member="clm-1") == 1
+
+
+async def test_cara_exports_signer_hsm_queue_and_crl(local_stack: LocalStack, issued: str) -> None:
+    listen = _listen(local_stack, "cara")
+    deadline = time.monotonic() + 10
+    while True:  # the queue sample and the first CRLs follow the start by up to a sample interval
+        samples = scrape(listen)
+        if value(samples, "hapki_crl_number", crl_kind="delta") and [n for n, _, _ in samples
+                                                                     if n == "hapki_signing_queue_pending"]:
+            break
+        assert time.monotonic() < deadline, sorted({n for n, _, _ in samples})
+        time.sleep(0.3)
+    assert value(samples, "hapki_cara_signer_active", pki_member="cara-1") == 1
+    assert value(samples, "hapki_cara_signer_epoch", pki_member="cara-1") >= 1
+    assert value(samples, "hapki_hsm_member_up", hsm_member="hsm-a") == 1
+    assert value(samples, "hapki_hsm_sign_duration_seconds_count", hsm_member="hsm-a", pki_outcome="ok") >= 1
+    assert value(samples, "hapki_signing_queue_pending", pki_member="cara-1") == 0
+    assert value(samples, "hapki_crl_size_bytes", crl_kind="full") > 0
+    assert value(samples, "hapki_db_node_up", pki_member="cara-1") == 1
+    # Every name the real process exports is one the catalog predicts (the dashboards are checked against those).
+    exported = {n for n, _, _ in samples if n.startswith("hapki_")}
+    assert exported <= metrics.exported_names(), exported - metrics.exported_names()
+
+
+def test_hapki_trace_prints_the_issuance_as_a_tree(local_stack: LocalStack, issued: str) -> None:
+    assert local_stack.trace_file is not None
+    result = subprocess.run(
+        [*stack.hapki_command(), "trace", issued, "--file", str(local_stack.trace_file), "--wait", "10"],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("trace ") and lines[0].endswith(f"of request {issued}")
+    names = [line.split()[0] for line in lines[2:]]
+    assert {"clm.issue", "clm.validate", "bus.publish", "cara.sign", "hsm.sign", "db.commit"} <= set(names)
+    by_name = {line.split()[0]: line for line in lines[2:]}
+    indent = {name: len(line) - len(line.lstrip()) for name, line in by_name.items()}
+    assert indent["cara.sign"] > indent["bus.publish"] > indent["clm.issue"]  # a tree: CLM -> bus -> CARA
+    assert indent["hsm.sign"] > indent["cara.sign"]
+    assert re.search(r"\d+\.\d\d ms +\+\d+\.\d\d ms", by_name["hsm.sign"])  # took, started
+
+
+def test_hapki_trace_of_an_unknown_request_fails(local_stack: LocalStack) -> None:
+    assert local_stack.trace_file is not None
+    result = subprocess.run([*stack.hapki_command(), "trace", "0" * 32, "--file", str(local_stack.trace_file)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no span names request" in result.stderr
