@@ -11,6 +11,7 @@ packages=(
   mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync iproute2 nftables keepalived haproxy make curl
   python3 python3-venv
   golang-cfssl  # the peer CA of `hapki bench --compare`
+  prometheus    # the HA lab's Prometheus (hapki.lab.prometheus)
 )
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
@@ -31,8 +32,9 @@ if ((${#missing[@]})); then
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian's postinst starts system services; the lab runs its own instances on private ports, so a system
-  # MariaDB on 3306 (and a stray haproxy) only costs memory and confuses anyone who connects to the default port.
-  for unit in mariadb haproxy; do
+  # MariaDB on 3306 (and a stray haproxy, a system Prometheus on 9090) only costs memory and confuses anyone who
+  # connects to the default port.
+  for unit in mariadb haproxy prometheus; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
       say "stopping and disabling the system $unit service"
       "${sudo[@]}" systemctl stop "$unit" || true

@@ -8,7 +8,8 @@
    two VIPs; per CARA/CLM member its rendered keepalived.conf and haproxy.cfg, and keepalived and haproxy started;
 3. `hapki ca init` on the host with both HSM members (the CA keys are generated once and replicated);
 4. per CARA/CLM member the service (`hapki serve cara|clm`) and its watcher, all at once;
-5. a gate: each VIP on its preferred (highest priority) member, and HTTPS /health through each VIP from the host.
+5. a gate: each VIP on its preferred (highest priority) member, and HTTPS /health through each VIP from the host;
+6. Prometheus on the host (hapki.lab.prometheus), scraping every service of every member, until it is ready.
 
 Every process is recorded by PID in `base_dir/state.json` (hapki.lab.cluster), so `down()` stops everything
 from any process, after a failed `up()` too, and then removes the namespaces and the host veth by name. The data
@@ -36,7 +37,7 @@ from typing import Any
 
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
-from hapki.lab import compose_layout, render, stack, tls
+from hapki.lab import compose_layout, prometheus, render, stack, tls
 from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
 from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _tail
@@ -57,7 +58,8 @@ STREAMS_API_TIMEOUT = 15.0  # seconds per JetStream API call while the lab creat
 STREAMS_ATTEMPTS = 3  # of creating the streams; a rolling restart of the NATS servers between attempts
 # Stop order of `down()`: callers first, then what they call; Galera last and one node at a time (the first
 # node stops last and is left safe_to_bootstrap, see hapki.lab.data).
-_STOP_WAVES = (("watcher",), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
+_STOP_WAVES = (("prometheus", "watcher"), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
+PROMETHEUS_TIMEOUT = 30.0
 
 
 class LabError(RuntimeError):
@@ -108,6 +110,7 @@ class Lab:
         self.hsms = {name: SoftHSM(self.base_dir / "hsm", name) for name in topo.hsm.members}
         self.config_dir = self.base_dir / "config"
         self.trace_file = self.base_dir / "traces.jsonl"
+        self.prometheus_dir = self.base_dir / "prometheus"
 
     # --- names and paths ------------------------------------------------------------------------------------
 
@@ -136,6 +139,11 @@ class Lab:
         if t.http_port is None:
             return None
         return f"http://{t.vip}" + ("" if t.http_port == 80 else f":{t.http_port}")
+
+    @property
+    def prometheus_url(self) -> str:
+        """The lab's Prometheus (web UI and HTTP API), on the host's loopback."""
+        return f"http://{prometheus.LISTEN}"
 
     def tier_members(self) -> list[str]:
         """All members of the VRRP tiers (cara-1, cara-2, clm-1, clm-2)."""
@@ -227,6 +235,9 @@ class Lab:
                 self._start_services()
             with self._step("gate"):
                 self._gate()
+            # Step 6: Prometheus (after the gate: its first scrape then finds every service up).
+            with self._step("prometheus"):
+                self._start_prometheus()
         except BaseException as exc:
             self.procs.set_meta(state="failed", error=str(exc)[:2000])
             if not keep_on_failure:
@@ -487,6 +498,40 @@ class Lab:
 
             if wait_until(healthy, HTTPS_TIMEOUT, 0.2) is None:
                 raise LabError(f"{self.url(tier)}/health did not answer 200 within {HTTPS_TIMEOUT:.0f} s: {result}")
+
+    def _start_prometheus(self) -> None:
+        """Write prometheus.yml, start Debian's prometheus on the host, wait until it is ready."""
+        executable = prometheus.binary()
+        if executable is None:
+            raise LabError("prometheus is not installed (Debian package `prometheus`): run scripts/setup.sh")
+        config = self.prometheus_dir / "prometheus.yml"
+        data = self.prometheus_dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config.write_text(prometheus.render_config(self.topo))
+        log_path = self.prometheus_dir / "prometheus.log"
+        self.procs.launch("prometheus@host", prometheus.argv(executable, config, data), log_path,
+                          marker=str(config))
+        result: dict[str, Any] = {}
+
+        def ready() -> bool:
+            if not self.procs.alive("prometheus@host"):
+                raise LabError(f"prometheus exited during start; tail of {log_path}:\n{_tail(log_path, 15)}")
+            try:
+                with urllib.request.urlopen(f"{self.prometheus_url}/-/ready", timeout=1) as r:
+                    result["status"] = r.status
+            except (OSError, urllib.error.URLError) as exc:
+                result["error"] = str(exc)
+            return result.get("status") == 200
+
+        if wait_until(ready, PROMETHEUS_TIMEOUT, 0.2) is None:
+            raise LabError(f"prometheus at {self.prometheus_url} not ready after {PROMETHEUS_TIMEOUT:.0f} s: {result}")
+
+    def prometheus_targets(self) -> list[dict[str, Any]]:
+        """The active scrape targets as the lab's Prometheus reports them (job, member, health, last error)."""
+        body = _http_json(f"{self.prometheus_url}/api/v1/targets?state=active", timeout=3.0)
+        return [{"job": t["labels"].get("job"), "member": t["labels"].get("member"), "url": t.get("scrapeUrl"),
+                 "health": t.get("health"), "error": t.get("lastError") or None}
+                for t in (body.get("data") or {}).get("activeTargets", [])]
 
     # --- down -----------------------------------------------------------------------------------------------
 
@@ -751,12 +796,15 @@ class Lab:
                      "streams": stream_f.result() if stream_f else {}},
             "health": health,
             "hsm": hsm,
+            "prometheus": {"url": self.prometheus_url, "alive": self.procs.alive("prometheus@host"),
+                           "config": str(self.prometheus_dir / "prometheus.yml")},
             # What an outside client needs: the bus as user `client` (TLS: ca_bundle also signs the NATS servers).
             "client": {"nats_urls": self.nats_urls, "nats_user": "client",
                        "nats_password_file": str(self.bus_users.password_file("client")),
                        "clm_url": self.url("clm"), "cara_url": self.url("cara"),
                        "revocation_url": self.plain_url("cara"),  # OCSP <url>/ocsp, CRLs <url>/crl/<issuer>.crl
-                       "ca_bundle": str(self.ca_bundle), "hapki_root": str(self.hapki_root)},
+                       "ca_bundle": str(self.ca_bundle), "hapki_root": str(self.hapki_root),
+                       "prometheus_url": self.prometheus_url},
         }
 
     def _galera_status(self, node: GaleraNode) -> dict[str, Any]:
@@ -850,7 +898,9 @@ def format_status(st: dict[str, Any]) -> str:
     lines += [f"  NATS: {','.join(c['nats_urls'])} (TLS; user {c['nats_user']}, password in {c['nats_password_file']})",
               f"  CLM:  {c['clm_url']}   CARA: {c['cara_url']}",
               f"  OCSP and CRLs: {c['revocation_url']}/ocsp, {c['revocation_url']}/crl/<issuer>.crl",
-              f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}"]
+              f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}",
+              f"  Prometheus: {c['prometheus_url']} ({'up' if st['prometheus']['alive'] else 'DOWN'}; "
+              f"config {st['prometheus']['config']})"]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from hapki.lab.ha import Lab, LabBusy
 
-TOOLS = ("ip", "nft", "keepalived", "haproxy", "mariadbd", "curl", "softhsm2-util", "rsync")
+TOOLS = ("ip", "nft", "keepalived", "haproxy", "mariadbd", "curl", "softhsm2-util", "rsync", "prometheus")
 HEAL_VIP_TIMEOUT = 10.0
 # Timings measured by the tests (seconds); printed at the end of the session (`pytest -s` or the summary).
 TIMINGS: dict[str, list[float]] = {}
