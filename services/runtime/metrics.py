@@ -289,8 +289,10 @@ class Sampler:
         while True:
             try:
                 await self._sample()
-            except HapkiError as exc:
+            except HapkiError as exc:  # the sampled component is down: its figures say so, the log says why
                 log.warning("%s sample failed: %s", self._what, exc)
+            except Exception:  # a bug here must not end the sampling (nor the service): logged with its traceback
+                log.exception("%s sample failed", self._what)
             await asyncio.sleep(self._interval)
 
 
