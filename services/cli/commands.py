@@ -76,7 +76,7 @@ DEFAULT_TRACE_FILES = (Path(".run/lab/traces.jsonl"), Path(".run/demo/traces.jso
 
 def trace(args: argparse.Namespace) -> int:
     """`hapki trace <request-id>`: the request's trace(s) as trees; exit 1 when no span names the request."""
-    from hapki.lab.traces import load_spans, trace_tree, traces_of_request
+    from hapki.lab.traces import spans_of_request, trace_tree, traces_of_request
 
     files = list(args.file) or [f for f in DEFAULT_TRACE_FILES if f.exists()]
     if not files:
@@ -85,11 +85,10 @@ def trace(args: argparse.Namespace) -> int:
         return 1
     deadline = time.monotonic() + args.wait
     while True:
-        spans = [span for path in files for span in load_spans(path)]
+        spans = spans_of_request(files, args.request_id)
         trace_ids = traces_of_request(spans, args.request_id)
         # The CA's spans end last: wait for cara.sign too, so the tree is whole when it is printed.
-        whole = any(s.get("name") == "cara.sign" for s in spans if s.get("trace_id") in trace_ids)
-        if (trace_ids and whole) or time.monotonic() >= deadline:
+        if any(s.get("name") == "cara.sign" for s in spans) or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     if not trace_ids:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hapki.lab.traces import issuance_stages, load_spans, stage_breakdown, trace_tree
+from hapki.lab.traces import (
+    issuance_stages,
+    load_spans,
+    spans_of_request,
+    stage_breakdown,
+    trace_tree,
+    traces_of_request,
+)
 
 T = "a" * 32
 MS = 1_000_000
@@ -104,3 +111,24 @@ def test_load_spans_skips_a_half_written_last_line(tmp_path: Path) -> None:
     path.write_text("\n".join(lines[:3]) + "\n{not json\n" + lines[3] + "\n\n")
     assert [s["span_id"] for s in load_spans(path)] == ["s08", "s01", "s02", "s03"]
     assert load_spans(tmp_path / "missing.jsonl") == []
+
+
+def test_spans_of_a_request_are_every_span_of_its_traces_and_nothing_else(tmp_path: Path) -> None:
+    retry, other = "b" * 32, "c" * 32
+    another = issuance(other)
+    for s in another:
+        if "pki.request_id" in s["attributes"]:
+            s["attributes"]["pki.request_id"] = "r2"
+    spans = [*issuance(), *another, span("r1", None, "clm.issue", "hapki-clm", 30, 31, retry,
+                                          **{"pki.request_id": "r1"})]
+    path = tmp_path / "spans.jsonl"
+    # Written as the exporter writes (compact JSON), across two files, with a half-written last line.
+    lines = [json.dumps(s, separators=(",", ":")) for s in spans]
+    path.write_text("\n".join(lines[:5]) + "\n")
+    second = tmp_path / "more.jsonl"
+    second.write_text("\n".join(lines[5:]) + '\n{"trace_id":"' + T + '","pki.request_id":"r1"')
+    found = spans_of_request([path, second, tmp_path / "missing.jsonl"], "r1")
+    assert {s["trace_id"] for s in found} == {T, retry}
+    assert len(found) == len(issuance()) + 1
+    assert traces_of_request(found, "r1") == [T, retry]  # oldest first
+    assert spans_of_request([path, second], "nope") == []
