@@ -186,9 +186,15 @@ class Database:
                 broken = True
                 try:
                     async with conn.cursor() as cur:
+                        # With read-your-writes on (wsrep_sync_wait=1) a SHOW would wait for the node to catch up,
+                        # or fail on a node that is not Synced: exactly the states this query must report.
+                        if self._config.sync_wait:
+                            await cur.execute("SET SESSION wsrep_sync_wait = 0")
                         await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
                                           "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
                         rows = await cur.fetchall()
+                        if self._config.sync_wait:
+                            await cur.execute("SET SESSION wsrep_sync_wait = 1")
                     await conn.rollback()
                     broken = False
                 finally:
