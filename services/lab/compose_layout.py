@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from hapki.lab.topology import Topology
 from hapki.runtime.grants import ADMIN_USER, CARA_USER, CLM_USER
+from hapki.runtime.metrics import PORTS
 
 __all__ = ["COMPOSE_DIR", "ISSUER", "METRICS_PORTS", "Consumer", "check_ranges", "consumers", "dynamic_range", "ifname",
            "reachable_segments", "token_label"]
@@ -38,8 +39,9 @@ GALERA_CNF = PurePosixPath("/etc/mysql/hapki/galera.cnf")
 NATS_CONF = PurePosixPath("/etc/nats/nats.conf")
 NATS_STORE = PurePosixPath("/var/lib/nats")
 
-# Prometheus endpoints (/metrics) of the services, on each member's address: fixed for the demo and the lab.
-METRICS_PORTS = {"cara": 9101, "clm": 9102, "watcher": 9103}
+# Prometheus endpoints (/metrics) of the services, on each member's address: fixed for the demo and the lab (the
+# services' MetricsConfig defaults, defined once in hapki.runtime.metrics).
+METRICS_PORTS = PORTS
 METRICS_PATH = "/metrics"
 OTLP_HTTP = "http://otel-collector:4318"  # runtime/telemetry.py exports OTLP over HTTP when this is set
 
