@@ -175,26 +175,31 @@ class Database:
         return pool
 
     async def node_status(self, node: str, timeout: float = 2.0) -> dict[str, str]:
-        """The node's wsrep status variables (lower-case names; empty on a server without Galera), for metrics.
+        """The node's wsrep status variables (lower-case names; empty when the server runs without Galera), for
+        metrics. Read on the node's status connection, like primary_status: not queued behind transactions.
 
         DatabaseError when the node does not answer within `timeout` seconds (connecting included).
         """
-        pool = self._pool(node)
+        pool = self._pool(node, status=True)
         try:
             async with asyncio.timeout(timeout):
                 conn = await pool.acquire(timeout)
                 broken = True
                 try:
                     async with conn.cursor() as cur:
-                        # With read-your-writes on (wsrep_sync_wait=1) a SHOW would wait for the node to catch up,
-                        # or fail on a node that is not Synced: exactly the states this query must report.
-                        if self._config.sync_wait:
-                            await cur.execute("SET SESSION wsrep_sync_wait = 0")
-                        await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
-                                          "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
-                        rows = await cur.fetchall()
-                        if self._config.sync_wait:
-                            await cur.execute("SET SESSION wsrep_sync_wait = 1")
+                        await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
+                        galera = dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON"
+                        rows: tuple[tuple[str, str], ...] = ()
+                        if galera:
+                            # With read-your-writes on (wsrep_sync_wait=1) a SHOW waits for the node to catch up:
+                            # a lagging node must report its state instead.
+                            if self._config.sync_wait:
+                                await cur.execute("SET SESSION wsrep_sync_wait = 0")
+                            await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
+                                              "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
+                            rows = await cur.fetchall()
+                            if self._config.sync_wait:
+                                await cur.execute("SET SESSION wsrep_sync_wait = 1")
                     await conn.rollback()
                     broken = False
                 finally:
