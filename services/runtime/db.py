@@ -161,7 +161,10 @@ class Database:
         pool = pools.get(node)
         if pool is None:
             host, _, port = node.rpartition(":")
-            init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if self._config.sync_wait else "")
+            # Status connections never wait for causality: with wsrep_sync_wait=1 MariaDB makes SHOW wait too, so a
+            # stalled or lagging node would not report its state (the fitness check would read a stall as silence).
+            read_your_writes = self._config.sync_wait and not status
+            init = f"SET SESSION {_SESSION_SQL_MODE}" + (", wsrep_sync_wait = 1" if read_your_writes else "")
 
             def connect() -> Awaitable[aiomysql.Connection]:
                 return aiomysql.connect(
@@ -191,15 +194,10 @@ class Database:
                         galera = dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON"
                         rows: tuple[tuple[str, str], ...] = ()
                         if galera:
-                            # With read-your-writes on (wsrep_sync_wait=1) a SHOW waits for the node to catch up:
-                            # a lagging node must report its state instead.
-                            if self._config.sync_wait:
-                                await cur.execute("SET SESSION wsrep_sync_wait = 0")
+                            # (status connections run without wsrep_sync_wait: a lagging node reports its state)
                             await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
                                               "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
                             rows = await cur.fetchall()
-                            if self._config.sync_wait:
-                                await cur.execute("SET SESSION wsrep_sync_wait = 1")
                     await conn.rollback()
                     broken = False
                 finally:
