@@ -156,20 +156,21 @@ class GaleraNode(_Server):
         self.socket = sock
         self._extra_args: list[str] = []
         self.tls: Callable[[], TlsFiles] | None = None  # set by GaleraCluster: this node's TLS files, at each start
+        self.sst_peers: Callable[[], Path] = lambda: Path()  # set by GaleraCluster with tls: the members' certificates
         self.last_start_offset = 0  # byte offset of the log where the last start began (see joined_by())
 
     # -- configuration -----------------------------------------------------------------------------------------
 
     def _cnf(self) -> str:
         tls = self.tls() if self.tls is not None else None
-        # TLS: client connections (required for every TCP client) and replication/IST between the nodes. The
-        # rsync SST stays plaintext on the data segment (it would need stunnel or socat; see docs/SECURITY.md).
+        # TLS: client connections (required for every TCP client), replication/IST between the nodes, and the
+        # rsync SST (wrapped in stunnel by the stock script; see TlsFiles.sst_options).
         tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
                      *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
                      "", "[sst]",
-                     "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
-                     "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
-                     "ssl-mode=DISABLED"] if tls else []
+                     "# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the",
+                     "# donor checks it names the joiner's address. Without stunnel the SST fails, never goes plain.",
+                     *(f"{k}={v}" for k, v in tls.sst_options(self.sst_peers()).items())] if tls else []
         return template("galera.cnf").substitute(
             name=self.name, datadir=self.datadir, socket=self.socket, pid_file=self.pid_file, port=self.port,
             address=self.address, log_path=self.log_path, provider=GALERA_PROVIDER, galera_port=self.galera_port,
@@ -415,8 +416,23 @@ class GaleraCluster:
         if tls is not None:
             for node in self.nodes:
                 node.tls = lambda node=node: tls(node)  # type: ignore[misc]
+                node.sst_peers = lambda: self.sst_peers_file(tls)
         self.secrets_dir = self.base_dir / "secrets"
         self.started_in: float | None = None  # seconds the last start() took
+
+    def sst_peers_file(self, tls: Callable[[GaleraNode], TlsFiles]) -> Path:
+        """``galera-sst-peers.pem`` beside the CA: the CA and every member's certificate, the SST's trust list.
+
+        Rewritten at every node start from the members' current certificates (issued or reused by ``tls``).
+        """
+        files = [tls(node) for node in self.nodes]
+        path = files[0].ca_file.with_name("galera-sst-peers.pem")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(f.ca_file.read_bytes() + f.cert_file.read_bytes() for f in files[:1]) +
+                        b"".join(f.cert_file.read_bytes() for f in files[1:]))
+        tmp.chmod(0o644)  # certificates only: stunnel reads it as the CA file
+        tmp.replace(path)
+        return path
 
     def password_file(self, user: str) -> Path:
         """The 0600 file holding ``user``'s password."""

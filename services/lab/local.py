@@ -364,6 +364,19 @@ class TlsFiles:
         return {"ssl-cert": str(self.cert_file), "ssl-key": str(self.key_file), "ssl-ca": str(self.ca_file),
                 "require-secure-transport": "ON"}
 
+    def sst_options(self, peers_file: Path) -> dict[str, str]:
+        """my.cnf ``[sst]`` settings: Debian's wsrep_sst_rsync runs rsync through stunnel with these files.
+
+        ``peers_file``: the CA and the certificates of every cluster member (see GaleraCluster.sst_peers_file).
+        With ssl-mode VERIFY_IDENTITY the script has stunnel accept only a peer whose very certificate is in that
+        file (stunnel's ``verifyPeer``: pinning, not chain verification) and the donor also checks that the
+        joiner's certificate names the address it sends to (``checkIP``). So neither end talks to another holder
+        of an infrastructure certificate (a NATS node, haproxy). The script refuses to transfer in the clear when
+        ssl-mode is set and stunnel is missing (Debian package stunnel4, installed by scripts/setup.sh).
+        """
+        return {"tca": str(peers_file), "tcert": str(self.cert_file), "tkey": str(self.key_file),
+                "ssl-mode": "VERIFY_IDENTITY"}
+
     def galera_provider_options(self) -> str:
         """wsrep_provider_options that encrypt (and authenticate by the CA) Galera replication and IST."""
         return f"socket.ssl_cert={self.cert_file};socket.ssl_key={self.key_file};socket.ssl_ca={self.ca_file}"
