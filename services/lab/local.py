@@ -399,6 +399,9 @@ class BusUsers:
     def __init__(self, secrets_dir: Path, users: Sequence[tuple[str, ...]] = DEFAULT) -> None:
         self.secrets_dir = Path(secrets_dir)
         self.users = tuple({u[0]: tuple(u) for u in users}.values())  # one entry per name, the last one wins
+        # bcrypt hashes by (user, password): a cluster renders the block once per node, in parallel threads.
+        self._hashes: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def watcher_user(tier: str, member: str) -> tuple[str, str, str]:
@@ -413,16 +416,20 @@ class BusUsers:
         return self.secrets_dir / f"nats-{user}.password"
 
     def accounts_conf(self) -> str:
-        """The nats.conf ``accounts`` block; creates missing passwords first."""
-        from hapki.runtime.bus_auth import User, accounts_conf
+        """The nats.conf ``accounts`` block, with bcrypt hashes of the passwords; creates missing passwords first."""
+        from hapki.runtime.bus_auth import User, accounts_conf, hash_password
 
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         users = []
-        for name, role, *scope in self.users:
-            path = self.password_file(name)
-            if not path.exists():
-                _write_secret(path, secrets.token_urlsafe(24))
-            users.append(User(name, role, path.read_text().strip(), *scope))
+        with self._lock:
+            for name, role, *scope in self.users:
+                path = self.password_file(name)
+                if not path.exists():
+                    _write_secret(path, secrets.token_urlsafe(24))
+                key = (name, path.read_text().strip())
+                if key not in self._hashes:
+                    self._hashes[key] = hash_password(key[1])
+                users.append(User(name, role, self._hashes[key], *scope))
         return accounts_conf(users)
 
 

@@ -12,6 +12,9 @@ Every party connects with its own user (password from a 0600 file) and gets exac
 - watchers alone publish HA events, each only its own member's (a user with a scope ``<tier>.<member>``);
 - the admin (provisioning: streams and consumers; the lab's and the tests' inspection) may do everything.
 
+The rendered config holds bcrypt hashes of the passwords only (nats-server accepts ``$2a$`` hashes in place of a
+password): the services read their plaintext from their own 0600 password files, the server never has it on disk.
+
 Stream and consumer definitions are created by the admin (hapki.runtime.bus.ensure_topology at provisioning);
 services only look them up (``$JS.API.STREAM.INFO``), like database users that only check the schema.
 """
@@ -19,12 +22,21 @@ services only look them up (``$JS.API.STREAM.INFO``), like database users that o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import bcrypt
+
 from hapki.contracts import subjects as s
 
-__all__ = ["ROLES", "Permissions", "User", "accounts_conf", "inbox_prefix"]
+__all__ = ["BCRYPT_COST", "ROLES", "Permissions", "User", "accounts_conf", "hash_password", "inbox_prefix"]
+
+# Go's bcrypt.DefaultCost; about 50 ms per hash (and per connection, on the server) on these machines. The cost only
+# slows guessing: the lab's passwords are 24 random URL-safe bytes (144 bits), out of reach at any cost.
+BCRYPT_COST = 10
+# What nats-server takes as a bcrypt hash rather than a plaintext password (server/auth.go, validBcryptPrefix).
+_BCRYPT = re.compile(r"^\$2[abxy]\$\d{2}\$[./A-Za-z0-9]{53}$")
 
 _JS = "$JS.API"
 _CLM_API = (s.CLM_ISSUE, s.CLM_STATUS, s.CLM_CERTIFICATE, s.CLM_REVOKE, s.CLM_SEARCH, s.CLM_RENEW)
@@ -69,13 +81,19 @@ ROLES: Mapping[str, Permissions] = {
 }
 
 
+def hash_password(password: str, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt hash (``$2a$``, the form nats-server documents) of a bus password, for nats.conf."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost, prefix=b"2a")).decode()
+
+
 @dataclass(frozen=True)
 class User:
-    """One bus user: its name, role (a key of ROLES) and password; `scope` fills {scope} in its subjects."""
+    """One bus user: its name, role (a key of ROLES) and bcrypt password hash; `scope` fills {scope} in its
+    subjects."""
 
     name: str
     role: str
-    password: str
+    password_hash: str
     scope: str = ">"
 
 
@@ -84,7 +102,7 @@ def _user_block(user: User) -> dict[str, object]:
     subscribe = [*perms.subscribe]
     if user.role != "admin":
         subscribe.append(f"{inbox_prefix(user.name)}.>")
-    block: dict[str, object] = {"user": user.name, "password": user.password,
+    block: dict[str, object] = {"user": user.name, "password": user.password_hash,
                                 "permissions": {"publish": {"allow": [p.replace("{scope}", user.scope)
                                                                       for p in perms.publish]},
                                                 "subscribe": {"allow": subscribe}}}
@@ -101,5 +119,7 @@ def accounts_conf(users: Sequence[User], *, account: str = "HAPKI") -> str:
     for user in users:
         if user.role not in ROLES:
             raise ValueError(f"unknown bus role {user.role!r} for {user.name!r}")
+        if not _BCRYPT.match(user.password_hash):  # never a plaintext password in the config (value not shown)
+            raise ValueError(f"bus user {user.name!r}: password_hash is not a bcrypt hash (see hash_password)")
     body = {account: {"jetstream": "enabled", "users": [_user_block(u) for u in users]}}
     return "accounts: " + json.dumps(body, indent=2) + "\n"

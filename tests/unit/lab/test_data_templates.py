@@ -51,5 +51,6 @@ def test_secured_nats_config_passes_nats_server_t(tmp_path: Path) -> None:
     assert result.returncode == 0 or "cannot assign requested address" in result.stderr, result.stderr
     text = conf.read_text()
     assert '"verify": true' in text and "allow_responses" in text
-    for user, *_ in BusUsers.DEFAULT:  # every password only in its 0600 file and the server's config
+    for user, *_ in BusUsers.DEFAULT:  # every password only in its 0600 file; the server's config has its hash
         assert users.password_file(user).stat().st_mode & 0o777 == 0o600
+        assert users.password_file(user).read_text().strip() not in text
