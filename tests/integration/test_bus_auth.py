@@ -108,7 +108,7 @@ async def test_connections_without_credentials_or_tls_are_refused(env: LocalEnv)
 async def test_the_server_config_holds_bcrypt_hashes_and_every_user_still_connects(env: LocalEnv) -> None:
     conf = env.nats.conf_path.read_text()
     body = json.loads(conf[conf.index("accounts: ") + len("accounts: "):conf.index("\n}\n") + 2])
-    hashes = {u["user"]: u["password"] for u in body["HAPKI"]["users"]}
+    hashes = {u["user"]: u["password"] for account in body.values() for u in account["users"]}
     assert set(hashes) == {name for name, *_ in BusUsers.DEFAULT}
     for user, hashed in hashes.items():
         password = env.nats.users.password_file(user).read_text().strip()

@@ -80,11 +80,21 @@ def test_a_scoped_watcher_publishes_only_its_members_events() -> None:
 def test_accounts_conf_is_json_with_every_user() -> None:
     text = accounts_conf([User("client", "client", _HASH), User("clm", "clm", _HASH)])
     body = json.loads(text.removeprefix("accounts: "))
-    users = body["HAPKI"]["users"]
-    assert body["HAPKI"]["jetstream"] == "enabled"
-    assert users[0]["password"] == _HASH
-    assert users[0]["permissions"]["subscribe"]["allow"] == ["_INBOX.client.>"]
-    assert users[1]["permissions"]["allow_responses"] is True
+    [client], [clm] = body["CLIENTS"]["users"], body["HAPKI"]["users"]
+    assert body["HAPKI"]["jetstream"] == "enabled" and "jetstream" not in body["CLIENTS"]
+    assert client["password"] == _HASH
+    assert client["permissions"]["subscribe"]["allow"] == ["_INBOX.client.>"]
+    assert clm["permissions"]["allow_responses"] is True
+
+
+def test_clients_reach_the_clm_api_only_through_an_import_that_names_them() -> None:
+    body = json.loads(accounts_conf([User("client", "client", _HASH)]).removeprefix("accounts: "))
+    api = set(ROLES["client"].publish)
+    assert {e["service"] for e in body["HAPKI"]["exports"]} == api  # nothing else of the services' account
+    imports = body["CLIENTS"]["imports"]
+    assert {i["service"]["subject"] for i in imports} == api
+    # share: the server puts the caller's user into Nats-Request-Info (what CLM's rate limits key on).
+    assert all(i["share"] is True and i["service"]["account"] == "HAPKI" for i in imports)
     with pytest.raises(ValueError):
         accounts_conf([User("x", "root", _HASH)])
 
