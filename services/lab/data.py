@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -419,20 +420,22 @@ class GaleraCluster:
                 node.sst_peers = lambda: self.sst_peers_file(tls)
         self.secrets_dir = self.base_dir / "secrets"
         self.started_in: float | None = None  # seconds the last start() took
+        self._peers_lock = threading.Lock()
 
     def sst_peers_file(self, tls: Callable[[GaleraNode], TlsFiles]) -> Path:
         """``galera-sst-peers.pem`` beside the CA: the CA and every member's certificate, the SST's trust list.
 
-        Rewritten at every node start from the members' current certificates (issued or reused by ``tls``).
+        Rewritten at every node start from the members' current certificates (issued or reused by ``tls``). Under
+        a lock: nodes prepare concurrently (bootstrap_from_most_advanced), and each issues every member's files.
         """
-        files = [tls(node) for node in self.nodes]
-        path = files[0].ca_file.with_name("galera-sst-peers.pem")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(f.ca_file.read_bytes() + f.cert_file.read_bytes() for f in files[:1]) +
-                        b"".join(f.cert_file.read_bytes() for f in files[1:]))
-        tmp.chmod(0o644)  # certificates only: stunnel reads it as the CA file
-        tmp.replace(path)
-        return path
+        with self._peers_lock:
+            files = [tls(node) for node in self.nodes]
+            path = files[0].ca_file.with_name("galera-sst-peers.pem")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(files[0].ca_file.read_bytes() + b"".join(f.cert_file.read_bytes() for f in files))
+            tmp.chmod(0o644)  # certificates only: stunnel reads it as the CA file
+            tmp.replace(path)
+            return path
 
     def password_file(self, user: str) -> Path:
         """The 0600 file holding ``user``'s password."""
