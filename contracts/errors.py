@@ -173,3 +173,10 @@ class FencedOut(HapkiError):
 
 class HSMUnavailable(Unavailable):
     """No HSM member could perform the operation."""
+
+
+class ProvisioningRefused(HapkiError):
+    """The database refused an administrative step (`hapki db migrate` applying grants): a missing account or a
+    privilege the admin lacks. Never retried: an operator has to act."""
+
+    code = ErrorCode.INTERNAL

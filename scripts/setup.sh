@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*"; }
 
 # Debian packages the lab starts for real (MariaDB/Galera, SoftHSM2, keepalived, haproxy, nftables, ...).
+# stunnel4: Galera's rsync SST runs through it (TLS); without it a joiner's SST fails rather than go plaintext.
 packages=(
-  mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync iproute2 nftables keepalived haproxy make curl
+  mariadb-server mariadb-client galera-4 softhsm2 opensc openssl rsync stunnel4 iproute2 nftables keepalived haproxy
+  make curl
   python3 python3-venv
   golang-cfssl  # the peer CA of `hapki bench --compare`
   prometheus    # the HA lab's Prometheus (hapki.lab.prometheus)

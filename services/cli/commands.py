@@ -236,16 +236,36 @@ class _DatabaseSection(BaseModel):
 
 
 async def db_migrate(args: argparse.Namespace) -> int:
+    """Apply pending migrations, then the service users' grants (unless --no-grants); 1 if a grant is refused."""
+    from hapki.contracts.errors import ProvisioningRefused
+    from hapki.runtime import grants
     from hapki.runtime.db import Database
     from hapki.runtime.migrate import migrate
 
     telemetry.setup_logging()
-    db = Database(load_toml(args.config, _DatabaseSection).database)
+    config = load_toml(args.config, _DatabaseSection).database
+    hosts = dict.fromkeys(grants.SERVICE_USERS, "%")
+    try:
+        for spec in args.account:
+            user, sep, host = spec.partition("@")
+            grants.account(user, host if sep else "")  # checked here, before anything runs
+            hosts[user] = host
+    except ValueError as exc:
+        print(f"--account: {exc}", file=sys.stderr)
+        return 2
+    db = Database(config)
     try:
         applied = await migrate(db)
+        print(f"applied migrations: {applied or 'none (up to date)'}")
+        if not args.no_grants:
+            accounts = {user: [grants.account(user, host)] for user, host in hosts.items()}
+            await grants.apply(db, config.database, accounts)
+            print(f"granted: {', '.join(a for names in accounts.values() for a in names)} (hapki.runtime.grants)")
+    except ProvisioningRefused as exc:
+        print(f"grants not applied: {exc.message}", file=sys.stderr)
+        return 1
     finally:
         await db.close()
-    print(f"applied migrations: {applied or 'none (up to date)'}")
     return 0
 
 

@@ -34,8 +34,13 @@ def _parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    mig = db_sub.add_parser("migrate", help="apply pending schema migrations")
-    mig.add_argument("--config", type=Path, required=True, help="any service config with a [database] section")
+    mig = db_sub.add_parser("migrate", help="apply pending schema migrations, then the service users' grants")
+    mig.add_argument("--config", type=Path, required=True,
+                     help="a config with a [database] section naming the admin user (DDL, GRANT OPTION, CREATE USER)")
+    mig.add_argument("--account", action="append", default=[], metavar="USER@HOST",
+                     help="the account of a service user to grant to (repeatable; default hapki_clm@%% and "
+                          "hapki_cara@%%); the accounts must exist")
+    mig.add_argument("--no-grants", action="store_true", help="apply the migrations only")
 
     audit = sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

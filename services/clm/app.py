@@ -5,7 +5,9 @@ Every reply is a contract model; any failure becomes a structured error reply (n
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from faststream.middlewares import BaseMiddleware, ExceptionMiddleware
@@ -13,6 +15,7 @@ from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from pydantic import ValidationError
 
+from hapki.clm.ratelimit import caller
 from hapki.clm.service import ClmService
 from hapki.contracts import subjects
 from hapki.contracts.errors import HapkiError, MessageTooLarge
@@ -31,6 +34,7 @@ from hapki.contracts.models import (
     SigningFailed,
     StatusQuery,
 )
+from hapki.runtime.bus_auth import REQUEST_INFO_HEADER
 from hapki.runtime.edge import error_reply
 
 log = logging.getLogger("hapki.clm.app")
@@ -63,6 +67,37 @@ class SizeLimit(BaseMiddleware):
         return await call_next(msg)
 
 
+def bus_caller(headers: Mapping[str, str] | None) -> str | None:
+    """``bus:<user>`` of a client request, from the header nats-server sets when it crosses the clients' import.
+
+    The server replaces any such header a client sends (hapki.runtime.bus_auth.accounts_conf), so the user is
+    the authenticated one. None when there is no header: the message was published inside the services' account,
+    where only the admin may call the CLM API.
+    """
+    raw = (headers or {}).get(REQUEST_INFO_HEADER)
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None
+    user = info.get("user") if isinstance(info, dict) else None
+    # Without a user (an import without share; or written by the admin inside the services' account): one bucket
+    # for the whole account it names, never the self-declared requester.
+    if isinstance(user, str) and user:
+        return f"bus:{user}"
+    account = info.get("acc") if isinstance(info, dict) else None
+    return f"bus-account:{account if isinstance(account, str) else '?'}"
+
+
+class CallerIdentity(BaseMiddleware):
+    """Who asks, for the rate limits: the authenticated bus user (bus_caller) for the handler's duration."""
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        with caller(bus_caller(msg.headers)):
+            return await call_next(msg)
+
+
 def _errors() -> ExceptionMiddleware:
     middleware = ExceptionMiddleware()
 
@@ -85,7 +120,7 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     """The FastStream broker with CLM's subscribers bound to `service` (None: for the AsyncAPI document only)."""
     broker = NatsBroker(
         servers,
-        middlewares=[NatsTelemetryMiddleware(), _errors(), SizeLimit],
+        middlewares=[NatsTelemetryMiddleware(), _errors(), SizeLimit, CallerIdentity],
         description="hapki CLM: certificate requests (RA) and CA result events",
         **options,
     )

@@ -30,7 +30,10 @@ class RateLimitConfig(StrictModel):
         default=RateLimitRule(per_second=1000, burst=2000), description="Bucket of every requester without an override"
     )
     overrides: dict[str, RateLimitRule] = Field(
-        default_factory=dict, max_length=10_000, description="Bucket by requester name, replacing the default"
+        default_factory=dict, max_length=10_000,
+        description="Bucket by caller, replacing the default: `bus:<NATS user>` for clients on the bus, "
+        "`addr:<IP>` for HTTPS clients (the address haproxy saw), a requester name for requests that come with no "
+        "authenticated caller (see hapki.clm.ratelimit)"
     )
     max_requesters: int = Field(
         default=100_000, ge=1, le=10_000_000,
@@ -75,6 +78,11 @@ class ClmConfig(StrictModel):
     )
     expiry_interval_seconds: float = Field(
         default=60.0, gt=0, le=86400, description="Period of the expiry scheduler (VIP holder only), seconds"
+    )
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1", "::1"], max_length=64,
+        description="Peer addresses of the REST API whose X-Forwarded-For is believed (the local haproxy, which "
+        "sets it to the client address): HTTPS rate limits key on that address; any other peer on its own",
     )
     rate_limit: RateLimitConfig = Field(
         default_factory=RateLimitConfig, description="Per-requester token buckets on issue, renew and revoke"

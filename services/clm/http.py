@@ -7,9 +7,10 @@ error code, in STATUS_BY_CODE.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from opentelemetry import propagate, trace
 from pydantic import BaseModel
 
 from hapki.clm.service import ClmService
-from hapki.clm.ratelimit import retry_after_header
+from hapki.clm.ratelimit import caller, retry_after_header
 from hapki.contracts.errors import ErrorCode, MalformedMessage, MessageTooLarge, NotFound, RateLimited
 from hapki.contracts.models import (
     MAX_REQUEST_BYTES,
@@ -73,9 +74,32 @@ UNTRACED = frozenset({"/health"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(service: ClmService, *, member: str) -> web.Application:
-    """The aiohttp application with CLM's routes bound to `service`."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_edge])
+def http_caller(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+    """``addr:<ip>`` of the client: the last X-Forwarded-For address when the peer is a trusted proxy (haproxy
+    sets it to the address it accepted the connection from), else the peer's own address."""
+    peer = request.remote or "?"
+    if peer in trusted_proxies:
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        if forwarded:
+            try:
+                return f"addr:{ipaddress.ip_address(forwarded[-1].split(',')[-1].strip())}"
+            except ValueError:
+                log.warning("X-Forwarded-For from %s is not an address; keying on the proxy", peer)
+    return f"addr:{peer}"
+
+
+def build_app(service: ClmService, *, member: str,
+              trusted_proxies: Iterable[str] = ("127.0.0.1", "::1")) -> web.Application:
+    """The aiohttp application with CLM's routes bound to `service`; rate limits per client address (see
+    http_caller; `trusted_proxies`: ClmConfig.trusted_proxies)."""
+    trusted = frozenset(trusted_proxies)
+
+    @web.middleware
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        with caller(http_caller(request, trusted)):
+            return await handler(request)
+
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_edge, identify])
 
     async def issue(request: web.Request) -> web.Response:
         """POST /v1/issue: IssueCertificate -> IssueReply (200 issued, 202 pending, the error's status if failed)."""

@@ -96,7 +96,8 @@ class ClmRuntime:
             self._schedulers.append(asyncio.create_task(self._every(
                 "expiry scheduler", cfg.expiry_interval_seconds, expiry.run_once)))
         if cfg.http_listen:
-            self.http = await serve(http.build_app(self.service, member=cfg.member), cfg.http_listen)
+            app = http.build_app(self.service, member=cfg.member, trusted_proxies=cfg.trusted_proxies)
+            self.http = await serve(app, cfg.http_listen)
         log.info("clm %s serving on %s", cfg.member, ", ".join(cfg.nats.servers))
 
     def holds_vip(self) -> bool:

@@ -4,6 +4,13 @@ In-process, per CLM member: two members behind the VIP would each allow the rate
 in normal operation, so the effective limit is the configured one; during a failover a requester may briefly
 get up to twice it). Pure and synchronous, time passed in: the caller's clock is monotonic seconds.
 
+Buckets are keyed on who is asking as far as CLM can tell, not on what the request says: the edge that received
+the request sets `caller` (the bus user the NATS server names in Nats-Request-Info, see hapki.clm.app; the client
+address haproxy saw, see hapki.clm.http) around the handler, and `check` keys on it. Only a request with no
+authenticated caller (published inside the services' own bus account, by the admin; a unit test) is keyed on its
+self-declared `requester`. So a client cannot escape its bucket by renaming itself, nor drain another's by
+borrowing its name.
+
 Memory is bounded: at most `max_requesters` buckets, least recently used evicted first. An evicted bucket was
 idle long enough to be full again, unless more than `max_requesters` requesters are active at once; then the
 evicted one restarts with a full burst, which is the cost of a bound and is logged by the caller's metrics.
@@ -13,10 +20,26 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from hapki.contracts.errors import RateLimited
+
+
+# The authenticated caller of the request being handled in this task, set by the edge (see the module doc).
+_caller: ContextVar[str | None] = ContextVar("hapki_clm_caller", default=None)
+
+
+@contextmanager
+def caller(identity: str | None) -> Iterator[None]:
+    """Within the block, buckets are keyed on `identity` (``bus:<user>``, ``addr:<ip>``) when it is not None."""
+    token = _caller.set(identity)
+    try:
+        yield
+    finally:
+        _caller.reset(token)
 
 
 @dataclass(frozen=True)
@@ -28,7 +51,7 @@ class Rate:
 
 
 class RateLimiter:
-    """Token buckets by requester name; `check` takes one token or raises RateLimited with retry_after."""
+    """Token buckets by caller (or requester name); `check` takes one token or raises RateLimited."""
 
     def __init__(
         self,
@@ -50,21 +73,26 @@ class RateLimiter:
         return self._overrides.get(requester, self._default)
 
     def check(self, requester: str) -> None:
-        """Take one token from `requester`'s bucket, or raise RateLimited (taking nothing) when it is empty."""
-        rate = self.rate_of(requester)
+        """Take one token from the caller's bucket (see `caller`; else `requester`'s), or raise RateLimited
+        (taking nothing) when it is empty."""
+        identity = _caller.get()
+        key = requester if identity is None else identity
+        rate = self.rate_of(key)
         now = self._clock()
-        tokens, last = self._buckets.pop(requester, (rate.burst, now))
+        tokens, last = self._buckets.pop(key, (rate.burst, now))
         tokens = min(rate.burst, tokens + max(0.0, now - last) * rate.per_second)
         if tokens < 1.0:
-            self._buckets[requester] = (tokens, now)
+            self._buckets[key] = (tokens, now)
             retry_after = (1.0 - tokens) / rate.per_second
+            who = f"requester {key!r}" if identity is None else f"caller {key!r}"
             raise RateLimited(
-                f"requester {requester!r} is over its rate of {rate.per_second:g}/s (burst {rate.burst:g}); "
+                f"{who} is over its rate of {rate.per_second:g}/s (burst {rate.burst:g}); "
                 f"retry after {retry_after:.3f} s",
-                {"field": "requester", "limit_per_second": rate.per_second, "burst": rate.burst},
+                {"field": "requester" if identity is None else "caller", "limit_per_second": rate.per_second,
+                 "burst": rate.burst},
                 retry_after=retry_after,
             )
-        self._buckets[requester] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - 1.0, now)
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
 

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -181,6 +182,7 @@ class GaleraNode(_Server):
         self.socket = sock
         self._extra_args: list[str] = []
         self.tls: Callable[[], TlsFiles] | None = None  # set by GaleraCluster: this node's TLS files, at each start
+        self.sst_peers: Callable[[], Path] = lambda: Path()  # set by GaleraCluster with tls: the members' certificates
         self.last_start_offset = 0  # byte offset of the log where the last start began (see joined_by())
 
     # -- configuration -----------------------------------------------------------------------------------------
@@ -191,6 +193,7 @@ class GaleraNode(_Server):
             pid_file=self.pid_file, port=self.port, galera_port=self.galera_port, ist_port=self.ist_port,
             sst_port=self.sst_port, sst_method=_SST_METHOD, log_path=self.log_path,
             tls=self.tls() if self.tls is not None else None,
+            sst_peers=self.sst_peers() if self.tls is not None else None,
         )
 
     def _prepare(self) -> None:
@@ -431,8 +434,25 @@ class GaleraCluster:
         if tls is not None:
             for node in self.nodes:
                 node.tls = lambda node=node: tls(node)  # type: ignore[misc]
+                node.sst_peers = lambda: self.sst_peers_file(tls)
         self.secrets_dir = self.base_dir / "secrets"
         self.started_in: float | None = None  # seconds the last start() took
+        self._peers_lock = threading.Lock()
+
+    def sst_peers_file(self, tls: Callable[[GaleraNode], TlsFiles]) -> Path:
+        """``galera-sst-peers.pem`` beside the CA: the CA and every member's certificate, the SST's trust list.
+
+        Rewritten at every node start from the members' current certificates (issued or reused by ``tls``). Under
+        a lock: nodes prepare concurrently (bootstrap_from_most_advanced), and each issues every member's files.
+        """
+        with self._peers_lock:
+            files = [tls(node) for node in self.nodes]
+            path = files[0].ca_file.with_name("galera-sst-peers.pem")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(files[0].ca_file.read_bytes() + b"".join(f.cert_file.read_bytes() for f in files))
+            tmp.chmod(0o644)  # certificates only: stunnel reads it as the CA file
+            tmp.replace(path)
+            return path
 
     def password_file(self, user: str) -> Path:
         """The 0600 file holding ``user``'s password."""

@@ -390,6 +390,19 @@ class TlsFiles:
         return {"ssl-cert": str(self.cert_file), "ssl-key": str(self.key_file), "ssl-ca": str(self.ca_file),
                 "require-secure-transport": "ON"}
 
+    def sst_options(self, peers_file: Path) -> dict[str, str]:
+        """my.cnf ``[sst]`` settings: Debian's wsrep_sst_rsync runs rsync through stunnel with these files.
+
+        ``peers_file``: the CA and the certificates of every cluster member (see GaleraCluster.sst_peers_file).
+        With ssl-mode VERIFY_IDENTITY the script has stunnel accept only a peer whose very certificate is in that
+        file (stunnel's ``verifyPeer``: pinning, not chain verification) and the donor also checks that the
+        joiner's certificate names the address it sends to (``checkIP``). So neither end talks to another holder
+        of an infrastructure certificate (a NATS node, haproxy). The script refuses to transfer in the clear when
+        ssl-mode is set and stunnel is missing (Debian package stunnel4, installed by scripts/setup.sh).
+        """
+        return {"tca": str(peers_file), "tcert": str(self.cert_file), "tkey": str(self.key_file),
+                "ssl-mode": "VERIFY_IDENTITY"}
+
     def galera_provider_options(self) -> str:
         """wsrep_provider_options that encrypt (and authenticate by the CA) Galera replication and IST."""
         return f"socket.ssl_cert={self.cert_file};socket.ssl_key={self.key_file};socket.ssl_ca={self.ca_file}"
@@ -412,6 +425,9 @@ class BusUsers:
     def __init__(self, secrets_dir: Path, users: Sequence[tuple[str, ...]] = DEFAULT) -> None:
         self.secrets_dir = Path(secrets_dir)
         self.users = tuple({u[0]: tuple(u) for u in users}.values())  # one entry per name, the last one wins
+        # bcrypt hashes by (user, password): a cluster renders the block once per node, in parallel threads.
+        self._hashes: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def watcher_user(tier: str, member: str) -> tuple[str, str, str]:
@@ -426,16 +442,20 @@ class BusUsers:
         return self.secrets_dir / f"nats-{user}.password"
 
     def accounts_conf(self) -> str:
-        """The nats.conf ``accounts`` block; creates missing passwords first."""
-        from hapki.runtime.bus_auth import User, accounts_conf
+        """The nats.conf ``accounts`` block, with bcrypt hashes of the passwords; creates missing passwords first."""
+        from hapki.runtime.bus_auth import User, accounts_conf, hash_password
 
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         users = []
-        for name, role, *scope in self.users:
-            path = self.password_file(name)
-            if not path.exists():
-                _write_secret(path, secrets.token_urlsafe(24))
-            users.append(User(name, role, path.read_text().strip(), *scope))
+        with self._lock:
+            for name, role, *scope in self.users:
+                path = self.password_file(name)
+                if not path.exists():
+                    _write_secret(path, secrets.token_urlsafe(24))
+                key = (name, path.read_text().strip())
+                if key not in self._hashes:
+                    self._hashes[key] = hash_password(key[1])
+                users.append(User(name, role, self._hashes[key], *scope))
         return accounts_conf(users)
 
 

@@ -86,17 +86,22 @@ def haproxy_cfg(topo: Topology, member: str, pem: Path) -> str:
 def galera_cnf(
     *, name: str, address: str, peers: Sequence[str], datadir: Path, socket: Path, pid_file: Path, port: int,
     galera_port: int, ist_port: int, sst_port: int, sst_method: str, log_path: Path | None, user: str = "root",
-    tls: TlsFiles | None = None, provider: str = GALERA_PROVIDER,
+    tls: TlsFiles | None = None, provider: str = GALERA_PROVIDER, sst_peers: Path | None = None,
 ) -> str:
     """my.cnf of Galera node ``name``; ``peers`` are the members' ``host:port`` for gcomm://. ``log_path`` None:
     the server logs to stderr (a container's log). ``tls``: client TLS required on TCP, replication and IST
-    encrypted (the rsync SST stays plaintext, see docs/SECURITY.md)."""
+    encrypted; with ``sst_peers`` (the CA and every member's certificate) the rsync SST runs through stunnel too,
+    without it the SST stays plaintext (the Compose demo, see docs/SECURITY.md)."""
+    if tls is not None and sst_peers is not None:
+        sst = ["# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the",
+               "# donor checks it names the joiner's address. Without stunnel the SST fails, never goes plain.",
+               *(f"{k}={v}" for k, v in tls.sst_options(sst_peers).items())]
+    else:
+        sst = ["# No peers bundle for stunnel's pinning: the state transfer stays plaintext (docs/SECURITY.md).",
+               "ssl-mode=DISABLED"]
     tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
                  *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
-                 "", "[sst]",
-                 "# The SST scripts would wrap rsync in stunnel because the server has TLS; stunnel is not",
-                 "# installed, so the state transfer stays plaintext on the data segment (docs/SECURITY.md).",
-                 "ssl-mode=DISABLED"] if tls else []
+                 "", "[sst]", *sst] if tls else []
     log_error = f"log-error={log_path}" if log_path is not None else "# no log-error: the server logs to stderr"
     return template("galera.cnf").substitute(
         name=name, user=user, datadir=datadir, socket=socket, pid_file=pid_file, port=port, address=address,

@@ -2,7 +2,8 @@
 
 Every party connects with its own user (password from a 0600 file) and gets exactly its subjects (issue 6):
 
-- clients call the CLM API subjects and read replies in their own inbox only (``_INBOX.<user>.>``, which the
+- clients, in an account of their own, call the CLM API subjects (imported from the services' account, so the
+  server tells CLM which user asks: see accounts_conf) and read replies in their own inbox only (``_INBOX.<user>.>``, which the
   client sets as its inbox prefix), so one requester cannot read another's replies nor CARA's result events;
 - CLM answers clients, publishes signing requests into the signing stream (the subject; JetStream acks to its
   inbox) and its events, and hears CARA's results; it cannot create a consumer on the signing stream, so it
@@ -12,6 +13,9 @@ Every party connects with its own user (password from a 0600 file) and gets exac
 - watchers alone publish HA events, each only its own member's (a user with a scope ``<tier>.<member>``);
 - the admin (provisioning: streams and consumers; the lab's and the tests' inspection) may do everything.
 
+The rendered config holds bcrypt hashes of the passwords only (nats-server accepts ``$2a$`` hashes in place of a
+password): the services read their plaintext from their own 0600 password files, the server never has it on disk.
+
 Stream and consumer definitions are created by the admin (hapki.runtime.bus.ensure_topology at provisioning);
 services only look them up (``$JS.API.STREAM.INFO``), like database users that only check the schema.
 """
@@ -19,12 +23,26 @@ services only look them up (``$JS.API.STREAM.INFO``), like database users that o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import bcrypt
+
 from hapki.contracts import subjects as s
 
-__all__ = ["ROLES", "Permissions", "User", "accounts_conf", "inbox_prefix"]
+__all__ = ["BCRYPT_COST", "CLIENTS_ACCOUNT", "REQUEST_INFO_HEADER", "ROLES", "Permissions", "User", "accounts_conf", "hash_password", "inbox_prefix"]
+
+# Go's bcrypt.DefaultCost; about 50 ms per hash (and per connection, on the server) on these machines. The cost only
+# slows guessing: the lab's passwords are 24 random URL-safe bytes (144 bits), out of reach at any cost.
+BCRYPT_COST = 10
+# What nats-server takes as a bcrypt hash rather than a plaintext password (server/auth.go, validBcryptPrefix).
+_BCRYPT = re.compile(r"^\$2[abxy]\$\d{2}\$[./A-Za-z0-9]{53}$")
+
+# Clients' own account: requests into the services' account carry the server's word on who sent them.
+CLIENTS_ACCOUNT = "CLIENTS"
+# The header nats-server sets on a request crossing a service import (JSON: "acc", "user" with share: true, ...).
+REQUEST_INFO_HEADER = "Nats-Request-Info"
 
 _JS = "$JS.API"
 _CLM_API = (s.CLM_ISSUE, s.CLM_STATUS, s.CLM_CERTIFICATE, s.CLM_REVOKE, s.CLM_SEARCH, s.CLM_RENEW)
@@ -69,13 +87,19 @@ ROLES: Mapping[str, Permissions] = {
 }
 
 
+def hash_password(password: str, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt hash (``$2a$``, the form nats-server documents) of a bus password, for nats.conf."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost, prefix=b"2a")).decode()
+
+
 @dataclass(frozen=True)
 class User:
-    """One bus user: its name, role (a key of ROLES) and password; `scope` fills {scope} in its subjects."""
+    """One bus user: its name, role (a key of ROLES) and bcrypt password hash; `scope` fills {scope} in its
+    subjects."""
 
     name: str
     role: str
-    password: str
+    password_hash: str
     scope: str = ">"
 
 
@@ -84,7 +108,7 @@ def _user_block(user: User) -> dict[str, object]:
     subscribe = [*perms.subscribe]
     if user.role != "admin":
         subscribe.append(f"{inbox_prefix(user.name)}.>")
-    block: dict[str, object] = {"user": user.name, "password": user.password,
+    block: dict[str, object] = {"user": user.name, "password": user.password_hash,
                                 "permissions": {"publish": {"allow": [p.replace("{scope}", user.scope)
                                                                       for p in perms.publish]},
                                                 "subscribe": {"allow": subscribe}}}
@@ -93,13 +117,25 @@ def _user_block(user: User) -> dict[str, object]:
     return block
 
 
-def accounts_conf(users: Sequence[User], *, account: str = "HAPKI") -> str:
-    """The ``accounts`` block of nats.conf: one account with JetStream, every user with its permissions.
+def accounts_conf(users: Sequence[User], *, account: str = "HAPKI", clients_account: str = CLIENTS_ACCOUNT) -> str:
+    """The ``accounts`` block of nats.conf: the services' account with JetStream, and the clients' account.
 
+    Clients (role ``client``) live in ``clients_account`` and reach CLM through a service import of the CLM API
+    subjects with ``share: true``: for every request that crosses it, the server writes the caller's account and
+    user into the ``Nats-Request-Info`` header, replacing any the client sent. That is how CLM learns who is
+    asking (hapki.clm.app keys the rate limits on it); within one account NATS tells a responder nothing.
     JSON is valid nats-server config syntax, and quoting it this way leaves no room for injection through names.
     """
     for user in users:
         if user.role not in ROLES:
             raise ValueError(f"unknown bus role {user.role!r} for {user.name!r}")
-    body = {account: {"jetstream": "enabled", "users": [_user_block(u) for u in users]}}
+        if not _BCRYPT.match(user.password_hash):  # never a plaintext password in the config (value not shown)
+            raise ValueError(f"bus user {user.name!r}: password_hash is not a bcrypt hash (see hash_password)")
+    services = [_user_block(u) for u in users if u.role != "client"]
+    clients = [_user_block(u) for u in users if u.role == "client"]
+    body: dict[str, object] = {account: {"jetstream": "enabled", "users": services,
+                                         "exports": [{"service": subject} for subject in _CLM_API]}}
+    if clients:
+        body[clients_account] = {"users": clients, "imports": [
+            {"service": {"account": account, "subject": subject}, "share": True} for subject in _CLM_API]}
     return "accounts: " + json.dumps(body, indent=2) + "\n"

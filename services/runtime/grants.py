@@ -7,19 +7,27 @@ audit tables are insert-only for both, except the three chain tables the CARA se
 belong to an admin (migrator) user; a service only checks that the schema is current (hapki.runtime.migrate).
 
 Grants name tables and columns, which must exist: they are applied after the migrations, by whoever provisions
-the database (`provision`, used by hapki.lab.local.MariaDB and the lab's Galera bootstrap). Keep this table
+the database: `provision` (the ``mariadb`` client as root: hapki.lab.local.MariaDB and the lab's Galera bootstrap)
+or `apply` (an admin's connection: ``hapki db migrate``, what an operator runs). Keep this table
 in step with the SQL in services/clm, services/cara and hapki.runtime.audit: the integration tests run every
 service flow under these users, so a missing privilege fails them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hapki.runtime.migrate import SCHEMA_TABLE_SQL, split_statements, available
+import aiomysql
+import pymysql.err
 
-__all__ = ["ADMIN_USER", "GRANTS", "SERVICE_USERS", "Grant", "grant_sql", "migration_sql", "provision", "revoke_sql"]
+from hapki.contracts.errors import ProvisioningRefused
+from hapki.runtime.db import Database
+from hapki.runtime.migrate import SCHEMA_TABLE_SQL, available, split_statements
+
+__all__ = ["ADMIN_USER", "GRANTS", "SERVICE_USERS", "Grant", "account", "apply", "grant_sql", "migration_sql",
+           "provision", "revoke_sql"]
 
 
 @dataclass(frozen=True)
@@ -76,16 +84,16 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
 }
 
 
-def grant_sql(database: str, accounts: Mapping[str, Sequence[str]]) -> list[str]:
+def grant_sql(database: str, accounts: Mapping[str, Sequence[str]], *, usage_first: bool = True) -> list[str]:
     """GRANT statements for each service user's accounts (``{user: ["'user'@'host'", ...]}``).
 
     Starts by revoking everything the account holds, so re-provisioning also removes privileges this table no
-    longer lists (and the ALL an older deployment gave its service users).
+    longer lists (and the ALL an older deployment gave its service users). ``usage_first``: see revoke_sql.
     """
     statements: list[str] = []
     for user, names in accounts.items():
         for account in names:
-            statements.extend(revoke_sql(account))
+            statements.extend(revoke_sql(account) if usage_first else revoke_sql(account)[1:])
             for grant in GRANTS[user]:
                 privileges = list(grant.privileges)
                 if grant.update_columns:
@@ -96,6 +104,7 @@ def grant_sql(database: str, accounts: Mapping[str, Sequence[str]]) -> list[str]
 
 def revoke_sql(account: str) -> list[str]:
     # REVOKE ALL fails with 1141 when the account holds nothing; an innocuous USAGE grant first makes it total.
+    # (That GRANT needs global GRANT OPTION, which root has; an admin with CREATE USER revokes without it.)
     return [f"GRANT USAGE ON *.* TO {account}", f"REVOKE ALL PRIVILEGES, GRANT OPTION FROM {account}"]
 
 
@@ -122,3 +131,49 @@ def provision(run_sql: Callable[[str], str], database: str, accounts: Mapping[st
     for script in migration_sql(database, applied)[1:]:
         run_sql(script)
     run_sql(";\n".join(grant_sql(database, accounts)) + ";")
+
+
+# A host part of an account: names, addresses, and MariaDB's wildcards; nothing that could close the quotes.
+_HOST = re.compile(r"^[A-Za-z0-9.%_:-]{1,255}$")
+# What an admin without the right privileges, or naming an account that does not exist, gets from MariaDB.
+_REFUSALS = {
+    1044: "the admin lacks privileges on the database: it needs ALL PRIVILEGES ON `{db}`.* WITH GRANT OPTION",
+    1045: "the admin lacks privileges: it needs ALL PRIVILEGES ON `{db}`.* WITH GRANT OPTION and CREATE USER",
+    1142: "the admin lacks privileges on the database: it needs ALL PRIVILEGES ON `{db}`.* WITH GRANT OPTION",
+    1227: "the admin lacks CREATE USER (needed to revoke what a service account held before)",
+    1133: "a service account does not exist: create it first (CREATE USER ... IDENTIFIED BY ... REQUIRE SSL)",
+    1269: "a service account does not exist: create it first (CREATE USER ... IDENTIFIED BY ... REQUIRE SSL)",
+    1410: "the admin may not grant these privileges: it needs ALL PRIVILEGES ON `{db}`.* WITH GRANT OPTION",
+}
+
+
+def account(user: str, host: str) -> str:
+    """The quoted account ``'user'@'host'`` of a service user; ValueError for anything else."""
+    if user not in GRANTS:
+        raise ValueError(f"not a service user: {user!r} (known: {', '.join(GRANTS)})")
+    if not _HOST.match(host):
+        raise ValueError(f"not an account host: {host!r} (letters, digits, '.', '%', '_', ':', '-')")
+    return f"'{user}'@'{host}'"
+
+
+async def apply(db: Database, database: str, accounts: Mapping[str, Sequence[str]]) -> None:
+    """Apply GRANTS to the service accounts as the admin ``db`` connects as, after the migrations.
+
+    Idempotent: every run revokes what each account holds and grants exactly the table again (so a privilege
+    removed from the table, or granted by hand, is gone afterwards). The accounts and their passwords are the
+    operator's (created with REQUIRE SSL); a missing account or a missing admin privilege is ProvisioningRefused.
+    """
+    statements = grant_sql(database, accounts, usage_first=False)
+
+    async def run(cur: aiomysql.Cursor) -> None:
+        for statement in statements:
+            try:
+                await cur.execute(statement)
+            except pymysql.err.MySQLError as exc:
+                code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+                if code not in _REFUSALS:
+                    raise
+                raise ProvisioningRefused(f"{_REFUSALS[code].format(db=database)}; MariaDB {code} on: {statement}",
+                                          {"errno": code}) from None
+
+    await db.run(run, name="grants.apply")

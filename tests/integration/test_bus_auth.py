@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import aiomysql
+import bcrypt
 import nats
 import nats.errors
 import pymysql.err
@@ -16,7 +18,7 @@ import pytest
 
 from bus_session import BusSession, bus_session, plaintext_refused
 from hapki.contracts import subjects
-from hapki.lab.local import LocalEnv
+from hapki.lab.local import BusUsers, LocalEnv
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +102,25 @@ async def test_connections_without_credentials_or_tls_are_refused(env: LocalEnv)
                            max_reconnect_attempts=0)
     with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):  # a wrong password
         await nats.connect(servers=kwargs["servers"], tls=kwargs["tls"], user="client", password="guess",
+                           connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def test_the_server_config_holds_bcrypt_hashes_and_every_user_still_connects(env: LocalEnv) -> None:
+    conf = env.nats.conf_path.read_text()
+    body = json.loads(conf[conf.index("accounts: ") + len("accounts: "):conf.index("\n}\n") + 2])
+    hashes = {u["user"]: u["password"] for account in body.values() for u in account["users"]}
+    assert set(hashes) == {name for name, *_ in BusUsers.DEFAULT}
+    for user, hashed in hashes.items():
+        password = env.nats.users.password_file(user).read_text().strip()
+        assert password not in conf, f"{user}'s password in clear in {env.nats.conf_path}"
+        assert hashed.startswith("$2a$10$") and bcrypt.checkpw(password.encode(), hashed.encode()), user
+        # The server checks the plaintext from the user's 0600 file against the hash: the user connects.
+        async with _as(env, user) as session:
+            await session.nc.flush(timeout=5)
+    # What the config holds is no password: presented as one, the hash is refused.
+    kwargs = env.nats.connect_kwargs("client")
+    with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):
+        await nats.connect(servers=kwargs["servers"], tls=kwargs["tls"], user="client", password=hashes["client"],
                            connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
 
 

@@ -5,7 +5,6 @@ signed for them, and normal issuance goes on."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,27 +17,16 @@ from hapki.clm.main import ClmRuntime
 from hapki.clm.ports import NewRequest
 from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts import subjects
-from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, SignCertificate, SigningFailed, StatusQuery
+from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, SigningFailed, StatusQuery
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.approval import ApprovalKey
 from hapki.runtime.clock import utcnow
-from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
-from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
+from helpers.signing import audit_entries, publish_signing_request, signing_content
 from integration.conftest import query
 
 pytestmark = pytest.mark.integration
-
-PROFILES = load_profiles(SHIPPED_PROFILES_PATH)
-
-
-def _content(names: list[str], request_id: str | None = None) -> SignCertificate:
-    """What CLM would approve for a fresh CSR with these names (no approval yet)."""
-    csr_pem, _ = make_csr(names, key=make_key("p256", fresh=True), cn=names[0])
-    return approve(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"), PROFILES,
-                   request_id or uuid.uuid4().hex)
-
 
 def _clm_key(env: LocalEnv) -> ApprovalKey:
     """CLM's own approval key: what an attacker who stole it (or a buggy CLM) signs with."""
@@ -59,23 +47,6 @@ async def bus(env: LocalEnv) -> AsyncIterator[tuple[Any, list[SigningFailed]]]:
         yield nc, failures
     finally:
         await nc.close()
-
-
-async def _publish(nc: Any, request: SignCertificate) -> None:
-    """Straight into the signing stream, as CLM does (Nats-Msg-Id = request id), bypassing CLM."""
-    await nc.jetstream().publish(subjects.CARA_SIGN, request.model_dump_json().encode(),
-                                 headers={"Nats-Msg-Id": request.request_id})
-
-
-async def _audit(sql: Any, request_id: str, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """The audit entries of `kind` for `request_id`, once at least one exists (details parsed)."""
-    for _ in range(int(timeout / 0.05)):
-        rows = await query(sql, "SELECT detail FROM audit_entries WHERE request_id = %s AND kind = %s",
-                           (request_id, kind))
-        if rows:
-            return [json.loads(row[0]) for row in rows]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no {kind} audit entry for {request_id}")
 
 
 async def _status(clm: ClmRuntime, request_id: str, want: RequestStatus) -> IssueReply:
@@ -100,19 +71,19 @@ async def test_a_forged_signing_request_is_refused_and_audited(env, services, cl
     cara, _ = services
     nc, failures = bus
     clm_key = _clm_key(env)
-    request = _content(["forged.example.com"])
+    request = signing_content(["forged.example.com"])
     if forgery == "approval by another key under CLM's key id":
         request = ApprovalKey.generate().sign(request).model_copy(update={"approval_key_id": clm_key.key_id})
     elif forgery == "CLM's approval over other content":
         # A genuine approval replayed on content the attacker chose (another name, same everything else).
-        genuine = clm_key.sign(_content(["harmless.example.com"], request.request_id))
+        genuine = clm_key.sign(signing_content(["harmless.example.com"], request.request_id))
         request = request.model_copy(update={"approval": genuine.approval, "approval_key_id": genuine.approval_key_id})
     assert cara.signer is not None
     signatures = cara.signer.signatures
 
-    await _publish(nc, request)
+    await publish_signing_request(nc, request)
 
-    [entry] = await _audit(sql, request.request_id, "signing.refused")
+    [entry] = await audit_entries(sql, request.request_id, "signing.refused")
     assert entry["code"] == "APPROVAL_INVALID"
     assert entry["stored_request"] == "absent" and entry["names"] == ["forged.example.com"]
     await asyncio.sleep(1.0)  # longer than ack_wait: a message that was not termed would come back by now
@@ -131,15 +102,15 @@ async def test_a_forgery_naming_a_pending_request_leaves_that_request_alone(env,
     """An unauthenticated message cannot fail someone else's request: only exactly what CLM recorded may."""
     cara, clm = services
     nc, failures = bus
-    genuine = _clm_key(env).sign(_content(["victim.example.com"]))
+    genuine = _clm_key(env).sign(signing_content(["victim.example.com"]))
     await MariaDBRequestStore(clm.db).record(NewRequest(
         request_id=genuine.request_id, requester="tests", idempotency_key=None, profile="tls-server",
         csr_sha256="0" * 64, approved=genuine), utcnow())
     forged = genuine.model_copy(update={"dns_names": ["victim.example.com", "attacker.example.com"]})
 
-    await _publish(nc, forged)
+    await publish_signing_request(nc, forged)
 
-    [entry] = await _audit(sql, genuine.request_id, "signing.refused")
+    [entry] = await audit_entries(sql, genuine.request_id, "signing.refused")
     assert entry["code"] == "APPROVAL_INVALID" and entry["stored_request"] == "differs"
     assert (await query(sql, "SELECT status FROM requests WHERE id = %s", (genuine.request_id,))) == [("pending",)]
     assert [f for f in failures if f.request_id == genuine.request_id] == []
@@ -154,18 +125,18 @@ async def test_a_request_queued_before_approvals_existed_fails_for_good(services
     """An old CLM's pending request (stored and queued without approval) is refused, and marked failed, once."""
     cara, clm = services
     nc, failures = bus
-    old = _content(["queued-before-upgrade.example.com"])
+    old = signing_content(["queued-before-upgrade.example.com"])
     await MariaDBRequestStore(clm.db).record(NewRequest(
         request_id=old.request_id, requester="tests", idempotency_key=None, profile="tls-server",
         csr_sha256="0" * 64, approved=old), utcnow())
     assert cara.signer is not None
     signatures = cara.signer.signatures
 
-    await _publish(nc, old)
+    await publish_signing_request(nc, old)
 
     reply = await _status(clm, old.request_id, RequestStatus.FAILED)
     assert reply.error.code.value == "APPROVAL_INVALID"
-    [entry] = await _audit(sql, old.request_id, "request.failed")
+    [entry] = await audit_entries(sql, old.request_id, "request.failed")
     assert entry["code"] == "APPROVAL_INVALID"
     for _ in range(40):
         if any(f.request_id == old.request_id for f in failures):
@@ -180,14 +151,14 @@ async def test_a_validly_approved_request_outside_the_profile_is_refused_by_the_
     cara, clm = services
     nc, failures = bus
     key = _clm_key(env)
-    base = _content(["www.example.com"])
+    base = signing_content(["www.example.com"])
     outside = key.sign(base.model_copy(update={"dns_names": ["www.example.com", "www.evil.com"]}))
     assert cara.signer is not None
     signatures = cara.signer.signatures
 
     # Published by whoever stole the key: refused, audited, no request touched.
-    await _publish(nc, outside)
-    [entry] = await _audit(sql, outside.request_id, "signing.refused")
+    await publish_signing_request(nc, outside)
+    [entry] = await audit_entries(sql, outside.request_id, "signing.refused")
     assert entry["code"] == "POLICY_VIOLATION"
     await _nothing_reserved_or_signed(sql, cara, outside.request_id, signatures)
 
@@ -197,11 +168,11 @@ async def test_a_validly_approved_request_outside_the_profile_is_refused_by_the_
     await MariaDBRequestStore(clm.db).record(NewRequest(
         request_id=recorded.request_id, requester="tests", idempotency_key=None, profile="tls-server",
         csr_sha256="0" * 64, approved=recorded), utcnow())
-    await _publish(nc, recorded)
+    await publish_signing_request(nc, recorded)
     reply = await _status(clm, recorded.request_id, RequestStatus.FAILED)
     assert reply.error.code.value == "POLICY_VIOLATION"
     assert "dns_names" in reply.error.message
-    [entry] = await _audit(sql, recorded.request_id, "request.failed")
+    [entry] = await audit_entries(sql, recorded.request_id, "request.failed")
     assert entry["code"] == "POLICY_VIOLATION"
     await _nothing_reserved_or_signed(sql, cara, recorded.request_id, signatures)
     for _ in range(40):

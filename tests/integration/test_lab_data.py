@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -22,6 +23,8 @@ import pymysql.err
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+
+from helpers.capture import LoopbackCapture
 
 from hapki.lab import tls
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
@@ -147,6 +150,53 @@ def test_killed_node_rejoins_by_ist_at_its_recovered_position(galera: GaleraClus
     assert status["wsrep_cluster_size"] == 3
     assert second.joined_by() == "IST"  # only the missed writesets, from a donor's gcache; no full SST
     assert second.sql("SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM hapki.lab_crash").strip() == "50"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root")
+def test_wiped_node_rejoins_by_sst_over_tls(galera: GaleraCluster) -> None:
+    """A full state transfer (rsync SST) of a wiped node runs through stunnel: TLS on the wire, no row in clear."""
+    first, _, third = galera.nodes
+    probe = b"hapki-sst-probe-" + secrets.token_hex(8).encode()
+    # Rows that must cross: written before the SST and flushed into the table's .ibd on both possible donors (the
+    # flush is local to a node), so rsync copies them as they are.
+    first.sql("CREATE TABLE IF NOT EXISTS hapki.lab_sst (id INT PRIMARY KEY, v VARCHAR(64));"
+              "INSERT INTO hapki.lab_sst VALUES " + ",".join(f"({i}, '{probe.decode()}')" for i in range(1, 201)))
+    for node in galera.nodes[:2]:
+        node.sql("SET SESSION wsrep_sync_wait=1; FLUSH TABLES hapki.lab_sst FOR EXPORT; UNLOCK TABLES;")
+        assert probe in (node.datadir / "hapki" / "lab_sst.ibd").read_bytes(), node.name
+
+    third.stop()
+    shutil.rmtree(third.datadir)
+    with LoopbackCapture(third.address, third.sst_port, [probe]) as wire:
+        third.start(bootstrap=False)
+        third.wait_synced(timeout=120)
+    log.info("galera: SST to db-3 carried %d bytes on port %d (%s), kernel drops %d", wire.total, third.sst_port,
+             {k: f.bytes for k, f in wire.flows.items()}, wire.drops)
+
+    assert third.joined_by() == "SST"
+    assert third.sql("SELECT COUNT(*) FROM hapki.lab_sst WHERE v = '%s'" % probe.decode()).strip() == "200"
+    assert probe in (third.datadir / "hapki" / "lab_sst.ibd").read_bytes()  # it came over, in that file
+    # The wire: every frame captured (no kernel drops), the bulk of the datadir crossed this port (all but the
+    # joiner's own gcache), a TLS handshake first in both directions (content type 22, version 3.x), and the
+    # probe rows in neither direction.
+    assert wire.drops == 0
+    assert wire.flows["to"].bytes > _datadir_bytes(third.datadir, but="galera.cache") // 2
+    for direction, flow in wire.flows.items():
+        assert flow.head[:2] == b"\x16\x03", (direction, bytes(flow.head[:16]))
+        assert not flow.found, f"probe rows in clear on the SST link ({direction})"
+    # And it was the stock script's stunnel, with the peer checks on.
+    started = _tail_since(third)
+    assert "Using stunnel for SSL encryption" in started and "ssl-mode='VERIFY_IDENTITY'" in started, started[-3000:]
+
+
+def _tail_since(node: GaleraNode) -> str:
+    with node.log_path.open("rb") as fh:
+        fh.seek(node.last_start_offset)
+        return fh.read().decode(errors="replace")
+
+
+def _datadir_bytes(datadir: Path, but: str) -> int:
+    return sum(p.stat().st_size for p in datadir.rglob("*") if p.is_file() and p.name != but)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiomysql
+import nats
 import pymysql.err
 import pytest
 
 from bus_session import bus_session, plaintext_refused
 from hapki.contracts import subjects
 from hapki.lab.ha import Lab
+from hapki.lab.load import connect_db
+from hapki.runtime.bus import SIGNING_ACK_WAIT_SECONDS
+from helpers.signing import audit_entries, publish_signing_request, rows, signing_content
 
 pytestmark = pytest.mark.lab
 
@@ -52,3 +58,32 @@ async def test_connections_without_tls_are_refused(lab: Lab) -> None:
         conn.close()
     status = lab.status()
     assert status["client"]["nats_user"] == "client" and status["client"]["ca_bundle"]
+
+
+async def test_a_forged_signing_request_with_stolen_clm_credentials_is_refused_and_audited(lab: Lab) -> None:
+    """Whoever holds CLM's bus password may publish into the signing stream, but without CLM's approval signature
+    the CA signs nothing: the message is refused, audited and gone, nothing reserved or issued for it."""
+    # CLM's own bus user, password from the lab's secrets: what an attacker who stole them from a CLM host holds.
+    stolen = lab.nats_connect_kwargs("clm")
+    assert stolen["user"] == "clm"
+    forged = signing_content(["forged.example.com"])  # what CLM would approve, but unsigned
+    assert forged.approval is None
+    nc = await nats.connect(**stolen, connect_timeout=5)
+    conn = await connect_db(lab)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SET SESSION wsrep_sync_wait = 1")  # read what CARA committed on any node
+        await publish_signing_request(nc, forged)  # accepted by the stream: CLM may publish there
+        [entry] = await audit_entries(conn, forged.request_id, "signing.refused", timeout=20)
+        assert entry["code"] == "APPROVAL_INVALID", entry
+        assert entry["stored_request"] == "absent" and entry["names"] == ["forged.example.com"], entry
+        # Longer than ack_wait: a message CARA had not terminated would have come back (and be refused again).
+        await asyncio.sleep(SIGNING_ACK_WAIT_SECONDS + 1.0)
+        for table in ("signing_intents", "certificates", "requests"):
+            column = "id" if table == "requests" else "request_id"
+            assert await rows(conn, f"SELECT 1 FROM {table} WHERE {column} = %s", (forged.request_id,)) == [], table
+        audited = await rows(conn, "SELECT kind FROM audit_entries WHERE request_id = %s", (forged.request_id,))
+        assert audited == [("signing.refused",)]
+    finally:
+        conn.close()
+        await nc.close()

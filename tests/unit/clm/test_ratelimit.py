@@ -9,9 +9,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from hapki.clm import http
+from hapki.clm.app import bus_caller
 from hapki.clm.config import ClmConfig
 from hapki.clm.main import rate_limiter
-from hapki.clm.ratelimit import Rate, RateLimiter, retry_after_header
+from hapki.clm.ratelimit import Rate, RateLimiter, caller, retry_after_header
+from hapki.lab import render
 from hapki.contracts.errors import ErrorCode, RateLimited
 from hapki.contracts.models import CertificateIssued, RequestStatus
 from test_service import NOW, Queue, SlowStore, _request, _service
@@ -143,3 +145,59 @@ async def test_http_maps_rate_limited_to_429_with_retry_after() -> None:
 
 def test_every_error_code_has_an_http_status() -> None:
     assert set(http.STATUS_BY_CODE) == set(ErrorCode)
+
+
+def test_buckets_key_on_the_authenticated_caller_when_the_edge_names_one() -> None:
+    limiter = RateLimiter(Rate(per_second=1, burst=1), clock=Clock())
+    with caller("bus:client"):
+        limiter.check("alice")
+        with pytest.raises(RateLimited) as info:
+            limiter.check("bob")  # a new name is no new bucket
+        assert "bus:client" in str(info.value) and info.value.details["field"] == "caller"
+    with caller("bus:client-b"):
+        limiter.check("alice")  # borrowing a name does not drain that name's holder
+    limiter.check("alice")  # no caller (the services' own account): the requester's bucket, untouched so far
+    with pytest.raises(RateLimited):
+        limiter.check("alice")
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    (None, None),
+    ({}, None),
+    ({"Nats-Request-Info": '{"acc": "CLIENTS", "user": "client", "rtt": 1}'}, "bus:client"),
+    ({"Nats-Request-Info": '{"acc": "CLIENTS"}'}, "bus-account:CLIENTS"),
+    ({"Nats-Request-Info": "not json"}, "bus-account:?"),
+    ({"Nats-Request-Info": '["user"]'}, "bus-account:?"),
+    ({"Nats-Request-Info": '{"user": 7}'}, "bus-account:?"),
+])
+def test_bus_caller_reads_the_servers_header(headers: dict[str, str] | None, expected: str | None) -> None:
+    assert bus_caller(headers) == expected
+
+
+async def test_http_keys_on_the_forwarded_address_only_from_a_trusted_proxy() -> None:
+    async def run(trusted: tuple[str, ...]) -> list[int]:
+        store, queue = SlowStore(), Queue()
+        service = _service(store, queue)
+        service._limiter = RateLimiter(Rate(per_second=0.001, burst=1), clock=Clock())
+        store.release.set()
+        client = TestClient(TestServer(http.build_app(service, member="clm-1", trusted_proxies=trusted)))
+        await client.start_server()
+        statuses = []
+        try:
+            for index, forwarded in enumerate(["203.0.113.1", "203.0.113.2", "203.0.113.2", "garbage"]):
+                body = _request([f"a{index}.example.com"], None).model_dump(mode="json")
+                statuses.append((await client.post("/v1/issue", json=body,
+                                                   headers={"X-Forwarded-For": forwarded})).status)
+        finally:
+            await client.close()
+        return statuses
+
+    # The test client connects from 127.0.0.1: trusted, each forwarded address its own bucket (garbage: the
+    # proxy's own); not trusted, the header is ignored and every request is the peer's.
+    assert await run(("127.0.0.1",)) == [202, 202, 429, 202]
+    assert await run(()) == [202, 429, 429, 429]
+
+
+def test_haproxy_sets_the_forwarded_address_rather_than_appending_to_the_clients() -> None:
+    text = render.template("haproxy.cfg").template
+    assert "http-request set-header X-Forwarded-For %[src]" in text and "option forwardfor" not in text

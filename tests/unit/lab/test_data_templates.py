@@ -51,5 +51,28 @@ def test_secured_nats_config_passes_nats_server_t(tmp_path: Path) -> None:
     assert result.returncode == 0 or "cannot assign requested address" in result.stderr, result.stderr
     text = conf.read_text()
     assert '"verify": true' in text and "allow_responses" in text
-    for user, *_ in BusUsers.DEFAULT:  # every password only in its 0600 file and the server's config
+    for user, *_ in BusUsers.DEFAULT:  # every password only in its 0600 file; the server's config has its hash
         assert users.password_file(user).stat().st_mode & 0o777 == 0o600
+        assert users.password_file(user).read_text().strip() not in text
+
+
+def test_galera_state_transfer_is_tls_with_the_members_certificates_only(tmp_path: Path) -> None:
+    from hapki.lab import tls
+    from hapki.lab.data import GaleraCluster
+    from hapki.lab.local import TlsFiles
+
+    tls.create_infra_ca(tmp_path / "tls")
+    addresses = {"db-1": "10.213.3.21", "db-2": "10.213.3.22"}
+    nodes = [GaleraNode(tmp_path, name, address, list(addresses.values())) for name, address in addresses.items()]
+    GaleraCluster(tmp_path, nodes, tls=lambda n: TlsFiles.issue(tmp_path / "tls", n.name, [n.address],
+                                                                client_auth=True))
+    sst = nodes[0]._cnf().split("[sst]", 1)[1]  # noqa: SLF001
+    values = dict(line.split("=", 1) for line in sst.splitlines() if "=" in line and not line.startswith("#"))
+    # VERIFY_IDENTITY: stunnel's verifyPeer (only certificates in tca) plus the donor's check of the joiner's address.
+    assert values["ssl-mode"] == "VERIFY_IDENTITY"
+    assert values["tcert"].endswith("db-1.crt") and values["tkey"].endswith("db-1.key")
+    peers = Path(values["tca"]).read_text()
+    members = [Path(tmp_path / "tls" / f"{name}.crt").read_text().split("-----END CERTIFICATE-----")[0]
+               for name in addresses]
+    assert all(member in peers for member in members)
+    assert peers.count("BEGIN CERTIFICATE") == 1 + 2 * 2  # the CA, then each member's file (leaf and CA)

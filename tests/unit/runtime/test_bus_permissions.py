@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import bcrypt
 import pytest
 
 from hapki.contracts import subjects
-from hapki.runtime.bus_auth import ROLES, User, accounts_conf, inbox_prefix
+from hapki.runtime.bus_auth import ROLES, User, accounts_conf, hash_password, inbox_prefix
+
+_HASH = hash_password("pw", cost=4)
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -68,19 +71,41 @@ def test_only_the_signer_and_admin_reach_the_signing_consumer() -> None:
 
 
 def test_a_scoped_watcher_publishes_only_its_members_events() -> None:
-    body = json.loads(accounts_conf([User("watcher-cara-1", "watcher", "pw", "cara.cara-1")]).removeprefix("accounts: "))
+    body = json.loads(accounts_conf([User("watcher-cara-1", "watcher", _HASH, "cara.cara-1")]).removeprefix("accounts: "))
     allowed = body["HAPKI"]["users"][0]["permissions"]["publish"]["allow"]
     assert subjects.ha_events("cara", "cara-1") in allowed
     assert not any(_matches(p, subjects.ha_events("cara", "cara-2")) for p in allowed)
 
 
 def test_accounts_conf_is_json_with_every_user() -> None:
-    text = accounts_conf([User("client", "client", 'pa"ss'), User("clm", "clm", "x")])
+    text = accounts_conf([User("client", "client", _HASH), User("clm", "clm", _HASH)])
     body = json.loads(text.removeprefix("accounts: "))
-    users = body["HAPKI"]["users"]
-    assert body["HAPKI"]["jetstream"] == "enabled"
-    assert users[0]["password"] == 'pa"ss'
-    assert users[0]["permissions"]["subscribe"]["allow"] == ["_INBOX.client.>"]
-    assert users[1]["permissions"]["allow_responses"] is True
+    [client], [clm] = body["CLIENTS"]["users"], body["HAPKI"]["users"]
+    assert body["HAPKI"]["jetstream"] == "enabled" and "jetstream" not in body["CLIENTS"]
+    assert client["password"] == _HASH
+    assert client["permissions"]["subscribe"]["allow"] == ["_INBOX.client.>"]
+    assert clm["permissions"]["allow_responses"] is True
+
+
+def test_clients_reach_the_clm_api_only_through_an_import_that_names_them() -> None:
+    body = json.loads(accounts_conf([User("client", "client", _HASH)]).removeprefix("accounts: "))
+    api = set(ROLES["client"].publish)
+    assert {e["service"] for e in body["HAPKI"]["exports"]} == api  # nothing else of the services' account
+    imports = body["CLIENTS"]["imports"]
+    assert {i["service"]["subject"] for i in imports} == api
+    # share: the server puts the caller's user into Nats-Request-Info (what CLM's rate limits key on).
+    assert all(i["share"] is True and i["service"]["account"] == "HAPKI" for i in imports)
     with pytest.raises(ValueError):
-        accounts_conf([User("x", "root", "y")])
+        accounts_conf([User("x", "root", _HASH)])
+
+
+def test_accounts_conf_takes_bcrypt_hashes_only() -> None:
+    hashed = hash_password('pa"ss', cost=4)
+    assert hashed.startswith("$2a$04$") and bcrypt.checkpw(b'pa"ss', hashed.encode())
+    assert hash_password('pa"ss', cost=4) != hashed  # salted
+    accounts_conf([User("client", "client", hashed)])
+    # A plaintext password, even one that starts like a hash, or a truncated hash: refused, and not echoed.
+    for value in ("s3cret-plaintext", "$2a$10$short", hashed[:-1], hashed + "x", "$2q$10$" + hashed[7:]):
+        with pytest.raises(ValueError, match="not a bcrypt hash") as refused:
+            accounts_conf([User("client", "client", value)])
+        assert value not in str(refused.value)
