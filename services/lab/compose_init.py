@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+
+import bcrypt
 
 from hapki.lab import compose, stack, tls
 from hapki.lab.compose_layout import ISSUER, Consumer
@@ -116,7 +119,7 @@ def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUs
                        ca=ca)
     if consumer.accounts:
         target = d / "accounts.conf"
-        if not target.exists() or target.read_text() != accounts:
+        if not target.exists() or not _same_accounts(target.read_text(), accounts, bus):
             target.unlink(missing_ok=True)
             _write_secret(target, accounts)
     for user in consumer.bus_users:
@@ -169,3 +172,18 @@ def provision(topo: Topology, secrets: Path, socket: Path, cara_config: Path, hs
         member_dir = Path(hsm_dir) / name
         if member_dir.exists():
             _chown_tree(member_dir, compose.HAPKI_UID)
+
+
+_USER_HASH = re.compile(r'"user": "([^"]+)",\s*"password": "(\$2a\$[^"]+)"')
+
+
+def _same_accounts(existing: str, wanted: str, bus: BusUsers) -> bool:
+    """Whether `existing` grants what `wanted` does: bcrypt salts differ per rendering, so the texts are compared
+    with the hashes masked, and each existing hash must still verify its user's current password."""
+    def masked(text: str) -> str:
+        return _USER_HASH.sub(lambda m: f'"user": "{m.group(1)}", "password": "-"', text)
+
+    if masked(existing).rstrip() != masked(wanted).rstrip():
+        return False
+    return all(bcrypt.checkpw(bus.password_file(user).read_text().strip().encode(), digest.encode())
+               for user, digest in _USER_HASH.findall(existing))
