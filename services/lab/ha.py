@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import shutil
 import ssl
 import subprocess
@@ -509,6 +510,7 @@ class Lab:
         data.mkdir(parents=True, exist_ok=True)
         config.write_text(prometheus.render_config(self.topo))
         log_path = self.prometheus_dir / "prometheus.log"
+        _stop_stale_prometheus()
         self.procs.launch("prometheus@host", prometheus.argv(executable, config, data), log_path,
                           marker=str(config))
         result: dict[str, Any] = {}
@@ -924,3 +926,34 @@ def _http_json(url: str, timeout: float = 1.0) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
 
+
+
+def _stop_stale_prometheus(timeout: float = 10.0) -> None:
+    """SIGTERM a lab Prometheus left by an earlier run (any lab directory): it would hold the lab's port.
+
+    Only processes whose command line is a lab Prometheus's (listen address and a `prometheus/prometheus.yml`
+    config) are touched.
+    """
+    listen = f"--web.listen-address={prometheus.LISTEN}"
+    stale = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if listen in args and any(a.startswith("--config.file=") and a.endswith("prometheus/prometheus.yml")
+                                  for a in args):
+            stale.append(int(entry.name))
+    for pid in stale:
+        log.warning("stopping a lab Prometheus left by an earlier run (pid %d)", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    while stale and time.monotonic() < deadline:
+        stale = [pid for pid in stale if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.1)
