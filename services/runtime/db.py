@@ -183,28 +183,36 @@ class Database:
 
         DatabaseError when the node does not answer within `timeout` seconds (connecting included).
         """
-        pool = self._pool(node, status=True)
         try:
             async with asyncio.timeout(timeout):
-                conn = await pool.acquire(timeout)
-                broken = True
-                try:
-                    async with conn.cursor() as cur:
-                        await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
-                        galera = dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON"
-                        rows: tuple[tuple[str, str], ...] = ()
-                        if galera:
-                            # (status connections run without wsrep_sync_wait: a lagging node reports its state)
-                            await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
-                                              "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
-                            rows = await cur.fetchall()
-                    await conn.rollback()
-                    broken = False
-                finally:
-                    pool.release(conn, broken=broken)
+                status = await self._wsrep_status(node, timeout)
         except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
             raise DatabaseError(f"database node {node} did not answer a status query: {exc}", {"node": node}) from exc
-        return {str(name).lower(): str(value) for name, value in rows}
+        return status or {}
+
+    async def _wsrep_status(self, node: str, timeout: float) -> dict[str, str] | None:
+        """The node's wsrep status variables (lower-case names), None when it runs without Galera (wsrep_on OFF).
+
+        On the node's own status connection: no wsrep_sync_wait (a lagging or stalled node still reports its
+        state) and not queued behind transactions holding the pool. Driver errors propagate.
+        """
+        pool = self._pool(node, status=True)
+        conn = await pool.acquire(timeout)
+        broken = True
+        try:
+            # SHOW is answered by a non-Primary node too (other statements get 1047 there).
+            async with conn.cursor() as cur:
+                await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
+                rows = None
+                if dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON":
+                    await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
+                                      "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
+                    rows = await cur.fetchall()
+            await conn.rollback()
+            broken = False
+        finally:
+            pool.release(conn, broken=broken)
+        return None if rows is None else {str(name).lower(): str(value) for name, value in rows}
 
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
@@ -222,21 +230,8 @@ class Database:
         so every member sees "primary" then. A server without Galera (wsrep_on OFF) counts as Primary.
         """
         async def ask(node: str) -> bool:
-            pool = self._pool(node, status=True)
-            conn = await pool.acquire(timeout)
-            broken = True
-            try:
-                # SHOW is answered by a non-Primary node too (other statements get 1047 there).
-                async with conn.cursor() as cur:
-                    await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
-                    galera = dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON"
-                    await cur.execute(
-                        "SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_cluster_status', 'wsrep_ready')")
-                    status = dict(await cur.fetchall())
-                broken = False
-                return not galera or (status.get("wsrep_cluster_status"), status.get("wsrep_ready")) == ("Primary", "ON")
-            finally:
-                pool.release(conn, broken=broken)
+            status = await self._wsrep_status(node, timeout)
+            return status is None or (status.get("wsrep_cluster_status"), status.get("wsrep_ready")) == ("Primary", "ON")
 
         asks = [asyncio.create_task(ask(node)) for node in self._config.nodes]
         answered = False
