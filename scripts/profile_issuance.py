@@ -5,7 +5,8 @@ by k6/issue.js at maximum over CLM's REST API; prints the top functions of each 
 
 The profiles stay in DIR/{clm,cara}.prof (`python -m pstats` reads them); times are CPU seconds of the process.
 cProfile itself slows Python code down (roughly 1.5-2x), so read shares, not absolute rates. It profiles the
-event-loop thread only: work handed to a thread (the HSM signature) is not in it.
+event-loop thread only: work handed to a thread (the HSM signature) is not in it. The services trace as `hapki
+bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from hapki.cli import k6
+from hapki.cli.bench_compare import tracing_sampler
 from hapki.cli.demo import start_stack
 from hapki.lab.local import free_port
 from hapki.lab.stack import ServiceProcess
@@ -95,7 +97,9 @@ def main() -> int:
     args = parser.parse_args()
     base = args.dir.resolve()
     listen = f"127.0.0.1:{free_port()}"
-    stack = start_stack(base, None, clm_overrides={"http_listen": listen})
+    sampler, source = tracing_sampler()
+    print(f"trace sampler: {sampler.describe()} ({source})")
+    stack = start_stack(base, None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
     profiled: list[ProfiledService] = []
     try:
         for name in ("cara", "clm"):  # replace the plain services with profiled ones on the same configs

@@ -207,11 +207,14 @@ class Signer:
         items = [item for msg in msgs if (item := await self._admit(msg)) is not None]
         if not items:
             return
-        links = [trace.Link(item.span.get_span_context()) for item in items]
+        # The batch's transactions run under the trace of its first sampled request, linked to every sampled
+        # request's span (a sampler that keeps 1% of the traces still sees the database work of the ones it kept);
+        # with none sampled, under the first request's trace, and nothing is recorded.
+        recorded = [item.span for item in items if item.span.is_recording()]
+        links = [trace.Link(span.get_span_context()) for span in recorded]
         try:
-            # The batch's transactions run under the first request's trace (linked to every request's span).
-            with tracer.start_as_current_span("cara.batch", context=trace.set_span_in_context(items[0].span),
-                                              links=links) as span:
+            with tracer.start_as_current_span("cara.batch", context=trace.set_span_in_context(
+                    recorded[0] if recorded else items[0].span), links=links) as span:
                 span.set_attribute("pki.batch_size", len(items))
                 span.set_attribute("pki.member", self._member)
                 try:

@@ -183,7 +183,8 @@ def _table(report: dict[str, Any]) -> str:
     lines = [
         f"hapki bench: {report['cores']} cores, shared by NATS, MariaDB, CARA, CLM and this load generator.",
         f"Each level: {report['warmup_seconds']:.1f} s warm-up, then {report['seconds']:.1f} s measured; "
-        "closed-loop clients, fresh P-256 CSRs from a pool, profile tls-server; tracing on.",
+        "closed-loop clients, fresh P-256 CSRs from a pool, profile tls-server; trace sampler "
+        f"{report.get('sampler', 'parentbased_always_on')} (the stage split reads the traces it keeps).",
         "",
         f"{'clients':>7}  {'issued/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  {'errors':>6}",
     ]
@@ -228,6 +229,12 @@ def _table(report: dict[str, Any]) -> str:
 def _bench(base_dir: Path, levels: list[int], seconds: float, as_json: bool) -> int:
     from hapki.runtime import telemetry
 
+    try:
+        # Every trace by default (the stage split needs them); OTEL_TRACES_SAMPLER chooses another, for all processes.
+        sampler = telemetry.SamplerSetting.from_env()
+    except ValueError as exc:
+        print(f"hapki bench: {exc}", file=sys.stderr)
+        return 2
     trace_file = base_dir / "traces.jsonl"
     warmup = WARMUP_SECONDS
     _progress(f"hapki bench: generating a pool of P-256 CSRs, starting the local stack in {base_dir} ...")
@@ -262,6 +269,7 @@ def _bench(base_dir: Path, levels: list[int], seconds: float, as_json: bool) -> 
         "levels": [r.summary(spans) for r in results],
         "rss_peak_mib": rss,
         "trace_file": str(trace_file),
+        "sampler": sampler.describe(),
     }
     print(json.dumps(report, indent=2) if as_json else _table(report))
     return 0 if all(r.latencies_ms for r in results) else 1

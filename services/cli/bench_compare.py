@@ -7,6 +7,8 @@ Step 3: (b) CFSSL (Debian `golang-cfssl`): `cfssl serve` with an EC P-256 CA and
         (`-db-config`; a private mariadbd configured like hapki's), loaded by k6/issue.js on /api/v1/cfssl/sign.
 Step 4: (c) hapki single node: the local stack of `hapki bench` (one NATS, one MariaDB, SoftHSM, one CARA, one
         CLM), loaded by the same script on CLM's REST API (plain HTTP on loopback: no haproxy in this topology).
+        Traced as in production: OTEL_TRACES_SAMPLER(_ARG) when set, else hapki.runtime.telemetry.PRODUCTION_SAMPLER
+        (the report names it).
 Step 5: (d) the HA lab through the CLM VIP over HTTPS (haproxy, Galera, the R3 bus, fencing), only when asked
         (`--with-lab`) and the lab is up; otherwise the column says why it was skipped.
 Each k6 column: a warm-up run, then MODE=rate (a fixed arrival rate) and MODE=max (closed loop, `vus` clients).
@@ -30,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +48,7 @@ from cryptography.x509.oid import NameOID
 from hapki.cli import k6
 from hapki.cli.bench import percentile
 from hapki.cli.procstat import ProcessGroups, machine_busy_seconds, per_issuance_ms
+from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SAMPLER_ENV, SamplerSetting
 
 REQUESTER = "k6-compare"
 CSR_POOL = 512
@@ -329,13 +332,23 @@ async def _hapki_stored(connect_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"stored": int(stored), "checked": len(pems), "failed": _verify_pems(pems, issuer)}
 
 
-def single_column(base: Path, shape: LoadShape, csr_file: Path, say: Say) -> dict[str, Any]:
+def tracing_sampler(env: Mapping[str, str] | None = None) -> tuple[SamplerSetting, str]:
+    """The trace sampler the services of (c) run with and where it comes from: OTEL_TRACES_SAMPLER(_ARG) when set
+    (ValueError if invalid), else what production runs (PRODUCTION_SAMPLER), not the always-on of the demos."""
+    env = os.environ if env is None else env
+    if env.get(SAMPLER_ENV, "").strip():
+        return SamplerSetting.from_env(env), "OTEL_TRACES_SAMPLER"
+    return PRODUCTION_SAMPLER, "production default"
+
+
+def single_column(base: Path, shape: LoadShape, csr_file: Path, say: Say, sampler: SamplerSetting) -> dict[str, Any]:
     from hapki.cli.demo import start_stack
     from hapki.lab.local import free_port
 
     listen = f"127.0.0.1:{free_port()}"
-    say(f"  (c) starting the local stack (NATS, MariaDB, SoftHSM, CARA, CLM on http://{listen}) ...")
-    stack = start_stack(base / "single", None, clm_overrides={"http_listen": listen})
+    say(f"  (c) starting the local stack (NATS, MariaDB, SoftHSM, CARA, CLM on http://{listen}; trace sampler "
+        f"{sampler.describe()}) ...")
+    stack = start_stack(base / "single", None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
     try:
         groups = ProcessGroups({"clm": [stack.clm.pid if stack.clm else None],
                                 "cara": [stack.cara.pid if stack.cara else None],
@@ -389,9 +402,12 @@ def table(report: dict[str, Any]) -> str:
     shape = report["shape"]
     lines = [f"hapki bench --compare: {report['cores']} cores shared by every process, the load generator included.",
              f"k6/issue.js per column: rate = {shape['rate']}/s arrivals, max = {shape['vus']} closed-loop clients; "
-             f"{shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up.", "",
-             f"{'column':<24} {'mode':<5} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
-             f"{'verified':>12} {'ceiling/s':>9} {'machine':>7}"]
+             f"{shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up."]
+    if tracing := report.get("tracing"):
+        lines.append(f"Trace sampler of (c): {tracing['sampler']} ({tracing['source']}; OTEL_TRACES_SAMPLER and "
+                     "_ARG choose another); (d) runs the lab's own (always on).")
+    lines += ["", f"{'column':<24} {'mode':<5} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+                  f"{'errors':>6} {'verified':>12} {'ceiling/s':>9} {'machine':>7}"]
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
         if column is None:
@@ -429,6 +445,11 @@ def run_compare(base_dir: Path, shape: LoadShape, *, with_lab: bool, lab_dir: Pa
                 only: tuple[str, ...] = tuple(COLUMNS)) -> int:
     """Run the columns in `only`; print the table (or JSON); 0 when every run column issued with zero errors."""
     say: Say = (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        sampler, sampler_source = tracing_sampler()
+    except ValueError as exc:
+        print(f"hapki bench --compare: {exc}", file=sys.stderr)
+        return 2
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     say(f"hapki bench --compare in {base}: a pool of {CSR_POOL} P-256 CSRs ...")
@@ -439,7 +460,7 @@ def run_compare(base_dir: Path, shape: LoadShape, *, with_lab: bool, lab_dir: Pa
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "raw": lambda: raw_limit(base / "raw", csrs, shape.seconds),
         "cfssl": lambda: cfssl_column(base, shape, csr_file, say),
-        "single": lambda: single_column(base, shape, csr_file, say),
+        "single": lambda: single_column(base, shape, csr_file, say, sampler),
         "lab": lambda: lab_column(lab_dir, shape, csr_file, base, say) if with_lab else
         {"skipped": "not asked: pass --with-lab when the HA lab is up and yours (one lab per host)"},
     }
@@ -453,7 +474,8 @@ def run_compare(base_dir: Path, shape: LoadShape, *, with_lab: bool, lab_dir: Pa
         if "skipped" in columns[name]:
             say(f"  {COLUMNS[name]}: skipped: {columns[name]['skipped']}")
     report = {"cores": os.cpu_count(), "shape": shape.__dict__, "columns": columns, "ratios": ratios(columns),
-              "ceiling_ratios": ratios(columns, key="ceiling_per_s")}
+              "ceiling_ratios": ratios(columns, key="ceiling_per_s"),
+              "tracing": {"sampler": sampler.describe(), "source": sampler_source}}
     (base / "compare.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if as_json else table(report))
     ran = [c for c in columns.values() if "skipped" not in c]

@@ -76,7 +76,7 @@ def reap_leftover_services(base_dir: Path) -> list[int]:
 
 def start_stack(base_dir: Path, trace_file: Path | None, **overrides: Any) -> LocalStack:
     """A started LocalStack in `base_dir` whose services write spans to `trace_file` (emptied first; None: no
-    spans), with LocalStack's `overrides` (`clm_overrides`, `cara_overrides`).
+    spans), with LocalStack's `overrides` (`clm_overrides`, `cara_overrides`, `env_overrides`).
 
     Reuses the directory's state (database, tokens, CA) as LocalEnv allows; a Ctrl-C during the start leaves no
     process behind.

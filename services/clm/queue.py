@@ -20,7 +20,7 @@ tracer = trace.get_tracer("hapki.clm")
 async def _publish(js: JetStreamContext, subject: str, data: bytes, msg_id: str, timeout: float,
                    what: str) -> None:
     """Publish into a stream and wait for its ack; the stream drops a second message with the same msg_id."""
-    with tracer.start_as_current_span("bus.publish", kind=trace.SpanKind.PRODUCER) as span:
+    with telemetry.span(tracer, "bus.publish", kind=trace.SpanKind.PRODUCER) as span:
         span.set_attribute("messaging.destination", subject)
         headers = telemetry.inject({"Nats-Msg-Id": msg_id})
         try:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from opentelemetry import trace
 
 from hapki.clm import inventory
-from hapki.runtime import metrics, validation
+from hapki.runtime import metrics, telemetry, validation
 from hapki.runtime.approval import ApprovalKey
 from hapki.clm.ports import (
     EventPublisher,
@@ -112,12 +112,12 @@ class ClmService:
             self._admit(request.requester, request.idempotency_key, digest, request.profile)
             return await self._once_per_key(request, None, digest)
 
-        with tracer.start_as_current_span("clm.issue"):
+        with telemetry.span(tracer, "clm.issue"):
             return await self._measured(request.profile, answer)
 
     async def renew(self, request: RenewCertificate) -> IssueReply:
         """A new certificate for exactly the names of an issued, unrevoked one, by its requester; then as issue."""
-        with tracer.start_as_current_span("clm.renew") as span:
+        with telemetry.span(tracer, "clm.renew") as span:
             return await self._measured(request.profile, lambda: self._renew(request, span))
 
     async def _renew(self, request: RenewCertificate, span: trace.Span) -> IssueReply:
@@ -169,7 +169,7 @@ class ClmService:
 
     async def search(self, query: SearchCertificates) -> SearchReply:
         """One page of the certificate inventory."""
-        with tracer.start_as_current_span("clm.search"):
+        with telemetry.span(tracer, "clm.search"):
             return await self._inventory.search(query, self._clock())
 
     def _admit(self, requester: str, key: str | None, digest: str, profile: str | None) -> None:
@@ -236,7 +236,7 @@ class ClmService:
         span = trace.get_current_span()
         span.set_attribute("pki.profile", request.profile)
         request_id = uuid.uuid4().hex
-        with tracer.start_as_current_span("clm.validate"):
+        with telemetry.span(tracer, "clm.validate"):
             try:
                 approved = validation.approve(request, self._profiles, request_id)
                 if predecessor is not None:
@@ -289,16 +289,16 @@ class ClmService:
             log.warning("refusal of a request by %s not audited: %s", request.requester, failure)
 
     async def status(self, query: StatusQuery) -> IssueReply:
-        with tracer.start_as_current_span("clm.status"):
+        with telemetry.span(tracer, "clm.status"):
             return await self._store.view(query.request_id)
 
     async def certificate(self, query: CertificateQuery) -> CertificateReply:
-        with tracer.start_as_current_span("clm.certificate"):
+        with telemetry.span(tracer, "clm.certificate"):
             return await self._store.certificate(query.serial.lower())
 
     async def revoke(self, request: RevokeCertificate) -> RevokeReply:
         """Record a revocation (idempotent by serial and reason), then tell CARA so it regenerates its CRLs."""
-        with tracer.start_as_current_span("clm.revoke") as span:
+        with telemetry.span(tracer, "clm.revoke") as span:
             serial = request.serial.lower()
             span.set_attribute("pki.serial", serial)
             span.set_attribute("pki.revocation_reason", request.reason.value)

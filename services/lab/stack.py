@@ -155,11 +155,13 @@ class LocalStack:
     """LocalEnv + an initialised CA + one CARA and one CLM process."""
 
     def __init__(self, base_dir: Path, *, trace_file: Path | None = None, clm_overrides: dict[str, Any] | None = None,
-                 cara_overrides: dict[str, Any] | None = None) -> None:
-        """`clm_overrides`/`cara_overrides`: config fields for the services, e.g. `http_listen` (the benchmarks)."""
+                 cara_overrides: dict[str, Any] | None = None, env_overrides: dict[str, str] | None = None) -> None:
+        """`clm_overrides`/`cara_overrides`: config fields for the services, e.g. `http_listen` (the benchmarks);
+        `env_overrides`: environment variables of the service processes, e.g. the trace sampler (the benchmarks)."""
         self.base_dir = Path(base_dir).resolve()
         self.env = LocalEnv(self.base_dir)
         self.trace_file = trace_file
+        self.env_overrides = dict(env_overrides or {})
         self.clm_overrides, self.cara_overrides = dict(clm_overrides or {}), dict(cara_overrides or {})
         self.cara: ServiceProcess | None = None
         self.clm: ServiceProcess | None = None
@@ -169,7 +171,7 @@ class LocalStack:
         env["SOFTHSM2_CONF"] = str(self.env.hsm.conf_path)
         if self.trace_file is not None:
             env["HAPKI_TRACE_FILE"] = str(self.trace_file)
-        return env
+        return env | self.env_overrides
 
     def start(self) -> LocalStack:
         self.env.start()

@@ -24,6 +24,7 @@ from opentelemetry import trace
 from pymysql.constants import CLIENT
 
 from hapki.contracts.errors import CommitOutcomeUnknown, DatabaseError, DuplicateKey, FencedOut, Internal
+from hapki.runtime import telemetry
 from hapki.runtime.config import DatabaseConfig, read_secret
 
 log = logging.getLogger("hapki.db")
@@ -261,7 +262,7 @@ class Database:
         `timeout` bounds one attempt once it holds a connection (default: transaction_timeout_seconds).
         """
         bound = self._config.transaction_timeout_seconds if timeout is None else timeout
-        with tracer.start_as_current_span("db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
+        with telemetry.span(tracer, "db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
             last: BaseException | None = None
             for attempt in range(self._config.max_attempts):
                 node = self._config.nodes[self._current % len(self._config.nodes)]

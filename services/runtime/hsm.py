@@ -34,7 +34,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from hapki.contracts.errors import HSMUnavailable
 from hapki.runtime.config import require_owner_only
 from hapki.runtime.hsm_key import DigestSigner, HSMPrivateKey, SignMechanism
-from hapki.runtime import metrics
+from hapki.runtime import metrics, telemetry
 from hapki.runtime.hsm_library import PKCS11_LOCK, library_for
 
 __all__ = ["HSMMemberConfig", "HSMPool", "HSMPrivateKey", "SignMechanism", "DigestSigner", "PKCS11_LOCK"]
@@ -202,7 +202,7 @@ class HSMPool:
         if not 1 <= len(digest) <= 64:
             raise ValueError(f"digest must be 1..64 bytes, got {len(digest)}")
         p11_mechanism = _MECHANISMS[mechanism]
-        with _tracer.start_as_current_span("hsm.sign") as span:
+        with telemetry.span(_tracer, "hsm.sign") as span:
             span.set_attribute("hsm.key_id", key_id.hex())
             waited = time.perf_counter()
             with PKCS11_LOCK:

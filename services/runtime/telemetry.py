@@ -4,6 +4,13 @@ Exporters come from the standard OTEL_* environment (OTLP/HTTP traces and metric
 or the per-signal OTEL_EXPORTER_OTLP_TRACES_/METRICS_ENDPOINT, is set). Metrics are always readable by Prometheus
 (hapki.runtime.metrics: each `hapki serve` process serves /metrics).
 HAPKI_TRACE_FILE adds a JSON-lines span file: the local environment's collector, read by `hapki demo`/`bench`.
+
+Sampling: the standard OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, read strictly (SamplerSetting.from_env: an
+unknown name or a bad ratio stops the start instead of silently tracing everything). The default stays
+parentbased_always_on: the lab, the demos, `hapki trace`, the chaos runs and `hapki bench --concurrency` read
+every trace. PRODUCTION_SAMPLER is what an operator runs under load (and what `hapki bench --compare` measures
+with). Inside a trace the sampler dropped, `span()` makes no child spans at all, so an unsampled request costs
+one root decision, not a span per step.
 """
 
 from __future__ import annotations
@@ -11,15 +18,85 @@ from __future__ import annotations
 import json
 import logging
 import os
+import math
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+log = logging.getLogger("hapki.telemetry")
+
+SAMPLER_ENV = "OTEL_TRACES_SAMPLER"
+SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG"
+# The standard names (OpenTelemetry SDK environment variables); the ratio ones take OTEL_TRACES_SAMPLER_ARG.
+_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+             "parentbased_traceidratio")
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """Which traces are recorded: a standard sampler name and, for the ratio samplers, the fraction of traces."""
+
+    name: str = "parentbased_always_on"
+    ratio: float | None = None  # traceidratio, parentbased_traceidratio: 0.0 .. 1.0 (the spec's default is 1.0)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SamplerSetting:
+        """The setting OTEL_TRACES_SAMPLER(_ARG) in `env` (default: os.environ) ask for; ValueError if invalid.
+
+        Stricter than the SDK, which logs a warning and traces everything: a typo must not turn sampling off
+        unnoticed on a production host. The argument of a sampler that takes none is ignored, as the spec says.
+        """
+        env = os.environ if env is None else env
+        name = env.get(SAMPLER_ENV, "").strip().lower() or cls.name
+        if name not in _SAMPLERS:
+            raise ValueError(f"{SAMPLER_ENV}={env.get(SAMPLER_ENV)!r} is not a sampler hapki knows; "
+                             f"one of {', '.join(_SAMPLERS)}")
+        if name not in _RATIO_SAMPLERS:
+            return cls(name)
+        raw = env.get(SAMPLER_ARG_ENV, "").strip()
+        if not raw:
+            return cls(name, 1.0)
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = math.nan
+        if not 0.0 <= ratio <= 1.0:  # NaN fails too
+            raise ValueError(f"{SAMPLER_ARG_ENV}={raw!r}: {name} takes the fraction of traces to record, 0 to 1")
+        return cls(name, ratio)
+
+    def sampler(self) -> sampling.Sampler:
+        """The SDK sampler of this setting."""
+        fixed = {"always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+                 "parentbased_always_on": sampling.DEFAULT_ON, "parentbased_always_off": sampling.DEFAULT_OFF}
+        if self.name in fixed:
+            return fixed[self.name]
+        ratio = 1.0 if self.ratio is None else self.ratio
+        if self.name == "traceidratio":
+            return sampling.TraceIdRatioBased(ratio)
+        return sampling.ParentBasedTraceIdRatio(ratio)
+
+    def env(self) -> dict[str, str]:
+        """The environment that asks a hapki process (or any OpenTelemetry SDK) for this setting."""
+        return {SAMPLER_ENV: self.name} | ({SAMPLER_ARG_ENV: f"{self.ratio:g}"} if self.ratio is not None else {})
+
+    def describe(self) -> str:
+        return self.name if self.ratio is None else f"{self.name} {self.ratio:g}"
+
+
+# What to run under production load: 1% of the traces of requests that arrive without a sampling decision, and
+# whatever decision a caller's traceparent carries. Spans cost 6-13% of CLM's and CARA's CPU when every request
+# is traced (docs/PERFORMANCE.md); a hundredth of that is noise, and 1% of a few hundred requests/s is still
+# several complete traces a second to look at.
+PRODUCTION_SAMPLER = SamplerSetting("parentbased_traceidratio", 0.01)
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -63,7 +140,9 @@ def setup(service_name: str) -> None:
     from hapki.runtime.metrics import install_provider  # the Prometheus reader (+ OTLP when configured)
 
     install_provider(resource)
-    provider = TracerProvider(resource=resource)
+    setting = SamplerSetting.from_env()
+    provider = TracerProvider(resource=resource, sampler=setting.sampler())
+    log.info("tracing %s: sampler %s", service_name, setting.describe())
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -80,6 +159,44 @@ def shutdown() -> None:
     meters = metrics.get_meter_provider()
     if hasattr(meters, "shutdown"):
         meters.shutdown()
+
+
+def span(tracer: trace.Tracer, name: str, *, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+         attributes: Mapping[str, Any] | None = None) -> _ChildSpan:
+    """A child of the current span, made current (as tracer.start_as_current_span); none inside a dropped trace.
+
+    When the current span is a local one the sampler did not record, `with span(...) as s` yields that span and
+    creates nothing: no ids, no sampler call, no attributes, no context switch. Every standard sampler would drop
+    the child too (the parent-based ones follow the parent; the ratio ones decide by the trace id, the parent's;
+    always_off drops all; always_on never leaves a local span unrecorded). Calls on the yielded span are no-ops,
+    and the trace context that goes on (traceparent) is the parent's: same trace, not sampled, so the next service
+    drops it too. Spans that start from a remote parent or a chosen context (consumers, HTTP servers) are where
+    the sampler decides: start those with the tracer.
+    """
+    return _ChildSpan(tracer, name, kind, attributes)
+
+
+class _ChildSpan:
+    """The context manager of span(): a class, not a generator, since it wraps every traced step of every request."""
+
+    __slots__ = ("_attributes", "_kind", "_name", "_started", "_tracer")
+
+    def __init__(self, tracer: trace.Tracer, name: str, kind: trace.SpanKind,
+                 attributes: Mapping[str, Any] | None) -> None:
+        self._tracer, self._name, self._kind, self._attributes = tracer, name, kind, attributes
+        self._started: Any = None  # the tracer's context manager, when a span was started
+
+    def __enter__(self) -> trace.Span:
+        current = trace.get_current_span()
+        context = current.get_span_context()
+        if context.is_valid and not context.is_remote and not current.is_recording():
+            return current
+        self._started = self._tracer.start_as_current_span(self._name, kind=self._kind, attributes=self._attributes)
+        return self._started.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        started, self._started = self._started, None
+        return started.__exit__(*exc_info) if started is not None else None
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -44,3 +44,26 @@ async def test_issuance_is_one_trace_from_client_to_hsm_and_db(client, span_expo
     assert "cara.sign" in _ancestors(txns["cara.record_issued"], by_id)
     # The intent commit happens before the HSM signs; the certificate commit after.
     assert txns["cara.reserve"].end_time <= hsm.start_time <= hsm.end_time <= txns["cara.record_issued"].start_time
+
+
+async def test_an_unsampled_request_is_issued_alike_and_records_no_span(client, span_exporter, tmp_path) -> None:
+    """A caller's traceparent that says "not sampled" (what PRODUCTION_SAMPLER makes of 99% of the requests) is
+    followed by CLM and CARA: the certificate is the same as ever, and no service records a span of that trace."""
+    from cryptography import x509
+    from opentelemetry import trace
+
+    from integration.conftest import chain_files
+
+    dropped = trace.NonRecordingSpan(trace.SpanContext(
+        trace_id=0x5A5A << 64 | 0x1234, span_id=0x77, is_remote=True, trace_flags=trace.TraceFlags(0)))
+    csr_pem, _ = make_csr(["unsampled.example.com"], key=make_key("p256", fresh=True), cn="unsampled.example.com")
+    with trace.use_span(dropped):
+        reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"))
+    assert reply.error is None and reply.certificate_pem
+    leaf, inter, _root = chain_files(tmp_path, reply.certificate_pem, reply.chain_pem)
+    cert = x509.load_pem_x509_certificate(leaf.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(inter.read_bytes()))
+    assert format(cert.serial_number, "x") == reply.serial
+    await asyncio.sleep(0.2)  # as above: the signer ends its spans after publishing
+    traced = [s.name for s in span_exporter.get_finished_spans() if s.context.trace_id == 0x5A5A << 64 | 0x1234]
+    assert traced == []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hapki.cli import bench_compare, bench_growth
+from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SamplerSetting
 
 
 def _run(rate: float, errors: int = 0) -> dict[str, object]:
@@ -27,7 +30,10 @@ def test_table_shows_every_column_skips_and_failures_by_name() -> None:
                           "raw": {"failed": "RuntimeError: no softhsm"}},
               "ratios": {"single/cfssl": 0.5, "lab/cfssl": None}, "ceiling_ratios": {"single/cfssl": 0.25,
                                                                                         "lab/cfssl": None}}
+    assert "Trace sampler" not in bench_compare.table(report)  # a report from before the sampler was recorded
+    report["tracing"] = {"sampler": "parentbased_traceidratio 0.01", "source": "production default"}
     text = bench_compare.table(report)
+    assert "Trace sampler of (c): parentbased_traceidratio 0.01 (production default;" in text
     assert "(d) hapki HA lab         skipped: lab not up" in text
     assert "(a) raw limit            FAILED: RuntimeError: no softhsm" in text
     assert "measured: single/cfssl 0.50, lab/cfssl -; by CPU ceiling: single/cfssl 0.25, lab/cfssl -" in text
@@ -39,6 +45,16 @@ def test_ceiling_is_cores_over_cpu_seconds_per_issuance() -> None:
     assert bench_compare.ceiling({"clm": 0.0}, 1000, cores=2) is None and bench_compare.ceiling({"a": 1.0}, 0) is None
     columns = {"cfssl": {"runs": {"max": {"ceiling_per_s": 1000.0}}}, "single": {"runs": {"max": {"ceiling_per_s": 250.0}}}}
     assert bench_compare.ratios(columns, key="ceiling_per_s") == {"single/cfssl": 0.25, "lab/cfssl": None}
+
+
+def test_the_single_node_is_measured_with_the_production_sampler_unless_the_environment_names_one() -> None:
+    assert bench_compare.tracing_sampler({}) == (PRODUCTION_SAMPLER, "production default")
+    assert bench_compare.tracing_sampler({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}) == (
+        SamplerSetting("parentbased_always_on"), "OTEL_TRACES_SAMPLER")
+    assert bench_compare.tracing_sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})[0] \
+        == SamplerSetting("traceidratio", 0.5)
+    with pytest.raises(ValueError):
+        bench_compare.tracing_sampler({"OTEL_TRACES_SAMPLER": "sometimes"})
 
 
 def test_load_shape_env_measures_without_a_warmup_of_its_own() -> None:
