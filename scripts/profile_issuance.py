@@ -6,7 +6,8 @@ by k6/issue.js at maximum over CLM's REST API; prints the top functions of each 
 The profiles stay in DIR/{clm,cara}.prof (`python -m pstats` reads them); times are CPU seconds of the process.
 cProfile itself slows Python code down (roughly 1.5-2x), so read shares, not absolute rates. It profiles the
 event-loop thread only: work handed to a thread (the HSM signature) is not in it. The services trace as `hapki
-bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names one).
+bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names one) and run on the event loop
+`hapki serve` uses (HAPKI_EVENT_LOOP).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ out, sys.argv = sys.argv[1], ["hapki", *sys.argv[2:]]
 profile = cProfile.Profile(time.process_time)
 profile.enable()
 try:
-    runpy.run_module("hapki.cli.main", run_name="__main__")
+    runpy.run_module("hapki.cli.main", run_name="__main__")  # `hapki serve`: its event loop (uvloop) included
 except SystemExit:
     pass
 finally:

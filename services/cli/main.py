@@ -196,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         "lab": commands.lab,
         "chaos": commands.chaos,
     }[args.command]
-    return asyncio.run(handler(args)) if asyncio.iscoroutinefunction(handler) else handler(args)
+    if not asyncio.iscoroutinefunction(handler):
+        return handler(args)
+    if args.command == "serve":
+        from hapki.runtime import eventloop
+
+        return eventloop.run(handler(args))  # uvloop (see hapki.runtime.eventloop)
+    return asyncio.run(handler(args))
 
 
 if __name__ == "__main__":
