@@ -13,7 +13,7 @@ from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
 from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
-from hapki.runtime.db import Database, Fence, db_time, utc
+from hapki.runtime.db import Database, Fence, db_time, execute_many, utc
 
 TIER = "cara"
 
@@ -165,19 +165,19 @@ class MariaDBSigningStore:
     async def outcomes(self, request_ids: Sequence[str]) -> dict[str, Outcome]:
         """What is final for each request (stored certificate, or failed), in one read of one round trip.
 
-        Requests with nothing final yet are left out of the answer.
+        Requests with nothing final yet are left out of the answer. The read-only transaction's COMMIT goes in the
+        same round trip (Database.run sends none after it).
         """
         ids = list(dict.fromkeys(request_ids))
 
         async def body(cur: aiomysql.Cursor) -> dict[str, Outcome]:
-            await cur.execute(
-                f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)});"
-                f" SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
-                (*ids, *ids, RequestStatus.FAILED.value),
-            )
-            found = {row[0]: Outcome(issued=_issued(row)) for row in await cur.fetchall()}
-            await cur.nextset()
-            for row in await cur.fetchall():
+            (_, issued), (_, failed) = await execute_many(cur, [
+                (f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)})", ids),
+                (f"SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
+                 (*ids, RequestStatus.FAILED.value)),
+            ], commit=True)
+            found = {row[0]: Outcome(issued=_issued(row)) for row in issued}
+            for row in failed:
                 found.setdefault(row[0], Outcome(failed=ErrorBody(code=row[1], message=row[2] or "")))
             return found
 

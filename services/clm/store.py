@@ -36,9 +36,10 @@ class MariaDBRequestStore:
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
         """Insert the request, or return the one an idempotency key already names (same CSR and profile only).
 
-        The hot path is one insert: request, names and audit entry in one round trip, then COMMIT. The unique keys
-        decide the rest: a duplicate is our own earlier attempt (its COMMIT outcome was unknown: same request id)
-        or a request the key already names, read in a second transaction only then.
+        The hot path is one round trip: request, names, audit entry and COMMIT. The unique keys decide the rest (a
+        duplicate key stops the statements before the COMMIT): a duplicate is our own earlier attempt (its COMMIT
+        outcome was unknown: same request id) or a request the key already names, read in a second transaction
+        only then.
         """
 
         async def insert(cur: aiomysql.Cursor) -> Recorded:
@@ -57,7 +58,7 @@ class MariaDBRequestStore:
                     " ON DUPLICATE KEY UPDATE value = value",
                     tuple(value for kind, name in names for value in (request.request_id, kind, name)),
                 ))
-            await append_many(cur, [entry], first=statements)
+            await append_many(cur, [entry], first=statements, commit=True)
             return Recorded(request_id=request.request_id, created=True, approved=request.approved)
 
         async def existing(cur: aiomysql.Cursor) -> Recorded | None:

@@ -27,7 +27,7 @@ import aiomysql
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hapki.runtime.db import Database, db_time
+from hapki.runtime.db import Database, db_time, execute_many
 
 GENESIS = "0" * 64
 
@@ -123,11 +123,12 @@ async def append(cur: aiomysql.Cursor, record: AuditRecord, *,
 
 
 async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
-                      first: Sequence[tuple[str, Sequence[object]]] = ()) -> list[int]:
+                      first: Sequence[tuple[str, Sequence[object]]] = (), commit: bool = False) -> list[int]:
     """Append `records` (one or more) as `append` does, all in one round trip with the statements `first` ahead.
 
     Two multi-row inserts whatever the number of records (a signing batch appends one entry per certificate).
-    Returns the row count of each statement of `first`, then of the audit_entries insert.
+    Returns the row count of each statement of `first`, then of the audit_entries insert. `commit`: COMMIT in
+    the same round trip (the last step of an unfenced body; see hapki.runtime.db.execute_many).
     """
     if not records:
         raise ValueError("append_many needs at least one record")
@@ -138,17 +139,13 @@ async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
         entries += [record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id,
                     record.issuer, record.serial, record.detail_json(), created]
         unsealed += [record.id, created]
-    statements = [sql for sql, _ in first] + [
-        f"INSERT INTO audit_entries ({_ENTRY_COLUMNS}) VALUES {', '.join([_ENTRY_VALUES] * len(records))}",
-        f"INSERT INTO audit_unsealed (entry_id, created_at) VALUES {', '.join(['(%s, %s)'] * len(records))}",
-    ]
-    args = [arg for _, statement_args in first for arg in statement_args] + entries + unsealed
-    await cur.execute("; ".join(statements), tuple(args))
-    counts = [cur.rowcount]
-    for _ in range(len(statements) - 1):
-        await cur.nextset()  # the later statements' results: their errors surface here
-        counts.append(cur.rowcount)
-    return counts[:-1]
+    results = await execute_many(cur, [
+        *first,
+        (f"INSERT INTO audit_entries ({_ENTRY_COLUMNS}) VALUES {', '.join([_ENTRY_VALUES] * len(records))}", entries),
+        (f"INSERT INTO audit_unsealed (entry_id, created_at) VALUES {', '.join(['(%s, %s)'] * len(records))}",
+         unsealed),
+    ], commit=commit)
+    return [count for count, _ in results[:-1]]
 
 
 def checkpoint_message(seq: int, digest: str, signed_at: datetime, issuer: str) -> bytes:

@@ -9,11 +9,12 @@ No driver exception leaves this module.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -70,6 +71,43 @@ class Fence:
     tier: str
     epoch: int
     stamp: tuple[str, tuple[object, ...]] | None = None
+
+
+@dataclass
+class _Transaction:
+    """What Database.run needs to know of the body it runs: fenced (the body may not commit), committed by it."""
+
+    fenced: bool
+    committed: bool = False
+
+
+_TRANSACTION: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar("hapki_db_transaction",
+                                                                                     default=None)
+
+
+async def execute_many(cur: aiomysql.Cursor, statements: Sequence[tuple[str, Sequence[object]]], *,
+                       commit: bool = False) -> list[tuple[int, list[tuple]]]:
+    """Run `statements` (SQL, args) in one round trip; (row count, rows) of each, in order. Errors of any raise.
+
+    `commit`: COMMIT in the same round trip, as the last step of the body (one round trip less per transaction;
+    Database.run then sends no COMMIT). Only where nothing read back decides whether to commit: every reason not
+    to must be an error of a statement (a duplicate key, ...), after which MariaDB runs none of the later
+    statements, so the COMMIT never happens and Database.run rolls back as usual. If the COMMIT itself fails or
+    its answer is lost, the body runs again like after any lost COMMIT (bodies look for their own earlier
+    effect first). Refused (Internal) in a fenced transaction: there the fence commits, or nothing does.
+    """
+    transaction = _TRANSACTION.get()
+    if commit and transaction is not None and transaction.fenced:
+        raise Internal("a fenced transaction's body cannot commit: only its fence may")
+    sqls = [sql for sql, _ in statements] + (["COMMIT"] if commit else [])
+    await cur.execute("; ".join(sqls), tuple(arg for _, args in statements for arg in args))
+    results = [(cur.rowcount, list(await cur.fetchall()))]
+    for _ in range(len(sqls) - 1):
+        await cur.nextset()  # the later statements' results: their errors surface here
+        results.append((cur.rowcount, list(await cur.fetchall())))
+    if commit and transaction is not None:
+        transaction.committed = True  # only once the COMMIT answered
+    return results[:len(statements)]
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -316,6 +354,8 @@ class Database:
             # becomes a retry elsewhere instead of a request stuck forever.
             async with asyncio.timeout(bound), conn.cursor() as cur:
                 # No BEGIN round trip: with autocommit off, the first statement opens the transaction.
+                transaction = _Transaction(fenced=fence is not None)
+                token = _TRANSACTION.set(transaction)
                 try:
                     result = await body(cur)
                     if fence is not None:
@@ -338,12 +378,15 @@ class Database:
                     # A clean rollback leaves the connection reusable (conflicts, duplicates, business errors).
                     broken = not await _rollback_quietly(conn)
                     raise
+                finally:
+                    _TRANSACTION.reset(token)
                 try:
                     if fence is not None:
                         # The results of the stamp and of the COMMIT: errors of the commit surface here.
                         for _ in range(2 if fence.stamp is not None else 1):
                             await cur.nextset()
-                    else:
+                    elif not transaction.committed or conn.get_transaction_status():
+                        # Unless the body folded its COMMIT (execute_many) and wrote nothing after it.
                         await conn.commit()
                 except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError) as exc:
                     if _errno(exc) in RETRY_SAME_NODE:

@@ -146,6 +146,93 @@ async def test_a_fenced_transaction_commits_only_under_the_current_epoch(db: Dat
     assert await db.run(state, name="t.state") == ([100], 1)  # the stale write left nothing behind
 
 
+async def _scratch_ids(db: Database, lo: int, hi: int) -> list[int]:
+    async def ids(cur):
+        await cur.execute("SELECT id FROM scratch WHERE id BETWEEN %s AND %s ORDER BY id", (lo, hi))
+        return [r[0] for r in await cur.fetchall()]
+
+    return await db.run(ids, name="t.ids")
+
+
+async def test_a_body_may_fold_its_commit_into_its_last_round_trip(db: Database) -> None:
+    from hapki.runtime.db import execute_many
+
+    seen: dict[str, object] = {}
+
+    async def body(cur):
+        counts = await execute_many(cur, [("INSERT INTO scratch VALUES (%s, 0), (%s, 0)", (200, 201)),
+                                          ("UPDATE scratch SET v = 7 WHERE id = %s", (201,))], commit=True)
+        seen["counts"], seen["open"] = counts, cur.connection.get_transaction_status()
+        return "done"
+
+    assert await db.run(body, name="t.folded") == "done"
+    assert seen == {"counts": [(2, []), (1, [])], "open": False}  # committed by the body's own round trip
+    assert await _scratch_ids(db, 200, 209) == [200, 201]
+
+    # A duplicate key stops the statements before the COMMIT: nothing of the transaction stays.
+    async def clash(cur):
+        await cur.execute("INSERT INTO scratch VALUES (202, 0)")
+        await execute_many(cur, [("INSERT INTO scratch VALUES (%s, 0)", (203,)),
+                                 ("INSERT INTO scratch VALUES (%s, 0)", (200,))], commit=True)
+
+    with pytest.raises(DuplicateKey):
+        await db.run(clash, name="t.folded_clash")
+    assert await _scratch_ids(db, 200, 209) == [200, 201]
+
+
+async def test_a_read_that_folds_its_commit_ends_its_snapshot(db: Database, env: LocalEnv) -> None:
+    """The next transaction on the same pooled connection sees what others committed meanwhile."""
+    from hapki.runtime.db import execute_many
+
+    async def count(cur):
+        [(_, rows)] = await execute_many(cur, [("SELECT COUNT(*) FROM scratch WHERE id = %s", (220,))], commit=True)
+        return rows[0][0]
+
+    async def plain_count(cur):
+        await cur.execute("SELECT COUNT(*) FROM scratch WHERE id = %s", (220,))
+        return (await cur.fetchone())[0]
+
+    assert await db.run(count, name="t.read") == 0
+    assert await db.run(plain_count, name="t.read_plain") == 0
+    other = Database(stack.database_config(env))
+    try:
+        await other.run(lambda cur: cur.execute("INSERT INTO scratch VALUES (220, 0)"), name="t.other")
+    finally:
+        await other.close()
+    assert await db.run(count, name="t.read_again") == 1
+    assert await db.run(plain_count, name="t.read_plain_again") == 1
+
+
+async def test_a_fenced_body_cannot_commit_before_its_fence(db: Database) -> None:
+    from hapki.contracts.errors import FencedOut
+    from hapki.runtime.db import Fence, execute_many
+
+    async def setup(cur):
+        await cur.execute("DELETE FROM epochs WHERE tier = 'test2'")
+        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
+                          " VALUES ('test2', 3, 'x', 0, NOW())")
+
+    await db.run(setup, name="t.epoch2")
+
+    async def early_commit(cur):
+        await execute_many(cur, [("INSERT INTO scratch VALUES (%s, 0)", (210,))], commit=True)
+
+    for epoch in (3, 2):  # current or stale: either way the body's COMMIT is refused and nothing is written
+        with pytest.raises(Internal, match="fence"):
+            await db.run(early_commit, name="t.fenced_commit", fence=Fence("test2", epoch))
+
+    async def plain(cur):  # without commit=True a fenced body's statements wait for the fence as before
+        await execute_many(cur, [("INSERT INTO scratch VALUES (%s, 0)", (211,))])
+
+    with pytest.raises(FencedOut):
+        await db.run(plain, name="t.fenced_stale", fence=Fence("test2", 2))
+    await db.run(plain, name="t.fenced_current", fence=Fence("test2", 3))
+    assert await _scratch_ids(db, 210, 219) == [211]
+    # Outside a fenced transaction the same body may commit itself again (the guard is per transaction).
+    await db.run(early_commit, name="t.unfenced_commit")
+    assert await _scratch_ids(db, 210, 219) == [210, 211]
+
+
 async def test_a_hung_attempt_is_bounded_and_retried_on_a_fresh_connection(env: LocalEnv) -> None:
     cfg = stack.database_config(env).model_copy(update={"transaction_timeout_seconds": 0.5})
     database = Database(cfg, sleep=_no_sleep)

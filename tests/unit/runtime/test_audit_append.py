@@ -29,6 +29,9 @@ class FakeCursor:
         self.rowcount = self._counts[self._at]
         return True
 
+    async def fetchall(self) -> list[tuple]:
+        return []  # what a real cursor gives for a statement without a result set
+
 
 def _record(i: int) -> AuditRecord:
     return AuditRecord(kind=AuditKind.CERTIFICATE_ISSUED, actor="cara:cara-1", created_at=T0, epoch=2,
@@ -56,6 +59,13 @@ async def test_append_is_one_entry_and_returns_the_count_of_its_statement_ahead(
     cur = FakeCursor([1, 1])
     assert await append(cur, _record(8)) == 1
     assert len(cur.executed) == 1
+
+
+async def test_commit_goes_in_the_same_round_trip_and_counts_only_the_callers_statements() -> None:
+    cur = FakeCursor([1, 1, 1, 0])
+    assert await append_many(cur, [_record(9)], first=[("INSERT INTO r VALUES (%s)", ("x",))], commit=True) == [1, 1]
+    [(sql, _)] = cur.executed
+    assert sql.split("; ")[-1] == "COMMIT" and sql.count("; ") == 3
 
 
 async def test_nothing_to_append_is_a_caller_bug() -> None:
