@@ -90,6 +90,25 @@ def bus_caller(headers: Mapping[str, str] | None) -> str | None:
     return f"bus-account:{account if isinstance(account, str) else '?'}"
 
 
+class TracedRequests:
+    """FastStream's OpenTelemetry middleware (a consumer span, the W3C context, messaging metrics) for the API
+    subjects; CARA's result events go without it.
+
+    A result event only wakes the handler waiting in clm.issue, which is in the request's trace already. Its
+    consumer span and metrics were a fifth of CLM's CPU per issuance under load (the profile of
+    scripts/profile_issuance.py), for a line in the trace tree nothing reads (the stage split of
+    hapki.lab.traces uses clm.issue, bus.publish and CARA's spans).
+    """
+
+    def __init__(self) -> None:
+        self._telemetry = NatsTelemetryMiddleware()
+
+    def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
+        if getattr(msg, "subject", None) in _EVENT_SUBJECTS:
+            return BaseMiddleware(msg, context=context)
+        return self._telemetry(msg, context=context)
+
+
 class CallerIdentity(BaseMiddleware):
     """Who asks, for the rate limits: the authenticated bus user (bus_caller) for the handler's duration."""
 
@@ -120,7 +139,7 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     """The FastStream broker with CLM's subscribers bound to `service` (None: for the AsyncAPI document only)."""
     broker = NatsBroker(
         servers,
-        middlewares=[NatsTelemetryMiddleware(), _errors(), SizeLimit, CallerIdentity],
+        middlewares=[TracedRequests(), _errors(), SizeLimit, CallerIdentity],
         description="hapki CLM: certificate requests (RA) and CA result events",
         **options,
     )

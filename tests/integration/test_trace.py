@@ -67,3 +67,18 @@ async def test_an_unsampled_request_is_issued_alike_and_records_no_span(client, 
     await asyncio.sleep(0.2)  # as above: the signer ends its spans after publishing
     traced = [s.name for s in span_exporter.get_finished_spans() if s.context.trace_id == 0x5A5A << 64 | 0x1234]
     assert traced == []
+
+
+async def test_the_result_event_is_consumed_without_a_span_of_its_own(client, span_exporter) -> None:
+    """CLM traces its API requests (FastStream's consumer span) but not CARA's result events (hapki.clm.app)."""
+    from hapki.contracts import subjects
+
+    csr_pem, _ = make_csr(["event.example.com"], key=make_key("p256", fresh=True), cn="event.example.com")
+    reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"))
+    assert reply.error is None
+    await asyncio.sleep(0.2)
+    spans = span_exporter.get_finished_spans()
+    root = next(s for s in spans if s.name == "client.issue")
+    names = {s.name for s in spans if s.context.trace_id == root.context.trace_id}
+    assert f"{subjects.CLM_ISSUE} process" in names and "clm.issue" in names
+    assert not any(name.startswith((subjects.CARA_ISSUED, subjects.CARA_FAILED)) for name in names), names
