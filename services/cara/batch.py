@@ -121,8 +121,9 @@ class BatchSteps:
             outcome = outcomes.get(item.request_id)
             if outcome is None:
                 try:
-                    item.csr = issuance.parse_csr(item.request)
-                    validation.recheck(item.request, self._profiles)  # PolicyViolation: not what our profiles allow
+                    item.csr = issuance.parse_csr(item.request)  # parsed and its signature verified once
+                    # PolicyViolation: not what our profiles allow for this CSR.
+                    validation.recheck(item.request, self._profiles, verified_csr=item.csr)
                 except SigningRejected as exc:
                     await self._reject(item, exc, epoch)
                     continue

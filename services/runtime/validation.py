@@ -59,11 +59,14 @@ def check_message_size(raw: bytes) -> None:
         )
 
 
-def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_id: str) -> SignCertificate:
+def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_id: str, *,
+            verified_csr: x509.CertificateSigningRequest | None = None) -> SignCertificate:
     """Check a request against its profile; return the SignCertificate for the CA or raise a HapkiError.
 
     `request_id` must be 32 lowercase hex digits (the caller allocates it); a bad one is a programming error
-    and raises pydantic's ValidationError.
+    and raises pydantic's ValidationError. `verified_csr`: the request's CSR already parsed from
+    `request.csr_pem` and its self-signature verified by the caller (CARA's issuance.parse_csr), so neither is
+    done twice; every other check runs on it as on a CSR parsed here.
     """
     # Step 1: the profile decides everything else.
     profile = profiles.get(request.profile)
@@ -73,11 +76,12 @@ def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_
             {"field": "profile", "value": request.profile[: names.DETAIL_CHARS], "known": sorted(profiles)},
         )
     # Step 2: parse, forcing every lazily parsed part now so later steps see only well-formed data.
-    csr = _parse_csr(request.csr_pem)
+    csr = _parse_csr(request.csr_pem) if verified_csr is None else _inspect(verified_csr)
     # Step 3: key policy before signature verification: it is cheaper, and odd keys never reach the verifier.
     key_kind = _check_key(csr.csr, profile)
     # Step 4: proof of possession of the private key.
-    _check_signature(csr.csr)
+    if verified_csr is None:
+        _check_signature(csr.csr)
     # Step 5: names, syntax then profile policy.
     approved = names.approve_names(csr.subject, csr.sans, profile)
     return SignCertificate(
@@ -97,17 +101,19 @@ def approve(request: IssueCertificate, profiles: Mapping[str, Profile], request_
     )
 
 
-def recheck(request: SignCertificate, profiles: Mapping[str, Profile]) -> None:
+def recheck(request: SignCertificate, profiles: Mapping[str, Profile], *,
+            verified_csr: x509.CertificateSigningRequest | None = None) -> None:
     """The CA's own check: approve the request's CSR again under its profile; the result must be this request.
 
     So the CA signs only what its copy of the profiles allows for this CSR (names, forms, domains, networks, count,
     key type and size, validity, usages), even when the approval key was stolen or CLM has a bug. Raises
-    PolicyViolation naming the refusal (the code approve gave) or the fields that differ.
+    PolicyViolation naming the refusal (the code approve gave) or the fields that differ. `verified_csr`: as for
+    approve (the CSR of `request.csr_pem`, parsed and its signature verified by the caller).
     """
     try:
         expected = approve(
             IssueCertificate(csr_pem=request.csr_pem, profile=request.profile, requester="cara"), profiles,
-            request.request_id,
+            request.request_id, verified_csr=verified_csr,
         )
     except HapkiError as exc:
         raise PolicyViolation(
@@ -178,6 +184,11 @@ def _parse_csr(text: str) -> _ParsedCSR:
             csr = x509.load_der_x509_csr(der)
     except _PARSE_ERRORS as exc:
         raise _malformed(f"not a PKCS#10 request: {exc}") from None
+    return _inspect(csr)
+
+
+def _inspect(csr: x509.CertificateSigningRequest) -> _ParsedCSR:
+    """Subject and subjectAltNames of a loaded CSR, every lazily parsed part forced now (MalformedCSR if bad)."""
     try:
         # cryptography warns (UserWarning) about a CN over 64 characters or a 3-letter country. Our own rules
         # refuse both with a precise error; silenced, so `-W error` cannot turn them into another exception.

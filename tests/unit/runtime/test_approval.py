@@ -164,6 +164,29 @@ def test_recheck_refuses_content_the_profile_does_not_give(change: dict[str, Any
     assert refusal in details.get("fields", []) or details.get("refused", {}).get("code") == "FORBIDDEN_NAME"
 
 
+def test_recheck_of_a_csr_the_ca_parsed_and_verified_once_decides_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CARA hands recheck the CSR issuance.parse_csr loaded and verified: same answers, no second verification."""
+    from cryptography import x509
+
+    from hapki.cara.issuance import parse_csr
+    from hapki.runtime import validation
+
+    request = _approved(["www.example.com", "10.1.2.3"])
+    csr = parse_csr(request)
+    verified = []
+    monkeypatch.setattr(validation, "_check_signature", lambda c: verified.append(c))
+    recheck(request, PROFILES, verified_csr=csr)
+    assert verified == []  # the signature was the caller's to verify, and it did
+    assert approve(IssueCertificate(csr_pem=request.csr_pem, profile="tls-server", requester="cara"), PROFILES,
+                   REQUEST_ID, verified_csr=csr) == approve(
+        IssueCertificate(csr_pem=request.csr_pem, profile="tls-server", requester="cara"), PROFILES, REQUEST_ID)
+    assert len(verified) == 1  # without a verified CSR, approve verifies
+    forged = SignCertificate.model_validate({**request.model_dump(), "dns_names": ["www.example.com", "evil.com"]})
+    with pytest.raises(PolicyViolation) as caught:
+        recheck(forged, PROFILES, verified_csr=x509.load_pem_x509_csr(forged.csr_pem.encode()))
+    assert caught.value.details["fields"] == ["dns_names"]
+
+
 def test_recheck_refuses_an_unknown_profile_and_a_key_the_profile_refuses() -> None:
     with pytest.raises(PolicyViolation) as caught:
         recheck(SignCertificate.model_validate({**_approved().model_dump(), "profile": "root-ca"}), PROFILES)
