@@ -90,15 +90,14 @@ def galera_cnf(
 ) -> str:
     """my.cnf of Galera node ``name``; ``peers`` are the members' ``host:port`` for gcomm://. ``log_path`` None:
     the server logs to stderr (a container's log). ``tls``: client TLS required on TCP, replication and IST
-    encrypted; with ``sst_peers`` (the CA and every member's certificate) the rsync SST runs through stunnel too,
-    without it the SST stays plaintext (the Compose demo, see docs/SECURITY.md)."""
-    if tls is not None and sst_peers is not None:
-        sst = ["# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the",
-               "# donor checks it names the joiner's address. Without stunnel the SST fails, never goes plain.",
-               *(f"{k}={v}" for k, v in tls.sst_options(sst_peers).items())]
-    else:
-        sst = ["# No peers bundle for stunnel's pinning: the state transfer stays plaintext (docs/SECURITY.md).",
-               "ssl-mode=DISABLED"]
+    encrypted, and the rsync SST runs through stunnel with ``sst_peers`` (the CA and every member's certificate) as
+    its trust list: a TLS node without it would transfer its state in the clear, so that is refused here."""
+    if tls is not None and sst_peers is None:
+        raise ValueError(f"Galera node {name}: TLS without an SST peers bundle would send the state transfer in the "
+                         "clear; pass sst_peers (TlsFiles.sst_peers_bundle)")
+    sst = ["# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the donor",
+           "# checks it names the joiner (node name, else address). Without stunnel the SST fails, never goes plain.",
+           *(f"{k}={v}" for k, v in tls.sst_options(sst_peers).items())] if tls and sst_peers else []
     tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
                  *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
                  "", "[sst]", *sst] if tls else []
