@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from cryptography.x509 import ocsp
+
 from hapki.cli.bench import percentile
 from hapki.cli.procstat import ProcessGroups, per_issuance_ms
 
@@ -31,6 +34,7 @@ CHUNK = 100_000  # rows per INSERT ... SELECT: bounded transactions, progress to
 PRELOAD_TIMEOUT_SECONDS = 3600.0  # one statement; re-building a table's indexes over 1M rows takes minutes
 SCAN_ROWS_LIMIT = 1000  # EXPLAIN estimates above this for a full scan are findings (tiny tables are fine)
 WARMUP_SECONDS = 1.0
+OCSP_REQUEST_TIMEOUT_SECONDS = 5.0
 # A fresh stack is slower for its first seconds (connection pools, caches, the buffer pool): load it this long
 # before the empty-database figures, as the loaded ones come after minutes of running.
 SETTLE_SECONDS = 5.0
@@ -246,7 +250,6 @@ def explain_all(root_sql: Any, statements: list[str]) -> list[dict[str, Any]]:
 
 async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, ocsp_body: bytes) -> dict[str, Any]:
     from hapki.cli.bench import _run_level
-    from hapki.cli.bench_revocation import _ocsp_load
 
     # CPU of the services per issuance / per response: unlike the rates, other load on the host does not move it.
     services = {"clm": stack.clm.pid, "cara": stack.cara.pid, "mariadbd": stack.env.db.pid,
@@ -266,6 +269,38 @@ async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, o
             "ocsp": {"rate_per_s": ocsp["responses_per_second"], "p50_ms": ocsp["p50_ms"], "p99_ms": ocsp["p99_ms"],
                      "errors": ocsp["errors"], "cpu_ms": _total_ms(ocsp_cpu, answered),
                      "cpu_ms_by_process": per_issuance_ms(ocsp_cpu, answered)}}
+
+
+async def _ocsp_load(url: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """`concurrency` closed-loop clients POSTing `body` to `url` (plain HTTP, aiohttp); every answer must be good."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    headers = {"Content-Type": "application/ocsp-request"}
+    began = time.monotonic()
+    window = (began + warmup, began + warmup + seconds)
+
+    async def loop(http: aiohttp.ClientSession) -> None:
+        while (start := time.monotonic()) < window[1]:
+            try:
+                async with http.post(url, data=body, headers=headers) as response:
+                    answer = ocsp.load_der_ocsp_response(await response.read())
+                ok = (answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+                      and answer.certificate_status is ocsp.OCSPCertStatus.GOOD)
+                problem = None if ok else f"{answer.response_status.name}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+            if start >= window[0]:
+                if problem is None:
+                    latencies.append((time.monotonic() - start) * 1000)
+                else:
+                    errors.append(problem)
+
+    timeout = aiohttp.ClientTimeout(total=OCSP_REQUEST_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        await asyncio.gather(*(loop(http) for _ in range(concurrency)))
+    ordered = sorted(latencies)
+    return {"responses_per_second": round(len(ordered) / seconds, 1), "p50_ms": percentile(ordered, 50),
+            "p99_ms": percentile(ordered, 99), "errors": len(errors)}
 
 
 def _total_ms(cpu: dict[str, float], count: int) -> float | None:
@@ -342,7 +377,7 @@ def table(report: dict[str, Any]) -> str:
 
 def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
     from hapki.cli.bench import _csr_pool
-    from hapki.cli.bench_revocation import _ocsp_request_for_new_certificate
+    from hapki.cli.bench_revocation import _ocsp_requests
     from hapki.cli.demo import start_stack
     from hapki.lab.local import free_port
 
@@ -355,7 +390,9 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
     try:
         pool = _csr_pool(64)
         nats = stack.env.nats.nats_config("client")
-        url, body = asyncio.run(_ocsp_request_for_new_certificate(nats))
+        # POSTs answered from CARA's memory cache after the first (hapki.cara.ocsp_cache): per response, the HTTP
+        # edge and the cache; the database is read by the cache's revocation poll, once a second.
+        url, body = f"http://{listen}/ocsp", asyncio.run(_ocsp_requests(nats, 1))[0][1]
         say(f"  settling: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
         asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body))
         say(f"  empty database: issuance and OCSP, {seconds:g} s each ...")
