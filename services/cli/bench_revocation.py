@@ -44,8 +44,9 @@ INSERT_BATCH = 5000
 
 # --- OCSP through the VIP ---------------------------------------------------------------------------------------
 
-async def _ocsp_requests(nats_urls: Any, count: int) -> list[tuple[int, bytes]]:
-    """Issue `count` certificates through the lab; (serial, DER OCSP request without a nonce) for each."""
+async def _ocsp_requests(nats_urls: Any, count: int, *, nonce: bool = False) -> list[tuple[int, bytes]]:
+    """Issue `count` certificates through the lab; (serial, DER OCSP request) for each, with a nonce if asked
+    (a fixed one per request: CARA signs every nonce request anew, whatever the nonce)."""
     client = await ClmClient.connect(nats_urls, timeout=30.0)
     try:
         replies = await asyncio.gather(*(client.issue(IssueCertificate(
@@ -59,7 +60,10 @@ async def _ocsp_requests(nats_urls: Any, count: int) -> list[tuple[int, bytes]]:
             raise RuntimeError(f"could not issue a benchmark certificate: {reply.error or reply.status}")
         cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
         issuer = x509.load_pem_x509_certificates(reply.chain_pem.encode())[0]
-        body = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+        builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+        if nonce:
+            builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+        body = builder.build()
         out.append((cert.serial_number, body.public_bytes(serialization.Encoding.DER)))
     return out
 
@@ -76,20 +80,20 @@ def probes_for(host: str, requests: list[tuple[int, bytes]], post_every: int) ->
 
 
 def _ocsp_level(target: ocsp_load.Target, probes: list[ocsp_load.Probe], concurrency: int, seconds: float,
-                warmup: float) -> dict[str, Any]:
+                warmup: float, rate: float | None = None) -> dict[str, Any]:
     machine_before, began = machine_busy_seconds(), time.monotonic()
-    raw = ocsp_load.run(target, probes, concurrency, seconds, warmup)
+    raw = ocsp_load.run(target, probes, concurrency, seconds, warmup, rate)
     machine = 100 * (machine_busy_seconds() - machine_before) / (time.monotonic() - began)
     ordered = sorted(raw["latencies_ms"])
     return {"concurrency": concurrency, "seconds": seconds, "responses_per_second": round(len(ordered) / seconds, 1),
             "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99), "errors": raw["errors"],
             "error_samples": raw["error_samples"], "sources": raw["sources"], "methods": raw["methods"],
             "connections": raw["connections"], "load_processes": raw["processes"],
-            "machine_cpu_percent": round(machine)}
+            "machine_cpu_percent": round(machine), "rate": rate}
 
 
 def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any, *, certificates: int = CERTIFICATES,
-               post_every: int = POST_EVERY) -> dict[str, Any]:
+               post_every: int = POST_EVERY, nonce: bool = False, rate: float | None = None) -> dict[str, Any]:
     """OCSP through the lab's CARA VIP over TLS at each concurrency level (lab brought up and down if needed)."""
     from hapki.lab.ha import Lab
 
@@ -99,16 +103,19 @@ def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any, *, ce
         say(f"  bringing the HA lab up in {lab.base_dir} ...")
         lab.up()
     try:
-        requests = asyncio.run(_ocsp_requests(lab.client_nats_config(), certificates))
+        requests = asyncio.run(_ocsp_requests(lab.client_nats_config(), certificates, nonce=nonce))
         tier = lab.topo.tiers["cara"]
         target = ocsp_load.Target(address=str(tier.vip), port=tier.https_port, server_hostname=str(tier.vip),
                                   cafile=lab.ca_bundle)
         probes = probes_for(str(tier.vip), requests, post_every)
         results = []
         for level in levels:
-            say(f"  OCSP, {level} clients: 1 s warm-up, then {seconds:g} s measured against {lab.url('cara')} ...")
-            results.append(_ocsp_level(target, probes, level, seconds, warmup=1.0))
-        return {"url": lab.url("cara"), "certificates": certificates, "post_every": post_every, "levels": results}
+            paced = "" if rate is None else f", paced to {rate:g}/s in all"
+            say(f"  OCSP, {level} clients{paced}: 1 s warm-up, then {seconds:g} s measured against {lab.url('cara')}"
+                " ...")
+            results.append(_ocsp_level(target, probes, level, seconds, warmup=1.0, rate=rate))
+        return {"url": lab.url("cara"), "certificates": certificates, "post_every": post_every, "nonce": nonce,
+                "rate": rate, "levels": results}
     finally:
         if was_up:
             lab.detach()
@@ -195,8 +202,11 @@ def table(report: dict[str, Any]) -> str:
     lines = []
     if "ocsp" in report:
         o = report["ocsp"]
+        paced = "" if o.get("rate") is None else f", paced to {o['rate']:g}/s"
         lines += [f"OCSP through the CARA VIP ({o['url']}), TLS, keep-alive, {o['certificates']} certificates, "
-                  f"GET with 1 in {o['post_every']} POST; every answer checked: successful, good, the serial asked",
+                  f"GET with 1 in {o['post_every']} POST{', every request with a nonce' if o.get('nonce') else ''}"
+                  f"{paced};"
+                  " every answer checked: successful, good, the serial asked",
                   f"{'clients':>7}  {'responses/s':>11}  {'p50 ms':>7}  {'p99 ms':>7}  {'errors':>6}  {'machine':>7}"
                   f"  {'conns':>5}  answered by (haproxy cache / CARA memory / CARA signed)"]
         for r in o["levels"]:
@@ -221,13 +231,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def run(lab_dir: Path, *, ocsp_levels: list[int] | None, crl_entries: int | None, seconds: float,
-        as_json: bool) -> int:
+        as_json: bool, nonce: bool = False, rate: float | None = None) -> int:
     import json
 
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else (lambda *a: print(*a, flush=True))
     report: dict[str, Any] = {}
     if ocsp_levels:
-        report["ocsp"] = bench_ocsp(lab_dir, ocsp_levels, seconds, say)
+        report["ocsp"] = bench_ocsp(lab_dir, ocsp_levels, seconds, say, nonce=nonce, rate=rate)
     if crl_entries:
         report["crl"] = bench_crl(crl_entries, say)
     print(json.dumps(report, indent=2) if as_json else table(report))

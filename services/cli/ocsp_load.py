@@ -13,6 +13,7 @@ X-Hapki-Ocsp-Source header: `cache` (CARA's memory), `produced` (read and signed
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import socket
 import ssl
 import threading
@@ -24,7 +25,7 @@ from typing import Any
 
 from cryptography.x509 import ocsp
 
-CLIENTS_PER_PROCESS = 16  # more threads per process only wait for the GIL
+CLIENTS_PER_PROCESS = 32  # more threads per process only wait for the GIL
 CONNECT_TIMEOUT_SECONDS = 5.0
 ERROR_SAMPLES = 3
 
@@ -133,11 +134,18 @@ class _Tally:
 
 
 def _client(target: Target, probes: list[Probe], offset: int, window: tuple[float, float], tally: _Tally,
-            verdicts: _Verdicts, context: ssl.SSLContext) -> None:
+            verdicts: _Verdicts, context: ssl.SSLContext, interval: float | None) -> None:
     sock: ssl.SSLSocket | None = None
     buffer = bytearray()
     i = offset
+    due = time.monotonic() + (interval or 0.0) * offset / max(1, len(probes))  # paced clients start staggered
     while (start := time.monotonic()) < window[1]:
+        if interval is not None:
+            # Paced: send at the scheduled time and measure from it, so that a response that came late also
+            # delays (and counts against) the requests scheduled behind it (no coordinated omission).
+            if due > start:
+                time.sleep(due - start)
+            start, due = due, due + interval
         probe = probes[i % len(probes)]
         i += 1
         try:
@@ -173,11 +181,11 @@ def _client(target: Target, probes: list[Probe], offset: int, window: tuple[floa
 
 
 def _process(target: Target, probes: list[Probe], offsets: list[int], window: tuple[float, float],
-             out: Any) -> None:
+             interval: float | None, out: Any) -> None:
     """One load process: a thread per client; puts its tally on `out`."""
     context = ssl.create_default_context(cafile=str(target.cafile))
     tally, verdicts = _Tally(), _Verdicts()
-    threads = [threading.Thread(target=_client, args=(target, probes, o, window, tally, verdicts, context),
+    threads = [threading.Thread(target=_client, args=(target, probes, o, window, tally, verdicts, context, interval),
                                 daemon=True) for o in offsets]
     for t in threads:
         t.start()
@@ -187,18 +195,31 @@ def _process(target: Target, probes: list[Probe], offsets: list[int], window: tu
              "sources": dict(tally.sources), "methods": dict(tally.methods), "connections": tally.connections})
 
 
-def run(target: Target, probes: list[Probe], concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """`concurrency` closed-loop clients for warmup + seconds; figures of the measured `seconds` (merged)."""
+def run(target: Target, probes: list[Probe], concurrency: int, seconds: float, warmup: float,
+        rate: float | None = None) -> dict[str, Any]:
+    """`concurrency` clients for warmup + seconds; figures of the measured `seconds` (merged). Closed loop (each
+    client sends its next request when the answer is in), or with `rate` paced to that many requests a second in
+    all (each client at rate/concurrency; latency from the scheduled send time)."""
+    interval = None if rate is None else concurrency / rate
     processes = max(1, min(-(-concurrency // CLIENTS_PER_PROCESS), multiprocessing.cpu_count()))
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     began = time.monotonic() + 1.0  # time for the processes to start before the warm-up counts
     window = (began + warmup, began + warmup + seconds)
     offsets = [list(range(p, concurrency, processes)) for p in range(processes)]
-    workers = [context.Process(target=_process, args=(target, probes, o, window, out), daemon=True) for o in offsets]
+    workers = [context.Process(target=_process, args=(target, probes, o, window, interval, out), daemon=True)
+               for o in offsets]
     for w in workers:
         w.start()
-    parts = [out.get(timeout=warmup + seconds + 60) for _ in workers]
+    parts: list[dict[str, Any]] = []
+    deadline = window[1] + 60
+    while len(parts) < len(workers):
+        try:
+            parts.append(out.get(timeout=1.0))
+        except queue.Empty:
+            if time.monotonic() > deadline or not any(w.is_alive() for w in workers):
+                raise RuntimeError(f"{len(workers) - len(parts)} of {len(workers)} OCSP load processes gave no "
+                                   "figures (died, or hung)") from None
     for w in workers:
         w.join(timeout=10)
     merged: dict[str, Any] = {"latencies_ms": [], "errors": 0, "error_samples": [], "sources": Counter(),
