@@ -33,7 +33,7 @@ from cryptography.x509 import ocsp
 from hapki.cli import ocsp_load
 from hapki.cli.bench import percentile
 from hapki.cli.client import ClmClient, new_key_and_csr
-from hapki.cli.procstat import machine_busy_seconds
+from hapki.cli.procstat import ProcessGroups, machine_busy_seconds
 from hapki.contracts.models import IssueCertificate
 
 CERTIFICATES = 16  # distinct certificates the OCSP load asks about
@@ -80,16 +80,24 @@ def probes_for(host: str, requests: list[tuple[int, bytes]], post_every: int) ->
 
 
 def _ocsp_level(target: ocsp_load.Target, probes: list[ocsp_load.Probe], concurrency: int, seconds: float,
-                warmup: float, rate: float | None = None) -> dict[str, Any]:
+                warmup: float, rate: float | None = None,
+                services: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """One level; with `services` (group -> PIDs) also their CPU ms per answer (warm-up included in both)."""
+    groups = ProcessGroups(services or {})
+    groups.start()
     machine_before, began = machine_busy_seconds(), time.monotonic()
     raw = ocsp_load.run(target, probes, concurrency, seconds, warmup, rate)
     machine = 100 * (machine_busy_seconds() - machine_before) / (time.monotonic() - began)
+    cpu = groups.stop()
+    answered = len(raw["latencies_ms"]) * (seconds + warmup) / seconds  # the warm-up's answers, estimated
     ordered = sorted(raw["latencies_ms"])
     return {"concurrency": concurrency, "seconds": seconds, "responses_per_second": round(len(ordered) / seconds, 1),
             "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99), "errors": raw["errors"],
             "error_samples": raw["error_samples"], "sources": raw["sources"], "methods": raw["methods"],
-            "connections": raw["connections"], "load_processes": raw["processes"],
-            "machine_cpu_percent": round(machine), "rate": rate}
+            "connections": raw["connections"], "warmup_errors": raw["warmup_errors"],
+            "load_processes": raw["processes"],
+            "machine_cpu_percent": round(machine), "rate": rate,
+            "cpu_ms_per_answer": {k: round(1000 * v / answered, 4) if answered else None for k, v in cpu.items()}}
 
 
 def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any, *, certificates: int = CERTIFICATES,
@@ -108,12 +116,15 @@ def bench_ocsp(lab_dir: Path, levels: list[int], seconds: float, say: Any, *, ce
         target = ocsp_load.Target(address=str(tier.vip), port=tier.https_port, server_hostname=str(tier.vip),
                                   cafile=lab.ca_bundle)
         probes = probes_for(str(tier.vip), requests, post_every)
+        # CPU per answer of the CARA tier's processes (both members; the VIP holder does the work).
+        services = {kind: [pid for m in tier.members for pid in lab.procs.pids(f"{kind}@{m}")]
+                    for kind in ("haproxy", "cara")}
         results = []
         for level in levels:
             paced = "" if rate is None else f", paced to {rate:g}/s in all"
             say(f"  OCSP, {level} clients{paced}: 1 s warm-up, then {seconds:g} s measured against {lab.url('cara')}"
                 " ...")
-            results.append(_ocsp_level(target, probes, level, seconds, warmup=1.0, rate=rate))
+            results.append(_ocsp_level(target, probes, level, seconds, warmup=1.0, rate=rate, services=services))
         return {"url": lab.url("cara"), "certificates": certificates, "post_every": post_every, "nonce": nonce,
                 "rate": rate, "levels": results}
     finally:
@@ -217,6 +228,9 @@ def table(report: dict[str, Any]) -> str:
                          f"{r['p99_ms'] or 0:>7.1f}  {r['errors']:>6}  {r.get('machine_cpu_percent', 0):>6}%"
                          f"  {r.get('connections', 0):>5}  {by} / {100 * signed / total:.1f}%")
             lines += [f"         error: {e}" for e in r.get("error_samples", [])]
+            if r.get("cpu_ms_per_answer"):
+                lines.append("         CPU ms per answer: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in r["cpu_ms_per_answer"].items() if v is not None))
         lines.append("  (machine: CPU of every process on the host, % of one core, 200% = both; the load generator "
                      "and the whole lab included)")
     if "crl" in report:

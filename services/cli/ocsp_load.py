@@ -124,6 +124,7 @@ class _Tally:
         self.sources: Counter[str] = Counter()
         self.methods: Counter[str] = Counter()
         self.connections = 0
+        self.warmup_errors = 0  # not counted as errors; reconnected (a connection the server closed, e.g.)
         self.lock = threading.Lock()
 
     def error(self, problem: str) -> None:
@@ -166,6 +167,9 @@ def _client(target: Target, probes: list[Probe], offset: int, window: tuple[floa
             sock = None
             headers = {}
         if start < window[0]:
+            if problem is not None:
+                with tally.lock:
+                    tally.warmup_errors += 1
             continue
         if problem is not None:
             tally.error(problem)
@@ -192,7 +196,8 @@ def _process(target: Target, probes: list[Probe], offsets: list[int], window: tu
     for t in threads:
         t.join()
     out.put({"latencies_ms": tally.latencies_ms, "errors": tally.errors, "error_samples": tally.error_samples,
-             "sources": dict(tally.sources), "methods": dict(tally.methods), "connections": tally.connections})
+             "sources": dict(tally.sources), "methods": dict(tally.methods), "connections": tally.connections,
+             "warmup_errors": tally.warmup_errors})
 
 
 def run(target: Target, probes: list[Probe], concurrency: int, seconds: float, warmup: float,
@@ -223,7 +228,7 @@ def run(target: Target, probes: list[Probe], concurrency: int, seconds: float, w
     for w in workers:
         w.join(timeout=10)
     merged: dict[str, Any] = {"latencies_ms": [], "errors": 0, "error_samples": [], "sources": Counter(),
-                              "methods": Counter(), "connections": 0, "processes": processes}
+                              "methods": Counter(), "connections": 0, "warmup_errors": 0, "processes": processes}
     for part in parts:
         merged["latencies_ms"] += part["latencies_ms"]
         merged["errors"] += part["errors"]
@@ -231,5 +236,6 @@ def run(target: Target, probes: list[Probe], concurrency: int, seconds: float, w
         merged["sources"].update(part["sources"])
         merged["methods"].update(part["methods"])
         merged["connections"] += part["connections"]
+        merged["warmup_errors"] += part["warmup_errors"]
     merged["sources"], merged["methods"] = dict(merged["sources"]), dict(merged["methods"])
     return merged

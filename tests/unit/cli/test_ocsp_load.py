@@ -91,7 +91,8 @@ def test_the_ocsp_table_names_the_path_and_the_machine() -> None:
     report = {"ocsp": {"url": "https://10.213.2.100", "certificates": 16, "post_every": 10, "levels": [
         {"concurrency": 16, "responses_per_second": 5100.0, "p50_ms": 2.5, "p99_ms": 9.0, "errors": 0,
          "machine_cpu_percent": 190, "connections": 16, "sources": {"haproxy": 900, "cache": 99, "produced": 1},
-         "error_samples": []}]}}
+         "error_samples": [], "cpu_ms_per_answer": {"haproxy": 0.028, "cara": 0.0251}}]}}
     text = bench_revocation.table(report)
     assert "TLS, keep-alive, 16 certificates, GET with 1 in 10 POST" in text
     assert "     16       5100.0      2.5      9.0       0     190%     16  90.0% / 9.9% / 0.1%" in text
+    assert "CPU ms per answer: haproxy 0.028, cara 0.025" in text
