@@ -204,6 +204,9 @@ class OcspCache:
                     log.warning("OCSP cache: revocation poll failed (%s); cached answers stop after %.1f s",
                                 exc, self._staleness)
                 failing = True
+            except Exception:  # a bug: logged; the loop must go on (without polls, the cache is never trusted)
+                log.exception("OCSP cache: revocation poll raised")
+                failing = True
             finally:
                 context.detach(token)
             await asyncio.sleep(self._poll)
