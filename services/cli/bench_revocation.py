@@ -228,6 +228,8 @@ def table(report: dict[str, Any]) -> str:
                          f"{r['p99_ms'] or 0:>7.1f}  {r['errors']:>6}  {r.get('machine_cpu_percent', 0):>6}%"
                          f"  {r.get('connections', 0):>5}  {by} / {100 * signed / total:.1f}%")
             lines += [f"         error: {e}" for e in r.get("error_samples", [])]
+            if r.get("warmup_errors"):
+                lines.append(f"         ({r['warmup_errors']} failed during the warm-up, not counted; reconnected)")
             if r.get("cpu_ms_per_answer"):
                 lines.append("         CPU ms per answer: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r["cpu_ms_per_answer"].items() if v is not None))
