@@ -43,7 +43,7 @@ PRODUCTION_WINDOW_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class Signed:
-    """A signed OCSP response for one certificate status, as produced (no nonce)."""
+    """A signed OCSP response and the certificate status it states (cached ones carry no nonce)."""
 
     der: bytes
     status: str  # good, revoked, unknown
@@ -166,6 +166,9 @@ class OcspCache:
         """Drop the serial's cached answers unless they already say revoked; reads begun before now are not kept."""
         serial = format(int(serial, 16), "x")  # the cache's key: lowercase hex without leading zeros
         self._invalidated[serial] = self._now()
+        # A production in flight read (or may have read) the status before: its callers get it, later ones do not.
+        for key in [key for key in self._inflight if key[0] == serial]:
+            del self._inflight[key]
         by_algorithm = self._entries.get(serial)
         if by_algorithm is None:
             return

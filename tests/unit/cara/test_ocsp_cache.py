@@ -164,6 +164,27 @@ async def test_a_read_that_raced_a_revocation_is_returned_but_not_kept() -> None
     assert cache.lookup("ab", "sha1") is None  # but nobody else gets it
 
 
+async def test_a_request_after_a_revocation_does_not_join_a_production_begun_before_it() -> None:
+    feed, clock = Feed(), Clock()
+    cache = _cache(feed, clock)
+    await _synced(cache, clock)
+    gate = asyncio.Event()
+
+    async def slow_good() -> Signed:
+        await gate.wait()
+        return _signed("good")
+
+    early = asyncio.create_task(cache.get("ab", "sha1", slow_good))
+    await asyncio.sleep(0)
+    clock.t += 0.01
+    cache.invalidate("ab")
+    late = asyncio.create_task(cache.get("ab", "sha1", Producer("revoked")))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert (await early)[0].status == "good" and (await late)[0].status == "revoked"
+    assert cache.lookup("ab", "sha1").status == "revoked"
+
+
 async def test_a_production_older_than_the_window_is_not_kept() -> None:
     feed, clock = Feed(), Clock()
     cache = _cache(feed, clock)
