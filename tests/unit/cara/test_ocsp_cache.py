@@ -144,27 +144,8 @@ async def test_cached_answers_stop_when_the_poll_has_not_succeeded_for_the_stale
     assert cache.trusted() and cache.lookup("ab", "sha1") is not None
 
 
-async def test_a_read_that_raced_a_revocation_is_returned_but_not_kept() -> None:
-    feed, clock = Feed(), Clock()
-    cache = _cache(feed, clock)
-    await _synced(cache, clock)
-    gate = asyncio.Event()
-
-    async def slow_good() -> Signed:  # read 'good' before the revocation, finished after the event arrived
-        await gate.wait()
-        return _signed("good")
-
-    pending = asyncio.create_task(cache.get("ab", "sha1", slow_good))
-    await asyncio.sleep(0)
-    clock.t += 0.01
-    cache.invalidate("ab")
-    gate.set()
-    signed, _ = await pending
-    assert signed.status == "good"  # its caller asked before the revocation was known
-    assert cache.lookup("ab", "sha1") is None  # but nobody else gets it
-
-
-async def test_a_request_after_a_revocation_does_not_join_a_production_begun_before_it() -> None:
+async def _revoked_during_a_production() -> tuple[OcspCache, asyncio.Task[tuple[Signed, bool]], asyncio.Event]:
+    """A production that read 'good' and waits on the returned gate; the serial is invalidated meanwhile."""
     feed, clock = Feed(), Clock()
     cache = _cache(feed, clock)
     await _synced(cache, clock)
@@ -174,10 +155,23 @@ async def test_a_request_after_a_revocation_does_not_join_a_production_begun_bef
         await gate.wait()
         return _signed("good")
 
-    early = asyncio.create_task(cache.get("ab", "sha1", slow_good))
+    pending = asyncio.create_task(cache.get("ab", "sha1", slow_good))
     await asyncio.sleep(0)
     clock.t += 0.01
     cache.invalidate("ab")
+    return cache, pending, gate
+
+
+async def test_a_read_that_raced_a_revocation_is_returned_but_not_kept() -> None:
+    cache, pending, gate = await _revoked_during_a_production()
+    gate.set()
+    signed, _ = await pending
+    assert signed.status == "good"  # its caller asked before the revocation was known
+    assert cache.lookup("ab", "sha1") is None  # but nobody else gets it
+
+
+async def test_a_request_after_a_revocation_does_not_join_a_production_begun_before_it() -> None:
+    cache, early, gate = await _revoked_during_a_production()
     late = asyncio.create_task(cache.get("ab", "sha1", Producer("revoked")))
     await asyncio.sleep(0.01)
     gate.set()
