@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -80,6 +81,17 @@ def shutdown() -> None:
     meters = metrics.get_meter_provider()
     if hasattr(meters, "shutdown"):
         meters.shutdown()
+
+
+def unsampled() -> context.Context:
+    """A context whose parent span is valid but not sampled: the default ParentBased sampler drops its children.
+
+    For periodic background work (health polls, cache refreshes): a root span per poll would bury real traces."""
+    parent = trace.SpanContext(
+        trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1, is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
