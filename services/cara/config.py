@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hapki.runtime.config import DatabaseConfig, HSMConfig, MetricsConfig, NatsConfig, StrictModel
 from hapki.runtime.metrics import PORTS
@@ -50,10 +50,62 @@ class CrlConfig(StrictModel):
 
 
 class OcspConfig(StrictModel):
-    """The OCSP responder (every member answers, active or passive)."""
+    """The OCSP responder (every member answers, active or passive) and its cache of signed responses.
+
+    Revocation visibility (docs/ARCHITECTURE.md, "OCSP responses from a cache"): a member answers from its cache
+    only while its last successful revocation poll began at most `max_staleness_seconds` ago, and a revocation
+    event from CLM drops the certificate's cached answers at once; haproxy on the VIP may serve a GET answer it
+    stored for up to `http_max_age_seconds` more. Worst case: max_staleness_seconds + http_max_age_seconds.
+    """
 
     validity_seconds: int = Field(default=3600, ge=60, le=7 * 86400,
                                   description="nextUpdate - thisUpdate of a response, seconds")
+    cache_entries: int = Field(
+        default=20_000, ge=0, le=1_000_000,
+        description="Certificates whose signed responses a member keeps in memory (least recently used dropped "
+                    "first; about 1 KiB each); 0: no cache, every request is read and signed")
+    refresh_seconds: int | None = Field(
+        default=None, ge=10,
+        description="A cached response older than this is produced again (in the background; the old one is "
+                    "served meanwhile), seconds; below validity_seconds. Default: half of validity_seconds")
+    revocation_poll_seconds: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often a member reads the revocations recorded since its last read, seconds (the "
+                    "backstop of the pki.v1.clm.revoked event, which is not delivered to a member cut off the bus)")
+    max_staleness_seconds: float = Field(
+        default=3.0, gt=0, le=300,
+        description="Cached answers are used only while the last successful revocation poll began at most this "
+                    "long ago, seconds; otherwise every request is read and signed (tryLater while the database "
+                    "is away). More than revocation_poll_seconds")
+    http_max_age_seconds: int = Field(
+        default=5, ge=0, le=3600,
+        description="Cache-Control max-age of a cacheable answer, seconds: how long haproxy (and any HTTP cache) "
+                    "may serve a GET answer without asking the member; added to the revocation bound")
+    echo_nonce: bool = Field(
+        default=True,
+        description="Answer a request carrying a nonce (RFC 8954) with a response signed for it, echoing the "
+                    "nonce (a database read and an HSM signature, never cached). False: ignore nonces as RFC 5019 "
+                    "allows and answer every request from the cache")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> OcspConfig:
+        if self.refresh_seconds is not None and self.refresh_seconds >= self.validity_seconds:
+            raise ValueError(f"ocsp.refresh_seconds ({self.refresh_seconds}) must be below validity_seconds "
+                             f"({self.validity_seconds})")
+        if self.revocation_poll_seconds >= self.max_staleness_seconds:
+            raise ValueError(f"ocsp.revocation_poll_seconds ({self.revocation_poll_seconds}) must be below "
+                             f"max_staleness_seconds ({self.max_staleness_seconds})")
+        return self
+
+    @property
+    def refresh_after_seconds(self) -> int:
+        """Age at which a cached response is produced again."""
+        return self.refresh_seconds if self.refresh_seconds is not None else self.validity_seconds // 2
+
+    @property
+    def revocation_bound_seconds(self) -> float:
+        """Longest a revocation can stay invisible to a client of the VIP (member cache + haproxy cache)."""
+        return self.max_staleness_seconds + self.http_max_age_seconds
 
 
 class AuditConfig(StrictModel):

@@ -4,7 +4,9 @@ Routes are added in `build_app`, each handler taking what it needs as an argumen
 them, passive ones too: CRLs come from the database, OCSP answers are signed by the delegated OCSP signer.
 - GET /crl/{issuer}.crl, GET /crl/{issuer}-delta.crl: the latest full / delta CRL, DER, application/pkix-crl.
 - POST /ocsp (body: DER request), GET /ocsp/{base64 DER request} (RFC 6960 appendix A): application/ocsp-response,
-  always HTTP 200 with an OCSP response, an error status (malformedRequest, tryLater, ...) included.
+  always HTTP 200 with an OCSP response, an error status (malformedRequest, tryLater, ...) included. A
+  cacheable answer to a GET says so (Cache-Control max-age, ETag, Last-Modified; haproxy on the VIP stores it);
+  everything else says no-store. Header X-Hapki-Ocsp-Source names where the answer came from.
 """
 
 from __future__ import annotations
@@ -12,26 +14,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
-import random
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 import aiomysql
 from aiohttp import web
 from cryptography.x509 import ocsp as x509_ocsp
 from nats.aio.client import Client
-from opentelemetry import context, trace
+from opentelemetry import context
 
 from hapki.cara.ocsp import OcspResponder, unsuccessful
+from hapki.cara.ocsp_cache import Signed
 from hapki.cara.ocsp import record as record_ocsp
 from hapki.cara.ports import CrlRecord
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import HapkiError
 from hapki.contracts.limits import MAX_OCSP_GET_CHARS, MAX_OCSP_REQUEST_BYTES
 from hapki.runtime.db import Database
+from hapki.runtime import telemetry
+from hapki.runtime.clock import utcnow
 from hapki.runtime.hsm import HSMPool
 
 log = logging.getLogger("hapki.cara.http")
@@ -86,7 +93,7 @@ class HealthProbe:
             await cur.fetchone()
 
         # Not traced: haproxy polls every few seconds, and a db.commit root span per poll would bury real traces.
-        token = context.attach(_unsampled())
+        token = context.attach(telemetry.unsampled())
         try:
             await asyncio.wait_for(self._db.run(select_one, name="health"), DATABASE_TIMEOUT_SECONDS)
             return "ok"
@@ -102,13 +109,18 @@ class CrlReader(Protocol):
 
 
 CRL_TYPE = "application/pkix-crl"
+# Where an OCSP answer came from (cache, produced, nonce, error): for benchmarks and operators, not for clients.
+SOURCE_HEADER = "X-Hapki-Ocsp-Source"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
 _CRL_NAME = re.compile(r"^(?P<issuer>[A-Za-z0-9._-]{1,64}?)(?P<delta>-delta)?\.crl$")
 
 
-def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
-              ocsp: OcspResponder | None = None) -> web.Application:
-    """The aiohttp application with CARA's routes (/crl with `crls`, /ocsp always: unauthorized without `ocsp`)."""
+def build_app(probe: HealthProbe, *, crls: CrlReader | None = None, ocsp: OcspResponder | None = None,
+              ocsp_max_age: int = 0, clock: Callable[[], datetime] = utcnow) -> web.Application:
+    """The aiohttp application with CARA's routes (/crl with `crls`, /ocsp always: unauthorized without `ocsp`).
+
+    A cacheable OCSP answer to a GET carries RFC 5019 6.2 caching headers with max-age at most `ocsp_max_age`
+    seconds (haproxy on the VIP caches it that long); every other OCSP answer says no-store."""
     # No route takes a larger body than an OCSP request; aiohttp refuses more with 413 before a handler runs.
     app = web.Application(client_max_size=MAX_OCSP_REQUEST_BYTES)
 
@@ -125,7 +137,7 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
         if record is None:
             return web.Response(status=404, text="no such CRL\n")
         return web.Response(body=record.der, content_type=CRL_TYPE,
-                            headers={"Last-Modified": record.this_update.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+                            headers={"Last-Modified": _http_date(record.this_update)})
 
     async def ocsp_post(request: web.Request) -> web.Response:
         """POST /ocsp: the DER request is the body."""
@@ -134,7 +146,7 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
         body = await request.content.read(MAX_OCSP_REQUEST_BYTES + 1)
         if len(body) > MAX_OCSP_REQUEST_BYTES:
             return _ocsp_malformed()
-        return await _ocsp_answer(body)
+        return await _ocsp_answer(body, get=False)
 
     async def ocsp_get(request: web.Request) -> web.Response:
         """GET /ocsp/{url-encoded base64 of the DER request}."""
@@ -145,13 +157,19 @@ def build_app(probe: HealthProbe, *, crls: CrlReader | None = None,
             der = base64.b64decode(urllib.parse.unquote(raw), validate=True)
         except (binascii.Error, ValueError):
             return _ocsp_malformed()
-        return await _ocsp_answer(der)
+        return await _ocsp_answer(der, get=True)
 
-    async def _ocsp_answer(der: bytes) -> web.Response:
+    async def _ocsp_answer(der: bytes, *, get: bool) -> web.Response:
         if ocsp is None:  # no delegated OCSP signer for this member's issuer (`hapki ca init` creates one)
             record_ocsp("unauthorized", 0.0)
             return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED))
-        return _ocsp_reply(await ocsp.respond(der))
+        answer = await ocsp.respond(der)
+        headers = {SOURCE_HEADER: answer.source}
+        if get and answer.signed is not None and ocsp_max_age > 0:
+            headers.update(cache_headers(answer.signed, ocsp_max_age, clock()))
+        else:
+            headers["Cache-Control"] = "no-store"
+        return _ocsp_reply(answer.der, headers)
 
     async def health(request: web.Request) -> web.Response:
         """GET /health: 200 when this member can serve (active or passive), 503 otherwise; the JSON says why."""
@@ -179,15 +197,22 @@ def _ocsp_malformed() -> web.Response:
     return _ocsp_reply(unsuccessful(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
 
 
-def _ocsp_reply(der: bytes) -> web.Response:
+def _ocsp_reply(der: bytes, headers: dict[str, str] | None = None) -> web.Response:
     # RFC 6960 A.1: OCSP errors are OCSP responses too, sent with HTTP 200.
-    return web.Response(body=der, content_type=OCSP_RESPONSE_TYPE)
+    return web.Response(body=der, content_type=OCSP_RESPONSE_TYPE, headers=headers or {"Cache-Control": "no-store"})
 
 
-def _unsampled() -> context.Context:
-    """A context whose parent span is valid but not sampled: the default ParentBased sampler drops its children."""
-    parent = trace.SpanContext(
-        trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1, is_remote=False,
-        trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
-    )
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+def cache_headers(signed: Signed, max_age: int, now: datetime) -> dict[str, str]:
+    """RFC 5019 6.2 headers of a cacheable response: max-age never past nextUpdate, and at most `max_age` seconds
+    (the revocation bound: an HTTP cache keeps serving what it stored without asking)."""
+    left = int((signed.next_update - now).total_seconds())
+    return {
+        "Cache-Control": f"max-age={max(0, min(max_age, left))}, public, no-transform, must-revalidate",
+        "Last-Modified": _http_date(signed.this_update),
+        "ETag": f'"{hashlib.sha256(signed.der).hexdigest()[:32]}"',
+    }
+
+
+def _http_date(moment: datetime) -> str:
+    return moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 
 from aiohttp import web
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from hapki.cara import http, issuance
 from hapki.cara import metrics as cara_metrics
@@ -17,11 +20,13 @@ from hapki.cara.audit_sealer import AuditSealer, CheckpointKey
 from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
 from hapki.cara.ocsp import OcspResponder
+from hapki.cara.ocsp_cache import OcspCache
 from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
+from hapki.contracts.models import CertificateRevoked
 from hapki.runtime import bus, metrics
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.audit import audit_signer
@@ -67,6 +72,8 @@ class CaraRuntime:
         self._crl_task: asyncio.Task[None] | None = None
         self.audit: AuditSealer | None = None
         self._audit_task: asyncio.Task[None] | None = None
+        self.ocsp_cache: OcspCache | None = None
+        self._ocsp_task: asyncio.Task[None] | None = None
         self._samplers: list[asyncio.Task[None]] = []
         self._unwatch: Callable[[], None] | None = None
 
@@ -126,16 +133,33 @@ class CaraRuntime:
         if ocsp_signer is None:
             log.warning("issuer %s has no OCSP signer (run `hapki ca init`): OCSP answers unauthorized", issuer.name)
         else:
+            # Signed responses kept per certificate; its revocation poll runs on every member (each serves OCSP).
+            self.ocsp_cache = OcspCache(
+                feed=revocations, issuer=issuer.name, entries=cfg.ocsp.cache_entries,
+                refresh_after=cfg.ocsp.refresh_after_seconds, poll=cfg.ocsp.revocation_poll_seconds,
+                staleness=cfg.ocsp.max_staleness_seconds, monotonic=time.monotonic,
+            )
+            self._ocsp_task = asyncio.create_task(self.ocsp_cache.run())
             ocsp = OcspResponder(
                 store=revocations, issuer=issuer, signer_cert=ocsp_signer.certificate,
                 signer_key=self.hsm.private_key(ocsp_signer.key_id), validity_seconds=cfg.ocsp.validity_seconds,
-                clock=self._clock,
+                clock=self._clock, cache=self.ocsp_cache, echo_nonce=cfg.ocsp.echo_nonce,
             )
         if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
             probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
-            self.http = await serve(http.build_app(probe, crls=revocations, ocsp=ocsp), cfg.http_listen)
+            self.http = await serve(http.build_app(probe, crls=revocations, ocsp=ocsp,
+                                                   ocsp_max_age=cfg.ocsp.http_max_age_seconds, clock=self._clock),
+                                    cfg.http_listen)
 
-    async def _on_revoked(self, msg: object) -> None:
+    async def _on_revoked(self, msg: Msg) -> None:
+        """A revocation recorded by CLM: drop the certificate's cached OCSP answers at once, wake the CRL publisher."""
+        if self.ocsp_cache is not None:
+            try:
+                event = CertificateRevoked.model_validate_json(msg.data)
+            except ValidationError as exc:  # not from CLM (bus permissions allow only CLM); the poll still covers it
+                log.warning("ignored a malformed %s event: %s", subjects.CLM_REVOKED, str(exc)[:200])
+            else:
+                self.ocsp_cache.invalidate(event.serial)
         if self.crl is not None:
             self.crl.wake()
 
@@ -161,11 +185,13 @@ class CaraRuntime:
                 await self._role_task
         if self._unwatch is not None:
             self._unwatch()
-        for task in (self._crl_task, self._audit_task, *self._samplers):
+        for task in (self._crl_task, self._audit_task, self._ocsp_task, *self._samplers):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.ocsp_cache is not None:
+            await self.ocsp_cache.close()
         if self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:

@@ -5,8 +5,13 @@ the HSM), which every member loads, so the passive member answers too. Never an 
 - not a parseable single-certificate request -> malformedRequest;
 - a request about another issuer -> unauthorized (RFC 6960 2.3: not authoritative);
 - the database (or HSM) unavailable -> tryLater; anything else -> internalError (logged).
-A serial this CA never issued is `unknown` (BR 4.9.10: never `good`). thisUpdate is now, nextUpdate now +
-`validity_seconds`; a request nonce (RFC 8954) is echoed.
+A serial this CA never issued is `unknown` (BR 4.9.10: never `good`). thisUpdate is when the response was
+produced, nextUpdate that + `validity_seconds`.
+
+Responses without a nonce come from the member's OcspCache (hapki.cara.ocsp_cache): produced once per certificate
+and CertID hash, reused, produced again when old or when the certificate is revoked. A request with a nonce
+(RFC 8954) gets a response signed for it with the nonce echoed, from a fresh database read, never cached, unless
+`echo_nonce` is off: then the nonce is ignored (RFC 5019 2.1.1) and the cached response is served.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
 
@@ -25,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from opentelemetry import trace
 
+from hapki.cara.ocsp_cache import OcspCache, Signed
 from hapki.cara.ports import IssuerRecord, SerialStatus
 from hapki.contracts.errors import HapkiError, MalformedMessage
 from hapki.contracts.limits import MAX_OCSP_REQUEST_BYTES
@@ -68,8 +74,11 @@ class OcspResponder:
         signer_key: ec.EllipticCurvePrivateKey,
         validity_seconds: int,
         clock: Callable[[], datetime],
+        cache: OcspCache | None = None,
+        echo_nonce: bool = True,
     ) -> None:
         self._store, self._issuer = store, issuer
+        self._cache, self._echo_nonce = cache, echo_nonce
         self._signer_cert, self._signer_key = signer_cert, signer_key
         self._validity = timedelta(seconds=validity_seconds)
         self._clock = clock
@@ -81,48 +90,90 @@ class OcspResponder:
         self._issuer_hashes = {algorithm.name: (_digest(algorithm(), name), _digest(algorithm(), key))
                                for algorithm in _HASHES}
 
-    async def respond(self, der: bytes) -> bytes:
-        """The DER response to a DER request; never raises. Counted and timed by status (hapki.ocsp.*)."""
-        began = time.perf_counter()
-        with tracer.start_as_current_span("cara.ocsp") as span:
-            status, response = await self._answer(der, span)
-            span.set_attribute("pki.ocsp_status", status)
-        record(status, time.perf_counter() - began)
-        return response
+    async def respond(self, der: bytes) -> OcspAnswer:
+        """The answer to a DER request; never raises. Counted and timed by status (hapki.ocsp.*).
 
-    async def _answer(self, der: bytes, span: trace.Span) -> tuple[str, bytes]:
-        """(status name for span and metrics, DER response)."""
+        Cached responses and malformed requests are answered without a span (thousands a second would bury real
+        traces); a production, a nonce response, unauthorized, tryLater and internalError get a `cara.ocsp` span."""
+        began = time.perf_counter()
         try:
             question = parse_request(der)
         except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
             if not isinstance(exc, MalformedMessage):
                 log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
             log.debug("malformed OCSP request: %s", exc)
-            return "malformedRequest", unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        span.set_attribute("pki.serial", format(question.serial, "x"))
+            answer = _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        else:
+            cached = self._cached(question)
+            if cached is not None:
+                answer = OcspAnswer(cached.status, cached.der, cached, "cache")
+            else:
+                with tracer.start_as_current_span("cara.ocsp") as span:
+                    span.set_attribute("pki.serial", format(question.serial, "x"))
+                    answer = await self._answer(question)
+                    span.set_attribute("pki.ocsp_status", answer.status)
+        record(answer.status, time.perf_counter() - began)
+        return answer
+
+    def _cacheable(self, question: OcspQuestion) -> bool:
+        return self._cache is not None and (question.nonce is None or not self._echo_nonce)
+
+    def _cached(self, question: OcspQuestion) -> Signed | None:
+        """The cached response to an authoritative, cacheable question (a refresh of an old one is started)."""
+        if self._cache is None or not self._cacheable(question) or not self.authoritative(question):
+            return None
+        serial, algorithm = format(question.serial, "x"), question.algorithm.name
+        signed = self._cache.lookup(serial, algorithm)
+        if signed is not None and self._cache.needs_refresh(serial, algorithm):
+            self._cache.refresh(serial, algorithm, self._producer(question))
+        return signed
+
+    async def _answer(self, question: OcspQuestion) -> OcspAnswer:
+        """Produce the answer (through the cache when it may be kept); errors become unsigned error statuses."""
         if not self.authoritative(question):
-            return "unauthorized", unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+            return _error(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         try:
-            status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
-            response = await asyncio.to_thread(self.sign_response, question, status)
+            if self._cache is not None and self._cacheable(question):
+                signed, hit = await self._cache.get(format(question.serial, "x"), question.algorithm.name,
+                                                    self._producer(question))
+                return OcspAnswer(signed.status, signed.der, signed, "cache" if hit else "produced")
+            signed = await self._producer(question)()
+            return OcspAnswer(signed.status, signed.der, None, "nonce" if question.nonce else "produced")
         except HapkiError as exc:
             log.warning("OCSP answered tryLater: %s", exc)
-            return "tryLater", unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER)
+            return _error(ocsp.OCSPResponseStatus.TRY_LATER)
         except Exception:
             log.exception("bug while answering an OCSP request")
-            return "internalError", unsuccessful(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
-        return "unknown" if not status.known else "revoked" if status.revoked_at else "good", response
+            return _error(ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+
+    def _producer(self, question: OcspQuestion) -> Callable[[], Awaitable[Signed]]:
+        """Read the status and sign: with the request's nonce when it is echoed, else without (cacheable)."""
+        if not (question.nonce is not None and self._echo_nonce):
+            question = question._replace(nonce=None)
+
+        async def produce() -> Signed:
+            status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
+            return await asyncio.to_thread(self.sign, question, status)
+
+        return produce
 
     def authoritative(self, question: OcspQuestion) -> bool:
         """Whether the request's CertID names this responder's issuer (RFC 6960 2.3: else `unauthorized`)."""
         hashes_of_issuer = self._issuer_hashes.get(question.algorithm.name)
         return hashes_of_issuer == (question.issuer_name_hash, question.issuer_key_hash)
 
-    def sign_response(self, question: OcspQuestion, status: SerialStatus) -> bytes:
+    def sign(self, question: OcspQuestion, status: SerialStatus) -> Signed:
+        """The signed response to an authoritative question, for this status (blocking: the key is in the HSM)."""
+        this_update = self._clock().replace(microsecond=0)
+        der = self.sign_response(question, status, this_update)
+        name = "unknown" if not status.known else "revoked" if status.revoked_at else "good"
+        return Signed(der=der, status=name, this_update=this_update, next_update=this_update + self._validity)
+
+    def sign_response(self, question: OcspQuestion, status: SerialStatus, this_update: datetime | None = None) -> bytes:
         """The signed DER response to an authoritative question, for this status (blocking: the key is in the HSM)."""
         algorithm, name_hash, key_hash = question.algorithm, question.issuer_name_hash, question.issuer_key_hash
         serial, nonce = question.serial, question.nonce
-        this_update = self._clock().replace(microsecond=0)
+        this_update = this_update or self._clock().replace(microsecond=0)
         revoked_at = reason = None
         if not status.known:
             cert_status = ocsp.OCSPCertStatus.UNKNOWN
@@ -146,6 +197,23 @@ class OcspResponder:
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
         return builder.sign(self._signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+class OcspAnswer(NamedTuple):
+    """What the HTTP edge sends: the status name (metrics), the DER, the cacheable response if it is one, and where
+    the answer came from: cache, produced (read and signed now, kept), nonce (signed for this request), error."""
+
+    status: str
+    der: bytes
+    signed: Signed | None
+    source: str
+
+
+def _error(status: ocsp.OCSPResponseStatus) -> OcspAnswer:
+    names = {ocsp.OCSPResponseStatus.MALFORMED_REQUEST: "malformedRequest",
+             ocsp.OCSPResponseStatus.UNAUTHORIZED: "unauthorized", ocsp.OCSPResponseStatus.TRY_LATER: "tryLater",
+             ocsp.OCSPResponseStatus.INTERNAL_ERROR: "internalError"}
+    return OcspAnswer(names[status], unsuccessful(status), None, "error")
 
 
 class OcspQuestion(NamedTuple):

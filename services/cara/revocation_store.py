@@ -130,6 +130,26 @@ class MariaDBRevocationStore:
 
         return await self._db.run(body, name="cara.ocsp_status")
 
+    async def revocations_since(self, issuer: str, after: int | None) -> tuple[list[str], int]:
+        """Serials revoked since watermark `after`, and the new watermark: the newest CRL number (OCSP cache poll).
+
+        One snapshot. A revocation committed after the previous poll's snapshot is either on no full CRL yet
+        (crl_number NULL) or stamped by a CRL committed after that snapshot, whose number is above every number
+        that snapshot saw (numbers are max+1 under a lock, UNIQUE per issuer). The same index range as a delta
+        CRL's (ix_revocations_crl); serials stay in the answer until a CRL lists them (a few seconds)."""
+
+        async def body(cur: aiomysql.Cursor) -> tuple[list[str], int]:
+            await cur.execute("SELECT COALESCE(MAX(crl_number), 0) FROM crls WHERE issuer = %s", (issuer,))
+            newest = int((await cur.fetchone())[0])
+            if after is None:
+                return [], newest
+            await cur.execute(
+                "SELECT serial FROM revocations WHERE issuer = %s AND (crl_number IS NULL OR crl_number > %s)",
+                (issuer, after))
+            return [row[0] for row in await cur.fetchall()], newest
+
+        return await self._db.run(body, name="cara.ocsp_revocations")
+
     async def ocsp_signer(self, issuer: str) -> OcspSignerRecord | None:
         """The issuer's delegated OCSP signer valid longest."""
 

@@ -421,11 +421,13 @@ def bench(args: argparse.Namespace) -> int:
         except ValueError:
             print("hapki bench: --ocsp takes comma-separated concurrency levels, e.g. 16,64", file=sys.stderr)
             return 2
-        if (ocsp_levels is not None and any(n < 1 for n in ocsp_levels)) or (args.crl is not None and args.crl < 1):
+        if ((ocsp_levels is not None and any(n < 1 for n in ocsp_levels)) or (args.crl is not None and args.crl < 1)
+                or (args.ocsp_rate is not None and args.ocsp_rate <= 0)):
             print("hapki bench: concurrency levels and --crl must be positive", file=sys.stderr)
             return 2
         return bench_revocation.run(args.lab_dir, ocsp_levels=ocsp_levels, crl_entries=args.crl,
-                                    seconds=args.seconds, as_json=args.json)
+                                    seconds=args.seconds, as_json=args.json, nonce=args.ocsp_nonce,
+                                    rate=args.ocsp_rate)
     from hapki.cli.bench import run_bench
 
     levels = [int(x) for x in args.concurrency.split(",") if x]

@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--ocsp", metavar="LEVELS", default=None,
                        help="instead of issuance: OCSP responses/s through the HA lab's CARA VIP at these comma-separated"
                             " concurrency levels (root; the lab is brought up if it is not)")
+    bench.add_argument("--ocsp-nonce", action="store_true",
+                       help="--ocsp: every request carries a nonce, so every answer is read and signed by CARA (the "
+                            "path without caches, for comparison)")
+    bench.add_argument("--ocsp-rate", type=float, default=None,
+                       help="--ocsp: pace the clients to this many requests a second in all (latency measured from "
+                            "each request's scheduled time); default: closed loop, as fast as answers come")
     bench.add_argument("--crl", metavar="N", type=int, default=None,
                        help="instead of issuance: CRL generation time with N revoked entries (local stack)")
     bench.add_argument("--lab-dir", type=Path, default=Path(".run/lab"),

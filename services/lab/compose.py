@@ -158,6 +158,7 @@ def _galera(topo: Topology, member: str) -> str:
         datadir=Path("/var/lib/mysql"), socket=Path(MYSQL_RUN / "mysqld.sock"),
         pid_file=Path(MYSQL_RUN / "mysqld.pid"), port=p.mariadb, galera_port=p.galera, ist_port=p.ist,
         sst_port=p.sst, sst_method="rsync", log_path=None, user="mysql", tls=_tls(member),
+        sst_peers=Path(SECRETS / TlsFiles.SST_PEERS),
     )
 
 

@@ -49,9 +49,18 @@ def _db_password_file(issuer: Path, user: str) -> Path:
     return issuer / "db" / f"{user}.password"
 
 
+def _node_tls(d: Path, name: str) -> TlsFiles:
+    """The TLS files `_fill` issued into a data-tier consumer's directory ``d``."""
+    return TlsFiles(d / "infra-ca.pem", d / f"{name}.pem")
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file into a consumer's directory, 0600, unless it is there already with the same bytes."""
-    data = src.read_bytes()
+    _write_if_changed(dst, src.read_bytes())
+
+
+def _write_if_changed(dst: Path, data: bytes) -> None:
+    """Write ``data`` to ``dst``, 0600, unless it is there already with the same bytes."""
     if dst.exists() and dst.read_bytes() == data:
         return
     dst.unlink(missing_ok=True)
@@ -92,14 +101,21 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
                 for tier, t in topo.tiers.items()}
 
     dirs: dict[str, Path] = {}
-    for name, consumer in compose.consumers(topo).items():
+    consumers = compose.consumers(topo)
+    for name, consumer in consumers.items():
         d = secrets_dir / name
         d.mkdir(mode=0o700, exist_ok=True)
         d.chmod(0o700)
-        _fill(consumer, d, issuer, ca, bus, accounts, vip_pems, approval_key, approval_pub)
-        if chown:
-            _chown_tree(d, consumer.uid)
         dirs[name] = d
+        _fill(consumer, d, issuer, ca, bus, accounts, vip_pems, approval_key, approval_pub)
+    # The Galera nodes' SST trust list needs every member's certificate, so it comes after all are issued.
+    galera = [name for name, c in consumers.items() if c.sst_peers]
+    bundle = TlsFiles.sst_peers_bundle([_node_tls(dirs[name], name) for name in galera])
+    for name in galera:
+        _write_if_changed(dirs[name] / TlsFiles.SST_PEERS, bundle)
+    if chown:
+        for name, d in dirs.items():
+            _chown_tree(d, consumers[name].uid)
 
     for name in topo.hsm.members:
         hsm = SoftHSM(hsm_dir, name)  # its softhsm2.conf and PIN files live in the member's volume
@@ -115,7 +131,7 @@ def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUs
     """Put exactly what ``consumer``'s configs name into its directory ``d``."""
     _copy(ca.cert_path, d / "infra-ca.pem")
     if consumer.tls_name:
-        TlsFiles.issue(d, consumer.tls_name, [str(consumer.tls_address)], [str(consumer.tls_dns)], client_auth=True,
+        TlsFiles.issue(d, consumer.tls_name, [str(consumer.tls_address)], list(consumer.tls_dns), client_auth=True,
                        ca=ca)
     if consumer.accounts:
         target = d / "accounts.conf"

@@ -67,7 +67,8 @@ class Consumer:
     db_users: tuple[str, ...] = ()
     tls_name: str | None = None  # a server certificate (data-tier node: also a client of its peers)
     tls_address: str | None = None
-    tls_dns: str | None = None
+    tls_dns: tuple[str, ...] = ()
+    sst_peers: bool = False  # a Galera node: the SST's trust list (the CA and every member's certificate)
     vip_tier: str | None = None  # haproxy's PEM for this tier's VIP
     approval: str | None = None  # "private" (CLM) or "public" (CARA)
     accounts: bool = False  # the NATS users block (nats.conf includes it)
@@ -77,11 +78,12 @@ class Consumer:
 def consumers(topo: Topology) -> dict[str, Consumer]:
     """Every container with secrets, and what each gets: the one table `hapki compose init` writes from."""
     out: dict[str, Consumer] = {}
-    def dns(m: str) -> str:  # as the lab names its data-tier certificates
-        return f"{m}.{topo.lab.prefix}.lab"
+    def dns(m: str) -> tuple[str, ...]:  # as the lab names its data-tier certificates
+        return tuple(topo.cert_dns_names(m))
 
     for m in topo.members_by_role("db"):
-        out[m] = Consumer(m, MYSQL_UID, tls_name=m, tls_address=str(topo.address(m)), tls_dns=dns(m))
+        out[m] = Consumer(m, MYSQL_UID, tls_name=m, tls_address=str(topo.address(m)), tls_dns=dns(m),
+                          sst_peers=True)
     for m in topo.members_by_role("nats"):
         out[m] = Consumer(m, NATS_UID, NATS_SECRETS, tls_name=m, tls_address=str(topo.address(m)), tls_dns=dns(m),
                           accounts=True)

@@ -425,10 +425,10 @@ class GaleraCluster:
     admin = "hapki"
 
     def __init__(self, base_dir: Path, nodes: list[GaleraNode], *,
-                 tls: Callable[[GaleraNode], TlsFiles] | None = None, sst_tls: bool = False) -> None:
-        """`sst_tls`: the rsync SST through stunnel too. Off in the namespaced HA lab for now: there the donor's
-        stunnel refused the joiner's certificate ("CERT: Subject checks failed" on checkIP, although the certificate
-        names the address), which stops every joiner; on loopback it works (tests/integration/test_lab_data.py)."""
+                 tls: Callable[[GaleraNode], TlsFiles] | None = None) -> None:
+        """``tls``: every node's certificate; client connections, replication, IST and the rsync SST (through
+        stunnel, members pinned by sst_peers_file) are then all encrypted. The certificates must name the bare node
+        name (hapki.lab.topology.Topology.cert_dns_names): the donor's stunnel checks the joiner by it."""
         if not nodes:
             raise ValueError("a Galera cluster needs at least one node")
         self.base_dir = Path(base_dir).resolve()
@@ -437,8 +437,7 @@ class GaleraCluster:
         if tls is not None:
             for node in self.nodes:
                 node.tls = lambda node=node: tls(node)  # type: ignore[misc]
-                if sst_tls:
-                    node.sst_peers = lambda: self.sst_peers_file(tls)
+                node.sst_peers = lambda: self.sst_peers_file(tls)
         self.secrets_dir = self.base_dir / "secrets"
         self.started_in: float | None = None  # seconds the last start() took
         self._peers_lock = threading.Lock()
@@ -451,9 +450,9 @@ class GaleraCluster:
         """
         with self._peers_lock:
             files = [tls(node) for node in self.nodes]
-            path = files[0].ca_file.with_name("galera-sst-peers.pem")
+            path = files[0].ca_file.with_name(TlsFiles.SST_PEERS)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(files[0].ca_file.read_bytes() + b"".join(f.cert_file.read_bytes() for f in files))
+            tmp.write_bytes(TlsFiles.sst_peers_bundle(files))
             tmp.chmod(0o644)  # certificates only: stunnel reads it as the CA file
             tmp.replace(path)
             return path

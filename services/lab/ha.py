@@ -327,8 +327,8 @@ class Lab:
     # --- service configs ------------------------------------------------------------------------------------
 
     def _data_tls(self, name: str, address: str) -> TlsFiles:
-        """A data-tier node's server certificate (also for dialling its peers: routes, replication)."""
-        return TlsFiles.issue(self.tls_dir, name, [address], [f"{name}.{self.topo.lab.prefix}.lab"], client_auth=True)
+        """A data-tier node's server certificate (also for dialling its peers: routes, replication, SST)."""
+        return TlsFiles.issue(self.tls_dir, name, [address], self.topo.cert_dns_names(name), client_auth=True)
 
     def _nats_config(self, user: str = "admin") -> NatsConfig:
         """How bus user `user` (admin, clm, cara, watcher, client) reaches the cluster: TLS, its password file."""
@@ -640,6 +640,23 @@ class Lab:
                 raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after restarting {name}")
         assert node.pid is not None
         self.procs.record(name, node.pid, str(marker), node.log_path)
+
+    def rebuild_galera_node(self, member: str, timeout: float = 180.0) -> None:
+        """Replace Galera node ``member``'s data, as after a lost disk: stop it, empty its datadir, start it empty
+        so it joins by a full state transfer (SST, through stunnel) from a running member; wait until Synced."""
+        name = f"galera@{member}"
+        node = self._data_node(name)
+        if not isinstance(node, GaleraNode):
+            raise LabError(f"{name} is not a Galera node")
+        if node.running:
+            node.stop()
+        elif self.procs.alive(name):
+            self.procs.crash(name)  # started by another process (`hapki lab up`): by PID and marker
+        shutil.rmtree(node.datadir, ignore_errors=True)
+        node.start(bootstrap=False)
+        node.wait_synced(timeout)
+        assert node.pid is not None
+        self.procs.record(name, node.pid, str(node.cnf_path), node.log_path)
 
     def _data_node(self, name: str) -> GaleraNode | NatsClusterNode:
         kind, _, member = name.partition("@")

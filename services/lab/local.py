@@ -342,6 +342,13 @@ class TlsFiles:
         # Separate certificate (with chain) and key files too: not every server reads both from one file.
         self.cert_file, self.key_file = self.pem_file.with_suffix(".crt"), self.pem_file.with_suffix(".key")
 
+    SST_PEERS = "galera-sst-peers.pem"  # the SST's trust list, beside the CA (see sst_peers_bundle)
+
+    @staticmethod
+    def sst_peers_bundle(members: Sequence[TlsFiles]) -> bytes:
+        """The CA and every Galera member's certificate: what stunnel pins in an SST (see sst_options)."""
+        return members[0].ca_file.read_bytes() + b"".join(f.cert_file.read_bytes() for f in members)
+
     @classmethod
     def issue(cls, directory: Path, name: str, ips: Sequence[str], dns: Sequence[str] = (), *,
               client_auth: bool = False, ca: Any = None) -> TlsFiles:

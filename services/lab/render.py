@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from hapki.cara.config import OcspConfig
 from hapki.lab.local import TlsFiles
 from hapki.lab.network import MEMBER_IFACE
 from hapki.lab.topology import Topology
@@ -29,6 +30,9 @@ GARP_REFRESH = 5  # seconds between gratuitous ARP refreshes while MASTER
 # timeout so that a hung service counts as failing.
 TRACK_INTERVAL, TRACK_TIMEOUT, TRACK_FALL, TRACK_RISE, TRACK_WEIGHT = 1, 2, 2, 2, -100
 TRACK_CURL_SECONDS = 1.5
+# haproxy's OCSP cache: answers are about 1 KiB (the response and the delegated signer's certificate) plus headers;
+# 32 MiB holds tens of thousands of certificates' answers for the few seconds they may be kept.
+OCSP_CACHE_MB, OCSP_MAX_OBJECT_BYTES = 32, 16384
 # CLM holds an issue request open while it waits for the CA (ClmConfig.wait_seconds, at most 60 s).
 SERVER_TIMEOUT = 65
 
@@ -72,14 +76,21 @@ def keepalived_conf(topo: Topology, member: str, *, advert_int: float = ADVERT_I
 
 def haproxy_cfg(topo: Topology, member: str, pem: Path) -> str:
     """haproxy.cfg of a tier member: TLS on VIP:https_port with ``pem`` -> 127.0.0.1:backend_port, and plain
-    HTTP on VIP:http_port for OCSP and CRL paths only, if the tier has one."""
+    HTTP on VIP:http_port for OCSP and CRL paths only, if the tier has one. A tier that serves OCSP (the one with
+    an http_port) also caches OCSP GET answers and keeps its backend connections open."""
     tier = _tier_member(topo, member)
     t = topo.tiers[tier]
-    plain = "" if t.http_port is None else template("haproxy-http.cfg").substitute(
-        tier=tier, vip=t.vip, http_port=t.http_port)
+    plain = ocsp_rules = ocsp_cache = ""
+    if t.http_port is not None:
+        plain = template("haproxy-http.cfg").substitute(tier=tier, vip=t.vip, http_port=t.http_port)
+        ocsp_rules = template("haproxy-ocsp-rules.cfg").substitute(tier=tier)
+        ocsp_cache = template("haproxy-ocsp-cache.cfg").substitute(
+            tier=tier, cache_mb=OCSP_CACHE_MB, max_object_bytes=OCSP_MAX_OBJECT_BYTES,
+            max_age=OcspConfig().http_max_age_seconds)
     return template("haproxy.cfg").substitute(
         member=member, tier=tier, vip=t.vip, https_port=t.https_port, pem=Path(pem).resolve(),
-        backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT, plain_http=plain,
+        backend_port=t.backend_port, server_timeout=SERVER_TIMEOUT, plain_http=plain, ocsp_rules=ocsp_rules,
+        ocsp_cache=ocsp_cache,
     )
 
 
@@ -90,15 +101,14 @@ def galera_cnf(
 ) -> str:
     """my.cnf of Galera node ``name``; ``peers`` are the members' ``host:port`` for gcomm://. ``log_path`` None:
     the server logs to stderr (a container's log). ``tls``: client TLS required on TCP, replication and IST
-    encrypted; with ``sst_peers`` (the CA and every member's certificate) the rsync SST runs through stunnel too,
-    without it the SST stays plaintext (the Compose demo, see docs/SECURITY.md)."""
-    if tls is not None and sst_peers is not None:
-        sst = ["# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the",
-               "# donor checks it names the joiner's address. Without stunnel the SST fails, never goes plain.",
-               *(f"{k}={v}" for k, v in tls.sst_options(sst_peers).items())]
-    else:
-        sst = ["# No peers bundle for stunnel's pinning: the state transfer stays plaintext (docs/SECURITY.md).",
-               "ssl-mode=DISABLED"]
+    encrypted, and the rsync SST runs through stunnel with ``sst_peers`` (the CA and every member's certificate) as
+    its trust list: a TLS node without it would transfer its state in the clear, so that is refused here."""
+    if tls is not None and sst_peers is None:
+        raise ValueError(f"Galera node {name}: TLS without an SST peers bundle would send the state transfer in the "
+                         "clear; pass sst_peers (TlsFiles.sst_peers_bundle)")
+    sst = ["# rsync SST through stunnel: each end accepts only a cluster member's own certificate, and the donor",
+           "# checks it names the joiner (node name, else address). Without stunnel the SST fails, never goes plain.",
+           *(f"{k}={v}" for k, v in tls.sst_options(sst_peers).items())] if tls and sst_peers else []
     tls_lines = ["# Client TLS (hapki.lab.tls infrastructure CA): required on TCP; root on the socket is local.",
                  *(f"{k}={v}" for k, v in tls.mariadb_options().items()),
                  "", "[sst]", *sst] if tls else []

@@ -191,6 +191,15 @@ class Topology(_Strict):
         self._member(member)
         return f"{self.lab.prefix}-{member}"
 
+    def cert_dns_names(self, member: str) -> list[str]:
+        """DNS names in a data-tier member's TLS certificate (besides its address), in the lab and the demo alike.
+
+        The bare member name comes first: a Galera donor's SST stunnel checks the joiner's certificate against the
+        joiner's node name (MariaDB hands it to wsrep_sst_rsync as the remote user; the script makes it a
+        ``checkHost``, which stunnel then requires ahead of any ``checkIP``)."""
+        self._member(member)
+        return [member, f"{member}.{self.lab.prefix}.lab"]
+
     def namespaces(self) -> list[str]:
         """Every namespace of the lab: the router first, then the members."""
         return [self.router_namespace, *(self.namespace(m) for m in self.members)]

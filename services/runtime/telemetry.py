@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import math
+import random
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -188,8 +189,8 @@ class _ChildSpan:
 
     def __enter__(self) -> trace.Span:
         current = trace.get_current_span()
-        context = current.get_span_context()
-        if context.is_valid and not context.is_remote and not current.is_recording():
+        parent = current.get_span_context()
+        if parent.is_valid and not parent.is_remote and not current.is_recording():
             return current
         self._started = self._tracer.start_as_current_span(self._name, kind=self._kind, attributes=self._attributes)
         return self._started.__enter__()
@@ -197,6 +198,17 @@ class _ChildSpan:
     def __exit__(self, *exc_info: Any) -> bool | None:
         started, self._started = self._started, None
         return started.__exit__(*exc_info) if started is not None else None
+
+
+def unsampled() -> context.Context:
+    """A context whose parent span is valid but not sampled: the default ParentBased sampler drops its children.
+
+    For periodic background work (health polls, cache refreshes): a root span per poll would bury real traces."""
+    parent = trace.SpanContext(
+        trace_id=random.getrandbits(128) or 1, span_id=random.getrandbits(64) or 1, is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -48,35 +48,51 @@ def node_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _layout(node_dir: Path) -> tuple[Path, dict[str, str]]:
-    """db-1's galera.cnf with its container paths and addresses moved here; the environment for the scripts."""
-    topo = default()
-    init_secrets(topo, node_dir / "secrets", node_dir / "hsm", chown=False)
+# Each node on its own loopback address (all of 127/8 is local), so the members can use the same ports as in the demo.
+LOOPBACK = {"db-1": "127.0.2.21", "db-2": "127.0.2.22", "db-3": "127.0.2.23"}
+
+
+def _init(base: Path) -> None:
+    """`hapki compose init` into base/secrets, the db members' directories given to mysql as the demo's init does."""
+    init_secrets(default(), base / "secrets", base / "hsm", chown=False)
     mysql = pwd.getpwnam("mysql")
-    for d in ("data", "run"):
-        (node_dir / d).mkdir()
-    for path in [node_dir / "data", node_dir / "run", node_dir / "secrets" / "db-1",
-                 *(node_dir / "secrets" / "db-1").iterdir()]:
-        os.chown(path, mysql.pw_uid, mysql.pw_gid)
-    (node_dir / "secrets").chmod(0o755)
+    for member in default().members_by_role("db"):
+        for path in [base / "secrets" / member, *(base / "secrets" / member).iterdir()]:
+            os.chown(path, mysql.pw_uid, mysql.pw_gid)
+    (base / "secrets").chmod(0o755)
+
+
+def _layout(base: Path, member: str, ports: dict[int, int]) -> tuple[Path, dict[str, str]]:
+    """``member``'s rendered galera.cnf with its container paths moved under base/<member>, its addresses to
+    LOOPBACK and the container ports to ``ports``; the environment for the image's scripts."""
+    topo = default()
+    home = base / member
+    mysql = pwd.getpwnam("mysql")
+    for d in (home, home / "data", home / "run"):
+        d.mkdir()
+        os.chown(d, mysql.pw_uid, mysql.pw_gid)
+    home.chmod(0o755)
     p = topo.ports
-    ports = {p.mariadb: free_port(), p.galera: free_port(), p.ist: free_port(), p.sst: free_port()}
-    text = (compose.COMPOSE_DIR / "rendered" / "db-1" / "galera.cnf").read_text()
-    text = text.replace(str(compose.SECRETS), str(node_dir / "secrets" / "db-1"))
-    text = text.replace("datadir=/var/lib/mysql", f"datadir={node_dir / 'data'}")
-    text = text.replace(str(compose.MYSQL_RUN), str(node_dir / "run"))
-    for member in topo.members_by_role("db"):
-        text = text.replace(str(topo.address(member)), "127.0.0.1")
-    text = text.replace("gcomm://127.0.0.1:4567,127.0.0.1:4567,127.0.0.1:4567", "gcomm://127.0.0.1:4567")
+    text = (compose.COMPOSE_DIR / "rendered" / member / "galera.cnf").read_text()
+    text = text.replace(str(compose.SECRETS), str(base / "secrets" / member))
+    text = text.replace("datadir=/var/lib/mysql", f"datadir={home / 'data'}")
+    text = text.replace(str(compose.MYSQL_RUN), str(home / "run"))
+    for db in topo.members_by_role("db"):
+        text = text.replace(str(topo.address(db)), LOOPBACK[db])
     text = text.replace(f"port={p.mariadb}\n", f"port={ports[p.mariadb]}\n")
     for container_port in (p.galera, p.ist, p.sst):
         text = text.replace(f":{container_port}", f":{ports[container_port]}")
-    cnf = node_dir / "galera.cnf"
+    cnf = home / "galera.cnf"
     cnf.write_text(text)
     cnf.chmod(0o644)
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "GALERA_CNF": str(cnf),
-           "GALERA_DATADIR": str(node_dir / "data"), "GALERA_SOCKET": str(node_dir / "run" / "mysqld.sock")}
+           "GALERA_DATADIR": str(home / "data"), "GALERA_SOCKET": str(home / "run" / "mysqld.sock")}
     return cnf, env
+
+
+def _ports() -> dict[int, int]:
+    p = default().ports
+    return {p.mariadb: free_port(), p.galera: free_port(), p.ist: free_port(), p.sst: free_port()}
 
 
 def _as_mysql(script: str, env: dict[str, str]) -> list[str]:
@@ -120,14 +136,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_db1_bootstraps_as_mysql_is_healthy_and_provisions_over_the_root_socket(node_dir: Path) -> None:
-    cnf, env = _layout(node_dir)
+    _init(node_dir)
+    cnf, env = _layout(node_dir, "db-1", _ports())
     log = node_dir / "mariadbd.log"
     assert not _healthy(env, 0.1)  # nothing runs yet: the check can fail
     proc = _start(env, bootstrap=True, log=log)
     try:
         # Generous: on a loaded 2-core host a fresh datadir plus the bootstrap took up to a minute.
         assert _healthy(env, 180), _why(log)
-        assert pwd.getpwuid((node_dir / "data" / "mysql").stat().st_uid).pw_name == "mysql"
+        assert pwd.getpwuid((node_dir / "db-1" / "data" / "mysql").stat().st_uid).pw_name == "mysql"
         secrets = node_dir / "secrets" / "provision"
         passwords = {u: (secrets / f"{u}.password").read_text().strip() for u in ("hapki", "hapki_cara", "hapki_clm")}
         run_sql = _socket_sql(Path(env["GALERA_SOCKET"]))  # as root (uid 0), like the provision container
@@ -138,7 +155,7 @@ def test_db1_bootstraps_as_mysql_is_healthy_and_provisions_over_the_root_socket(
         # A TCP client needs TLS with the node's certificate from `hapki compose init`.
         port = next(line.split("=")[1] for line in cnf.read_text().splitlines() if line.startswith("port="))
         ca = node_dir / "secrets" / "provision" / "infra-ca.pem"
-        base = ["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", port, "-u", "hapki_cara", "--batch",
+        base = ["mariadb", "--no-defaults", "-h", LOOPBACK["db-1"], "-P", port, "-u", "hapki_cara", "--batch",
                 "--skip-column-names", "-e", "SELECT CURRENT_USER()"]
         plain = subprocess.run([*base, "--skip-ssl"], capture_output=True, text=True, timeout=30,
                                env={**os.environ, "MYSQL_PWD": passwords["hapki_cara"]})
@@ -150,9 +167,37 @@ def test_db1_bootstraps_as_mysql_is_healthy_and_provisions_over_the_root_socket(
     finally:
         _stop(proc)
     # Stopped cleanly as the last node: it may bootstrap again; without that mark it would try to join instead.
-    assert "safe_to_bootstrap: 1" in (node_dir / "data" / "grastate.dat").read_text()
+    assert "safe_to_bootstrap: 1" in (node_dir / "db-1" / "data" / "grastate.dat").read_text()
     proc = _start(env, bootstrap=True, log=log)
     try:
         assert _healthy(env, 180), _why(log)
     finally:
         _stop(proc)
+
+
+def test_db2_joins_by_state_transfer_over_tls_with_the_init_certificates(node_dir: Path) -> None:
+    """The demo's SST: db-2 starts empty and gets db-1's data by rsync through stunnel, each end pinned to the
+    members' certificates `hapki compose init` made (galera-sst-peers.pem), the donor checking the joiner's
+    certificate names it. As the OS user mysql, with the image's entrypoint and health check."""
+    _init(node_dir)
+    ports = _ports()
+    (_, env1), (_, env2) = _layout(node_dir, "db-1", ports), _layout(node_dir, "db-2", ports)
+    first = _start(env1, bootstrap=True, log=node_dir / "db-1.log")
+    second = None
+    try:
+        assert _healthy(env1, 180), _why(node_dir / "db-1.log")
+        run_sql = _socket_sql(Path(env1["GALERA_SOCKET"]))
+        marker = f"compose-sst-{os.getpid()}"
+        run_sql(f"CREATE DATABASE demo; CREATE TABLE demo.t (v VARCHAR(64) PRIMARY KEY); "
+                f"INSERT INTO demo.t VALUES ('{marker}')")
+        second = _start(env2, bootstrap=False, log=node_dir / "db-2.log")
+        assert _healthy(env2, 180), _why(node_dir / "db-2.log")
+        joined = (node_dir / "db-2.log").read_text(errors="replace")
+        assert "rsync SST completed on joiner" in joined, joined[-3000:]
+        assert "Using stunnel for SSL encryption" in joined and "ssl-mode='VERIFY_IDENTITY'" in joined
+        assert marker in _socket_sql(Path(env2["GALERA_SOCKET"]))("SELECT v FROM demo.t")
+        assert "Subject checks failed" not in (node_dir / "db-1.log").read_text(errors="replace")
+    finally:
+        if second is not None:
+            _stop(second)
+        _stop(first)

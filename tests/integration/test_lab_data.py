@@ -46,7 +46,7 @@ def galera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GaleraCluster]:
     # As in the lab: TLS for clients (required) and for replication, certificates from one infrastructure CA.
     tls.create_infra_ca(base / "tls")
     cluster = GaleraCluster(base, nodes, tls=lambda n: TlsFiles.issue(base / "tls", n.name, [n.address],
-                                                                      client_auth=True), sst_tls=True)
+                                                                      client_auth=True))
     cluster.start()
     log.info("galera: 3 nodes Synced in %.1f s", cluster.started_in)
     try:

@@ -379,3 +379,118 @@ async def test_ocsp_post_get_nonce_unknown_and_malformed(env, nats_client, rig, 
         assert response.certificate_status is ocsp.OCSPCertStatus.GOOD
     finally:
         await passive.stop()
+
+
+# --- OCSP from the cache (hapki.cara.ocsp_cache) ---
+
+def _get_path(request_der: bytes) -> str:
+    return "/ocsp/" + urllib.parse.quote(base64.b64encode(request_der).decode(), safe="")
+
+
+async def _ocsp_get(http: aiohttp.ClientSession, url: str, request_der: bytes) -> tuple[ocsp.OCSPResponse, Any]:
+    async with http.get(url + _get_path(request_der)) as resp:
+        assert resp.status == 200 and resp.content_type == "application/ocsp-response"
+        return ocsp.load_der_ocsp_response(await resp.read()), resp.headers
+
+
+async def test_ocsp_get_answers_come_from_the_cache_with_caching_headers(nats_client, rig, http) -> None:
+    issued = await _issue(nats_client, "ocsp-cache.example.com")
+    request = _ocsp_request(issued.certificate_pem, issued.chain_pem)
+    first, headers = await _ocsp_get(http, rig.cara_url, request)
+    assert first.certificate_status is ocsp.OCSPCertStatus.GOOD and headers["X-Hapki-Ocsp-Source"] == "produced"
+    assert headers["Cache-Control"] == "max-age=5, public, no-transform, must-revalidate"
+    assert headers["ETag"] and headers["Last-Modified"]
+    again, headers = await _ocsp_get(http, rig.cara_url, request)
+    assert headers["X-Hapki-Ocsp-Source"] == "cache"
+    assert again.public_bytes(serialization.Encoding.DER) == first.public_bytes(serialization.Encoding.DER)
+    # POST of the same question: the same cached response; with a nonce: signed for it, never stored.
+    posted = await _ocsp_post(http, rig.cara_url, request)
+    assert posted.public_bytes(serialization.Encoding.DER) == first.public_bytes(serialization.Encoding.DER)
+    nonce = uuid.uuid4().bytes
+    async with http.get(rig.cara_url + _get_path(_ocsp_request(issued.certificate_pem, issued.chain_pem,
+                                                                nonce))) as resp:
+        assert resp.headers["Cache-Control"] == "no-store" and resp.headers["X-Hapki-Ocsp-Source"] == "nonce"
+        with_nonce = ocsp.load_der_ocsp_response(await resp.read())
+    assert with_nonce.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+    # Errors are never cacheable.
+    async with http.get(f"{rig.cara_url}/ocsp/not%base64!!") as resp:
+        assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_a_revocation_makes_the_next_ocsp_answer_revoked_on_every_member(env, nats_client, rig, http) -> None:
+    """The event drops the cached `good` on the active and on a passive member at once (no poll needed)."""
+    passive = CaraRuntime(_cara_config(env, member="cara-4"))
+    await passive.open()
+    try:
+        issued = await _issue(nats_client, "ocsp-revoke-cache.example.com")
+        request = _ocsp_request(issued.certificate_pem, issued.chain_pem)
+        urls = (rig.cara_url, _url(passive.http))
+        for url in urls:
+            for _ in range(2):
+                answer, headers = await _ocsp_get(http, url, request)
+                assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+            assert headers["X-Hapki-Ocsp-Source"] == "cache"
+        # No polls from here on (one now, so the cache stays trusted for its staleness bound): only the event can
+        # explain an answer that says revoked.
+        for member in (rig.cara, passive):
+            member._ocsp_task.cancel()
+            await member.ocsp_cache.sync()
+        began = asyncio.get_running_loop().time()
+        assert (await nats_client.revoke(_revoke(issued.serial, "key_compromise"))).error is None
+        for url in urls:
+            while True:
+                answer, headers = await _ocsp_get(http, url, request)
+                if answer.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+                    break
+                assert asyncio.get_running_loop().time() - began < 1.0, f"{url} still says good"
+                await asyncio.sleep(0.01)
+            assert answer.revocation_reason is x509.ReasonFlags.key_compromise
+        print(f"revoked on both members after {asyncio.get_running_loop().time() - began:.3f} s")
+    finally:
+        await passive.stop()
+        rig.cara._ocsp_task = asyncio.create_task(rig.cara.ocsp_cache.run())
+
+
+async def test_a_revocation_without_its_event_is_seen_within_the_staleness_bound(nats_client, rig, http, sql) -> None:
+    """The poll is the backstop of the event (core NATS, at most once): a revocations row nobody announced."""
+    issued = await _issue(nats_client, "ocsp-revoke-silent.example.com")
+    request = _ocsp_request(issued.certificate_pem, issued.chain_pem)
+    for _ in range(2):
+        answer, headers = await _ocsp_get(http, rig.cara_url, request)
+    assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD and headers["X-Hapki-Ocsp-Source"] == "cache"
+    async with sql.cursor() as cur:
+        await cur.execute("INSERT INTO revocations (issuer, serial, reason, revoked_at, requester) VALUES"
+                          " ('issuing-1', %s, 'superseded', UTC_TIMESTAMP(6), 'silent')", (issued.serial,))
+    await sql.commit()
+    began = asyncio.get_running_loop().time()
+    bound = rig.cara.config.ocsp.max_staleness_seconds
+    while True:
+        answer, _ = await _ocsp_get(http, rig.cara_url, request)
+        if answer.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+            break
+        assert asyncio.get_running_loop().time() - began < bound, "a cached good outlived the staleness bound"
+        await asyncio.sleep(0.05)
+    print(f"silent revocation seen after {asyncio.get_running_loop().time() - began:.2f} s (bound {bound} s)")
+
+
+async def test_cached_answers_stop_when_revocations_cannot_be_read(nats_client, rig, http, monkeypatch) -> None:
+    """A member that cannot poll (database away) stops serving cached answers after the staleness bound."""
+    issued = await _issue(nats_client, "ocsp-untrusted.example.com")
+    request = _ocsp_request(issued.certificate_pem, issued.chain_pem)
+    for _ in range(2):
+        _, headers = await _ocsp_get(http, rig.cara_url, request)
+    assert headers["X-Hapki-Ocsp-Source"] == "cache"
+    cache = rig.cara.ocsp_cache
+    cache._synced_at -= rig.cara.config.ocsp.max_staleness_seconds + 1  # as if the polls had failed since
+    monkeypatch.setattr(cache, "sync", _never_synced)
+    answer, headers = await _ocsp_get(http, rig.cara_url, request)
+    assert headers["X-Hapki-Ocsp-Source"] == "produced"  # a live read and signature, not the cached answer
+    assert answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+    monkeypatch.undo()
+    await cache.sync()
+
+
+async def _never_synced() -> None:
+    from hapki.contracts.errors import Unavailable
+
+    raise Unavailable("database away (test)")

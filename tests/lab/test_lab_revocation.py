@@ -4,11 +4,15 @@ with openssl; CRL numbers across forced failovers; OCSP while the active CARA me
 from __future__ import annotations
 
 import asyncio
+import base64
+import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID
+from hapki.cara.config import OcspConfig
 from hapki.cli.client import ClmClient, new_key_and_csr
 from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReason, RevokeCertificate
 from hapki.lab.ha import Lab
@@ -187,3 +192,76 @@ def test_crl_numbers_strictly_increase_across_forced_failovers(lab: Lab) -> None
     rows = asyncio.run(numbers())
     assert [n for n, _ in rows] == sorted(n for n, _ in rows) and len({n for n, _ in rows}) == len(rows), rows
     assert len({m for _, m in rows}) == 2, f"both members should have signed CRLs: {rows}"
+
+
+def _vip_get(lab: Lab, request_der: bytes) -> tuple[ocsp.OCSPResponse, Any]:
+    """GET /ocsp/<base64> on the CARA VIP over TLS (haproxy); (the answer, the response headers)."""
+    path = "/ocsp/" + urllib.parse.quote(base64.b64encode(request_der).decode(), safe="")
+    context = ssl.create_default_context(cafile=str(lab.ca_bundle))
+    with urllib.request.urlopen(lab.url("cara") + path, timeout=5, context=context) as response:  # noqa: S310
+        return ocsp.load_der_ocsp_response(response.read()), response.headers
+
+
+def test_ocsp_gets_through_the_vip_come_from_haproxy_and_a_revocation_shows_within_the_bound(lab: Lab,
+                                                                                            timing) -> None:
+    """haproxy caches GET answers (an Age header marks them); a revocation reaches every client of the VIP within
+    the stated bound (CARA's staleness bound + haproxy's max-age), and POSTs (never cached by haproxy) at once."""
+    reply = asyncio.run(_issue(lab, "vip-ocsp-cache.example.com"))
+    cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+    issuer = x509.load_pem_x509_certificates(reply.chain_pem.encode())[0]
+    request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER)
+    first, headers = _vip_get(lab, request)
+    assert first.certificate_status is ocsp.OCSPCertStatus.GOOD
+    assert "max-age=5" in headers["Cache-Control"]
+    _, headers = _vip_get(lab, request)
+    assert headers.get("Age") is not None, dict(headers)  # answered by haproxy's cache
+
+    asyncio.run(_revoke(lab, reply.serial))
+    began = time.monotonic()
+    ocsp_url, _ = _urls(reply)
+
+    async def posted() -> ocsp.OCSPResponse:
+        async with aiohttp.ClientSession() as http, http.post(
+                ocsp_url, data=request, headers={"Content-Type": "application/ocsp-request"}) as response:
+            return ocsp.load_der_ocsp_response(await response.read())
+
+    assert asyncio.run(posted()).certificate_status is ocsp.OCSPCertStatus.REVOKED  # CARA's memory: event
+    timing("cara.ocsp.revoked_on_post", time.monotonic() - began)
+    bound = OcspConfig().revocation_bound_seconds
+    while True:
+        answer, _ = _vip_get(lab, request)
+        if answer.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+            break
+        assert time.monotonic() - began < bound, f"the VIP still answers good {bound} s after the revocation"
+        time.sleep(0.1)
+    timing("cara.ocsp.revoked_on_vip_get", time.monotonic() - began)
+    assert answer.revocation_reason is x509.ReasonFlags.key_compromise
+
+
+def test_ocsp_gets_through_the_vip_stay_correct_across_a_failover(lab: Lab, timing) -> None:
+    """The member that takes the VIP answers from its own haproxy and CARA caches: good stays good, and a
+    certificate revoked while the other member was active is revoked there too."""
+    good = asyncio.run(_issue(lab, "vip-ocsp-failover-good.example.com"))
+    bad = asyncio.run(_issue(lab, "vip-ocsp-failover-bad.example.com"))
+    requests = {}
+    for reply in (good, bad):
+        cert = x509.load_pem_x509_certificate(reply.certificate_pem.encode())
+        issuer = x509.load_pem_x509_certificates(reply.chain_pem.encode())[0]
+        requests[reply.serial] = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build(
+        ).public_bytes(serialization.Encoding.DER)
+        assert _vip_get(lab, requests[reply.serial])[0].certificate_status is ocsp.OCSPCertStatus.GOOD
+    asyncio.run(_revoke(lab, bad.serial))
+    active = lab.vip_holders("cara")[0]
+    crash_member(lab, active)
+    began = time.monotonic()
+    while True:
+        try:
+            answers = {s: _vip_get(lab, r)[0].certificate_status for s, r in requests.items()}
+            break
+        except (urllib.error.URLError, OSError):
+            assert time.monotonic() - began < 10, "no OCSP answer on the VIP 10 s after the crash"
+            time.sleep(0.05)
+    timing("cara.crash.ocsp_get_answer", time.monotonic() - began)
+    assert lab.vip_holders("cara") and lab.vip_holders("cara") != [active]
+    assert answers == {good.serial: ocsp.OCSPCertStatus.GOOD, bad.serial: ocsp.OCSPCertStatus.REVOKED}

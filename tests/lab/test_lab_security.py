@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import aiomysql
 import nats
@@ -87,3 +89,26 @@ async def test_a_forged_signing_request_with_stolen_clm_credentials_is_refused_a
     finally:
         conn.close()
         await nc.close()
+
+
+def test_a_wiped_galera_node_rejoins_by_state_transfer_over_tls(lab: Lab) -> None:
+    """The namespaced lab's rsync SST runs through stunnel with the peer checks on (the loopback cluster test,
+    tests/integration/test_lab_data.py, also captures the wire): a wiped node joins by SST, the donor's stunnel
+    accepts the joiner's certificate by its node name, and the data arrives."""
+    node = lab.galera.nodes[-1]
+    marker = f"sst-{node.name}-{os.getpid()}"
+    lab.galera.nodes[0].sql(f"CREATE TABLE IF NOT EXISTS hapki.lab_sst (v VARCHAR(64) PRIMARY KEY);"
+                            f"INSERT INTO hapki.lab_sst VALUES ('{marker}')")
+    lab.rebuild_galera_node(node.name)
+    assert node.joined_by() == "SST"
+    started = _log_since_start(node.log_path, node.last_start_offset)
+    assert "Using stunnel for SSL encryption" in started and "ssl-mode='VERIFY_IDENTITY'" in started, started[-3000:]
+    assert node.sql(f"SELECT COUNT(*) FROM hapki.lab_sst WHERE v = '{marker}'").strip() == "1"
+    donors = "".join(n.log_path.read_text(errors="replace") for n in lab.galera.nodes if n is not node)
+    assert "Subject checks failed" not in donors
+
+
+def _log_since_start(path: Path, offset: int) -> str:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")

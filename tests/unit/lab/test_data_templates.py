@@ -65,7 +65,7 @@ def test_galera_state_transfer_is_tls_with_the_members_certificates_only(tmp_pat
     addresses = {"db-1": "10.213.3.21", "db-2": "10.213.3.22"}
     nodes = [GaleraNode(tmp_path, name, address, list(addresses.values())) for name, address in addresses.items()]
     GaleraCluster(tmp_path, nodes, tls=lambda n: TlsFiles.issue(tmp_path / "tls", n.name, [n.address],
-                                                                client_auth=True), sst_tls=True)
+                                                                client_auth=True))
     sst = nodes[0]._cnf().split("[sst]", 1)[1]  # noqa: SLF001
     values = dict(line.split("=", 1) for line in sst.splitlines() if "=" in line and not line.startswith("#"))
     # VERIFY_IDENTITY: stunnel's verifyPeer (only certificates in tca) plus the donor's check of the joiner's address.
