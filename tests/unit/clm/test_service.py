@@ -115,3 +115,27 @@ async def test_a_retry_after_the_final_answer_is_answered_without_the_database()
     service._wait = 0.05
     other = await asyncio.wait_for(service.issue(_request(["b.example.com"], "k1")), 1)  # another CSR: not cached
     assert len(store.records) == 2 and other.status is RequestStatus.PENDING
+
+
+async def test_expired_final_answers_are_dropped_not_kept_until_the_count_cap() -> None:
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    service._wait = 5.0
+    store.release.set()
+
+    async def issued(names: list[str], key: str, serial: str) -> None:
+        before = len(queue.submitted)
+        task = asyncio.create_task(service.issue(_request(names, key)))
+        while len(queue.submitted) == before:
+            await asyncio.sleep(0.001)
+        service.on_issued(CertificateIssued(request_id=queue.submitted[-1].request_id, serial=serial, issuer="issuing-1",
+                                            certificate_pem="c", chain_pem="p", not_before=NOW, not_after=NOW))
+        assert (await task).status is RequestStatus.ISSUED
+
+    await issued(["a.example.com"], "k1", "0a")
+    await issued(["b.example.com"], "k2", "0b")
+    assert len(service._answered) == 2
+    for key, (digest, profile, reply, _) in list(service._answered.items()):
+        service._answered[key] = (digest, profile, reply, 0.0)  # both answers expire (in order) ...
+    await issued(["c.example.com"], "k3", "0c")  # ... and the next final answer clears them out
+    assert [key for _, key in service._answered] == ["k3"]
