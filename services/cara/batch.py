@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +37,7 @@ from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate
 from hapki.runtime import telemetry, validation
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.faults import FailPoints
+from hapki.runtime.ids import time_ordered_id
 from hapki.runtime.profiles import Profile
 
 log = logging.getLogger("hapki.cara.signer")
@@ -171,7 +171,7 @@ class BatchSteps:
     async def _reserve(self, items: list[Item], epoch: int, now: datetime) -> None:
         for attempt in range(1, RESERVE_ATTEMPTS + 1):
             for item in items:
-                item.intent_id, item.serial = uuid.uuid4().hex, self._serials()
+                item.intent_id, item.serial = time_ordered_id(), self._serials()
                 item.span.set_attribute("pki.serial", issuance.serial_hex(item.serial))
             intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
                               serial=issuance.serial_hex(item.serial)) for item in items]

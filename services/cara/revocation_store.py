@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -14,6 +13,7 @@ from hapki.cara.store import TIER
 from hapki.contracts.errors import NotFound
 from hapki.runtime.audit import AuditKind, AuditRecord, append
 from hapki.runtime.db import Database, Fence, db_time, utc
+from hapki.runtime.ids import time_ordered_id
 
 # What a CRL build gets: (CRL number, base CRL number for a delta else None, entries) -> signed DER.
 BuildCrl = Callable[[int, int | None, list[CrlEntry]], Awaitable[tuple[bytes, datetime, datetime]]]
@@ -88,7 +88,7 @@ class MariaDBRevocationStore:
             return CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
                              this_update=this_update, next_update=next_update, der=der)
 
-        entry_id = uuid.uuid4().hex  # one per publication: a retried body appends the same entry
+        entry_id = time_ordered_id()  # one per publication: a retried body appends the same entry
         return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch),
                                   timeout=CRL_TRANSACTION_TIMEOUT_SECONDS)
 
@@ -179,5 +179,5 @@ class MariaDBRevocationStore:
                 " VALUES (%s, %s, %s, %s, %s)",
                 (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now))))
 
-        entry_id = uuid.uuid4().hex
+        entry_id = time_ordered_id()
         await self._db.run(body, name="cara.save_ocsp_signer")

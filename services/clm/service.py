@@ -7,7 +7,6 @@ import hashlib
 import logging
 import sys
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -17,6 +16,7 @@ from opentelemetry import trace
 from hapki.clm import inventory
 from hapki.runtime import metrics, telemetry, validation
 from hapki.runtime.approval import ApprovalKey
+from hapki.runtime.ids import time_ordered_id
 from hapki.clm.ports import (
     EventPublisher,
     InventoryStore,
@@ -242,7 +242,7 @@ class ClmService:
     async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None, csr_sha256: str) -> IssueReply:
         span = trace.get_current_span()
         span.set_attribute("pki.profile", request.profile)
-        request_id = uuid.uuid4().hex
+        request_id = time_ordered_id()
         with telemetry.span(tracer, "clm.validate"):
             try:
                 approved = validation.approve(request, self._profiles, request_id)

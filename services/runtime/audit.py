@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hapki.runtime.db import Database, db_time, execute_many
+from hapki.runtime.ids import time_ordered_id
 
 GENESIS = "0" * 64
 
@@ -61,7 +61,7 @@ class AuditRecord:
     issuer: str | None = None
     serial: str | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=time_ordered_id)
 
     def detail_json(self) -> str:
         return canonical_json(self.detail)
