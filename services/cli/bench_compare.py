@@ -219,7 +219,7 @@ CREATE TABLE IF NOT EXISTS ocsp_responses (
 @contextlib.contextmanager
 def cfssl_server(base: Path, say: Say) -> Iterator[tuple[str, Path, int, Any]]:
     """`cfssl serve` with a fresh P-256 CA and a MariaDB store: (URL, CA file, cfssl PID, the MariaDB)."""
-    from hapki.lab.local import MariaDB, TlsFiles, free_port
+    from hapki.lab.local import MariaDB, TlsFiles, _stop_child, free_port
 
     binary = shutil.which("cfssl")
     if binary is None:
@@ -263,12 +263,7 @@ def cfssl_server(base: Path, say: Say) -> Iterator[tuple[str, Path, int, Any]]:
         yield f"http://127.0.0.1:{port}", ca_file, proc.pid, db
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            _stop_child(proc, 10)
         db.stop()
 
 

@@ -49,11 +49,6 @@ def _db_password_file(issuer: Path, user: str) -> Path:
     return issuer / "db" / f"{user}.password"
 
 
-def _node_tls(d: Path, name: str) -> TlsFiles:
-    """The TLS files `_fill` issued into a data-tier consumer's directory ``d``."""
-    return TlsFiles(d / "infra-ca.pem", d / f"{name}.pem")
-
-
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file into a consumer's directory, 0600, unless it is there already with the same bytes."""
     _write_if_changed(dst, src.read_bytes())
@@ -101,16 +96,18 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
                 for tier, t in topo.tiers.items()}
 
     dirs: dict[str, Path] = {}
+    galera: dict[str, TlsFiles] = {}  # the Galera nodes' certificates, for their SST trust list
     consumers = compose.consumers(topo)
     for name, consumer in consumers.items():
         d = secrets_dir / name
         d.mkdir(mode=0o700, exist_ok=True)
         d.chmod(0o700)
         dirs[name] = d
-        _fill(consumer, d, issuer, ca, bus, accounts, vip_pems, approval_key, approval_pub)
-    # The Galera nodes' SST trust list needs every member's certificate, so it comes after all are issued.
-    galera = [name for name, c in consumers.items() if c.sst_peers]
-    bundle = TlsFiles.sst_peers_bundle([_node_tls(dirs[name], name) for name in galera])
+        issued = _fill(consumer, d, issuer, ca, bus, accounts, vip_pems, approval_key, approval_pub)
+        if consumer.sst_peers and issued is not None:
+            galera[name] = issued
+    # The trust list needs every member's certificate, so it comes after all are issued.
+    bundle = TlsFiles.sst_peers_bundle(list(galera.values())) if galera else b""
     for name in galera:
         _write_if_changed(dirs[name] / TlsFiles.SST_PEERS, bundle)
     if chown:
@@ -127,12 +124,13 @@ def init_secrets(topo: Topology, secrets_dir: Path, hsm_dir: Path, *, chown: boo
 
 
 def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUsers, accounts: str,
-          vip_pems: dict[str, Path], approval_key: Path, approval_pub: Path) -> None:
-    """Put exactly what ``consumer``'s configs name into its directory ``d``."""
+          vip_pems: dict[str, Path], approval_key: Path, approval_pub: Path) -> TlsFiles | None:
+    """Put exactly what ``consumer``'s configs name into its directory ``d``; return its server TLS files, if any."""
     _copy(ca.cert_path, d / "infra-ca.pem")
+    issued = None
     if consumer.tls_name:
-        TlsFiles.issue(d, consumer.tls_name, [str(consumer.tls_address)], list(consumer.tls_dns), client_auth=True,
-                       ca=ca)
+        issued = TlsFiles.issue(d, consumer.tls_name, [str(consumer.tls_address)], list(consumer.tls_dns),
+                                client_auth=True, ca=ca)
     if consumer.accounts:
         target = d / "accounts.conf"
         if not target.exists() or not _same_accounts(target.read_text(), accounts, bus):
@@ -150,6 +148,7 @@ def _fill(consumer: Consumer, d: Path, issuer: Path, ca: tls.InfraCA, bus: BusUs
         _copy(approval_key, d / approval_key.name)
     elif consumer.approval == "public":
         _copy(approval_pub, d / approval_pub.name)
+    return issued
 
 
 def _socket_sql(socket: Path) -> Callable[[str], str]:

@@ -350,6 +350,12 @@ class GaleraNode(_Server):
             return "IST"
         return None
 
+    def log_since_start(self) -> str:
+        """The node's whole log from its last start on (``last_start_offset``), e.g. what its SST script said."""
+        with self.log_path.open("rb") as fh:
+            fh.seek(self.last_start_offset)
+            return fh.read().decode(errors="replace")
+
     # -- inspection --------------------------------------------------------------------------------------------
 
     def sql(self, statement: str, timeout: float = 60.0) -> str:

@@ -25,7 +25,7 @@ import pytest
 from hapki.lab import compose
 from hapki.lab.compose_init import _socket_sql, init_secrets
 from hapki.lab.data import provision_database
-from hapki.lab.local import free_port
+from hapki.lab.local import _stop_child, free_port
 from hapki.lab.topology import default
 
 pytestmark = [
@@ -126,13 +126,7 @@ def _start(env: dict[str, str], bootstrap: bool, log: Path) -> subprocess.Popen[
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    _stop_child(proc, 60)
 
 
 def test_db1_bootstraps_as_mysql_is_healthy_and_provisions_over_the_root_socket(node_dir: Path) -> None:

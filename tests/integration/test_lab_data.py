@@ -185,14 +185,8 @@ def test_wiped_node_rejoins_by_sst_over_tls(galera: GaleraCluster) -> None:
         assert flow.head[:2] == b"\x16\x03", (direction, bytes(flow.head[:16]))
         assert not flow.found, f"probe rows in clear on the SST link ({direction})"
     # And it was the stock script's stunnel, with the peer checks on.
-    started = _tail_since(third)
+    started = third.log_since_start()
     assert "Using stunnel for SSL encryption" in started and "ssl-mode='VERIFY_IDENTITY'" in started, started[-3000:]
-
-
-def _tail_since(node: GaleraNode) -> str:
-    with node.log_path.open("rb") as fh:
-        fh.seek(node.last_start_offset)
-        return fh.read().decode(errors="replace")
 
 
 def _datadir_bytes(datadir: Path, but: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import aiomysql
 import nats
@@ -101,14 +100,8 @@ def test_a_wiped_galera_node_rejoins_by_state_transfer_over_tls(lab: Lab) -> Non
                             f"INSERT INTO hapki.lab_sst VALUES ('{marker}')")
     lab.rebuild_galera_node(node.name)
     assert node.joined_by() == "SST"
-    started = _log_since_start(node.log_path, node.last_start_offset)
+    started = node.log_since_start()
     assert "Using stunnel for SSL encryption" in started and "ssl-mode='VERIFY_IDENTITY'" in started, started[-3000:]
     assert node.sql(f"SELECT COUNT(*) FROM hapki.lab_sst WHERE v = '{marker}'").strip() == "1"
     donors = "".join(n.log_path.read_text(errors="replace") for n in lab.galera.nodes if n is not node)
     assert "Subject checks failed" not in donors
-
-
-def _log_since_start(path: Path, offset: int) -> str:
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        return fh.read().decode(errors="replace")
