@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import aiomysql
+from opentelemetry import trace
 
 from hapki.clm.inventory import names_of
 from hapki.clm.ports import NewRequest, Recorded, Rejection
-from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, NotFound
+from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, Internal, NotFound
 from hapki.contracts.models import (
     CertificateReply,
     ErrorBody,
@@ -26,40 +32,135 @@ from hapki.runtime.db import Database, db_time, utc
 _RECORDED_COLUMNS = "id, profile, csr_sha256, sign_request, renews_serial"
 
 
+# Recording batches (see MariaDBRequestStore.record): at most this many requests per transaction, and at most
+# this many recording transactions in flight per CLM process.
+RECORD_BATCH_MAX = 64
+RECORDS_IN_FLIGHT = 4
+
+
+@dataclass
+class _Pending:
+    """A request waiting to be recorded, with its caller's context (the batch's spans go to the first one's trace)."""
+
+    request: NewRequest
+    now: datetime
+    done: asyncio.Future[Recorded]
+    context: contextvars.Context
+    span: trace.Span
+
+
 class MariaDBRequestStore:
     """RequestStore on MariaDB/Galera. A recorded or rejected request appends its audit entry."""
 
-    def __init__(self, db: Database, *, actor: str = "clm") -> None:
+    def __init__(self, db: Database, *, actor: str = "clm", batch_max: int = RECORD_BATCH_MAX,
+                 in_flight: int = RECORDS_IN_FLIGHT) -> None:
+        if batch_max < 1 or in_flight < 1:
+            raise ValueError("batch_max and in_flight must be at least 1")
         self._db = db
         self._actor = actor  # recorded on audit entries: service:member
+        self._batch_max, self._in_flight = batch_max, in_flight
+        self._waiting: deque[_Pending] = deque()
+        self._recorders = 0  # recording loops running (at most in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches: list[int] = []  # sizes of the last batches recorded (for tests), newest last
 
     async def record(self, request: NewRequest, now: datetime) -> Recorded:
         """Insert the request, or return the one an idempotency key already names (same CSR and profile only).
 
-        The hot path is one round trip: request, names, audit entry and COMMIT. The unique keys decide the rest (a
-        duplicate key stops the statements before the COMMIT): a duplicate is our own earlier attempt (its COMMIT
-        outcome was unknown: same request id) or a request the key already names, read in a second transaction
-        only then.
+        Requests that arrive while `in_flight` recording transactions are under way are recorded together, in one
+        transaction and one round trip, by the next one to finish: nothing waits for a batch to fill (at low load
+        every request has a transaction of its own, as before). A batch that hits a unique key (a repeat of an
+        idempotency key, our own earlier attempt) or any other error of one of its rows is recorded again request
+        by request, so each caller gets its own answer; a database that is down fails the whole batch at once.
+        A caller that stops waiting does not take its request out of a batch already under way: the request may be
+        recorded and not queued, which the outbox sweep (republish_stale) catches up with.
         """
+        done: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Pending(request, now, done, contextvars.copy_context(), trace.get_current_span()))
+        if self._recorders < self._in_flight:
+            self._recorders += 1
+            task = asyncio.ensure_future(self._recording_loop())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await done
 
-        async def insert(cur: aiomysql.Cursor) -> Recorded:
-            statements: list[tuple[str, tuple[object, ...]]] = [(
-                "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
-                " renews_serial, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
-                (request.request_id, request.requester, request.idempotency_key, request.profile,
-                 request.csr_sha256, request.approved.model_dump_json(), request.renews_serial, db_time(now),
-                 db_time(now)),
-            )]
-            # The names, indexed for search (the value column compares case-insensitively: an email differing
-            # only in case is one row).
-            if names := names_of(request.approved):
-                statements.append((
-                    f"INSERT INTO request_names (request_id, kind, value) VALUES {', '.join(['(%s, %s, %s)'] * len(names))}"
-                    " ON DUPLICATE KEY UPDATE value = value",
-                    tuple(value for kind, name in names for value in (request.request_id, kind, name)),
-                ))
-            await append_many(cur, [entry], first=statements, commit=True)
-            return Recorded(request_id=request.request_id, created=True, approved=request.approved)
+    async def _recording_loop(self) -> None:
+        try:
+            while self._waiting:
+                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self._batch_max))]
+                self.batches = [*self.batches[-99:], len(batch)]
+                # In the first caller's context: its trace gets the database span of the batch.
+                await asyncio.get_running_loop().create_task(self._record_batch(batch), context=batch[0].context)
+        finally:
+            self._recorders -= 1
+
+    async def _record_batch(self, batch: list[_Pending]) -> None:
+        """Record `batch` and settle every caller's future, whatever happens (nobody is left waiting)."""
+        try:
+            if len(batch) == 1:
+                _settle(batch[0].done, result=await self._record_one(batch[0].request, batch[0].now))
+                return
+            try:
+                await self._db.run(self._insert_body([(p.request, p.now) for p in batch]), name="clm.record_batch")
+            except (DuplicateKey, Internal):
+                # A row of the batch could not go in as it is: each request again on its own, for its own answer.
+                outcomes = await asyncio.gather(*(self._record_one(p.request, p.now) for p in batch),
+                                                return_exceptions=True)
+                for pending, outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        _settle(pending.done, error=outcome)
+                    else:
+                        _settle(pending.done, result=outcome)
+                return
+            size = len(batch)
+            for pending in batch:
+                pending.span.add_event("clm.recorded_in_batch", {"batch.size": size})
+                _settle(pending.done, result=Recorded(request_id=pending.request.request_id, created=True,
+                                                      approved=pending.request.approved))
+        except BaseException as exc:
+            for pending in batch:
+                _settle(pending.done, error=exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (shutdown): the callers were told, the task still ends as cancelled
+
+    def _insert_body(self, requests: Sequence[tuple[NewRequest, datetime]]) -> Callable[[aiomysql.Cursor], Awaitable[None]]:
+        """The transaction that records `requests` (one or many) in one round trip: rows, names, audit, COMMIT.
+
+        The unique keys decide repeats: a duplicate key stops the statements before the COMMIT.
+        """
+        statements: list[tuple[str, tuple[object, ...]]] = [(
+            "INSERT INTO requests (id, requester, idempotency_key, profile, csr_sha256, sign_request, status,"
+            " renews_serial, created_at, updated_at) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)"] * len(requests)),
+            tuple(value for request, now in requests for value in (
+                request.request_id, request.requester, request.idempotency_key, request.profile, request.csr_sha256,
+                request.approved.model_dump_json(), request.renews_serial, db_time(now), db_time(now))),
+        )]
+        # The names, indexed for search (the value column compares case-insensitively: an email differing only in
+        # case is one row).
+        names = [(request.request_id, kind, name) for request, _ in requests for kind, name in names_of(request.approved)]
+        if names:
+            statements.append((
+                f"INSERT INTO request_names (request_id, kind, value) VALUES {', '.join(['(%s, %s, %s)'] * len(names))}"
+                " ON DUPLICATE KEY UPDATE value = value",
+                tuple(value for row in names for value in row),
+            ))
+        entries = [self._recorded_entry(request, now) for request, now in requests]
+
+        async def insert(cur: aiomysql.Cursor) -> None:
+            await append_many(cur, entries, first=statements, commit=True)
+
+        return insert
+
+    def _recorded_entry(self, request: NewRequest, now: datetime) -> AuditRecord:
+        return AuditRecord(
+            kind=AuditKind.REQUEST_RECORDED, actor=self._actor, created_at=now, request_id=request.request_id,
+            detail={"requester": request.requester, "idempotency_key": request.idempotency_key,
+                    "profile": request.profile, "csr_sha256": request.csr_sha256,
+                    "names": [*request.approved.dns_names, *request.approved.ip_addresses, *request.approved.emails]})
+
+    async def _record_one(self, request: NewRequest, now: datetime) -> Recorded:
+        """Record one request; on a duplicate key, find what the key (or our own earlier attempt) already stored."""
 
         async def existing(cur: aiomysql.Cursor) -> Recorded | None:
             if request.idempotency_key is None:
@@ -82,14 +183,9 @@ class MariaDBRequestStore:
                 )
             return Recorded(request_id=row[0], created=False, approved=SignCertificate.model_validate_json(row[3]))
 
-        entry = AuditRecord(
-            kind=AuditKind.REQUEST_RECORDED, actor=self._actor, created_at=now, request_id=request.request_id,
-            detail={"requester": request.requester, "idempotency_key": request.idempotency_key,
-                    "profile": request.profile, "csr_sha256": request.csr_sha256,
-                    "names": [*request.approved.dns_names, *request.approved.ip_addresses, *request.approved.emails]})
-
         try:
-            return await self._db.run(insert, name="clm.record")
+            await self._db.run(self._insert_body([(request, now)]), name="clm.record")
+            return Recorded(request_id=request.request_id, created=True, approved=request.approved)
         except DuplicateKey:
             # The key names a request already (a repeat, or a concurrent request with the same key that committed
             # first), or the row is our own from an attempt whose COMMIT outcome was unknown: answer with that.
@@ -229,3 +325,14 @@ class MariaDBRevocationStore:
         except DuplicateKey:
             # A concurrent revocation of the same certificate committed first: same reason -> its result.
             return await self._db.run(body, name="clm.revoke_lookup")
+
+
+def _settle(done: asyncio.Future[Recorded], *, result: Recorded | None = None,
+            error: BaseException | None = None) -> None:
+    """Answer a waiting caller, unless it stopped waiting (its future was cancelled)."""
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
