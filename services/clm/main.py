@@ -72,7 +72,8 @@ class ClmRuntime:
                                  streams=(subjects.SIGNING_STREAM, subjects.EXPIRY_STREAM))
         inventory = MariaDBInventoryStore(self.db)
         self.service = ClmService(
-            store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}"), queue=JetStreamSigningQueue(js),
+            store=MariaDBRequestStore(self.db, actor=f"clm:{cfg.member}", in_flight=cfg.record_transactions_in_flight),
+            queue=JetStreamSigningQueue(js),
             profiles=profiles, approver=approver, revocations=MariaDBRevocationStore(self.db, actor=f"clm:{cfg.member}"),
             events=NatsEventPublisher(self.nc), inventory=inventory,
             clock=self._clock, wait_seconds=cfg.wait_seconds, limiter=rate_limiter(cfg.rate_limit), member=cfg.member,

@@ -32,10 +32,10 @@ from hapki.runtime.db import Database, db_time, utc
 _RECORDED_COLUMNS = "id, profile, csr_sha256, sign_request, renews_serial"
 
 
-# Recording batches (see MariaDBRequestStore.record): at most this many requests per transaction, and at most
-# this many recording transactions in flight per CLM process.
+# Recording batches (see MariaDBRequestStore.record): at most this many requests per transaction, and by default at
+# most this many recording transactions in flight per CLM process (ClmConfig.record_transactions_in_flight).
 RECORD_BATCH_MAX = 64
-RECORDS_IN_FLIGHT = 4
+RECORDS_IN_FLIGHT = 1
 
 
 @dataclass
