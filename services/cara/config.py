@@ -19,9 +19,10 @@ class SignerConfig(StrictModel):
                     "commit); a fetch never waits for a batch to fill",
     )
     batches_in_flight: int = Field(
-        default=4, ge=1, le=64,
+        default=2, ge=1, le=64,
         description="Batches worked on at once (one reserving, one signing, one committing, ...); while all are "
-                    "busy, requests wait in the stream and the next fetch takes them together",
+                    "busy, requests wait in the stream and the next fetch takes them together. 2 took less CPU per "
+                    "issuance than 4 in the HA lab (larger batches; docs/PERFORMANCE.md)",
     )
     fetch_timeout_seconds: float = Field(default=2.0, gt=0, description="Long-poll of one idle pull request, seconds")
     heartbeat_seconds: float = Field(
