@@ -25,6 +25,22 @@ class _Contended(Exception):
     """Raised inside a transaction body that met another attempt's row: the body rolls back and runs carefully."""
 
 
+def _mark_requests_issued(records: Sequence[IssuedRecord], now: datetime) -> tuple[str, tuple[object, ...]]:
+    """One UPDATE that marks every record's request issued, with its serial, issuer and not_after."""
+    if len(records) == 1:
+        [r] = records
+        return ("UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
+                " WHERE id = %s", (r.serial, r.issuer, db_time(r.not_after), db_time(now), r.request_id))
+    rows = " UNION ALL ".join(["SELECT %s AS id, %s AS serial, %s AS issuer, %s AS not_after"]
+                              + ["SELECT %s, %s, %s, %s"] * (len(records) - 1))
+    # The rows first, then each request by its primary key (an empty or small table would otherwise be scanned).
+    return (f"UPDATE ({rows}) v STRAIGHT_JOIN requests r FORCE INDEX (PRIMARY) ON r.id = v.id"
+            " SET r.status = 'issued', r.serial = v.serial, r.issuer = v.issuer, r.not_after = v.not_after,"
+            " r.updated_at = %s",
+            (*(value for r in records for value in (r.request_id, r.serial, r.issuer, db_time(r.not_after))),
+             db_time(now)))
+
+
 def _marks(items: Sized) -> str:
     """`%s` placeholders for an IN list of len(items) values."""
     return ", ".join(["%s"] * len(items))
@@ -269,27 +285,24 @@ class MariaDBSigningStore:
         lost_reason = "request already issued by another intent"
 
         async def store(cur: aiomysql.Cursor, fresh: Sequence[IssuedRecord]) -> None:
-            """Insert the certificates, resolve their intents, mark their requests; _Contended if an intent is not
-            reserved any more (nothing of this transaction may then commit)."""
-            await cur.execute(
-                "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
-                f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))};"
-                " UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
-                f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
-                (*(value for r in fresh for value in (
-                    r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
-                    db_time(r.not_after), db_time(now))),
-                 db_time(now), *(r.intent_id for r in fresh)),
-            )
-            await cur.nextset()
-            if cur.rowcount != len(fresh):
+            """Insert the certificates, resolve their intents, mark their requests, append the audit entries: one
+            round trip (the fence and COMMIT are the next). _Contended if an intent is not reserved any more: the
+            statements after that update ran too, but nothing of this transaction may then commit."""
+            counts = await append_many(cur, [entries[r.intent_id] for r in fresh], first=[
+                ("INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
+                 f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))}",
+                 tuple(value for r in fresh for value in (
+                     r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
+                     db_time(r.not_after), db_time(now)))),
+                ("UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
+                 f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
+                 (db_time(now), *(r.intent_id for r in fresh))),
+                # The requests' new states; issuer and not_after too: CLM's inventory searches and expiry scans
+                # read them here (0004).
+                _mark_requests_issued(fresh, now),
+            ])
+            if counts[1] != len(fresh):
                 raise _Contended("an intent of this batch is no longer reserved")
-            # The requests' new states and the audit entries in one round trip; issuer and not_after too: CLM's
-            # inventory searches and expiry scans read them here (0004).
-            await append_many(cur, [entries[r.intent_id] for r in fresh], first=[(
-                "UPDATE requests SET status = 'issued', serial = %s, issuer = %s, not_after = %s, updated_at = %s"
-                " WHERE id = %s",
-                (r.serial, r.issuer, db_time(r.not_after), db_time(now), r.request_id)) for r in fresh])
 
         async def straight(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
             await store(cur, records)

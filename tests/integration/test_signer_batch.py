@@ -411,10 +411,16 @@ async def test_the_fetch_loop_takes_what_waits_in_the_stream_as_one_batch(env, c
         await _publish(nc, request)
     signer = await _signer(cara, active=True)
     try:
-        await _wait_issued(sql, requests)
+        stored = await _wait_issued(sql, requests)
     finally:
         await signer.stop()
     assert signer.batches[0] == len(requests)
+    # One UPDATE marked the whole batch's requests: each with its own certificate's serial, the issuer, not_after.
+    ids = [r.request_id for r in requests]
+    rows = await query(sql, "SELECT r.id, r.status, r.serial, r.issuer = c.issuer, r.not_after = c.not_after"
+                            " FROM requests r JOIN certificates c ON c.request_id = r.id"
+                            f" WHERE r.id IN ({', '.join(['%s'] * len(ids))})", ids)
+    assert sorted(rows) == sorted((i, "issued", stored[i][0], 1, 1) for i in ids)
 
 
 async def test_a_lone_request_is_signed_while_the_long_poll_is_still_open(env, cara, clm_store, bus, sql) -> None:
