@@ -40,6 +40,7 @@ class WorkerSlot:
     proc: asyncio.subprocess.Process | None = None
     state: str = "starting"  # starting, passive, active, fenced, exited
     epoch: int | None = None
+    word: int = 0  # the parent's latest word the worker has acted on
     signatures: int = 0  # of this process's life; earlier lives' counts are in `signed_before`
     signed_before: int = 0
     starts: int = 0
@@ -61,6 +62,7 @@ class SignerProcesses:
         self._signer, self._config, self._python = signer, config, python
         self.workers = [WorkerSlot(index) for index in range(1, config.signer.processes)]
         self._wanted: int | None = None  # the epoch the workers are told to sign under; None: passive
+        self._word = 0  # numbers the words to the workers, so a report says which word it reflects
         self._closing = False
         self._supervisors: list[asyncio.Task[None]] = []
         self._fence_watch: asyncio.Task[None] | None = None
@@ -167,8 +169,9 @@ class SignerProcesses:
 
     def _tell_all(self, epoch: int | None) -> None:
         self._wanted = epoch
+        self._word += 1
         for slot in self.workers:
-            self._tell(slot, {"epoch": epoch})
+            self._tell(slot, {"epoch": epoch, "word": self._word})
 
     def _tell(self, slot: WorkerSlot, word: dict[str, object]) -> None:
         stdin = slot.proc.stdin if slot.proc is not None else None
@@ -177,8 +180,12 @@ class SignerProcesses:
         stdin.write(json.dumps(word).encode() + b"\n")
 
     async def _workers_passive(self) -> None:
+        """Until every running worker acted on the latest word (passive) and so handed back what it fetched."""
+        word = self._word
+
         async def passive(slot: WorkerSlot) -> None:
-            while slot.state == "active":
+            # A worker still starting has no signer running yet; it is told the latest word when it is up.
+            while slot.state not in ("exited", "starting") and (slot.word < word or slot.state == "active"):
                 slot.changed.clear()
                 await slot.changed.wait()
 
@@ -200,7 +207,7 @@ class SignerProcesses:
 
     async def _run_once(self, slot: WorkerSlot) -> None:
         slot.signed_before += slot.signatures
-        slot.signatures, slot.state, slot.epoch = 0, "starting", None
+        slot.signatures, slot.state, slot.epoch, slot.word = 0, "starting", None, 0
         slot.starts += 1
         # stderr is ours: the worker's log lines land in this process's log, tagged "<member> signer <index>".
         slot.proc = await asyncio.create_subprocess_exec(
@@ -209,13 +216,13 @@ class SignerProcesses:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert slot.proc.stdin is not None and slot.proc.stdout is not None
         self._tell(slot, {"config": self._config.model_dump(mode="json")})
-        if self._wanted is not None:
-            self._tell(slot, {"epoch": self._wanted})
+        self._tell(slot, {"epoch": self._wanted, "word": self._word})
         try:
             while line := await slot.proc.stdout.readline():
                 try:
                     report = json.loads(line)
-                    slot.state, slot.epoch, slot.signatures = report["state"], report["epoch"], report["signatures"]
+                    slot.state, slot.epoch = report["state"], report["epoch"]
+                    slot.word, slot.signatures = report["word"], report["signatures"]
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("unreadable report from signer worker %d: %s: %r", slot.index, exc, line[:200])
                     continue

@@ -3,9 +3,11 @@
 The main CARA process (hapki.cara.signer_processes) starts it as `python -m hapki.cara.signer_worker` and talks to
 it over pipes, one JSON object a line:
   parent -> worker (stdin):  {"config": {...}} once (the member's CaraConfig: paths and env names, never a secret),
-                             then {"epoch": N} (sign under N) or {"epoch": null} (passive). EOF: stop and exit.
-  worker -> parent (stdout): {"state": "passive" | "active" | "fenced", "epoch": N | null, "signatures": n}
-                             on every change, and at most every REPORT_SECONDS while signatures grow.
+                             then words {"epoch": N, "word": w} (sign under N) or {"epoch": null, "word": w}
+                             (passive), w counting up. EOF: stop and exit.
+  worker -> parent (stdout): {"state": "passive" | "active" | "fenced", "epoch": N | null, "word": w,
+                             "signatures": n}: the state after acting on word w, on every change, and at most
+                             every REPORT_SECONDS while only the signature count grows.
 It opens its own database pool, bus connection and PKCS#11 session (python-pkcs11 on SoftHSM is not safe across
 threads, so more signing means more processes) and runs the same Signer on the same durable consumer. It never
 bumps the epoch (that would fence out its own member) and never resolves stale intents (the main signer did when
@@ -63,15 +65,17 @@ class SignerWorker:
         self._signer, self._ownership, self._poll, self._out = signer, ownership, poll_seconds, out
         self._monotonic = monotonic
         self._wanted: int | None = None  # the epoch the parent signs under; None: passive
+        self._word = 0  # the number of the parent's latest word (its reports say which word they reflect)
+        self._applied = 0  # the number of the latest word a step() has acted on
         self._fenced_at: int | None = None  # the epoch we were fenced out of: never joined again
         self._closing = False
         self._wake = asyncio.Event()
-        self._reported: tuple[str, int | None, int] | None = None
+        self._reported: tuple[str, int | None, int, int] | None = None
         self._reported_at = 0.0
 
-    def ask(self, epoch: int | None) -> None:
-        """The parent's word: sign under `epoch`, or be passive (None)."""
-        self._wanted = epoch
+    def ask(self, epoch: int | None, word: int = 0) -> None:
+        """The parent's word number `word`: sign under `epoch`, or be passive (None)."""
+        self._wanted, self._word = epoch, word
         self._wake.set()
 
     def close(self) -> None:
@@ -100,25 +104,28 @@ class SignerWorker:
         if signer.fenced.is_set() and signer.epoch is not None and self._fenced_at != signer.epoch:
             self._fenced_at = signer.epoch
             log.warning("fenced out of epoch %d: passive until the main signer sends a newer one", signer.epoch)
+        word = self._word
         holds = self._ownership is None or self._ownership.holds()
         want = self._wanted if holds and self._wanted != self._fenced_at else None
         if signer.active and signer.epoch != want:
             await signer.stop()
         if want is not None and not signer.active:
             await signer.join(want)
+        self._applied = word
         self._report()
 
     def _report(self, *, force: bool = False) -> None:
         """Tell the parent a change of state or epoch at once; a grown signature count every REPORT_SECONDS."""
         signer = self._signer
         state = "active" if signer.active else "fenced" if signer.fenced.is_set() else "passive"
-        now = (state, signer.epoch, signer.signatures)
+        now = (state, signer.epoch, self._applied, signer.signatures)
         last = self._reported
         if not force and last is not None and (now == last or (
-                now[:2] == last[:2] and self._monotonic() - self._reported_at < REPORT_SECONDS)):
+                now[:3] == last[:3] and self._monotonic() - self._reported_at < REPORT_SECONDS)):
             return
         self._reported, self._reported_at = now, self._monotonic()
-        self._out.write(json.dumps({"state": state, "epoch": signer.epoch, "signatures": signer.signatures}) + "\n")
+        self._out.write(json.dumps({"state": state, "epoch": signer.epoch, "word": self._applied,
+                                    "signatures": signer.signatures}) + "\n")
         self._out.flush()
 
 
@@ -126,11 +133,12 @@ async def _commands(worker: SignerWorker, reader: asyncio.StreamReader) -> None:
     """The parent's words, until EOF (the parent closed the pipe or died)."""
     while line := await reader.readline():
         try:
-            epoch = json.loads(line)["epoch"]
+            word = json.loads(line)
+            epoch, number = word["epoch"], int(word["word"])
         except (ValueError, KeyError, TypeError) as exc:
             log.error("unreadable word from the main process (%s): %r; stopping", exc, line[:200])
             break
-        worker.ask(epoch if isinstance(epoch, int) else None)
+        worker.ask(epoch if isinstance(epoch, int) else None, number)
     worker.close()
 
 

@@ -67,17 +67,19 @@ async def test_signs_only_under_the_epoch_its_parent_sent() -> None:
     worker, signer, out = _worker()
     await worker.step()
     assert not signer.active and signer.joined == []
-    worker.ask(7)
+    worker.ask(7, 1)
     await worker.step()
     assert signer.active and signer.joined == [7] and signer.started == 0
-    worker.ask(8)  # the parent bumped again (passive, then active): the worker moves to the new epoch
+    worker.ask(8, 2)  # the parent bumped again (passive, then active): the worker moves to the new epoch
     await worker.step()
     assert signer.joined == [7, 8] and signer.epoch == 8
-    worker.ask(None)
+    worker.ask(8, 3)  # the same word again: acknowledged, nothing else changes
+    await worker.step()
+    worker.ask(None, 4)
     await worker.step()
     assert not signer.active
-    assert [(r["state"], r["epoch"]) for r in _reports(out)] == [("passive", None), ("active", 7), ("active", 8),
-                                                              ("passive", 8)]
+    assert [(r["state"], r["epoch"], r["word"]) for r in _reports(out)] == [
+        ("passive", None, 0), ("active", 7, 1), ("active", 8, 2), ("active", 8, 3), ("passive", 8, 4)]
 
 
 async def test_stops_without_the_vip_and_resumes_with_it_under_the_same_epoch() -> None:
@@ -105,7 +107,7 @@ async def test_fenced_it_stays_passive_until_a_newer_epoch_arrives() -> None:
     worker.ask(5)  # the parent's word still names the epoch we were fenced out of
     await worker.step()
     assert not signer.active and signer.joined == [5]
-    assert _reports(out)[-1] == {"state": "fenced", "epoch": 5, "signatures": 0}
+    assert _reports(out)[-1] == {"state": "fenced", "epoch": 5, "word": 0, "signatures": 0}
     worker.ask(6)
     await worker.step()
     assert signer.active and signer.joined == [5, 6]
