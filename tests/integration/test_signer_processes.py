@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import nats
 import pytest
 
 from hapki.cara.config import SignerConfig
+from hapki.cara.issuance import random_serial, serial_hex
 from hapki.cara.main import CaraRuntime
 from hapki.cara.signer import Signer
 from hapki.cara.signer_processes import SignerProcesses
@@ -153,6 +155,30 @@ async def test_every_request_is_issued_once_and_every_process_signs(env, cara, c
     made = [a - b for a, b in zip(after, before, strict=True)]
     assert all(n > 0 for n in made), f"signatures per process (main first): {made}"
     assert sum(made) == len(intents), "every signature has its intent"
+
+
+async def test_recovery_at_start_leaves_the_intents_of_the_current_epoch_alone(env, cara, clm_store, sql) -> None:
+    """start() resolves stale intents (abandon_stale_intents): only older epochs', never a sibling worker's live
+    intent of the epoch the member holds now."""
+    assert cara.db is not None and cara.signer is not None
+    [(epoch,)] = await query(sql, "SELECT epoch FROM epochs WHERE tier = 'cara'")
+    key = stack.approval_keys(env.base_dir / "approval")[0]
+    live, stale = [await recorded_request(key, clm_store, f"{name}.example.com", "processes-tests")
+                   for name in ("live-intent", "stale-intent")]
+    store = MariaDBSigningStore(cara.db, actor="cara:cara-1")
+    issuer = cara.signer.issuer.name
+    await store.reserve(intent_id=uuid.uuid4().hex, request_id=live.request_id, issuer=issuer,
+                        serial=serial_hex(random_serial()), epoch=epoch, member="cara-1", now=utcnow())
+    await query(sql, "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                     " VALUES (%s, %s, %s, %s, %s, 'cara-1', 'reserved', NOW())",
+                (uuid.uuid4().hex, stale.request_id, issuer, serial_hex(random_serial()), epoch - 1))
+
+    assert await store.abandon_stale_intents(epoch, utcnow()) >= 1
+
+    assert [row[2] for row in await _intents(sql, [live])] == ["reserved"]
+    assert [row[2] for row in await _intents(sql, [stale])] == ["abandoned"]
+    await store.abandon_intent((await query(sql, "SELECT id FROM signing_intents WHERE request_id = %s",
+                                            (live.request_id,)))[0][0], "test over", utcnow())
 
 
 async def test_a_newer_epoch_stops_every_process_from_committing(env, cara, clm_store, clm_bus, sql) -> None:
