@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -124,22 +125,28 @@ class SignerWorker:
                 now[:3] == last[:3] and self._monotonic() - self._reported_at < REPORT_SECONDS)):
             return
         self._reported, self._reported_at = now, self._monotonic()
-        self._out.write(json.dumps({"state": state, "epoch": signer.epoch, "word": self._applied,
-                                    "signatures": signer.signatures}) + "\n")
-        self._out.flush()
+        try:
+            self._out.write(json.dumps({"state": state, "epoch": signer.epoch, "word": self._applied,
+                                        "signatures": signer.signatures}) + "\n")
+            self._out.flush()
+        except BrokenPipeError:  # the main process is gone: nobody to tell, nobody to sign for
+            log.warning("main process gone (its pipe is closed): stopping")
+            self.close()
 
 
 async def _commands(worker: SignerWorker, reader: asyncio.StreamReader) -> None:
-    """The parent's words, until EOF (the parent closed the pipe or died)."""
-    while line := await reader.readline():
-        try:
-            word = json.loads(line)
-            epoch, number = word["epoch"], int(word["word"])
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("unreadable word from the main process (%s): %r; stopping", exc, line[:200])
-            break
-        worker.ask(epoch if isinstance(epoch, int) else None, number)
-    worker.close()
+    """The parent's words, until EOF (the parent closed the pipe or died); then, or on any failure, stop."""
+    try:
+        while line := await reader.readline():
+            try:
+                word = json.loads(line)
+                epoch, number = word["epoch"], int(word["word"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("unreadable word from the main process (%s): %r; stopping", exc, line[:200])
+                break
+            worker.ask(epoch if isinstance(epoch, int) else None, number)
+    finally:
+        worker.close()
 
 
 async def _stdin() -> asyncio.StreamReader:
@@ -183,6 +190,8 @@ async def serve(index: int, out: TextIO) -> None:
         log.info("signer worker %d of %s ready (pid %d)", index, cfg.member, os.getpid())
         await worker.run()
         listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening  # a failure of the listener (other than our cancel) is raised here
     finally:
         if ownership is not None:
             ownership.close()
