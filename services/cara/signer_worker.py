@@ -28,7 +28,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from hapki.cara import issuance
 from hapki.cara.config import CaraConfig
@@ -62,7 +63,7 @@ class SignerWorker:
     """Keeps one Signer in line with what the parent asks (an epoch or passive) and with the VIP."""
 
     def __init__(self, signer: Signer, ownership: Ownership | None, *, poll_seconds: float, out: TextIO,
-                 monotonic: Any = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._signer, self._ownership, self._poll, self._out = signer, ownership, poll_seconds, out
         self._monotonic = monotonic
         self._wanted: int | None = None  # the epoch the parent signs under; None: passive
