@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from hapki.runtime.config import DatabaseConfig, HSMConfig, MetricsConfig, NatsConfig, StrictModel
 from hapki.runtime.metrics import PORTS
+
+# Overrides [signer] processes of a loaded config (with_env): one switch for the lab, the demo and the benchmarks.
+SIGNER_PROCESSES_ENV = "HAPKI_SIGNER_PROCESSES"
 
 
 class SignerConfig(StrictModel):
@@ -30,6 +35,14 @@ class SignerConfig(StrictModel):
     )
     retry_delay_seconds: float = Field(default=1.0, ge=0, description="NAK delay after a transient failure, seconds")
     backdate_seconds: int = Field(default=60, ge=0, le=3600, description="notBefore = now - this, for clock skew")
+    processes: int = Field(
+        default=1, ge=1, le=16,
+        description="Signer processes on the active member: the main CARA process and processes - 1 signer "
+                    "workers (hapki.cara.signer_worker), each with its own database pool, bus connection and "
+                    "PKCS#11 session, all on the one signing consumer under the member's epoch. Env "
+                    f"{SIGNER_PROCESSES_ENV} overrides it. More than 1 helps only with spare cores "
+                    "(docs/PERFORMANCE.md, \"several signer processes\")",
+    )
 
 
 class CrlConfig(StrictModel):
@@ -163,3 +176,16 @@ class CaraConfig(StrictModel):
     metrics: MetricsConfig = Field(
         default=MetricsConfig(listen=f"0.0.0.0:{PORTS['cara']}"),
         description="GET /metrics for Prometheus (port 9101) and the sampling interval")
+
+
+def with_env(config: CaraConfig, environ: Mapping[str, str] | None = None) -> CaraConfig:
+    """`config` with the settings the environment overrides (SIGNER_PROCESSES_ENV); ValueError if one is invalid."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(SIGNER_PROCESSES_ENV, "").strip()
+    if not raw:
+        return config
+    if not raw.isdigit():
+        raise ValueError(f"{SIGNER_PROCESSES_ENV}={raw!r}: a whole number of signer processes, 1 to 16")
+    data = config.model_dump()
+    data["signer"]["processes"] = int(raw)
+    return CaraConfig.model_validate(data)  # the field's bounds apply (ValidationError is a ValueError)

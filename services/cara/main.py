@@ -24,6 +24,7 @@ from hapki.cara.ocsp_cache import OcspCache
 from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
+from hapki.cara.signer_processes import SignerProcesses
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts import subjects
 from hapki.contracts.models import CertificateRevoked
@@ -65,6 +66,7 @@ class CaraRuntime:
         self.nc: Client | None = None
         self.hsm: HSMPool | None = None
         self.signer: Signer | None = None
+        self.signers: SignerProcesses | None = None  # the signer and its worker processes, driven as one
         self.role: RoleSupervisor | None = None
         self._role_task: asyncio.Task[None] | None = None
         self.http: web.AppRunner | None = None
@@ -106,6 +108,9 @@ class CaraRuntime:
             faults=FailPoints(),
             distribution=issuance.Distribution.at(cfg.public_url, issuer.name),
         )
+        # Several signer processes ([signer] processes > 1): the workers start now and stay passive until start().
+        self.signers = SignerProcesses(self.signer, cfg)
+        await self.signers.open()
         # CRLs: the publisher loop runs on every member and publishes only while the signer is active; a
         # revocation event from CLM wakes it (core NATS, no queue group: the active member must see it).
         self.crl = CrlPublisher(
@@ -165,16 +170,16 @@ class CaraRuntime:
 
     async def start(self) -> int:
         """Open, then sign: always (no VIP configured: returns the epoch) or only while holding the VIP (0)."""
-        if self.signer is None:
+        if self.signers is None:
             await self.open()
-        assert self.signer is not None
+        assert self.signers is not None
         if self.config.vip is None:
-            return await self.signer.start()
-        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signer, poll_seconds=self.config.vip_poll_seconds,
-                                   member=self.config.member)
+            return await self.signers.start()
+        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signers,
+                                   poll_seconds=self.config.vip_poll_seconds, member=self.config.member)
         await self.role.step()
         self._role_task = asyncio.create_task(self.role.run())
-        return self.signer.epoch or 0
+        return self.signers.epoch or 0
 
     async def stop(self) -> None:
         if self.http is not None:
@@ -192,7 +197,10 @@ class CaraRuntime:
                     await task
         if self.ocsp_cache is not None:
             await self.ocsp_cache.close()
-        if self.signer is not None:
+        if self.signers is not None:
+            await self.signers.stop()
+            await self.signers.close()
+        elif self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:
             await self.nc.close()

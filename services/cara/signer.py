@@ -110,12 +110,33 @@ class Signer:
         self._stopping.clear()
         self.fenced.clear()
         now = self._clock()
-        self._epoch = await self._store.bump_epoch(self._member, now)
-        abandoned = await self._store.abandon_stale_intents(self._epoch, now)
-        log.info("signer %s active at epoch %d; %d stale intents abandoned", self._member, self._epoch, abandoned)
+        epoch = await self._store.bump_epoch(self._member, now)
+        # Only intents of older epochs: the member's other signer processes work under this one (join()).
+        abandoned = await self._store.abandon_stale_intents(epoch, now)
+        log.info("signer %s active at epoch %d; %d stale intents abandoned", self._member, epoch, abandoned)
+        self._pull(epoch)
+        return epoch
+
+    async def join(self, epoch: int) -> None:
+        """Become active under `epoch`, which this member's main signer obtained (a signer worker process).
+
+        No bump (it would fence the main signer out) and no recovery (the main signer did it when it bumped):
+        start pulling and sign fenced by that epoch, which fails, and steps this signer down, once another
+        start() anywhere moved the epoch on.
+        """
+        if self.active and self._epoch == epoch:
+            return
+        if self._tasks:
+            await self.stop()  # active under another epoch, or fenced earlier: reap the old tasks first
+        log.info("signer %s joins epoch %d", self._member, epoch)
+        self._pull(epoch)
+
+    def _pull(self, epoch: int) -> None:
+        self._stopping.clear()
+        self.fenced.clear()
+        self._epoch = epoch
         self._spawn(self._fetch_loop())
         self._spawn(self._heartbeat())
-        return self._epoch
 
     async def stop(self) -> None:
         """Become passive: stop fetching, let batches in progress finish, release the pull request, then NAK."""

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hapki.cara.config import SIGNER_PROCESSES_ENV
 from hapki.cli import k6
 from hapki.cli.bench import percentile
 from hapki.cli.procstat import ProcessGroups, machine_busy_seconds, per_issuance_ms
@@ -398,6 +399,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"hapki bench --compare: {report['cores']} cores shared by every process, the load generator included.",
              f"k6/issue.js per column: rate = {shape['rate']}/s arrivals, max = {shape['vus']} closed-loop clients; "
              f"{shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up."]
+    if processes := report.get("signer_processes"):
+        lines.append(f"CARA signer processes of (c): {processes} (hapki bench --signer-processes N).")
     if tracing := report.get("tracing"):
         lines.append(f"Trace sampler of (c): {tracing['sampler']} ({tracing['source']}; OTEL_TRACES_SAMPLER and "
                      "_ARG choose another); (d) runs the lab's own (always on).")
@@ -470,7 +473,8 @@ def run_compare(base_dir: Path, shape: LoadShape, *, with_lab: bool, lab_dir: Pa
             say(f"  {COLUMNS[name]}: skipped: {columns[name]['skipped']}")
     report = {"cores": os.cpu_count(), "shape": shape.__dict__, "columns": columns, "ratios": ratios(columns),
               "ceiling_ratios": ratios(columns, key="ceiling_per_s"),
-              "tracing": {"sampler": sampler.describe(), "source": sampler_source}}
+              "tracing": {"sampler": sampler.describe(), "source": sampler_source},
+              "signer_processes": os.environ.get(SIGNER_PROCESSES_ENV, "").strip() or "1"}
     (base / "compare.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if as_json else table(report))
     ran = [c for c in columns.values() if "skipped" not in c]

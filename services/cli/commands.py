@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -49,10 +50,10 @@ async def serve(args: argparse.Namespace) -> int:
 
             runtime: object = ClmRuntime(load_toml(args.config, ClmConfig))
         elif args.service == "cara":
-            from hapki.cara.config import CaraConfig
+            from hapki.cara.config import CaraConfig, with_env
             from hapki.cara.main import CaraRuntime
 
-            runtime = CaraRuntime(load_toml(args.config, CaraConfig))
+            runtime = CaraRuntime(with_env(load_toml(args.config, CaraConfig)))  # HAPKI_SIGNER_PROCESSES
         else:
             from hapki.watcher.main import WatcherRuntime, WatcherConfig
 
@@ -394,6 +395,13 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
+    if args.signer_processes is not None:
+        from hapki.cara.config import SIGNER_PROCESSES_ENV
+
+        if not 1 <= args.signer_processes <= 16:
+            print("hapki bench: --signer-processes takes 1 to 16", file=sys.stderr)
+            return 2
+        os.environ[SIGNER_PROCESSES_ENV] = str(args.signer_processes)  # the stacks' CARA processes inherit it
     if args.compare:
         from hapki.cli import bench_compare
 

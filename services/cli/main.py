@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=float, default=3.0, help="--compare: warm-up seconds per column")
     bench.add_argument("--with-lab", action="store_true",
                        help="--compare: also load the HA lab (it must be up; one lab per host: only your own)")
+    bench.add_argument("--signer-processes", metavar="N", type=int, default=None,
+                       help="CARA signer processes of the local stack it starts (HAPKI_SIGNER_PROCESSES, 1..16; "
+                            "default: the config's, 1). The HA lab's members keep what `hapki lab up` started them "
+                            "with")
     bench.add_argument("--growth", metavar="N", type=int, default=None,
                        help="instead: issuance rate and OCSP latency on an empty database, then with N certificates "
                             "preloaded (bulk SQL), and EXPLAIN of the hot-path queries")

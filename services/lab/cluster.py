@@ -229,8 +229,11 @@ class ProcessTable:
             self._wait_gone(name, pids, 5.0)
 
     def crash(self, name: str) -> None:
-        """A true crash: SIGSTOP every process of ``name`` first (no parent can react), then SIGKILL them all."""
-        pids = self.pids(name)
+        """A true crash: SIGSTOP every process of ``name`` and below it (a CARA's signer workers) first (no parent
+        can react), then SIGKILL them all."""
+        from hapki.cli.procstat import with_descendants
+
+        pids = with_descendants(self.pids(name))
         self._signal(pids, signal.SIGSTOP)
         self._signal(pids, signal.SIGKILL)
         self._wait_gone(name, pids, 5.0)

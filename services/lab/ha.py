@@ -30,7 +30,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -693,8 +693,23 @@ class Lab:
             env["HAPKI_FAULTS"] = spec
             if arm_file is not None:
                 env["HAPKI_FAULTS_ARM_FILE"] = str(arm_file)
+        self._restart_with(name, env, timeout)
+
+    def set_env(self, name: str, updates: Mapping[str, str | None], timeout: float = SERVICE_READY_TIMEOUT) -> None:
+        """(Re)start service ``name`` with these environment variables (None: removed), e.g.
+        HAPKI_SIGNER_PROCESSES; a dead one is just started. They stay (heal() keeps them) until set again."""
+        entry = self.procs.procs[name]
+        env = dict(entry.env or self._child_env())
+        for key, value in updates.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        self._restart_with(name, env, timeout)
+
+    def _restart_with(self, name: str, env: dict[str, str], timeout: float) -> None:
         self.procs.stop(name)
-        entry.env = env
+        self.procs.procs[name].env = env
         self.procs.save()
         self.start(name, timeout)
 

@@ -126,8 +126,11 @@ class Load:
 
 
 def crash_member(lab: Any, member: str) -> float:
-    """A true crash of every process of `member`: SIGSTOP all (nobody can react), then SIGKILL all."""
-    pids = [pid for name in lab.procs.names(member=member) for pid in lab.procs.pids(name)]
+    """A true crash of every process of `member` (CARA's signer workers too): SIGSTOP all (nobody can react), then
+    SIGKILL all."""
+    from hapki.cli.procstat import with_descendants
+
+    pids = with_descendants(pid for name in lab.procs.names(member=member) for pid in lab.procs.pids(name))
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for pid in pids:
             try:

@@ -73,6 +73,10 @@ _SPECS = (
                "1 while this member's signer consumes signing requests (active), 0 while passive", ("pki.member",)),
     MetricSpec("hapki.cara.signer.epoch", "gauge", "{epoch}",
                "The CARA epoch this member's signer holds (absent before it was first active)", ("pki.member",)),
+    MetricSpec("hapki.cara.signer.signatures", "gauge", "{signature}",
+               "Certificates signed through the HSM by each signer process of this member since that process "
+               "started (pki.signer 0: the main process; 1..: signer workers, as they last reported, at most 1 s "
+               "old); a count, use increase()", ("pki.member", "pki.signer")),
     MetricSpec("hapki.cara.role.transitions", "counter", "{transition}",
                "Role transitions of this member's signer: active (a failover to or start on it), passive (VIP "
                "lost), fenced (stepped down: another member holds a newer epoch)",

@@ -269,11 +269,17 @@ class SafeFormatter(logging.Formatter):
         return "\n".join(TRACEBACK_PREFIX + escape_control(line) for line in text.splitlines())
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Structured one-line logs with the trace id, to stderr; control characters escaped (SafeFormatter)."""
+def setup_logging(level: str = "INFO", *, process: str | None = None) -> None:
+    """Structured one-line logs with the trace id, to stderr; control characters escaped (SafeFormatter).
+
+    `process`: set in a helper process that logs into its parent's stream (a CARA signer worker), appended to
+    every record's logger name, e.g. `hapki.cara.signer[cara-1 signer 2]`.
+    """
     handler = logging.StreamHandler()
     handler.addFilter(TraceIdFilter())
-    handler.setFormatter(SafeFormatter(LOG_FORMAT))
+    tagged = "%(name)s[" + process.replace("%", "%%") + "]" if process is not None else "%(name)s"
+    fmt = LOG_FORMAT.replace("%(name)s", tagged)
+    handler.setFormatter(SafeFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("HAPKI_LOG_LEVEL", level))

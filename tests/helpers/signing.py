@@ -1,6 +1,7 @@
 """Forged signing requests, as a party holding CLM's bus publish rights would send them (issue 6).
 
-Shared by tests/integration/test_ca_approval.py (single host) and tests/lab/test_lab_security.py (the HA lab).
+Shared by tests/integration/test_ca_approval.py (single host) and tests/lab/test_lab_security.py (the HA lab);
+`recorded_request` (a request as CLM records and approves it) by the signer tests.
 """
 
 from __future__ import annotations
@@ -8,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiomysql
 
+from hapki.clm.ports import NewRequest
+from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts import subjects
 from hapki.contracts.models import IssueCertificate, SignCertificate
+from hapki.runtime.approval import ApprovalKey
+from hapki.runtime.clock import utcnow
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
@@ -21,11 +27,20 @@ from helpers.csr import make_csr, make_key
 PROFILES = load_profiles(SHIPPED_PROFILES_PATH)
 
 
-def signing_content(names: list[str], request_id: str | None = None) -> SignCertificate:
+def signing_content(names: list[str], request_id: str | None = None, requester: str = "tests") -> SignCertificate:
     """What CLM would approve for a fresh CSR with these names (no approval yet)."""
     csr_pem, _ = make_csr(names, key=make_key("p256", fresh=True), cn=names[0])
-    return approve(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"), PROFILES,
+    return approve(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester=requester), PROFILES,
                    request_id or uuid.uuid4().hex)
+
+
+async def recorded_request(approval_key: Path, store: MariaDBRequestStore, name: str,
+                           requester: str = "tests") -> SignCertificate:
+    """A request for `name` as CLM records it and approves it (signed with CLM's approval key file)."""
+    request = ApprovalKey.from_file(approval_key).sign(signing_content([name], requester=requester))
+    await store.record(NewRequest(request_id=request.request_id, requester=requester, idempotency_key=None,
+                                  profile="tls-server", csr_sha256="0" * 64, approved=request), utcnow())
+    return request
 
 
 async def publish_signing_request(nc: Any, request: SignCertificate) -> None:

@@ -23,19 +23,19 @@ from hapki.cara.main import CaraRuntime
 from hapki.cara.ports import IssuedRecord
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
-from hapki.clm.ports import NewRequest
 from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts import subjects
 from hapki.contracts.errors import HSMUnavailable
 from hapki.contracts.models import CertificateIssued, IssueCertificate, SignCertificate
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
-from hapki.runtime.approval import ApprovalKey, ApprovalVerifier
+from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.clock import utcnow
 from hapki.runtime.hsm_key import HSMPrivateKey
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
+from helpers.signing import recorded_request
 from integration.conftest import query
 from telemetry_fixture import memory_exporter
 
@@ -80,10 +80,7 @@ def _content(name: str) -> SignCertificate:
 
 async def _recorded(env: LocalEnv, store: MariaDBRequestStore, name: str) -> SignCertificate:
     """A request as CLM records and approves it."""
-    request = ApprovalKey.from_file(stack.approval_keys(env.base_dir / "approval")[0]).sign(_content(name))
-    await store.record(NewRequest(request_id=request.request_id, requester="batch-tests", idempotency_key=None,
-                                  profile="tls-server", csr_sha256="0" * 64, approved=request), utcnow())
-    return request
+    return await recorded_request(stack.approval_keys(env.base_dir / "approval")[0], store, name, "batch-tests")
 
 
 async def _publish(nc: Any, request: SignCertificate, msg_id: str | None = None) -> None:

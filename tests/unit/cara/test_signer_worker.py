@@ -1,0 +1,151 @@
+"""A signer worker follows its parent's epoch and the VIP, never rejoins an epoch it was fenced out of, and reports
+to its parent; `[signer] processes` and HAPKI_SIGNER_PROCESSES parse strictly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hapki.cara.config import SIGNER_PROCESSES_ENV, CaraConfig, with_env
+from hapki.cara.signer_worker import SignerWorker
+from hapki.runtime.config import load_toml
+
+EXAMPLE = Path(__file__).parents[3] / "compose" / "config" / "cara.toml"
+
+
+class FakeVip:
+    def __init__(self) -> None:
+        self.held = True
+
+    def holds(self) -> bool:
+        return self.held
+
+
+class FakeSigner:
+    """The Signer surface a worker drives: join(epoch) without bumping, stop(), fenced, active, epoch."""
+
+    def __init__(self) -> None:
+        self.fenced = asyncio.Event()
+        self.active = False
+        self.epoch: int | None = None
+        self.signatures = 0
+        self.joined: list[int] = []
+        self.started = 0
+
+    async def start(self) -> int:  # a worker must never bump the epoch
+        self.started += 1
+        raise AssertionError("a signer worker bumped the epoch")
+
+    async def join(self, epoch: int) -> None:
+        self.fenced.clear()
+        self.active, self.epoch = True, epoch
+        self.joined.append(epoch)
+
+    async def stop(self) -> None:
+        self.active = False
+
+    def get_fenced(self) -> None:
+        self.fenced.set()
+        self.active = False
+
+
+def _worker(vip: FakeVip | None = None) -> tuple[SignerWorker, FakeSigner, io.StringIO]:
+    signer, out = FakeSigner(), io.StringIO()
+    return SignerWorker(signer, vip, poll_seconds=0.01, out=out), signer, out  # type: ignore[arg-type]
+
+
+def _reports(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+async def test_signs_only_under_the_epoch_its_parent_sent() -> None:
+    worker, signer, out = _worker()
+    await worker.step()
+    assert not signer.active and signer.joined == []
+    worker.ask(7, 1)
+    await worker.step()
+    assert signer.active and signer.joined == [7] and signer.started == 0
+    worker.ask(8, 2)  # the parent bumped again (passive, then active): the worker moves to the new epoch
+    await worker.step()
+    assert signer.joined == [7, 8] and signer.epoch == 8
+    worker.ask(8, 3)  # the same word again: acknowledged, nothing else changes
+    await worker.step()
+    worker.ask(None, 4)
+    await worker.step()
+    assert not signer.active
+    assert [(r["state"], r["epoch"], r["word"]) for r in _reports(out)] == [
+        ("passive", None, 0), ("active", 7, 1), ("active", 8, 2), ("active", 8, 3), ("passive", 8, 4)]
+
+
+async def test_stops_without_the_vip_and_resumes_with_it_under_the_same_epoch() -> None:
+    vip = FakeVip()
+    worker, signer, _ = _worker(vip)
+    worker.ask(3)
+    await worker.step()
+    assert signer.active
+    vip.held = False
+    await worker.step()
+    assert not signer.active
+    await worker.step()
+    assert not signer.active and signer.joined == [3]
+    vip.held = True
+    await worker.step()
+    assert signer.active and signer.joined == [3, 3]
+
+
+async def test_fenced_it_stays_passive_until_a_newer_epoch_arrives() -> None:
+    worker, signer, out = _worker()
+    worker.ask(5)
+    await worker.step()
+    signer.get_fenced()
+    await worker.step()
+    worker.ask(5)  # the parent's word still names the epoch we were fenced out of
+    await worker.step()
+    assert not signer.active and signer.joined == [5]
+    assert _reports(out)[-1] == {"state": "fenced", "epoch": 5, "word": 0, "signatures": 0}
+    worker.ask(6)
+    await worker.step()
+    assert signer.active and signer.joined == [5, 6]
+
+
+async def test_run_ends_passive_when_closed() -> None:
+    worker, signer, out = _worker()
+    worker.ask(2)
+    running = asyncio.create_task(worker.run())
+    for _ in range(100):
+        if signer.active:
+            break
+        await asyncio.sleep(0.01)
+    assert signer.active
+    worker.close()
+    await asyncio.wait_for(running, 5)
+    assert not signer.active and _reports(out)[-1]["state"] == "passive"
+
+
+def test_processes_default_to_one_and_parse_from_toml(tmp_path: Path) -> None:
+    base = load_toml(EXAMPLE, CaraConfig)
+    assert base.signer.processes == 1
+    text = EXAMPLE.read_text().replace("[signer]\n", "[signer]\nprocesses = 3\n")
+    (tmp_path / "cara.toml").write_text(text)
+    assert load_toml(tmp_path / "cara.toml", CaraConfig).signer.processes == 3
+    for bad in ("0", "17", '"two"'):
+        (tmp_path / "bad.toml").write_text(EXAMPLE.read_text().replace("[signer]\n", f"[signer]\nprocesses = {bad}\n"))
+        with pytest.raises(ValidationError):
+            load_toml(tmp_path / "bad.toml", CaraConfig)
+
+
+def test_the_environment_overrides_processes_strictly() -> None:
+    base = load_toml(EXAMPLE, CaraConfig)
+    assert with_env(base, {}) is base
+    assert with_env(base, {SIGNER_PROCESSES_ENV: " "}) is base
+    changed = with_env(base, {SIGNER_PROCESSES_ENV: "4"})
+    assert changed.signer.processes == 4
+    assert changed.model_copy(update={"signer": base.signer}) == base  # nothing else changed
+    for bad in ("0", "17", "two", "-1", "2.5"):
+        with pytest.raises(ValueError, match=SIGNER_PROCESSES_ENV if bad in ("two", "-1", "2.5") else "processes"):
+            with_env(base, {SIGNER_PROCESSES_ENV: bad})
