@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -356,6 +356,26 @@ def single_column(base: Path, shape: LoadShape, csr_file: Path, say: Say, sample
     return column
 
 
+def lab_sampler(pids: Sequence[int | None]) -> str:
+    """The trace sampler the lab's services run with, from the environment of a running one (`hapki lab up` passes
+    its own environment on: `OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01 hapki lab up`
+    runs the lab as production samples; without them it traces everything, which its tests and `hapki trace` read).
+    """
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue  # gone in the meantime: the next one
+        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        try:
+            return SamplerSetting.from_env(env).describe()
+        except ValueError as exc:
+            return f"unknown ({exc})"
+    return "unknown (no running CLM process)"
+
+
 LAB_KINDS = {"clm": "clm", "cara": "cara", "galera": "mariadbd", "nats": "nats-server", "haproxy": "haproxy",
              "watcher": "watcher", "keepalived": "keepalived"}
 
@@ -368,7 +388,10 @@ def lab_column(lab_dir: Path, shape: LoadShape, csr_file: Path, base: Path, say:
         return {"skipped": f"the HA lab in {lab.base_dir} is not up (`hapki lab up --dir {lab_dir}`)"}
     groups = ProcessGroups({label: [pid for name in lab.procs.names(kind=kind) for pid in lab.procs.pids(name)]
                             for kind, label in LAB_KINDS.items()})
+    sampler = lab_sampler([pid for name in lab.procs.names(kind="clm") for pid in lab.procs.pids(name)])
+    say(f"  (d) the HA lab's services trace with {sampler}")
     column = _k6_column("lab", "hapki", lab.url("clm"), groups, shape, csr_file, base, say, ca_bundle=lab.ca_bundle)
+    column["sampler"] = sampler
     db = lab.galera.nodes[0]
     column["verified"] = asyncio.run(_hapki_stored({
         "host": db.address, "port": db.port, "user": "hapki", "db": "hapki", "password": lab.galera.password("hapki"),
@@ -402,8 +425,9 @@ def table(report: dict[str, Any]) -> str:
     if processes := report.get("signer_processes"):
         lines.append(f"CARA signer processes of (c): {processes} (hapki bench --signer-processes N).")
     if tracing := report.get("tracing"):
+        lab = report["columns"].get("lab") or {}
         lines.append(f"Trace sampler of (c): {tracing['sampler']} ({tracing['source']}; OTEL_TRACES_SAMPLER and "
-                     "_ARG choose another); (d) runs the lab's own (always on).")
+                     f"_ARG choose another); of (d): {lab.get('sampler', '-')} (the environment of `hapki lab up`).")
     lines += ["", f"{'column':<24} {'mode':<5} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
                   f"{'errors':>6} {'verified':>12} {'ceiling/s':>9} {'machine':>7}"]
     for name, title in COLUMNS.items():

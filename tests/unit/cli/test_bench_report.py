@@ -156,3 +156,24 @@ def test_growth_table_compares_empty_and_loaded_and_marks_scans() -> None:
     assert "issuance CPU ms each by process, empty -> loaded: clm 5.00 -> 6.00, mariadbd 5.00 -> 6.00" in text
     assert "2 shapes, 1 with a full scan" in text and "SCAN SELECT * FROM certificates" in text
     assert "hapki_clm 37, hapki_cara 212" in text
+
+
+def test_the_lab_column_reports_the_sampler_its_running_services_have() -> None:
+    """(d) reads the sampler from a running CLM's environment: what `hapki lab up` was started with."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_TRACES_SAMPLER")}
+    sampled = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={
+        **env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"})
+    default = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert bench_compare.lab_sampler([None, sampled.pid]) == "parentbased_traceidratio 0.01"
+        assert bench_compare.lab_sampler([default.pid]) == "parentbased_always_on"
+    finally:
+        for proc in (sampled, default):
+            proc.kill()
+            proc.wait()
+    assert bench_compare.lab_sampler([sampled.pid]).startswith("unknown")  # reaped: nothing to read
+    assert bench_compare.lab_sampler([]).startswith("unknown")
