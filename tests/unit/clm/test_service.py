@@ -139,3 +139,23 @@ async def test_expired_final_answers_are_dropped_not_kept_until_the_count_cap() 
         service._answered[key] = (digest, profile, reply, 0.0)  # both answers expire (in order) ...
     await issued(["c.example.com"], "k3", "0c")  # ... and the next final answer clears them out
     assert [key for _, key in service._answered] == ["k3"]
+
+
+async def test_final_answers_kept_for_retries_are_bounded_in_number_whatever_the_rate(monkeypatch) -> None:
+    """Within the TTL the count caps them (memory stays bounded at any rate): the oldest answer goes first."""
+    from hapki.clm import service as service_module
+
+    monkeypatch.setattr(service_module, "ANSWERED_MAX", 2)
+    store, queue = SlowStore(), Queue()
+    service = _service(store, queue)
+    service._wait = 5.0
+    store.release.set()
+    for i in range(3):
+        task = asyncio.create_task(service.issue(_request([f"n{i}.example.com"], f"k{i}")))
+        while len(queue.submitted) == i:
+            await asyncio.sleep(0.001)
+        service.on_issued(CertificateIssued(request_id=queue.submitted[-1].request_id, serial=f"0{i}",
+                                            issuer="issuing-1", certificate_pem="c", chain_pem="p", not_before=NOW,
+                                            not_after=NOW))
+        assert (await task).status is RequestStatus.ISSUED
+    assert [key for _, key in service._answered] == ["k1", "k2"]
