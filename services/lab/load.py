@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import aiomysql
+import nats.errors
 from opentelemetry import trace
 
 from hapki.cli.client import ClmClient
@@ -96,7 +97,9 @@ class Load:
                 try:
                     wait = attempt_timeout(req.attempts)
                     reply = await (self._via_https(body, wait) if req.via == "https" else self._nats_issue(body, wait))
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                # nats.errors.Error: a NATS request nobody answered, e.g. "no responders" while CLM's subscriptions
+                # move to another bus node after theirs died; like a client, ask again (same idempotency key).
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, nats.errors.Error) as exc:
                     req.errors.append(f"{type(exc).__name__} at +{time.time() - req.sent_at:.2f} s")
                     req.trail.append(req.errors[-1])
                     await asyncio.sleep(RETRY_PAUSE_SECONDS)
