@@ -93,6 +93,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--vus", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="a constant arrival rate (issuances/s) instead of --vus closed-loop clients at maximum")
     parser.add_argument("--dir", type=Path, default=Path(".run/profile"))
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
@@ -110,8 +112,8 @@ def main() -> int:
             profiled.append(service.start())
         csrs = base / "csrs.json"
         csrs.write_text(json.dumps(k6.make_csrs(256)))
-        summary = k6.run("issue.js", {"BASE_URL": f"http://{listen}", "CSR_FILE": str(csrs), "MODE": "max",
-                                      "VUS": str(args.vus), "SECONDS": f"{args.seconds:g}", "WARMUP": "2"},
+        summary = k6.run("issue.js", {"BASE_URL": f"http://{listen}", "CSR_FILE": str(csrs), "MODE": "rate" if args.rate else "max",
+                                      "RATE": f"{args.rate:g}", "VUS": str(args.vus), "SECONDS": f"{args.seconds:g}", "WARMUP": "2"},
                          base / "summary.json", seconds=args.seconds + 2, log_file=base / "k6.log")
         print(f"under cProfile: {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms} ms, {summary.errors} errors")
     finally:
