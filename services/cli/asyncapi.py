@@ -28,6 +28,16 @@ ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.ya
 def render() -> str:
     """The AsyncAPI 3.0 YAML: CLM's API and events, plus what CARA and the watcher publish."""
     broker = build_broker("nats://nats:4222", None)
+    # CLM receives CARA's results on plain nats-py subscriptions (hapki.clm.results), outside the broker: declared
+    # here for the document, as they are served.
+    @broker.subscriber(subjects.CARA_ISSUED, title="CertificateIssued", no_reply=True)
+    async def issued(body: CertificateIssued) -> None:
+        """CARA stored a certificate."""
+
+    @broker.subscriber(subjects.CARA_FAILED, title="SigningFailed", no_reply=True)
+    async def failed(body: SigningFailed) -> None:
+        """CARA refused a request for good."""
+
     broker.publisher(subjects.CARA_SIGN, title="SignCertificate", schema=SignCertificate,
                      description="CLM -> CARA work queue (stream PKI_SIGNING), Nats-Msg-Id = request_id")
     broker.publisher(subjects.CARA_ISSUED, title="CertificateIssuedEvent", schema=CertificateIssued,

@@ -1,4 +1,4 @@
-"""The CLM NATS edge: FastStream subscribers for the API subjects and the CA's result events.
+"""The CLM NATS edge: FastStream subscribers for the API subjects (the CA's result events: hapki.clm.results).
 
 Every reply is a contract model; any failure becomes a structured error reply (never a silent timeout).
 """
@@ -19,9 +19,8 @@ from hapki.clm.ratelimit import caller
 from hapki.clm.service import ClmService
 from hapki.contracts import subjects
 from hapki.contracts.errors import HapkiError, MessageTooLarge
-from hapki.contracts.limits import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
+from hapki.contracts.limits import MAX_REQUEST_BYTES
 from hapki.contracts.models import (
-    CertificateIssued,
     CertificateQuery,
     CertificateReply,
     IssueCertificate,
@@ -31,7 +30,6 @@ from hapki.contracts.models import (
     RevokeReply,
     SearchCertificates,
     SearchReply,
-    SigningFailed,
     StatusQuery,
 )
 from hapki.runtime.bus_auth import REQUEST_INFO_HEADER
@@ -41,28 +39,15 @@ log = logging.getLogger("hapki.clm.app")
 ISSUE_WORKERS = 4096  # concurrent issue (and renew) handlers per CLM process; see build_broker
 
 
-# Result events from CARA are larger than requests (a certificate and its chain) and are not answered.
-_EVENT_SUBJECTS = frozenset({subjects.CARA_ISSUED, subjects.CARA_FAILED})
-
-
-def size_cap(subject: str) -> int:
-    """The most bytes CLM reads from one message on `subject` (every subscriber, the broker's middleware)."""
-    return MAX_EVENT_BYTES if subject in _EVENT_SUBJECTS else MAX_REQUEST_BYTES
-
-
 class SizeLimit(BaseMiddleware):
-    """Refuse an oversized message before anything parses it: a request gets MESSAGE_TOO_LARGE, an event is dropped.
+    """Refuse an oversized request before anything parses it: MESSAGE_TOO_LARGE.
 
     Broker-wide, so every subscriber has it, present and future.
     """
 
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
-        subject = getattr(msg.raw_message, "subject", "")
-        limit, size = size_cap(subject), len(msg.body)
+        limit, size = MAX_REQUEST_BYTES, len(msg.body)
         if size > limit:
-            if subject in _EVENT_SUBJECTS:
-                log.error("dropped an oversized event on %s: %d bytes, the limit is %d", subject, size, limit)
-                return None
             raise MessageTooLarge(f"request is {size} bytes; the limit is {limit}", {"size": size, "limit": limit})
         return await call_next(msg)
 
@@ -88,25 +73,6 @@ def bus_caller(headers: Mapping[str, str] | None) -> str | None:
         return f"bus:{user}"
     account = info.get("acc") if isinstance(info, dict) else None
     return f"bus-account:{account if isinstance(account, str) else '?'}"
-
-
-class TracedRequests:
-    """FastStream's OpenTelemetry middleware (a consumer span, the W3C context, messaging metrics) for the API
-    subjects; CARA's result events go without it.
-
-    A result event only wakes the handler waiting in clm.issue, which is in the request's trace already. Its
-    consumer span and metrics were a fifth of CLM's CPU per issuance under load (the profile of
-    scripts/profile_issuance.py), for a line in the trace tree nothing reads (the stage split of
-    hapki.lab.traces uses clm.issue, bus.publish and CARA's spans).
-    """
-
-    def __init__(self) -> None:
-        self._telemetry = NatsTelemetryMiddleware()
-
-    def __call__(self, msg: Any, /, *, context: Any) -> BaseMiddleware:
-        if getattr(msg, "subject", None) in _EVENT_SUBJECTS:
-            return BaseMiddleware(msg, context=context)
-        return self._telemetry(msg, context=context)
 
 
 class CallerIdentity(BaseMiddleware):
@@ -139,7 +105,7 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     """The FastStream broker with CLM's subscribers bound to `service` (None: for the AsyncAPI document only)."""
     broker = NatsBroker(
         servers,
-        middlewares=[TracedRequests(), _errors(), SizeLimit, CallerIdentity],
+        middlewares=[NatsTelemetryMiddleware(), _errors(), SizeLimit, CallerIdentity],
         description="hapki CLM: certificate requests (RA) and CA result events",
         **options,
     )
@@ -182,16 +148,5 @@ def build_broker(servers: list[str] | str, service: ClmService | None, **options
     async def renew(body: RenewCertificate) -> IssueReply:
         """A new certificate for the same names from a new CSR, linked to its predecessor; idempotent like issue."""
         return await svc().renew(body)
-
-    # No queue group: every CLM member sees every result and wakes its own waiters.
-    @broker.subscriber(subjects.CARA_ISSUED, title="CertificateIssued", no_reply=True)
-    async def issued(body: CertificateIssued) -> None:
-        """CARA stored a certificate."""
-        svc().on_issued(body)
-
-    @broker.subscriber(subjects.CARA_FAILED, title="SigningFailed", no_reply=True)
-    async def failed(body: SigningFailed) -> None:
-        """CARA refused a request for good."""
-        svc().on_failed(body)
 
     return broker

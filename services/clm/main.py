@@ -13,7 +13,7 @@ from aiohttp import web
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
 
-from hapki.clm import http
+from hapki.clm import http, results
 from hapki.clm.app import build_broker
 from hapki.clm.config import ClmConfig, RateLimitConfig
 from hapki.clm.expiry import ExpiryScheduler
@@ -81,6 +81,8 @@ class ClmRuntime:
         self.expiry = ExpiryScheduler(store=inventory, publisher=JetStreamExpiryPublisher(js),
                                       windows_seconds=cfg.expiry_windows_seconds, clock=self._clock,
                                       batch=cfg.expiry_batch)
+        # CARA's results first (plain subscriptions, hapki.clm.results): subscribed before anything can be requested.
+        await results.subscribe(self.nc, self.service)
         # FastStream logs two lines per message at its log_level; keep those at DEBUG (about 6% of CLM's CPU).
         self.broker = build_broker(cfg.nats.servers, self.service, logger=logging.getLogger("hapki.clm.broker"),
                                    log_level=logging.DEBUG, **bus.faststream_options(cfg.nats))
