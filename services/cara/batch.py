@@ -2,12 +2,10 @@
 
 Step 0: every request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
         is read, reserved or signed.
-Step 1: each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
+Step 1: final outcomes already stored (redeliveries), one read for the batch: republished without signing again.
+        Then each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
         content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
-Step 2: reserve a random serial and write a signing intent for each, fenced by the epoch, in one transaction that
-        first reads whether any request of the batch is final already (a redelivery after its result was stored):
-        then it reserves nothing, those are acked and their stored results republished without signing again, and
-        the rest is reserved anew. Refusals are recorded once the batch's outcomes are known.
+Step 2: reserve a random serial and write a signing intent for each, fenced by the epoch, in one transaction.
 Step 3: build the certificates and sign them through the HSM (one thread hop for the batch).
 Step 4: store the certificates and mark the requests issued, fenced again, in one transaction.
 Step 5: ack each message, then publish the results.
@@ -32,7 +30,7 @@ from opentelemetry import trace
 
 from hapki.cara import issuance
 from hapki.cara.config import SignerConfig
-from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome, SigningStore
+from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, SigningStore
 from hapki.contracts import subjects
 from hapki.contracts.errors import DuplicateKey, HapkiError, SigningRejected
 from hapki.contracts.models import CertificateIssued, ErrorBody, SignCertificate, SigningFailed
@@ -116,40 +114,34 @@ class BatchSteps:
                 await self._reject(item, exc, epoch)
                 continue
             approved.append(item)
-        # Step 1: each CSR parsed (its signature verified once) and checked against our own profiles; a refusal
-        # waits until we know the request is not final already (a redelivery is answered, never refused again).
+        # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
+        outcomes = await self._store.outcomes([item.request_id for item in approved]) if approved else {}
         todo: list[Item] = []
-        refused: list[tuple[Item, SigningRejected]] = []
         for item in approved:
-            try:
-                item.csr = issuance.parse_csr(item.request)
-                validation.recheck(item.request, self._profiles, verified_csr=item.csr)  # else PolicyViolation
-            except SigningRejected as exc:
-                refused.append((item, exc))
-                continue
-            todo.append(item)
-        # Step 2: reserve serials + intents for the batch, fenced, reading in the same transaction whether any
-        # request is final already (redelivered after its result was stored): then nothing is reserved, those are
-        # answered from the database, never signed twice, and the rest reserved again. A serial collision
-        # (UNIQUE) draws again.
-        now = self._clock()
-        ids = [item.request_id for item in approved]
-        if todo:
-            outcomes = await self._reserve(todo, epoch, now, unless_final=ids)
-        else:
-            outcomes = await self._store.outcomes(ids) if ids else {}
-        if outcomes:
-            for item in approved:
-                if (outcome := outcomes.get(item.request_id)) is not None:
-                    await self._answer_final(item, outcome)
-            refused = [(item, exc) for item, exc in refused if item.request_id not in outcomes]
-            todo = [item for item in todo if item.request_id not in outcomes]
-            if todo:
-                await self._reserve(todo, epoch, now)
-        for item, exc in refused:
-            await self._reject(item, exc, epoch)
+            outcome = outcomes.get(item.request_id)
+            if outcome is None:
+                try:
+                    item.csr = issuance.parse_csr(item.request)  # parsed and its signature verified once
+                    # PolicyViolation: not what our profiles allow for this CSR.
+                    validation.recheck(item.request, self._profiles, verified_csr=item.csr)
+                except SigningRejected as exc:
+                    await self._reject(item, exc, epoch)
+                    continue
+                todo.append(item)
+            elif outcome.issued is not None:
+                item.span.set_attribute("pki.redelivered", True)
+                await item.ack()
+                await self._publish_issued(outcome.issued, item.span)
+            elif outcome.failed is not None:
+                await item.ack()
+                with trace.use_span(item.span, end_on_exit=False):
+                    await self.publish(subjects.CARA_FAILED,
+                                        SigningFailed(request_id=item.request_id, error=outcome.failed))
         if not todo:
             return
+        # Step 2: reserve serials + intents for the batch, fenced. A serial collision (UNIQUE) draws again.
+        now = self._clock()
+        await self._reserve(todo, epoch, now)
         # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
         failures = await asyncio.to_thread(self._sign_all, todo, now)
         signed = [item for item in todo if item.cert is not None]
@@ -176,10 +168,7 @@ class BatchSteps:
             if record is not None:
                 await self._publish_issued(record, item.span)
 
-    async def _reserve(self, items: list[Item], epoch: int, now: datetime,
-                       unless_final: list[str] | None = None) -> dict[str, Outcome]:
-        """Reserve an intent and serial for each item; or, when a request of `unless_final` is final already,
-        nothing, and the final outcomes (SigningStore.reserve_batch)."""
+    async def _reserve(self, items: list[Item], epoch: int, now: datetime) -> None:
         for attempt in range(1, RESERVE_ATTEMPTS + 1):
             for item in items:
                 item.intent_id, item.serial = time_ordered_id(), self._serials()
@@ -187,24 +176,12 @@ class BatchSteps:
             intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
                               serial=issuance.serial_hex(item.serial)) for item in items]
             try:
-                return await self._store.reserve_batch(intents, epoch=epoch, member=self._member, now=now,
-                                                       unless_final=unless_final or ())
+                await self._store.reserve_batch(intents, epoch=epoch, member=self._member, now=now)
+                return
             except DuplicateKey:
                 if attempt == RESERVE_ATTEMPTS:
                     raise
                 log.warning("serial collision reserving a batch of %d; drawing again", len(items))
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _answer_final(self, item: Item, outcome: Outcome) -> None:
-        """A request that is final already (a redelivery): ack it and publish its stored result again."""
-        if outcome.issued is not None:
-            item.span.set_attribute("pki.redelivered", True)
-            await item.ack()
-            await self._publish_issued(outcome.issued, item.span)
-        elif outcome.failed is not None:
-            await item.ack()
-            with trace.use_span(item.span, end_on_exit=False):
-                await self.publish(subjects.CARA_FAILED, SigningFailed(request_id=item.request_id, error=outcome.failed))
 
     def _sign_all(self, items: list[Item], now: datetime) -> list[tuple[Item, Exception]]:
         """Build and sign each certificate (in a worker thread); the failures, each with its item."""

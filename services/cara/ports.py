@@ -76,12 +76,8 @@ class SigningStore(Protocol):
         self, *, intent_id: str, request_id: str, issuer: str, serial: str, epoch: int, member: str, now: datetime
     ) -> None: ...
 
-    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime,
-                            unless_final: Sequence[str] = ()) -> dict[str, Outcome]:
-        """Reserve every intent (and its serial) in one fenced transaction; DuplicateKey on a serial collision.
-
-        If any request of `unless_final` has a final outcome, nothing is reserved and those outcomes are returned
-        (read in the same transaction); an empty answer means reserved."""
+    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime) -> None:
+        """Reserve every intent (and its serial) in one fenced transaction; DuplicateKey on a serial collision."""
         ...
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord: ...

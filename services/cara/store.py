@@ -25,14 +25,6 @@ class _Contended(Exception):
     """Raised inside a transaction body that met another attempt's row: the body rolls back and runs carefully."""
 
 
-class _Final(Exception):
-    """Raised inside a reservation that found final outcomes for some of its requests: it rolls back."""
-
-    def __init__(self, outcomes: dict[str, Outcome]) -> None:
-        super().__init__(f"{len(outcomes)} requests have final outcomes")
-        self.outcomes = outcomes
-
-
 def _mark_requests_issued(records: Sequence[IssuedRecord], now: datetime) -> tuple[str, tuple[object, ...]]:
     """One UPDATE that marks every record's request issued, with its serial, issuer and not_after."""
     if len(records) == 1:
@@ -65,22 +57,6 @@ def _same_request(stored_json: str, request: SignCertificate) -> bool:
 def _issued(row: tuple) -> IssuedRecord:
     """An IssuedRecord from a row of _CERTIFICATE_COLUMNS."""
     return IssuedRecord(*row[:5], not_before=utc(row[5]), not_after=utc(row[6]))
-
-
-def _outcome_reads(ids: Sequence[str]) -> list[tuple[str, tuple[object, ...]]]:
-    """The two reads of what is final for `ids`: stored certificates, failed requests (rows for `_outcomes`)."""
-    return [
-        (f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)})", tuple(ids)),
-        (f"SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
-         (*ids, RequestStatus.FAILED.value)),
-    ]
-
-
-def _outcomes(issued: list[tuple], failed: list[tuple]) -> dict[str, Outcome]:
-    found = {row[0]: Outcome(issued=_issued(row)) for row in issued}
-    for row in failed:
-        found.setdefault(row[0], Outcome(failed=ErrorBody(code=row[1], message=row[2] or "")))
-    return found
 
 
 async def abandoned(cur: aiomysql.Cursor, intents: list[tuple], *, actor: str, epoch: int | None, reason: str,
@@ -211,8 +187,15 @@ class MariaDBSigningStore:
         ids = list(dict.fromkeys(request_ids))
 
         async def body(cur: aiomysql.Cursor) -> dict[str, Outcome]:
-            (_, issued), (_, failed) = await execute_many(cur, _outcome_reads(ids), commit=True)
-            return _outcomes(issued, failed)
+            (_, issued), (_, failed) = await execute_many(cur, [
+                (f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)})", ids),
+                (f"SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
+                 (*ids, RequestStatus.FAILED.value)),
+            ], commit=True)
+            found = {row[0]: Outcome(issued=_issued(row)) for row in issued}
+            for row in failed:
+                found.setdefault(row[0], Outcome(failed=ErrorBody(code=row[1], message=row[2] or "")))
+            return found
 
         if not ids:
             return {}
@@ -225,8 +208,7 @@ class MariaDBSigningStore:
         await self.reserve_batch([Intent(intent_id=intent_id, request_id=request_id, issuer=issuer, serial=serial)],
                                  epoch=epoch, member=member, now=now)
 
-    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime,
-                            unless_final: Sequence[str] = ()) -> dict[str, Outcome]:
+    async def reserve_batch(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime) -> None:
         """Reserve the serials and write the signing intents, fenced, in one transaction. Idempotent by intent id.
 
         Older reserved intents of the same requests are abandoned here (audited): their signature, if one was made,
@@ -234,32 +216,25 @@ class MariaDBSigningStore:
         already taken (UNIQUE (issuer, serial)) fails the whole transaction with DuplicateKey: the caller draws
         again. Two round trips: supersede + insert, fence + COMMIT (a duplicate key: one more read, to tell our own
         earlier commit, whose outcome was unknown, from a collision).
-
-        `unless_final`: requests whose final outcomes (see `outcomes`) are read in the same first round trip; if
-        any has one, the transaction rolls back, nothing is reserved, and those outcomes are returned for the
-        caller to settle first (a redelivery: never sign again). An empty answer means reserved. This spares the
-        usual batch, where no request is final yet, a transaction of its own for that read.
         """
         if not intents:
-            return {}
+            return
         ids = [intent.intent_id for intent in intents]
         requests = list(dict.fromkeys(intent.request_id for intent in intents))
-        checked = list(dict.fromkeys(unless_final))
         resolution = "superseded by a new attempt for the request"
 
         async def body(cur: aiomysql.Cursor) -> None:
-            results = await execute_many(cur, [*(_outcome_reads(checked) if checked else []), (
+            await cur.execute(
                 "UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
-                f" WHERE request_id IN ({_marks(requests)}) AND state = 'reserved'", (db_time(now), resolution, *requests)
-            ), (
-                "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                f" WHERE request_id IN ({_marks(requests)}) AND state = 'reserved';"
+                " INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
                 f" VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(intents))}",
-                tuple(value for intent in intents for value in (intent.intent_id, intent.request_id, intent.issuer,
-                                                                intent.serial, epoch, member, "reserved", db_time(now))),
-            )])  # a duplicate key of the insert raises here, with nothing returned
-            if checked and (final := _outcomes(results[0][1], results[1][1])):
-                raise _Final(final)  # rolled back: nothing of this transaction stays
-            superseded = results[-2][0]
+                (db_time(now), resolution, *requests,
+                 *(value for intent in intents for value in (intent.intent_id, intent.request_id, intent.issuer,
+                                                             intent.serial, epoch, member, "reserved", db_time(now)))),
+            )
+            superseded = cur.rowcount
+            await cur.nextset()  # the insert's result: a duplicate key surfaces here
             if superseded:  # rare (a redelivery after a crash): find which, for the audit log
                 await cur.execute(
                     f"SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id IN ({_marks(requests)})"
@@ -274,13 +249,10 @@ class MariaDBSigningStore:
 
         try:
             await self._db.run(body, name="cara.reserve", fence=Fence(TIER, epoch))
-        except _Final as final:
-            return final.outcomes
         except DuplicateKey:
             if await self._db.run(ours, name="cara.reserve_check") != len(ids):
                 raise  # a serial collision: nothing of ours was written
             # Our earlier attempt committed (all or nothing); the outcome of its COMMIT was unknown to us.
-        return {}
 
     async def record_issued(self, record: IssuedRecord, *, epoch: int, now: datetime) -> IssuedRecord:
         """Store one certificate, fenced (see record_issued_batch); FencedOut if its intent is no longer reserved."""

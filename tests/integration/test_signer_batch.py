@@ -160,7 +160,7 @@ def _cara_transactions(exporter: Any) -> list[str]:
             if s.name == "db.commit" and str(s.attributes.get("db.txn", "")).startswith("cara.")]
 
 
-async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_two_transactions(
+async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_three_transactions(
         env, cara, clm_store, bus, sql) -> None:
     nc, events = bus
     signer = await _signer(cara)
@@ -170,8 +170,7 @@ async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_t
 
     await signer.handle_batch(msgs)
 
-    # No read of its own for the outcomes: the reservation reads them (none is final yet) in its first round trip.
-    assert _cara_transactions(exporter) == ["cara.reserve", "cara.record_issued"]
+    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.record_issued"]
     assert all(msg.is_acked for msg in msgs)
     assert signer.signatures == len(requests)
     stored = await _certificates(sql, requests)
@@ -395,7 +394,8 @@ async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara
 
     assert all(msg.is_acked for msg in msgs)
     # The collision fails the reservation; a read tells it from our own earlier commit; new serials go through.
-    assert _cara_transactions(exporter) == ["cara.reserve", "cara.reserve_check", "cara.reserve", "cara.record_issued"]
+    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.reserve_check", "cara.reserve",
+                                            "cara.record_issued"]
     stored = await _certificates(sql, requests)
     assert len(stored) == len(requests) and taken not in {serial for serial, _, _ in stored.values()}
     assert await query(sql, "SELECT COUNT(*) FROM signing_intents WHERE serial = %s", (taken,)) == [(1,)]
