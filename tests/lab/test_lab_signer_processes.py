@@ -30,6 +30,10 @@ def two_signers(lab: Lab) -> Iterator[Lab]:
     try:
         for name in names:
             lab.set_env(name, {SIGNER_PROCESSES_ENV: "2"})
+        # Restarting the members one after the other moves the CARA VIP away and back: wait until it is home and
+        # its member signs, or the test may take a member that is about to lose the VIP for the active one (it
+        # failed so once in CI: the VIP left the member it had just read, whose worker then signed nothing).
+        lab.wait_steady(timeout=60.0)
         yield lab
     finally:
         for name in names:
