@@ -338,13 +338,18 @@ def tracing_sampler(env: Mapping[str, str] | None = None) -> tuple[SamplerSettin
 
 
 def single_column(base: Path, shape: LoadShape, csr_file: Path, say: Say, sampler: SamplerSetting) -> dict[str, Any]:
-    from hapki.cli.demo import start_stack
+    from hapki.cli.demo import reap_leftover_services, start_stack
     from hapki.lab.local import free_port
 
     listen = f"127.0.0.1:{free_port()}"
-    say(f"  (c) starting the local stack (NATS, MariaDB, SoftHSM, CARA, CLM on http://{listen}; trace sampler "
+    say(f"  (c) starting a fresh local stack (NATS, MariaDB, SoftHSM, CARA, CLM on http://{listen}; trace sampler "
         f"{sampler.describe()}) ...")
-    stack = start_stack(base / "single", None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
+    # A fresh stack per run, as (b) gets a fresh store: the rows of earlier runs outgrow the database's buffer pool
+    # (the certificates' primary key is random), and every run then measured a slower database than the last.
+    single = base / "single"
+    reap_leftover_services(single, everything=True)
+    shutil.rmtree(single, ignore_errors=True)
+    stack = start_stack(single, None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
     try:
         groups = ProcessGroups({"clm": [stack.clm.pid if stack.clm else None],
                                 "cara": [stack.cara.pid if stack.cara else None],

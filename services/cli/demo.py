@@ -48,13 +48,15 @@ class DemoError(Exception):
 # --- shared with `hapki bench` ---------------------------------------------------------------------------------
 
 
-def reap_leftover_services(base_dir: Path) -> list[int]:
+def reap_leftover_services(base_dir: Path, *, everything: bool = False) -> list[int]:
     """Stop `hapki serve` processes that a killed earlier run left behind in `base_dir`; return their PIDs.
 
     They are found by the config path on their command line, so nothing that belongs to another directory (or
-    a reused PID) is touched. LocalEnv does the same for its NATS and MariaDB processes.
+    a reused PID) is touched. LocalEnv does the same for its NATS and MariaDB processes. `everything`: also those
+    (any process whose command line names a path inside `base_dir`), before the directory is wiped.
     """
     configs = {str(base_dir / "config" / f"{name}.toml") for name in ("cara", "clm")}
+    inside = str(base_dir.resolve()) + os.sep
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -63,7 +65,7 @@ def reap_leftover_services(base_dir: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "serve" in argv and configs.intersection(argv):
+        if ("serve" in argv and configs.intersection(argv)) or (everything and any(inside in arg for arg in argv)):
             found.append(int(entry.name))
     for pid in found:
         with contextlib.suppress(ProcessLookupError):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,19 @@ def _hapki(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(shutil.which("cfssl") is None, reason="golang-cfssl is not installed (scripts/setup.sh)")
 def test_compare_runs_every_column_and_each_issues_verifiable_certificates(tmp_path: Path) -> None:
-    result = _hapki("bench", "--compare", "--dir", str(tmp_path), "--seconds", "2", "--rate", "20", "--vus", "4",
-                    "--warmup", "1", "--json", timeout=240)
+    # What an earlier run of (c) left: its state, and a process of it that was never stopped. (c) starts fresh.
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "left-by-an-earlier-run").write_text("")
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(single / "db" / "my.cnf")])
+    try:
+        result = _hapki("bench", "--compare", "--dir", str(tmp_path), "--seconds", "2", "--rate", "20", "--vus", "4",
+                        "--warmup", "1", "--json", timeout=240)
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        leftover.kill()
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (single / "left-by-an-earlier-run").exists()
     report = json.loads(result.stdout)
     columns = report["columns"]
     assert set(columns) == {"raw", "cfssl", "single", "lab"}
