@@ -89,7 +89,9 @@ def search_conditions(query: SearchCertificates, after: Position | None, now: da
     sql: list[str] = ["r.not_after IS NOT NULL"]  # set by CARA when issued: pending and failed requests drop out
     args: list[object] = []
     if query.serial is not None:
-        sql.append("r.serial = %s")
+        # Through the certificate's primary key (issuer, serial), for each issuer: requests.serial has no index.
+        sql.append("r.id IN (SELECT c.request_id FROM issuers i JOIN certificates c ON c.issuer = i.name"
+                   " AND c.serial = %s)")
         args.append(query.serial)
     if query.subject is not None:
         sql.append("r.id IN (SELECT n.request_id FROM request_names n WHERE n.value = %s AND n.kind = 'cn')")

@@ -234,8 +234,9 @@ class MariaDBRequestStore:
     async def certificate(self, serial: str) -> CertificateReply:
         async def body(cur: aiomysql.Cursor) -> CertificateReply:
             await cur.execute(
+                # By (issuer, serial), the primary key, for each issuer: serials have no index of their own.
                 "SELECT c.serial, c.request_id, c.issuer, c.cert_pem, i.chain_pem, c.not_before, c.not_after"
-                " FROM certificates c LEFT JOIN issuers i ON i.name = c.issuer WHERE c.serial = %s",
+                " FROM issuers i JOIN certificates c ON c.issuer = i.name AND c.serial = %s",
                 (serial,),
             )
             rows = await cur.fetchall()
@@ -299,7 +300,8 @@ class MariaDBRevocationStore:
                                revoked_at=utc(row[1]), requester=row[2])
 
         async def body(cur: aiomysql.Cursor) -> RevokeReply:
-            await cur.execute("SELECT issuer, request_id FROM certificates WHERE serial = %s", (serial,))
+            await cur.execute("SELECT c.issuer, c.request_id FROM issuers i"
+                              " JOIN certificates c ON c.issuer = i.name AND c.serial = %s", (serial,))
             row = await cur.fetchone()
             if row is None:
                 raise NotFound(f"no certificate with serial {serial}", {"serial": serial})

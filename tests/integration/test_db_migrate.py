@@ -113,3 +113,27 @@ async def test_migrate_names_a_missing_account_and_a_bad_one(admin_config: Path)
         assert bad.returncode == 2 and "--account" in bad.stderr, (spec, bad.stderr)
     only = _migrate(admin_config, "--no-grants")
     assert only.returncode == 0 and "granted" not in only.stdout, only.stderr
+
+
+# Indexes whose keys start with a serial (or with the issuer, then the serial), and why each may.
+SERIAL_INDEXES = {
+    ("certificates", "PRIMARY"): "a certificate by (issuer, serial): OCSP, revocation, CLM's lookups",
+    ("signing_intents", "uq_intents_serial"): "the reservation's guarantee: a serial is never drawn twice",
+    ("revocations", "PRIMARY"): "one row per revocation: rare",
+    ("expiry_notices", "PRIMARY"): "one row per expiry window reached: rare, and not on the issuance path",
+}
+
+
+def test_no_index_is_keyed_by_a_serial_but_those_issuance_needs(env: LocalEnv) -> None:
+    """Serials are random, so an index keyed by one takes every insert on a random page: its working set is all of
+    it, and past a few hundred thousand certificates each such index read and wrote back a page per issuance
+    (migration 0006 dropped three; docs/PERFORMANCE.md, Growth). A new one must be added here, with its reason."""
+    database = stack.database_config(env).database
+    rows = env.db.sql(
+        "SELECT CONCAT(a.TABLE_NAME, ' ', a.INDEX_NAME) FROM information_schema.STATISTICS a"
+        " LEFT JOIN information_schema.STATISTICS b ON b.TABLE_SCHEMA = a.TABLE_SCHEMA AND b.TABLE_NAME = a.TABLE_NAME"
+        " AND b.INDEX_NAME = a.INDEX_NAME AND b.SEQ_IN_INDEX = 2"
+        f" WHERE a.TABLE_SCHEMA = '{database}' AND a.SEQ_IN_INDEX = 1"
+        " AND (a.COLUMN_NAME = 'serial' OR (a.COLUMN_NAME = 'issuer' AND b.COLUMN_NAME = 'serial'))")
+    found = {tuple(line.split(" ")) for line in rows.splitlines() if line.strip()}
+    assert found == set(SERIAL_INDEXES)

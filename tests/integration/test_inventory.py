@@ -485,8 +485,9 @@ async def test_hot_filters_read_about_a_page_not_the_table(sql) -> None:
     approved = SignCertificate(request_id="0" * 32, profile="tls-server", csr_pem="synthetic", dns_names=["s"],
                                validity_seconds=DAY, key_usage=["digital_signature"],
                                extended_key_usage=["server_auth"]).model_dump_json()
-    rows, names = [], []
+    rows, names, certificates = [], [], []
     never = NEVER.replace(tzinfo=None)  # as if the expiry scheduler were done with them
+    [(issuer,)] = await query(sql, "SELECT name FROM issuers WHERE is_default = 1")
     for i in range(SYNTHETIC):
         request_id = f"ffffffff{i:024x}"
         # Half long expired, half far in the future: the expiry scheduler never picks them.
@@ -495,15 +496,21 @@ async def test_hot_filters_read_about_a_page_not_the_table(sql) -> None:
         # that column, a page of them would step through about a thousand rows.
         rows.append((request_id, "synthetic-rare" if i % 100 == 0 else "synthetic",
                      "rare-profile" if i % 100 == 50 else "tls-server", "0" * 64, approved, "issued",
-                     f"5e{i:036x}", "synthetic-ca", not_after, int(i % 100 == 25), never, now, now))
+                     f"5e{i:036x}", issuer, not_after, int(i % 100 == 25), never, now, now))
         names += [(request_id, "cn", f"syn{i}.example.com"), (request_id, "dns", f"syn{i}.example.com")]
+        # A search by serial finds the request through its certificate (requests.serial has no index).
+        certificates.append((issuer, f"5e{i:036x}", request_id, f"eeeeeeee{i:024x}", 0, "synthetic", now, not_after,
+                             now))
     async with sql.cursor() as cur:
         await cur.executemany(
             "INSERT INTO requests (id, requester, profile, csr_sha256, sign_request, status, serial, issuer, not_after,"
             " revoked, expiry_check_at, created_at, updated_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
         await cur.executemany("INSERT INTO request_names (request_id, kind, value) VALUES (%s, %s, %s)", names)
-        await cur.execute("ANALYZE TABLE requests, request_names")
+        await cur.executemany(
+            "INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before, not_after,"
+            " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", certificates)
+        await cur.execute("ANALYZE TABLE requests, request_names, certificates")
         await cur.fetchall()
     utc_now = utcnow()
     first_page = await query(sql, *search_statement(SearchCertificates(requester="synthetic-rare", limit=10), None,
