@@ -344,8 +344,8 @@ def single_column(base: Path, shape: LoadShape, csr_file: Path, say: Say, sample
     listen = f"127.0.0.1:{free_port()}"
     say(f"  (c) starting a fresh local stack (NATS, MariaDB, SoftHSM, CARA, CLM on http://{listen}; trace sampler "
         f"{sampler.describe()}) ...")
-    # A fresh stack per run, as (b) gets a fresh store: the rows of earlier runs outgrow the database's buffer pool
-    # (the certificates' primary key is random), and every run then measured a slower database than the last.
+    # A fresh stack per run, as (b) gets a fresh store: the indexes keyed by random serials outgrow the database's
+    # buffer pool as the rows of earlier runs pile up, and every run then measured a slower database than the last.
     single = base / "single"
     reap_leftover_services(single, everything=True)
     shutil.rmtree(single, ignore_errors=True)
