@@ -78,11 +78,9 @@ class MariaDBInventoryStore:
     async def predecessor(self, serial: str) -> Predecessor:
         async def body(cur: aiomysql.Cursor) -> Predecessor:
             await cur.execute(
-                # Through the certificate's primary key (issuer, serial), for each issuer: requests.serial has no
-                # index (migration 0006).
-                "SELECT r.id, r.requester, r.profile, r.revoked, r.sign_request FROM issuers i"
-                " JOIN certificates c ON c.issuer = i.name AND c.serial = %s"
-                " JOIN requests r ON r.id = c.request_id WHERE r.status = 'issued'",
+                "SELECT r.id, r.requester, r.profile, r.revoked, r.sign_request"
+                f" FROM {inventory.CERTIFICATE_BY_SERIAL} JOIN requests r ON r.id = c.request_id"
+                " WHERE r.status = 'issued'",
                 (serial,),
             )
             row = await cur.fetchone()

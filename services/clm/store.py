@@ -12,7 +12,7 @@ from datetime import datetime
 import aiomysql
 from opentelemetry import trace
 
-from hapki.clm.inventory import names_of
+from hapki.clm.inventory import CERTIFICATE_BY_SERIAL, names_of
 from hapki.clm.ports import NewRequest, Recorded, Rejection
 from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, IdempotencyConflict, Internal, NotFound
 from hapki.contracts.models import (
@@ -234,9 +234,8 @@ class MariaDBRequestStore:
     async def certificate(self, serial: str) -> CertificateReply:
         async def body(cur: aiomysql.Cursor) -> CertificateReply:
             await cur.execute(
-                # By (issuer, serial), the primary key, for each issuer: serials have no index of their own.
                 "SELECT c.serial, c.request_id, c.issuer, c.cert_pem, i.chain_pem, c.not_before, c.not_after"
-                " FROM issuers i JOIN certificates c ON c.issuer = i.name AND c.serial = %s",
+                f" FROM {CERTIFICATE_BY_SERIAL}",
                 (serial,),
             )
             rows = await cur.fetchall()
@@ -300,8 +299,7 @@ class MariaDBRevocationStore:
                                revoked_at=utc(row[1]), requester=row[2])
 
         async def body(cur: aiomysql.Cursor) -> RevokeReply:
-            await cur.execute("SELECT c.issuer, c.request_id FROM issuers i"
-                              " JOIN certificates c ON c.issuer = i.name AND c.serial = %s", (serial,))
+            await cur.execute(f"SELECT c.issuer, c.request_id FROM {CERTIFICATE_BY_SERIAL}", (serial,))
             row = await cur.fetchone()
             if row is None:
                 raise NotFound(f"no certificate with serial {serial}", {"serial": serial})

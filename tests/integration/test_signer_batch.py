@@ -19,8 +19,9 @@ import pytest
 from cryptography import x509
 
 from hapki.cara.config import SignerConfig
+from hapki.cara.issuance import random_serial
 from hapki.cara.main import CaraRuntime
-from hapki.cara.ports import IssuedRecord
+from hapki.cara.ports import Intent, IssuedRecord
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.clm.store import MariaDBRequestStore
@@ -32,6 +33,7 @@ from hapki.lab.local import LocalEnv
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.clock import utcnow
 from hapki.runtime.hsm_key import HSMPrivateKey
+from hapki.runtime.ids import time_ordered_id
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
@@ -382,7 +384,6 @@ async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara
     draws = iter([int(taken, 16)])
 
     def serials() -> int:  # the first draw repeats a stored serial; the rest come from the CSPRNG
-        from hapki.cara.issuance import random_serial
         return next(draws, None) or random_serial()
 
     signer = await _signer(cara, serials=serials)
@@ -439,10 +440,6 @@ async def test_batches_reserving_at_once_never_deadlock(cara, sql) -> None:
     time-ordered, so every new batch's requests fall in the same gap of ix_intents_request: locked by the
     supersede UPDATE under REPEATABLE READ, the two inserts into it deadlocked (InnoDB rolled one back; ~3% of
     reservations at 300/s were retried). Each reservation must go through on its first attempt."""
-    from hapki.cara.issuance import random_serial
-    from hapki.cara.ports import Intent
-    from hapki.runtime.ids import time_ordered_id
-
     assert cara.db is not None and cara.signer is not None
     signer = await _signer(cara)
     assert signer.epoch is not None
