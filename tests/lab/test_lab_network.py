@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from hapki.lab.ha import Lab
@@ -107,6 +110,36 @@ def test_https_on_the_vip_from_the_host(lab: Lab, tier: str) -> None:
     untrusted = subprocess.run(["curl", "-sS", "--max-time", "5", "-o", "/dev/null", url], check=False,
                                capture_output=True)
     assert untrusted.returncode == 60  # peer certificate cannot be authenticated
+
+
+def _passive_opens(lab: Lab, member: str) -> int:
+    """TCP connections accepted in ``member``'s namespace so far (Tcp PassiveOpens of its /proc/net/snmp)."""
+    header, values = (line.split() for line in lab.net.run_in(member, ["cat", "/proc/net/snmp"]).splitlines()
+                      if line.startswith("Tcp:"))
+    return int(values[header.index("PassiveOpens")])
+
+
+@pytest.mark.parametrize("tier", ["cara", "clm"])
+def test_the_proxy_reuses_its_connections_to_the_service_behind_it(lab: Lab, tier: str) -> None:
+    """haproxy keeps its connections to the local service open: a hundred requests through the VIP open a handful
+    of connections on the member (its health checks, keepalived's track script), not one each. One per request
+    overflowed CLM's accept queue under load, and the dropped connects failed requests with 503 or EOF."""
+    requests = 100
+    member = lab.vip_holders(tier)[0]
+    url = urlsplit(lab.url(tier))
+    conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443, timeout=5,
+                                       context=ssl.create_default_context(cafile=str(lab.ca_bundle)))
+    try:
+        before = _passive_opens(lab, member)
+        for _ in range(requests):
+            conn.request("GET", "/health")
+            reply = conn.getresponse()
+            reply.read()
+            assert reply.status == 200
+        opened = _passive_opens(lab, member) - before
+    finally:
+        conn.close()
+    assert opened < requests // 4, f"{opened} connections accepted on {member} for {requests} requests"
 
 
 def test_cut_link_moves_the_vip_and_restoring_brings_it_back(lab: Lab, timing: Callable[[str, float], None]) -> None:
