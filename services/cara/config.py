@@ -31,7 +31,9 @@ class SignerConfig(StrictModel):
     )
     fetch_timeout_seconds: float = Field(default=2.0, gt=0, description="Long-poll of one idle pull request, seconds")
     heartbeat_seconds: float = Field(
-        default=0.1, gt=0, description="in_progress() interval for long signings, seconds (well under ack_wait, 0.5 s)"
+        default=0.1, gt=0,
+        description="in_progress() for long signings, seconds: a message held this long since it was admitted or last "
+                    "reported gets one, so at most twice this passes between reports (well under ack_wait, 0.5 s)",
     )
     retry_delay_seconds: float = Field(default=1.0, ge=0, description="NAK delay after a transient failure, seconds")
     backdate_seconds: int = Field(default=60, ge=0, le=3600, description="notBefore = now - this, for clock skew")

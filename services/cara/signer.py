@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
@@ -38,6 +39,42 @@ from hapki.runtime.faults import FailPoints
 from hapki.runtime.profiles import Profile
 
 log = logging.getLogger("hapki.cara.signer")
+
+
+class InFlight:
+    """The messages this process is working on, by request id, with when the server last heard of each (its
+    admission here, or our last in_progress())."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._held: dict[str, tuple[Msg, float]] = {}
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, request_id: str, msg: Msg) -> None:
+        self._held[request_id] = (msg, self._clock())
+
+    def discard(self, request_id: str, msg: Msg) -> None:
+        """Forget ``msg`` (not a newer copy of its request that replaced it)."""
+        held = self._held.get(request_id)
+        if held is not None and held[0] is msg:
+            del self._held[request_id]
+
+    def due(self, interval: float) -> list[Msg]:
+        """The messages the server has not heard of for ``interval`` seconds or more, marked as heard of now.
+
+        Called every ``interval``: a message settled within its first interval gets no in_progress() (before, every
+        message in flight got one on every tick), and one held longer is heard of at least every 2 intervals, well
+        inside ack_wait."""
+        now = self._clock()
+        due = [(request_id, msg) for request_id, (msg, told) in self._held.items() if now - told >= interval]
+        for request_id, msg in due:
+            self._held[request_id] = (msg, now)
+        return [msg for _, msg in due]
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 tracer = trace.get_tracer("hapki.cara")
 
@@ -72,7 +109,7 @@ class Signer:
         self._epoch: int | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the heartbeat, the batches being worked on
-        self._inflight: dict[str, Msg] = {}
+        self._inflight = InFlight()
         self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
         self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
@@ -213,7 +250,7 @@ class Signer:
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._config.heartbeat_seconds)
             except asyncio.TimeoutError:
-                for msg in list(self._inflight.values()):
+                for msg in self._inflight.due(self._config.heartbeat_seconds):
                     await msg.in_progress()
 
     async def handle(self, msg: Msg) -> None:
@@ -259,8 +296,7 @@ class Signer:
         finally:
             for item in items:
                 item.span.end()
-                if self._inflight.get(item.request_id) is item.msg:
-                    del self._inflight[item.request_id]
+                self._inflight.discard(item.request_id, item.msg)
 
     def _mark_unsettled(self, items: Sequence[Item], status: str) -> None:
         """Mark the spans of the items not settled yet with an error status."""
@@ -296,7 +332,7 @@ class Signer:
         if request.request_id in self._inflight:
             span.end()
             return None  # a redelivery of what this process is working on; the first copy acks
-        self._inflight[request.request_id] = msg
+        self._inflight.add(request.request_id, msg)
         return Item(msg=msg, request=request, span=span)
 
     async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:

@@ -11,15 +11,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 
 from hapki.cli.client import ClmClient
 from hapki.clm.main import ClmRuntime
+from hapki.contracts import subjects
 from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
+from hapki.runtime.bus import SIGNING_ACK_WAIT_SECONDS
 from helpers.csr import make_csr, make_key
 from integration.conftest import connected_client, query
 
@@ -51,7 +54,7 @@ def cara_process(env: LocalEnv, tmp_path: Path):
     def start(faults: str | None = None) -> stack.ServiceProcess:
         proc = stack.ServiceProcess("cara", config, tmp_path / f"cara-{len(made)}.log", child_env)
         made.append(proc)
-        return proc.start(extra_env={"HAPKI_FAULTS": faults} if faults else None)
+        return proc.start(extra_env={"HAPKI_FAULTS": faults, "HAPKI_FAULTS_DIR": str(tmp_path)} if faults else None)
 
     yield start
     for proc in made:
@@ -128,6 +131,39 @@ async def test_crash_between_commit_and_ack_redelivers_without_signing_again(env
     assert (final.serial, final.request_id) == (stored[0][0], first.request_id)
     intents = await query(sql, "SELECT id, state FROM signing_intents WHERE request_id = %s", (first.request_id,))
     assert intents == [(stored[0][1], "issued")], "a redelivery must not sign a second time"
+
+
+async def test_a_signing_held_longer_than_ack_wait_is_not_delivered_again(env, client, cara_process, tmp_path,
+                                                                        sql) -> None:
+    """While a batch is worked on, the signer reports its messages in progress: one held for many times ack_wait (here
+    paused after the HSM signed) stays with it, delivered once, and its request is signed once."""
+    paused = cara_process("cara.after_sign=pause")
+    request = _request("slow-sign.example.com")
+    first = await client.issue(request)
+    assert first.error is None
+    marker = tmp_path / "cara.after_sign"
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline and paused.alive(), "the signer did not reach the pause"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(6 * SIGNING_ACK_WAIT_SECONDS)
+    consumer = await _consumer_info(env)
+    assert (consumer.num_ack_pending, consumer.num_redelivered) == (1, 0), consumer
+
+    paused.kill()
+    cara_process()  # the message comes back after ack_wait; the new signer supersedes the paused one's intent
+    final = await _retry_until_issued(client, request)
+    assert final.status is RequestStatus.ISSUED
+    intents = await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (first.request_id,))
+    assert sorted(state for (state,) in intents) == ["abandoned", "issued"], intents
+
+
+async def _consumer_info(env: LocalEnv) -> Any:
+    nc = await nats.connect(**env.nats.connect_kwargs())
+    try:
+        return await nc.jetstream().consumer_info(subjects.SIGNING_STREAM, subjects.SIGNING_CONSUMER)
+    finally:
+        await nc.close()
 
 
 async def _stream_pending(env: LocalEnv) -> int:
