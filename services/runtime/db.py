@@ -183,12 +183,17 @@ class Database:
         self._status_pools: dict[str, _NodePool] = {}
         self._current = 0
         self._sleep = sleep
+        self._status_asks: set[asyncio.Task[bool]] = set()  # primary_status() reads still finishing (see there)
 
     @property
     def nodes(self) -> list[str]:
         return list(self._config.nodes)
 
     async def close(self) -> None:
+        asks, self._status_asks = self._status_asks, set()
+        for task in asks:
+            task.cancel()
+        await asyncio.gather(*asks, return_exceptions=True)
         pools = [*self._pools.values(), *self._status_pools.values()]
         self._pools, self._status_pools = {}, {}
         for pool in pools:
@@ -272,7 +277,13 @@ class Database:
             status = await self._wsrep_status(node, timeout)
             return status is None or (status.get("wsrep_cluster_status"), status.get("wsrep_ready")) == ("Primary", "ON")
 
-        asks = [asyncio.create_task(ask(node)) for node in self._config.nodes]
+        # Each read is bounded on its own, and the ones still running when the answer is known are not cancelled:
+        # cancelling a read closes its connection, and the next check (keepalived asks CARA every second) opened a
+        # new TLS connection to every slower node: about 4 a second for an idle CARA pair.
+        asks = [asyncio.create_task(asyncio.wait_for(ask(node), timeout)) for node in self._config.nodes]
+        for task in asks:
+            self._status_asks.add(task)
+            task.add_done_callback(self._status_asked)
         answered = False
         try:
             for done in asyncio.as_completed(asks, timeout=timeout):
@@ -287,11 +298,13 @@ class Database:
                     log.debug("primary check: %s", exc)
         except TimeoutError:
             pass
-        finally:
-            for task in asks:
-                task.cancel()
-            await asyncio.gather(*asks, return_exceptions=True)
         return "not_primary" if answered else "unknown"
+
+    def _status_asked(self, task: asyncio.Task[bool]) -> None:
+        """A primary_status() read is over; if the call had returned before it, its outcome no longer matters."""
+        self._status_asks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so asyncio does not report it as never retrieved
 
     async def run(self, body: Body[T], *, name: str, fence: Fence | None = None, timeout: float | None = None) -> T:
         """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.

@@ -374,3 +374,45 @@ async def test_primary_status_is_not_primary_when_the_only_answers_are_refusals(
         assert await database.primary_status(timeout=2.0) == "not_primary"
     finally:
         await database.close()
+
+
+async def test_primary_status_keeps_the_connections_of_the_slower_nodes(env: LocalEnv) -> None:
+    """The first node to say Primary decides; the reads still running on the others finish instead of being cancelled,
+    so their connections are reused. Cancelled, each check (keepalived asks CARA every second) opened a new TLS
+    connection to every slower node."""
+    [node] = stack.database_config(env).nodes
+    host, _, port = node.rpartition(":")
+    accepted: list[int] = []
+    pipes: list[asyncio.Task[None]] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def slow_node(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        server_r, server_w = await asyncio.open_connection(host, int(port))
+        pipes.extend([asyncio.create_task(pipe(client_r, server_w, 0.0)),
+                      asyncio.create_task(pipe(server_r, client_w, 0.05))])  # every answer 50 ms late
+
+    proxy = await asyncio.start_server(slow_node, "127.0.0.1", 0)
+    slow = f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    database = Database(stack.database_config(env).model_copy(update={"nodes": [node, slow]}), sleep=_no_sleep)
+    try:
+        for _ in range(10):
+            assert await database.primary_status(timeout=2.0) == "primary"  # the direct node, first
+            await asyncio.sleep(0.3)  # the slow node's read finishes meanwhile
+        assert len(accepted) == 1, f"{len(accepted)} connections to the slower node for 10 checks"
+    finally:
+        await database.close()
+        proxy.close()
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
