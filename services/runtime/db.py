@@ -190,10 +190,7 @@ class Database:
         return list(self._config.nodes)
 
     async def close(self) -> None:
-        asks, self._status_asks = self._status_asks, set()
-        for task in asks:
-            task.cancel()
-        await asyncio.gather(*asks, return_exceptions=True)
+        # primary_status() reads still running end on their own bound; a connection they give back now is closed.
         pools = [*self._pools.values(), *self._status_pools.values()]
         self._pools, self._status_pools = {}, {}
         for pool in pools:
