@@ -39,6 +39,8 @@ from hapki.runtime.faults import FailPoints
 from hapki.runtime.profiles import Profile
 
 log = logging.getLogger("hapki.cara.signer")
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+tracer = trace.get_tracer("hapki.cara")
 
 
 class InFlight:
@@ -75,8 +77,6 @@ class InFlight:
         for request_id, msg in due:
             self._held[request_id] = (msg, now)
         return [msg for _, msg in due]
-_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-tracer = trace.get_tracer("hapki.cara")
 
 
 class Signer:
