@@ -152,9 +152,14 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
     """A warm-up run, then one measured k6 run per mode, with CPU per process around each."""
     env = {"TARGET": target, "BASE_URL": base_url, "CSR_FILE": str(csr_file), "REQUESTER": REQUESTER}
     log = workdir / f"k6-{name}.log"
+    # k6's idempotency keys are RUN_ID, VU and iteration: new ones every call, warm-up included. The lab is not reset
+    # between runs, and a warm-up that replayed the last run's keys got nothing but 409s (a different CSR under a used
+    # key): it warmed the refusal path, not issuance (docs/PERFORMANCE.md, Session 9).
+    run_id = f"{name}-{secrets.token_hex(4)}"
     say(f"  {COLUMNS[name]}: warm-up {shape.warmup:g} s ...")
-    k6.run("issue.js", {**env, **shape.env("max"), "SECONDS": f"{shape.warmup:g}", "RUN_ID": f"{name}-warmup"},
-           workdir / f"k6-{name}-warmup.json", seconds=shape.warmup, log_file=log, ca_bundle=ca_bundle)
+    warm = k6.run("issue.js", {**env, **shape.env("max"), "SECONDS": f"{shape.warmup:g}", "RUN_ID": f"{run_id}-warmup"},
+                  workdir / f"k6-{name}-warmup.json", seconds=shape.warmup, log_file=log, ca_bundle=ca_bundle)
+    say(f"    warm-up: {warm.issued} issued, {warm.errors} errors")
     runs: dict[str, Any] = {}
     for mode in MODES:
         say(f"  {COLUMNS[name]}: {mode} ({_mode_text(mode, shape)}), {shape.seconds:g} s ...")
@@ -162,7 +167,7 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
         machine = machine_busy_seconds()
         k6_cpu = _children_cpu()
         began = time.monotonic()
-        summary = k6.run("issue.js", {**env, **shape.env(mode), "RUN_ID": f"{name}-{mode}-{int(time.time())}"},
+        summary = k6.run("issue.js", {**env, **shape.env(mode), "RUN_ID": f"{run_id}-{mode}"},
                          workdir / f"k6-{name}-{mode}.json", seconds=shape.seconds, log_file=log, ca_bundle=ca_bundle)
         wall = time.monotonic() - began
         cpu = {**groups.stop(), "k6": round(_children_cpu() - k6_cpu, 3)}
@@ -173,7 +178,8 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
                       "ceiling_per_s": ceiling(cpu, summary.issued),
                       "machine_cpu_percent": round(100 * (machine_busy_seconds() - machine) / wall)}
         say(f"    {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms or 0:.1f} ms, {summary.errors} errors")
-    return {"runs": runs, "rss_peak_mib": groups.peak_rss_mib()}
+    return {"warmup": {"issued": warm.issued, "errors": warm.errors}, "runs": runs,
+            "rss_peak_mib": groups.peak_rss_mib()}
 
 
 def ceiling(cpu: dict[str, float], issued: int, cores: int | None = None) -> float | None:

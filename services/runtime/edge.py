@@ -7,6 +7,7 @@ details go to the log under the current trace id.
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,5 +41,30 @@ def error_body(exc: BaseException) -> ErrorBody:
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
-    """A reply carrying only the error: parses as IssueReply and as CertificateReply."""
-    return {"error": error_body(exc).model_dump(mode="json")}
+    """A reply carrying only the error: parses as IssueReply and as CertificateReply. Releases `exc` (see there)."""
+    try:
+        return {"error": error_body(exc).model_dump(mode="json")}
+    finally:
+        release(exc)
+
+
+def release(exc: BaseException) -> None:
+    """Drop the locals of the finished frames `exc` (and the exceptions chained to it) passed through.
+
+    Each such frame keeps its locals once done, and they often hold the exception itself (`except ... as exc:` that
+    raises another error, `last = exc` in a retry loop, a task awaited there that stores it): a cycle, so a refused
+    request's frames, cursors, results and models were left to the cyclic collector, which the services run rarely
+    (hapki.runtime.eventloop.SERVICE_GC_THRESHOLDS). In CLM each idempotency conflict left about 140 such objects,
+    and a burst of conflicts piled up megabytes between collections (docs/PERFORMANCE.md, Session 9). Called once
+    the error is mapped and logged; frames still running (the caller's own) are skipped. Tracebacks stay printable.
+    """
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from hapki.cli import bench_compare, bench_growth
+from hapki.cli import bench_compare, bench_growth, k6
 from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SamplerSetting
 
 
@@ -177,3 +179,27 @@ def test_the_lab_column_reports_the_sampler_its_running_services_have() -> None:
             proc.wait()
     assert bench_compare.lab_sampler([sampled.pid]).startswith("unknown")  # reaped: nothing to read
     assert bench_compare.lab_sampler([]).startswith("unknown")
+
+
+def test_every_k6_run_of_a_column_and_every_bench_run_uses_new_idempotency_keys(monkeypatch, tmp_path: Path) -> None:
+    """k6's keys are RUN_ID, VU and iteration. The warm-up's RUN_ID once was the same every run: on the lab, which is not
+    reset between runs, it replayed the last run's keys and got only 409s, and the column's report did not show it."""
+    run_ids: list[str] = []
+
+    def fake_run(script: str, env: dict[str, str], summary_file: Path, **_: object) -> k6.K6Summary:
+        run_ids.append(env["RUN_ID"])
+        errors = 7 if "SECONDS" in env else 0  # the warm-up's run (its own length)
+        return k6.K6Summary(issued=10, errors=errors, seconds=1.0, rate_per_s=10.0, p50_ms=1.0, p95_ms=2.0,
+                            p99_ms=3.0, max_ms=4.0, raw={})
+
+    class Groups:
+        def start(self) -> None: ...
+        def stop(self) -> dict[str, float]: return {"clm": 0.01}
+        def peak_rss_mib(self) -> dict[str, float]: return {"clm": 80.0}
+
+    monkeypatch.setattr(bench_compare.k6, "run", fake_run)
+    shape = bench_compare.LoadShape(rate=300, vus=32, seconds=1.0, warmup=1.0)
+    columns = [bench_compare._k6_column("lab", "hapki", "https://x", Groups(), shape, tmp_path / "csrs.json",  # noqa: SLF001
+                                        tmp_path, lambda _: None) for _ in range(2)]
+    assert len(run_ids) == 2 * (1 + len(bench_compare.MODES)) == len(set(run_ids))
+    assert columns[0]["warmup"] == {"issued": 10, "errors": 7}  # reported, not dropped

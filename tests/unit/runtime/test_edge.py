@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
+
 import pytest
 from pydantic import ValidationError
 
 from hapki.contracts import errors
 from hapki.contracts.errors import ErrorCode
 from hapki.contracts.models import CertificateReply, IssueCertificate, IssueReply
-from hapki.runtime.edge import error_body, error_reply
+from hapki.runtime.edge import error_body, error_reply, release
 
 
 def test_every_error_code_has_an_exception_class() -> None:
@@ -40,3 +44,71 @@ def test_error_reply_parses_as_every_reply_model() -> None:
     reply = error_reply(errors.NotFound("gone"))
     assert IssueReply.model_validate(reply).error.code is ErrorCode.NOT_FOUND
     assert CertificateReply.model_validate(reply).error.code is ErrorCode.NOT_FOUND
+
+
+class _Request:
+    """Stands for what a handler's frames hold (cursors, results, the request): freed or not with them."""
+
+
+def _store_like(request: _Request) -> None:
+    last = None
+    for _ in range(2):
+        try:
+            raise OSError("connection reset")  # the driver's error, retried
+        except OSError as exc:
+            last = exc  # kept across attempts, as Database.run does
+    try:
+        raise KeyError("duplicate entry")
+    except KeyError as exc:  # the frame keeps `exc` (and `last`, `request`) once the new error leaves it
+        raise errors.IdempotencyConflict(f"key reused after {last}") from exc
+
+
+async def _joined(request: _Request) -> None:
+    async def work() -> None:
+        raise errors.NotFound("gone")
+
+    task = asyncio.ensure_future(work())  # the frame keeps the task, which keeps the error raised through it
+    await asyncio.shield(task)
+
+
+@pytest.fixture
+def no_collector():
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_an_answered_error_frees_what_its_frames_held_without_the_collector(no_collector: None) -> None:
+    request = _Request()
+    held = weakref.ref(request)
+    try:
+        _store_like(request)
+    except errors.HapkiError as exc:
+        reply = error_reply(exc)
+    del request
+    assert reply["error"]["code"] == ErrorCode.IDEMPOTENCY_CONFLICT.value
+    assert held() is None  # reference counting freed it: no cycle through the frames is left
+
+
+async def test_an_error_raised_through_an_awaited_task_is_released_too(no_collector: None) -> None:
+    request = _Request()
+    held = weakref.ref(request)
+    try:
+        await _joined(request)
+    except errors.HapkiError as exc:
+        release(exc)
+    del request
+    await asyncio.sleep(0)  # the task's done callbacks run
+    assert held() is None
+
+
+def test_release_leaves_the_traceback_printable_and_skips_running_frames() -> None:
+    import traceback
+
+    try:
+        _store_like(_Request())
+    except errors.HapkiError as exc:
+        release(exc)  # this frame is still running: skipped, not an error
+        text = "".join(traceback.format_exception(exc))
+    assert "_store_like" in text and "KeyError" in text and "IdempotencyConflict" in text
