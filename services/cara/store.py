@@ -13,7 +13,7 @@ from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
 from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
-from hapki.runtime.db import Database, Fence, db_time, execute_many, utc
+from hapki.runtime.db import Database, Fence, at_fence, db_time, execute_many, utc
 
 TIER = "cara"
 
@@ -278,10 +278,11 @@ class MariaDBSigningStore:
         Per record, in order, what is stored for its request: ours; or, when another intent already produced the
         request's certificate, theirs (ours is abandoned: at most one certificate per request id, UNIQUE
         request_id); or None when our intent is no longer reserved (a newer attempt for the request superseded
-        it; its signature is never stored). The usual case takes two round trips: the inserts and updates with
-        the audit entries, then fence + commit-order stamp + COMMIT. When the unique keys or the intents' states
-        say another attempt got in the way (or our own earlier COMMIT, whose outcome was unknown, did happen), the
-        transaction is rolled back and run again the careful way: read what exists first, settle each record.
+        it; its signature is never stored). The usual case takes two round trips: the updates with the audit
+        entries, then fence + the certificates (numbered by the fence: commit order) + COMMIT. When the unique keys
+        or the intents' states say another attempt got in the way (or our own earlier COMMIT, whose outcome was
+        unknown, did happen), the transaction is rolled back and run again the careful way: read what exists
+        first, settle each record.
         """
         if not records:
             return []
@@ -294,15 +295,11 @@ class MariaDBSigningStore:
         lost_reason = "request already issued by another intent"
 
         async def store(cur: aiomysql.Cursor, fresh: Sequence[IssuedRecord]) -> None:
-            """Insert the certificates, resolve their intents, mark their requests, append the audit entries: one
-            round trip (the fence and COMMIT are the next). _Contended if an intent is not reserved any more: the
-            statements after that update ran too, but nothing of this transaction may then commit."""
+            """Resolve the intents, mark the requests, append the audit entries: one round trip. The certificates
+            are inserted in the next, right after the fence and with its sequence number (their commit order, 0002),
+            then COMMIT. _Contended if an intent is not reserved any more: the statements after that update ran too,
+            but nothing of this transaction may then commit."""
             counts = await append_many(cur, [entries[r.intent_id] for r in fresh], first=[
-                ("INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
-                 f" not_after, created_at) VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s, %s)'] * len(fresh))}",
-                 tuple(value for r in fresh for value in (
-                     r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
-                     db_time(r.not_after), db_time(now)))),
                 ("UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
                  f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
                  (db_time(now), *(r.intent_id for r in fresh))),
@@ -310,8 +307,15 @@ class MariaDBSigningStore:
                 # read them here (0004).
                 _mark_requests_issued(fresh, now),
             ])
-            if counts[1] != len(fresh):
+            if counts[0] != len(fresh):
                 raise _Contended("an intent of this batch is no longer reserved")
+            # A duplicate request_id or serial (another attempt's certificate) raises DuplicateKey at the commit.
+            at_fence("INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
+                     " not_after, created_at, fence_seq) VALUES "
+                     + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, @hapki_fence_seq)"] * len(fresh)),
+                     tuple(value for r in fresh for value in (
+                         r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
+                         db_time(r.not_after), db_time(now))))
 
         async def straight(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
             await store(cur, records)
@@ -349,14 +353,9 @@ class MariaDBSigningStore:
                 await store(cur, fresh)
             return [result[record.intent_id] for record in records]
 
-        stamp = (
-            f"UPDATE certificates SET fence_seq = @hapki_fence_seq WHERE intent_id IN ({_marks(records)})"
-            " AND fence_seq IS NULL",
-            tuple(record.intent_id for record in records),
-        )
         for body in (straight, careful, careful, careful):
             try:
-                return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch, stamp))
+                return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch))
             except (_Contended, DuplicateKey):
                 # Another attempt's row (a concurrent commit of one of these requests, by another process or
                 # member, won a UNIQUE key; or a newer attempt superseded an intent): settle record by record.

@@ -15,7 +15,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -56,7 +56,8 @@ _SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZER
 # queueing on the one row). A stale epoch writes NULL into a NOT NULL column: an error, so the COMMIT after it
 # never runs. The write (not a read) matters on Galera: a concurrent epoch bump on another node conflicts with
 # it at certification, so one of the two transactions fails instead of both committing.
-# The new fence_seq is kept in @hapki_fence_seq for the optional stamp statement (commit order, see 0002).
+# The new fence_seq is kept in @hapki_fence_seq for the statements the body puts after the fence (at_fence: commit
+# order, see 0002).
 _FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s"
 
 
@@ -64,25 +65,39 @@ _FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence
 class Fence:
     """Commit only while `tier`'s epoch is still `epoch` (the tier's row exists once anyone bumped it).
 
-    `stamp`, if given, is one statement (SQL, args) run after the fence and before COMMIT in the same round trip;
-    it may use @hapki_fence_seq, the fence sequence number this commit produced.
+    The body may put statements after the fence, before the COMMIT, in the same round trip (at_fence).
     """
 
     tier: str
     epoch: int
-    stamp: tuple[str, tuple[object, ...]] | None = None
 
 
 @dataclass
 class _Transaction:
-    """What Database.run needs to know of the body it runs: fenced (the body may not commit), committed by it."""
+    """What Database.run needs to know of the body it runs: fenced (the body may not commit), committed by it, and
+    the statements it put after the fence (at_fence)."""
 
     fenced: bool
     committed: bool = False
+    at_fence: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
 
 
 _TRANSACTION: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar("hapki_db_transaction",
                                                                                      default=None)
+
+
+def at_fence(sql: str, args: Sequence[object] = ()) -> None:
+    """Run (sql, args) after the fence of the fenced transaction the caller is the body of, before its COMMIT, in
+    the fence's round trip (no round trip of its own). It may use @hapki_fence_seq, the fence sequence number this
+    commit produced (commit order, see 0002): CARA inserts its certificates with it instead of inserting them first
+    and stamping them after the fence (one row update per certificate less). Its errors are those of the commit: a
+    duplicate key raises DuplicateKey and nothing of the transaction is committed. In call order; Internal outside
+    a fenced transaction.
+    """
+    transaction = _TRANSACTION.get()
+    if transaction is None or not transaction.fenced:
+        raise Internal("at_fence outside the body of a fenced transaction")
+    transaction.at_fence.append((sql, tuple(args)))
 
 
 async def execute_many(cur: aiomysql.Cursor, statements: Sequence[tuple[str, Sequence[object]]], *,
@@ -370,9 +385,9 @@ class Database:
                     result = await body(cur)
                     if fence is not None:
                         statements, args = [_FENCE], [fence.epoch, fence.tier]
-                        if fence.stamp is not None:
-                            statements.append(fence.stamp[0])
-                            args.extend(fence.stamp[1])
+                        for sql, values in transaction.at_fence:
+                            statements.append(sql)
+                            args.extend(values)
                         await cur.execute("; ".join([*statements, "COMMIT"]), tuple(args))
                 except pymysql.err.IntegrityError as exc:
                     broken = not await _rollback_quietly(conn)
@@ -392,12 +407,17 @@ class Database:
                     _TRANSACTION.reset(token)
                 try:
                     if fence is not None:
-                        # The results of the stamp and of the COMMIT: errors of the commit surface here.
-                        for _ in range(2 if fence.stamp is not None else 1):
+                        # The results of the at_fence statements and of the COMMIT: their errors surface here.
+                        for _ in range(len(transaction.at_fence) + 1):
                             await cur.nextset()
                     elif not transaction.committed or conn.get_transaction_status():
                         # Unless the body folded its COMMIT (execute_many) and wrote nothing after it.
                         await conn.commit()
+                except pymysql.err.IntegrityError:
+                    # A statement after the fence failed (a duplicate key): MariaDB ran none after it, COMMIT
+                    # included. A clean rollback keeps the connection.
+                    broken = not await _rollback_quietly(conn)
+                    raise
                 except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError) as exc:
                     if _errno(exc) in RETRY_SAME_NODE:
                         broken = not await _rollback_quietly(conn)

@@ -70,7 +70,7 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
         Grant("epochs", ("SELECT", "INSERT", "UPDATE")),
         Grant("epoch_changes", ("INSERT",)),
         Grant("signing_intents", ("SELECT", "INSERT"), update_columns=("state", "resolved_at", "resolution")),
-        Grant("certificates", ("SELECT", "INSERT"), update_columns=("fence_seq",)),
+        Grant("certificates", ("SELECT", "INSERT")),  # numbered by the fence as inserted: never updated
         Grant("revocations", update_columns=("crl_number",)),  # stamps revocations onto a CRL
         Grant("crls", ("SELECT", "INSERT")),
         Grant("ocsp_signers", ("SELECT", "INSERT")),

@@ -72,7 +72,7 @@ def test_growth_hot_path_statements_use_indexes(tmp_path: Path) -> None:
     # The capture saw the hot paths: CARA's store, the OCSP lookup. (CLM's issue path is one INSERT since the
     # batched signer merged; it reads by idempotency key only after a duplicate key, so there is nothing to EXPLAIN.)
     text = "\n".join(explained)
-    assert "UPDATE certificates" in text and "LEFT JOIN revocations" in text, text
+    assert "UPDATE signing_intents" in text and "LEFT JOIN revocations" in text, text
     for phase in ("empty", "loaded"):
         assert report[phase]["issuance"]["errors"] == 0 and report[phase]["issuance"]["rate_per_s"] > 0
         assert report[phase]["ocsp"]["errors"] == 0 and report[phase]["ocsp"]["rate_per_s"] > 0

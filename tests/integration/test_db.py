@@ -146,6 +146,38 @@ async def test_a_fenced_transaction_commits_only_under_the_current_epoch(db: Dat
     assert await db.run(state, name="t.state") == ([100], 1)  # the stale write left nothing behind
 
 
+async def test_statements_at_the_fence_see_its_sequence_number_and_their_errors_roll_everything_back(
+        db: Database) -> None:
+    from hapki.runtime.db import Fence, at_fence
+
+    async def setup(cur):
+        await cur.execute("DELETE FROM epochs WHERE tier = 'test3'")
+        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
+                          " VALUES ('test3', 1, 'x', 40, NOW())")
+
+    await db.run(setup, name="t.epoch3")
+
+    def numbered(ids: tuple[int, ...]):
+        async def body(cur):
+            await cur.execute("INSERT INTO scratch VALUES (%s, 0)", (ids[0] + 100,))  # before the fence
+            at_fence("INSERT INTO scratch VALUES " + ", ".join(["(%s, @hapki_fence_seq)"] * len(ids)), ids)
+        return body
+
+    await db.run(numbered((300, 301)), name="t.at_fence", fence=Fence("test3", 1))
+    with pytest.raises(DuplicateKey):  # 301 exists: nothing of this transaction is committed, 402 neither
+        await db.run(numbered((302, 301)), name="t.at_fence_duplicate", fence=Fence("test3", 1))
+    with pytest.raises(Internal, match="at_fence"):
+        await db.run(numbered((303,)), name="t.at_fence_unfenced")
+
+    async def rows(cur):
+        await cur.execute("SELECT id, v FROM scratch WHERE id BETWEEN 300 AND 409 ORDER BY id")
+        found = [tuple(r) for r in await cur.fetchall()]
+        await cur.execute("SELECT fence_seq FROM epochs WHERE tier = 'test3'")
+        return found, (await cur.fetchone())[0]
+
+    assert await db.run(rows, name="t.at_fence_rows") == ([(300, 41), (301, 41), (400, 0)], 41)
+
+
 async def _scratch_ids(db: Database, lo: int, hi: int) -> list[int]:
     async def ids(cur):
         await cur.execute("SELECT id FROM scratch WHERE id BETWEEN %s AND %s ORDER BY id", (lo, hi))

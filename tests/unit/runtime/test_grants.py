@@ -40,6 +40,8 @@ def test_clm_cannot_write_certificates_and_cara_cannot_touch_approvals() -> None
     assert clm["certificates"].privileges == ("SELECT",) and not clm["certificates"].update_columns
     assert "INSERT" not in cara["requests"].privileges and "UPDATE" not in cara["requests"].privileges
     assert not {"sign_request", "profile", "csr_sha256", "requester"} & set(cara["requests"].update_columns)
+    # A stored certificate is never changed, by anyone: CARA inserts it with its commit order (hapki.runtime.db.at_fence).
+    assert "UPDATE" not in cara["certificates"].privileges and not cara["certificates"].update_columns
 
 
 def test_sql_renders_per_account() -> None:
