@@ -203,7 +203,7 @@ class CaraRuntime:
         elif self.signer is not None:
             await self.signer.stop()
         if self.nc is not None:
-            await self.nc.close()
+            await bus.close(self.nc)
         if self.hsm is not None:
             self.hsm.close()
         if self.db is not None:

@@ -132,6 +132,6 @@ class ClmRuntime:
         if self.broker is not None:
             await self.broker.stop()
         if self.nc is not None:
-            await self.nc.close()
+            await bus.close(self.nc)
         if self.db is not None:
             await self.db.close()

@@ -6,6 +6,7 @@ re-declares streams silently, and an existing durable consumer keeps its config)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -148,6 +149,22 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
         reconnected_cb=on_reconnect,
         **connect_options(config),
     )
+
+
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+async def close(nc: Client, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+    """Close a service's bus connection at stop, bounded, and never fail the stop for it.
+
+    A connection that died just before (the bus node killed or cut off while the service had writes pending)
+    makes nats-py's close() raise ConnectionResetError from its last flush: the service's stop then crashed with a
+    traceback and never closed its HSM sessions and database pools. Logged instead; nothing is left to close.
+    """
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        log.warning("bus connection not closed cleanly at stop (%s: %s)", type(exc).__name__, exc)
 
 
 async def ensure_topology(js: JetStreamContext, config: NatsConfig, *, consumer: bool = True,

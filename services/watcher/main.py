@@ -186,4 +186,4 @@ class WatcherRuntime:
         if self._dump is not None:
             self._dump.close()
         if self._nc is not None:
-            await self._nc.close()
+            await bus.close(self._nc)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import nats
 import pytest
 
 from hapki.contracts import subjects
 from hapki.lab import stack
+from hapki.lab.local import NatsServer
 from hapki.runtime import bus
 
 pytestmark = pytest.mark.integration
@@ -27,3 +31,22 @@ async def test_an_existing_consumer_with_an_old_ack_wait_is_updated(env) -> None
         assert (await js.stream_info(subjects.HA_EVENTS_STREAM)).config.name == subjects.HA_EVENTS_STREAM
     finally:
         await nc.close()
+
+
+async def test_a_service_stops_cleanly_when_its_bus_server_was_just_killed(tmp_path: Path) -> None:
+    """nats-py's close() raises ConnectionResetError when the server died under writes still pending (a bus node
+    killed during a service's stop, as `hapki lab down` can do): the stop crashed there, before closing the HSM
+    sessions and the database pools. bus.close logs it and returns."""
+    server = NatsServer(tmp_path)
+    server.start()
+    try:
+        nc = await bus.connect(server.nats_config("cara"), name="test-close")
+        await nc.flush()
+        server.kill()
+        await asyncio.sleep(0.05)
+        for _ in range(100):
+            await nc.publish(subjects.CARA_FAILED, b"x" * 2000)  # pending when the connection is found dead
+        await bus.close(nc)
+        assert nc.is_closed
+    finally:
+        server.stop()
