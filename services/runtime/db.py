@@ -368,7 +368,8 @@ class Database:
                 except pymysql.err.Error as exc:
                     raise Internal(f"database error in {name}: {exc}") from exc
             span.set_attribute("error", True)
-            raise DatabaseError(f"transaction {name} failed after {self._config.max_attempts} attempts: {last}")
+            raise DatabaseError(
+                f"transaction {name} failed after {self._config.max_attempts} attempts: {last}") from last
 
     async def _run_once(self, node: str, body: Body[T], fence: Fence | None, bound: float) -> T:
         pool = self._pool(node)

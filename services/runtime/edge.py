@@ -7,7 +7,6 @@ details go to the log under the current trace id.
 from __future__ import annotations
 
 import logging
-import traceback
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,14 +48,16 @@ def error_reply(exc: BaseException) -> dict[str, Any]:
 
 
 def release(exc: BaseException) -> None:
-    """Drop the locals of the finished frames `exc` (and the exceptions chained to it) passed through.
+    """Drop the tracebacks of `exc` and of the exceptions chained to it (cause, context, group members).
 
-    Each such frame keeps its locals once done, and they often hold the exception itself (`except ... as exc:` that
-    raises another error, `last = exc` in a retry loop, a task awaited there that stores it): a cycle, so a refused
-    request's frames, cursors, results and models were left to the cyclic collector, which the services run rarely
-    (hapki.runtime.eventloop.SERVICE_GC_THRESHOLDS). In CLM each idempotency conflict left about 140 such objects,
-    and a burst of conflicts piled up megabytes between collections (docs/PERFORMANCE.md, Session 9). Called once
-    the error is mapped and logged; frames still running (the caller's own) are skipped. Tracebacks stay printable.
+    A traceback holds the frames the exception went through, and a finished frame keeps its locals, which often hold
+    the exception itself (`except ... as exc:` that raises another error, a task awaited there that stores it): a
+    cycle, so a refused request's frames, cursors, results and models were left to the cyclic collector, which the
+    services run rarely (hapki.runtime.eventloop.SERVICE_GC_THRESHOLDS). In CLM each idempotency conflict left about
+    140 such objects, and a burst of conflicts piled up megabytes between collections (docs/PERFORMANCE.md, Session
+    9). Called once the error is mapped and logged. Not frame.clear() (traceback.clear_frames): on Python 3.11 that
+    closes a coroutine whose frame caught the exception and went on, such as a loop that hands errors to waiters.
+    A caller joined to the same attempt that raises the same exception later gets a traceback of its own frames.
     """
     pending, seen = [exc], set()
     while pending:
@@ -64,7 +65,7 @@ def release(exc: BaseException) -> None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
+        current.__traceback__ = None
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
         if isinstance(current, BaseExceptionGroup):
             pending.extend(current.exceptions)
