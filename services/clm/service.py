@@ -9,6 +9,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from opentelemetry import trace
@@ -44,6 +45,7 @@ from hapki.contracts.models import (
     CertificateQuery,
     CertificateReply,
     CertificateRevoked,
+    ErrorBody,
     IssueCertificate,
     IssueReply,
     RenewCertificate,
@@ -58,10 +60,10 @@ from hapki.contracts.models import (
 
 log = logging.getLogger("hapki.clm")
 # Recently given final answers kept per (requester, idempotency key) for retries: how long and how many. A retry
-# after that is answered from the database (the record is idempotent); each kept answer is ~2.5 KiB (certificate
-# included), so at 170 issuances/s a minute of them is ~25 MiB of CLM's memory. The count bounds it whatever the
-# rate: 10,000 answers are ~25 MiB (40 s of answers at 250/s; clients retry within seconds), so CLM stays under
-# 150 MiB at the single node's 550/s too (it reached 131-141 MiB with 64 clients while the bound was 50,000).
+# after that is answered from the database (the record is idempotent); each kept answer is ~1.5 KiB (_Answered:
+# the certificate, ~0.9 KiB, and the small fields; the issuer's chain is shared), so at 170 issuances/s a minute of
+# them is ~15 MiB of CLM's memory. The count bounds it whatever the rate: 10,000 answers are ~15 MiB (40 s of
+# answers at 250/s; clients retry within seconds).
 ANSWERED_TTL_SECONDS = 60.0
 ANSWERED_MAX = 10_000
 tracer = trace.get_tracer("hapki.clm")
@@ -71,6 +73,41 @@ _ISSUANCE_SECONDS = metrics.histogram("hapki.clm.issuance.duration")
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """A final answer kept for retries: the request's digest and profile, its expiry, and the reply's fields. Not the
+    IssueReply itself: a pydantic model's __dict__ and fields-set cost about 1 KiB more per answer, 10 MB of CLM's
+    memory at ANSWERED_MAX (docs/PERFORMANCE.md, Session 9)."""
+
+    digest: str
+    profile: str | None
+    expires: float
+    request_id: str | None
+    status: RequestStatus | None
+    certificate_pem: str | None
+    chain_pem: str | None
+    serial: str | None
+    not_before: datetime | None
+    not_after: datetime | None
+    error: ErrorBody | None
+
+    @classmethod
+    def of(cls, digest: str, profile: str | None, reply: IssueReply, expires: float) -> _Answered:
+        return cls(digest, profile, expires, reply.request_id, reply.status, reply.certificate_pem, reply.chain_pem,
+                   reply.serial, reply.not_before, reply.not_after, reply.error)
+
+    def answers(self, digest: str, profile: str | None, now: float) -> bool:
+        """Whether a retry with this CSR digest and profile gets this answer at monotonic time `now`."""
+        return (self.digest, self.profile) == (digest, profile) and self.expires > now
+
+    def reply(self) -> IssueReply:
+        # The fields of a validated reply: no validation again.
+        return IssueReply.model_construct(
+            request_id=self.request_id, status=self.status, certificate_pem=self.certificate_pem,
+            chain_pem=self.chain_pem, serial=self.serial, not_before=self.not_before, not_after=self.not_after,
+            error=self.error)
 
 
 class ClmService:
@@ -101,7 +138,7 @@ class ClmService:
         self._inflight: dict[tuple[str, str], tuple[str, str, asyncio.Task[IssueReply]]] = {}
         # Final answers given here recently, by the same key: a client whose attempt timed out just before the
         # answer came retries, and must not cost two more transactions while the database drains a backlog.
-        self._answered: OrderedDict[tuple[str, str], tuple[str, str, IssueReply, float]] = OrderedDict()
+        self._answered: OrderedDict[tuple[str, str], _Answered] = OrderedDict()
 
     async def issue(self, request: IssueCertificate) -> IssueReply:
         """Validate, record (idempotently), queue for the CA, and wait for the result up to wait_seconds.
@@ -190,7 +227,7 @@ class ClmService:
         if key is not None:
             answered = self._answered.get((requester, key))
             running = self._inflight.get((requester, key))
-            if (answered is not None and answered[:2] == (digest, profile) and answered[3] > time.monotonic()) or (
+            if (answered is not None and answered.answers(digest, profile, time.monotonic())) or (
                     running is not None and running[:2] == (digest, profile)):
                 return
         try:
@@ -210,9 +247,9 @@ class ClmService:
             return await self._issue(request, predecessor, digest)
         key = (request.requester, request.idempotency_key)
         answered = self._answered.get(key)
-        if answered is not None and answered[:2] == (digest, request.profile) and answered[3] > time.monotonic():
+        if answered is not None and answered.answers(digest, request.profile, time.monotonic()):
             trace.get_current_span().add_event("clm.answered_before")
-            return answered[2]
+            return answered.reply()
         running = self._inflight.get(key)
         if running is not None and running[:2] == (digest, request.profile):
             trace.get_current_span().add_event("clm.joined_attempt")
@@ -233,12 +270,12 @@ class ClmService:
         reply = task.result()
         if reply.status in (RequestStatus.ISSUED, RequestStatus.FAILED):  # final: the same answer forever
             now = time.monotonic()
-            self._answered[key] = (running[0], running[1], reply, now + ANSWERED_TTL_SECONDS)
+            self._answered[key] = _Answered.of(running[0], running[1], reply, now + ANSWERED_TTL_SECONDS)
             self._answered.move_to_end(key)
             # Kept in expiry order (one TTL, appended at the end), so the expired ones are at the front: dropped here,
-            # or CLM would hold ANSWERED_MAX answers (certificates included) at any rate, ~100 MiB at 140/s.
+            # or CLM would hold ANSWERED_MAX answers (certificates included) at any rate.
             while self._answered and (len(self._answered) > ANSWERED_MAX
-                                      or next(iter(self._answered.values()))[3] <= now):
+                                      or next(iter(self._answered.values())).expires <= now):
                 self._answered.popitem(last=False)
 
     async def _issue(self, request: IssueCertificate, predecessor: Predecessor | None, csr_sha256: str) -> IssueReply:

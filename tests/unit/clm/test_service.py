@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -108,9 +109,11 @@ async def test_a_retry_after_the_final_answer_is_answered_without_the_database()
     request_id = queue.submitted[0].request_id
     service.on_issued(CertificateIssued(request_id=request_id, serial="0a", issuer="issuing-1", certificate_pem="c",
                                         chain_pem="p", not_before=NOW, not_after=NOW))
-    assert (await first).status is RequestStatus.ISSUED
+    answer = await first
+    assert answer.status is RequestStatus.ISSUED
     again = await service.issue(request)  # the client's attempt had timed out just before: it asks again
     assert again.status is RequestStatus.ISSUED and again.serial == "0a"
+    assert again.model_dump_json() == answer.model_dump_json()  # the same answer on the wire
     assert len(store.records) == 1  # no second transaction
     service._wait = 0.05
     other = await asyncio.wait_for(service.issue(_request(["b.example.com"], "k1")), 1)  # another CSR: not cached
@@ -135,8 +138,8 @@ async def test_expired_final_answers_are_dropped_not_kept_until_the_count_cap() 
     await issued(["a.example.com"], "k1", "0a")
     await issued(["b.example.com"], "k2", "0b")
     assert len(service._answered) == 2
-    for key, (digest, profile, reply, _) in list(service._answered.items()):
-        service._answered[key] = (digest, profile, reply, 0.0)  # both answers expire (in order) ...
+    for key, kept in list(service._answered.items()):
+        service._answered[key] = dataclasses.replace(kept, expires=0.0)  # both answers expire (in order) ...
     await issued(["c.example.com"], "k3", "0c")  # ... and the next final answer clears them out
     assert [key for _, key in service._answered] == ["k3"]
 
