@@ -233,6 +233,22 @@ class TraceIdFilter(logging.Filter):
         return True
 
 
+# asyncio's TLS transport (and uvloop's) logs this WARNING when the protocol above it returns True from
+# eof_received(). asyncio's own StreamReaderProtocol returns False over TLS, but it learns that it runs over TLS only
+# in connection_made(), and nats-py upgrades its connection with loop.start_tls() and a fresh protocol that never
+# gets that call (nats-io/nats.py#574). So every NATS connection over TLS logged it once when it ended: at each stop,
+# failover and bus node lost, beside our own "nats disconnected". It carries nothing more: the transport closes either
+# way. Only this exact message is dropped, and only from the asyncio logger.
+ASYNCIO_TLS_EOF_NOISE = "returning true from eof_received() has no effect when using ssl"
+
+
+class AsyncioTlsEofNoise(logging.Filter):
+    """Drops ASYNCIO_TLS_EOF_NOISE (installed on the `asyncio` logger by setup_logging); passes everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != ASYNCIO_TLS_EOF_NOISE
+
+
 # Characters that could forge or hide a log line: C0 and C1 controls and DEL (newline, carriage return, NUL,
 # ESC sequences), Unicode line and paragraph separators, and the invisible bidi and format characters (RLO
 # and friends) that make a line read differently from what it holds.
@@ -270,7 +286,8 @@ class SafeFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", *, process: str | None = None) -> None:
-    """Structured one-line logs with the trace id, to stderr; control characters escaped (SafeFormatter).
+    """Structured one-line logs with the trace id, to stderr; control characters escaped (SafeFormatter); asyncio's
+    TLS EOF noise dropped (AsyncioTlsEofNoise).
 
     `process`: set in a helper process that logs into its parent's stream (a CARA signer worker), appended to
     every record's logger name, e.g. `hapki.cara.signer[cara-1 signer 2]`.
@@ -280,6 +297,9 @@ def setup_logging(level: str = "INFO", *, process: str | None = None) -> None:
     tagged = "%(name)s[" + process.replace("%", "%%") + "]" if process is not None else "%(name)s"
     fmt = LOG_FORMAT.replace("%(name)s", tagged)
     handler.setFormatter(SafeFormatter(fmt))
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, AsyncioTlsEofNoise) for f in asyncio_log.filters):
+        asyncio_log.addFilter(AsyncioTlsEofNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("HAPKI_LOG_LEVEL", level))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import nats
@@ -10,8 +11,8 @@ import pytest
 
 from hapki.contracts import subjects
 from hapki.lab import stack
-from hapki.lab.local import NatsServer
-from hapki.runtime import bus
+from hapki.lab.local import NatsServer, TlsFiles
+from hapki.runtime import bus, telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -49,4 +50,52 @@ async def test_a_service_stops_cleanly_when_its_bus_server_was_just_killed(tmp_p
         await bus.close(nc)
         assert nc.is_closed
     finally:
+        server.stop()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+async def test_a_bus_connection_over_tls_ends_without_asyncio_s_eof_warning(tmp_path: Path) -> None:
+    """nats-py upgrades its connection to TLS with a protocol that never learns it runs over TLS
+    (nats-io/nats.py#574), so asyncio warned "returning true from eof_received() ..." whenever a connection ended:
+    in every service's log at each stop and failover. The services' logging drops that message, and only it."""
+    server = NatsServer(tmp_path)
+    server.tls = TlsFiles.issue(tmp_path / "tls", "nats", ["127.0.0.1"])
+    server.start()
+    asyncio_log, root = logging.getLogger("asyncio"), logging.getLogger()
+    saved_handlers, saved_level, saved_filters = root.handlers[:], root.level, asyncio_log.filters[:]
+    seen = _Collect()
+    asyncio_log.addHandler(seen)
+
+    async def connect_and_close() -> None:
+        nc = await nats.connect(**server.connect_kwargs("admin"), allow_reconnect=False)
+        await nc.flush()
+        await nc.close()
+
+    try:
+        # Without the services' logging: the library still warns (else this test would prove nothing).
+        await connect_and_close()
+        for _ in range(40):
+            if seen.messages:
+                break
+            await asyncio.sleep(0.05)
+        assert seen.messages == [telemetry.ASYNCIO_TLS_EOF_NOISE]
+        seen.messages.clear()
+        telemetry.setup_logging()
+        await connect_and_close()
+        await asyncio.sleep(0.5)
+        asyncio_log.warning("another asyncio warning")
+        assert seen.messages == ["another asyncio warning"]
+    finally:
+        asyncio_log.removeHandler(seen)
+        asyncio_log.filters[:] = saved_filters
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
         server.stop()
