@@ -341,7 +341,8 @@ async def _stream_notices(env: LocalEnv, serial: str) -> list[int]:
         js = nc.jetstream()
         state = (await js.stream_info(subjects.EXPIRY_STREAM)).state
         windows = []
-        for seq in range(state.first_seq, state.last_seq + 1):
+        # A stream that never held a message reports first_seq 0, which get_msg refuses (400): nothing to read.
+        for seq in range(max(state.first_seq, 1), state.last_seq + 1):
             try:
                 msg = await js.get_msg(subjects.EXPIRY_STREAM, seq)
             except NotFoundError:
@@ -421,6 +422,32 @@ async def test_expiry_crash_after_record_or_after_publish_loses_nothing_and_dupl
     assert await _stream_notices(env, published_unmarked.serial) == [30 * DAY], "republished, the stream dropped it"
     for serial in (recorded_only.serial, published_unmarked.serial):
         assert await _notice_rows(sql, serial) == [(30 * DAY, True)]
+
+
+async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_certificate_on(
+        env, nats_client, rig, sql, monkeypatch) -> None:
+    """One batch used to send an UPDATE per certificate: 500 round trips, which on a busy host outlasted the
+    transaction bound, so the batch never committed and every timeout moved CLM to another database node. Now the
+    statements of a batch do not depend on its size, and each certificate still gets its own next check."""
+    inventory = rig.clm.expiry._store
+    await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)  # what earlier tests left unseen
+    certs = [await _issue(nats_client, [f"eb-{i}-{_tag()}.example.com"], "expiry-batch") for i in range(6)]
+    statements: list[str] = []
+    execute = aiomysql.Cursor.execute
+
+    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
+        statements.append(query)
+        return await execute(self, query, args)
+
+    monkeypatch.setattr(aiomysql.Cursor, "execute", counted)
+    batch = await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)
+    monkeypatch.undo()
+    assert batch.examined == len(certs) and not batch.more
+    assert len(statements) == 3, statements  # the unseen, the due, one UPDATE (no notice: 90 days left)
+    rows = dict(await query(sql, "SELECT serial, expiry_check_at FROM requests WHERE requester = %s",
+                            ("expiry-batch",)))
+    for cert in certs:  # 90-day certificates: the 30-day window opens next, each at its own time
+        assert rows[cert.serial] == (cert.not_after - timedelta(days=30)).replace(tzinfo=None), cert.serial
 
 
 async def _wait_for(predicate, timeout: float) -> bool:
