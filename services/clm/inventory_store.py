@@ -156,10 +156,11 @@ class MariaDBInventoryStore:
             return
 
         async def body(cur: aiomysql.Cursor) -> None:
-            await cur.executemany(
-                "UPDATE expiry_notices SET published_at = %s"
-                " WHERE issuer = %s AND serial = %s AND window_seconds = %s AND published_at IS NULL",
-                [(db_time(now), n.issuer, n.serial, n.window_seconds) for n in notices],
+            # One statement (a range on the primary key), not one per notice (see record_expiring).
+            await cur.execute(
+                "UPDATE expiry_notices SET published_at = %s WHERE (issuer, serial, window_seconds) IN ("
+                + ", ".join(["(%s, %s, %s)"] * len(notices)) + ") AND published_at IS NULL",
+                (db_time(now), *(value for n in notices for value in (n.issuer, n.serial, n.window_seconds))),
             )
 
         await self._db.run(body, name="clm.expiry_published")

@@ -450,6 +450,31 @@ async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_ce
         assert rows[cert.serial] == (cert.not_after - timedelta(days=30)).replace(tzinfo=None), cert.serial
 
 
+async def test_marking_notices_published_is_one_statement_and_marks_only_those(
+        env, nats_client, rig, sql, monkeypatch) -> None:
+    inventory = rig.clm.expiry._store
+    certs = [await _issue(nats_client, [f"mp-{i}-{_tag()}.example.com"], "mark-published") for i in range(3)]
+    rig.clock.offset = timedelta(days=61)  # inside the 30-day window
+    await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)
+    ours = {cert.serial for cert in certs}
+    notices = [n for n in await inventory.unpublished_notices(10_000) if n.serial in ours]
+    assert len(notices) == 3
+    statements: list[str] = []
+    execute = aiomysql.Cursor.execute
+
+    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
+        statements.append(query)
+        return await execute(self, query, args)
+
+    monkeypatch.setattr(aiomysql.Cursor, "execute", counted)
+    await inventory.mark_published(notices[:2], rig.clock())
+    monkeypatch.undo()
+    assert len(statements) == 1, statements
+    marked = {n.serial for n in notices[:2]}
+    for cert in certs:
+        assert await _notice_rows(sql, cert.serial) == [(30 * DAY, cert.serial in marked)]
+
+
 async def _wait_for(predicate, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
