@@ -85,6 +85,13 @@ class DatabaseConfig(StrictModel):
     tls_ca_file: Path | None = Field(
         default=None, description="PEM bundle of the CAs that issue the database nodes' certificates; set: every "
         "connection uses TLS and verifies the node's certificate against it")
+    fail_back_seconds: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="After moving off a node, how often to check (a status read, in the background) whether an "
+        "earlier node of `nodes` is healthy again (Primary, ready, synced); the first healthy one then takes the work "
+        "again, so every service writes on the same node as before. Doubles, up to 300 s, while a node given back "
+        "the work fails again within 60 s",
+    )
     acquire_timeout_seconds: float = Field(
         default=10.0, gt=0, le=300,
         description="Bound on waiting for a free pooled connection, seconds. A wait here is overload, not a node "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import random
 import ssl
 import time
@@ -47,6 +48,12 @@ CR_SERVER_LOST = 2013
 RETRY_SAME_NODE = {ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}
 POOL_RECYCLE_SECONDS = 3600.0  # idle connections older than this are replaced (server wait_timeout is 8 h)
 NODE_DOWN = {ER_UNKNOWN_COM_ERROR, CR_CONN_HOST_ERROR, CR_SERVER_GONE, CR_SERVER_LOST, ER_QUERY_INTERRUPTED, 1053, 1927}
+# Failing back (DatabaseConfig.fail_back_seconds): the bound of one status read, the most the interval grows to, and
+# how soon after being given the work back a node's failure counts as flapping (the interval then doubles).
+FAIL_BACK_STATUS_TIMEOUT = 2.0
+FAIL_BACK_MAX_SECONDS = 300.0
+FAIL_BACK_FLAP_SECONDS = 60.0
+GALERA_SYNCED = "4"  # wsrep_local_state of a node that is part of the cluster and up to date
 
 
 # Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
@@ -199,6 +206,13 @@ class Database:
         self._current = 0
         self._sleep = sleep
         self._status_asks: set[asyncio.Task[bool]] = set()  # primary_status() reads still finishing (see there)
+        # Failing back to an earlier node (see _fail_back): when it was last checked, how often, when it last got
+        # the work back, and the check running now (kept referenced; it ends on its own bound).
+        self._fail_back_interval = config.fail_back_seconds
+        self._fail_back_checked = time.monotonic()
+        self._failed_back_at = -math.inf
+        self._fail_back_check: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def nodes(self) -> list[str]:
@@ -206,6 +220,8 @@ class Database:
 
     async def close(self) -> None:
         # primary_status() reads still running end on their own bound; a connection they give back now is closed.
+        # A fail-back check still running reads no further node.
+        self._closed = True
         pools = [*self._pools.values(), *self._status_pools.values()]
         self._pools, self._status_pools = {}, {}
         for pool in pools:
@@ -273,8 +289,57 @@ class Database:
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
         if nodes[self._current % len(nodes)] == node:
+            now = time.monotonic()
+            if now - self._failed_back_at < FAIL_BACK_FLAP_SECONDS:
+                # The node given the work back failed again soon: check less often (a node that answers its status
+                # but not its transactions would otherwise cost a timeout every interval).
+                self._fail_back_interval = min(2 * self._fail_back_interval, FAIL_BACK_MAX_SECONDS)
+            else:
+                self._fail_back_interval = self._config.fail_back_seconds
+            self._fail_back_checked = now
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
+
+    def _maybe_fail_back(self) -> None:
+        """On a node after the first, start a check whether an earlier one is healthy again, at most every
+        fail-back interval and one at a time, in the background (the transaction does not wait for it)."""
+        if self._current % len(self._config.nodes) == 0 or self._fail_back_check is not None:
+            return
+        now = time.monotonic()
+        if now - self._fail_back_checked < self._fail_back_interval:
+            return
+        self._fail_back_checked = now
+        self._fail_back_check = asyncio.ensure_future(self._fail_back())
+        self._fail_back_check.add_done_callback(self._fail_back_done)
+
+    async def _fail_back(self) -> None:
+        """Give the work back to the first node before the current one that is healthy: Primary, ready and synced
+        (a node still joining or donating is not). Every service lists the nodes in the same order, so after a
+        failure every one of them writes on the same node again; one that stayed on another after a timeout of its
+        own (a slow transaction, not a dead node) would otherwise write there for good, and writers on two Galera
+        nodes conflict at certification (brute-force aborts, retries)."""
+        nodes = self._config.nodes
+        current = self._current % len(nodes)
+        for index, node in enumerate(nodes[:current]):
+            if self._closed:
+                return
+            try:
+                async with asyncio.timeout(FAIL_BACK_STATUS_TIMEOUT):
+                    status = await self._wsrep_status(node, FAIL_BACK_STATUS_TIMEOUT)
+            except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
+                log.debug("fail-back check of %s: %s", node, exc)
+                continue
+            if status is None or (status.get("wsrep_cluster_status"), status.get("wsrep_ready"),
+                                  status.get("wsrep_local_state")) == ("Primary", "ON", GALERA_SYNCED):
+                if self._current % len(nodes) == current:  # unless a failure moved it meanwhile
+                    self._current, self._failed_back_at = index, time.monotonic()
+                    log.warning("database node %s healthy again; switching back from %s", node, nodes[current])
+                return
+
+    def _fail_back_done(self, task: asyncio.Task[None]) -> None:
+        self._fail_back_check = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fail-back check failed", exc_info=task.exception())
 
     async def primary_status(self, timeout: float) -> str:
         """Whether a node this process reaches is in Galera's Primary component, asking all nodes at once.
@@ -325,6 +390,7 @@ class Database:
         `timeout` bounds one attempt once it holds a connection (default: transaction_timeout_seconds).
         """
         bound = self._config.transaction_timeout_seconds if timeout is None else timeout
+        self._maybe_fail_back()
         with telemetry.span(tracer, "db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
             last: BaseException | None = None
             for attempt in range(self._config.max_attempts):

@@ -60,6 +60,100 @@ async def test_a_dead_node_first_in_the_list_fails_over_to_the_next(env: LocalEn
         await database.close()
 
 
+class _Relay:
+    """A node in front of the real one: relays TCP to it, and can go down (connections cut, new ones refused) and
+    come back on the same address."""
+
+    def __init__(self, target: str) -> None:
+        self._host, _, port = target.rpartition(":")
+        self._port = int(port)
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+        self.accepted = 0
+
+    @property
+    def node(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass  # the other side went away: so does this one
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_after_a_failover_the_first_node_takes_the_work_again_once_it_is_healthy(env: LocalEnv) -> None:
+    """Every service lists the same nodes: after a failure they should all write on the first healthy one again,
+    not stay wherever their own failover left each of them (writers on two Galera nodes conflict at certification).
+    Checked in the background, at most every fail_back_seconds, and less often while the node keeps failing."""
+    real = stack.database_config(env).nodes[0]
+    first = _Relay(real)
+    await first.start()
+    cfg = stack.database_config(env).model_copy(update={
+        "nodes": [first.node, real], "fail_back_seconds": 0.2, "connect_timeout_seconds": 0.5})
+    database = Database(cfg, sleep=_no_sleep)
+
+    async def one(cur):
+        await cur.execute("SELECT 1")
+        return (await cur.fetchone())[0]
+
+    async def checked() -> None:  # a transaction (which starts a due check), then that check's end
+        assert await database.run(one, name="t.failback") == 1
+        for _ in range(100):
+            if database._fail_back_check is None:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the fail-back check did not end")
+
+    try:
+        assert await database.run(one, name="t.failback") == 1
+        assert first.accepted == 1 and database.nodes[database._current] == first.node
+        first.stop()
+        assert await database.run(one, name="t.failback") == 1
+        assert database.nodes[database._current] == real
+        for _ in range(3):  # the first node is still down: every check fails, the work stays where it is
+            await asyncio.sleep(0.25)
+            await checked()
+            assert database.nodes[database._current] == real
+        await first.start()
+        await asyncio.sleep(0.25)
+        await checked()
+        assert database.nodes[database._current] == first.node
+        accepted = first.accepted
+        assert await database.run(one, name="t.failback") == 1
+        assert first.accepted == accepted + 1, "the transaction went through the first node again"
+        first.stop()  # failing again right after getting the work back: check half as often
+        assert await database.run(one, name="t.failback") == 1
+        assert database.nodes[database._current] == real
+        assert database._fail_back_interval == 2 * cfg.fail_back_seconds
+    finally:
+        await database.close()
+        first.stop()
+
+
 async def test_no_reachable_node_raises_a_retryable_database_error(env: LocalEnv) -> None:
     cfg = stack.database_config(env).model_copy(update={"nodes": [f"127.0.0.1:{free_port()}"], "max_attempts": 3})
     database = Database(cfg, sleep=_no_sleep)
