@@ -212,6 +212,7 @@ class Database:
         self._fail_back_checked = time.monotonic()
         self._failed_back_at = -math.inf
         self._fail_back_check: asyncio.Task[None] | None = None
+        self._healthy_since: dict[str, float] = {}  # earlier nodes found healthy, since when (checks in between too)
         self._closed = False
 
     @property
@@ -313,11 +314,14 @@ class Database:
         self._fail_back_check.add_done_callback(self._fail_back_done)
 
     async def _fail_back(self) -> None:
-        """Give the work back to the first node before the current one that is healthy: Primary, ready and synced
-        (a node still joining or donating is not). Every service lists the nodes in the same order, so after a
-        failure every one of them writes on the same node again; one that stayed on another after a timeout of its
-        own (a slow transaction, not a dead node) would otherwise write there for good, and writers on two Galera
-        nodes conflict at certification (brute-force aborts, retries)."""
+        """Give the work back to the first node before the current one that is healthy, and was on the check before
+        too (at least one interval earlier): Primary, ready and synced (a node still joining or donating is not).
+        A node that has just rejoined reports itself synced while the cluster may still stall for a few seconds
+        (measured in the db-node-kill scenario: a transaction given back at once timed out there), hence the two
+        checks. Every service lists the nodes in the same order, so after a failure every one of them writes on the
+        same node again; one that stayed on another after a timeout of its own (a slow transaction, not a dead
+        node) would otherwise write there for good, and writers on two Galera nodes conflict at certification
+        (brute-force aborts, retries)."""
         nodes = self._config.nodes
         current = self._current % len(nodes)
         for index, node in enumerate(nodes[:current]):
@@ -328,13 +332,22 @@ class Database:
                     status = await self._wsrep_status(node, FAIL_BACK_STATUS_TIMEOUT)
             except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
                 log.debug("fail-back check of %s: %s", node, exc)
+                self._healthy_since.pop(node, None)
                 continue
-            if status is None or (status.get("wsrep_cluster_status"), status.get("wsrep_ready"),
-                                  status.get("wsrep_local_state")) == ("Primary", "ON", GALERA_SYNCED):
-                if self._current % len(nodes) == current:  # unless a failure moved it meanwhile
-                    self._current, self._failed_back_at = index, time.monotonic()
-                    log.warning("database node %s healthy again; switching back from %s", node, nodes[current])
+            if status is not None and (status.get("wsrep_cluster_status"), status.get("wsrep_ready"),
+                                       status.get("wsrep_local_state")) != ("Primary", "ON", GALERA_SYNCED):
+                self._healthy_since.pop(node, None)
+                continue
+            now = time.monotonic()
+            since = self._healthy_since.setdefault(node, now)
+            if now - since < self._fail_back_interval:
+                log.info("database node %s is healthy; it gets the work back if it still is on the next check", node)
                 return
+            if self._current % len(nodes) == current:  # unless a failure moved it meanwhile
+                self._current, self._failed_back_at = index, now
+                self._healthy_since.clear()
+                log.warning("database node %s healthy again; switching back from %s", node, nodes[current])
+            return
 
     def _fail_back_done(self, task: asyncio.Task[None]) -> None:
         self._fail_back_check = None
