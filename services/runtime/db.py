@@ -298,6 +298,7 @@ class Database:
             else:
                 self._fail_back_interval = self._config.fail_back_seconds
             self._fail_back_checked = now
+            self._healthy_since.clear()  # a new failure: health seen before it is no evidence any more
             self._current = (self._current + 1) % len(nodes)
             log.warning("database node %s unusable; switching to %s", node, nodes[self._current])
 

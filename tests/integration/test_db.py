@@ -158,6 +158,48 @@ async def test_after_a_failover_the_first_node_takes_the_work_again_once_it_is_h
         first.stop()
 
 
+async def test_health_seen_before_a_new_failure_does_not_count_towards_failing_back(env: LocalEnv) -> None:
+    """On db-2 after db-1 failed, a check finds db-1 healthy once; then db-2 fails too and the work moves to db-3.
+    That one healthy check must not count: db-1 gets the work back only after two checks after the new failure."""
+    real = stack.database_config(env).nodes[0]
+    first, second = _Relay(real), _Relay(real)
+    await first.start()
+    await second.start()
+    cfg = stack.database_config(env).model_copy(update={
+        "nodes": [first.node, second.node, real], "fail_back_seconds": 0.2, "connect_timeout_seconds": 0.5})
+    database = Database(cfg, sleep=_no_sleep)
+
+    async def one(cur):
+        await cur.execute("SELECT 1")
+        return (await cur.fetchone())[0]
+
+    async def checked() -> str:  # a transaction (which starts a due check), then that check's end: the node now
+        assert await database.run(one, name="t.failback") == 1
+        for _ in range(100):
+            if database._fail_back_check is None:
+                return database.nodes[database._current]
+            await asyncio.sleep(0.02)
+        raise AssertionError("the fail-back check did not end")
+
+    try:
+        assert await checked() == first.node
+        first.stop()
+        assert await checked() == second.node
+        await first.start()
+        await asyncio.sleep(0.25)
+        assert await checked() == second.node  # first healthy once
+        second.stop()
+        assert await checked() == real  # a new failure (the check it starts is not due yet)
+        await asyncio.sleep(0.25)
+        assert await checked() == real, "health seen before the new failure counted"
+        await asyncio.sleep(0.25)
+        assert await checked() == first.node
+    finally:
+        await database.close()
+        first.stop()
+        second.stop()
+
+
 async def test_no_reachable_node_raises_a_retryable_database_error(env: LocalEnv) -> None:
     cfg = stack.database_config(env).model_copy(update={"nodes": [f"127.0.0.1:{free_port()}"], "max_attempts": 3})
     database = Database(cfg, sleep=_no_sleep)
