@@ -83,16 +83,19 @@ async def test_a_bus_connection_over_tls_ends_without_asyncio_s_eof_warning(tmp_
         # Without the services' logging: the library still warns (else this test would prove nothing).
         await connect_and_close()
         for _ in range(40):
-            if seen.messages:
+            if telemetry.ASYNCIO_TLS_EOF_NOISE in seen.messages:
                 break
             await asyncio.sleep(0.05)
-        assert seen.messages == [telemetry.ASYNCIO_TLS_EOF_NOISE]
+        # Only these two messages are looked at: other asyncio messages of the process (a transport of an earlier
+        # test collected now) may come and go.
+        assert seen.messages.count(telemetry.ASYNCIO_TLS_EOF_NOISE) == 1
         seen.messages.clear()
         telemetry.setup_logging()
         await connect_and_close()
         await asyncio.sleep(0.5)
         asyncio_log.warning("another asyncio warning")
-        assert seen.messages == ["another asyncio warning"]
+        assert telemetry.ASYNCIO_TLS_EOF_NOISE not in seen.messages
+        assert "another asyncio warning" in seen.messages
     finally:
         asyncio_log.removeHandler(seen)
         asyncio_log.filters[:] = saved_filters
