@@ -317,9 +317,9 @@ class Database:
     async def _fail_back(self) -> None:
         """Give the work back to the first node before the current one that is healthy, and was on the check before
         too (at least one interval earlier): Primary, ready and synced (a node still joining or donating is not).
-        A node that has just rejoined reports itself synced while the cluster may still stall for a few seconds
-        (measured in the db-node-kill scenario: a transaction given back at once timed out there), hence the two
-        checks. Every service lists the nodes in the same order, so after a failure every one of them writes on the
+        A node that has just rejoined reports itself synced while the cluster may still be settling, hence the two
+        checks (a precaution: the one timeout seen after an immediate fail-back in the db-node-kill scenario had
+        begun before it). Every service lists the nodes in the same order, so after a failure every one of them writes on the
         same node again; one that stayed on another after a timeout of its own (a slow transaction, not a dead
         node) would otherwise write there for good, and writers on two Galera nodes conflict at certification
         (brute-force aborts, retries)."""
