@@ -89,8 +89,8 @@ class DatabaseConfig(StrictModel):
         default=10.0, gt=0, le=3600,
         description="After moving off a node, how often to check (a status read, in the background) whether an "
         "earlier node of `nodes` is healthy again (Primary, ready, synced); the first one found healthy on two checks "
-        "in a row takes the work again, so every service writes on the same node as before. Doubles, up to 300 s, while a node given back "
-        "the work fails again within 60 s",
+        "in a row takes the work again, so every service writes on the same node as before. Doubles, up to 300 s, "
+        "while a node given back the work fails again within 60 s",
     )
     acquire_timeout_seconds: float = Field(
         default=10.0, gt=0, le=300,

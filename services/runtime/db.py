@@ -58,11 +58,11 @@ GALERA_SYNCED = "4"  # wsrep_local_state of a node that is part of the cluster a
 
 # Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
 _SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'"
-# The fence and the COMMIT in one round trip (_FENCE; [stamp;] COMMIT): the epochs row lock is held only for the server-side commit, not
-# while this process gets round to sending COMMIT (under load that wait dominated, every signing transaction
-# queueing on the one row). A stale epoch writes NULL into a NOT NULL column: an error, so the COMMIT after it
-# never runs. The write (not a read) matters on Galera: a concurrent epoch bump on another node conflicts with
-# it at certification, so one of the two transactions fails instead of both committing.
+# The fence and the COMMIT in one round trip (_FENCE; [at_fence statements;] COMMIT): the epochs row lock is held
+# only for the server-side commit, not while this process gets round to sending COMMIT (under load that wait
+# dominated, every signing transaction queueing on the one row). A stale epoch writes NULL into a NOT NULL column: an
+# error, so the COMMIT after it never runs. The write (not a read) matters on Galera: a concurrent epoch bump on
+# another node conflicts with it at certification, so one of the two transactions fails instead of both committing.
 # The new fence_seq is kept in @hapki_fence_seq for the statements the body puts after the fence (at_fence: commit
 # order, see 0002).
 _FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s"
@@ -319,10 +319,10 @@ class Database:
         too (at least one interval earlier): Primary, ready and synced (a node still joining or donating is not).
         A node that has just rejoined reports itself synced while the cluster may still be settling, hence the two
         checks (a precaution: the one timeout seen after an immediate fail-back in the db-node-kill scenario had
-        begun before it). Every service lists the nodes in the same order, so after a failure every one of them writes on the
-        same node again; one that stayed on another after a timeout of its own (a slow transaction, not a dead
-        node) would otherwise write there for good, and writers on two Galera nodes conflict at certification
-        (brute-force aborts, retries)."""
+        begun before it). Every service lists the nodes in the same order, so after a failure every one of them
+        writes on the same node again; one that stayed on another after a timeout of its own (a slow transaction,
+        not a dead node) would otherwise write there for good, and writers on two Galera nodes conflict at
+        certification (brute-force aborts, retries)."""
         nodes = self._config.nodes
         current = self._current % len(nodes)
         for index, node in enumerate(nodes[:current]):

@@ -60,6 +60,21 @@ async def test_a_dead_node_first_in_the_list_fails_over_to_the_next(env: LocalEn
         await database.close()
 
 
+async def _select_one(cur) -> int:
+    await cur.execute("SELECT 1")
+    return (await cur.fetchone())[0]
+
+
+async def _run_then_fail_back_check(database: Database) -> str:
+    """A transaction (which starts a fail-back check when one is due), then that check's end: the node in use."""
+    assert await database.run(_select_one, name="t.failback") == 1
+    for _ in range(100):
+        if database._fail_back_check is None:
+            return database.nodes[database._current]
+        await asyncio.sleep(0.02)
+    raise AssertionError("the fail-back check did not end")
+
+
 class _Relay:
     """A node in front of the real one: relays TCP to it, and can go down (connections cut, new ones refused) and
     come back on the same address."""
@@ -116,41 +131,26 @@ async def test_after_a_failover_the_first_node_takes_the_work_again_once_it_is_h
     cfg = stack.database_config(env).model_copy(update={
         "nodes": [first.node, real], "fail_back_seconds": 0.2, "connect_timeout_seconds": 0.5})
     database = Database(cfg, sleep=_no_sleep)
-
-    async def one(cur):
-        await cur.execute("SELECT 1")
-        return (await cur.fetchone())[0]
-
-    async def checked() -> None:  # a transaction (which starts a due check), then that check's end
-        assert await database.run(one, name="t.failback") == 1
-        for _ in range(100):
-            if database._fail_back_check is None:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("the fail-back check did not end")
-
     try:
-        assert await database.run(one, name="t.failback") == 1
+        assert await database.run(_select_one, name="t.failback") == 1
         assert first.accepted == 1 and database.nodes[database._current] == first.node
         first.stop()
-        assert await database.run(one, name="t.failback") == 1
+        assert await database.run(_select_one, name="t.failback") == 1
         assert database.nodes[database._current] == real
         for _ in range(3):  # the first node is still down: every check fails, the work stays where it is
             await asyncio.sleep(0.25)
-            await checked()
-            assert database.nodes[database._current] == real
+            assert await _run_then_fail_back_check(database) == real
         await first.start()
         await asyncio.sleep(0.25)
-        await checked()  # healthy once: not yet (a node that has just rejoined Galera may still stall)
-        assert database.nodes[database._current] == real
+        # Healthy once: not yet (a node that has just rejoined Galera may still be settling).
+        assert await _run_then_fail_back_check(database) == real
         await asyncio.sleep(0.25)
-        await checked()  # and still, an interval later
-        assert database.nodes[database._current] == first.node
+        assert await _run_then_fail_back_check(database) == first.node  # and still, an interval later
         accepted = first.accepted
-        assert await database.run(one, name="t.failback") == 1
+        assert await database.run(_select_one, name="t.failback") == 1
         assert first.accepted == accepted + 1, "the transaction went through the first node again"
         first.stop()  # failing again right after getting the work back: check half as often
-        assert await database.run(one, name="t.failback") == 1
+        assert await database.run(_select_one, name="t.failback") == 1
         assert database.nodes[database._current] == real
         assert database._fail_back_interval == 2 * cfg.fail_back_seconds
     finally:
@@ -169,31 +169,19 @@ async def test_health_seen_before_a_new_failure_does_not_count_towards_failing_b
         "nodes": [first.node, second.node, real], "fail_back_seconds": 0.2, "connect_timeout_seconds": 0.5})
     database = Database(cfg, sleep=_no_sleep)
 
-    async def one(cur):
-        await cur.execute("SELECT 1")
-        return (await cur.fetchone())[0]
-
-    async def checked() -> str:  # a transaction (which starts a due check), then that check's end: the node now
-        assert await database.run(one, name="t.failback") == 1
-        for _ in range(100):
-            if database._fail_back_check is None:
-                return database.nodes[database._current]
-            await asyncio.sleep(0.02)
-        raise AssertionError("the fail-back check did not end")
-
     try:
-        assert await checked() == first.node
+        assert await _run_then_fail_back_check(database) == first.node
         first.stop()
-        assert await checked() == second.node
+        assert await _run_then_fail_back_check(database) == second.node
         await first.start()
         await asyncio.sleep(0.25)
-        assert await checked() == second.node  # first healthy once
+        assert await _run_then_fail_back_check(database) == second.node  # first healthy once
         second.stop()
-        assert await checked() == real  # a new failure (the check it starts is not due yet)
+        assert await _run_then_fail_back_check(database) == real  # a new failure (the check it starts is not due yet)
         await asyncio.sleep(0.25)
-        assert await checked() == real, "health seen before the new failure counted"
+        assert await _run_then_fail_back_check(database) == real, "health seen before the new failure counted"
         await asyncio.sleep(0.25)
-        assert await checked() == first.node
+        assert await _run_then_fail_back_check(database) == first.node
     finally:
         await database.close()
         first.stop()

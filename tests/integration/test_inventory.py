@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -424,27 +425,35 @@ async def test_expiry_crash_after_record_or_after_publish_loses_nothing_and_dupl
         assert await _notice_rows(sql, serial) == [(30 * DAY, True)]
 
 
+@contextlib.contextmanager
+def _own_statements() -> Iterator[list[str]]:
+    """The SQL the calling task sends meanwhile, one entry per Cursor.execute (a round trip); not the services'
+    own background work in this process (the audit sealer, say)."""
+    statements: list[str] = []
+    execute, caller = aiomysql.Cursor.execute, asyncio.current_task()
+
+    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
+        if asyncio.current_task() is caller:
+            statements.append(query)
+        return await execute(self, query, args)
+
+    aiomysql.Cursor.execute = counted  # type: ignore[method-assign]
+    try:
+        yield statements
+    finally:
+        aiomysql.Cursor.execute = execute  # type: ignore[method-assign]
+
+
 async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_certificate_on(
-        env, nats_client, rig, sql, monkeypatch) -> None:
+        env, nats_client, rig, sql) -> None:
     """One batch used to send an UPDATE per certificate: 500 round trips, which on a busy host outlasted the
     transaction bound, so the batch never committed and every timeout moved CLM to another database node. Now the
     statements of a batch do not depend on its size, and each certificate still gets its own next check."""
     inventory = rig.clm.expiry._store
     await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)  # what earlier tests left unseen
     certs = [await _issue(nats_client, [f"eb-{i}-{_tag()}.example.com"], "expiry-batch") for i in range(6)]
-    statements: list[str] = []
-    execute = aiomysql.Cursor.execute
-
-    caller = asyncio.current_task()
-
-    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
-        if asyncio.current_task() is caller:  # not the services' own background work in this process
-            statements.append(query)
-        return await execute(self, query, args)
-
-    monkeypatch.setattr(aiomysql.Cursor, "execute", counted)
-    batch = await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)
-    monkeypatch.undo()
+    with _own_statements() as statements:
+        batch = await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)
     assert batch.examined == len(certs) and not batch.more
     assert len(statements) == 3, statements  # the unseen, the due, one UPDATE (no notice: 90 days left)
     rows = dict(await query(sql, "SELECT serial, expiry_check_at FROM requests WHERE requester = %s",
@@ -454,7 +463,7 @@ async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_ce
 
 
 async def test_marking_notices_published_is_one_statement_and_marks_only_those(
-        env, nats_client, rig, sql, monkeypatch) -> None:
+        env, nats_client, rig, sql) -> None:
     inventory = rig.clm.expiry._store
     certs = [await _issue(nats_client, [f"mp-{i}-{_tag()}.example.com"], "mark-published") for i in range(3)]
     rig.clock.offset = timedelta(days=61)  # inside the 30-day window
@@ -462,19 +471,8 @@ async def test_marking_notices_published_is_one_statement_and_marks_only_those(
     ours = {cert.serial for cert in certs}
     notices = [n for n in await inventory.unpublished_notices(10_000) if n.serial in ours]
     assert len(notices) == 3
-    statements: list[str] = []
-    execute = aiomysql.Cursor.execute
-
-    caller = asyncio.current_task()
-
-    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
-        if asyncio.current_task() is caller:  # not the services' own background work in this process
-            statements.append(query)
-        return await execute(self, query, args)
-
-    monkeypatch.setattr(aiomysql.Cursor, "execute", counted)
-    await inventory.mark_published(notices[:2], rig.clock())
-    monkeypatch.undo()
+    with _own_statements() as statements:
+        await inventory.mark_published(notices[:2], rig.clock())
     assert len(statements) == 1, statements
     marked = {n.serial for n in notices[:2]}
     for cert in certs:
