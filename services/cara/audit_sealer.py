@@ -1,10 +1,11 @@
 """The audit sealer: on the active CARA member, chains the audit entries every writer appended.
 
-Writers append unchained entries inside their own transactions (hapki.runtime.audit.append), so they never
-contend for a shared row. Every `seal_interval_seconds` the active member takes the oldest unchained entries (by
-created_at, then id: deterministic), gives them the next sequence numbers and hashes, updates `audit_head` and
-removes their `audit_unsealed` markers, all in one transaction fenced by the CARA epoch: a member that lost its
-role cannot extend the chain, and two members can never both extend it (one chain across the cluster).
+Writers append unchained entries inside their own transactions (hapki.runtime.audit.append), with one
+`audit_unsealed` marker per transaction listing them, so they never contend for a shared row. Every
+`seal_interval_seconds` the active member takes the oldest markers (by created_at, then id), gives their entries
+the next sequence numbers and hashes in (created_at, id) order (deterministic), updates `audit_head` and removes
+the markers, all in one transaction fenced by the CARA epoch: a member that lost its role cannot extend the chain,
+and two members can never both extend it (one chain across the cluster).
 At most every `checkpoint_interval_seconds` it then signs the head with the issuer's audit signer key in the HSM
 (outside any transaction) and stores that checkpoint, fenced too.
 """
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from hapki.cara.config import AuditConfig
 from hapki.cara.role import Activity, run_while_active
 from hapki.cara.store import TIER
 from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
-from hapki.runtime.db import Database, Fence, db_time
+from hapki.runtime.db import Database, Fence, db_time, execute_many
 
 log = logging.getLogger("hapki.cara.audit")
 
@@ -40,50 +42,78 @@ class CheckpointKey:
     key: ec.EllipticCurvePrivateKey
 
 
-async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> int:
-    """Chain up to `batch` unchained entries under `epoch` (FencedOut if it is not current); return how many.
+class Sealed(NamedTuple):
+    """What one sealing transaction did: entries chained, and whether markers were left for another."""
 
+    chained: int
+    more: bool
+
+
+async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed:
+    """Chain the entries of the oldest markers, about `batch` of them, under `epoch` (FencedOut if it is not current).
+
+    A marker stands for the entries one transaction appended (migration 0007); a marker is taken whole, so a
+    transaction may chain more than `batch` entries when its first marker alone lists more.
     Idempotent under whole-transaction retry: it starts from the head it reads, so a retry after a commit whose
     outcome was unknown just finds fewer (or no) entries to chain.
     """
 
-    async def body(cur: aiomysql.Cursor) -> int:
+    async def body(cur: aiomysql.Cursor) -> Sealed:
         # Step 1: the head, locked (only sealers touch it; one active member, so no one waits in practice).
         await cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         head = await cur.fetchone()
         seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
-        # Step 2: the oldest unchained entries; a marker whose entry is chained already is only cleared.
+        # Step 2: the oldest markers, as many as hold about `batch` entries (at least one marker).
+        await cur.execute("SELECT entry_id, entry_ids FROM audit_unsealed ORDER BY created_at, entry_id LIMIT %s",
+                          (batch,))
+        found = list(await cur.fetchall())
+        if not found:
+            return Sealed(0, False)
+        markers: list[str] = []
+        ids: list[str] = []
+        for marker, listed in found:
+            members = listed.split(",") if listed else [marker]
+            if markers and len(ids) + len(members) > batch:
+                break
+            markers.append(marker)
+            ids += members
+        more = len(markers) < len(found) or len(found) == batch
+        # Step 3: their entries in order, each with its link if it has one already (then it is only unmarked). An
+        # id without an entry is skipped: verification reports the entry's loss.
         await cur.execute(
-            f"SELECT u.entry_id, c.seq, {ENTRY_COLUMNS} FROM audit_unsealed u"
-            " LEFT JOIN audit_entries e ON e.id = u.entry_id LEFT JOIN audit_chain c ON c.entry_id = u.entry_id"
-            " ORDER BY u.created_at, u.entry_id LIMIT %s", (batch,))
-        rows = list(await cur.fetchall())
-        if not rows:
-            return 0
-        # Step 3: the links.
+            f"SELECT c.seq, {ENTRY_COLUMNS} FROM audit_entries e LEFT JOIN audit_chain c ON c.entry_id = e.id"
+            f" WHERE e.id IN ({_marks(ids)}) ORDER BY e.created_at, e.id", ids)
         links = []
-        for row in rows:
-            if row[1] is not None or row[2] is None:
-                continue  # already chained, or a marker without an entry (verification reports the latter's loss)
+        for row in await cur.fetchall():
+            if row[0] is not None:
+                continue
             seq += 1
-            record = record_from_row(row[2:])
-            digest = link_hash(prev, record, seq, detail=row[9])
-            links.append((seq, record.id, prev, digest, epoch, db_time(now)))
+            record = record_from_row(row[1:])
+            digest = link_hash(prev, record, seq, detail=row[8])
+            links.append((seq, record.id, prev, digest))
             prev = digest
-        # Step 4: store them, drop the markers, move the head; the fence and COMMIT follow in one round trip.
+        # Step 4: store the links, move the head, drop the markers; the fence and COMMIT follow in one round trip.
+        # Epoch and time are the same for every link: sent once, as session variables.
+        statements: list[tuple[str, Sequence[object]]] = []
         if links:
-            await cur.executemany(
-                "INSERT INTO audit_chain (seq, entry_id, prev_hash, hash, epoch, sealed_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s)", links)
-            await cur.execute(
-                "INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, %s, %s, %s)"
-                " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
-                (seq, prev, db_time(now)))
-        ids = [row[0] for row in rows]
-        await cur.execute(f"DELETE FROM audit_unsealed WHERE entry_id IN ({', '.join(['%s'] * len(ids))})", ids)
-        return len(links)
+            statements += [
+                ("SET @hapki_seal_epoch = %s, @hapki_sealed_at = %s", (epoch, db_time(now))),
+                ("INSERT INTO audit_chain (seq, entry_id, prev_hash, hash, epoch, sealed_at) VALUES "
+                 + ", ".join(["(%s, %s, %s, %s, @hapki_seal_epoch, @hapki_sealed_at)"] * len(links)),
+                 [value for link in links for value in link]),
+                ("INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, %s, %s, @hapki_sealed_at)"
+                 " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
+                 (seq, prev)),
+            ]
+        statements.append((f"DELETE FROM audit_unsealed WHERE entry_id IN ({_marks(markers)})", markers))
+        await execute_many(cur, statements)
+        return Sealed(len(links), more)
 
     return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join(["%s"] * len(values))
 
 
 async def sign_head(db: Database, sign: CheckpointKey, *, epoch: int, now: datetime) -> int | None:
@@ -142,9 +172,9 @@ class AuditSealer:
         how many entries were chained."""
         total = 0
         while True:
-            count = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
-            total += count
-            if count < self._config.batch:
+            sealed = await seal(self._db, epoch=epoch, now=self._clock(), batch=self._config.batch)
+            total += sealed.chained
+            if not sealed.more:
                 break
         self.sealed += total
         now = self._clock()

@@ -1,9 +1,9 @@
 """The audit log: entries appended inside state-changing transactions, and the one hash chain they form.
 
 Writers (CLM and CARA) call `append(cur, record)` inside the transaction body that makes the change, so no change
-commits without its entry and no entry exists without its change. Appending is unchained and conflict-free (a new
-row in `audit_entries` plus its marker in `audit_unsealed`), so concurrent writers on any Galera node never wait
-for one another. The active CARA member's sealer (hapki.cara.audit_sealer) chains entries later, under the CARA
+commits without its entry and no entry exists without its change. Appending is unchained and conflict-free (new
+rows in `audit_entries` plus one marker in `audit_unsealed` listing them, whatever their number), so concurrent
+writers on any Galera node never wait for one another. The active CARA member's sealer (hapki.cara.audit_sealer) chains entries later, under the CARA
 epoch fence: entry `seq` gets
 
     hash(seq) = SHA-256(bytes.fromhex(hash(seq - 1)) || canonical(entry, seq)),   hash(0) = 64 zeros,
@@ -126,24 +126,27 @@ async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
                       first: Sequence[tuple[str, Sequence[object]]] = (), commit: bool = False) -> list[int]:
     """Append `records` (one or more) as `append` does, all in one round trip with the statements `first` ahead.
 
-    Two multi-row inserts whatever the number of records (a signing batch appends one entry per certificate).
+    Two inserts whatever the number of records (a signing batch appends one entry per certificate): the entries,
+    and one marker standing for all of them until the sealer chains them (migration 0007).
     Returns the row count of each statement of `first`, then of the audit_entries insert. `commit`: COMMIT in
     the same round trip (the last step of an unfenced body; see hapki.runtime.db.execute_many).
     """
     if not records:
         raise ValueError("append_many needs at least one record")
     entries: list[object] = []
-    unsealed: list[object] = []
+    oldest: datetime | None = None
     for record in records:
         created = _stored(record.created_at)
         entries += [record.id, record.kind.value, record.actor[:128], record.epoch, record.request_id,
                     record.issuer, record.serial, record.detail_json(), created]
-        unsealed += [record.id, created]
+        oldest = created if oldest is None or created < oldest else oldest
+    # One marker for all of them (0007): keyed by the first entry, ordered by the oldest, listing the rest.
+    listed = ",".join(record.id for record in records) if len(records) > 1 else None
     results = await execute_many(cur, [
         *first,
         (f"INSERT INTO audit_entries ({_ENTRY_COLUMNS}) VALUES {', '.join([_ENTRY_VALUES] * len(records))}", entries),
-        (f"INSERT INTO audit_unsealed (entry_id, created_at) VALUES {', '.join(['(%s, %s)'] * len(records))}",
-         unsealed),
+        ("INSERT INTO audit_unsealed (entry_id, created_at, entry_ids) VALUES (%s, %s, %s)",
+         (records[0].id, oldest, listed)),
     ], commit=commit)
     return [count for count, _ in results[:-1]]
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import uuid
 from collections import Counter
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from hapki.contracts.errors import ErrorCode, FencedOut
 from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus, RevocationReason, RevokeCertificate
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
-from hapki.runtime.audit import AuditKind, AuditRecord, append, link_hash, record_from_row
+from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, link_hash, record_from_row
 from hapki.runtime.audit_verify import AuditReport, Problem, verify_database
 from hapki.runtime.clock import utcnow
-from hapki.runtime.db import Database
+from hapki.runtime.db import Database, db_time
 from helpers.csr import make_csr, make_key
 from integration.conftest import query
 
@@ -314,7 +315,7 @@ async def test_a_stale_epoch_cannot_seal(env, services, sql) -> None:
                 await seal(cara.db, epoch=stale, now=utcnow(), batch=100)
             assert await query(sql, "SELECT COUNT(*) FROM audit_chain WHERE entry_id = %s", (record.id,)) == [(0,)]
             # Under the current epoch the same entry is chained (with the epoch change before it).
-            assert await seal(cara.db, epoch=current, now=utcnow(), batch=100) >= 1
+            assert (await seal(cara.db, epoch=current, now=utcnow(), batch=100)).chained >= 1
             assert await query(sql, "SELECT epoch FROM audit_chain WHERE entry_id = %s", (record.id,)) == [(current,)]
             # Nor can it sign the new head (no one has: the module's sealer is paused).
             key = cara.audit._sign
@@ -326,6 +327,47 @@ async def test_a_stale_epoch_cannot_seal(env, services, sql) -> None:
         finally:
             await other.stop()
     await _settled(sql)
+    assert (await _verify(cara.db)).ok
+
+
+async def test_one_marker_stands_for_a_transactions_entries_and_the_sealer_takes_it_whole(services, sql) -> None:
+    """A transaction's entries get one marker listing them (0007); the sealer chains every entry of the markers it
+    takes in (created_at, id) order, takes a marker whole even when it lists more than its batch, and only clears a
+    marker whose entries are chained already. A one-entry marker is the form every marker had before 0007."""
+    cara, _ = services
+    await _settled(sql)
+    async with _sealer_paused(cara):
+        epoch = cara.signer.epoch
+        t0 = utcnow()
+        group = [AuditRecord(kind=AuditKind.REQUEST_RECORDED, actor="test", created_at=t0 + timedelta(microseconds=n),
+                             detail={"n": n}) for n in range(3)]
+        single = AuditRecord(kind=AuditKind.REQUEST_RECORDED, actor="test", created_at=t0 - timedelta(milliseconds=1),
+                             detail={"n": "single"})
+
+        async def write(cur: aiomysql.Cursor) -> None:
+            await append_many(cur, group[::-1])  # appended newest first: the chain must still be in creation order
+            await append(cur, single)
+
+        await cara.db.run(write, name="test.append")
+        markers = await query(sql, "SELECT entry_id, created_at, entry_ids FROM audit_unsealed ORDER BY created_at")
+        assert markers == [(single.id, db_time(single.created_at), None),
+                           (group[2].id, db_time(group[0].created_at), ",".join(r.id for r in group[::-1]))]
+
+        first = await seal(cara.db, epoch=epoch, now=utcnow(), batch=2)
+        assert first == (1, True), "the single (oldest) marker; the group of 3 would exceed the batch of 2"
+        assert await seal(cara.db, epoch=epoch, now=utcnow(), batch=2) == (3, False), "a marker is taken whole"
+        seqs = await query(sql, "SELECT entry_id, seq FROM audit_chain WHERE entry_id IN (%s, %s, %s, %s) ORDER BY seq",
+                           (single.id, *(r.id for r in group)))
+        assert [entry for entry, _ in seqs] == [single.id, *(r.id for r in group)]
+        assert seqs[-1][1] - seqs[0][1] == 3
+        assert await query(sql, "SELECT COUNT(*) FROM audit_unsealed") == [(0,)]
+
+        # A marker for entries chained already (a writer's retried commit that had gone through): only cleared.
+        await query(sql, "INSERT INTO audit_unsealed (entry_id, created_at, entry_ids) VALUES (%s, %s, %s)",
+                    markers[1])
+        assert await seal(cara.db, epoch=epoch, now=utcnow(), batch=100) == (0, False)
+        assert await query(sql, "SELECT COUNT(*) FROM audit_unsealed") == [(0,)]
+        assert await query(sql, "SELECT COUNT(*) FROM audit_chain WHERE entry_id = %s", (group[0].id,)) == [(1,)]
     assert (await _verify(cara.db)).ok
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -47,10 +47,25 @@ async def test_many_entries_and_leading_statements_go_in_one_round_trip() -> Non
     statements = sql.split("; ")
     assert statements[:2] == ["UPDATE a SET x = %s WHERE id = %s", "UPDATE b SET y = %s"]
     assert statements[2].startswith("INSERT INTO audit_entries") and statements[2].count("(%s, %s, %s") == 3
-    assert statements[3].startswith("INSERT INTO audit_unsealed") and statements[3].count("(%s, %s)") == 3
+    assert statements[3] == "INSERT INTO audit_unsealed (entry_id, created_at, entry_ids) VALUES (%s, %s, %s)"
     assert sql.count("%s") == len(args)
-    assert args[:3] == (1, "a", 2) and args[3] == records[0].id and args[-2] == records[2].id
+    assert args[:3] == (1, "a", 2) and args[3] == records[0].id
+    # One marker for the three: keyed by the first entry, ordered by the oldest, listing all of them.
+    assert args[-3:] == (records[0].id, T0, ",".join(r.id for r in records))
     assert counts == [1, 1, 3]  # the leading statements, then the entries' insert
+
+
+async def test_the_marker_is_ordered_by_the_oldest_entry_and_a_single_entry_lists_none() -> None:
+    cur = FakeCursor([3, 1])
+    older = AuditRecord(kind=AuditKind.REQUEST_RECORDED, actor="clm", created_at=T0 - timedelta(seconds=1), id="f" * 32)
+    records = [_record(1), older, _record(2)]
+    await append_many(cur, records)
+    [(_, args)] = cur.executed
+    assert args[-3:] == (records[0].id, older.created_at, f"{records[0].id},{'f' * 32},{records[2].id}")
+    cur = FakeCursor([1, 1])
+    await append(cur, _record(5))
+    [(_, args)] = cur.executed
+    assert args[-3:] == (_record(5).id, T0, None)  # the form of every marker before migration 0007
 
 
 async def test_append_is_one_entry_and_returns_the_count_of_its_statement_ahead() -> None:
