@@ -30,6 +30,8 @@ from cryptography.x509 import ocsp
 
 from hapki.cli.bench import percentile
 from hapki.cli.procstat import ProcessGroups, per_issuance_ms
+# The statements of one COM_QUERY (the services send `UPDATE ...; INSERT ...; COMMIT` as one).
+from hapki.runtime.migrate import split_sql as split_statements
 
 CHUNK = 100_000  # rows per INSERT ... SELECT: bounded transactions, progress to show
 PRELOAD_TIMEOUT_SECONDS = 3600.0  # one statement; re-building a table's indexes over 1M rows takes minutes
@@ -161,28 +163,6 @@ _LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'|\b\d+(?:\.\d+)?\b")
 def normalise(statement: str) -> str:
     """A statement with its literals replaced by `?` and whitespace folded: one entry per query shape."""
     return " ".join(_LITERAL.sub("?", statement).split())
-
-
-def split_statements(text: str) -> list[str]:
-    """The statements of one COM_QUERY (the services send `UPDATE ...; INSERT ...; COMMIT` as one), split at
-    semicolons outside quotes."""
-    parts, current, quote, escaped = [], [], "", False
-    for ch in text:
-        if escaped:
-            escaped = False
-        elif quote and ch == "\\":
-            escaped = True
-        elif quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"`":
-            quote = ch
-        elif ch == ";":
-            parts.append("".join(current).strip())
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current).strip())
-    return [part for part in parts if part]
 
 
 def explainable(statement: str) -> bool:

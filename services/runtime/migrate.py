@@ -31,8 +31,31 @@ def available() -> list[tuple[int, str, str]]:
 
 
 def split_statements(sql: str) -> list[str]:
-    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";") if s.strip()]
+    """The statements of a migration file: its comment lines dropped, split at semicolons outside quotes (a COMMENT
+    text may hold one; a plain split cut such a statement in two, and only `hapki db migrate` and the services'
+    start, not the mariadb client that provisions test databases, choked on it)."""
+    return split_sql("\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--")))
+
+
+def split_sql(text: str) -> list[str]:
+    """Statements split at semicolons outside quotes ('...', "...", `...`, with backslash escapes), stripped."""
+    parts, current, quote, escaped = [], [], "", False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif quote and ch == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"`":
+            quote = ch
+        elif ch == ";":
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return [part for part in parts if part]
 
 
 # A migration rewrites tables and backfills columns: minutes on a large database, not the milliseconds of the
