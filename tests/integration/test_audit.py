@@ -371,6 +371,32 @@ async def test_one_marker_stands_for_a_transactions_entries_and_the_sealer_takes
     assert (await _verify(cara.db)).ok
 
 
+async def test_an_idle_sealer_writes_nothing(services, client, sql) -> None:
+    """With no marker waiting, a tick reads once and commits no fence (a write every Galera node would apply, four
+    times a second); with one waiting, it chains it under the fence."""
+    cara, _ = services
+    await _signed(sql)  # nothing to chain, and the head has its checkpoint
+    async with _sealer_paused(cara):
+        epoch = cara.signer.epoch
+
+        async def fence_seq() -> int:
+            return (await query(sql, "SELECT fence_seq FROM epochs WHERE tier = 'cara'"))[0][0]
+
+        before = await fence_seq()
+        for _ in range(3):
+            assert await cara.audit.tick(epoch) == 0
+        assert await fence_seq() == before, "an idle tick wrote the fence"
+        record = AuditRecord(kind=AuditKind.REQUEST_RECORDED, actor="test", created_at=utcnow(), detail={"n": "idle"})
+
+        async def write(cur: aiomysql.Cursor) -> None:
+            await append(cur, record)
+
+        await cara.db.run(write, name="test.append")
+        assert await cara.audit.tick(epoch) == 1
+        assert await fence_seq() > before
+        assert await query(sql, "SELECT COUNT(*) FROM audit_chain WHERE entry_id = %s", (record.id,)) == [(1,)]
+
+
 async def test_the_chain_verifies_after_a_failover_under_load(env, services, client, sql) -> None:
     """A split brain under load: the other member bumps the epoch while requests flow; the old one is fenced."""
     old, _ = services
