@@ -79,8 +79,9 @@ class DatabaseConfig(StrictModel):
         default=3.0, gt=0, le=300,
         description="Bound on one transaction attempt once it holds a connection, seconds. Our transactions take "
         "milliseconds; one that hangs is on a node that died, was cut off or stalls in a Galera reconfiguration "
-        "(~6 s on a member loss): its connection is closed and the transaction retried on the next node, which "
-        "by then has usually finished reconfiguring. Long transactions (CRL signing) pass their own bound",
+        "(~6 s on a member loss): its connection is closed and the transaction retried, once on the same node if "
+        "that still answers a status read as Primary, ready and synced (a stall, or a slow moment under load), "
+        "else on the next node. Long transactions (CRL signing) pass their own bound",
     )
     tls_ca_file: Path | None = Field(
         default=None, description="PEM bundle of the CAs that issue the database nodes' certificates; set: every "

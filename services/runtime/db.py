@@ -54,6 +54,9 @@ FAIL_BACK_STATUS_TIMEOUT = 2.0
 FAIL_BACK_MAX_SECONDS = 300.0
 FAIL_BACK_FLAP_SECONDS = 60.0
 GALERA_SYNCED = "4"  # wsrep_local_state of a node that is part of the cluster and up to date
+# After a transaction timed out on a node: how long its status read may take. One that answers in time as Primary,
+# ready and synced only stalled or was slow, and the transaction is retried there once.
+TIMEOUT_STATUS_SECONDS = 1.0
 
 
 # Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
@@ -171,8 +174,11 @@ class _NodePool:
                     continue
                 return conn
             # The whole handshake (TCP, greeting, authentication, init_command) is bounded, not just TCP.
-            async with asyncio.timeout(self._connect_timeout):
-                return await self._connect()
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    return await self._connect()
+            except TimeoutError:
+                raise _ConnectTimeout(f"no connection within {self._connect_timeout:.1f} s") from None
         except BaseException:
             self._slots.release()
             raise
@@ -213,6 +219,7 @@ class Database:
         self._failed_back_at = -math.inf
         self._fail_back_check: asyncio.Task[None] | None = None
         self._healthy_since: dict[str, float] = {}  # earlier nodes found healthy, since when (checks in between too)
+        self._timeout_checks: dict[str, asyncio.Future[bool]] = {}  # status reads after a timeout, one per node
         self._closed = False
 
     @property
@@ -335,8 +342,7 @@ class Database:
                 log.debug("fail-back check of %s: %s", node, exc)
                 self._healthy_since.pop(node, None)
                 continue
-            if status is not None and (status.get("wsrep_cluster_status"), status.get("wsrep_ready"),
-                                       status.get("wsrep_local_state")) != ("Primary", "ON", GALERA_SYNCED):
+            if not _fit(status):
                 self._healthy_since.pop(node, None)
                 continue
             now = time.monotonic()
@@ -349,6 +355,25 @@ class Database:
                 self._healthy_since.clear()
                 log.warning("database node %s healthy again; switching back from %s", node, nodes[current])
             return
+
+    async def _fit_after_timeout(self, node: str) -> bool:
+        """After a transaction timed out on `node`: whether it answers a status read within TIMEOUT_STATUS_SECONDS
+        as Primary, ready and synced. One read per node at a time, shared by every transaction that timed out there
+        meanwhile (under load many do at once)."""
+        check = self._timeout_checks.get(node)
+        if check is None:
+            check = self._timeout_checks[node] = asyncio.ensure_future(self._status_fit(node))
+            check.add_done_callback(lambda done: self._timeout_checks.pop(node, None)
+                                    if self._timeout_checks.get(node) is done else None)
+        return await asyncio.shield(check)
+
+    async def _status_fit(self, node: str) -> bool:
+        try:
+            async with asyncio.timeout(TIMEOUT_STATUS_SECONDS):
+                return _fit(await self._wsrep_status(node, TIMEOUT_STATUS_SECONDS))
+        except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
+            log.info("database node %s did not answer a status read after a timeout: %s", node, exc or type(exc).__name__)
+            return False
 
     def _fail_back_done(self, task: asyncio.Task[None]) -> None:
         self._fail_back_check = None
@@ -407,6 +432,7 @@ class Database:
         self._maybe_fail_back()
         with telemetry.span(tracer, "db.commit", attributes={"db.system": "mariadb", "db.txn": name}) as span:
             last: BaseException | None = None
+            stayed: set[str] = set()  # nodes this transaction timed out on once and was retried on
             for attempt in range(self._config.max_attempts):
                 node = self._config.nodes[self._current % len(self._config.nodes)]
                 span.set_attribute("db.node", node)
@@ -421,13 +447,22 @@ class Database:
                     span.add_event("acquire_timeout", {"attempt": attempt + 1, "node": node})
                     continue
                 except TimeoutError as exc:
-                    # The attempt held a connection and got no answer in time: the node died, was cut off or
-                    # stalls in a reconfiguration. Its connection was closed on the way out; the pool stays (its
-                    # other connections may carry healthy transactions).
+                    # The attempt held a connection and got no answer in time: the node died or was cut off, or
+                    # it only stalls (a Galera reconfiguration stalls every node alike) or was slow under load. Its
+                    # connection was closed on the way out; the pool stays (its other connections may carry healthy
+                    # transactions). A node that still answers its status as fit gets the retry once: moving on
+                    # would gain nothing in a stall and would make this process write on another node than every
+                    # other service (Galera certification conflicts) until it fails back.
                     last = exc
+                    span.add_event("timeout", {"attempt": attempt + 1, "node": node})
+                    if (not isinstance(exc, _ConnectTimeout) and node not in stayed
+                            and await self._fit_after_timeout(node)):
+                        stayed.add(node)
+                        log.warning("transaction %s on %s took over %.1f s; the node answers as fit, retrying there",
+                                    name, node, bound)
+                        continue
                     log.warning("transaction %s on %s took over %.1f s; retrying on another node", name, node, bound)
                     self._fail_over(node)
-                    span.add_event("timeout", {"attempt": attempt + 1, "node": node})
                     continue
                 except pymysql.err.IntegrityError as exc:
                     if _errno(exc) == ER_DUP_ENTRY:
@@ -510,8 +545,18 @@ class Database:
             pool.release(conn, broken=broken)
 
 
+def _fit(status: dict[str, str] | None) -> bool:
+    """A node's wsrep status (None: a server without Galera) says it can take the work: Primary, ready, synced."""
+    return status is None or (status.get("wsrep_cluster_status"), status.get("wsrep_ready"),
+                              status.get("wsrep_local_state")) == ("Primary", "ON", GALERA_SYNCED)
+
+
 class _AcquireTimeout(Exception):
     """No pooled connection became free in time (overload); retried on the same node."""
+
+
+class _ConnectTimeout(TimeoutError):
+    """A new connection's handshake did not finish in time: the node does not answer, so it is left at once."""
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> bool:

@@ -411,6 +411,72 @@ async def test_a_hung_attempt_is_bounded_and_retried_on_a_fresh_connection(env: 
         await database.close()
 
 
+async def test_a_timeout_on_a_node_that_still_answers_as_fit_is_retried_there_once(env: LocalEnv, caplog) -> None:
+    """A transaction that times out on a node which still answers its status read (Primary, ready, synced; here a
+    server without Galera) only stalled or was slow: the retry stays on that node, so the process keeps writing
+    where every other service writes. A second timeout there in the same transaction moves it on."""
+    real = stack.database_config(env).nodes[0]
+    second = _Relay(real)
+    await second.start()
+    cfg = stack.database_config(env).model_copy(update={"nodes": [real, second.node],
+                                                        "transaction_timeout_seconds": 0.4})
+    database = Database(cfg, sleep=_no_sleep)
+    attempts: list[int] = []
+    try:
+        async def slow_once(cur):
+            await cur.execute("SELECT CONNECTION_ID()")
+            attempts.append((await cur.fetchone())[0])
+            if len(attempts) == 1:
+                await asyncio.sleep(5)  # a stall or a slow moment
+            return "done"
+
+        assert await database.run(slow_once, name="t.slow_once") == "done"
+        assert len(attempts) == 2 and attempts[0] != attempts[1]  # a fresh connection, on the same node
+        assert database.nodes[database._current] == real and second.accepted == 0
+        assert not [r for r in caplog.records if "switching to" in r.getMessage()]
+
+        attempts.clear()
+
+        async def slow_twice(cur):
+            attempts.append(1)
+            if len(attempts) <= 2:
+                await asyncio.sleep(5)
+            return await _select_one(cur)
+
+        assert await database.run(slow_twice, name="t.slow_twice") == 1
+        assert len(attempts) == 3, "retried once on the first node, then on the second"
+        assert database.nodes[database._current] == second.node and second.accepted == 1
+    finally:
+        await database.close()
+        second.stop()
+
+
+async def test_a_timeout_on_a_node_that_no_longer_answers_moves_on_at_once(env: LocalEnv) -> None:
+    """The node died during the transaction: its status read is refused, so the retry goes to the next node."""
+    real = stack.database_config(env).nodes[0]
+    first = _Relay(real)
+    await first.start()
+    cfg = stack.database_config(env).model_copy(update={"nodes": [first.node, real],
+                                                        "transaction_timeout_seconds": 0.4})
+    database = Database(cfg, sleep=_no_sleep)
+    attempts: list[int] = []
+    try:
+        async def dies(cur):
+            attempts.append(1)
+            if len(attempts) == 1:
+                await cur.execute("SELECT 1")
+                await cur.fetchall()
+                first.stop()  # the node goes away mid-transaction; the client only learns of it by its bound
+                await asyncio.sleep(5)
+            return await _select_one(cur)
+
+        assert await database.run(dies, name="t.dies") == 1
+        assert len(attempts) == 2 and database.nodes[database._current] == real
+    finally:
+        await database.close()
+        first.stop()
+
+
 async def test_waiting_for_a_busy_pool_is_overload_not_a_node_failure(env: LocalEnv, caplog) -> None:
     # One connection, two slow transactions queued on it: the third waits longer than any one transaction may
     # take, and must retry on the same node rather than fail over (here to a node that does not exist).
