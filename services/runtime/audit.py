@@ -3,8 +3,8 @@
 Writers (CLM and CARA) call `append(cur, record)` inside the transaction body that makes the change, so no change
 commits without its entry and no entry exists without its change. Appending is unchained and conflict-free (new
 rows in `audit_entries` plus one marker in `audit_unsealed` listing them, whatever their number), so concurrent
-writers on any Galera node never wait for one another. The active CARA member's sealer (hapki.cara.audit_sealer) chains entries later, under the CARA
-epoch fence: entry `seq` gets
+writers on any Galera node never wait for one another. The active CARA member's sealer (hapki.cara.audit_sealer)
+chains entries later, under the CARA epoch fence: entry `seq` gets
 
     hash(seq) = SHA-256(bytes.fromhex(hash(seq - 1)) || canonical(entry, seq)),   hash(0) = 64 zeros,
 

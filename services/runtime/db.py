@@ -372,7 +372,8 @@ class Database:
             async with asyncio.timeout(TIMEOUT_STATUS_SECONDS):
                 return _fit(await self._wsrep_status(node, TIMEOUT_STATUS_SECONDS))
         except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
-            log.info("database node %s did not answer a status read after a timeout: %s", node, exc or type(exc).__name__)
+            log.info("database node %s did not answer a status read after a timeout: %s", node,
+                     exc or type(exc).__name__)
             return False
 
     def _fail_back_done(self, task: asyncio.Task[None]) -> None:

@@ -7,4 +7,5 @@
 -- Upgrade CARA (the sealer) no later than CLM: a sealer from before this migration would chain only the first entry
 -- of a grouped marker and drop the marker (`hapki audit verify` then reports the others as not chained).
 ALTER TABLE audit_unsealed
-  ADD COLUMN IF NOT EXISTS entry_ids MEDIUMTEXT NULL COMMENT 'all entries of the marker, comma-separated (NULL: entry_id alone)';
+  ADD COLUMN IF NOT EXISTS entry_ids MEDIUMTEXT NULL
+    COMMENT 'all entries of the marker, comma-separated (NULL: entry_id alone)';
