@@ -79,7 +79,8 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
             ids += members
         more = len(markers) < len(found) or len(found) == batch
         # Step 3: their entries in order, each with its link if it has one already (then it is only unmarked). An
-        # id without an entry is skipped: verification reports the entry's loss.
+        # id without an entry (deleted before it was chained) is skipped; no link names it, so verification cannot
+        # see it either (docs/ARCHITECTURE.md, what it cannot detect).
         await cur.execute(
             f"SELECT c.seq, {ENTRY_COLUMNS} FROM audit_entries e LEFT JOIN audit_chain c ON c.entry_id = e.id"
             f" WHERE e.id IN ({_marks(ids)}) ORDER BY e.created_at, e.id", ids)
