@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hapki.cara.config import AuditConfig
 from hapki.cara.role import Activity, run_while_active
-from hapki.cara.store import TIER
+from hapki.cara.store import TIER, in_marks
 from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
 from hapki.runtime.db import Database, Fence, db_time, execute_many
 
@@ -83,7 +83,7 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
         # see it either (docs/ARCHITECTURE.md, what it cannot detect).
         await cur.execute(
             f"SELECT c.seq, {ENTRY_COLUMNS} FROM audit_entries e LEFT JOIN audit_chain c ON c.entry_id = e.id"
-            f" WHERE e.id IN ({_marks(ids)}) ORDER BY e.created_at, e.id", ids)
+            f" WHERE e.id IN ({in_marks(ids)}) ORDER BY e.created_at, e.id", ids)
         links = []
         for row in await cur.fetchall():
             if row[0] is not None:
@@ -106,15 +106,11 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
                  " ON DUPLICATE KEY UPDATE seq = VALUES(seq), hash = VALUES(hash), updated_at = VALUES(updated_at)",
                  (seq, prev)),
             ]
-        statements.append((f"DELETE FROM audit_unsealed WHERE entry_id IN ({_marks(markers)})", markers))
+        statements.append((f"DELETE FROM audit_unsealed WHERE entry_id IN ({in_marks(markers)})", markers))
         await execute_many(cur, statements)
         return Sealed(len(links), more)
 
     return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))
-
-
-def _marks(values: Sequence[object]) -> str:
-    return ", ".join(["%s"] * len(values))
 
 
 async def sign_head(db: Database, sign: CheckpointKey, *, epoch: int, now: datetime) -> int | None:

@@ -41,7 +41,7 @@ def _mark_requests_issued(records: Sequence[IssuedRecord], now: datetime) -> tup
              db_time(now)))
 
 
-def _marks(items: Sized) -> str:
+def in_marks(items: Sized) -> str:
     """`%s` placeholders for an IN list of len(items) values."""
     return ", ".join(["%s"] * len(items))
 
@@ -188,8 +188,8 @@ class MariaDBSigningStore:
 
         async def body(cur: aiomysql.Cursor) -> dict[str, Outcome]:
             (_, issued), (_, failed) = await execute_many(cur, [
-                (f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({_marks(ids)})", ids),
-                (f"SELECT id, error_code, error_message FROM requests WHERE id IN ({_marks(ids)}) AND status = %s",
+                (f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN ({in_marks(ids)})", ids),
+                (f"SELECT id, error_code, error_message FROM requests WHERE id IN ({in_marks(ids)}) AND status = %s",
                  (*ids, RequestStatus.FAILED.value)),
             ], commit=True)
             found = {row[0]: Outcome(issued=_issued(row)) for row in issued}
@@ -234,7 +234,7 @@ class MariaDBSigningStore:
             await cur.execute(
                 "SET TRANSACTION ISOLATION LEVEL READ COMMITTED;"
                 " UPDATE signing_intents SET state = 'abandoned', resolved_at = %s, resolution = %s"
-                f" WHERE request_id IN ({_marks(requests)}) AND state = 'reserved';"
+                f" WHERE request_id IN ({in_marks(requests)}) AND state = 'reserved';"
                 " INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
                 f" VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(intents))}",
                 (db_time(now), resolution, *requests,
@@ -246,14 +246,15 @@ class MariaDBSigningStore:
             await cur.nextset()  # the insert's result: a duplicate key surfaces here
             if superseded:  # rare (a redelivery after a crash): find which, for the audit log
                 await cur.execute(
-                    f"SELECT id, request_id, issuer, serial FROM signing_intents WHERE request_id IN ({_marks(requests)})"
+                    "SELECT id, request_id, issuer, serial FROM signing_intents"
+                    f" WHERE request_id IN ({in_marks(requests)})"
                     " AND state = 'abandoned' AND resolved_at = %s AND resolution = %s",
                     (*requests, db_time(now), resolution))
                 await abandoned(cur, list(await cur.fetchall()), actor=self._actor, epoch=epoch, now=now,
                                 reason=resolution)
 
         async def ours(cur: aiomysql.Cursor) -> int:
-            await cur.execute(f"SELECT COUNT(*) FROM signing_intents WHERE id IN ({_marks(ids)})", ids)
+            await cur.execute(f"SELECT COUNT(*) FROM signing_intents WHERE id IN ({in_marks(ids)})", ids)
             return int((await cur.fetchone())[0])
 
         try:
@@ -301,7 +302,7 @@ class MariaDBSigningStore:
             but nothing of this transaction may then commit."""
             counts = await append_many(cur, [entries[r.intent_id] for r in fresh], first=[
                 ("UPDATE signing_intents SET state = 'issued', resolved_at = %s, resolution = 'certificate stored'"
-                 f" WHERE id IN ({_marks(fresh)}) AND state = 'reserved'",
+                 f" WHERE id IN ({in_marks(fresh)}) AND state = 'reserved'",
                  (db_time(now), *(r.intent_id for r in fresh))),
                 # The requests' new states; issuer and not_after too: CLM's inventory searches and expiry scans
                 # read them here (0004).
@@ -324,7 +325,7 @@ class MariaDBSigningStore:
         async def careful(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
             await cur.execute(
                 f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE request_id IN"
-                f" ({_marks(records)}); SELECT id FROM signing_intents WHERE id IN ({_marks(records)})"
+                f" ({in_marks(records)}); SELECT id FROM signing_intents WHERE id IN ({in_marks(records)})"
                 " AND state = 'reserved' FOR UPDATE",
                 (*(r.request_id for r in records), *(r.intent_id for r in records)),
             )

@@ -363,8 +363,8 @@ class Database:
         check = self._timeout_checks.get(node)
         if check is None:
             check = self._timeout_checks[node] = asyncio.ensure_future(self._status_fit(node))
-            check.add_done_callback(lambda done: self._timeout_checks.pop(node, None)
-                                    if self._timeout_checks.get(node) is done else None)
+            # A new check for the node starts only once this one is gone from the map.
+            check.add_done_callback(lambda _: self._timeout_checks.pop(node, None))
         return await asyncio.shield(check)
 
     async def _status_fit(self, node: str) -> bool:

@@ -9,8 +9,8 @@ import os
 import subprocess
 import uuid
 from collections import Counter
-from datetime import timedelta
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import aiomysql
@@ -371,7 +371,7 @@ async def test_one_marker_stands_for_a_transactions_entries_and_the_sealer_takes
     assert (await _verify(cara.db)).ok
 
 
-async def test_an_idle_sealer_writes_nothing(services, client, sql) -> None:
+async def test_an_idle_sealer_writes_nothing(services, sql) -> None:
     """With no marker waiting, a tick reads once and commits no fence (a write every Galera node would apply, four
     times a second); with one waiting, it chains it under the fence."""
     cara, _ = services
