@@ -164,6 +164,13 @@ class DuplicateKey(HapkiError):
     code = ErrorCode.INTERNAL
 
 
+class GuardFailed(HapkiError):
+    """A fenced transaction's own commit condition (hapki.runtime.db.fence_guard) was false under a current epoch:
+    nothing was committed. The body that set the guard handles it (its careful path); never an edge error."""
+
+    code = ErrorCode.INTERNAL
+
+
 class FencedOut(HapkiError):
     """This member's epoch is not the current one: it must not commit signing results and must step down."""
 

@@ -77,10 +77,10 @@ async def _measure(env: LocalEnv, batches: int, size: int, warmup: int) -> tuple
                 request_id=r.request_id, requester="bench", idempotency_key=f"k-{r.request_id}", profile="tls-server",
                 csr_sha256=hashlib.sha256(r.csr_pem.encode()).hexdigest(), approved=r), now) for r in requests))
             ids = [r.request_id for r in requests]
-            await cara.outcomes(ids)
             intents = [Intent(intent_id=uuid.uuid4().hex, request_id=i, issuer=issuer, serial=uuid.uuid4().hex[:32])
                        for i in ids]
-            await cara.reserve_batch(intents, epoch=epoch, member="bench", now=now)
+            # What the signer does for a batch with nothing stored yet: one guarded reservation (no outcome read).
+            assert await cara.reserve_fresh(intents, epoch=epoch, member="bench", now=now)
             await cara.record_issued_batch([IssuedRecord(
                 request_id=t.request_id, issuer=issuer, serial=t.serial, intent_id=t.intent_id, cert_pem=PEM,
                 not_before=now, not_after=now + timedelta(days=90)) for t in intents], epoch=epoch, now=now)

@@ -2,10 +2,13 @@
 
 Step 0: every request must carry a valid CLM approval (hapki.runtime.approval); else it is refused before anything
         is read, reserved or signed.
-Step 1: final outcomes already stored (redeliveries), one read for the batch: republished without signing again.
-        Then each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
+Step 1: each CSR is parsed again and the CA's own profile check runs (hapki.runtime.validation.recheck): the
         content must be exactly what this CA's profiles give that CSR. A refusal reserves and signs nothing.
-Step 2: reserve a random serial and write a signing intent for each, fenced by the epoch, in one transaction.
+Step 2: reserve a random serial and write a signing intent for each, fenced by the epoch, in one transaction. The
+        usual batch does it in one round trip whose fence also checks that none of its requests has anything
+        stored (SigningStore.reserve_fresh). Otherwise (a redelivery, a refusal in step 1) the final outcomes
+        already stored are read first, for the batch: those are republished without signing again, refusals are
+        settled, and the rest is reserved (reserve_batch, superseding older intents).
 Step 3: build the certificates and sign them through the HSM (one thread hop for the batch).
 Step 4: store the certificates and mark the requests issued, fenced again, in one transaction.
 Step 5: ack each message, then publish the results.
@@ -114,34 +117,30 @@ class BatchSteps:
                 await self._reject(item, exc, epoch)
                 continue
             approved.append(item)
-        # Step 1: redelivered after the result was stored? Answer from the database, never sign twice.
-        outcomes = await self._store.outcomes([item.request_id for item in approved]) if approved else {}
-        todo: list[Item] = []
+        # Step 1: each CSR parsed again and held against this CA's profiles. A refusal is settled only below, once
+        # it is known that the request has no result stored already (a redelivery is answered, not refused).
+        refusals: dict[Item, SigningRejected] = {}
         for item in approved:
-            outcome = outcomes.get(item.request_id)
-            if outcome is None:
-                try:
-                    item.csr = issuance.parse_csr(item.request)  # parsed and its signature verified once
-                    # PolicyViolation: not what our profiles allow for this CSR.
-                    validation.recheck(item.request, self._profiles, verified_csr=item.csr)
-                except SigningRejected as exc:
-                    await self._reject(item, exc, epoch)
-                    continue
-                todo.append(item)
-            elif outcome.issued is not None:
-                item.span.set_attribute("pki.redelivered", True)
-                await item.ack()
-                await self._publish_issued(outcome.issued, item.span)
-            elif outcome.failed is not None:
-                await item.ack()
-                with trace.use_span(item.span, end_on_exit=False):
-                    await self.publish(subjects.CARA_FAILED,
-                                        SigningFailed(request_id=item.request_id, error=outcome.failed))
-        if not todo:
+            try:
+                item.csr = issuance.parse_csr(item.request)  # parsed and its signature verified once
+                # PolicyViolation: not what our profiles allow for this CSR.
+                validation.recheck(item.request, self._profiles, verified_csr=item.csr)
+            except SigningRejected as exc:
+                refusals[item] = exc
+        if not approved:
             return
-        # Step 2: reserve serials + intents for the batch, fenced. A serial collision (UNIQUE) draws again.
+        # Step 2: reserve serials + intents for the batch, fenced. The usual batch (nothing stored yet for any of
+        # its requests, nothing refused) takes one round trip whose fence checks that; otherwise, or when that
+        # check fails, the outcomes are read first and only what is left is reserved.
         now = self._clock()
-        await self._reserve(todo, epoch, now)
+        todo: list[Item] | None = None
+        if not refusals and await self._reserve(approved, epoch, now, fresh=True):
+            todo = approved
+        if todo is None:
+            todo = await self._settle_stored(approved, refusals, epoch)
+            if not todo:
+                return
+            await self._reserve(todo, epoch, now, fresh=False)
         # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
         failures = await asyncio.to_thread(self._sign_all, todo, now)
         signed = [item for item in todo if item.cert is not None]
@@ -168,7 +167,34 @@ class BatchSteps:
             if record is not None:
                 await self._publish_issued(record, item.span)
 
-    async def _reserve(self, items: list[Item], epoch: int, now: datetime) -> None:
+    async def _settle_stored(self, items: list[Item], refusals: Mapping[Item, SigningRejected],
+                             epoch: int) -> list[Item]:
+        """Redelivered after the result was stored? Answer from the database, never sign twice; refuse what step 1
+        refused; the rest, to be reserved."""
+        outcomes = await self._store.outcomes([item.request_id for item in items])
+        todo: list[Item] = []
+        for item in items:
+            outcome = outcomes.get(item.request_id)
+            if outcome is None:
+                refusal = refusals.get(item)
+                if refusal is None:
+                    todo.append(item)
+                else:
+                    await self._reject(item, refusal, epoch)
+            elif outcome.issued is not None:
+                item.span.set_attribute("pki.redelivered", True)
+                await item.ack()
+                await self._publish_issued(outcome.issued, item.span)
+            elif outcome.failed is not None:
+                await item.ack()
+                with trace.use_span(item.span, end_on_exit=False):
+                    await self.publish(subjects.CARA_FAILED,
+                                        SigningFailed(request_id=item.request_id, error=outcome.failed))
+        return todo
+
+    async def _reserve(self, items: list[Item], epoch: int, now: datetime, *, fresh: bool) -> bool:
+        """Draw serials and reserve them with their intents; `fresh`: only if nothing is stored for any request
+        (False if something is: nothing reserved), else superseding older intents (always True)."""
         for attempt in range(1, RESERVE_ATTEMPTS + 1):
             for item in items:
                 item.intent_id, item.serial = time_ordered_id(), self._serials()
@@ -176,12 +202,15 @@ class BatchSteps:
             intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
                               serial=issuance.serial_hex(item.serial)) for item in items]
             try:
+                if fresh:
+                    return await self._store.reserve_fresh(intents, epoch=epoch, member=self._member, now=now)
                 await self._store.reserve_batch(intents, epoch=epoch, member=self._member, now=now)
-                return
+                return True
             except DuplicateKey:
                 if attempt == RESERVE_ATTEMPTS:
                     raise
                 log.warning("serial collision reserving a batch of %d; drawing again", len(items))
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _sign_all(self, items: list[Item], now: datetime) -> list[tuple[Item, Exception]]:
         """Build and sign each certificate (in a worker thread); the failures, each with its item."""

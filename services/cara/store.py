@@ -9,11 +9,11 @@ from datetime import datetime
 
 import aiomysql
 
-from hapki.contracts.errors import DuplicateKey, FencedOut, NotFound
+from hapki.contracts.errors import DuplicateKey, FencedOut, GuardFailed, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
-from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, derived_id
-from hapki.runtime.db import Database, Fence, at_fence, db_time, execute_many, utc
+from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, append_statements, derived_id
+from hapki.runtime.db import Database, Fence, at_fence, before_fence, db_time, execute_many, fence_guard, utc
 
 TIER = "cara"
 
@@ -39,6 +39,16 @@ def _mark_requests_issued(records: Sequence[IssuedRecord], now: datetime) -> tup
             " r.updated_at = %s",
             (*(value for r in records for value in (r.request_id, r.serial, r.issuer, db_time(r.not_after))),
              db_time(now)))
+
+
+def _insert_certificates(records: Sequence[IssuedRecord], epoch: int, now: datetime) -> tuple[str, tuple[object, ...]]:
+    """The certificates' INSERT, numbered by the fence (@hapki_fence_seq: commit order, 0002): an at_fence statement."""
+    return ("INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before, not_after,"
+            " created_at, fence_seq) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, @hapki_fence_seq)"] * len(records)),
+            tuple(value for r in records for value in (
+                r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
+                db_time(r.not_after), db_time(now))))
 
 
 def in_marks(items: Sized) -> str:
@@ -201,6 +211,46 @@ class MariaDBSigningStore:
             return {}
         return await self._db.run(body, name="cara.outcome")
 
+    async def reserve_fresh(self, intents: Sequence[Intent], *, epoch: int, member: str, now: datetime) -> bool:
+        """Reserve the serials and write the signing intents of requests that have nothing stored yet, fenced, in
+        one round trip: the usual batch. True if reserved; False, with nothing written, if any of the requests has
+        a certificate, is failed, or has a reserved intent already (a redelivery): the caller then reads their
+        outcomes and reserves the rest with reserve_batch, which supersedes such intents. FencedOut under a stale
+        epoch; DuplicateKey on a serial collision (the caller draws again).
+
+        The fence checks the three conditions itself (fence_guard, on a read in the same round trip) instead of an
+        outcome read and a supersede before it: one round trip and one transaction instead of three round trips
+        in two. Under READ COMMITTED, as reserve_batch, so that the guard's reads lock nothing. A commit whose answer was lost runs the body again
+        and meets its own intents: False, and reserve_batch supersedes them (never signed, audited).
+        """
+        if not intents:
+            return True
+        requests = list(dict.fromkeys(intent.request_id for intent in intents))
+        marks = in_marks(requests)
+
+        async def body(cur: aiomysql.Cursor) -> None:
+            before_fence("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            # A SELECT, not a condition inside the fence's UPDATE: with wsrep_sync_wait = 1 (the lab's and compose's
+            # setting) a read waits until this node has applied what the cluster committed before it, as the
+            # outcome read did; an UPDATE does not wait.
+            before_fence(f"SELECT NOT EXISTS (SELECT 1 FROM certificates WHERE request_id IN ({marks}))"
+                         f" AND NOT EXISTS (SELECT 1 FROM requests WHERE id IN ({marks}) AND status = %s)"
+                         f" AND NOT EXISTS (SELECT 1 FROM signing_intents WHERE request_id IN ({marks})"
+                         " AND state = 'reserved') INTO @hapki_fresh",
+                         (*requests, *requests, RequestStatus.FAILED.value, *requests))
+            fence_guard("@hapki_fresh")
+            at_fence("INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                     f" VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(intents))}",
+                     tuple(value for intent in intents for value in (
+                         intent.intent_id, intent.request_id, intent.issuer, intent.serial, epoch, member,
+                         "reserved", db_time(now))))
+
+        try:
+            await self._db.run(body, name="cara.reserve_fresh", fence=Fence(TIER, epoch))
+        except GuardFailed:
+            return False
+        return True
+
     async def reserve(
         self, *, intent_id: str, request_id: str, issuer: str, serial: str, epoch: int, member: str, now: datetime
     ) -> None:
@@ -279,11 +329,12 @@ class MariaDBSigningStore:
         Per record, in order, what is stored for its request: ours; or, when another intent already produced the
         request's certificate, theirs (ours is abandoned: at most one certificate per request id, UNIQUE
         request_id); or None when our intent is no longer reserved (a newer attempt for the request superseded
-        it; its signature is never stored). The usual case takes two round trips: the updates with the audit
-        entries, then fence + the certificates (numbered by the fence: commit order) + COMMIT. When the unique keys
-        or the intents' states say another attempt got in the way (or our own earlier COMMIT, whose outcome was
-        unknown, did happen), the transaction is rolled back and run again the careful way: read what exists
-        first, settle each record.
+        it; its signature is never stored). The usual case is one round trip: the intents' update, the fence
+        (guarded by that update's row count: every intent was still reserved), the requests' update, the audit
+        entries, the certificates (numbered by the fence: commit order) and COMMIT. When the unique keys or the
+        intents' states say another attempt got in the way (or our own earlier COMMIT, whose outcome was unknown,
+        did happen), the transaction is rolled back and run again the careful way: read what exists first, settle
+        each record.
         """
         if not records:
             return []
@@ -311,15 +362,20 @@ class MariaDBSigningStore:
             if counts[0] != len(fresh):
                 raise _Contended("an intent of this batch is no longer reserved")
             # A duplicate request_id or serial (another attempt's certificate) raises DuplicateKey at the commit.
-            at_fence("INSERT INTO certificates (issuer, serial, request_id, intent_id, epoch, cert_pem, not_before,"
-                     " not_after, created_at, fence_seq) VALUES "
-                     + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, @hapki_fence_seq)"] * len(fresh)),
-                     tuple(value for r in fresh for value in (
-                         r.issuer, r.serial, r.request_id, r.intent_id, epoch, r.cert_pem, db_time(r.not_before),
-                         db_time(r.not_after), db_time(now))))
+            at_fence(*_insert_certificates(fresh, epoch, now))
 
         async def straight(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
-            await store(cur, records)
+            """The usual batch, in one round trip: every intent still reserved (the guard checks the UPDATE's row
+            count, GuardFailed otherwise), nothing stored for its request yet (a duplicate key otherwise)."""
+            before_fence("UPDATE signing_intents SET state = 'issued', resolved_at = %s,"
+                         f" resolution = 'certificate stored' WHERE id IN ({in_marks(records)}) AND state = 'reserved'",
+                         (db_time(now), *(r.intent_id for r in records)))
+            before_fence("SET @hapki_issued = ROW_COUNT()")
+            fence_guard("@hapki_issued = %s", (len(records),))
+            for sql, args in [_mark_requests_issued(records, now),
+                              *append_statements([entries[r.intent_id] for r in records])]:
+                at_fence(sql, args)
+            at_fence(*_insert_certificates(records, epoch, now))
             return list(records)
 
         async def careful(cur: aiomysql.Cursor) -> list[IssuedRecord | None]:
@@ -357,7 +413,7 @@ class MariaDBSigningStore:
         for body in (straight, careful, careful, careful):
             try:
                 return await self._db.run(body, name="cara.record_issued", fence=Fence(TIER, epoch))
-            except (_Contended, DuplicateKey):
+            except (_Contended, GuardFailed, DuplicateKey):
                 # Another attempt's row (a concurrent commit of one of these requests, by another process or
                 # member, won a UNIQUE key; or a newer attempt superseded an intent): settle record by record.
                 continue

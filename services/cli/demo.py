@@ -309,8 +309,9 @@ def _demo(base_dir: Path, keep: bool) -> int:
              "it took,")
         _say("  and when it started after the first span. CLM validated the CSR, recorded the request "
              "(db.commit clm.record)")
-        _say("  and queued it (bus.publish); CARA took it (cara.sign), checked it was not done already (cara.outcome),")
-        _say("  reserved a serial (cara.reserve), had the HSM sign (hsm.sign), stored the certificate")
+        _say("  and queued it (bus.publish); CARA took it (cara.sign), reserved a serial in a transaction that")
+        _say("  commits only if the request was not done already (cara.reserve_fresh), had the HSM sign (hsm.sign),")
+        _say("  stored the certificate")
         _say("  (cara.record_issued) and published the result; CLM passed it on to the waiting client (the _INBOX")
         _say("  publish is that reply).")
         stages = issuance_stages(spans).get(trace_id)

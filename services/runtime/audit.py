@@ -122,17 +122,11 @@ async def append(cur: aiomysql.Cursor, record: AuditRecord, *,
     return (await append_many(cur, [record], first=[first] if first is not None else []))[0]
 
 
-async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
-                      first: Sequence[tuple[str, Sequence[object]]] = (), commit: bool = False) -> list[int]:
-    """Append `records` (one or more) as `append` does, all in one round trip with the statements `first` ahead.
-
-    Two inserts whatever the number of records (a signing batch appends one entry per certificate): the entries,
-    and one marker standing for all of them until the sealer chains them (migration 0007).
-    Returns the row count of each statement of `first`, then of the audit_entries insert. `commit`: COMMIT in
-    the same round trip (the last step of an unfenced body; see hapki.runtime.db.execute_many).
-    """
+def append_statements(records: Sequence[AuditRecord]) -> list[tuple[str, Sequence[object]]]:
+    """The two statements (SQL, args) that append `records`: the entries, and one marker standing for all of them
+    until the sealer chains them (migration 0007). For a body that sends them itself (db.at_fence)."""
     if not records:
-        raise ValueError("append_many needs at least one record")
+        raise ValueError("appending needs at least one record")
     entries: list[object] = []
     oldest: datetime | None = None
     for record in records:
@@ -142,12 +136,23 @@ async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
         oldest = created if oldest is None or created < oldest else oldest
     # One marker for all of them (0007): keyed by the first entry, ordered by the oldest, listing the rest.
     listed = ",".join(record.id for record in records) if len(records) > 1 else None
-    results = await execute_many(cur, [
-        *first,
+    return [
         (f"INSERT INTO audit_entries ({_ENTRY_COLUMNS}) VALUES {', '.join([_ENTRY_VALUES] * len(records))}", entries),
         ("INSERT INTO audit_unsealed (entry_id, created_at, entry_ids) VALUES (%s, %s, %s)",
          (records[0].id, oldest, listed)),
-    ], commit=commit)
+    ]
+
+
+async def append_many(cur: aiomysql.Cursor, records: Sequence[AuditRecord], *,
+                      first: Sequence[tuple[str, Sequence[object]]] = (), commit: bool = False) -> list[int]:
+    """Append `records` (one or more) as `append` does, all in one round trip with the statements `first` ahead.
+
+    Two inserts whatever the number of records (a signing batch appends one entry per certificate): the entries,
+    and one marker standing for all of them until the sealer chains them (migration 0007).
+    Returns the row count of each statement of `first`, then of the audit_entries insert. `commit`: COMMIT in
+    the same round trip (the last step of an unfenced body; see hapki.runtime.db.execute_many).
+    """
+    results = await execute_many(cur, [*first, *append_statements(records)], commit=commit)
     return [count for count, _ in results[:-1]]
 
 

@@ -25,7 +25,7 @@ import pymysql.err
 from opentelemetry import trace
 from pymysql.constants import CLIENT
 
-from hapki.contracts.errors import CommitOutcomeUnknown, DatabaseError, DuplicateKey, FencedOut, Internal
+from hapki.contracts.errors import CommitOutcomeUnknown, DatabaseError, DuplicateKey, FencedOut, GuardFailed, Internal
 from hapki.runtime import telemetry
 from hapki.runtime.config import DatabaseConfig, read_secret
 
@@ -69,6 +69,10 @@ _SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZER
 # The new fence_seq is kept in @hapki_fence_seq for the statements the body puts after the fence (at_fence: commit
 # order, see 0002).
 _FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s"
+# The same with the body's guards (fence_guard) ANDed in after the epoch. @hapki_epoch_ok keeps whether the epoch
+# held, so a refusal can be told apart afterwards: a stale epoch (FencedOut) or a false guard (GuardFailed).
+_GUARDED_FENCE = ("UPDATE epochs SET fence_seq = IF((@hapki_epoch_ok := (epoch = %s)) AND {guards},"
+                  " @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s")
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,63 @@ class _Transaction:
 
     fenced: bool
     committed: bool = False
+    before_fence: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+    guards: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
     at_fence: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
+
+    def fence_round_trip(self, fence: Fence) -> tuple[list[str], list[object]]:
+        """The statements of the fence's round trip (before_fence, the fence, at_fence, COMMIT) and their args."""
+        statements: list[str] = []
+        args: list[object] = []
+        for sql, values in self.before_fence:
+            statements.append(sql)
+            args.extend(values)
+        if self.guards:
+            statements.append(_GUARDED_FENCE.format(guards=" AND ".join(f"({sql})" for sql, _ in self.guards)))
+            args.append(fence.epoch)
+            for _, values in self.guards:
+                args.extend(values)
+        else:
+            statements.append(_FENCE)
+            args.append(fence.epoch)
+        args.append(fence.tier)
+        for sql, values in self.at_fence:
+            statements.append(sql)
+            args.extend(values)
+        statements.append("COMMIT")
+        return statements, args
 
 
 _TRANSACTION: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar("hapki_db_transaction",
                                                                                      default=None)
+
+
+def _fenced_transaction(what: str) -> _Transaction:
+    transaction = _TRANSACTION.get()
+    if transaction is None or not transaction.fenced:
+        raise Internal(f"{what} outside the body of a fenced transaction")
+    return transaction
+
+
+def before_fence(sql: str, args: Sequence[object] = ()) -> None:
+    """Run (sql, args) at the start of the fence's round trip, before the fence (no round trip of its own).
+
+    For a body whose whole transaction fits in that one round trip: `SET TRANSACTION ISOLATION LEVEL ...` (only
+    valid before the transaction's first statement), or writes whose effect a fence_guard checks. Their errors
+    raise as the body's would; nothing after a failing statement runs, COMMIT included. In call order.
+    """
+    _fenced_transaction("before_fence").before_fence.append((sql, tuple(args)))
+
+
+def fence_guard(condition: str, args: Sequence[object] = ()) -> None:
+    """Commit only if the SQL boolean `condition` also holds, evaluated by the fence (after before_fence statements,
+    before at_fence ones): instead of reading something back and deciding in a round trip of its own.
+
+    A false (or NULL) condition under a current epoch fails the fence like a stale epoch does, so nothing of the
+    transaction commits; Database.run then raises GuardFailed instead of FencedOut, and the body's caller takes its
+    careful path. Several guards are ANDed.
+    """
+    _fenced_transaction("fence_guard").guards.append((condition, tuple(args)))
 
 
 def at_fence(sql: str, args: Sequence[object] = ()) -> None:
@@ -104,10 +160,7 @@ def at_fence(sql: str, args: Sequence[object] = ()) -> None:
     duplicate key raises DuplicateKey and nothing of the transaction is committed. In call order; Internal outside
     a fenced transaction.
     """
-    transaction = _TRANSACTION.get()
-    if transaction is None or not transaction.fenced:
-        raise Internal("at_fence outside the body of a fenced transaction")
-    transaction.at_fence.append((sql, tuple(args)))
+    _fenced_transaction("at_fence").at_fence.append((sql, tuple(args)))
 
 
 async def execute_many(cur: aiomysql.Cursor, statements: Sequence[tuple[str, Sequence[object]]], *,
@@ -426,7 +479,8 @@ class Database:
     async def run(self, body: Body[T], *, name: str, fence: Fence | None = None, timeout: float | None = None) -> T:
         """Run `body` in one transaction, retrying it whole on conflicts and on another node on failures.
 
-        With `fence`, the transaction commits only under that epoch, else raises FencedOut (nothing committed).
+        With `fence`, the transaction commits only under that epoch, else raises FencedOut (nothing committed); and
+        only if the body's fence_guard conditions hold, else raises GuardFailed (nothing committed).
         `timeout` bounds one attempt once it holds a connection (default: transaction_timeout_seconds).
         """
         bound = self._config.transaction_timeout_seconds if timeout is None else timeout
@@ -498,17 +552,27 @@ class Database:
                 # No BEGIN round trip: with autocommit off, the first statement opens the transaction.
                 transaction = _Transaction(fenced=fence is not None)
                 token = _TRANSACTION.set(transaction)
+                at_the_fence = False  # whether the result being read is the fence's
                 try:
                     result = await body(cur)
                     if fence is not None:
-                        statements, args = [_FENCE], [fence.epoch, fence.tier]
-                        for sql, values in transaction.at_fence:
-                            statements.append(sql)
-                            args.extend(values)
-                        await cur.execute("; ".join([*statements, "COMMIT"]), tuple(args))
+                        statements, args = transaction.fence_round_trip(fence)
+                        at_the_fence = not transaction.before_fence
+                        await cur.execute("; ".join(statements), tuple(args))
+                        for left in range(len(transaction.before_fence), 0, -1):
+                            at_the_fence = left == 1
+                            await cur.nextset()  # the before_fence statements' results, then the fence's
+                        at_the_fence = False
                 except pymysql.err.IntegrityError as exc:
                     broken = not await _rollback_quietly(conn)
-                    if fence is not None and _errno(exc) == ER_BAD_NULL_ERROR:
+                    if at_the_fence and _errno(exc) == ER_BAD_NULL_ERROR:
+                        assert fence is not None
+                        if transaction.guards:
+                            held = None if broken else await _epoch_held(conn)
+                            broken = held is None
+                            # A dead connection cannot say which: the caller's careful path runs the fence again.
+                            if held is not False:
+                                raise GuardFailed("a fence guard was false; nothing committed") from None
                         raise FencedOut(f"epoch {fence.epoch} is no longer current for tier {fence.tier}",
                                         {"tier": fence.tier, "epoch": fence.epoch}) from None
                     raise
@@ -525,7 +589,7 @@ class Database:
                 try:
                     if fence is not None:
                         # The results of the at_fence statements and of the COMMIT: their errors surface here.
-                        for _ in range(len(transaction.at_fence) + 1):
+                        for _ in range(len(transaction.at_fence) + 1):  # at_fence and COMMIT
                             await cur.nextset()
                     elif not transaction.committed or conn.get_transaction_status():
                         # Unless the body folded its COMMIT (execute_many) and wrote nothing after it.
@@ -558,6 +622,20 @@ class _AcquireTimeout(Exception):
 
 class _ConnectTimeout(TimeoutError):
     """A new connection's handshake did not finish in time: the node does not answer, so it is left at once."""
+
+
+async def _epoch_held(conn: aiomysql.Connection) -> bool | None:
+    """After a guarded fence failed (and was rolled back): whether its epoch held, so that a guard refused; None
+    when the connection failed (the caller discards it)."""
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT @hapki_epoch_ok")
+            row = await cur.fetchone()
+        await conn.rollback()  # the read's own transaction
+    except (pymysql.err.Error, OSError) as exc:
+        log.debug("reading the fence's epoch check failed: %s", exc)
+        return None
+    return row is not None and row[0] == 1
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> bool:

@@ -3,6 +3,7 @@ and CARA + CLM running in-process against them (so spans land in the in-memory e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -83,6 +84,25 @@ async def sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def own_statements() -> Iterator[list[str]]:
+    """The SQL the calling task sends meanwhile, one entry per Cursor.execute (a round trip); not the services'
+    own background work in this process (the audit sealer, say)."""
+    statements: list[str] = []
+    execute, caller = aiomysql.Cursor.execute, asyncio.current_task()
+
+    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
+        if asyncio.current_task() is caller:
+            statements.append(query)
+        return await execute(self, query, args)
+
+    aiomysql.Cursor.execute = counted  # type: ignore[method-assign]
+    try:
+        yield statements
+    finally:
+        aiomysql.Cursor.execute = execute  # type: ignore[method-assign]
 
 
 async def query(conn: aiomysql.Connection, statement: str, args: object = None) -> list[tuple]:

@@ -11,6 +11,7 @@ from hapki.lab import stack
 from hapki.lab.local import LocalEnv, free_port
 from hapki.runtime.db import Database
 from hapki.runtime.migrate import available, migrate
+from integration.conftest import own_statements
 
 pytestmark = pytest.mark.integration
 
@@ -391,6 +392,57 @@ async def test_a_fenced_body_cannot_commit_before_its_fence(db: Database) -> Non
     # Outside a fenced transaction the same body may commit itself again (the guard is per transaction).
     await db.run(early_commit, name="t.unfenced_commit")
     assert await _scratch_ids(db, 210, 219) == [210, 211]
+
+
+async def test_a_guarded_fence_commits_only_if_its_guard_holds_and_says_which_refused(db: Database) -> None:
+    """A body whose whole transaction is one round trip: statements before the fence, a guard the fence checks
+    (here, the row count of the statement before it), statements after it. A false guard under the current epoch
+    commits nothing and raises GuardFailed; a stale epoch is FencedOut whatever the guard."""
+    from hapki.contracts.errors import FencedOut, GuardFailed
+    from hapki.runtime.db import Fence, at_fence, before_fence, fence_guard
+
+    async def setup(cur):
+        await cur.execute("DELETE FROM epochs WHERE tier = 'test4'")
+        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
+                          " VALUES ('test4', 2, 'x', 10, NOW())")
+        await cur.execute("INSERT INTO scratch VALUES (500, 0), (501, 0)")
+
+    await db.run(setup, name="t.epoch4")
+
+    def guarded(moved: int, expected: int, after: int):
+        async def body(cur):
+            before_fence("UPDATE scratch SET v = v + 1 WHERE id BETWEEN 500 AND %s", (499 + moved,))
+            before_fence("SET @hapki_test_moved = ROW_COUNT()")
+            fence_guard("@hapki_test_moved = %s", (expected,))
+            at_fence("INSERT INTO scratch VALUES (%s, @hapki_fence_seq)", (after,))
+        return body
+
+    with own_statements() as statements:
+        await db.run(guarded(2, 2, 510), name="t.guard_holds", fence=Fence("test4", 2))
+    assert len(statements) == 1, statements  # everything, COMMIT included, in the fence's round trip
+    with pytest.raises(GuardFailed):
+        await db.run(guarded(1, 2, 511), name="t.guard_fails", fence=Fence("test4", 2))
+    with pytest.raises(FencedOut):
+        await db.run(guarded(1, 2, 512), name="t.guard_fails_stale", fence=Fence("test4", 1))
+    with pytest.raises(FencedOut):
+        await db.run(guarded(2, 2, 513), name="t.guard_holds_stale", fence=Fence("test4", 1))
+    with pytest.raises(Internal, match="before_fence outside"):
+        await db.run(guarded(2, 2, 514), name="t.guard_unfenced")
+
+    async def rows(cur):
+        await cur.execute("SELECT id, v FROM scratch WHERE id BETWEEN 500 AND 519 ORDER BY id")
+        found = [tuple(r) for r in await cur.fetchall()]
+        await cur.execute("SELECT fence_seq FROM epochs WHERE tier = 'test4'")
+        return found, (await cur.fetchone())[0]
+
+    assert await db.run(rows, name="t.guard_rows") == ([(500, 1), (501, 1), (510, 11)], 11)
+
+    async def duplicate_before(cur):  # an error before the fence is the statement's own, not the fence's
+        before_fence("INSERT INTO scratch VALUES (500, 0)")
+        fence_guard("1 = 1")
+
+    with pytest.raises(DuplicateKey):
+        await db.run(duplicate_before, name="t.guard_duplicate", fence=Fence("test4", 2))
 
 
 async def test_a_hung_attempt_is_bounded_and_retried_on_a_fresh_connection(env: LocalEnv) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,7 +38,7 @@ from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.clock import utcnow
 from helpers.csr import make_csr, make_key
-from integration.conftest import connected_client, query
+from integration.conftest import connected_client, own_statements, query
 from telemetry_fixture import memory_exporter
 
 pytestmark = pytest.mark.integration
@@ -425,25 +424,6 @@ async def test_expiry_crash_after_record_or_after_publish_loses_nothing_and_dupl
         assert await _notice_rows(sql, serial) == [(30 * DAY, True)]
 
 
-@contextlib.contextmanager
-def _own_statements() -> Iterator[list[str]]:
-    """The SQL the calling task sends meanwhile, one entry per Cursor.execute (a round trip); not the services'
-    own background work in this process (the audit sealer, say)."""
-    statements: list[str] = []
-    execute, caller = aiomysql.Cursor.execute, asyncio.current_task()
-
-    async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
-        if asyncio.current_task() is caller:
-            statements.append(query)
-        return await execute(self, query, args)
-
-    aiomysql.Cursor.execute = counted  # type: ignore[method-assign]
-    try:
-        yield statements
-    finally:
-        aiomysql.Cursor.execute = execute  # type: ignore[method-assign]
-
-
 async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_certificate_on(
         env, nats_client, rig, sql) -> None:
     """One batch used to send an UPDATE per certificate: 500 round trips, which on a busy host outlasted the
@@ -452,7 +432,7 @@ async def test_an_expiry_batch_is_a_fixed_number_of_statements_and_moves_each_ce
     inventory = rig.clm.expiry._store
     await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)  # what earlier tests left unseen
     certs = [await _issue(nats_client, [f"eb-{i}-{_tag()}.example.com"], "expiry-batch") for i in range(6)]
-    with _own_statements() as statements:
+    with own_statements() as statements:
         batch = await inventory.record_expiring(WINDOWS, rig.clock(), 10_000)
     assert batch.examined == len(certs) and not batch.more
     assert len(statements) == 3, statements  # the unseen, the due, one UPDATE (no notice: 90 days left)
@@ -471,7 +451,7 @@ async def test_marking_notices_published_is_one_statement_and_marks_only_those(
     ours = {cert.serial for cert in certs}
     notices = [n for n in await inventory.unpublished_notices(10_000) if n.serial in ours]
     assert len(notices) == 3
-    with _own_statements() as statements:
+    with own_statements() as statements:
         await inventory.mark_published(notices[:2], rig.clock())
     assert len(statements) == 1, statements
     marked = {n.serial for n in notices[:2]}

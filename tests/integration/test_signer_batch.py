@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import nats
@@ -26,8 +26,8 @@ from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts import subjects
-from hapki.contracts.errors import HSMUnavailable
-from hapki.contracts.models import CertificateIssued, IssueCertificate, SignCertificate
+from hapki.contracts.errors import ErrorCode, HSMUnavailable
+from hapki.contracts.models import CertificateIssued, ErrorBody, IssueCertificate, SignCertificate
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.approval import ApprovalVerifier
@@ -38,7 +38,7 @@ from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
 from helpers.csr import make_csr, make_key
 from helpers.signing import recorded_request
-from integration.conftest import query
+from integration.conftest import own_statements, query
 from telemetry_fixture import memory_exporter
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,7 @@ def _cara_transactions(exporter: Any) -> list[str]:
             if s.name == "db.commit" and str(s.attributes.get("db.txn", "")).startswith("cara.")]
 
 
-async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_three_transactions(
+async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_two_round_trips(
         env, cara, clm_store, bus, sql) -> None:
     nc, events = bus
     signer = await _signer(cara)
@@ -170,9 +170,13 @@ async def test_a_batch_gets_one_certificate_per_request_with_unique_serials_in_t
     exporter = memory_exporter()
     exporter.clear()
 
-    await signer.handle_batch(msgs)
+    with own_statements() as statements:
+        await signer.handle_batch(msgs)
 
-    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.record_issued"]
+    # The reservation's fence checks that nothing is stored for these requests (no outcome read before it), and
+    # the store's checks that every intent was still reserved: each transaction is one round trip.
+    assert _cara_transactions(exporter) == ["cara.reserve_fresh", "cara.record_issued"]
+    assert len(statements) == 2, statements
     assert all(msg.is_acked for msg in msgs)
     assert signer.signatures == len(requests)
     stored = await _certificates(sql, requests)
@@ -217,11 +221,16 @@ async def test_a_mixed_batch_settles_each_request_on_its_own(env, cara, clm_stor
     await _publish(nc, good[2])
     msgs = await _fetch(cara, 5)
     signatures = signer.signatures
+    exporter = memory_exporter()
+    exporter.clear()
 
     await signer.handle_batch(msgs)
 
     assert all(msg.is_acked for msg in msgs)  # acked, or termed (the forgery)
     assert signer.signatures == signatures + len(good)
+    # The redelivered request fails the one-round-trip reservation's guard; the outcomes are read, the rest reserved.
+    assert [t for t in _cara_transactions(exporter) if t != "cara.refuse"] == [
+        "cara.reserve_fresh", "cara.outcome", "cara.reserve", "cara.record_issued"]
     assert len(await _wait_issued(sql, good)) == len(good)
     # The forgery: refused and audited; nothing reserved or signed for it.
     refused = await query(sql, "SELECT detail FROM audit_entries WHERE request_id = %s AND kind = 'signing.refused'",
@@ -238,6 +247,54 @@ async def test_a_mixed_batch_settles_each_request_on_its_own(env, cara, clm_stor
             break
         await asyncio.sleep(0.05)
     assert [e.serial for e in events if e.request_id == earlier.request_id] == [serial, serial]
+
+
+async def test_a_fresh_reservation_writes_nothing_where_a_request_has_anything_stored(
+        env, cara, clm_store, sql) -> None:
+    """reserve_fresh's fence checks what the outcome read and the supersede did before it: a request with a
+    certificate, a failed request, a request with a reserved intent. Any of them in the batch: nothing written."""
+    assert cara.db is not None and cara.signer is not None
+    signer = await _signer(cara)
+    assert signer.epoch is not None
+    epoch, issuer, now = signer.epoch, cara.signer.issuer.name, utcnow()
+    store = MariaDBSigningStore(cara.db, actor="cara:batch-tests")
+
+    def intent(request: SignCertificate) -> Intent:
+        return Intent(time_ordered_id(), request.request_id, issuer, format(random_serial(), "x"))
+
+    issued, failed, reserved, fresh = [
+        await _recorded(env, clm_store, f"fresh-{kind}-{uuid.uuid4().hex[:8]}.example.com")
+        for kind in ("issued", "failed", "reserved", "fresh")]
+    first = intent(issued)
+    await store.reserve_batch([first], epoch=epoch, member="cara-test", now=now)
+    await store.record_issued_batch([IssuedRecord(
+        request_id=issued.request_id, issuer=issuer, serial=first.serial, intent_id=first.intent_id,
+        cert_pem="(not parsed here)", not_before=now, not_after=now + timedelta(days=1))], epoch=epoch, now=now)
+    assert await store.refuse(failed, ErrorBody(code=ErrorCode.POLICY_VIOLATION, message="test"), epoch=epoch,
+                              now=now)
+    await store.reserve_batch([intent(reserved)], epoch=epoch, member="cara-test", now=now)
+
+    for blocker in (issued, failed, reserved):
+        attempt = [intent(fresh), intent(blocker)]
+        assert not await store.reserve_fresh(attempt, epoch=epoch, member="cara-test", now=now), blocker
+        ids = [i.intent_id for i in attempt]
+        assert await query(sql, "SELECT id FROM signing_intents WHERE id IN (%s, %s)", ids) == []
+    alone = intent(fresh)
+    assert await store.reserve_fresh([alone], epoch=epoch, member="cara-test", now=now)
+    assert await query(sql, "SELECT id, state FROM signing_intents WHERE request_id = %s",
+                       (fresh.request_id,)) == [(alone.intent_id, "reserved")]
+
+    # The store's guard: an intent superseded after it was reserved (a newer attempt) is not stored.
+    newer = intent(fresh)
+    await store.reserve_batch([newer], epoch=epoch, member="cara-test", now=now)
+    assert await store.record_issued_batch([IssuedRecord(
+        request_id=fresh.request_id, issuer=issuer, serial=alone.serial, intent_id=alone.intent_id,
+        cert_pem="(not parsed here)", not_before=now, not_after=now + timedelta(days=1))],
+        epoch=epoch, now=now) == [None]
+    assert await _certificates(sql, [fresh]) == {}
+    assert sorted(await query(sql, "SELECT id, state FROM signing_intents WHERE request_id = %s",
+                              (fresh.request_id,))) == sorted([(alone.intent_id, "abandoned"),
+                                                               (newer.intent_id, "reserved")])
 
 
 class _FencedAtCommit(MariaDBSigningStore):
@@ -394,9 +451,9 @@ async def test_a_serial_collision_draws_again_without_losing_the_batch(env, cara
     await signer.handle_batch(msgs)
 
     assert all(msg.is_acked for msg in msgs)
-    # The collision fails the reservation; a read tells it from our own earlier commit; new serials go through.
-    assert _cara_transactions(exporter) == ["cara.outcome", "cara.reserve", "cara.reserve_check", "cara.reserve",
-                                            "cara.record_issued"]
+    # The collision fails the reservation (its fence had found nothing stored for the requests, so it cannot be our
+    # own earlier commit: that would have failed the fence's guard first); new serials go through.
+    assert _cara_transactions(exporter) == ["cara.reserve_fresh", "cara.reserve_fresh", "cara.record_issued"]
     stored = await _certificates(sql, requests)
     assert len(stored) == len(requests) and taken not in {serial for serial, _, _ in stored.values()}
     assert await query(sql, "SELECT COUNT(*) FROM signing_intents WHERE serial = %s", (taken,)) == [(1,)]
@@ -435,11 +492,13 @@ async def test_a_lone_request_is_signed_while_the_long_poll_is_still_open(env, c
     assert signer.batches == [1, 1, 1]
 
 
-async def test_batches_reserving_at_once_never_deadlock(cara, sql) -> None:
+@pytest.mark.parametrize("fresh", [False, True], ids=["reserve_batch", "reserve_fresh"])
+async def test_batches_reserving_at_once_never_deadlock(cara, sql, fresh: bool) -> None:
     """The signer keeps batches in flight together; their reservations run concurrently. Request ids are
     time-ordered, so every new batch's requests fall in the same gap of ix_intents_request: locked by the
     supersede UPDATE under REPEATABLE READ, the two inserts into it deadlocked (InnoDB rolled one back; ~3% of
-    reservations at 300/s were retried). Each reservation must go through on its first attempt."""
+    reservations at 300/s were retried). Each reservation must go through on its first attempt; reserve_fresh's
+    guard reads the same index, under READ COMMITTED too."""
     assert cara.db is not None and cara.signer is not None
     signer = await _signer(cara)
     assert signer.epoch is not None
@@ -450,10 +509,13 @@ async def test_batches_reserving_at_once_never_deadlock(cara, sql) -> None:
     batches = [[Intent(time_ordered_id(), time_ordered_id(), issuer, format(random_serial(), "x")) for _ in range(16)]
                for _ in range(4 * 40)]
     for round_ in range(40):  # four batches at once, forty times
-        await asyncio.gather(*(store.reserve_batch(batch, epoch=signer.epoch, member="cara-test", now=utcnow())
-                               for batch in batches[4 * round_:4 * round_ + 4]))
+        reserve = store.reserve_fresh if fresh else store.reserve_batch
+        done = await asyncio.gather(*(reserve(batch, epoch=signer.epoch, member="cara-test", now=utcnow())
+                                      for batch in batches[4 * round_:4 * round_ + 4]))
+        assert done == [True] * 4 if fresh else [None] * 4
 
-    reserves = [s for s in exporter.get_finished_spans() if s.attributes.get("db.txn") == "cara.reserve"]
+    name = "cara.reserve_fresh" if fresh else "cara.reserve"
+    reserves = [s for s in exporter.get_finished_spans() if s.attributes.get("db.txn") == name]
     assert len(reserves) == len(batches)
     retries = [dict(e.attributes) for s in reserves for e in s.events if e.name == "retry"]
     assert retries == []

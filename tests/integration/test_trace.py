@@ -40,10 +40,11 @@ async def test_issuance_is_one_trace_from_client_to_hsm_and_db(client, span_expo
     hsm = next(s for s in mine if s.name == "hsm.sign")
     assert "cara.sign" in _ancestors(hsm, by_id)
     txns = {s.attributes.get("db.txn"): s for s in mine if s.name == "db.commit"}
-    assert {"clm.record", "cara.reserve", "cara.record_issued"} <= set(txns)
+    assert {"clm.record", "cara.reserve_fresh", "cara.record_issued"} <= set(txns)
     assert "cara.sign" in _ancestors(txns["cara.record_issued"], by_id)
     # The intent commit happens before the HSM signs; the certificate commit after.
-    assert txns["cara.reserve"].end_time <= hsm.start_time <= hsm.end_time <= txns["cara.record_issued"].start_time
+    reserve, store = txns["cara.reserve_fresh"], txns["cara.record_issued"]
+    assert reserve.end_time <= hsm.start_time <= hsm.end_time <= store.start_time
 
 
 async def test_an_unsampled_request_is_issued_alike_and_records_no_span(client, span_exporter, tmp_path) -> None:
