@@ -220,8 +220,9 @@ class MariaDBSigningStore:
 
         The fence checks the three conditions itself (fence_guard, on a read in the same round trip) instead of an
         outcome read and a supersede before it: one round trip and one transaction instead of three round trips
-        in two. Under READ COMMITTED, as reserve_batch, so that the guard's reads lock nothing. A commit whose answer was lost runs the body again
-        and meets its own intents: False, and reserve_batch supersedes them (never signed, audited).
+        in two. Under READ COMMITTED, as reserve_batch, so that the guard's reads lock nothing. A commit whose
+        answer was lost runs the body again and meets its own intents: False, and reserve_batch supersedes them
+        (never signed, audited).
         """
         if not intents:
             return True
