@@ -28,7 +28,7 @@ from hapki.cara.config import AuditConfig
 from hapki.cara.role import Activity, run_while_active
 from hapki.cara.store import TIER, in_marks
 from hapki.runtime.audit import ENTRY_COLUMNS, GENESIS, checkpoint_message, link_hash, record_from_row
-from hapki.runtime.db import Database, Fence, db_time, execute_many
+from hapki.runtime.db import Database, Fence, at_fence, db_time, execute_many
 
 log = logging.getLogger("hapki.cara.audit")
 
@@ -59,14 +59,13 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
     """
 
     async def body(cur: aiomysql.Cursor) -> Sealed:
-        # Step 1: the head, locked (only sealers touch it; one active member, so no one waits in practice).
-        await cur.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-        head = await cur.fetchone()
-        seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
-        # Step 2: the oldest markers, as many as hold about `batch` entries (at least one marker).
-        await cur.execute("SELECT entry_id, entry_ids FROM audit_unsealed ORDER BY created_at, entry_id LIMIT %s",
-                          (batch,))
-        found = list(await cur.fetchall())
+        # Step 1: the head, locked (only sealers touch it; one active member, so no one waits in practice), and
+        # step 2: the oldest markers, as many as hold about `batch` entries (at least one marker). One round trip.
+        (_, heads), (_, found) = await execute_many(cur, [
+            ("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE", ()),
+            ("SELECT entry_id, entry_ids FROM audit_unsealed ORDER BY created_at, entry_id LIMIT %s", (batch,)),
+        ])
+        seq, prev = (heads[0][0], heads[0][1]) if heads else (0, GENESIS)
         if not found:
             return Sealed(0, False)
         markers: list[str] = []
@@ -93,8 +92,8 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
             digest = link_hash(prev, record, seq, detail=row[8])
             links.append((seq, record.id, prev, digest))
             prev = digest
-        # Step 4: store the links, move the head, drop the markers; the fence and COMMIT follow in one round trip.
-        # Epoch and time are the same for every link: sent once, as session variables.
+        # Step 4: store the links, move the head, drop the markers: after the fence, in its round trip (at_fence),
+        # COMMIT last. Epoch and time are the same for every link: sent once, as session variables.
         statements: list[tuple[str, Sequence[object]]] = []
         if links:
             statements += [
@@ -107,7 +106,8 @@ async def seal(db: Database, *, epoch: int, now: datetime, batch: int) -> Sealed
                  (seq, prev)),
             ]
         statements.append((f"DELETE FROM audit_unsealed WHERE entry_id IN ({in_marks(markers)})", markers))
-        await execute_many(cur, statements)
+        for sql, args in statements:
+            at_fence(sql, args)
         return Sealed(len(links), more)
 
     return await db.run(body, name="cara.audit_seal", fence=Fence(TIER, epoch))

@@ -28,7 +28,7 @@ from hapki.runtime.audit_verify import AuditReport, Problem, verify_database
 from hapki.runtime.clock import utcnow
 from hapki.runtime.db import Database, db_time
 from helpers.csr import make_csr, make_key
-from integration.conftest import query
+from integration.conftest import own_statements, query
 
 pytestmark = pytest.mark.integration
 
@@ -353,8 +353,11 @@ async def test_one_marker_stands_for_a_transactions_entries_and_the_sealer_takes
         assert markers == [(single.id, db_time(single.created_at), None),
                            (group[2].id, db_time(group[0].created_at), ",".join(r.id for r in group[::-1]))]
 
-        first = await seal(cara.db, epoch=epoch, now=utcnow(), batch=2)
+        with own_statements() as statements:
+            first = await seal(cara.db, epoch=epoch, now=utcnow(), batch=2)
         assert first == (1, True), "the single (oldest) marker; the group of 3 would exceed the batch of 2"
+        # The head and the markers; their entries; the links, head, markers' deletion after the fence, and COMMIT.
+        assert len(statements) == 3, statements
         assert await seal(cara.db, epoch=epoch, now=utcnow(), batch=2) == (3, False), "a marker is taken whole"
         seqs = await query(sql, "SELECT entry_id, seq FROM audit_chain WHERE entry_id IN (%s, %s, %s, %s) ORDER BY seq",
                            (single.id, *(r.id for r in group)))
