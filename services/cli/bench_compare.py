@@ -461,15 +461,21 @@ def table(report: dict[str, Any]) -> str:
               "issuance, k6 included); machine: CPU of the whole host during the run (200% = both cores busy).",
               "Ratios at max load, measured: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ratios"].items())
               + "; by CPU ceiling: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ceiling_ratios"].items())]
-    lines += ["", "CPU ms per issuance by process (max load; k6 is the load generator), peak RSS MiB per process"]
+    rate = report["shape"]["rate"]
+    lines += ["", f"CPU ms per issuance by process (cpu: max load; cpu at {rate}/s: the rate run, where every round "
+                  "trip and batch is shared by fewer requests; k6 is the load generator), peak RSS MiB per process"]
+
+    def cpu(run: dict[str, Any]) -> str:
+        return "  ".join(f"{k} {_fmt(v, '.2f')}" for k, v in run["cpu_ms_per_issuance"].items())
+
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
         if not column or "runs" not in column:
             continue
-        run = column["runs"]["max"]
-        cpu = "  ".join(f"{k} {_fmt(v, '.2f')}" for k, v in run["cpu_ms_per_issuance"].items())
         rss = "  ".join(f"{k} {_fmt(v, '.0f')}" for k, v in column["rss_peak_mib"].items())
-        lines.append(f"{title:<24} cpu: {cpu}")
+        lines.append(f"{title:<24} cpu: {cpu(column['runs']['max'])}")
+        if "rate" in column["runs"]:
+            lines.append(f"{'':<24} cpu at {rate}/s: {cpu(column['runs']['rate'])}")
         lines.append(f"{'':<24} rss: {rss}")
     return "\n".join(lines)
 

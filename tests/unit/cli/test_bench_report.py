@@ -10,13 +10,13 @@ from hapki.cli import bench_compare, bench_growth, k6
 from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SamplerSetting
 
 
-def _run(rate: float, errors: int = 0) -> dict[str, object]:
+def _run(rate: float, errors: int = 0, clm_ms: float = 1.25) -> dict[str, object]:
     return {"issued": int(rate * 10), "seconds": 10, "rate_per_s": rate, "p50_ms": 5.0, "p95_ms": 9.0, "p99_ms": 12.0,
-            "errors": errors, "cpu_ms_per_issuance": {"clm": 1.25, "k6": 0.5}}
+            "errors": errors, "cpu_ms_per_issuance": {"clm": clm_ms, "k6": 0.5}}
 
 
 def _column(max_rate: float) -> dict[str, object]:
-    return {"runs": {"rate": _run(100.0), "max": _run(max_rate)}, "rss_peak_mib": {"clm": 80.4, "k6": None},
+    return {"runs": {"rate": _run(100.0, clm_ms=2.5), "max": _run(max_rate)}, "rss_peak_mib": {"clm": 80.4, "k6": None},
             "verified": {"stored": 1234, "checked": 50, "failed": 0}}
 
 
@@ -40,6 +40,7 @@ def test_table_shows_every_column_skips_and_failures_by_name() -> None:
     assert "(a) raw limit            FAILED: RuntimeError: no softhsm" in text
     assert "measured: single/cfssl 0.50, lab/cfssl -; by CPU ceiling: single/cfssl 0.25, lab/cfssl -" in text
     assert "50/50 of 1234" in text and "cpu: clm 1.25  k6 0.50" in text and "rss: clm 80  k6 -" in text
+    assert "cpu at 300/s: clm 2.50  k6 0.50" in text  # the rate run's CPU too, where per-round costs show
 
 
 def test_ceiling_is_cores_over_cpu_seconds_per_issuance() -> None:
