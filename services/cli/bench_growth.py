@@ -175,7 +175,9 @@ def scans(explain_rows: list[dict[str, str]], limit: int = SCAN_ROWS_LIMIT) -> l
     """The full scans in EXPLAIN output (type ALL, or a full index scan) estimated above `limit` rows."""
     found = []
     for row in explain_rows:
-        rows = int(row.get("rows") or 0) if (row.get("rows") or "NULL") != "NULL" else 0
+        # An estimate, or with a rowid filter the estimate and the share the filter keeps: "1 (0%)".
+        text = row.get("rows") or "NULL"
+        rows = int(text.split()[0]) if text != "NULL" else 0
         if row.get("type") in ("ALL", "index") and rows > limit:
             found.append(f"{row.get('table')}: {row.get('type')} over ~{rows} rows")
     return found
