@@ -247,15 +247,22 @@ async def test_a_failing_body_rolls_back_everything(db: Database) -> None:
     assert await db.run(count, name="t.count") == 0
 
 
+async def _fresh_epoch(db: Database, tier: str, *, epoch: int, fence_seq: int) -> None:
+    """Tier `tier` at `epoch`, its fence sequence at `fence_seq`, whatever an earlier run left."""
+
+    async def setup(cur):
+        await cur.execute("DELETE FROM epochs WHERE tier = %s", (tier,))
+        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
+                          " VALUES (%s, %s, 'x', %s, NOW())", (tier, epoch, fence_seq))
+
+    await db.run(setup, name="t.epoch")
+
+
 async def test_a_fenced_transaction_commits_only_under_the_current_epoch(db: Database) -> None:
     from hapki.contracts.errors import FencedOut
     from hapki.runtime.db import Fence
 
-    async def setup(cur):
-        await cur.execute("DELETE FROM epochs WHERE tier = 'test'")
-        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at) VALUES ('test', 5, 'x', 0, NOW())")
-
-    await db.run(setup, name="t.epoch")
+    await _fresh_epoch(db, "test", epoch=5, fence_seq=0)
 
     def write(row: int):
         async def body(cur):
@@ -279,12 +286,7 @@ async def test_statements_at_the_fence_see_its_sequence_number_and_their_errors_
         db: Database) -> None:
     from hapki.runtime.db import Fence, at_fence
 
-    async def setup(cur):
-        await cur.execute("DELETE FROM epochs WHERE tier = 'test3'")
-        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
-                          " VALUES ('test3', 1, 'x', 40, NOW())")
-
-    await db.run(setup, name="t.epoch3")
+    await _fresh_epoch(db, "test3", epoch=1, fence_seq=40)
 
     def numbered(ids: tuple[int, ...]):
         async def body(cur):
@@ -368,12 +370,7 @@ async def test_a_fenced_body_cannot_commit_before_its_fence(db: Database) -> Non
     from hapki.contracts.errors import FencedOut
     from hapki.runtime.db import Fence, execute_many
 
-    async def setup(cur):
-        await cur.execute("DELETE FROM epochs WHERE tier = 'test2'")
-        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
-                          " VALUES ('test2', 3, 'x', 0, NOW())")
-
-    await db.run(setup, name="t.epoch2")
+    await _fresh_epoch(db, "test2", epoch=3, fence_seq=0)
 
     async def early_commit(cur):
         await execute_many(cur, [("INSERT INTO scratch VALUES (%s, 0)", (210,))], commit=True)
@@ -401,13 +398,8 @@ async def test_a_guarded_fence_commits_only_if_its_guard_holds_and_says_which_re
     from hapki.contracts.errors import FencedOut, GuardFailed
     from hapki.runtime.db import Fence, at_fence, before_fence, fence_guard
 
-    async def setup(cur):
-        await cur.execute("DELETE FROM epochs WHERE tier = 'test4'")
-        await cur.execute("INSERT INTO epochs (tier, epoch, holder, fence_seq, updated_at)"
-                          " VALUES ('test4', 2, 'x', 10, NOW())")
-        await cur.execute("INSERT INTO scratch VALUES (500, 0), (501, 0)")
-
-    await db.run(setup, name="t.epoch4")
+    await _fresh_epoch(db, "test4", epoch=2, fence_seq=10)
+    await db.run(lambda cur: cur.execute("INSERT INTO scratch VALUES (500, 0), (501, 0)"), name="t.rows")
 
     def guarded(moved: int, expected: int, after: int):
         async def body(cur):
