@@ -11,9 +11,10 @@ Step 4: (c) hapki single node: the local stack of `hapki bench` (one NATS, one M
         (the report names it).
 Step 5: (d) the HA lab through the CLM VIP over HTTPS (haproxy, Galera, the R3 bus, fencing), only when asked
         (`--with-lab`) and the lab is up; otherwise the column says why it was skipped.
-Each k6 column: a warm-up run, then MODE=rate (a fixed arrival rate) and MODE=max (closed loop, `vus` clients).
-Around each measured run: CPU seconds of every service process (descendants included) and k6, and at the end
-their peak RSS (hapki.cli.procstat). After the runs, certificates are read back from each store and verified
+Each k6 column: a warm-up run, then MODE=rate (a fixed arrival rate; several rates, `--rate 50,100,300`, one run
+each: the load curve) and MODE=max (closed loop, `vus` clients). Around each measured run: CPU seconds of every
+service process (descendants included) and k6, and at the end their peak RSS (hapki.cli.procstat); for the lab,
+also the Galera write-sets its nodes replicated per issuance (how many transactions a batch shared). After the runs, certificates are read back from each store and verified
 under their CA: a column only counts if what it answered is durable and valid.
 
 Everything shares this machine's cores, the load generator included; columns run one after another.
@@ -54,7 +55,6 @@ from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SAMPLER_ENV, SamplerSett
 REQUESTER = "k6-compare"
 CSR_POOL = 512
 VERIFY_SAMPLE = 50
-MODES = ("rate", "max")
 COLUMNS = {"raw": "(a) raw limit", "cfssl": "(b) CFSSL + MariaDB", "single": "(c) hapki single node",
            "lab": "(d) hapki HA lab"}
 Say = Callable[[str], None]
@@ -66,12 +66,29 @@ class LoadShape:
 
     rate: int  # MODE=rate: arrivals per second
     vus: int  # MODE=max: closed-loop clients
-    seconds: float  # measured, per mode
+    seconds: float  # measured, per run
     warmup: float  # one warm-up run per column, not measured
+    more_rates: tuple[int, ...] = ()  # further fixed-rate runs after `rate`, in order: the load curve
+
+    @property
+    def rates(self) -> tuple[int, ...]:
+        return (self.rate, *self.more_rates)
+
+    def modes(self) -> list[str]:
+        """The measured runs in order: "rate" (or "rate@R" for each of several rates), then "max"."""
+        rates = [f"rate@{r}" for r in self.rates] if self.more_rates else ["rate"]
+        return [*rates, "max"]
+
+    def offered(self, mode: str) -> int | None:
+        """The arrival rate of a rate run (None for max)."""
+        if mode == "max":
+            return None
+        return self.rate if mode == "rate" else int(mode.removeprefix("rate@"))
 
     def env(self, mode: str) -> dict[str, str]:
-        return {"MODE": mode, "RATE": str(self.rate), "VUS": str(self.vus), "SECONDS": f"{self.seconds:g}",
-                "WARMUP": "0"}
+        offered = self.offered(mode)
+        return {"MODE": "max" if offered is None else "rate", "RATE": str(offered or self.rate), "VUS": str(self.vus),
+                "SECONDS": f"{self.seconds:g}", "WARMUP": "0"}
 
 
 # --- (a) the raw limit ---------------------------------------------------------------------------------------------
@@ -148,8 +165,10 @@ def _self_signed_ca(key: ec.EllipticCurvePrivateKey, cn: str) -> x509.Certificat
 # --- k6 columns ------------------------------------------------------------------------------------------------------
 
 def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, shape: LoadShape, csr_file: Path,
-               workdir: Path, say: Say, ca_bundle: Path | None = None) -> dict[str, Any]:
-    """A warm-up run, then one measured k6 run per mode, with CPU per process around each."""
+               workdir: Path, say: Say, ca_bundle: Path | None = None,
+               counters: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+    """A warm-up run, then one measured k6 run per mode, with CPU per process around each (and `counters`, read
+    before and after each run, per issuance)."""
     env = {"TARGET": target, "BASE_URL": base_url, "CSR_FILE": str(csr_file), "REQUESTER": REQUESTER}
     log = workdir / f"k6-{name}.log"
     # k6's idempotency keys are RUN_ID, VU and iteration: new ones every call, warm-up included. The lab is not reset
@@ -161,22 +180,27 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
                   workdir / f"k6-{name}-warmup.json", seconds=shape.warmup, log_file=log, ca_bundle=ca_bundle)
     say(f"    warm-up: {warm.issued} issued, {warm.errors} errors")
     runs: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in shape.modes():
         say(f"  {COLUMNS[name]}: {mode} ({_mode_text(mode, shape)}), {shape.seconds:g} s ...")
+        counted = counters() if counters else {}
         groups.start()
         machine = machine_busy_seconds()
         k6_cpu = _children_cpu()
         began = time.monotonic()
-        summary = k6.run("issue.js", {**env, **shape.env(mode), "RUN_ID": f"{run_id}-{mode}"},
-                         workdir / f"k6-{name}-{mode}.json", seconds=shape.seconds, log_file=log, ca_bundle=ca_bundle)
+        tag = mode.replace("@", "")  # RUN_ID goes into idempotency keys: letters, digits, '.', '_', ':', '-'
+        summary = k6.run("issue.js", {**env, **shape.env(mode), "RUN_ID": f"{run_id}-{tag}"},
+                         workdir / f"k6-{name}-{tag}.json", seconds=shape.seconds, log_file=log, ca_bundle=ca_bundle)
         wall = time.monotonic() - began
         cpu = {**groups.stop(), "k6": round(_children_cpu() - k6_cpu, 3)}
-        runs[mode] = {"issued": summary.issued, "seconds": summary.seconds, "rate_per_s": round(summary.rate_per_s, 1),
+        runs[mode] = {"offered_per_s": shape.offered(mode), "issued": summary.issued, "seconds": summary.seconds,
+                      "rate_per_s": round(summary.rate_per_s, 1),
                       "p50_ms": summary.p50_ms, "p95_ms": summary.p95_ms, "p99_ms": summary.p99_ms,
                       "errors": summary.errors, "cpu_seconds": cpu,
                       "cpu_ms_per_issuance": per_issuance_ms(cpu, summary.issued),
                       "ceiling_per_s": ceiling(cpu, summary.issued),
                       "machine_cpu_percent": round(100 * (machine_busy_seconds() - machine) / wall)}
+        if counters:
+            runs[mode]["per_issuance"] = per_issuance(counted, counters(), summary.issued)
         say(f"    {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms or 0:.1f} ms, {summary.errors} errors")
     return {"warmup": {"issued": warm.issued, "errors": warm.errors}, "runs": runs,
             "rss_peak_mib": groups.peak_rss_mib()}
@@ -189,8 +213,15 @@ def ceiling(cpu: dict[str, float], issued: int, cores: int | None = None) -> flo
     return round((cores or os.cpu_count() or 1) * issued / total, 1) if issued and total > 0 else None
 
 
+def per_issuance(before: Mapping[str, int], after: Mapping[str, int], issued: int) -> dict[str, float | None]:
+    """How much each counter rose per issuance over a run (None when nothing was issued or a read failed)."""
+    return {key: (round((after[key] - before[key]) / issued, 3) if issued and key in after else None)
+            for key in before}
+
+
 def _mode_text(mode: str, shape: LoadShape) -> str:
-    return f"{shape.rate}/s arrivals" if mode == "rate" else f"{shape.vus} closed-loop clients"
+    offered = shape.offered(mode)
+    return f"{shape.vus} closed-loop clients" if offered is None else f"{offered}/s arrivals"
 
 
 def _children_cpu() -> float:
@@ -391,6 +422,28 @@ LAB_KINDS = {"clm": "clm", "cara": "cara", "galera": "mariadbd", "nats": "nats-s
              "watcher": "watcher", "keepalived": "keepalived"}
 
 
+def galera_writesets(lab: Any) -> dict[str, int]:
+    """Write-sets the lab's Galera nodes replicated so far, all nodes summed (each write-set, one committed write
+    transaction, is counted by the node it started on); {} when a node cannot be read (a fault test's leftovers)."""
+    total = 0
+    for node in lab.galera.nodes:
+        try:
+            conn = pymysql.connect(host=node.address, port=node.port, user="hapki", password=lab.galera.password("hapki"),
+                                   ssl=lab.db_ssl_context(), connect_timeout=3, read_timeout=3)
+        except (pymysql.err.MySQLError, OSError):
+            return {}
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_replicated'")
+                row = cur.fetchone()
+        except (pymysql.err.MySQLError, OSError):
+            return {}
+        finally:
+            conn.close()
+        total += int(row[1]) if row else 0
+    return {"galera_writesets": total}
+
+
 def lab_column(lab_dir: Path, shape: LoadShape, csr_file: Path, base: Path, say: Say) -> dict[str, Any]:
     from hapki.lab.ha import Lab
 
@@ -401,7 +454,8 @@ def lab_column(lab_dir: Path, shape: LoadShape, csr_file: Path, base: Path, say:
                             for kind, label in LAB_KINDS.items()})
     sampler = lab_sampler([pid for name in lab.procs.names(kind="clm") for pid in lab.procs.pids(name)])
     say(f"  (d) the HA lab's services trace with {sampler}")
-    column = _k6_column("lab", "hapki", lab.url("clm"), groups, shape, csr_file, base, say, ca_bundle=lab.ca_bundle)
+    column = _k6_column("lab", "hapki", lab.url("clm"), groups, shape, csr_file, base, say, ca_bundle=lab.ca_bundle,
+                        counters=lambda: galera_writesets(lab))
     column["sampler"] = sampler
     db = lab.galera.nodes[0]
     column["verified"] = asyncio.run(_hapki_stored({
@@ -430,16 +484,17 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def table(report: dict[str, Any]) -> str:
     shape = report["shape"]
+    rates = [shape["rate"], *shape.get("more_rates", ())]
     lines = [f"hapki bench --compare: {report['cores']} cores shared by every process, the load generator included.",
-             f"k6/issue.js per column: rate = {shape['rate']}/s arrivals, max = {shape['vus']} closed-loop clients; "
-             f"{shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up."]
+             f"k6/issue.js per column: rate = {', '.join(f'{r}/s' for r in rates)} arrivals, max = {shape['vus']} "
+             f"closed-loop clients; {shape['seconds']:g} s measured each, after a {shape['warmup']:g} s warm-up."]
     if processes := report.get("signer_processes"):
         lines.append(f"CARA signer processes of (c): {processes} (hapki bench --signer-processes N).")
     if tracing := report.get("tracing"):
         lab = report["columns"].get("lab") or {}
         lines.append(f"Trace sampler of (c): {tracing['sampler']} ({tracing['source']}; OTEL_TRACES_SAMPLER and "
                      f"_ARG choose another); of (d): {lab.get('sampler', '-')} (the environment of `hapki lab up`).")
-    lines += ["", f"{'column':<24} {'mode':<5} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+    lines += ["", f"{'column':<24} {'mode':<8} {'issued/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
                   f"{'errors':>6} {'verified':>12} {'ceiling/s':>9} {'machine':>7}"]
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
@@ -453,7 +508,7 @@ def table(report: dict[str, Any]) -> str:
         checked = f"{v['checked'] - v['failed']}/{v['checked']}" + (f" of {v['stored']}" if v["stored"] else "")
         for mode, run in column["runs"].items():
             machine = run.get("machine_cpu_percent")
-            lines.append(f"{title:<24} {mode:<5} {run['rate_per_s']:>9.1f} {_fmt(run['p50_ms']):>7} "
+            lines.append(f"{title:<24} {mode:<8} {run['rate_per_s']:>9.1f} {_fmt(run['p50_ms']):>7} "
                          f"{_fmt(run['p95_ms']):>7} {_fmt(run['p99_ms']):>7} {run['errors']:>6} {checked:>12} "
                          f"{_fmt(run.get('ceiling_per_s'), '.0f'):>9} {(f'{machine}%' if machine is not None else '-'):>7}")
             title = ""
@@ -461,12 +516,15 @@ def table(report: dict[str, Any]) -> str:
               "issuance, k6 included); machine: CPU of the whole host during the run (200% = both cores busy).",
               "Ratios at max load, measured: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ratios"].items())
               + "; by CPU ceiling: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in report["ceiling_ratios"].items())]
-    rate = report["shape"]["rate"]
-    lines += ["", f"CPU ms per issuance by process (cpu: max load; cpu at {rate}/s: the rate run, where every round "
-                  "trip and batch is shared by fewer requests; k6 is the load generator), peak RSS MiB per process"]
+    lines += ["", "CPU ms per issuance by process (cpu: max load; cpu at N/s: a rate run, where every round trip and "
+                  "batch is shared by fewer requests; k6 is the load generator), peak RSS MiB per process"]
 
     def cpu(run: dict[str, Any]) -> str:
         return "  ".join(f"{k} {_fmt(v, '.2f')}" for k, v in run["cpu_ms_per_issuance"].items())
+
+    def offered(mode: str, run: dict[str, Any]) -> int | None:
+        # Reports from before the load curve have no offered_per_s: their one rate run is the shape's rate.
+        return run.get("offered_per_s") or (shape["rate"] if mode == "rate" else None)
 
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
@@ -474,8 +532,14 @@ def table(report: dict[str, Any]) -> str:
             continue
         rss = "  ".join(f"{k} {_fmt(v, '.0f')}" for k, v in column["rss_peak_mib"].items())
         lines.append(f"{title:<24} cpu: {cpu(column['runs']['max'])}")
-        if "rate" in column["runs"]:
-            lines.append(f"{'':<24} cpu at {rate}/s: {cpu(column['runs']['rate'])}")
+        for mode, run in column["runs"].items():
+            if (rate := offered(mode, run)) is not None:
+                lines.append(f"{'':<24} cpu at {rate}/s: {cpu(run)}")
+        writesets = [(offered(mode, run), run["per_issuance"].get("galera_writesets"))
+                     for mode, run in column["runs"].items() if run.get("per_issuance")]
+        if writesets:
+            lines.append(f"{'':<24} Galera write-sets per issuance: " + "  ".join(
+                f"{f'{rate}/s' if rate is not None else 'max'} {_fmt(n, '.2f')}" for rate, n in writesets))
         lines.append(f"{'':<24} rss: {rss}")
     return "\n".join(lines)
 

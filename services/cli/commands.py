@@ -407,11 +407,17 @@ def bench(args: argparse.Namespace) -> int:
 
         only = tuple(c for c in args.columns.split(",") if c)
         unknown = set(only) - set(bench_compare.COLUMNS)
-        if unknown or args.rate < 1 or args.vus < 1 or args.seconds <= 0 or args.warmup <= 0:
-            print(f"hapki bench --compare: columns are {','.join(bench_compare.COLUMNS)}; --rate, --vus, --seconds "
-                  "and --warmup must be positive", file=sys.stderr)
+        try:
+            rates = [int(r) for r in str(args.rate).split(",") if r.strip()]
+        except ValueError:
+            rates = []
+        if (unknown or not rates or min(rates) < 1 or len(set(rates)) != len(rates) or args.vus < 1
+                or args.seconds <= 0 or args.warmup <= 0):
+            print(f"hapki bench --compare: columns are {','.join(bench_compare.COLUMNS)}; --rate (one or more "
+                  "different, comma-separated), --vus, --seconds and --warmup must be positive", file=sys.stderr)
             return 2
-        shape = bench_compare.LoadShape(rate=args.rate, vus=args.vus, seconds=args.seconds, warmup=args.warmup)
+        shape = bench_compare.LoadShape(rate=rates[0], vus=args.vus, seconds=args.seconds, warmup=args.warmup,
+                                        more_rates=tuple(rates[1:]))
         return bench_compare.run_compare(args.dir, shape, with_lab=args.with_lab, lab_dir=args.lab_dir,
                                          as_json=args.json, only=only)
     if args.growth is not None:

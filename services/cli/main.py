@@ -130,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(and the HA lab with --with-lab); --seconds per run")
     bench.add_argument("--columns", default="raw,cfssl,single,lab",
                        help="--compare: which of raw,cfssl,single,lab to run")
-    bench.add_argument("--rate", type=int, default=300, help="--compare: arrivals/s of the fixed-rate run")
+    bench.add_argument("--rate", default="300",
+                       help="--compare: arrivals/s of the fixed-rate run; several, comma-separated (50,100,300): one "
+                            "run each, in order (the load curve)")
     bench.add_argument("--vus", type=int, default=32, help="--compare: closed-loop clients of the max-load run")
     bench.add_argument("--warmup", type=float, default=3.0, help="--compare: warm-up seconds per column")
     bench.add_argument("--with-lab", action="store_true",

@@ -45,7 +45,6 @@ import json
 import logging
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -73,7 +72,9 @@ AUDIT_SETTLE_SECONDS = 10.0
 SLOWEST_KEPT = 5  # requests per run whose timeline goes into the JSON record
 PROBE_INTERVAL = 0.1  # seconds between the Galera probe's writes to one node (db scenarios)
 PROBE_TIMEOUT = 2.0  # a probe write (or connect) that takes longer is abandoned and its connection closed
-PROBE_SETUP = ("CREATE DATABASE IF NOT EXISTS hapki_probe;"
+# sql_notes = 0: from the second run on, "already exists" notes reached the terminal as Python warnings (aiomysql
+# raises them while the cursor reads the later statements' results, on close).
+PROBE_SETUP = ("SET SESSION sql_notes = 0; CREATE DATABASE IF NOT EXISTS hapki_probe;"
                " CREATE TABLE IF NOT EXISTS hapki_probe.beat (node VARCHAR(32) PRIMARY KEY, n BIGINT NOT NULL,"
                " at DATETIME(6) NOT NULL) ENGINE=InnoDB")
 PROBE_WRITE = ("INSERT INTO hapki_probe.beat (node, n, at) VALUES (%s, 1, NOW(6))"
@@ -363,9 +364,7 @@ class _GaleraProbe:
         conn = await self._connect(self.lab.galera.nodes[0])
         try:
             async with conn.cursor() as cur:
-                with warnings.catch_warnings():  # "already exists" from the second run on
-                    warnings.simplefilter("ignore")
-                    await cur.execute(PROBE_SETUP)
+                await cur.execute(PROBE_SETUP)
         finally:
             conn.close()
         self._tasks = [asyncio.create_task(self._beat(node)) for node in self.lab.galera.nodes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,51 @@ def test_the_single_node_is_measured_with_the_production_sampler_unless_the_envi
 def test_load_shape_env_measures_without_a_warmup_of_its_own() -> None:
     env = bench_compare.LoadShape(rate=300, vus=32, seconds=10.0, warmup=3.0).env("max")
     assert env == {"MODE": "max", "RATE": "300", "VUS": "32", "SECONDS": "10", "WARMUP": "0"}
+
+
+def test_several_rates_are_one_run_each_in_order_then_max() -> None:
+    one = bench_compare.LoadShape(rate=300, vus=32, seconds=10.0, warmup=3.0)
+    assert one.modes() == ["rate", "max"] and one.offered("rate") == 300 and one.offered("max") is None
+    curve = bench_compare.LoadShape(rate=50, vus=32, seconds=10.0, warmup=3.0, more_rates=(150, 300))
+    assert curve.modes() == ["rate@50", "rate@150", "rate@300", "max"]
+    assert curve.env("rate@150") == {"MODE": "rate", "RATE": "150", "VUS": "32", "SECONDS": "10", "WARMUP": "0"}
+    assert curve.env("max")["MODE"] == "max"
+
+
+def test_counters_are_reported_per_issuance_for_every_run(monkeypatch, tmp_path: Path) -> None:
+    """The lab's column reads Galera's write-sets around each run: how many transactions a batch shared."""
+    issued = iter([20, 40, 10])  # rate@50, rate@100, max (the warm-up's comes first, below)
+
+    def fake_run(script: str, env: dict[str, str], summary_file: Path, **_: object) -> k6.K6Summary:
+        # The RUN_ID is part of every idempotency key k6 sends: CLM takes only these characters in one.
+        assert re.fullmatch(r"[A-Za-z0-9._:-]+", env["RUN_ID"]), env["RUN_ID"]
+        n = 5 if summary_file.name.endswith("-warmup.json") else next(issued)
+        return k6.K6Summary(issued=n, errors=0, seconds=1.0, rate_per_s=float(n), p50_ms=1.0, p95_ms=2.0,
+                            p99_ms=3.0, max_ms=4.0, raw={})
+
+    class Groups:
+        def start(self) -> None: ...
+        def stop(self) -> dict[str, float]: return {"clm": 0.01}
+        def peak_rss_mib(self) -> dict[str, float]: return {"clm": 80.0}
+
+    readings = iter([{"galera_writesets": 100}, {"galera_writesets": 160},   # rate@50: 60 for 20 issuances
+                     {"galera_writesets": 160}, {"galera_writesets": 200},   # rate@100: 40 for 40
+                     {"galera_writesets": 200}, {}])                         # max: the last read failed
+    monkeypatch.setattr(bench_compare.k6, "run", fake_run)
+    shape = bench_compare.LoadShape(rate=50, vus=32, seconds=1.0, warmup=1.0, more_rates=(100,))
+    column = bench_compare._k6_column("lab", "hapki", "https://x", Groups(), shape, tmp_path / "csrs.json",  # noqa: SLF001
+                                      tmp_path, lambda _: None, counters=lambda: next(readings))
+    runs = column["runs"]
+    assert list(runs) == ["rate@50", "rate@100", "max"]
+    assert [run["offered_per_s"] for run in runs.values()] == [50, 100, None]
+    assert [run["per_issuance"] for run in runs.values()] == [
+        {"galera_writesets": 3.0}, {"galera_writesets": 1.0}, {"galera_writesets": None}]
+    report = {"cores": 2, "shape": shape.__dict__, "columns": {"lab": {**column, "verified": {
+        "stored": 70, "checked": 50, "failed": 0}}}, "ratios": {}, "ceiling_ratios": {}}
+    text = bench_compare.table(report)
+    assert "rate = 50/s, 100/s arrivals" in text
+    assert "(d) hapki HA lab         rate@50       20.0" in text and "cpu at 100/s: clm 0.25  k6" in text
+    assert "Galera write-sets per issuance: 50/s 3.00  100/s 1.00  max -" in text
 
 
 def test_split_statements_respects_quotes() -> None:
@@ -207,6 +253,14 @@ def test_every_k6_run_of_a_column_and_every_bench_run_uses_new_idempotency_keys(
     shape = bench_compare.LoadShape(rate=300, vus=32, seconds=1.0, warmup=1.0)
     columns = [bench_compare._k6_column("lab", "hapki", "https://x", Groups(), shape, tmp_path / "csrs.json",  # noqa: SLF001
                                         tmp_path, lambda _: None) for _ in range(2)]
-    assert len(run_ids) == 2 * (1 + len(bench_compare.MODES)) == len(set(run_ids))
+    assert len(run_ids) == 2 * (1 + len(shape.modes())) == len(set(run_ids))
     assert columns[0]["warmup"] == {"issued": 10, "errors": 7}  # reported, not dropped
     assert all(run["errors"] == 0 for run in columns[0]["runs"].values())  # and not mixed into the measured runs
+
+
+@pytest.mark.parametrize("rates", ["50,x", "0", "100,100", ","])
+def test_compare_refuses_rates_that_are_not_different_positive_integers(rates: str, capsys) -> None:
+    from hapki.cli.main import main as hapki_main
+
+    assert hapki_main(["bench", "--compare", "--columns", "lab", "--rate", rates]) == 2
+    assert "--rate (one or more different, comma-separated)" in capsys.readouterr().err
