@@ -14,8 +14,9 @@ Step 5: (d) the HA lab through the CLM VIP over HTTPS (haproxy, Galera, the R3 b
 Each k6 column: a warm-up run, then MODE=rate (a fixed arrival rate; several rates, `--rate 50,100,300`, one run
 each: the load curve) and MODE=max (closed loop, `vus` clients). Around each measured run: CPU seconds of every
 service process (descendants included) and k6, and at the end their peak RSS (hapki.cli.procstat); for the lab,
-also the Galera write-sets its nodes replicated per issuance (how many transactions a batch shared). After the runs, certificates are read back from each store and verified
-under their CA: a column only counts if what it answered is durable and valid.
+also the Galera write-sets its nodes replicated per issuance (how many transactions a batch shared). After the
+runs, certificates are read back from each store and verified under their CA: a column only counts if what it
+answered is durable and valid.
 
 Everything shares this machine's cores, the load generator included; columns run one after another.
 """
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pymysql
 from cryptography import x509
@@ -51,6 +52,9 @@ from hapki.cli import k6
 from hapki.cli.bench import percentile
 from hapki.cli.procstat import ProcessGroups, machine_busy_seconds, per_issuance_ms
 from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SAMPLER_ENV, SamplerSetting
+
+if TYPE_CHECKING:
+    from hapki.lab.ha import Lab
 
 REQUESTER = "k6-compare"
 CSR_POOL = 512
@@ -422,14 +426,15 @@ LAB_KINDS = {"clm": "clm", "cara": "cara", "galera": "mariadbd", "nats": "nats-s
              "watcher": "watcher", "keepalived": "keepalived"}
 
 
-def galera_writesets(lab: Any) -> dict[str, int]:
+def galera_writesets(lab: Lab) -> dict[str, int]:
     """Write-sets the lab's Galera nodes replicated so far, all nodes summed (each write-set, one committed write
     transaction, is counted by the node it started on); {} when a node cannot be read (a fault test's leftovers)."""
     total = 0
     for node in lab.galera.nodes:
         try:
-            conn = pymysql.connect(host=node.address, port=node.port, user="hapki", password=lab.galera.password("hapki"),
-                                   ssl=lab.db_ssl_context(), connect_timeout=3, read_timeout=3)
+            conn = pymysql.connect(host=node.address, port=node.port, user="hapki",
+                                   password=lab.galera.password("hapki"), ssl=lab.db_ssl_context(),
+                                   connect_timeout=3, read_timeout=3)
         except (pymysql.err.MySQLError, OSError):
             return {}
         try:

@@ -96,8 +96,9 @@ def test_counters_are_reported_per_issuance_for_every_run(monkeypatch, tmp_path:
                      {"galera_writesets": 200}, {}])                         # max: the last read failed
     monkeypatch.setattr(bench_compare.k6, "run", fake_run)
     shape = bench_compare.LoadShape(rate=50, vus=32, seconds=1.0, warmup=1.0, more_rates=(100,))
-    column = bench_compare._k6_column("lab", "hapki", "https://x", Groups(), shape, tmp_path / "csrs.json",  # noqa: SLF001
-                                      tmp_path, lambda _: None, counters=lambda: next(readings))
+    column = bench_compare._k6_column(  # noqa: SLF001
+        "lab", "hapki", "https://x", Groups(), shape, tmp_path / "csrs.json", tmp_path, lambda _: None,
+        counters=lambda: next(readings))
     runs = column["runs"]
     assert list(runs) == ["rate@50", "rate@100", "max"]
     assert [run["offered_per_s"] for run in runs.values()] == [50, 100, None]
