@@ -13,6 +13,7 @@ and acks each message. Cases (`--cases`, comma-separated `<retention>:<requests 
   wq:1x4    WORK_QUEUE, one message per request, 4 published at once (as CLM does for a recording batch of 4)
   wq:4x1    WORK_QUEUE, one message holding 4 requests
   limits:1x4  LIMITS (max_age 60 s), 4 per burst
+  limits:1x1:r1  LIMITS, each published alone, a consumer of one replica (no Raft round for its acks)
 
 Prints the servers' CPU (utime + stime of every nats-server of the lab, /proc) per request, and per message.
 
@@ -44,17 +45,21 @@ class Case:
     retention: RetentionPolicy
     per_message: int
     burst: int
+    consumer_replicas: int = 3  # ":r1": a consumer of one replica (refused on a WORK_QUEUE stream: err 10134)
 
     @classmethod
     def parse(cls, text: str) -> Case:
-        retention, _, shape = text.partition(":")
+        retention, _, rest = text.partition(":")
+        shape, _, consumer = rest.partition(":")
         per_message, _, burst = shape.partition("x")
         kinds = {"wq": RetentionPolicy.WORK_QUEUE, "limits": RetentionPolicy.LIMITS}
-        return cls(kinds[retention], int(per_message), int(burst or 1))
+        replicas = int(consumer.removeprefix("r")) if consumer else 3
+        return cls(kinds[retention], int(per_message), int(burst or 1), replicas)
 
     def __str__(self) -> str:
         kind = "wq" if self.retention == RetentionPolicy.WORK_QUEUE else "limits"
-        return f"{kind}:{self.per_message}x{self.burst}"
+        return f"{kind}:{self.per_message}x{self.burst}" + (f":r{self.consumer_replicas}"
+                                                             if self.consumer_replicas != 3 else "")
 
 
 def nats_cpu_ticks(lab_dir: Path) -> int:
@@ -84,7 +89,7 @@ async def run_case(lab: Lab, case: Case, rate: float, seconds: float) -> dict[st
         num_replicas=3, max_age=60.0 if case.retention == RetentionPolicy.LIMITS else None))
     try:
         await js.add_consumer(stream, ConsumerConfig(durable_name="bench", ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                                                     max_ack_pending=4096))
+                                                     max_ack_pending=4096, num_replicas=case.consumer_replicas))
         psub = await js_consumer.pull_subscribe_bind(durable="bench", stream=stream)
         requests = int(rate * seconds)
         messages = requests // case.per_message
