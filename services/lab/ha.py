@@ -41,7 +41,7 @@ from hapki.clm.config import ClmConfig
 from hapki.lab import compose_layout, prometheus, render, stack, tls
 from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
-from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _tail
+from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _pid_running, _tail
 from hapki.lab.network import LabNetwork, NetworkError, list_namespaces, netns_pids
 from hapki.lab.topology import Topology, default
 from hapki.runtime.config import DatabaseConfig, HSMConfig, HSMMember, NatsConfig
@@ -56,8 +56,8 @@ SERVICE_READY_TIMEOUT = 90.0  # seconds; 8 Python processes start at once on 2 c
 VIP_TIMEOUT = 10.0
 HTTPS_TIMEOUT = 30.0
 STREAMS_API_TIMEOUT = 15.0  # seconds per JetStream API call while the lab creates its streams
-STREAMS_ATTEMPTS = 3
-PROMETHEUS_ATTEMPTS = 3  # of creating the streams; a rolling restart of the NATS servers between attempts
+STREAMS_ATTEMPTS = 3  # of creating the streams; a rolling restart of the NATS servers between attempts
+PROMETHEUS_ATTEMPTS = 3
 # Stop order of `down()`: callers first, then what they call; Galera last and one node at a time (the first
 # node stops last and is left safe_to_bootstrap, see hapki.lab.data).
 _STOP_WAVES = (("prometheus", "watcher"), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
@@ -528,13 +528,17 @@ class Lab:
 
     def _launch_prometheus(self, executable: str, config: Path, data: Path, log_path: Path) -> None:
         _stop_stale_prometheus()
-        self.procs.launch("prometheus@host", prometheus.argv(executable, config, data), log_path,
-                          marker=str(config))
+        entry = self.procs.launch("prometheus@host", prometheus.argv(executable, config, data), log_path,
+                                  marker=str(config))
         result: dict[str, Any] = {}
 
         def ready() -> bool:
             if not self.procs.alive("prometheus@host"):
-                raise LabError(f"prometheus exited during start; tail of {log_path}:\n{_tail(log_path, 15)}")
+                # What the check saw, for the next time this happens (the cause of the first start's failures is
+                # not known: the process was often still running, and the next attempt stopped it as stale).
+                seen = (f"pid {entry.pid} {'running' if _pid_running(entry.pid) else 'gone or a zombie'}, "
+                        f"command line {_cmdline(entry.pid)[:160]!r}")
+                raise LabError(f"prometheus exited during start ({seen}); tail of {log_path}:\n{_tail(log_path, 15)}")
             try:
                 with urllib.request.urlopen(f"{self.prometheus_url}/-/ready", timeout=1) as r:
                     result["status"] = r.status
@@ -977,13 +981,14 @@ def _http_json(url: str, timeout: float = 1.0) -> dict[str, Any]:
 
 
 
-def _stop_stale_prometheus(timeout: float = 10.0) -> None:
+def _stop_stale_prometheus(timeout: float = 10.0, address: str = prometheus.LISTEN) -> None:
     """SIGTERM a lab Prometheus left by an earlier run (any lab directory): it would hold the lab's port.
 
-    Only processes whose command line is a lab Prometheus's (listen address and a `prometheus/prometheus.yml`
-    config) are touched.
+    Only processes whose command line is a lab Prometheus's (listen `address` and a `prometheus/prometheus.yml`
+    config) are touched. One that exits is gone even while it stays a zombie: one this process started (an
+    earlier attempt of `_start_prometheus`) is reaped only by its Popen, and waiting for it cost the whole timeout.
     """
-    listen = f"--web.listen-address={prometheus.LISTEN}"
+    listen = f"--web.listen-address={address}"
     stale = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -1004,5 +1009,5 @@ def _stop_stale_prometheus(timeout: float = 10.0) -> None:
             continue
     deadline = time.monotonic() + timeout
     while stale and time.monotonic() < deadline:
-        stale = [pid for pid in stale if Path(f"/proc/{pid}").exists()]
+        stale = [pid for pid in stale if _pid_running(pid)]
         time.sleep(0.1)

@@ -64,3 +64,26 @@ def test_promtool_accepts_the_rendered_config(tmp_path: Path) -> None:
     path.write_text(prometheus.render_config(default()))
     result = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_stale_lab_prometheus_that_exits_is_not_waited_for_while_it_is_a_zombie(tmp_path: Path) -> None:
+    """An earlier attempt's Prometheus is this process's child: once stopped it stays a zombie until its Popen reaps
+    it. The wait used to take that for a process still running and sat out its whole timeout (10 s per lab up)."""
+    import sys
+    import time
+
+    from hapki.lab import ha
+
+    address = "127.0.0.1:1"  # not the lab's: a Prometheus of a lab that is up stays untouched
+    config = tmp_path / "prometheus" / "prometheus.yml"
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",  # its argv, as Prometheus's
+                                 f"--config.file={config}", f"--web.listen-address={address}"])
+    try:
+        time.sleep(0.3)
+        began = time.monotonic()
+        ha._stop_stale_prometheus(timeout=5.0, address=address)  # noqa: SLF001
+        assert time.monotonic() - began < 2.0
+        assert stand_in.wait(timeout=1.0) != 0  # it got the SIGTERM (and was a zombie until this wait)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
