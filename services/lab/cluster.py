@@ -183,6 +183,12 @@ class ProcessTable:
     def alive(self, name: str) -> bool:
         return bool(self.pids(name))
 
+    def exited(self, name: str, grace: float = 0.3) -> bool:
+        """Whether ``name``, just started, is gone: not alive, and still not after ``grace`` seconds. Right after its
+        exec a process can show an empty command line for a moment (the kernel sets it while loading the program,
+        after the exec already answered our Popen), so the marker check alone calls a starting process dead."""
+        return not self.alive(name) and wait_until(lambda: self.alive(name), grace, 0.05) is None
+
     def pid(self, name: str) -> int | None:
         """The main PID of ``name`` if it runs."""
         entry = self.procs.get(name)

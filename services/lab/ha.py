@@ -475,9 +475,7 @@ class Lab:
                 text = log_path.read_text(errors="replace")[offset:] if log_path.exists() else ""
                 if f"hapki {kind} ready" in text:
                     del waiting[name]
-                elif not self.procs.alive(name) and wait_until(lambda n=name: self.procs.alive(n), 0.3, 0.05) is None:
-                    # Asked twice: while `ip netns exec` execs the service, its command line can read empty for
-                    # a moment, and the marker check would call a starting process dead.
+                elif self.procs.exited(name):
                     raise LabError(f"{name} exited during start; tail of {log_path}:\n{text[-3000:]}")
             if waiting and time.monotonic() > deadline:
                 tails = "\n".join(f"--- {n}:\n{_tail(p, 15, since=o)}" for n, (p, o) in waiting.items())
@@ -522,7 +520,8 @@ class Lab:
             except LabError as exc:
                 if attempt == PROMETHEUS_ATTEMPTS:
                     raise
-                # Seen on a fresh CI run (exit without a word in its log); a second start has always worked.
+                # A start that really failed: once more. (Before ProcessTable.exited asked twice, a cold start's
+                # empty command line was taken for an exit here, and the next attempt stopped the first as stale.)
                 log.warning("prometheus start %d failed (%s); starting it again", attempt, exc)
                 time.sleep(1.0)
 
@@ -533,9 +532,9 @@ class Lab:
         result: dict[str, Any] = {}
 
         def ready() -> bool:
-            if not self.procs.alive("prometheus@host"):
-                # What the check saw, for the next time this happens (the cause of the first start's failures is
-                # not known: the process was often still running, and the next attempt stopped it as stale).
+            if self.procs.exited("prometheus@host"):
+                # Asked twice (ProcessTable.exited): once was not enough on a cold start, when loading the binary
+                # takes longer, and the next attempt then stopped a running Prometheus as stale.
                 seen = (f"pid {entry.pid} {'running' if _pid_running(entry.pid) else 'gone or a zombie'}, "
                         f"command line {_cmdline(entry.pid)[:160]!r}")
                 raise LabError(f"prometheus exited during start ({seen}); tail of {log_path}:\n{_tail(log_path, 15)}")
