@@ -527,21 +527,17 @@ def table(report: dict[str, Any]) -> str:
     def cpu(run: dict[str, Any]) -> str:
         return "  ".join(f"{k} {_fmt(v, '.2f')}" for k, v in run["cpu_ms_per_issuance"].items())
 
-    def offered(mode: str, run: dict[str, Any]) -> int | None:
-        # Reports from before the load curve have no offered_per_s: their one rate run is the shape's rate.
-        return run.get("offered_per_s") or (shape["rate"] if mode == "rate" else None)
-
     for name, title in COLUMNS.items():
         column = report["columns"].get(name)
         if not column or "runs" not in column:
             continue
         rss = "  ".join(f"{k} {_fmt(v, '.0f')}" for k, v in column["rss_peak_mib"].items())
         lines.append(f"{title:<24} cpu: {cpu(column['runs']['max'])}")
-        for mode, run in column["runs"].items():
-            if (rate := offered(mode, run)) is not None:
+        for run in column["runs"].values():
+            if (rate := run["offered_per_s"]) is not None:
                 lines.append(f"{'':<24} cpu at {rate}/s: {cpu(run)}")
-        writesets = [(offered(mode, run), run["per_issuance"].get("galera_writesets"))
-                     for mode, run in column["runs"].items() if run.get("per_issuance")]
+        writesets = [(run["offered_per_s"], run["per_issuance"].get("galera_writesets"))
+                     for run in column["runs"].values() if run.get("per_issuance")]
         if writesets:
             lines.append(f"{'':<24} Galera write-sets per issuance: " + "  ".join(
                 f"{f'{rate}/s' if rate is not None else 'max'} {_fmt(n, '.2f')}" for rate, n in writesets))

@@ -17,7 +17,8 @@ def _run(rate: float, errors: int = 0, clm_ms: float = 1.25) -> dict[str, object
 
 
 def _column(max_rate: float) -> dict[str, object]:
-    return {"runs": {"rate": _run(100.0, clm_ms=2.5), "max": _run(max_rate)}, "rss_peak_mib": {"clm": 80.4, "k6": None},
+    return {"runs": {"rate": {**_run(100.0, clm_ms=2.5), "offered_per_s": 300},
+                     "max": {**_run(max_rate), "offered_per_s": None}}, "rss_peak_mib": {"clm": 80.4, "k6": None},
             "verified": {"stored": 1234, "checked": 50, "failed": 0}}
 
 
