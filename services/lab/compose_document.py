@@ -182,6 +182,7 @@ def compose_document(topo: Topology) -> dict[str, Any]:
         services[n] = {
             "build": nats_image, "image": "hapki/nats:demo", "hostname": n,
             "command": ["nats-server", "--config", str(NATS_CONF)],
+            **({"environment": {"GOMAXPROCS": str(topo.bus.gomaxprocs)}} if topo.bus.gomaxprocs is not None else {}),
             "volumes": [_bind(f"rendered/{n}/nats.conf", NATS_CONF), _volume(f"{n}-store", NATS_STORE),
                         _secrets(cons[n])],
             "networks": {"data": {"ipv4_address": addr}},

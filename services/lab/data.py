@@ -616,9 +616,11 @@ class NatsClusterNode(_Server):
         client_port: int = 4222,
         cluster_port: int = 6222,
         monitor_port: int = 8222,
+        gomaxprocs: int | None = None,
     ) -> None:
         super().__init__(base_dir, name, client_port)
         self.address = address
+        self.gomaxprocs = gomaxprocs
         self.routes = [r if "://" in r else f"nats-route://{r}" for r in routes]
         self.netns = netns
         self.client_port = client_port
@@ -653,7 +655,9 @@ class NatsClusterNode(_Server):
         self.conf_path.write_text(self._conf())
 
     def _argv(self) -> list[str]:
-        return [*netns_prefix(self.netns), _nats_binary(), "--config", str(self.conf_path)]
+        # env(1) execs nats-server, so the PID we track stays the server's.
+        scheduler = ["env", f"GOMAXPROCS={self.gomaxprocs}"] if self.gomaxprocs is not None else []
+        return [*netns_prefix(self.netns), *scheduler, _nats_binary(), "--config", str(self.conf_path)]
 
     def _ready(self) -> bool:
         # Up, with JetStream enabled; a cluster member cannot be fully healthy before a meta leader exists.

@@ -106,7 +106,8 @@ class Lab:
         self.nats = NatsCluster(self.base_dir, [
             NatsClusterNode(self.base_dir, m, addr(m), [f"{addr(p)}:{ports.nats_cluster}" for p in buses],
                             netns=topo.namespace(m), client_port=ports.nats_client,
-                            cluster_port=ports.nats_cluster, monitor_port=ports.nats_monitor)
+                            cluster_port=ports.nats_cluster, monitor_port=ports.nats_monitor,
+                            gomaxprocs=topo.bus.gomaxprocs)
             for m in buses
         ], users=self.bus_users, tls=lambda node: self._data_tls(node.name, node.address))
         self.hsms = {name: SoftHSM(self.base_dir / "hsm", name) for name in topo.hsm.members}

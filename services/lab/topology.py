@@ -79,6 +79,18 @@ class HSM(_Strict):
     members: list[str] = Field(min_length=1, description="HSM member names (SoftHSM2 token sets)")
 
 
+class Bus(_Strict):
+    """How the bus members' nats-servers run."""
+
+    gomaxprocs: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="GOMAXPROCS of every nats-server (Go's scheduler threads running Go code at once). The "
+        "lab's members share one host's cores, three servers beside ten other processes: one each spends less "
+        "CPU handing work between threads (docs/PERFORMANCE.md, session 14). None: Go's default, one per core "
+        "(a member with cores of its own)",
+    )
+
+
 class Ports(_Strict):
     mariadb: int
     galera: int
@@ -106,6 +118,7 @@ class Topology(_Strict):
     tiers: dict[str, Tier]
     members: dict[str, Member]
     hsm: HSM
+    bus: Bus = Field(default_factory=Bus)
     ports: Ports
     flows: list[Flow] = Field(default_factory=list)
 

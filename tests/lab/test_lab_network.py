@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -167,3 +168,15 @@ def test_status_reports_the_whole_lab(lab: Lab) -> None:
     assert signing["replicas"] == 3 and signing["leader"] and all(r["current"] for r in signing["followers"])
     assert st["hsm"] == {m: {"hsm-a": True, "hsm-b": True} for m in lab.topo.members_of_tier("cara")}
     assert st["client"]["nats_urls"] == lab.nats_urls and st["client"]["clm_url"] == "https://10.213.1.100"
+
+
+def test_nats_servers_run_with_the_topologys_scheduler_threads(lab: Lab) -> None:
+    # compose/topology.toml's [bus] gomaxprocs reaches every running nats-server (read from the kernel, not from
+    # our own argv): the lab's members share the host's cores.
+    assert lab.topo.bus.gomaxprocs == 1
+    for node in lab.nats.nodes:
+        pid = int(node.pid_file.read_text().strip())
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert Path(f"/proc/{pid}/exe").resolve().name == "nats-server", pid
+        assert b"GOMAXPROCS=1" in environ, (node.name, pid)
+

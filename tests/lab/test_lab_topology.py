@@ -32,6 +32,13 @@ def test_the_repository_topology_loads() -> None:
     assert topo.tier_of("db-1") is None and topo.tier_of("clm-2") == "clm"
     assert str(topo.lab_network()) == "10.213.0.0/22"
     assert str(topo.endpoint("tier:cara")) == "10.213.2.100/32"
+    assert topo.bus.gomaxprocs == 1
+
+
+def test_the_bus_section_is_optional() -> None:
+    data = raw()
+    del data["bus"]
+    assert Topology.model_validate(data).bus.gomaxprocs is None  # Go's default: a member with cores of its own
 
 
 @pytest.mark.parametrize("change, message", [
@@ -43,6 +50,7 @@ def test_the_repository_topology_loads() -> None:
     (lambda d: d["members"]["clm-2"].update(priority=150), "distinct priorities"),
     (lambda d: d["flows"].append({"from": "segment:nowhere", "to": "host", "tcp": [1]}), "unknown flow endpoint"),
     (lambda d: d["lab"].update(surprise=True), "Extra inputs are not permitted"),
+    (lambda d: d["bus"].update(gomaxprocs=0), "bus.gomaxprocs"),
 ])
 def test_mistakes_are_refused_with_their_name(change: Any, message: str) -> None:
     data = raw()

@@ -81,6 +81,9 @@ def test_the_topology_becomes_the_containers(doc: dict[str, Any]) -> None:
     # CLM reaches the CARA VIP and the data segment, CARA the data segment (the topology's flows).
     assert set(services["clm-1"]["networks"]) == {"clm", "cara", "data"}
     assert set(services["cara-1"]["networks"]) == {"cara", "data"}
+    # The bus members' Go scheduler threads, as the native lab runs them ([bus] gomaxprocs).
+    for bus in topo.members_by_role("nats"):
+        assert services[bus]["environment"] == {"GOMAXPROCS": str(topo.bus.gomaxprocs)}
     # Galera: db-1 bootstraps; each joiner waits for the node before it to be healthy.
     assert services["db-1"]["environment"]["GALERA_BOOTSTRAP"] == "1"
     assert services["db-2"]["depends_on"]["db-1"] == {"condition": "service_healthy"}

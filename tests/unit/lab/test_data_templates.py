@@ -22,6 +22,16 @@ def test_nats_config_passes_nats_server_t(tmp_path: Path) -> None:
     assert '"nats-route://10.213.3.32:6222"' in conf.read_text()
 
 
+def test_nats_node_runs_with_gomaxprocs_only_when_asked(tmp_path: Path) -> None:
+    plain = NatsClusterNode(tmp_path, "nats-1", "10.213.3.31", [], netns="hapki-nats-1")
+    limited = NatsClusterNode(tmp_path, "nats-1", "10.213.3.31", [], netns="hapki-nats-1", gomaxprocs=1)
+    binary = _nats_binary()
+    assert plain._argv() == ["ip", "netns", "exec", "hapki-nats-1", binary, "--config", str(plain.conf_path)]  # noqa: SLF001
+    # env(1) execs the server: the PID the lab tracks (and the pid file's) stays nats-server's
+    assert limited._argv() == ["ip", "netns", "exec", "hapki-nats-1", "env", "GOMAXPROCS=1", binary,  # noqa: SLF001
+                               "--config", str(limited.conf_path)]
+
+
 @pytest.mark.skipif(shutil.which("mariadbd") is None, reason="mariadb-server is not installed")
 def test_galera_config_is_accepted_by_mariadbd(tmp_path: Path) -> None:
     node = GaleraNode(tmp_path, "db-1", "10.213.3.21", ["10.213.3.21:4567", "10.213.3.22:4567"])
