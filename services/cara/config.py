@@ -148,7 +148,16 @@ class CaraConfig(StrictModel):
     vip: str | None = Field(
         default=None, description="CARA floating IP: sign only while this host holds it (kernel view); None: always"
     )
-    vip_poll_seconds: float = Field(default=0.05, gt=0, le=5, description="VIP ownership poll interval, seconds")
+    vip_poll_seconds: float = Field(
+        default=0.05, gt=0, le=5,
+        description="VIP ownership poll interval, seconds, while the signer's state does not match it yet (a start "
+        "to retry, a fenced back-off) and in signer worker processes",
+    )
+    vip_recheck_seconds: float = Field(
+        default=1.0, gt=0, le=30,
+        description="Longest wait between two reads of VIP ownership while the signer's state matches it: the "
+        "kernel announces every address change (netlink), which is read at once",
+    )
     http_listen: str | None = Field(
         default=None, description="host:port of the local CARA HTTP endpoint (health), behind haproxy on the VIP"
     )

@@ -69,6 +69,7 @@ class CaraRuntime:
         self.signers: SignerProcesses | None = None  # the signer and its worker processes, driven as one
         self.role: RoleSupervisor | None = None
         self._role_task: asyncio.Task[None] | None = None
+        self._ownership: VipOwnership | None = None
         self.http: web.AppRunner | None = None
         self.crl: CrlPublisher | None = None
         self._crl_task: asyncio.Task[None] | None = None
@@ -175,8 +176,9 @@ class CaraRuntime:
         assert self.signers is not None
         if self.config.vip is None:
             return await self.signers.start()
-        self.role = RoleSupervisor(VipOwnership(self.config.vip), self.signers,
-                                   poll_seconds=self.config.vip_poll_seconds, member=self.config.member)
+        self._ownership = VipOwnership(self.config.vip, announced=True)
+        self.role = RoleSupervisor(self._ownership, self.signers, poll_seconds=self.config.vip_poll_seconds,
+                                   recheck_seconds=self.config.vip_recheck_seconds, member=self.config.member)
         await self.role.step()
         self._role_task = asyncio.create_task(self.role.run())
         return self.signers.epoch or 0
@@ -188,6 +190,9 @@ class CaraRuntime:
             self._role_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._role_task
+        if self._ownership is not None:
+            self._ownership.close()
+            self._ownership = None
         if self._unwatch is not None:
             self._unwatch()
         for task in (self._crl_task, self._audit_task, self._ocsp_task, *self._samplers):

@@ -25,6 +25,8 @@ _TRANSITIONS = metrics.counter("hapki.cara.role.transitions")
 class Ownership(Protocol):
     def holds(self) -> bool: ...
 
+    async def changed(self, timeout: float) -> bool: ...
+
 
 class Activatable(Protocol):
     fenced: asyncio.Event
@@ -67,7 +69,12 @@ async def run_while_active(activity: Activity, tick: Callable[[int], Awaitable[o
 
 
 class RoleSupervisor:
-    """Polls VIP ownership and keeps the signer's state in line with it."""
+    """Keeps the signer's state in line with VIP ownership.
+
+    While they agree (active exactly with the VIP) it waits for the kernel to announce an address change, for the
+    signer to be fenced, or at most `recheck_seconds`; while they do not (a start to retry, a fenced back-off to
+    sit out) it looks again every `poll_seconds`.
+    """
 
     def __init__(
         self,
@@ -75,17 +82,20 @@ class RoleSupervisor:
         signer: Activatable,
         *,
         poll_seconds: float,
+        recheck_seconds: float = 1.0,
         fenced_backoff_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         member: str = "-",
     ) -> None:
         self._ownership, self._signer, self._member = ownership, signer, member
-        self._poll, self._backoff, self._clock = poll_seconds, fenced_backoff_seconds, clock
+        self._poll, self._recheck, self._backoff, self._clock = (poll_seconds, recheck_seconds,
+                                                                 fenced_backoff_seconds, clock)
         self._retry_at = 0.0
         self.transitions: list[tuple[float, str]] = []  # (monotonic time, what happened), for health and tests
 
-    async def step(self) -> None:
-        """One observation and at most one transition."""
+    async def step(self) -> bool:
+        """One observation and at most one transition; True if the signer now runs exactly while the VIP is
+        held (nothing to retry)."""
         holds = self._ownership.holds()
         active = self._signer.active
         if holds and not active:
@@ -93,23 +103,40 @@ class RoleSupervisor:
                 self._retry_at = self._clock() + self._backoff
                 self._note("fenced: stepped down", "fenced")
             if self._clock() < self._retry_at:
-                return
+                return False
             try:
                 epoch = await self._signer.start()
             except HapkiError as exc:  # database or bus not ready: try again at the next poll
                 log.warning("could not become active: %s", exc)
-                return
+                return False
             self._retry_at = 0.0
             self._note(f"active at epoch {epoch}", "active")
         elif not holds and active:
             await self._signer.stop()
             self._retry_at = 0.0
             self._note("passive: VIP lost", "passive")
+        return True
 
     async def run(self) -> None:
         while True:
-            await self.step()
-            await asyncio.sleep(self._poll)
+            if await self.step():
+                await self._until_something_changes()
+            else:
+                await asyncio.sleep(self._poll)
+
+    async def _until_something_changes(self) -> None:
+        """An address change announced by the kernel, the signer fenced out, or `recheck_seconds`."""
+        if not self._signer.active:
+            await self._ownership.changed(self._recheck)
+            return
+        kernel = asyncio.ensure_future(self._ownership.changed(self._recheck))
+        fenced = asyncio.ensure_future(self._signer.fenced.wait())
+        try:
+            await asyncio.wait({kernel, fenced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (kernel, fenced):
+                waiter.cancel()
+            await asyncio.gather(kernel, fenced, return_exceptions=True)
 
     def _note(self, what: str, transition: str) -> None:
         log.info("role: %s", what)

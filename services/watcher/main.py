@@ -1,7 +1,8 @@
 """The watcher: turns this member's role, as the kernel and its local service report it, into HA events.
 
-Every `poll_seconds` it reads VIP ownership from the kernel (netlink address dump, microseconds); every
-`health_poll_seconds` (and at once after a VIP change) it reads the local service's /health. A change of role
+It reads VIP ownership from the kernel (netlink address dump, microseconds) at once when the kernel announces an
+address change, and at least every `poll_seconds`; every `health_poll_seconds` (and at once after a VIP change) it
+reads the local service's /health. A change of role
 (active / passive / fault) or of the epoch is published on `pki.v1.ha.events.<tier>.<member>` into the
 PKI_HA_EVENTS stream, with a span `watcher.role_changed`.
 """
@@ -28,7 +29,7 @@ from hapki.runtime import bus, telemetry
 from hapki.runtime import metrics as metrics_catalog
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import MetricsConfig, NatsConfig, StrictModel
-from hapki.runtime.netlink import AddressDump
+from hapki.runtime.netlink import AddressChanges, AddressDump
 
 log = logging.getLogger("hapki.watcher")
 tracer = trace.get_tracer("hapki.watcher")
@@ -41,7 +42,10 @@ class WatcherConfig(StrictModel):
     tier: str = Field(description="cara or clm")
     vip: str = Field(description="The tier's floating IP address")
     health_url: str | None = Field(default=None, description="The local service's health URL; None: VIP only")
-    poll_seconds: float = Field(default=0.05, gt=0, le=5, description="Kernel poll interval, seconds")
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=5,
+        description="Longest wait between two reads of the VIP from the kernel, seconds; an address change the "
+        "kernel announces (netlink) is read at once")
     health_poll_seconds: float = Field(default=0.5, gt=0, le=30, description="Health poll interval, seconds")
     nats: NatsConfig
     metrics: MetricsConfig = Field(
@@ -137,12 +141,14 @@ class WatcherRuntime:
         self._nc: Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._dump: AddressDump | None = None
+        self._changes: AddressChanges | None = None
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._nc = await bus.connect(self.config.nats, name=f"hapki-watcher-{self.config.member}")
         js = self._nc.jetstream()
         await bus.ensure_topology(js, self.config.nats, consumer=False, streams=(subjects.HA_EVENTS_STREAM,))
+        self._changes = AddressChanges()  # before the first dump: no change falls between the two
         self._dump = AddressDump()
 
         async def publish(event: HAEvent) -> None:
@@ -174,7 +180,8 @@ class WatcherRuntime:
                 await watcher.poll_once()
             except Exception:  # a failed publish (bus failing over) must not end the watcher: log and go on
                 log.exception("watcher poll failed")
-            await asyncio.sleep(self.config.poll_seconds)
+            assert self._changes is not None
+            await self._changes.wait(self.config.poll_seconds)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -183,6 +190,8 @@ class WatcherRuntime:
                 await self._task
         if self._http is not None:
             await self._http.close()
+        if self._changes is not None:
+            self._changes.close()
         if self._dump is not None:
             self._dump.close()
         if self._nc is not None:

@@ -54,6 +54,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture(scope="session")
+def namespaces_work() -> None:
+    """For a test that makes network namespaces of its own (no lab): skipped only where the lab could not run."""
+    reason = why_no_lab()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
 def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     reason = why_no_lab()
     if reason:

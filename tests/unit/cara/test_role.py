@@ -85,3 +85,81 @@ async def test_an_unready_database_is_retried_at_the_next_poll() -> None:
     assert not signer.active
     await role.step()
     assert signer.active
+
+
+class AnnouncingVip(FakeVip):
+    """A VIP whose moves are announced, as the kernel announces address changes (VipOwnership(announced=True))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced = asyncio.Event()
+        self.waits: list[float] = []
+
+    async def changed(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        try:
+            await asyncio.wait_for(self.announced.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.announced.clear()
+        return True
+
+    def move(self, held: bool) -> None:
+        self.held = held
+        self.announced.set()
+
+
+async def until(condition: object, seconds: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_run_waits_for_the_kernels_announcement_instead_of_polling() -> None:
+    vip, signer = AnnouncingVip(), FakeSigner()
+    role = RoleSupervisor(vip, signer, poll_seconds=0.01, recheck_seconds=30.0)
+    task = asyncio.create_task(role.run())
+    try:
+        await asyncio.sleep(0.2)  # twenty polls' worth
+        assert vip.waits == [30.0] and not signer.active  # one wait on the kernel, not a poll loop
+        vip.move(True)
+        await until(lambda: signer.active)
+        vip.move(False)
+        await until(lambda: not signer.active)
+        vip.move(True)
+        await until(lambda: signer.active and signer.epoch == 2)
+        assert set(vip.waits) == {30.0}
+    finally:
+        await _stopped(task)
+
+
+async def test_a_fenced_signer_wakes_the_waiting_role() -> None:
+    vip, signer = AnnouncingVip(), FakeSigner()
+    vip.held = True
+    role = RoleSupervisor(vip, signer, poll_seconds=0.01, recheck_seconds=30.0, fenced_backoff_seconds=0.05)
+    task = asyncio.create_task(role.run())
+    try:
+        await until(lambda: signer.active)
+        signer.get_fenced()  # no address changes: only the fence can wake it before 30 s
+        await until(lambda: signer.active and signer.epoch == 2)
+        assert [what for _, what in role.transitions] == ["active at epoch 1", "fenced: stepped down",
+                                                          "active at epoch 2"]
+    finally:
+        await _stopped(task)
+
+
+async def test_a_start_that_failed_is_retried_at_the_poll_interval() -> None:
+    vip, signer = AnnouncingVip(), FakeSigner()
+    vip.held, signer.fail_next_start = True, True
+    role = RoleSupervisor(vip, signer, poll_seconds=0.01, recheck_seconds=30.0)
+    task = asyncio.create_task(role.run())
+    try:
+        await until(lambda: signer.active, seconds=0.5)  # not after the 30 s recheck
+    finally:
+        await _stopped(task)
