@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hapki.cli import bench_compare
 from hapki.lab.stack import hapki_command
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,9 @@ def test_compare_runs_every_column_and_each_issues_verifiable_certificates(tmp_p
     assert set(columns["single"]["runs"]["max"]["cpu_ms_per_issuance"]) == {"clm", "cara", "nats-server", "mariadbd",
                                                                             "k6"}
     assert report["ratios"]["single/cfssl"] > 0 and report["ratios"]["lab/cfssl"] is None
+    # The table the command prints without --json, from this very report (every column's runs as recorded).
+    text = bench_compare.table(report)
+    assert text.count("cpu at 20/s:") == 2 and "(a) raw limit            max" in text, text
 
 
 def test_growth_hot_path_statements_use_indexes(tmp_path: Path) -> None:
