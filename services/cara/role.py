@@ -91,12 +91,13 @@ class RoleSupervisor:
         self._poll, self._recheck, self._backoff, self._clock = (poll_seconds, recheck_seconds,
                                                                  fenced_backoff_seconds, clock)
         self._retry_at = 0.0
+        self._held = False  # what the last step saw
         self.transitions: list[tuple[float, str]] = []  # (monotonic time, what happened), for health and tests
 
     async def step(self) -> bool:
         """One observation and at most one transition; True if the signer now runs exactly while the VIP is
         held (nothing to retry)."""
-        holds = self._ownership.holds()
+        holds = self._held = self._ownership.holds()
         active = self._signer.active
         if holds and not active:
             if self._signer.fenced.is_set() and self._retry_at == 0.0:
@@ -125,8 +126,11 @@ class RoleSupervisor:
                 await asyncio.sleep(self._poll)
 
     async def _until_something_changes(self) -> None:
-        """An address change announced by the kernel, the signer fenced out, or `recheck_seconds`."""
-        if not self._signer.active:
+        """An address change announced by the kernel, the signer fenced out, or `recheck_seconds`.
+
+        The fence is waited for whenever the last step saw the VIP held (so left the signer active): also when it
+        came between that step and now, `fenced` is set and the wait ends at once."""
+        if not self._held:
             await self._ownership.changed(self._recheck)
             return
         kernel = asyncio.ensure_future(self._ownership.changed(self._recheck))

@@ -163,3 +163,29 @@ async def test_a_start_that_failed_is_retried_at_the_poll_interval() -> None:
         await until(lambda: signer.active, seconds=0.5)  # not after the 30 s recheck
     finally:
         await _stopped(task)
+
+
+async def test_a_fence_between_the_step_and_the_wait_is_not_missed() -> None:
+    class FencedRightAfterTheStep(FakeSigner):
+        fence_on_read = False
+
+        @property
+        def active(self) -> bool:
+            seen = self._active
+            if self.fence_on_read and seen:  # the step sees it active; by the time the role waits, it is fenced
+                self.fence_on_read = False
+                self.get_fenced()
+            return seen
+
+    vip, signer = AnnouncingVip(), FencedRightAfterTheStep()
+    vip.held = True
+    role = RoleSupervisor(vip, signer, poll_seconds=0.01, recheck_seconds=30.0, fenced_backoff_seconds=0.05)
+    task = asyncio.create_task(role.run())
+    try:
+        await until(lambda: signer.epoch == 1)
+        await asyncio.sleep(0.05)  # the role waits now (settled)
+        signer.fence_on_read = True
+        vip.announced.set()  # a spurious announcement: one step, which sees it active and leaves it fenced
+        await until(lambda: signer.epoch == 2)  # started again, not after the 30 s recheck (epoch: no property read)
+    finally:
+        await _stopped(task)
