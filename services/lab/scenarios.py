@@ -43,10 +43,30 @@ class Scenario:
     kind: str = "other"  # cara | clm | db | other: which goal of docs/RELIABILITY.md applies
 
 
+# What keepalived logs when a member's VRRP role or priority changes (and why: its track script).
+_VRRP_EVENTS = ("STATE", "Script", "priority", "VIPs")
+
+
+def vrrp_story(lab: Any, tier: str, lines: int = 8) -> str:
+    """The last VRRP state changes, priority changes and track-script results in the keepalived logs of `tier`'s
+    members: why a VIP was where it was."""
+    story: list[str] = []
+    for member in lab.topo.members_of_tier(tier):
+        path = lab.base_dir / member / "keepalived.log"
+        try:
+            text = path.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            story.append(f"{member}: {exc}")
+            continue
+        story += [f"{member}: {line}" for line in [t for t in text if any(k in t for k in _VRRP_EVENTS)][-lines:]]
+    return "\n".join(story)
+
+
 def _active(lab: Any, tier: str) -> str:
     holders = lab.vip_holders(tier)
     if len(holders) != 1:
-        raise RuntimeError(f"the {tier} VIP is held by {holders}, not by one member")
+        raise RuntimeError(f"the {tier} VIP is held by {holders}, not by one member; keepalived:\n"
+                           f"{vrrp_story(lab, tier)}")
     return holders[0]
 
 
