@@ -1,8 +1,11 @@
-"""scripts/lab_wakeups.py names the lab's processes from their command lines (and nothing else)."""
+"""scripts/lab_wakeups.py: CPU and voluntary context switches of a process, all its threads counted."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -17,16 +20,28 @@ def _script() -> ModuleType:
     return module
 
 
-def test_every_kind_of_lab_process_is_named_by_its_member() -> None:
-    name_of = _script().name_of
-    run = "/work/main/.run/lab"
-    assert name_of(f"/venv/bin/python -m hapki.cli.main serve cara --config {run}/config/cara-1.toml") == "cara:cara-1"
-    assert name_of(f"/venv/bin/python -m hapki.cli.main serve watcher --config {run}/config/watcher-clm-2.toml") \
-        == "watcher:watcher-clm-2"
-    assert name_of(f"/venv/bin/nats-server --config {run}/nats-3/nats-server.conf") == "nats-server:nats-3"
-    assert name_of(f"mariadbd --defaults-file={run}/db-2/my.cnf") == "mariadbd:db-2"
-    assert name_of(f"haproxy -db -f {run}/clm-1/haproxy.cfg") == "haproxy:clm-1"
-    assert name_of(f"keepalived -n -P -l -D -G -f {run}/cara-2/keepalived.conf -p {run}/cara-2/k.pid") \
-        == "keepalived:cara-2"
-    assert name_of("/usr/bin/prometheus --config.file=x") == "prometheus"
-    assert name_of("/usr/sbin/sshd -D") is None and name_of("") is None
+def test_a_thread_that_sleeps_and_wakes_is_counted_with_its_process() -> None:
+    script = _script()
+    me = os.getpid()
+    before = script.sample({"me": [me], "gone": [2**22 + 7]})
+
+    napped, measured = threading.Event(), threading.Event()
+
+    def nap() -> None:
+        for _ in range(200):
+            time.sleep(0.0005)  # each sleep is a voluntary context switch of this (other) thread
+        napped.set()
+        measured.wait(10)  # alive while sampled: a thread's counts leave /proc with it
+
+    worker = threading.Thread(target=nap)
+    worker.start()
+    napped.wait(10)
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # and some CPU of our own
+        pass
+    after = script.sample({"me": [me], "gone": [2**22 + 7]})
+    measured.set()
+    worker.join()
+    assert after["me"][1] - before["me"][1] >= 200  # the other thread's, not only the main thread's
+    assert after["me"][0] - before["me"][0] >= 0.04
+    assert after["gone"] == before["gone"] == (0.0, 0)  # a PID that does not exist counts nothing
