@@ -38,7 +38,7 @@ from typing import Any
 
 from hapki.cara.config import CaraConfig
 from hapki.clm.config import ClmConfig
-from hapki.lab import compose_layout, prometheus, render, stack, tls
+from hapki.lab import compose_layout, prometheus, render, stack, tls, vrrp
 from hapki.lab.cluster import ProcessTable, _cmdline, wait_until
 from hapki.lab.data import GaleraCluster, GaleraNode, NatsCluster, NatsClusterNode
 from hapki.lab.local import BusUsers, SoftHSM, TlsFiles, _pid_running, _tail
@@ -55,6 +55,8 @@ DEFAULT_DIR = Path(".run/lab")
 SERVICE_READY_TIMEOUT = 90.0  # seconds; 8 Python processes start at once on 2 cores
 VIP_TIMEOUT = 10.0
 HTTPS_TIMEOUT = 30.0
+# A track script rises after TRACK_RISE successes TRACK_INTERVAL apart, once its service answers.
+RISE_TIMEOUT = 20.0
 STREAMS_API_TIMEOUT = 15.0  # seconds per JetStream API call while the lab creates its streams
 STREAMS_ATTEMPTS = 3  # of creating the streams; a rolling restart of the NATS servers between attempts
 PROMETHEUS_ATTEMPTS = 3
@@ -503,6 +505,10 @@ class Lab:
 
             if wait_until(healthy, HTTPS_TIMEOUT, 0.2) is None:
                 raise LabError(f"{self.url(tier)}/health did not answer 200 within {HTTPS_TIMEOUT:.0f} s: {result}")
+        # Every member at its full priority (its track script risen) and the VIP (still, or again) at home: before
+        # that, a peer whose script rises first takes the VIP for a second (hapki.lab.vrrp).
+        for tier in self.topo.tiers:
+            self.wait_vrrp_settled(tier, RISE_TIMEOUT)
 
     def _start_prometheus(self) -> None:
         """Write prometheus.yml, start Debian's prometheus on the host, wait until it is ready."""
@@ -583,6 +589,39 @@ class Lab:
     def vip_holders(self, tier: str) -> list[str]:
         """Members of ``tier`` whose namespace holds the tier's VIP now."""
         return self.net.vip_holders(tier)
+
+    def vrrp_priorities(self, tier: str) -> dict[str, int | None]:
+        """The VRRP priority each member of ``tier`` runs with now, from its keepalived log (None: keepalived is
+        not running there). Below the member's configured priority: its track script fails, or has not yet risen."""
+        priorities: dict[str, int | None] = {}
+        for member in self.topo.members_of_tier(tier):
+            configured = self.topo.members[member].priority or 0
+            try:
+                text = vrrp.log_path(self.base_dir, member).read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            running = self.procs.alive(f"keepalived@{member}")
+            priorities[member] = vrrp.effective_priority(text, configured) if running else None
+        return priorities
+
+    def vrrp_unfit(self, tier: str) -> dict[str, str]:
+        """Members of ``tier`` not running at their configured VRRP priority, and what they run with."""
+        return {m: f"VRRP priority {p} of {self.topo.members[m].priority}" if p is not None else "keepalived not running"
+                for m, p in self.vrrp_priorities(tier).items() if p != self.topo.members[m].priority}
+
+    def wait_vrrp_settled(self, tier: str, timeout: float, doing: str = "") -> None:
+        """Wait until every member of ``tier`` runs at its configured VRRP priority and the VIP is on the preferred
+        member alone: from then on the VIP stays put until something fails. LabError (with what keepalived logged)
+        after ``timeout``."""
+        want = self.preferred(tier)
+
+        def settled() -> bool:
+            return not self.vrrp_unfit(tier) and self.vip_holders(tier) == [want]
+
+        if wait_until(settled, timeout, 0.05) is None:
+            raise LabError(f"{doing}the {tier} VIP is on {self.vip_holders(tier)}, not on {want} alone with every "
+                           f"member at its VRRP priority, after {timeout:.0f} s: {self.vrrp_unfit(tier) or 'all are'}; "
+                           f"keepalived:\n{vrrp.vrrp_story(self, tier)}")
 
     def wait_vip(self, tier: str, member: str | None = None, timeout: float = 5.0) -> float | None:
         """Wait until exactly ``member`` (default: any single member) holds the VIP; seconds taken, or None."""
@@ -717,12 +756,13 @@ class Lab:
         self.procs.save()
         self.start(name, timeout)
 
-    def heal(self, vip_timeout: float = 10.0, data_timeout: float = 120.0) -> None:
-        """Undo every fault a test or the fault suite may have left, then wait for the VIPs to be back home.
+    def heal(self, vip_timeout: float = 30.0, data_timeout: float = 120.0) -> None:
+        """Undo every fault a test or the fault suite may have left, then wait for the VIPs to be back home (and
+        every tier member at its VRRP priority).
 
         Network blocks and VRRP blocks removed, cut links restored, dead HSM members back, killed Galera and NATS
         nodes restarted (Galera until Synced), services running with fail points restarted clean, every stopped
-        or crashed process started again, each VIP on its preferred member.
+        or crashed process started again, each VIP on its preferred member and every track script risen.
         """
         self.procs.load()
         self.net.clear_faults()
@@ -740,13 +780,12 @@ class Lab:
             elif entry.argv and not self.procs.alive(name):
                 self.start(name)
         for tier in self.topo.tiers:
-            if self.wait_vip(tier, self.preferred(tier), vip_timeout) is None:
-                raise LabError(f"healing: the {tier} VIP did not return to {self.preferred(tier)}: "
-                               f"{self.vip_holders(tier)}")
+            self.wait_vrrp_settled(tier, vip_timeout, doing="healing: ")
 
     def steady(self) -> dict[str, Any]:
         """What is not yet as `up()` left it (empty = steady): Galera nodes not Synced/Primary with all members,
-        NATS servers not healthy, a VIP away from home, the preferred CARA member not signing."""
+        NATS servers not healthy, a VIP away from home, a tier member below its VRRP priority (a track script
+        failing or not yet risen: the VIP may still move), the preferred CARA member not signing."""
         problems: dict[str, Any] = {}
         size = len(self.galera.nodes)
         for node in self.galera.nodes:
@@ -760,6 +799,9 @@ class Lab:
         for tier in self.topo.tiers:
             if self.vip_holders(tier) != [self.preferred(tier)]:
                 problems[f"{tier} VIP"] = self.vip_holders(tier)
+            unfit = self.vrrp_unfit(tier)
+            if unfit:
+                problems[f"{tier} VRRP priority"] = unfit
         cara = self.preferred("cara")
         body = self.member_health(cara).get("body")
         if not (isinstance(body, dict) and body.get("active")):
@@ -843,7 +885,8 @@ class Lab:
             "network": {"router": self.topo.router_namespace in present, "reachable": reachable,
                         "host_link": Path(f"/sys/class/net/{self.topo.host_interface}").exists()},
             "members": members,
-            "tiers": {t: {"vip": str(self.topo.vip(t)), "holders": f.result(), "preferred": self.preferred(t)}
+            "tiers": {t: {"vip": str(self.topo.vip(t)), "holders": f.result(), "preferred": self.preferred(t),
+                          "unfit": self.vrrp_unfit(t)}
                       for t, f in vip_f.items()},
             "galera": {n: f.result() for n, f in galera_f.items()},
             "nats": {"nodes": {n: f.result() if f else dict(down, healthy=False, routes=0, meta_leader=None)
@@ -927,6 +970,8 @@ def format_status(st: dict[str, Any]) -> str:
         holders = ", ".join(t["holders"]) or "nobody"
         flag = "" if t["holders"] == [t["preferred"]] else f"  (preferred: {t['preferred']})"
         lines.append(f"  {tier} VIP {t['vip']}: held by {holders}{flag}")
+        for member, priority in t.get("unfit", {}).items():
+            lines.append(f"    {member}: {priority} (its track script fails or is still rising)")
     for name, m in st["members"].items():
         procs = " ".join(f"{k}:{'up' if p['alive'] else 'DOWN'}" for k, p in m["processes"].items()) or "-"
         health = st["health"].get(name)

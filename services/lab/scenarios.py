@@ -23,6 +23,7 @@ from typing import Any
 
 from hapki.lab.cluster import wait_until
 from hapki.lab.load import crash_member
+from hapki.lab.vrrp import vrrp_story
 
 __all__ = ["ALIASES", "SCENARIOS", "Scenario", "signing_stream_leader"]
 
@@ -41,25 +42,6 @@ class Scenario:
     hold: float = 3.0  # seconds from the fault to `restore` (load keeps running)
     tail: float = 3.0  # seconds of load after `restore` (or after the fault, without one)
     kind: str = "other"  # cara | clm | db | other: which goal of docs/RELIABILITY.md applies
-
-
-# What keepalived logs when a member's VRRP role or priority changes (and why: its track script).
-_VRRP_EVENTS = ("STATE", "Script", "priority", "VIPs")
-
-
-def vrrp_story(lab: Any, tier: str, lines: int = 8) -> str:
-    """The last VRRP state changes, priority changes and track-script results in the keepalived logs of `tier`'s
-    members: why a VIP was where it was."""
-    story: list[str] = []
-    for member in lab.topo.members_of_tier(tier):
-        path = lab.base_dir / member / "keepalived.log"
-        try:
-            text = path.read_text(errors="replace").splitlines()
-        except OSError as exc:
-            story.append(f"{member}: {exc}")
-            continue
-        story += [f"{member}: {line}" for line in [t for t in text if any(k in t for k in _VRRP_EVENTS)][-lines:]]
-    return "\n".join(story)
 
 
 def _active(lab: Any, tier: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from hapki.lab.ha import Lab, LabBusy
 
 TOOLS = ("ip", "nft", "keepalived", "haproxy", "mariadbd", "curl", "softhsm2-util", "rsync", "prometheus")
-HEAL_VIP_TIMEOUT = 10.0
+HEAL_VIP_TIMEOUT = 30.0  # VIPs home and every track script risen (a restarted member: its service, then 2 s)
 # Timings measured by the tests (seconds); printed at the end of the session (`pytest -s` or the summary).
 TIMINGS: dict[str, list[float]] = {}
 

@@ -100,3 +100,24 @@ def test_split_brain_and_heal(lab: Lab, tier: str, timing: Timing) -> None:
     # With vrrp_higher_prio_send_advert the winner re-announces itself: clients go back to it at once.
     assert served_by(lab, tier, timeout=1.0) == holder
     timing(f"{tier}.split_brain_heal", healed)
+
+
+def test_a_member_whose_track_script_fails_is_not_steady_until_it_has_risen(lab: Lab) -> None:
+    # keepalived lowers a member's priority while its track script fails and restores it once the script has
+    # risen (2 successes a second apart). The lab reads that from keepalived's own log; up(), heal() and
+    # wait_steady() wait for it, or a peer whose script rises first takes the VIP for a second (hapki.lab.vrrp).
+    preferred = lab.preferred("cara")
+    passive = other(lab, "cara", preferred)
+    configured = {m: lab.topo.members[m].priority for m in lab.topo.members_of_tier("cara")}
+    assert lab.vrrp_priorities("cara") == configured  # what the fixture's up() or heal() left
+
+    lab.stop(f"cara@{passive}")  # its /health/primary stops answering
+    fell = wait_until(lambda: passive in lab.vrrp_unfit("cara"), 10.0, 0.05)
+    assert fell is not None, f"{passive}'s priority did not fall: {lab.vrrp_priorities('cara')}"
+    assert lab.vrrp_priorities("cara")[passive] == 1  # 100 - 100, which keepalived keeps at 1
+    assert "cara VRRP priority" in lab.steady()
+    assert lab.vip_holders("cara") == [preferred]  # a failing passive member moves nothing
+
+    lab.start(f"cara@{passive}")
+    lab.wait_steady(30.0)
+    assert lab.vrrp_priorities("cara") == configured

@@ -162,6 +162,7 @@ def test_status_reports_the_whole_lab(lab: Lab) -> None:
     assert all(m["up"] for m in st["members"].values())
     assert all(p["alive"] for m in st["members"].values() for p in m["processes"].values())
     assert {t: v["holders"] for t, v in st["tiers"].items()} == {t: [lab.preferred(t)] for t in lab.topo.tiers}
+    assert {t: v["unfit"] for t, v in st["tiers"].items()} == {t: {} for t in lab.topo.tiers}  # scripts risen
     assert all(g.get("wsrep_local_state_comment") == "Synced" for g in st["galera"].values()), st["galera"]
     assert all(n["healthy"] for n in st["nats"]["nodes"].values()), st["nats"]
     signing = st["nats"]["streams"]["PKI_SIGNING"]
