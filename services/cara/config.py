@@ -151,7 +151,7 @@ class CaraConfig(StrictModel):
     vip_poll_seconds: float = Field(
         default=0.05, gt=0, le=5,
         description="VIP ownership poll interval, seconds, while the signer's state does not match it yet (a start "
-        "to retry, a fenced back-off) and in signer worker processes",
+        "or a signer worker's join to retry, a fenced back-off)",
     )
     vip_recheck_seconds: float = Field(
         default=1.0, gt=0, le=30,

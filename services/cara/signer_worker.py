@@ -63,9 +63,11 @@ class SignerWorker:
     """Keeps one Signer in line with what the parent asks (an epoch or passive) and with the VIP."""
 
     def __init__(self, signer: Signer, ownership: Ownership | None, *, poll_seconds: float, out: TextIO,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 recheck_seconds: float = 1.0, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._signer, self._ownership, self._poll, self._out = signer, ownership, poll_seconds, out
-        self._monotonic = monotonic
+        self._recheck, self._monotonic = recheck_seconds, monotonic
+        self._settled = False  # the last step left the signer as asked (active under the wanted epoch, or not)
+        self._was_active = False  # the last step left the signer active: a fence is then worth waking for
         self._wanted: int | None = None  # the epoch the parent signs under; None: passive
         self._word = 0  # the number of the parent's latest word (its reports say which word they reflect)
         self._applied = 0  # the number of the latest word a step() has acted on
@@ -86,15 +88,15 @@ class SignerWorker:
         self._wake.set()
 
     async def run(self) -> None:
-        """Reconcile at every word from the parent and every poll_seconds (the VIP), until close()."""
+        """Reconcile at every word from the parent, VIP move the kernel announces and fence, until close().
+
+        While the signer is as asked, the VIP is read again at least every recheck_seconds; while it is not
+        (a join to retry), every poll_seconds."""
         self._report(force=True)
         try:
             while not self._closing:
                 await self.step()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
-                except asyncio.TimeoutError:
-                    pass
+                await self._until_something_changes(self._recheck if self._settled else self._poll)
                 self._wake.clear()
         finally:
             await self._signer.stop()  # hands back (NAK) what it fetched and did not process
@@ -114,7 +116,24 @@ class SignerWorker:
         if want is not None and not signer.active:
             await signer.join(want)
         self._applied = word
+        self._was_active = signer.active
+        self._settled = signer.active == (want is not None) and (want is None or signer.epoch == want)
         self._report()
+
+    async def _until_something_changes(self, timeout: float) -> None:
+        """A word from the parent, an address change the kernel announces, the signer fenced (when the last step
+        left it active: a fence since then has set the event already), or ``timeout``."""
+        waiters = {asyncio.ensure_future(self._wake.wait())}
+        if self._ownership is not None:
+            waiters.add(asyncio.ensure_future(self._ownership.changed(timeout)))
+        if self._was_active:
+            waiters.add(asyncio.ensure_future(self._signer.fenced.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     def _report(self, *, force: bool = False) -> None:
         """Tell the parent a change of state or epoch at once; a grown signature count every REPORT_SECONDS."""
@@ -171,7 +190,7 @@ async def serve(index: int, out: TextIO) -> None:
     db = Database(cfg.database)
     hsm: HSMPool | None = None
     nc = None
-    ownership = VipOwnership(cfg.vip) if cfg.vip is not None else None
+    ownership = VipOwnership(cfg.vip, announced=True) if cfg.vip is not None else None
     try:
         store = MariaDBSigningStore(db, actor=f"cara:{cfg.member}")
         issuer = await store.load_issuer(cfg.issuer)
@@ -183,7 +202,8 @@ async def serve(index: int, out: TextIO) -> None:
             nc=nc, js=nc.jetstream(), store=store, issuer=issuer, issuer_key=hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=utcnow, approvals=approvals, profiles=profiles,
             faults=FailPoints(), distribution=issuance.Distribution.at(cfg.public_url, issuer.name))
-        worker = SignerWorker(signer, ownership, poll_seconds=cfg.vip_poll_seconds, out=out)
+        worker = SignerWorker(signer, ownership, poll_seconds=cfg.vip_poll_seconds,
+                              recheck_seconds=cfg.vip_recheck_seconds, out=out)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.close)

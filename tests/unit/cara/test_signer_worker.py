@@ -4,8 +4,10 @@ to its parent; `[signer] processes` and HAPKI_SIGNER_PROCESSES parse strictly.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,29 @@ EXAMPLE = Path(__file__).parents[3] / "compose" / "config" / "cara.toml"
 
 
 class FakeVip:
+    """VIP ownership whose moves are announced (as the kernel's netlink announcements are): `move()` wakes
+    `changed()`; `reads` counts `holds()`."""
+
     def __init__(self) -> None:
         self.held = True
+        self.reads = 0
+        self._moved = asyncio.Event()
 
     def holds(self) -> bool:
+        self.reads += 1
         return self.held
+
+    def move(self, held: bool) -> None:
+        self.held = held
+        self._moved.set()
+
+    async def changed(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._moved.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        self._moved.clear()
+        return True
 
 
 class FakeSigner:
@@ -54,9 +74,28 @@ class FakeSigner:
         self.active = False
 
 
-def _worker(vip: FakeVip | None = None) -> tuple[SignerWorker, FakeSigner, io.StringIO]:
+def _worker(vip: FakeVip | None = None, recheck: float = 1.0) -> tuple[SignerWorker, FakeSigner, io.StringIO]:
     signer, out = FakeSigner(), io.StringIO()
-    return SignerWorker(signer, vip, poll_seconds=0.01, out=out), signer, out  # type: ignore[arg-type]
+    worker = SignerWorker(signer, vip, poll_seconds=0.01, recheck_seconds=recheck, out=out)  # type: ignore[arg-type]
+    return worker, signer, out
+
+
+@contextlib.asynccontextmanager
+async def _running(worker: SignerWorker) -> AsyncIterator[None]:
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.close()
+        await asyncio.wait_for(task, 5)
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    for _ in range(int(seconds / 0.005)):
+        if condition():
+            return True
+        await asyncio.sleep(0.005)
+    return condition()
 
 
 def _reports(out: io.StringIO) -> list[dict[str, object]]:
@@ -125,6 +164,32 @@ async def test_run_ends_passive_when_closed() -> None:
     worker.close()
     await asyncio.wait_for(running, 5)
     assert not signer.active and _reports(out)[-1]["state"] == "passive"
+
+
+async def test_while_signing_as_asked_it_waits_instead_of_polling_the_vip() -> None:
+    # Poll interval 10 ms, recheck 10 s: a worker that polled would read the VIP about 30 times in 0.3 s.
+    vip = FakeVip()
+    worker, signer, _ = _worker(vip, recheck=10.0)
+    worker.ask(4, 1)
+    async with _running(worker):
+        assert await _until(lambda: signer.active)
+        reads = vip.reads
+        await asyncio.sleep(0.3)
+        assert vip.reads - reads <= 1, f"{vip.reads - reads} VIP reads in 0.3 s while nothing changed"
+
+
+async def test_an_announced_vip_loss_and_a_fence_wake_it_at_once() -> None:
+    vip = FakeVip()
+    worker, signer, out = _worker(vip, recheck=10.0)
+    worker.ask(4, 1)
+    async with _running(worker):
+        assert await _until(lambda: signer.active)
+        vip.move(False)
+        assert await _until(lambda: not signer.active, 1.0), "the announced VIP loss did not stop the signer"
+        vip.move(True)
+        assert await _until(lambda: signer.active, 1.0) and signer.joined == [4, 4]
+        signer.get_fenced()  # the main process moved the epoch on: the worker says so to its parent at once
+        assert await _until(lambda: _reports(out)[-1]["state"] == "fenced", 1.0), _reports(out)[-1]
 
 
 def test_processes_default_to_one_and_parse_from_toml(tmp_path: Path) -> None:
