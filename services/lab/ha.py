@@ -596,11 +596,8 @@ class Lab:
         priorities: dict[str, int | None] = {}
         for member in self.topo.members_of_tier(tier):
             configured = self.topo.members[member].priority or 0
-            try:
-                text = vrrp.log_path(self.base_dir, member).read_text(errors="replace")
-            except FileNotFoundError:
-                text = ""
             running = self.procs.alive(f"keepalived@{member}")
+            text = vrrp.since_last_start(vrrp.log_path(self.base_dir, member)) if running else ""
             priorities[member] = vrrp.effective_priority(text, configured) if running else None
         return priorities
 

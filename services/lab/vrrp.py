@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["effective_priority", "log_path", "vrrp_story"]
+__all__ = ["effective_priority", "log_path", "since_last_start", "vrrp_story"]
 
 _STARTED = "Starting Keepalived"
 _CHANGED = re.compile(r"Changing effective priority from \d+ to (\d+)")
@@ -29,6 +29,27 @@ _EVENTS = ("STATE", "Script", "priority", "VIPs")
 def log_path(base_dir: Path, member: str) -> Path:
     """Where the lab writes ``member``'s keepalived log."""
     return Path(base_dir) / member / "keepalived.log"
+
+
+def since_last_start(path: Path, chunk: int = 65536) -> str:
+    """A keepalived log from its last "Starting Keepalived" on, read backwards a chunk at a time (a lab that runs for
+    days logs a gratuitous ARP refresh every few seconds); "" if the file does not exist."""
+    pattern = _STARTED.encode()
+    try:
+        with open(path, "rb") as f:
+            start = f.seek(0, 2)
+            tail = b""
+            while start > 0:
+                size = min(chunk, start)
+                start -= size
+                f.seek(start)
+                tail = f.read(size) + tail
+                at = tail.rfind(pattern, 0, size + len(pattern))  # the new chunk, and a match across its end
+                if at >= 0:
+                    return tail[at:].decode(errors="replace")
+            return tail.decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def effective_priority(log_text: str, configured: int) -> int | None:

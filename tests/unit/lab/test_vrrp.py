@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hapki.lab.vrrp import effective_priority
+from pathlib import Path
+
+from hapki.lab.vrrp import effective_priority, since_last_start
 
 START = "Sat Nov 28 03:15:07 2026: Starting Keepalived v2.2.7 (01/16,2022)\n"
 FAILED = ("Sat: Script `hapki_cara_fit` now returning 7\n"
@@ -32,3 +34,15 @@ def test_only_the_last_start_counts() -> None:
 def test_a_log_without_a_start_gives_no_priority() -> None:
     assert effective_priority("", 150) is None
     assert effective_priority(FAILED, 150) is None
+
+
+def test_the_log_is_read_back_to_its_last_start_only(tmp_path: Path) -> None:
+    log = tmp_path / "keepalived.log"
+    garp = "Sat: Sending gratuitous ARP on eth0 for 10.213.2.100\n"
+    log.write_text(START + FAILED + START + FAILED + garp * 3000)  # the last start is more than a chunk back
+    tail = since_last_start(log, chunk=4096)
+    assert tail.startswith("Starting Keepalived v2.2.7") and tail.count("Starting") == 1
+    assert effective_priority(tail, 150) == 50
+    log.write_text(START + FAILED + ROSE)
+    assert effective_priority(since_last_start(log, chunk=16), 150) == 150  # a start line split across chunks
+    assert since_last_start(tmp_path / "missing.log") == ""
