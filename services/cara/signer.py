@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+import nats.errors
 from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -108,8 +109,9 @@ class Signer:
             serials=serials)
         self._epoch: int | None = None
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the heartbeat, the batches being worked on
+        self._tasks: set[asyncio.Task[None]] = set()  # the fetch loop, the batches, in_progress() reports
         self._inflight = InFlight()
+        self._beat: asyncio.TimerHandle | None = None  # the next heartbeat, armed only while messages are held
         self._to_hand_back: list[Msg] = []  # fetched but not to be processed here: NAKed on the way out
         self._releasing: asyncio.Task[None] | None = None  # the hand-back after being fenced (kept referenced)
         self.fenced = asyncio.Event()  # set when a newer epoch fenced us out: the supervisor must step down
@@ -173,11 +175,13 @@ class Signer:
         self.fenced.clear()
         self._epoch = epoch
         self._spawn(self._fetch_loop())
-        self._spawn(self._heartbeat())
 
     async def stop(self) -> None:
         """Become passive: stop fetching, let batches in progress finish, release the pull request, then NAK."""
         self._stopping.set()
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._hand_back()
@@ -245,13 +249,31 @@ class Signer:
             # message until ack_wait (FIELD-NOTES): unsubscribing closes it.
             await psub.unsubscribe()
 
-    async def _heartbeat(self) -> None:
-        while not self._stopping.is_set():
+    def _beat_later(self) -> None:
+        """Arm the heartbeat: in heartbeat_seconds, in_progress() for the messages held that long. Armed when a
+        message is admitted and again by each beat while any is held, so an idle signer is not woken for it."""
+        if self._beat is None and not self._stopping.is_set():
+            self._beat = asyncio.get_running_loop().call_later(self._config.heartbeat_seconds, self._beat_now)
+
+    def _beat_now(self) -> None:
+        self._beat = None
+        if self._stopping.is_set():
+            return
+        due = self._inflight.due(self._config.heartbeat_seconds)
+        if due:
+            self._spawn(self._in_progress(due))
+        if len(self._inflight):
+            self._beat_later()
+
+    async def _in_progress(self, msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
             try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=self._config.heartbeat_seconds)
-            except asyncio.TimeoutError:
-                for msg in self._inflight.due(self._config.heartbeat_seconds):
-                    await msg.in_progress()
+                await msg.in_progress()
+            except nats.errors.Error as exc:
+                # The bus connection is closing or gone: the message comes back after ack_wait, to whichever
+                # signer is active then, and is answered from the database (no second signature).
+                log.warning("in_progress() for a held signing request failed: %s", exc)
+                return
 
     async def handle(self, msg: Msg) -> None:
         """Process one signing request message to an ack, a NAK (retry) or a term (never processable)."""
@@ -333,6 +355,7 @@ class Signer:
             span.end()
             return None  # a redelivery of what this process is working on; the first copy acks
         self._inflight.add(request.request_id, msg)
+        self._beat_later()
         return Item(msg=msg, request=request, span=span)
 
     async def _refuse_oversized(self, msg: Msg, span: trace.Span) -> None:
