@@ -80,6 +80,19 @@ class InFlight:
         return [msg for _, msg in due]
 
 
+def undelivered(psub: JetStreamContext.PullSubscription) -> list[Msg]:
+    """Messages the server delivered to ``psub`` that no fetch() took, taken out of its queue (status messages,
+    answers to earlier pull requests, are dropped as fetch() drops them). nats-py keeps them in the subscription's
+    pending queue, where its next fetch() would look first; it has no public call to take them without a fetch."""
+    queue = psub._sub._pending_queue  # noqa: SLF001 - see the docstring
+    msgs = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        if not JetStreamContext.is_status_msg(msg):
+            msgs.append(msg)
+    return msgs
+
+
 class Signer:
     """The batched pull loop over the signing consumer, fenced by the CARA epoch."""
 
@@ -245,6 +258,10 @@ class Signer:
                 self.batches = [*self.batches[-99:], len(msgs)]
                 self._spawn(self._batch(msgs)).add_done_callback(lambda _: slots.release())
         finally:
+            # What the server delivered to our pull request after the last fetch took its messages (a cancelled
+            # fetch: stopping) waits in the subscription's queue; the unsubscribe would drop it and the server
+            # would redeliver it only after ack_wait. It goes back with the rest (NAK: to the active member now).
+            self._to_hand_back.extend(undelivered(psub))
             # A cancelled fetch leaves its pull request open on the server, where it would capture the next
             # message until ack_wait (FIELD-NOTES): unsubscribing closes it.
             await psub.unsubscribe()

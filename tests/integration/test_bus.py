@@ -104,3 +104,38 @@ async def test_a_bus_connection_over_tls_ends_without_asyncio_s_eof_warning(tmp_
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         server.stop()
+
+
+async def test_a_delivery_no_fetch_took_is_found_in_the_pull_subscription(tmp_path: Path) -> None:
+    """hapki.cara.signer.undelivered against the real client and server: a fetch cancelled while its pull request
+    is open (a signer stopping) leaves that request on the server, the next message goes to it and waits in
+    nats-py's queue. The signer takes it from there and NAKs it instead of dropping it with the subscription."""
+    from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+    from hapki.cara.signer import undelivered
+
+    server = NatsServer(tmp_path)
+    server.start()
+    try:
+        nc = await nats.connect(**server.connect_kwargs())
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="T", subjects=["t.x"]))
+        await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+        psub = await js.pull_subscribe_bind(durable="c", stream="T")
+        fetch = asyncio.ensure_future(psub.fetch(1, timeout=5))
+        await asyncio.sleep(0.3)  # nothing to fetch: the client's long-poll pull request is open on the server
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        await js.publish("t.x", b"late")
+        for _ in range(200):
+            if psub.pending_msgs:
+                break
+            await asyncio.sleep(0.01)
+        late = undelivered(psub)
+        assert [m.data for m in late] == [b"late"] and psub.pending_msgs == 0
+        await late[0].nak()  # handed back: delivered again at once, not after ack_wait (30 s here)
+        again = await psub.fetch(1, timeout=5)
+        assert [m.data for m in again] == [b"late"] and again[0].metadata.num_delivered == 2
+        await nc.close()
+    finally:
+        server.stop()
