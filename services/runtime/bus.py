@@ -15,7 +15,6 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from faststream.nats.security import NatsSecurity, NatsUserPassword
 from nats.js.errors import NotFoundError
 
 from hapki.contracts import subjects
@@ -114,6 +113,10 @@ def connect_options(config: NatsConfig) -> dict[str, Any]:
 
 def faststream_options(config: NatsConfig) -> dict[str, Any]:
     """The same for a FastStream NatsBroker (credentials and TLS go through its `security` object)."""
+    # Imported here: only CLM runs a FastStream broker, and importing FastStream costs a CARA process (or a signer
+    # worker) about 80 ms of every start, i.e. of every restart after a crash.
+    from faststream.nats.security import NatsSecurity, NatsUserPassword
+
     options = connect_options(config)
     out: dict[str, Any] = {}
     if "inbox_prefix" in options:
