@@ -603,8 +603,9 @@ class Lab:
 
     def vrrp_unfit(self, tier: str) -> dict[str, str]:
         """Members of ``tier`` not running at their configured VRRP priority, and what they run with."""
-        return {m: f"VRRP priority {p} of {self.topo.members[m].priority}" if p is not None else "keepalived not running"
-                for m, p in self.vrrp_priorities(tier).items() if p != self.topo.members[m].priority}
+        configured = {m: self.topo.members[m].priority for m in self.topo.members_of_tier(tier)}
+        return {m: f"VRRP priority {p} of {configured[m]}" if p is not None else "keepalived not running"
+                for m, p in self.vrrp_priorities(tier).items() if p != configured[m]}
 
     def wait_vrrp_settled(self, tier: str, timeout: float, doing: str = "") -> None:
         """Wait until every member of ``tier`` runs at its configured VRRP priority and the VIP is on the preferred

@@ -23,8 +23,9 @@ class HeldMsg:
 
 def _signer() -> Signer:
     return Signer(nc=None, js=None, store=None, issuer=SimpleNamespace(certificate=None),  # type: ignore[arg-type]
-                  issuer_key=None, member="cara-1", config=SignerConfig(heartbeat_seconds=BEAT),  # type: ignore[arg-type]
-                  clock=lambda: datetime(2026, 1, 1, tzinfo=UTC), approvals=None, profiles={})  # type: ignore[arg-type]
+                  issuer_key=None, member="cara-1",  # type: ignore[arg-type]
+                  config=SignerConfig(heartbeat_seconds=BEAT), clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
+                  approvals=None, profiles={})  # type: ignore[arg-type]
 
 
 async def test_a_held_message_is_reported_and_an_idle_signer_is_not_woken() -> None:
