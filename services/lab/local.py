@@ -85,10 +85,28 @@ def _kill_leftovers() -> None:
 atexit.register(_kill_leftovers)
 
 
+def start_marker(argv: Sequence[str], now: float | None = None) -> str:
+    """The line a child's log gets before each start: the program it runs (past `ip netns exec NS` and `env
+    K=V` wrappers) and the time to the millisecond, as Python's logging writes it (restarts are timed from it)."""
+    args = list(argv)
+    if args[:3] == ["ip", "netns", "exec"]:
+        args = args[4:]
+    if args[:1] == ["env"]:
+        args = args[1:]
+        while args and "=" in args[0] and not args[0].startswith("-"):
+            args = args[1:]
+    program = Path(args[0]).name if args else "?"
+    if program.startswith("python") and args[1:2] == ["-m"] and len(args) > 2:
+        program = args[2]
+    stamp = time.time() if now is None else now
+    millis = int(stamp * 1000) % 1000
+    return f"--- hapki.lab: starting {program} at {time.strftime('%F %T', time.localtime(stamp))},{millis:03d} ---"
+
+
 def _spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session with stdout and stderr appended to ``log_path``; track its PID."""
     with log_path.open("ab") as out:
-        out.write(f"--- hapki.lab: starting {Path(argv[0]).name} at {time.strftime('%F %T')} ---\n".encode())
+        out.write(f"{start_marker(argv)}\n".encode())
         out.flush()
         child = subprocess.Popen(
             list(argv),

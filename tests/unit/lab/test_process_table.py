@@ -32,3 +32,16 @@ def test_a_started_process_whose_command_line_reads_empty_for_a_moment_has_not_e
         assert table.exited("sleeper@host", grace=0.2)
     finally:
         table.stop("sleeper@host", timeout=1.0)
+
+
+def test_the_start_marker_names_the_program_past_its_wrappers_to_the_millisecond() -> None:
+    from hapki.lab.local import start_marker
+
+    when = 1795838000.25
+    wrapped = ["ip", "netns", "exec", "hapki-cara-1", "env", "HAPKI_SIGNER_PROCESSES=2", "/w/.venv/bin/python", "-m",
+               "hapki.cli.main", "serve", "cara"]
+    assert start_marker(wrapped, when).startswith("--- hapki.lab: starting hapki.cli.main at ")
+    assert start_marker(wrapped, when).endswith(",250 ---")
+    assert "starting keepalived at" in start_marker(["ip", "netns", "exec", "ns", "keepalived", "-n"], when)
+    assert "starting nats-server at" in start_marker(["env", "GOMAXPROCS=1", "/x/nats-server", "-c", "f"], when)
+    assert "starting mariadbd at" in start_marker(["/usr/sbin/mariadbd", "--defaults-file=x"], when)
