@@ -49,6 +49,17 @@ class Activity(Protocol):
     def epoch(self) -> int | None: ...
 
 
+async def first_of(*waits: Awaitable[object], timeout: float | None = None) -> None:
+    """Until the first of ``waits`` completes, or ``timeout`` s; the others are cancelled (and reaped)."""
+    waiters = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
 async def run_while_active(activity: Activity, tick: Callable[[int], Awaitable[object]], *,
                            wait: Callable[[], Awaitable[None]], what: str, logger: logging.Logger) -> None:
     """The loop of a task only the active member does (CRLs, audit sealing): after each `wait`, `tick(epoch)` if
@@ -133,14 +144,7 @@ class RoleSupervisor:
         if not self._held:
             await self._ownership.changed(self._recheck)
             return
-        kernel = asyncio.ensure_future(self._ownership.changed(self._recheck))
-        fenced = asyncio.ensure_future(self._signer.fenced.wait())
-        try:
-            await asyncio.wait({kernel, fenced}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (kernel, fenced):
-                waiter.cancel()
-            await asyncio.gather(kernel, fenced, return_exceptions=True)
+        await first_of(self._ownership.changed(self._recheck), self._signer.fenced.wait())
 
     def _note(self, what: str, transition: str) -> None:
         log.info("role: %s", what)

@@ -28,12 +28,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from hapki.cara import issuance
 from hapki.cara.config import CaraConfig
-from hapki.cara.role import Ownership
+from hapki.cara.role import Ownership, first_of
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.runtime import bus, eventloop, telemetry
@@ -123,17 +123,12 @@ class SignerWorker:
     async def _until_something_changes(self, timeout: float) -> None:
         """A word from the parent, an address change the kernel announces, the signer fenced (when the last step
         left it active: a fence since then has set the event already), or ``timeout``."""
-        waiters = {asyncio.ensure_future(self._wake.wait())}
+        waits: list[Awaitable[object]] = [self._wake.wait()]
         if self._ownership is not None:
-            waiters.add(asyncio.ensure_future(self._ownership.changed(timeout)))
+            waits.append(self._ownership.changed(timeout))
         if self._was_active:
-            waiters.add(asyncio.ensure_future(self._signer.fenced.wait()))
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+            waits.append(self._signer.fenced.wait())
+        await first_of(*waits, timeout=timeout)
 
     def _report(self, *, force: bool = False) -> None:
         """Tell the parent a change of state or epoch at once; a grown signature count every REPORT_SECONDS."""

@@ -595,10 +595,10 @@ class Lab:
         not running there). Below the member's configured priority: its track script fails, or has not yet risen."""
         priorities: dict[str, int | None] = {}
         for member in self.topo.members_of_tier(tier):
-            configured = self.topo.members[member].priority or 0
-            running = self.procs.alive(f"keepalived@{member}")
-            text = vrrp.since_last_start(vrrp.log_path(self.base_dir, member)) if running else ""
-            priorities[member] = vrrp.effective_priority(text, configured) if running else None
+            priorities[member] = None
+            if self.procs.alive(f"keepalived@{member}"):
+                text = vrrp.since_last_start(vrrp.log_path(self.base_dir, member))
+                priorities[member] = vrrp.effective_priority(text, self.topo.members[member].priority or 0)
         return priorities
 
     def vrrp_unfit(self, tier: str) -> dict[str, str]:

@@ -81,10 +81,15 @@ def _worker(vip: FakeVip | None = None, recheck: float = 1.0) -> tuple[SignerWor
 
 
 @contextlib.asynccontextmanager
-async def _running(worker: SignerWorker) -> AsyncIterator[None]:
+async def _signing(recheck: float) -> AsyncIterator[tuple[FakeVip, FakeSigner, io.StringIO]]:
+    """A running worker that holds the VIP, was asked to sign under epoch 4 and signs; closed on exit."""
+    vip = FakeVip()
+    worker, signer, out = _worker(vip, recheck=recheck)
+    worker.ask(4, 1)
     task = asyncio.create_task(worker.run())
     try:
-        yield
+        assert await _until(lambda: signer.active)
+        yield vip, signer, out
     finally:
         worker.close()
         await asyncio.wait_for(task, 5)
@@ -168,22 +173,14 @@ async def test_run_ends_passive_when_closed() -> None:
 
 async def test_while_signing_as_asked_it_waits_instead_of_polling_the_vip() -> None:
     # Poll interval 10 ms, recheck 10 s: a worker that polled would read the VIP about 30 times in 0.3 s.
-    vip = FakeVip()
-    worker, signer, _ = _worker(vip, recheck=10.0)
-    worker.ask(4, 1)
-    async with _running(worker):
-        assert await _until(lambda: signer.active)
+    async with _signing(recheck=10.0) as (vip, _signer, _out):
         reads = vip.reads
         await asyncio.sleep(0.3)
         assert vip.reads - reads <= 1, f"{vip.reads - reads} VIP reads in 0.3 s while nothing changed"
 
 
 async def test_an_announced_vip_loss_and_a_fence_wake_it_at_once() -> None:
-    vip = FakeVip()
-    worker, signer, out = _worker(vip, recheck=10.0)
-    worker.ask(4, 1)
-    async with _running(worker):
-        assert await _until(lambda: signer.active)
+    async with _signing(recheck=10.0) as (vip, signer, out):
         vip.move(False)
         assert await _until(lambda: not signer.active, 1.0), "the announced VIP loss did not stop the signer"
         vip.move(True)
