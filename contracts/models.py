@@ -309,15 +309,16 @@ class SignCertificate(_Model):
     extended_key_usage: list[str] = Field(description="EKU names: server_auth, client_auth")
     approval: str | None = Field(
         default=None, max_length=128, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
-        description="CLM's Ed25519 signature (64 bytes, base64) over every other field of this message, the CSR by "
+        description="CLM's signature (base64: ECDSA P-256 DER, up to 72 bytes, or Ed25519, 64 bytes; the algorithm is "
+        "the named key's) over every other field of this message, the CSR by "
         "its SHA-256 (canonical form: hapki.runtime.approval.approval_payload). Required by the CA; optional in "
         "the schema only so that requests queued before approvals existed parse and are refused with "
         "APPROVAL_INVALID instead of being dropped",
     )
     approval_key_id: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{16}$",
-        description="Which CLM approval key signed: the first 8 bytes of the SHA-256 of its raw Ed25519 public key, "
-        "16 lowercase hex digits",
+        description="Which CLM approval key signed: the first 8 bytes of the SHA-256 of its raw public key "
+        "(a P-256 key's uncompressed point, an Ed25519 key's 32 bytes), 16 lowercase hex digits",
     )
 
 

@@ -166,7 +166,7 @@ class CaraConfig(StrictModel):
     hsm: HSMConfig
     approval_public_keys: list[Path] = Field(
         min_length=1, max_length=16,
-        description="CLM approval public keys this CA trusts (PEM files, Ed25519): a signing request must carry a "
+        description="CLM approval public keys this CA trusts (PEM files, P-256 or Ed25519): a signing request must carry a "
         "valid approval by one of them or it is refused (APPROVAL_INVALID). Several during a key rotation",
     )
     profiles_file: Path | None = Field(

@@ -222,7 +222,7 @@ def clm_keygen(args: argparse.Namespace) -> int:
 
     public = args.public or args.out.with_suffix(".pub")
     try:
-        key_id = generate_key_files(args.out, public)
+        key_id = generate_key_files(args.out, public, args.algorithm)
     except FileExistsError:
         print(f"{args.out} exists already; not overwriting a key (remove it first to replace it)", file=sys.stderr)
         return 2

@@ -26,11 +26,14 @@ def _parser() -> argparse.ArgumentParser:
 
     clm = sub.add_parser("clm", help="registration authority administration")
     clm_sub = clm.add_subparsers(dest="clm_command", required=True)
-    keygen = clm_sub.add_parser("keygen", help="create CLM's approval key pair (Ed25519) for signing requests")
+    keygen = clm_sub.add_parser("keygen", help="create CLM's approval key pair (P-256) for signing requests")
     keygen.add_argument("--out", type=Path, required=True,
                         help="private key file to create (mode 0600; never overwritten): CLM's approval_key_file")
     keygen.add_argument("--public", type=Path, default=None,
                         help="public key file for CARA's approval_public_keys (default: --out with suffix .pub)")
+    keygen.add_argument("--algorithm", choices=("p256", "ed25519"), default="p256",  # approval.ALGORITHMS
+                        help="p256 (ECDSA, deterministic; the default, cheaper to sign and verify) or ed25519 "
+                        "(what keys made before p256 use; still accepted)")
 
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -60,7 +60,7 @@ class ClmConfig(StrictModel):
     )
     profiles_file: Path | None = Field(default=None, description="Profiles TOML; default: the packaged profiles.toml")
     approval_key_file: Path = Field(
-        description="CLM's Ed25519 approval private key (PEM, PKCS#8, unencrypted), readable by the service user "
+        description="CLM's approval private key, P-256 or Ed25519 (PEM, PKCS#8, unencrypted), readable by the service user "
         "only (mode 0600, else CLM refuses to start): it signs every signing request; CARA trusts its public key "
         "(`approval_public_keys`). Create a pair with `hapki clm keygen`"
     )

@@ -12,7 +12,14 @@ import pytest
 from hapki.contracts.errors import ApprovalInvalid, ErrorCode, PolicyViolation
 from hapki.contracts.models import IssueCertificate, SignCertificate
 from hapki.runtime import approval
-from hapki.runtime.approval import ApprovalKey, ApprovalVerifier, approval_payload, generate_key_files
+from hapki.runtime.approval import (
+    ALGORITHMS,
+    Algorithm,
+    ApprovalKey,
+    ApprovalVerifier,
+    approval_payload,
+    generate_key_files,
+)
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve, recheck
 from helpers.csr import make_csr, make_key
@@ -47,10 +54,17 @@ def test_every_field_but_the_approval_is_covered() -> None:
     assert set(TAMPERED) == set(SignCertificate.model_fields) - approval.APPROVAL_FIELDS
 
 
-def test_a_signed_request_verifies_and_the_payload_is_canonical() -> None:
-    key, base = ApprovalKey.generate(), _approved()
+# The DER of an ECDSA P-256 signature is 8 to 72 bytes (70-72 but for rare short r or s); Ed25519's is 64.
+SIGNATURE_BYTES = {"p256": range(8, 73), "ed25519": range(64, 65)}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_signed_request_verifies_and_the_payload_is_canonical(algorithm: Algorithm) -> None:
+    key, base = ApprovalKey.generate(algorithm), _approved()
     signed = key.sign(base)
-    assert signed.approval_key_id == key.key_id and len(base64.b64decode(signed.approval or "")) == 64
+    assert signed.approval_key_id == key.key_id
+    assert len(base64.b64decode(signed.approval or "")) in SIGNATURE_BYTES[algorithm]
+    assert key.sign(base) == signed  # deterministic: a request approved again gets the same approval
     ApprovalVerifier([key.public_key()]).verify(signed)
     # Survives the wire and the database (JSON round trip), and the payload does not depend on the approval.
     again = SignCertificate.model_validate_json(signed.model_dump_json())
@@ -59,9 +73,10 @@ def test_a_signed_request_verifies_and_the_payload_is_canonical() -> None:
     assert approval_payload(again).startswith(approval.DOMAIN)
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("field", sorted(TAMPERED))
-def test_tampering_with_any_covered_field_is_refused(field: str) -> None:
-    key = ApprovalKey.generate()
+def test_tampering_with_any_covered_field_is_refused(field: str, algorithm: Algorithm) -> None:
+    key = ApprovalKey.generate(algorithm)
     signed = key.sign(_approved())
     value = TAMPERED[field]
     if field == "csr_pem":
@@ -82,8 +97,13 @@ def test_a_missing_approval_is_refused() -> None:
             ApprovalVerifier([key.public_key()]).verify(unsigned)
 
 
-def test_an_approval_by_an_untrusted_key_is_refused_even_under_a_trusted_key_id() -> None:
-    trusted, stranger = ApprovalKey.generate(), ApprovalKey.generate()
+@pytest.mark.parametrize(("trusted_algorithm", "stranger_algorithm"),
+                         [(a, b) for a in ALGORITHMS for b in ALGORITHMS])
+def test_an_approval_by_an_untrusted_key_is_refused_even_under_a_trusted_key_id(
+        trusted_algorithm: Algorithm, stranger_algorithm: Algorithm) -> None:
+    """Also across algorithms: the trusted key decides how a signature is checked, never the message."""
+    trusted = ApprovalKey.generate(trusted_algorithm)
+    stranger = ApprovalKey.generate(stranger_algorithm)
     verifier = ApprovalVerifier([trusted.public_key()])
     by_stranger = stranger.sign(_approved())
     with pytest.raises(ApprovalInvalid, match="does not trust"):
@@ -100,7 +120,8 @@ def test_an_approval_by_an_untrusted_key_is_refused_even_under_a_trusted_key_id(
 
 
 def test_rotation_trusts_every_listed_key() -> None:
-    old, new = ApprovalKey.generate(), ApprovalKey.generate()
+    """Also from a key of the earlier algorithm (Ed25519) to one of the current (P-256)."""
+    old, new = ApprovalKey.generate("ed25519"), ApprovalKey.generate("p256")
     verifier = ApprovalVerifier([old.public_key(), new.public_key()])
     assert verifier.key_ids == sorted([old.key_id, new.key_id])
     verifier.verify(old.sign(_approved()))
@@ -109,9 +130,10 @@ def test_rotation_trusts_every_listed_key() -> None:
         ApprovalVerifier([])
 
 
-def test_key_files_private_0600_never_overwritten_and_checked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_key_files_private_0600_never_overwritten_and_checked(tmp_path: Path, algorithm: Algorithm) -> None:
     private, public = tmp_path / "k" / "clm.key", tmp_path / "k" / "clm.pub"
-    kid = generate_key_files(private, public)
+    kid = generate_key_files(private, public, algorithm)
     assert private.stat().st_mode & 0o777 == 0o600
     key = ApprovalKey.from_file(private)
     assert key.key_id == kid
@@ -130,6 +152,41 @@ def test_key_files_private_0600_never_overwritten_and_checked(tmp_path: Path) ->
     not_a_key.chmod(0o600)
     with pytest.raises(ValueError, match="no unencrypted PEM private key"):
         ApprovalKey.from_file(not_a_key)
+
+
+def test_new_keys_are_p256_and_other_kinds_of_key_cannot_approve(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = tmp_path / "clm.key", tmp_path / "clm.pub"
+    generate_key_files(private, public)
+    loaded = serialization.load_pem_public_key(public.read_bytes())
+    assert isinstance(loaded, ec.EllipticCurvePublicKey) and loaded.curve.name == "secp256r1"
+    assert isinstance(ApprovalKey.generate().public_key(), ec.EllipticCurvePublicKey)
+    with pytest.raises(ValueError, match="no approval algorithm"):
+        ApprovalKey.generate("rsa")
+
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    with pytest.raises(ValueError, match="EC key on secp384r1, not P-256"):
+        ApprovalKey(p384)
+    with pytest.raises(ValueError, match="EC key on secp384r1, not P-256"):
+        ApprovalVerifier([p384.public_key()])
+    for kind, pem in (("private", p384.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption())),
+                      ("public", p384.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                serialization.PublicFormat.SubjectPublicKeyInfo))):
+        path = tmp_path / f"p384.{kind}"
+        path.write_bytes(pem)
+        path.chmod(0o600)
+        with pytest.raises(ValueError, match=f"{path} holds an EC key on secp384r1"):
+            ApprovalKey.from_file(path) if kind == "private" else ApprovalVerifier.from_files([path])
+    rsa_pem = make_key("rsa2048").private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+    rsa_path = tmp_path / "rsa.key"
+    rsa_path.write_bytes(rsa_pem)
+    rsa_path.chmod(0o600)
+    with pytest.raises(ValueError, match="not a P-256 or Ed25519 key"):
+        ApprovalKey.from_file(rsa_path)
 
 
 # --- the CA's own re-check --------------------------------------------------------------------------------
