@@ -31,11 +31,17 @@ import bcrypt
 
 from hapki.contracts import subjects as s
 
-__all__ = ["BCRYPT_COST", "CLIENTS_ACCOUNT", "REQUEST_INFO_HEADER", "ROLES", "Permissions", "User", "accounts_conf", "hash_password", "inbox_prefix"]
+__all__ = ["BCRYPT_COST", "CLIENTS_ACCOUNT", "MIN_PASSWORD_CHARS", "REQUEST_INFO_HEADER", "ROLES", "Permissions", "User",
+           "accounts_conf", "hash_password", "inbox_prefix"]
 
-# Go's bcrypt.DefaultCost; about 50 ms per hash (and per connection, on the server) on these machines. The cost only
-# slows guessing: the lab's passwords are 24 random URL-safe bytes (144 bits), out of reach at any cost.
-BCRYPT_COST = 10
+# bcrypt's minimum. Its cost only slows guessing a password from its hash, and a bus password is at least 128 random
+# bits (hapki makes 24 random bytes, 32 URL-safe characters), out of reach at any cost. nats-server pays the cost
+# on every connection and reconnection, before it answers: at Go's default (10) about 60 ms of CPU and of the
+# client's wait on these machines, at 4 about 1 ms (session 16). A CARA restart connects once per signer process,
+# and a bus node's loss sends every client it had to the other servers at once.
+BCRYPT_COST = 4
+# 128 bits as URL-safe base64: a shorter password is refused rather than hashed at a cost that would not protect it.
+MIN_PASSWORD_CHARS = 22
 # What nats-server takes as a bcrypt hash rather than a plaintext password (server/auth.go, validBcryptPrefix).
 _BCRYPT = re.compile(r"^\$2[abxy]\$\d{2}\$[./A-Za-z0-9]{53}$")
 
@@ -88,7 +94,13 @@ ROLES: Mapping[str, Permissions] = {
 
 
 def hash_password(password: str, cost: int = BCRYPT_COST) -> str:
-    """The bcrypt hash (``$2a$``, the form nats-server documents) of a bus password, for nats.conf."""
+    """The bcrypt hash (``$2a$``, the form nats-server documents) of a bus password, for nats.conf.
+
+    ValueError for a password under MIN_PASSWORD_CHARS characters: the cheap hash is safe for random ones only.
+    """
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"a bus password needs at least {MIN_PASSWORD_CHARS} characters (128 random bits), "
+                         f"got {len(password)}")
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost, prefix=b"2a")).decode()
 
 

@@ -19,6 +19,7 @@ import pytest
 from bus_session import BusSession, bus_session, plaintext_refused
 from hapki.contracts import subjects
 from hapki.lab.local import BusUsers, LocalEnv
+from hapki.runtime.bus_auth import BCRYPT_COST
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +114,7 @@ async def test_the_server_config_holds_bcrypt_hashes_and_every_user_still_connec
     for user, hashed in hashes.items():
         password = env.nats.users.password_file(user).read_text().strip()
         assert password not in conf, f"{user}'s password in clear in {env.nats.conf_path}"
-        assert hashed.startswith("$2a$10$") and bcrypt.checkpw(password.encode(), hashed.encode()), user
+        assert hashed.startswith(f"$2a${BCRYPT_COST:02d}$") and bcrypt.checkpw(password.encode(), hashed.encode()), user
         # The server checks the plaintext from the user's 0600 file against the hash: the user connects.
         async with _as(env, user) as session:
             await session.nc.flush(timeout=5)

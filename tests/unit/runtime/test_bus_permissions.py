@@ -8,9 +8,9 @@ import bcrypt
 import pytest
 
 from hapki.contracts import subjects
-from hapki.runtime.bus_auth import ROLES, User, accounts_conf, hash_password, inbox_prefix
+from hapki.runtime.bus_auth import MIN_PASSWORD_CHARS, ROLES, User, accounts_conf, hash_password, inbox_prefix
 
-_HASH = hash_password("pw", cost=4)
+_HASH = hash_password("pw" * 11)
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -100,12 +100,22 @@ def test_clients_reach_the_clm_api_only_through_an_import_that_names_them() -> N
 
 
 def test_accounts_conf_takes_bcrypt_hashes_only() -> None:
-    hashed = hash_password('pa"ss', cost=4)
-    assert hashed.startswith("$2a$04$") and bcrypt.checkpw(b'pa"ss', hashed.encode())
-    assert hash_password('pa"ss', cost=4) != hashed  # salted
+    password = 'pa"ss' * 5
+    hashed = hash_password(password)
+    # bcrypt's cheapest cost: nats-server pays it on every connection, and bus passwords are random (128+ bits).
+    assert hashed.startswith("$2a$04$") and bcrypt.checkpw(password.encode(), hashed.encode())
+    assert hash_password(password) != hashed  # salted
     accounts_conf([User("client", "client", hashed)])
     # A plaintext password, even one that starts like a hash, or a truncated hash: refused, and not echoed.
     for value in ("s3cret-plaintext", "$2a$10$short", hashed[:-1], hashed + "x", "$2q$10$" + hashed[7:]):
         with pytest.raises(ValueError, match="not a bcrypt hash") as refused:
             accounts_conf([User("client", "client", value)])
         assert value not in str(refused.value)
+
+
+def test_a_password_too_short_to_be_random_is_not_hashed() -> None:
+    """The cheap cost is safe only because bus passwords cannot be guessed; a short one is refused, not echoed."""
+    with pytest.raises(ValueError, match=f"at least {MIN_PASSWORD_CHARS} characters") as refused:
+        hash_password("s3cret")
+    assert "s3cret" not in str(refused.value)
+    assert hash_password("x" * MIN_PASSWORD_CHARS).startswith("$2a$04$")
