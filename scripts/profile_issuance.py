@@ -1,13 +1,22 @@
-"""Where CLM's and CARA's CPU goes under issuance load: both services under cProfile on the local stack, loaded
-by k6/issue.js at maximum over CLM's REST API; prints the top functions of each by own time (tottime).
+"""Where CLM's and CARA's CPU goes under issuance load: both services on the local stack, loaded by k6/issue.js at
+maximum over CLM's REST API; prints each one's CPU by package and its top functions by own time.
 
-    .venv/bin/python scripts/profile_issuance.py [--seconds 15] [--vus 32] [--dir .run/profile]
+    .venv/bin/python scripts/profile_issuance.py [--seconds 15] [--vus 32] [--dir .run/profile] [--sampler py-spy]
 
-The profiles stay in DIR/{clm,cara}.prof (`python -m pstats` reads them); times are CPU seconds of the process.
-cProfile itself slows Python code down (roughly 1.5-2x), so read shares, not absolute rates. It profiles the
-event-loop thread only: work handed to a thread (the HSM signature) is not in it. The services trace as `hapki
-bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names one) and run on the event loop
-`hapki serve` uses (HAPKI_EVENT_LOOP).
+`--sampler cprofile` (the default) runs both services under cProfile with the process's CPU clock; the profiles stay
+in DIR/{clm,cara}.prof (`python -m pstats` reads them). cProfile slows Python code down (roughly 1.5-2x) and
+charges every Python call its own overhead, so it overstates code made of many small calls (OpenTelemetry, the
+database driver's escaping: 10.9% and 18% of CLM's and CARA's time under cProfile, 4% and 16% sampled); read
+shares, not absolute rates. It profiles the event-loop thread only: work handed to a thread (the HSM signature) is
+not in it.
+
+`--sampler py-spy` samples the unmodified services (py-spy, the `profile` extra of pyproject.toml) every 5 ms, all
+threads and child processes, for the load's middle `--seconds` minus 4; the raw stacks stay in DIR/{clm,cara}.raw.
+A sample is charged to its innermost Python frame, so time in C (a signature, a socket write) shows under the
+Python function that called it.
+
+The services trace as `hapki bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names
+one) and run on the event loop `hapki serve` uses (HAPKI_EVENT_LOOP).
 """
 
 from __future__ import annotations
@@ -15,16 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import pstats
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from hapki.cli import k6
 from hapki.cli.bench_compare import tracing_sampler
 from hapki.cli.demo import start_stack
 from hapki.lab.local import free_port
-from hapki.lab.stack import ServiceProcess
+from hapki.lab.stack import LocalStack, ServiceProcess
 
 
 # cProfile with the process's CPU clock, not the wall clock: on a shared 2-core machine a wall-clock profile charges
@@ -81,12 +94,83 @@ def by_package(stats: pstats.Stats) -> dict[str, float]:
                      else "C: socket/SSL I/O" if any(k in name for k in ("socket", "SSL", "epoll"))
                      else "startup (imports)" if any(k in name for k in ("marshal", "compile", "_imp", "exec"))
                      else "C: other builtins")
-        elif "importlib" in filename or filename.startswith("<frozen"):
-            group = "startup (imports)"
         else:
-            group = next((label for key, label in PACKAGES if key in filename), "other Python")
+            group = _group_of(filename)
         totals[group] = totals.get(group, 0.0) + tottime
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _group_of(filename: str) -> str:
+    if "importlib" in filename or filename.startswith("<frozen"):
+        return "startup (imports)"
+    return next((label for key, label in PACKAGES if key in filename), "other Python")
+
+
+def sampled_shares(raw_lines: Iterable[str]) -> tuple[int, dict[str, int], Counter[str]]:
+    """(samples, samples by package, samples by function) of py-spy's raw output (``frame;frame;... count`` per line,
+    root first, ``--full-filenames``): each sample goes to its innermost Python frame."""
+    total, groups, functions = 0, Counter[str](), Counter[str]()
+    for line in raw_lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        name, _, where = leaf.partition(" (")
+        filename = where.rsplit(":", 1)[0]
+        if not where:  # py-spy's own pseudo-frames (the process, a thread), nothing below them
+            group = "other Python"
+        else:
+            group = _group_of(filename)
+        total += int(count)
+        groups[group] += int(count)
+        functions[f"{name} ({_short(filename)})"] += int(count)
+    return total, dict(groups.most_common()), functions
+
+
+def _short(filename: str) -> str:
+    """A frame's file as a reader knows it: from the package (site-packages, the stdlib) or the repository root."""
+    for root in ("site-packages/", str(Path(__file__).resolve().parents[1]) + "/", f"python{sys.version_info.major}."
+                 f"{sys.version_info.minor}/"):
+        if root in filename:
+            return filename.rsplit(root, 1)[-1]
+    return filename
+
+
+def _sample(stack: LocalStack, base: Path, args: argparse.Namespace, listen: str, csrs: Path) -> None:
+    """k6 at maximum in a thread; py-spy on CLM and CARA (their children included) for the middle of the load."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("py-spy not found: .venv/bin/pip install -e '.[profile]' (scripts/setup.sh does)")
+    done: dict[str, k6.K6Summary] = {}
+    load = threading.Thread(target=lambda: done.setdefault("summary", k6.run(
+        "issue.js", _k6_env(args, listen, csrs), base / "summary.json", seconds=args.seconds + 2,
+        log_file=base / "k6.log")))
+    load.start()
+    time.sleep(4)  # the warm-up and the first batches
+    spies = [subprocess.Popen([spy, "record", "--pid", str(getattr(stack, name).pid), "--duration",
+                               str(max(1, int(args.seconds) - 4)), "--rate", "200", "--format", "raw",
+                               "--full-filenames", "--nonblocking", "--subprocesses", "--output", str(base / f"{name}.raw")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("clm", "cara")]
+    for spied in spies:
+        spied.wait()
+    load.join()
+    summary = done["summary"]
+    print(f"sampled: {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms} ms, {summary.errors} errors")
+    for name in ("clm", "cara"):
+        total, groups, functions = sampled_shares((base / f"{name}.raw").read_text().splitlines())
+        print(f"\n=== {name}: samples by package (innermost Python frame; {total} samples) ===")
+        for group, count in groups.items():
+            print(f"  {100 * count / max(total, 1):5.1f}%  {group}")
+        print(f"=== {name}: top {args.top} functions by own samples ===")
+        for function, count in functions.most_common(args.top):
+            print(f"  {100 * count / max(total, 1):5.1f}%  {function}")
+
+
+def _k6_env(args: argparse.Namespace, listen: str, csrs: Path) -> dict[str, str]:
+    return {"BASE_URL": f"http://{listen}", "CSR_FILE": str(csrs), "MODE": "rate" if args.rate else "max",
+            "RATE": f"{args.rate:g}", "VUS": str(args.vus), "SECONDS": f"{args.seconds:g}", "WARMUP": "2"}
+
+
 
 
 def main() -> int:
@@ -97,12 +181,21 @@ def main() -> int:
                         help="a constant arrival rate (issuances/s) instead of --vus closed-loop clients at maximum")
     parser.add_argument("--dir", type=Path, default=Path(".run/profile"))
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sampler", choices=("cprofile", "py-spy"), default="cprofile")
     args = parser.parse_args()
     base = args.dir.resolve()
     listen = f"127.0.0.1:{free_port()}"
     sampler, source = tracing_sampler()
     print(f"trace sampler: {sampler.describe()} ({source})")
     stack = start_stack(base, None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
+    csrs = base / "csrs.json"
+    csrs.write_text(json.dumps(k6.make_csrs(256)))
+    if args.sampler == "py-spy":
+        try:
+            _sample(stack, base, args, listen, csrs)
+        finally:
+            stack.stop()
+        return 0
     profiled: list[ProfiledService] = []
     try:
         for name in ("cara", "clm"):  # replace the plain services with profiled ones on the same configs
@@ -110,11 +203,8 @@ def main() -> int:
             plain.stop()
             service = ProfiledService(name, plain.config_path, plain.log_path, stack.child_env(), base / f"{name}.prof")
             profiled.append(service.start())
-        csrs = base / "csrs.json"
-        csrs.write_text(json.dumps(k6.make_csrs(256)))
-        summary = k6.run("issue.js", {"BASE_URL": f"http://{listen}", "CSR_FILE": str(csrs), "MODE": "rate" if args.rate else "max",
-                                      "RATE": f"{args.rate:g}", "VUS": str(args.vus), "SECONDS": f"{args.seconds:g}", "WARMUP": "2"},
-                         base / "summary.json", seconds=args.seconds + 2, log_file=base / "k6.log")
+        summary = k6.run("issue.js", _k6_env(args, listen, csrs), base / "summary.json", seconds=args.seconds + 2,
+                         log_file=base / "k6.log")
         print(f"under cProfile: {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms} ms, {summary.errors} errors")
     finally:
         for service in profiled:

@@ -58,9 +58,9 @@ if [[ -e $stamp ]]; then
   say "python packages up to date"
 else
   say "installing python packages into .venv"
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,profile]'
   # The fuzzer (atheris) is optional: where no wheel exists for this Python, `hapki fuzz` uses its own mutator.
-  .venv/bin/python -m pip install -q -e '.[test,fuzz]' || say "atheris not installed: hapki fuzz uses --engine random"
+  .venv/bin/python -m pip install -q -e '.[test,profile,fuzz]' || say "atheris not installed: hapki fuzz uses --engine random"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 import time
-from pathlib import Path
-from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "lab_wakeups.py"
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lab_wakeups", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers.scripts import load_script
 
 
 def test_a_thread_that_sleeps_and_wakes_is_counted_with_its_process() -> None:
-    script = _script()
+    script = load_script("lab_wakeups")
     me = os.getpid()
     before = script.sample({"me": [me], "gone": [2**22 + 7]})
 
