@@ -5,9 +5,9 @@ maximum over CLM's REST API; prints each one's CPU by package and its top functi
 
 `--sampler cprofile` (the default) runs both services under cProfile with the process's CPU clock; the profiles stay
 in DIR/{clm,cara}.prof (`python -m pstats` reads them). cProfile slows Python code down (roughly 1.5-2x) and
-charges every Python call its own overhead, so it overstates code made of many small calls (OpenTelemetry, the
-database driver's escaping: 10.9% and 18% of CLM's and CARA's time under cProfile, 4% and 16% sampled); read
-shares, not absolute rates. It profiles the event-loop thread only: work handed to a thread (the HSM signature) is
+charges every Python call its own overhead, so it overstates code made of many small calls (session 16:
+OpenTelemetry 10.9% of CLM's time under cProfile, 3.6% sampled; the database driver 18.3% of CARA's, 5.0%
+sampled); read shares, not absolute rates. It profiles the event-loop thread only: work handed to a thread (the HSM signature) is
 not in it.
 
 `--sampler py-spy` samples the unmodified services (py-spy, the `profile` extra of pyproject.toml) every 5 ms, all
