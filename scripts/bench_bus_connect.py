@@ -22,14 +22,8 @@ from pathlib import Path
 
 import nats
 
-from hapki.lab.local import _nats_binary
+from hapki.lab.local import _nats_binary, free_port
 from hapki.runtime.bus_auth import BCRYPT_COST, hash_password
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -50,12 +44,13 @@ async def _connect_times(url: str, password: str, count: int) -> list[float]:
 def _run(cost: int, count: int) -> tuple[float, float]:
     """(median connect ms, server CPU ms per connection) at ``cost``."""
     password = secrets.token_urlsafe(24)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="hapki-bus-connect-") as tmp:
         conf = Path(tmp) / "nats.conf"
-        conf.write_text(f'listen: "127.0.0.1:{port}"\n'
-                        f'authorization {{ users = [ {{ user: "bench", password: "{hash_password(password, cost)}" }} ] }}\n')
-        server = subprocess.Popen([_nats_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        user = f'{{ user: "bench", password: "{hash_password(password, cost)}" }}'
+        conf.write_text(f'listen: "127.0.0.1:{port}"\nauthorization {{ users = [ {user} ] }}\n')
+        server = subprocess.Popen([_nats_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10
             while True:  # until it listens

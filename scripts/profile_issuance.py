@@ -7,8 +7,8 @@ maximum over CLM's REST API; prints each one's CPU by package and its top functi
 in DIR/{clm,cara}.prof (`python -m pstats` reads them). cProfile slows Python code down (roughly 1.5-2x) and
 charges every Python call its own overhead, so it overstates code made of many small calls (session 16:
 OpenTelemetry 10.9% of CLM's time under cProfile, 3.6% sampled; the database driver 18.3% of CARA's, 5.0%
-sampled); read shares, not absolute rates. It profiles the event-loop thread only: work handed to a thread (the HSM signature) is
-not in it.
+sampled); read shares, not absolute rates. It profiles the event-loop thread only: work handed to a thread (the
+HSM signature) is not in it.
 
 `--sampler py-spy` samples the unmodified services (py-spy, the `profile` extra of pyproject.toml) every 5 ms, all
 threads and child processes, for the load's middle `--seconds` minus 4; the raw stacks stay in DIR/{clm,cara}.raw.
@@ -117,20 +117,23 @@ def sampled_shares(raw_lines: Iterable[str]) -> tuple[int, dict[str, int], Count
         leaf = stack.rsplit(";", 1)[-1]
         name, _, where = leaf.partition(" (")
         filename = where.rsplit(":", 1)[0]
-        if not where:  # py-spy's own pseudo-frames (the process, a thread), nothing below them
-            group = "other Python"
-        else:
-            group = _group_of(filename)
+        # py-spy's own pseudo-frames (the process, a thread) have no file: nothing ran below them
+        group = _group_of(filename) if where else "other Python"
         total += int(count)
         groups[group] += int(count)
         functions[f"{name} ({_short(filename)})"] += int(count)
     return total, dict(groups.most_common()), functions
 
 
+# Where a frame's file is cut for display: site-packages first (the venv lives inside the repository), then the
+# repository, then the stdlib.
+_ROOTS = ("site-packages/", f"{Path(__file__).resolve().parents[1]}/",
+          f"python{sys.version_info[0]}.{sys.version_info[1]}/")
+
+
 def _short(filename: str) -> str:
     """A frame's file as a reader knows it: from the package (site-packages, the stdlib) or the repository root."""
-    for root in ("site-packages/", str(Path(__file__).resolve().parents[1]) + "/", f"python{sys.version_info.major}."
-                 f"{sys.version_info.minor}/"):
+    for root in _ROOTS:
         if root in filename:
             return filename.rsplit(root, 1)[-1]
     return filename
@@ -149,7 +152,8 @@ def _sample(stack: LocalStack, base: Path, args: argparse.Namespace, listen: str
     time.sleep(4)  # the warm-up and the first batches
     spies = [subprocess.Popen([spy, "record", "--pid", str(getattr(stack, name).pid), "--duration",
                                str(max(1, int(args.seconds) - 4)), "--rate", "200", "--format", "raw",
-                               "--full-filenames", "--nonblocking", "--subprocesses", "--output", str(base / f"{name}.raw")],
+                               "--full-filenames", "--nonblocking", "--subprocesses",
+                               "--output", str(base / f"{name}.raw")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("clm", "cara")]
     for spied in spies:
         spied.wait()
@@ -169,8 +173,6 @@ def _sample(stack: LocalStack, base: Path, args: argparse.Namespace, listen: str
 def _k6_env(args: argparse.Namespace, listen: str, csrs: Path) -> dict[str, str]:
     return {"BASE_URL": f"http://{listen}", "CSR_FILE": str(csrs), "MODE": "rate" if args.rate else "max",
             "RATE": f"{args.rate:g}", "VUS": str(args.vus), "SECONDS": f"{args.seconds:g}", "WARMUP": "2"}
-
-
 
 
 def main() -> int:
