@@ -72,8 +72,8 @@ class MariaDBRevocationStore:
             entries = _entries(list(await cur.fetchall()))
             # Step 3: sign through the HSM (the caller's build runs it in a thread).
             der, this_update, next_update = await build(number, base, entries)
-            # Step 4: store it; the fence and COMMIT follow in one round trip. Hex on the wire: aiomysql's bytes
-            # escaping is broken with the installed PyMySQL (escape_bytes_prefixed), and hex is charset-proof.
+            # Step 4: store it; the fence and COMMIT follow in one round trip. Hex on the wire, as the DER
+            # column is stored and read by every other statement (bytes arguments work too: hapki.runtime.db).
             await append(cur, AuditRecord(
                 kind=AuditKind.CRL_PUBLISHED, actor=self._actor, created_at=now, epoch=epoch, issuer=issuer,
                 detail={"crl_number": number, "delta": delta, "base": base, "entries": len(entries),

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import aiomysql
+import aiomysql.connection
 import pymysql.err
 from opentelemetry import trace
 from pymysql.constants import CLIENT
@@ -58,6 +59,22 @@ GALERA_SYNCED = "4"  # wsrep_local_state of a node that is part of the cluster a
 # ready and synced only stalled or was slow, and the transaction is retried there once.
 TIMEOUT_STATUS_SECONDS = 1.0
 
+
+def _escape_bytes(value: bytes, mapping: object = None) -> str:
+    """A bytes query argument as a binary hex literal (charset-proof; what PyMySQL 1.2 itself emits)."""
+    return f"_binary X'{value.hex()}'"
+
+
+def _repair_bytes_escaping() -> None:
+    """aiomysql 0.3.2 escapes a bytes argument with PyMySQL's `escape_bytes_prefixed`, which PyMySQL 1.2.3 turned into
+    a placeholder string: every query with a bytes argument raised `TypeError: 'str' object is not callable`
+    (aio-libs/aiomysql#1080; its fix, #1081, defines the same function in aiomysql). Put it back, only while the
+    installed pair is broken: once aiomysql ships the fix this does nothing."""
+    if not callable(aiomysql.connection.escape_bytes_prefixed):
+        aiomysql.connection.escape_bytes_prefixed = _escape_bytes
+
+
+_repair_bytes_escaping()
 
 # Strict mode is what turns the fence's NULL into an error; it is set per session, not trusted from the server.
 _SESSION_SQL_MODE = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO'"

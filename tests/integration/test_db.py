@@ -232,6 +232,19 @@ async def test_duplicates_and_sql_errors_map_to_project_errors(db: Database) -> 
         await db.run(lambda cur: cur.execute("SELEKT nonsense"), name="t.syntax")
 
 
+async def test_bytes_arguments_round_trip_byte_for_byte(db: Database) -> None:
+    # aiomysql 0.3.2 with PyMySQL >= 1.2.3 raised TypeError on any bytes argument (hapki.runtime.db repairs it).
+    every_byte = bytes(range(256)) + b"'\\\"%s\x00"
+
+    async def round_trip(cur):
+        await cur.execute("CREATE OR REPLACE TABLE scratch_bytes (id INT PRIMARY KEY, v VARBINARY(512) NOT NULL)")
+        await cur.execute("INSERT INTO scratch_bytes VALUES (%s, %s)", (1, every_byte))
+        await cur.execute("SELECT v, LENGTH(v) FROM scratch_bytes WHERE v = %s", (every_byte,))
+        return await cur.fetchone()
+
+    assert await db.run(round_trip, name="t.bytes") == (every_byte, len(every_byte))
+
+
 async def test_a_failing_body_rolls_back_everything(db: Database) -> None:
     async def half(cur):
         await cur.execute("INSERT INTO scratch VALUES (9, 0)")
