@@ -232,17 +232,20 @@ async def test_duplicates_and_sql_errors_map_to_project_errors(db: Database) -> 
         await db.run(lambda cur: cur.execute("SELEKT nonsense"), name="t.syntax")
 
 
-async def test_bytes_arguments_round_trip_byte_for_byte(db: Database) -> None:
-    # aiomysql 0.3.2 with PyMySQL >= 1.2.3 raised TypeError on any bytes argument (hapki.runtime.db repairs it).
+async def test_bytes_and_string_arguments_round_trip_exactly(db: Database) -> None:
+    # aiomysql 0.3.2 with PyMySQL >= 1.2.3 raised TypeError on any bytes argument, and strings are escaped by
+    # hapki.runtime.db's own function: both must reach the server as the value they are.
     every_byte = bytes(range(256)) + b"'\\\"%s\x00"
+    text = "".join(chr(c) for c in range(1, 128)) + "\\'\"\0\n\r\x1a%s é ✓ 😀" + "-----BEGIN\nMIIB\n" * 40
 
     async def round_trip(cur):
-        await cur.execute("CREATE OR REPLACE TABLE scratch_bytes (id INT PRIMARY KEY, v VARBINARY(512) NOT NULL)")
-        await cur.execute("INSERT INTO scratch_bytes VALUES (%s, %s)", (1, every_byte))
-        await cur.execute("SELECT v, LENGTH(v) FROM scratch_bytes WHERE v = %s", (every_byte,))
+        await cur.execute("CREATE OR REPLACE TABLE scratch_values (id INT PRIMARY KEY, b VARBINARY(512) NOT NULL,"
+                          " t TEXT CHARACTER SET utf8mb4 NOT NULL)")
+        await cur.execute("INSERT INTO scratch_values VALUES (%s, %s, %s)", (1, every_byte, text))
+        await cur.execute("SELECT b, t FROM scratch_values WHERE b = %s AND t = %s", (every_byte, text))
         return await cur.fetchone()
 
-    assert await db.run(round_trip, name="t.bytes") == (every_byte, len(every_byte))
+    assert await db.run(round_trip, name="t.values") == (every_byte, text)
 
 
 async def test_a_failing_body_rolls_back_everything(db: Database) -> None:
