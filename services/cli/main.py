@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hapki.cli import commands
+from hapki.runtime import telemetry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,6 +195,7 @@ def _k6(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    telemetry.quiet_asyncio_tls_eof()  # a bench's or the lab's NATS connections over TLS log it when they end
     handler = {
         "serve": commands.serve,
         "ca": commands.ca_init,

@@ -249,6 +249,14 @@ class AsyncioTlsEofNoise(logging.Filter):
         return record.getMessage() != ASYNCIO_TLS_EOF_NOISE
 
 
+def quiet_asyncio_tls_eof() -> None:
+    """Install AsyncioTlsEofNoise on the `asyncio` logger, once: the services (setup_logging) and every `hapki`
+    command (the benches and the lab talk to NATS over TLS too) drop the message."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, AsyncioTlsEofNoise) for f in asyncio_log.filters):
+        asyncio_log.addFilter(AsyncioTlsEofNoise())
+
+
 # Characters that could forge or hide a log line: C0 and C1 controls and DEL (newline, carriage return, NUL,
 # ESC sequences), Unicode line and paragraph separators, and the invisible bidi and format characters (RLO
 # and friends) that make a line read differently from what it holds.
@@ -297,9 +305,7 @@ def setup_logging(level: str = "INFO", *, process: str | None = None) -> None:
     tagged = "%(name)s[" + process.replace("%", "%%") + "]" if process is not None else "%(name)s"
     fmt = LOG_FORMAT.replace("%(name)s", tagged)
     handler.setFormatter(SafeFormatter(fmt))
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, AsyncioTlsEofNoise) for f in asyncio_log.filters):
-        asyncio_log.addFilter(AsyncioTlsEofNoise())
+    quiet_asyncio_tls_eof()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("HAPKI_LOG_LEVEL", level))
