@@ -2,6 +2,7 @@
 maximum over CLM's REST API; prints each one's CPU by package and its top functions by own time.
 
     .venv/bin/python scripts/profile_issuance.py [--seconds 15] [--vus 32] [--dir .run/profile] [--sampler py-spy]
+    .venv/bin/python scripts/profile_issuance.py --sampler py-spy --lab [LAB_DIR]   # the running HA lab instead
 
 `--sampler cprofile` (the default) runs both services under cProfile with the process's CPU clock; the profiles stay
 in DIR/{clm,cara}.prof (`python -m pstats` reads them). cProfile slows Python code down (roughly 1.5-2x) and
@@ -13,7 +14,9 @@ HSM signature) is not in it.
 `--sampler py-spy` samples the unmodified services (py-spy, the `profile` extra of pyproject.toml) every 5 ms, all
 threads and child processes, for the load's middle `--seconds` minus 4; the raw stacks stay in DIR/{clm,cara}.raw.
 A sample is charged to its innermost Python frame, so time in C (a signature, a socket write) shows under the
-Python function that called it.
+Python function that called it. With `--lab` it samples the running HA lab's CLM and CARA processes (every member;
+the passive ones show few samples) while k6 loads the CLM VIP over TLS, as `hapki bench --compare --columns lab`
+does.
 
 The services trace as `hapki bench --compare` has them (the production sampler unless OTEL_TRACES_SAMPLER names
 one) and run on the event loop `hapki serve` uses (HAPKI_EVENT_LOOP).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import pstats
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,7 +41,7 @@ from hapki.cli import k6
 from hapki.cli.bench_compare import tracing_sampler
 from hapki.cli.demo import start_stack
 from hapki.lab.local import free_port
-from hapki.lab.stack import LocalStack, ServiceProcess
+from hapki.lab.stack import ServiceProcess
 
 
 # cProfile with the process's CPU clock, not the wall clock: on a shared 2-core machine a wall-clock profile charges
@@ -139,35 +143,54 @@ def _short(filename: str) -> str:
     return filename
 
 
-def _sample(stack: LocalStack, base: Path, args: argparse.Namespace, listen: str, csrs: Path) -> None:
-    """k6 at maximum in a thread; py-spy on CLM and CARA (their children included) for the middle of the load."""
+def _sample(targets: dict[str, list[int]], base: Path, args: argparse.Namespace, k6_env: dict[str, str],
+            ca_bundle: Path | None = None) -> None:
+    """k6 at maximum (or --rate) in a thread; py-spy on every process of `targets` (label -> pids, their children
+    included) for the load's middle; then each one's samples by package and its top functions."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise SystemExit("py-spy not found: .venv/bin/pip install -e '.[profile]' (scripts/setup.sh does)")
     done: dict[str, k6.K6Summary] = {}
     load = threading.Thread(target=lambda: done.setdefault("summary", k6.run(
-        "issue.js", _k6_env(args, listen, csrs), base / "summary.json", seconds=args.seconds + 2,
-        log_file=base / "k6.log")))
+        "issue.js", k6_env, base / "summary.json", seconds=args.seconds + 2, log_file=base / "k6.log",
+        ca_bundle=ca_bundle)))
     load.start()
     time.sleep(4)  # the warm-up and the first batches
-    spies = [subprocess.Popen([spy, "record", "--pid", str(getattr(stack, name).pid), "--duration",
-                               str(max(1, int(args.seconds) - 4)), "--rate", "200", "--format", "raw",
-                               "--full-filenames", "--nonblocking", "--subprocesses",
-                               "--output", str(base / f"{name}.raw")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("clm", "cara")]
+    raws = {f"{label}-{pid}" if len(pids) > 1 else label: pid for label, pids in targets.items() for pid in pids}
+    spies = [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, int(args.seconds) - 4)),
+                               "--rate", "200", "--format", "raw", "--full-filenames", "--nonblocking",
+                               "--subprocesses", "--output", str(base / f"{name}.raw")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in raws.items()]
     for spied in spies:
         spied.wait()
     load.join()
     summary = done["summary"]
     print(f"sampled: {summary.rate_per_s:.1f} issued/s, p99 {summary.p99_ms} ms, {summary.errors} errors")
-    for name in ("clm", "cara"):
-        total, groups, functions = sampled_shares((base / f"{name}.raw").read_text().splitlines())
+    for name in raws:
+        raw = base / f"{name}.raw"
+        total, groups, functions = sampled_shares(raw.read_text().splitlines() if raw.exists() else [])
         print(f"\n=== {name}: samples by package (innermost Python frame; {total} samples) ===")
         for group, count in groups.items():
             print(f"  {100 * count / max(total, 1):5.1f}%  {group}")
         print(f"=== {name}: top {args.top} functions by own samples ===")
         for function, count in functions.most_common(args.top):
             print(f"  {100 * count / max(total, 1):5.1f}%  {function}")
+
+
+def _sample_lab(lab_dir: Path, base: Path, args: argparse.Namespace, csrs: Path) -> None:
+    """py-spy on the HA lab's CLM and CARA processes (both members of each; the passive ones show few samples),
+    loaded through the CLM VIP over TLS as `hapki bench --compare --columns lab` loads it."""
+    from hapki.cli.bench_compare import REQUESTER
+    from hapki.lab.ha import Lab
+
+    lab = Lab(lab_dir)
+    if lab.procs.meta.get("state") != "up" or not lab.reachable():
+        raise SystemExit(f"the HA lab in {lab.base_dir} is not up (`hapki lab up --dir {lab_dir}`)")
+    targets = {name: lab.procs.pids(name) for kind in ("clm", "cara") for name in lab.procs.names(kind=kind)}
+    k6_env = {**_k6_env(args, "", csrs), "TARGET": "hapki", "BASE_URL": lab.url("clm"), "REQUESTER": REQUESTER,
+              "RUN_ID": f"profile-{secrets.token_hex(4)}"}  # the lab keeps its requests: fresh idempotency keys
+    _sample({name: [pid for pid in pids if pid] for name, pids in targets.items()}, base, args, k6_env,
+            ca_bundle=lab.ca_bundle)
 
 
 def _k6_env(args: argparse.Namespace, listen: str, csrs: Path) -> dict[str, str]:
@@ -184,17 +207,26 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path(".run/profile"))
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sampler", choices=("cprofile", "py-spy"), default="cprofile")
+    parser.add_argument("--lab", type=Path, nargs="?", const=Path(".run/lab"), default=None, metavar="LAB_DIR",
+                        help="sample the running HA lab's services (py-spy) instead of a local stack")
     args = parser.parse_args()
     base = args.dir.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    csrs = base / "csrs.json"
+    csrs.write_text(json.dumps(k6.make_csrs(256)))
+    if args.lab is not None:
+        if args.sampler != "py-spy":
+            raise SystemExit("--lab samples the lab's running services: it needs --sampler py-spy")
+        _sample_lab(args.lab, base, args, csrs)
+        return 0
     listen = f"127.0.0.1:{free_port()}"
     sampler, source = tracing_sampler()
     print(f"trace sampler: {sampler.describe()} ({source})")
     stack = start_stack(base, None, clm_overrides={"http_listen": listen}, env_overrides=sampler.env())
-    csrs = base / "csrs.json"
-    csrs.write_text(json.dumps(k6.make_csrs(256)))
     if args.sampler == "py-spy":
         try:
-            _sample(stack, base, args, listen, csrs)
+            _sample({name: [getattr(stack, name).pid] for name in ("clm", "cara")}, base, args,
+                    _k6_env(args, listen, csrs))
         finally:
             stack.stop()
         return 0

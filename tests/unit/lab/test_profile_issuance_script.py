@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -33,3 +35,15 @@ def test_each_sample_goes_to_its_innermost_frame_and_that_frames_package() -> No
     assert functions["sign (pkcs11/types.py)"] == 7
     assert functions["parse_csr (services/cara/issuance.py)"] == 2
     assert not any("hsm.py" in f for f in functions)
+
+
+def test_the_lab_is_sampled_only_by_py_spy_and_only_when_it_is_up(tmp_path, monkeypatch, capsys) -> None:
+    script = load_script("profile_issuance")
+    monkeypatch.setattr(script.k6, "make_csrs", lambda n: ["csr"] * n)  # no key generation for an argument check
+    monkeypatch.setattr(sys, "argv", ["profile_issuance.py", "--lab", str(tmp_path / "lab"), "--dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --sampler py-spy"):
+        script.main()
+    monkeypatch.setattr(sys, "argv", ["profile_issuance.py", "--lab", str(tmp_path / "lab"), "--sampler", "py-spy",
+                                      "--dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not up"):
+        script.main()
