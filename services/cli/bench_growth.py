@@ -1,9 +1,10 @@
 """`hapki bench --growth N`: issuance rate and OCSP latency on an empty database, then with N certificates in it.
 
 Step 1: a fresh local stack (NATS, MariaDB, SoftHSM, CARA with its HTTP endpoint, CLM); issue a few certificates,
-        measure issuance (closed-loop clients over NATS, as `hapki bench`) and OCSP (closed-loop POSTs for one
-        certificate to CARA's /ocsp, plain HTTP, no haproxy: answered from CARA's memory cache after the first)
-        on the empty database.
+        measure issuance (closed-loop clients over NATS, as `hapki bench`), OCSP (closed-loop POSTs for one
+        certificate to CARA's /ocsp, plain HTTP, no haproxy: answered from CARA's memory cache after the first) and
+        OCSP with a nonce (POSTs about NONCE_SERIALS certificates drawn at random from the database, each with a
+        nonce: a status read of the database and an HSM signature every time, never cached) on the empty database.
 Step 2: preload N certificates with bulk SQL: every row hapki writes for one issuance (request, names, signing
         intent, certificate, audit entries) cloned N times from a real issuance, with fresh ids, serials, names and
         times (`preload`). Not N signatures: the rows are what the queries see, not what the HSM did. The audit
@@ -17,7 +18,9 @@ Step 3: measure again, and EXPLAIN every distinct statement the services ran dur
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
 from hapki.cli.bench import percentile
@@ -42,6 +47,9 @@ OCSP_REQUEST_TIMEOUT_SECONDS = 5.0
 # before the empty-database figures, as the loaded ones come after minutes of running.
 SETTLE_SECONDS = 5.0
 CONCURRENCY = 16
+# OCSP with a nonce asks about this many certificates drawn at random from the database (all of them when there are
+# fewer): spread over the whole `certificates` table, so a million rows cannot hide in the buffer pool.
+NONCE_SERIALS = 16384
 SERVICE_USERS = ("hapki_clm", "hapki_cara")
 HOT_PATH_ISSUANCES = 5  # and one repeat of the first request
 CAPTURE_SECONDS = 6.0  # longer than the outbox sweep's period (5 s) and the sealer's
@@ -231,7 +239,8 @@ def explain_all(root_sql: Any, statements: list[str]) -> list[dict[str, Any]]:
 
 # --- the run ----------------------------------------------------------------------------------------------------------
 
-async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, ocsp_body: bytes) -> dict[str, Any]:
+async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, ocsp_body: bytes,
+                   nonce_bodies: list[bytes]) -> dict[str, Any]:
     from hapki.cli.bench import _run_level
 
     # CPU of the services per issuance / per response: unlike the rates, other load on the host does not move it.
@@ -240,32 +249,56 @@ async def _measure(stack: Any, pool: list[Any], seconds: float, ocsp_url: str, o
     level = await _run_level(stack.env.nats.nats_config("client"), CONCURRENCY, seconds, WARMUP_SECONDS, pool,
                              services)
     ordered = sorted(level.latencies_ms)
-    groups = ProcessGroups({name: [pid] for name, pid in services.items()})
-    groups.start()
-    ocsp = await _ocsp_load(ocsp_url, ocsp_body, CONCURRENCY, seconds + WARMUP_SECONDS, 0.0)
-    ocsp_cpu = groups.stop()
-    answered = round(ocsp["responses_per_second"] * (seconds + WARMUP_SECONDS))
-    return {"issuance": {"rate_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(ordered, 50),
-                         "p99_ms": percentile(ordered, 99), "errors": level.errors,
-                         "cpu_ms": _total_ms(level.cpu_seconds, len(ordered)),
-                         "cpu_ms_by_process": per_issuance_ms(level.cpu_seconds, len(ordered))},
-            "ocsp": {"rate_per_s": ocsp["responses_per_second"], "p50_ms": ocsp["p50_ms"], "p99_ms": ocsp["p99_ms"],
-                     "errors": ocsp["errors"], "cpu_ms": _total_ms(ocsp_cpu, answered),
-                     "cpu_ms_by_process": per_issuance_ms(ocsp_cpu, answered)}}
+    figures = {"issuance": {"rate_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(ordered, 50),
+                            "p99_ms": percentile(ordered, 99), "errors": level.errors,
+                            "cpu_ms": _total_ms(level.cpu_seconds, len(ordered)),
+                            "cpu_ms_by_process": per_issuance_ms(level.cpu_seconds, len(ordered))}}
+    for what, bodies in (("ocsp", [ocsp_body]), ("ocsp_nonce", nonce_bodies)):
+        groups = ProcessGroups({name: [pid] for name, pid in services.items()})
+        groups.start()
+        load = await _ocsp_load(ocsp_url, bodies, CONCURRENCY, seconds + WARMUP_SECONDS, 0.0)
+        cpu = groups.stop()
+        answered = round(load["responses_per_second"] * (seconds + WARMUP_SECONDS))
+        figures[what] = {"rate_per_s": load["responses_per_second"], "p50_ms": load["p50_ms"],
+                         "p99_ms": load["p99_ms"], "errors": load["errors"], "cpu_ms": _total_ms(cpu, answered),
+                         "cpu_ms_by_process": per_issuance_ms(cpu, answered)}
+    return figures
 
 
-async def _ocsp_load(url: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """`concurrency` closed-loop clients POSTing `body` to `url` (plain HTTP, aiohttp); every answer must be good."""
+def nonce_requests(template: bytes, serials: list[str]) -> list[bytes]:
+    """OCSP requests (DER) about each hex serial, for the issuer `template` (an OCSP request) names, each with its
+    own nonce."""
+    question = ocsp.load_der_ocsp_request(template)
+    bodies = []
+    for serial in serials:
+        builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+            question.issuer_name_hash, question.issuer_key_hash, int(serial, 16), question.hash_algorithm)
+        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+        bodies.append(builder.build().public_bytes(serialization.Encoding.DER))
+    return bodies
+
+
+def random_serials(root_sql: Any, count: int) -> list[str]:
+    """Up to `count` serials of stored certificates, drawn at random from the whole table (a scan: set-up only)."""
+    out = root_sql(f"USE hapki; SELECT serial FROM certificates ORDER BY RAND() LIMIT {int(count)}")
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+async def _ocsp_load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
+                     warmup: float) -> dict[str, Any]:
+    """`concurrency` closed-loop clients POSTing `bodies` in turn to `url` (plain HTTP, aiohttp); every answer must
+    be good."""
     latencies: list[float] = []
     errors: list[str] = []
     headers = {"Content-Type": "application/ocsp-request"}
     began = time.monotonic()
     window = (began + warmup, began + warmup + seconds)
+    turns = itertools.cycle(bodies)  # shared by the clients: one event loop, no lock needed
 
     async def loop(http: aiohttp.ClientSession) -> None:
         while (start := time.monotonic()) < window[1]:
             try:
-                async with http.post(url, data=body, headers=headers) as response:
+                async with http.post(url, data=next(turns), headers=headers) as response:
                     answer = ocsp.load_der_ocsp_response(await response.read())
                 ok = (answer.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
                       and answer.certificate_status is ocsp.OCSPCertStatus.GOOD)
@@ -339,21 +372,26 @@ def _fmt2(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# The figures of a phase and their names in the table.
+FIGURES = {"issuance": "issuance", "ocsp": "ocsp", "ocsp_nonce": "ocsp nonce"}
+
+
 def table(report: dict[str, Any]) -> str:
     e, l = report["empty"], report["loaded"]
     lines = [f"hapki bench --growth {report['count']}: local stack, {CONCURRENCY} closed-loop clients, "
              f"{report['seconds']:g} s per figure; preload {report['preload']['seconds']:.0f} s "
              f"({', '.join(f'{t} {n}' for t, n in report['preload']['rows'].items())})", "",
              f"{'figure':<22} {'empty':>9} {'loaded':>9} {'change':>8}"]
-    for what in ("issuance", "ocsp"):
+    figures = [what for what in FIGURES if what in e and what in l]  # a report from before ocsp_nonce has two
+    for what in figures:
         for key, label in (("rate_per_s", "/s"), ("p50_ms", " p50 ms"), ("p99_ms", " p99 ms"), ("errors", " errors"),
                            ("cpu_ms", " CPU ms each")):
             a, b = e[what].get(key), l[what].get(key)
             delta = change(a, b)
-            lines.append(f"{what + label:<22} {_fmt(a):>9} {_fmt(b):>9} "
+            lines.append(f"{FIGURES[what] + label:<22} {_fmt(a):>9} {_fmt(b):>9} "
                          f"{(f'{delta:+.1f}%' if delta is not None else '-'):>8}")
-    for what in ("issuance", "ocsp"):
-        lines.append(f"{what} CPU ms each by process, empty -> loaded: " + ", ".join(
+    for what in figures:
+        lines.append(f"{FIGURES[what]} CPU ms each by process, empty -> loaded: " + ", ".join(
             f"{k} {_fmt2(v)} -> {_fmt2(l[what]['cpu_ms_by_process'].get(k))}"
             for k, v in e[what]["cpu_ms_by_process"].items()))
     sent = report["statements_sent"]
@@ -387,20 +425,23 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
         # POSTs answered from CARA's memory cache after the first (hapki.cara.ocsp_cache): per response, the HTTP
         # edge and the cache; the database is read by the cache's revocation poll, once a second.
         url, body = f"http://{listen}/ocsp", asyncio.run(_ocsp_requests(nats, 1))[0][1]
+        root_sql = _root_sql(stack.env.db)
         say(f"  settling: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
-        asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body))
-        say(f"  empty database: issuance and OCSP, {seconds:g} s each ...")
-        empty = asyncio.run(_measure(stack, pool, seconds, url, body))
+        asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body,
+                             nonce_requests(body, random_serials(root_sql, 64))))
+        say(f"  empty database: issuance, OCSP and OCSP with a nonce, {seconds:g} s each ...")
+        empty = asyncio.run(_measure(stack, pool, seconds, url, body,
+                                     nonce_requests(body, random_serials(root_sql, NONCE_SERIALS))))
         say(f"  preloading {count} certificates (CLM and CARA stopped meanwhile: their background queries would "
             "scan the tables while the indexes are being re-built) ...")
-        root_sql = _root_sql(stack.env.db)
         for service in (stack.clm, stack.cara):
             service.stop()
         loaded_rows = preload(lambda q: root_sql(f"USE hapki; {q}"), count, say)
         stack.cara.start()
         stack.clm.start()
-        say(f"  {count} certificates: issuance and OCSP, {seconds:g} s each ...")
-        loaded = asyncio.run(_measure(stack, pool, seconds, url, body))
+        say(f"  {count} certificates: issuance, OCSP and OCSP with a nonce, {seconds:g} s each ...")
+        loaded = asyncio.run(_measure(stack, pool, seconds, url, body,
+                                      nonce_requests(body, random_serials(root_sql, NONCE_SERIALS))))
         say("  EXPLAIN of the hot-path statements ...")
         capture_begin(root_sql)
         asyncio.run(_hot_path(stack, pool, url, body))
@@ -413,7 +454,8 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
     (base / "growth.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if as_json else table(report))
     failed = any(x["scans"] or "error" in x for x in explain) or empty["issuance"]["errors"] \
-        or loaded["issuance"]["errors"] or empty["ocsp"]["errors"] or loaded["ocsp"]["errors"]
+        or loaded["issuance"]["errors"] or any(phase[what]["errors"] for phase in (empty, loaded)
+                                               for what in ("ocsp", "ocsp_nonce"))
     return 1 if failed else 0
 
 

@@ -79,5 +79,6 @@ def test_growth_hot_path_statements_use_indexes(tmp_path: Path) -> None:
     assert "UPDATE signing_intents" in text and "LEFT JOIN revocations" in text, text
     for phase in ("empty", "loaded"):
         assert report[phase]["issuance"]["errors"] == 0 and report[phase]["issuance"]["rate_per_s"] > 0
-        assert report[phase]["ocsp"]["errors"] == 0 and report[phase]["ocsp"]["rate_per_s"] > 0
+        for what in ("ocsp", "ocsp_nonce"):  # from the cache; about random certificates, read and signed each time
+            assert report[phase][what]["errors"] == 0 and report[phase][what]["rate_per_s"] > 0, report[phase]
     assert result.returncode == 0, result.stderr[-3000:]

@@ -197,7 +197,7 @@ def test_growth_table_compares_empty_and_loaded_and_marks_scans() -> None:
     def phase(rate: float, cpu: float) -> dict[str, object]:
         figures = {"rate_per_s": rate, "p50_ms": 10.0, "p99_ms": 20.0, "errors": 0, "cpu_ms": cpu,
                    "cpu_ms_by_process": {"clm": cpu / 2, "mariadbd": cpu / 2}}
-        return {"issuance": figures, "ocsp": figures}
+        return {"issuance": figures, "ocsp": figures, "ocsp_nonce": {**figures, "rate_per_s": rate * 10}}
 
     report = {"count": 1000000, "seconds": 10, "empty": phase(100.0, 10.0), "loaded": phase(90.0, 12.0),
               "preload": {"seconds": 138.0, "rows": {"certificates": 1000001}},
@@ -210,7 +210,13 @@ def test_growth_table_compares_empty_and_loaded_and_marks_scans() -> None:
     assert "issuance/s                 100.0      90.0   -10.0%" in text
     assert "issuance CPU ms each        10.0      12.0   +20.0%" in text
     assert "issuance CPU ms each by process, empty -> loaded: clm 5.00 -> 6.00, mariadbd 5.00 -> 6.00" in text
+    assert "ocsp nonce/s              1000.0     900.0   -10.0%" in text
+    assert "ocsp nonce CPU ms each by process, empty -> loaded: clm 5.00 -> 6.00" in text
     assert "2 shapes, 1 with a full scan" in text and "SCAN SELECT * FROM certificates" in text
+    # A report written before the nonce figure existed still prints
+    for phase in ("empty", "loaded"):
+        del report[phase]["ocsp_nonce"]  # type: ignore[attr-defined]
+    assert "ocsp nonce" not in bench_growth.table(report)
     assert "hapki_clm 37, hapki_cara 212" in text
 
 
@@ -266,3 +272,28 @@ def test_compare_refuses_rates_that_are_not_different_positive_integers(rates: s
 
     assert hapki_main(["bench", "--compare", "--columns", "lab", "--rate", rates]) == 2
     assert "--rate (one or more different, comma-separated)" in capsys.readouterr().err
+
+
+def test_nonce_requests_ask_about_each_serial_for_the_template_issuer_each_with_its_own_nonce() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import ocsp
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "growth issuer")])
+    now = datetime.now(UTC)
+    issuer = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+              .serial_number(7).not_valid_before(now).not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+    template = (ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, hashes.SHA1()).build()
+                .public_bytes(serialization.Encoding.DER))
+    asked = [ocsp.load_der_ocsp_request(der) for der in bench_growth.nonce_requests(template, ["1f", "7000abc"])]
+    assert [q.serial_number for q in asked] == [0x1F, 0x7000ABC]
+    model = ocsp.load_der_ocsp_request(template)
+    assert all((q.issuer_name_hash, q.issuer_key_hash) == (model.issuer_name_hash, model.issuer_key_hash)
+               for q in asked)
+    nonces = [q.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce for q in asked]
+    assert len(set(nonces)) == 2 and all(len(n) == 16 for n in nonces)
