@@ -210,13 +210,13 @@ def main() -> int:
     parser.add_argument("--lab", type=Path, nargs="?", const=Path(".run/lab"), default=None, metavar="LAB_DIR",
                         help="sample the running HA lab's services (py-spy) instead of a local stack")
     args = parser.parse_args()
+    if args.lab is not None and args.sampler != "py-spy":
+        raise SystemExit("--lab samples the lab's running services: it needs --sampler py-spy")
     base = args.dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
     csrs = base / "csrs.json"
     csrs.write_text(json.dumps(k6.make_csrs(256)))
     if args.lab is not None:
-        if args.sampler != "py-spy":
-            raise SystemExit("--lab samples the lab's running services: it needs --sampler py-spy")
         _sample_lab(args.lab, base, args, csrs)
         return 0
     listen = f"127.0.0.1:{free_port()}"

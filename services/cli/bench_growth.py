@@ -279,9 +279,11 @@ def nonce_requests(template: bytes, serials: list[str]) -> list[bytes]:
     return bodies
 
 
-def random_serials(root_sql: Any, count: int) -> list[str]:
-    """Up to `count` serials of stored certificates, drawn at random from the whole table (a scan: set-up only)."""
-    out = root_sql(f"USE hapki; SELECT serial FROM certificates ORDER BY RAND() LIMIT {int(count)}")
+def stored_serials(root_sql: Any, count: int, *, at_random: bool) -> list[str]:
+    """Up to `count` serials of stored certificates: drawn at random from the whole table (a scan: set-up only), or
+    the first ones the primary key holds (enough for settling)."""
+    order = " ORDER BY RAND()" if at_random else ""
+    out = root_sql(f"USE hapki; SELECT serial FROM certificates{order} LIMIT {int(count)}")
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -427,12 +429,18 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
         # edge and the cache; the database is read by the cache's revocation poll, once a second.
         url, body = f"http://{listen}/ocsp", asyncio.run(_ocsp_requests(nats, 1))[0][1]
         root_sql = _root_sql(stack.env.db)
-        say(f"  settling: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
-        asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body,
-                             nonce_requests(body, random_serials(root_sql, 64))))
-        say(f"  empty database: issuance, OCSP and OCSP with a nonce, {seconds:g} s each ...")
-        empty = asyncio.run(_measure(stack, pool, seconds, url, body,
-                                     nonce_requests(body, random_serials(root_sql, NONCE_SERIALS))))
+
+        def settled_figures(database: str) -> dict[str, Any]:
+            """Settle the services (not measured), then issuance, OCSP and OCSP with a nonce on `database`. The
+            nonce requests' serials are drawn after the settling, which issues certificates too."""
+            say(f"  settling: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
+            asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body,
+                                 nonce_requests(body, stored_serials(root_sql, 64, at_random=False))))
+            say(f"  {database}: issuance, OCSP and OCSP with a nonce, {seconds:g} s each ...")
+            nonce_bodies = nonce_requests(body, stored_serials(root_sql, NONCE_SERIALS, at_random=True))
+            return asyncio.run(_measure(stack, pool, seconds, url, body, nonce_bodies))
+
+        empty = settled_figures("empty database")
         say(f"  preloading {count} certificates (CLM and CARA stopped meanwhile: their background queries would "
             "scan the tables while the indexes are being re-built) ...")
         for service in (stack.clm, stack.cara):
@@ -440,13 +448,7 @@ def run(base_dir: Path, count: int, *, seconds: float, as_json: bool) -> int:
         loaded_rows = preload(lambda q: root_sql(f"USE hapki; {q}"), count, say)
         stack.cara.start()
         stack.clm.start()
-        # The restarted services settle as the first ones did: both phases are measured warm.
-        say(f"  settling again: {SETTLE_SECONDS:g} s of issuance and OCSP, not measured ...")
-        asyncio.run(_measure(stack, pool, SETTLE_SECONDS, url, body,
-                             nonce_requests(body, random_serials(root_sql, 64))))
-        say(f"  {count} certificates: issuance, OCSP and OCSP with a nonce, {seconds:g} s each ...")
-        loaded = asyncio.run(_measure(stack, pool, seconds, url, body,
-                                      nonce_requests(body, random_serials(root_sql, NONCE_SERIALS))))
+        loaded = settled_figures(f"{count} certificates")  # the restarted services settle too: both phases warm
         say("  EXPLAIN of the hot-path statements ...")
         capture_begin(root_sql)
         asyncio.run(_hot_path(stack, pool, url, body))

@@ -287,7 +287,8 @@ def test_nonce_requests_ask_about_each_serial_for_the_template_issuer_each_with_
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "growth issuer")])
     now = datetime.now(UTC)
     issuer = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-              .serial_number(7).not_valid_before(now).not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+              .serial_number(7).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+              .sign(key, hashes.SHA256()))
     template = (ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, hashes.SHA1()).build()
                 .public_bytes(serialization.Encoding.DER))
     asked = [ocsp.load_der_ocsp_request(der) for der in bench_growth.nonce_requests(template, ["1f", "7000abc"])]
