@@ -76,14 +76,22 @@ DEFAULT_TRACE_FILES = (Path(".run/lab/traces.jsonl"), Path(".run/demo/traces.jso
 
 
 def trace(args: argparse.Namespace) -> int:
-    """`hapki trace <request-id>`: the request's trace(s) as trees; exit 1 when no span names the request."""
-    from hapki.lab.traces import spans_of_request, trace_tree, traces_of_request
+    """`hapki trace <request-id>`: the request's trace(s) as trees; exit 1 when no span names the request.
+    `hapki trace --stages`: the stage split of every complete issuance trace in the files (exit 1 if none)."""
+    from hapki.lab.traces import issuance_stages, load_spans, spans_of_request, stage_table, trace_tree, traces_of_request
 
+    if bool(args.stages) == bool(args.request_id):
+        print("hapki trace: give a request id, or --stages (not both)", file=sys.stderr)
+        return 2
     files = list(args.file) or [f for f in DEFAULT_TRACE_FILES if f.exists()]
     if not files:
         known = ", ".join(map(str, DEFAULT_TRACE_FILES))
         print(f"no span file: pass --file, or run the lab or the demo (they write {known})", file=sys.stderr)
         return 1
+    if args.stages:
+        per_trace = issuance_stages(span for path in files for span in load_spans(path))
+        print(stage_table(per_trace, slowest=max(0, args.slowest)))
+        return 0 if per_trace else 1
     deadline = time.monotonic() + args.wait
     while True:
         spans = spans_of_request(files, args.request_id)

@@ -91,8 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path(".run/demo"), help="working directory of the demo")
     demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
 
-    trace = sub.add_parser("trace", help="print the trace of one issuance as a tree with timings, from span files")
-    trace.add_argument("request_id", help="the request id (IssueReply.request_id, 32 hex digits)")
+    trace = sub.add_parser("trace", help="print the trace of one issuance as a tree with timings, from span files;"
+                                         " or, with --stages, where the time of every traced issuance went")
+    trace.add_argument("request_id", nargs="?", help="the request id (IssueReply.request_id, 32 hex digits)")
+    trace.add_argument("--stages", action="store_true",
+                       help="instead of one request: per stage (client, clm, bus, cara, hsm, db) p50/p90/p99/max of "
+                            "every complete issuance trace in the files, and the slowest traces' ids")
+    trace.add_argument("--slowest", type=int, default=5, metavar="N", help="--stages: list the N slowest traces")
     trace.add_argument("--file", type=Path, action="append", default=[], metavar="PATH",
                        help="JSON-lines span file (repeatable; default: the lab's and the demo's, "
                             ".run/lab/traces.jsonl and .run/demo/traces.jsonl, those that exist)")

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "stage_breakdown", "trace_tree",
-           "spans_of_request", "traces_of_request"]
+__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "stage_breakdown", "stage_table",
+           "trace_tree", "spans_of_request", "traces_of_request"]
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +247,36 @@ def stage_breakdown(spans: Iterable[Span]) -> dict[str, float]:
     if not per_trace or total <= 0:
         return {}
     return {key: sum(t[key] for t in per_trace) / total for key in (*STAGES, *DB_PARTS)}
+
+
+def _nearest_rank(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered))) - 1))]
+
+
+def stage_table(per_trace: Mapping[str, Mapping[str, float]], *, slowest: int = 0) -> str:
+    """`issuance_stages`' result as text: per stage, p50/p90/p99/max/mean in ms (nearest rank) over the traces and
+    its share of their summed end-to-end time; then the ids and end-to-end times of the `slowest` traces.
+
+    Where a request's time goes across many requests (the tail, not one trace): under load a stage's p99 shows
+    where requests wait, its share where the time of all of them goes. Percentiles of each stage are taken on
+    their own, so the p99 column does not add up to the end-to-end p99.
+    """
+    if not per_trace:
+        return "no complete issuance trace (clm.issue, bus.publish, cara.sign and hsm.sign in one trace)"
+    keys = ("e2e", *STAGES, *DB_PARTS)
+    total = sum(t["e2e"] for t in per_trace.values()) or 1.0
+    lines = [f"{len(per_trace)} issuance traces; ms per stage (nearest rank); share of the summed end-to-end time",
+             f"{'stage':<8} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8} {'share':>6}"]
+    for key in keys:
+        values = sorted(t[key] for t in per_trace.values())
+        mean = sum(values) / len(values)
+        share = "" if key == "e2e" else f"{sum(values) / total:6.0%}"
+        lines.append(f"{key:<8} {_nearest_rank(values, 0.5):8.1f} {_nearest_rank(values, 0.9):8.1f}"
+                     f" {_nearest_rank(values, 0.99):8.1f} {values[-1]:8.1f} {mean:8.1f} {share:>6}")
+    if slowest > 0:
+        lines.append(f"slowest {min(slowest, len(per_trace))} (trace id, end-to-end ms, then the stage that took most):")
+        ranked = sorted(per_trace.items(), key=lambda item: item[1]["e2e"], reverse=True)[:slowest]
+        for trace_id, times in ranked:
+            worst = max(STAGES, key=lambda stage: times[stage])
+            lines.append(f"  {trace_id} {times['e2e']:8.1f}  {worst} {times[worst]:.1f}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from hapki.lab.traces import (
     load_spans,
     spans_of_request,
     stage_breakdown,
+    stage_table,
     trace_tree,
     traces_of_request,
 )
@@ -97,6 +98,33 @@ def test_breakdown_shares_over_complete_traces_only() -> None:
     assert stage_breakdown(incomplete) == {}
 
 
+def _slower(trace_id: str, factor: float) -> list[dict]:
+    """issuance(trace_id) with every time stretched by `factor` (all stages scale with it)."""
+    spans = issuance(trace_id)
+    for s in spans:
+        s["start_ns"] = BASE + int((s["start_ns"] - BASE) * factor)
+        s["end_ns"] = BASE + int((s["end_ns"] - BASE) * factor)
+    return spans
+
+
+def test_stage_table_gives_each_stage_its_percentiles_and_names_the_slowest_traces() -> None:
+    ids = [f"{i:032x}" for i in range(1, 101)]
+    spans = [s for i, trace_id in enumerate(ids, start=1) for s in _slower(trace_id, i / 10)]  # e2e 2 .. 200 ms
+    lines = stage_table(issuance_stages(spans), slowest=2).splitlines()
+    assert lines[0].startswith("100 issuance traces")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:11]}
+    assert [float(v) for v in rows["e2e"][:5]] == pytest.approx([100, 180, 198, 200, 101], abs=0.1)
+    assert [float(v) for v in rows["bus"][:4]] == pytest.approx([30, 54, 59.4, 60], abs=0.1)  # 6 ms x i/10
+    assert rows["bus"][5] == "30%" and rows["db"][5] == "30%" and rows["cara"][5] == "15%"
+    assert lines[11].startswith("slowest 2")
+    assert lines[12].split()[:2] == [ids[-1], "200.0"] and lines[13].split()[:2] == [ids[-2], "198.0"]
+    assert lines[12].split()[2] in ("bus", "db")  # the two largest stages (6 ms each in the unscaled trace)
+
+
+def test_stage_table_without_a_complete_trace_says_so() -> None:
+    assert stage_table({}).startswith("no complete issuance trace")
+
+
 def test_without_a_client_span_the_clm_root_is_end_to_end() -> None:
     spans = [s for s in issuance() if s["name"] not in ("demo.issue", "client.issue")]
     stages = issuance_stages(spans)[T]
@@ -132,3 +160,16 @@ def test_spans_of_a_request_are_every_span_of_its_traces_and_nothing_else(tmp_pa
     assert len(found) == len(issuance()) + 1
     assert traces_of_request(found, "r1") == [T, retry]  # oldest first
     assert spans_of_request([path, second], "nope") == []
+
+
+def test_hapki_trace_stages_reads_the_span_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hapki.cli.main import main
+
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in [*issuance(), *issuance("b" * 32)]))
+    assert main(["trace", "--stages", "--slowest", "1", "--file", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 issuance traces") and out[-2].startswith("slowest 1")
+    assert main(["trace", "--stages", "--file", str(tmp_path / "missing.jsonl")]) == 1  # no complete trace
+    assert main(["trace", "--file", str(path)]) == 2  # neither a request id nor --stages
+    assert main(["trace", "r1", "--stages", "--file", str(path)]) == 2
