@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from hapki.cli.demo import setup_tracing, sigterm_as_interrupt, start_stack
 from hapki.cli.procstat import ProcessGroups, machine_busy_seconds, per_issuance_ms
 from hapki.contracts.models import IssueCertificate
 from hapki.lab.stack import LocalStack
-from hapki.lab.traces import DB_PARTS, STAGES, issuance_stages, load_spans, stage_breakdown
+from hapki.lab.traces import DB_PARTS, STAGES, issuance_stages, load_spans, percentile, stage_breakdown
 
 WARMUP_SECONDS = 1.0
 REQUEST_TIMEOUT_SECONDS = 15.0  # CLM answers "pending" after its wait_seconds (10 s); this bounds a stuck call
@@ -80,13 +79,6 @@ class LevelResult:
             "machine_cpu_percent": None if self.machine_busy_seconds is None
             else 100 * self.machine_busy_seconds / self.seconds,
         }
-
-
-def percentile(ordered: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def _csr_pool(size: int) -> list[IssueCertificate]:

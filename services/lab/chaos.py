@@ -56,6 +56,7 @@ from hapki.lab.invariants import violations
 from hapki.runtime.audit_verify import verify_database
 from hapki.runtime.db import Database
 from hapki.lab.load import Load, Request
+from hapki.lab.traces import percentile
 from hapki.lab.scenarios import ALIASES, SCENARIOS, Scenario
 
 __all__ = ["ChaosRunner", "RunResult", "Summary", "format_table", "resolve", "summarize"]
@@ -410,11 +411,7 @@ class _GaleraProbe:
 
 def _pct(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of ``values``; None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
+    return percentile(sorted(values), q)
 
 
 @dataclass

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "stage_breakdown", "stage_table",
+__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "percentile", "stage_breakdown", "stage_table",
            "trace_tree", "spans_of_request", "traces_of_request"]
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,11 @@ def stage_breakdown(spans: Iterable[Span]) -> dict[str, float]:
     return {key: sum(t[key] for t in per_trace) / total for key in (*STAGES, *DB_PARTS)}
 
 
-def _nearest_rank(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered))) - 1))]
+def percentile(ordered: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100) of an ascending sequence; None if it is empty."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def stage_table(per_trace: Mapping[str, Mapping[str, float]], *, slowest: int = 0) -> str:
@@ -269,10 +273,10 @@ def stage_table(per_trace: Mapping[str, Mapping[str, float]], *, slowest: int = 
              f"{'stage':<8} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8} {'share':>6}"]
     for key in keys:
         values = sorted(t[key] for t in per_trace.values())
-        mean = sum(values) / len(values)
+        p50, p90, p99 = (percentile(values, p) or 0.0 for p in (50, 90, 99))
         share = "" if key == "e2e" else f"{sum(values) / total:6.0%}"
-        lines.append(f"{key:<8} {_nearest_rank(values, 0.5):8.1f} {_nearest_rank(values, 0.9):8.1f}"
-                     f" {_nearest_rank(values, 0.99):8.1f} {values[-1]:8.1f} {mean:8.1f} {share:>6}")
+        lines.append(f"{key:<8} {p50:8.1f} {p90:8.1f} {p99:8.1f} {values[-1]:8.1f} {sum(values) / len(values):8.1f}"
+                     f" {share:>6}")
     if slowest > 0:
         lines.append(f"slowest {min(slowest, len(per_trace))} (trace id, end-to-end ms, then the stage that took most):")
         ranked = sorted(per_trace.items(), key=lambda item: item[1]["e2e"], reverse=True)[:slowest]
