@@ -9,7 +9,7 @@ Step 2: reserve a random serial and write a signing intent for each, fenced by t
         stored (SigningStore.reserve_fresh). Otherwise (a redelivery, a refusal in step 1) the final outcomes
         already stored are read first, for the batch: those are republished without signing again, refusals are
         settled, and the rest is reserved (reserve_batch, superseding older intents).
-Step 3: build the certificates and sign them through the HSM (one hop to the process's signing thread per batch).
+Step 3: build the certificates and sign them through the HSM (one thread hop for the batch).
 Step 4: store the certificates and mark the requests issued, fenced again, in one transaction.
 Step 5: ack each message, then publish the results.
 A refusal or a failure of one request (its HSM signature, say) settles that request alone. FencedOut and other
@@ -19,13 +19,10 @@ HapkiErrors leave the caller to settle what is not settled yet (hand back, or NA
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,28 +46,6 @@ from hapki.runtime.profiles import Profile
 log = logging.getLogger("hapki.cara.signer")
 # A serial collision (UNIQUE key) in a batch reservation draws new serials for the batch, at most this often.
 RESERVE_ATTEMPTS = 4
-
-# Every batch of this process is built and signed in this one thread, not in the loop's default executor. The HSM
-# signs one call at a time anyway (PKCS11_LOCK), so a second signing thread only added GIL hand-offs with the first
-# and the loop, and a thread woken cold for each batch; one thread stays busy while batches queue for it, and
-# leaves the default executor to OCSP and health checks. Made at first use, so importing this module starts nothing.
-_signing_thread: ThreadPoolExecutor | None = None
-_T = TypeVar("_T")
-
-
-def signing_thread() -> ThreadPoolExecutor:
-    """The process's one thread for building and signing certificates (made at first use)."""
-    global _signing_thread
-    if _signing_thread is None:
-        _signing_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hapki-sign")
-    return _signing_thread
-
-
-async def in_signing_thread(work: Callable[..., _T], *args: object) -> _T:
-    """`work(*args)` in the signing thread, in a copy of the caller's context (as asyncio.to_thread: its spans
-    nest under the caller's)."""
-    context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(signing_thread(), context.run, work, *args)
 
 
 @dataclass(eq=False)
@@ -166,9 +141,8 @@ class BatchSteps:
             if not todo:
                 return
             await self._reserve(todo, epoch, now, fresh=False)
-        # Step 3: sign through the HSM in the signing thread, one hop for the batch (PKCS#11 calls block; the loop
-        # stays free).
-        failures = await in_signing_thread(self._sign_all, todo, now)
+        # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
+        failures = await asyncio.to_thread(self._sign_all, todo, now)
         signed = [item for item in todo if item.cert is not None]
         self.signatures += len(signed)
         for item, exc in failures:

@@ -9,7 +9,6 @@ member becoming active), a serial source that repeats a stored serial, an HSM ke
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -405,35 +404,6 @@ class _FailsOnce(HSMPrivateKey):
         if self.calls == self._fail_at:
             raise HSMUnavailable("no HSM member could sign", {"members": {"hsm-a": "down"}})
         return super().sign(data, signature_algorithm)
-
-
-class _NotesThreads(HSMPrivateKey):
-    """The real HSM key, noting the thread each signature is made in."""
-
-    def __init__(self, key: HSMPrivateKey) -> None:
-        super().__init__(key._signer, key.key_id, key.public_key())  # noqa: SLF001 (the same HSM pool)
-        self.threads: list[str] = []
-
-    def sign(self, data: bytes, signature_algorithm: Any) -> bytes:
-        self.threads.append(threading.current_thread().name)
-        return super().sign(data, signature_algorithm)
-
-
-async def test_concurrent_batches_are_signed_in_the_one_signing_thread_off_the_loop(
-        env, cara, clm_store, bus, sql) -> None:
-    nc, _ = bus
-    assert cara.signer is not None
-    key = _NotesThreads(cara.signer.issuer_key)  # type: ignore[arg-type]
-    signer = await _signer(cara, key=key)
-    requests, msgs = await _queued(env, clm_store, nc, cara, "thread", 6)
-
-    await asyncio.gather(signer.handle_batch(msgs[:3]), signer.handle_batch(msgs[3:]))
-
-    assert all(msg.is_acked for msg in msgs)
-    assert len(await _certificates(sql, requests)) == 6
-    assert len(key.threads) == 6
-    assert {name.rsplit("_", 1)[0] for name in key.threads} == {"hapki-sign"}, key.threads
-    assert threading.current_thread().name not in key.threads
 
 
 async def test_an_hsm_failure_on_one_request_abandons_only_its_intent(env, cara, clm_store, bus, sql) -> None:
