@@ -78,7 +78,9 @@ DEFAULT_TRACE_FILES = (Path(".run/lab/traces.jsonl"), Path(".run/demo/traces.jso
 def trace(args: argparse.Namespace) -> int:
     """`hapki trace <request-id>`: the request's trace(s) as trees; exit 1 when no span names the request.
     `hapki trace --stages`: the stage split of every complete issuance trace in the files (exit 1 if none)."""
-    from hapki.lab.traces import issuance_stages, load_spans, spans_of_request, stage_table, trace_tree, traces_of_request
+    from hapki.lab.traces import (
+        issuance_stages, load_spans, spans_of_request, stage_table, trace_tree, traces_of_request,
+    )
 
     if bool(args.stages) == bool(args.request_id):
         print("hapki trace: give a request id, or --stages (not both)", file=sys.stderr)

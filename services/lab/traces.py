@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "percentile", "stage_breakdown", "stage_table",
-           "trace_tree", "spans_of_request", "traces_of_request"]
+__all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "percentile", "stage_breakdown",
+           "stage_table", "trace_tree", "spans_of_request", "traces_of_request"]
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,8 @@ def stage_table(per_trace: Mapping[str, Mapping[str, float]], *, slowest: int = 
         lines.append(f"{key:<8} {p50:8.1f} {p90:8.1f} {p99:8.1f} {values[-1]:8.1f} {sum(values) / len(values):8.1f}"
                      f" {share:>6}")
     if slowest > 0:
-        lines.append(f"slowest {min(slowest, len(per_trace))} (trace id, end-to-end ms, then the stage that took most):")
+        shown = min(slowest, len(per_trace))
+        lines.append(f"slowest {shown} (trace id, end-to-end ms, then the stage that took most):")
         ranked = sorted(per_trace.items(), key=lambda item: item[1]["e2e"], reverse=True)[:slowest]
         for trace_id, times in ranked:
             worst = max(STAGES, key=lambda stage: times[stage])
