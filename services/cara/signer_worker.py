@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -44,19 +43,10 @@ from hapki.runtime.faults import FailPoints
 from hapki.runtime.hsm import HSMPool
 from hapki.runtime.netlink import VipOwnership
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.supervise import die_with_parent
 
 log = logging.getLogger("hapki.cara.signer_worker")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 REPORT_SECONDS = 1.0  # signature counts reach the parent's metrics at most this late
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """SIGTERM this process when its parent dies (a crash too), so no orphan keeps signing; exit now if it did."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:  # the parent died before the prctl: nobody would signal us
-        raise SystemExit(f"signer worker: parent {parent_pid} is gone")
 
 
 class SignerWorker:

@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict
@@ -37,34 +38,53 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def serve(args: argparse.Namespace) -> int:
+def load_service(service: str, path: Path) -> tuple[Callable[[Any], Any], BaseModel]:
+    """The runtime class of `hapki serve <service>` and its validated config (importing the service's modules)."""
+    if service == "clm":
+        from hapki.clm.config import ClmConfig
+        from hapki.clm.main import ClmRuntime
+
+        return ClmRuntime, load_toml(path, ClmConfig)
+    if service == "cara":
+        from hapki.cara.config import CaraConfig, with_env
+        from hapki.cara.main import CaraRuntime
+
+        return CaraRuntime, with_env(load_toml(path, CaraConfig))  # HAPKI_SIGNER_PROCESSES
+    from hapki.watcher.main import WatcherConfig, WatcherRuntime
+
+    return WatcherRuntime, load_toml(path, WatcherConfig)
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """`hapki serve <service> --supervise`: validate the config and import everything once, then run the service
+    in forked children, started again at once when one dies (hapki.runtime.supervise)."""
+    from hapki.runtime import eventloop
+    from hapki.runtime.http import serve as _http  # noqa: F401  (imported once, for every child)
+    from hapki.runtime.metrics import metrics_app  # noqa: F401
+    from hapki.runtime.supervise import Supervisor
+
+    telemetry.setup_logging()
+    loaded = load_service(args.service, args.config)  # a bad config fails here, once, not in a restart loop
+    eventloop.loop_factory()  # imports uvloop
+    return Supervisor(f"hapki {args.service}", lambda: eventloop.run(serve(args, loaded))).run()
+
+
+async def serve(args: argparse.Namespace, loaded: tuple[Callable[[Any], Any], BaseModel] | None = None) -> int:
     from hapki.runtime.http import serve as serve_http
     from hapki.runtime.metrics import metrics_app
 
     telemetry.setup_logging()
     telemetry.setup(f"hapki-{args.service}")
     try:
-        if args.service == "clm":
-            from hapki.clm.config import ClmConfig
-            from hapki.clm.main import ClmRuntime
-
-            runtime: object = ClmRuntime(load_toml(args.config, ClmConfig))
-        elif args.service == "cara":
-            from hapki.cara.config import CaraConfig, with_env
-            from hapki.cara.main import CaraRuntime
-
-            runtime = CaraRuntime(with_env(load_toml(args.config, CaraConfig)))  # HAPKI_SIGNER_PROCESSES
-        else:
-            from hapki.watcher.main import WatcherRuntime, WatcherConfig
-
-            runtime = WatcherRuntime(load_toml(args.config, WatcherConfig))
-        listen = runtime.config.metrics.listen  # type: ignore[attr-defined]
+        runtime_class, config = loaded or load_service(args.service, args.config)
+        runtime = runtime_class(config)
+        listen = runtime.config.metrics.listen
         # /metrics first: a port taken by another process stops the start before anything connects.
         scrape = await serve_http(metrics_app(), listen) if listen else None
-        await runtime.start()  # type: ignore[attr-defined]
+        await runtime.start()
         print(f"hapki {args.service} ready", flush=True)
         await _until_signalled()
-        await runtime.stop()  # type: ignore[attr-defined]
+        await runtime.stop()
         if scrape is not None:
             await scrape.cleanup()
     finally:

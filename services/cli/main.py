@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=["clm", "cara", "watcher"])
     serve.add_argument("--config", type=Path, required=True, help="service config (TOML)")
+    serve.add_argument("--supervise", action="store_true",
+                       help="run the service in a forked child, restarted at once if it dies (imports done once)")
 
     ca = sub.add_parser("ca", help="certificate authority administration")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     if args.command == "serve":
         from hapki.runtime import eventloop
+
+        if args.supervise:
+            return commands.supervise(args)
 
         return eventloop.run(handler(args))  # uvloop (see hapki.runtime.eventloop)
     return asyncio.run(handler(args))

@@ -230,7 +230,7 @@ def compose_document(topo: Topology) -> dict[str, Any]:
             w = f"watcher-{m}"
             services[w] = {
                 "build": app, "image": "hapki/app:demo", "user": f"{HAPKI_UID}:{HAPKI_UID}",
-                "command": ["hapki", "serve", "watcher", "--config", str(ETC / "watcher.toml")],
+                "command": ["hapki", "serve", "watcher", "--config", str(ETC / "watcher.toml"), "--supervise"],
                 "network_mode": f"service:{m}", "environment": _otel_env(m),
                 "volumes": [_bind(f"rendered/{m}/watcher.toml", ETC / "watcher.toml"), _secrets(cons[w])],
                 # A restarted member is a new network namespace: the watcher must follow it into the new one.

@@ -457,7 +457,9 @@ class Lab:
         self._record_data_nodes(self.nats.nodes, "nats", lambda n: n.conf_path)
 
     def _service_argv(self, member: str, kind: str, config: Path) -> list[str]:
-        return self.net.exec_argv(member, [*stack.hapki_command(), "serve", kind, "--config", str(config)])
+        # --supervise: a service that dies unasked is forked again at once from a warm interpreter, as deployed.
+        return self.net.exec_argv(member, [*stack.hapki_command(), "serve", kind, "--config", str(config),
+                                           "--supervise"])
 
     def _launch_service(self, member: str, kind: str) -> tuple[str, Path, int]:
         """Start `hapki serve <kind>` (cara, clm, watcher) in ``member``'s namespace; return what _wait_ready needs."""

@@ -106,15 +106,18 @@ def hapki_command() -> list[str]:
 class ServiceProcess:
     """`hapki serve <service>` as a child process, its output in a log file."""
 
-    def __init__(self, service: str, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, service: str, config_path: Path, log_path: Path, env: dict[str, str], *,
+                 supervise: bool = False) -> None:
         self.service, self.config_path, self.log_path, self._env = service, config_path, log_path, env
+        self.supervise = supervise  # `--supervise`: `proc` is the supervisor, the service runs in its child
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0, extra_env: dict[str, str] | None = None) -> ServiceProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*hapki_command(), "serve", self.service, "--config", str(self.config_path)],
+                [*hapki_command(), "serve", self.service, "--config", str(self.config_path),
+                 *(["--supervise"] if self.supervise else [])],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**self._env, **(extra_env or {})},
             )

@@ -51,10 +51,13 @@ def cara_process(env: LocalEnv, tmp_path: Path):
     child_env = {**os.environ, "SOFTHSM2_CONF": str(env.hsm.conf_path)}
     made: list[stack.ServiceProcess] = []
 
-    def start(faults: str | None = None) -> stack.ServiceProcess:
-        proc = stack.ServiceProcess("cara", config, tmp_path / f"cara-{len(made)}.log", child_env)
+    def start(faults: str | None = None, *, supervise: bool = False,
+              extra_env: dict[str, str] | None = None) -> stack.ServiceProcess:
+        proc = stack.ServiceProcess("cara", config, tmp_path / f"cara-{len(made)}.log", child_env,
+                                    supervise=supervise)
         made.append(proc)
-        return proc.start(extra_env={"HAPKI_FAULTS": faults, "HAPKI_FAULTS_DIR": str(tmp_path)} if faults else None)
+        fault_env = {"HAPKI_FAULTS": faults, "HAPKI_FAULTS_DIR": str(tmp_path)} if faults else {}
+        return proc.start(extra_env={**fault_env, **(extra_env or {})})
 
     yield start
     for proc in made:
@@ -106,6 +109,38 @@ async def test_crash_between_sign_and_commit_abandons_the_intent_and_issues_once
     abandoned = next(i for i in intents if i[2] == "abandoned")
     assert certs[0] == (issued[1], issued[0]) == (final.serial, issued[0])
     assert abandoned[1] != final.serial and abandoned[3]  # the lost signature's serial is never reused
+
+
+async def test_a_supervised_cara_is_forked_again_and_issues_once(client, cara_process, tmp_path, sql) -> None:
+    """`hapki serve cara --supervise`: the signer dies between C_Sign and its commit; its supervisor, still
+    running, forks it again without anyone's help, and the request is issued once, the lost signature abandoned."""
+    arm = tmp_path / "arm-after-sign"
+    arm.touch()
+    supervised = cara_process("cara.after_sign=crash", supervise=True,
+                              extra_env={"HAPKI_FAULTS_ARM_FILE": str(arm)})
+    assert supervised.proc is not None
+    log_text = lambda: supervised.log_path.read_text(errors="replace")  # noqa: E731
+
+    async def disarm_after_the_crash() -> None:  # at once: the next child signs within ack_wait of the crash
+        deadline = time.monotonic() + 20
+        while "was killed by SIGKILL; starting it again" not in log_text():
+            assert time.monotonic() < deadline and supervised.alive(), f"no restart:\n{log_text()[-3000:]}"
+            await asyncio.sleep(0.005)
+        arm.unlink()
+
+    disarm = asyncio.create_task(disarm_after_the_crash())
+    request = _request("crash-supervised.example.com")
+    first = await client.issue(request)  # often ISSUED already: the next child signed within CLM's 1 s wait
+    assert first.error is None, first.error
+    await asyncio.wait_for(disarm, 30)
+    final = await _retry_until_issued(client, request)
+    assert final.status is RequestStatus.ISSUED and final.request_id == first.request_id
+    assert supervised.alive(), "the supervisor itself must live on"
+    assert log_text().count("hapki cara ready") == 2, log_text()[-3000:]  # the first child and the one after it
+    intents = await query(sql, "SELECT state FROM signing_intents WHERE request_id = %s", (first.request_id,))
+    assert sorted(state for (state,) in intents) == ["abandoned", "issued"], intents
+    certs = await query(sql, "SELECT serial FROM certificates WHERE request_id = %s", (first.request_id,))
+    assert certs == [(final.serial,)]
 
 
 async def test_crash_between_commit_and_ack_redelivers_without_signing_again(env, client, cara_process, sql) -> None:

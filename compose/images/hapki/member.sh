@@ -4,7 +4,9 @@
 #
 # keepalived and haproxy run as root (see the Dockerfile); the service runs as the unprivileged user hapki. When
 # any of the three exits, the others are stopped and the container exits non-zero, so Docker restarts the whole
-# member (restart: unless-stopped): a member is whole or down, never a VIP holder without its service.
+# member (restart: unless-stopped): a member is whole or down, never a VIP holder without its service. The service
+# runs under `--supervise`: if it dies unasked, its supervisor forks it again at once (hapki.runtime.supervise);
+# only a crash loop (five restarts in a minute) ends the supervisor and so the member.
 set -euo pipefail
 
 service=${1:?usage: hapki-member cara|clm}
@@ -15,7 +17,7 @@ keepalived -n -P -l -D -G -f /etc/hapki/keepalived.conf -p /run/keepalived.pid -
 haproxy -c -q -f /etc/hapki/haproxy.cfg
 haproxy -db -f /etc/hapki/haproxy.cfg &
 setpriv --reuid=hapki --regid=hapki --init-groups \
-  hapki serve "$service" --config "/etc/hapki/$service.toml" &
+  hapki serve "$service" --config "/etc/hapki/$service.toml" --supervise &
 
 stop() { kill -TERM $(jobs -p) 2>/dev/null || true; }
 trap stop TERM INT
