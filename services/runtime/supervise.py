@@ -21,6 +21,7 @@ thread, no event loop, no HSM session) and so stays simple enough not to crash.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -136,6 +137,7 @@ class Supervisor:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         sys.stdout.flush()
         sys.stderr.flush()
+        gc.freeze()  # what was imported stays out of the child's collections, so they do not copy its pages
         pid = os.fork()
         if pid:
             self.starts += 1
