@@ -231,8 +231,14 @@ class ProcessTable:
         self._signal(pids[:1], signal.SIGTERM)
         if not self._wait_gone(name, pids, timeout):
             log.warning("%s ignored SIGTERM for %.0f s; killing it", name, timeout)
-            self._signal(self.pids(name), signal.SIGKILL)
+            self._kill_tree(name)
             self._wait_gone(name, pids, 5.0)
+
+    def _kill_tree(self, name: str) -> None:
+        """SIGKILL ``name`` and every process below it (a supervised service's child, a CARA's signer workers)."""
+        from hapki.cli.procstat import with_descendants
+
+        self._signal(with_descendants(self.pids(name)), signal.SIGKILL)
 
     def crash(self, name: str) -> None:
         """A true crash: SIGSTOP every process of ``name`` and below it (a CARA's signer workers) first (no parent
@@ -253,5 +259,5 @@ class ProcessTable:
         for name, pids in live.items():
             if pids and not self._wait_gone(name, pids, max(0.0, deadline - time.monotonic())):
                 log.warning("%s ignored SIGTERM; killing it", name)
-                self._signal(self.pids(name), signal.SIGKILL)
+                self._kill_tree(name)
                 self._wait_gone(name, pids, 5.0)

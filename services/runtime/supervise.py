@@ -14,8 +14,9 @@ thread, no event loop, no HSM session) and so stays simple enough not to crash.
   growing delays (RESTART_DELAYS); after RESTART_LIMIT restarts within RESTART_WINDOW_SECONDS the supervisor
   gives up and exits 1, so systemd's own policy (and keepalived's track script, which moves the VIP once the
   member's health check fails) takes over from a crash loop.
-- The child dies with the supervisor (PR_SET_PDEATHSIG: SIGTERM, so it hands back what it fetched), so a killed
-  supervisor leaves no orphan signing.
+- The child dies with the supervisor (PR_SET_PDEATHSIG: SIGKILL), so a killed supervisor is a crashed service:
+  no orphan keeps signing or holds the service's ports against the next start. (A stop goes through SIGTERM,
+  passed on above, so the child hands back what it fetched.)
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class Supervisor:
             for sig in _FORWARDED:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            die_with_parent(parent)
+            die_with_parent(parent, signal.SIGKILL)  # a killed supervisor is a crashed service, nothing lingers
             code = self._run()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -14,7 +14,8 @@ import pytest
 from hapki.runtime.supervise import RestartBudget, describe
 
 # argv: mode, a file each child appends its pid to. Modes: crash-twice (SIGKILL itself in its first two lives,
-# then exit 0), fail (exit 3 every time), wait (sleep until signalled), graceful (exit 0 on SIGTERM).
+# then exit 0), fail (exit 3 every time), wait (sleep until signalled), graceful (exit 0 on SIGTERM), stubborn
+# (ignores SIGTERM).
 DRIVER = """
 import logging, os, signal, sys, time
 from pathlib import Path
@@ -35,6 +36,8 @@ def run():
         return 3
     if mode == "graceful":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         time.sleep(1)
 
@@ -101,8 +104,9 @@ def test_sigterm_is_passed_on_and_is_not_a_crash(tmp_path: Path, mode: str, code
     assert "after SIGTERM" in out and "starting it again" not in out, out
 
 
-def test_the_child_dies_with_its_supervisor(tmp_path: Path) -> None:
-    proc, starts = _supervisor(tmp_path, "wait")
+def test_the_child_dies_with_its_supervisor_even_if_it_ignores_sigterm(tmp_path: Path) -> None:
+    """A killed supervisor is a crashed service: its child gets SIGKILL, so nothing lingers holding its ports."""
+    proc, starts = _supervisor(tmp_path, "stubborn")
     child = _wait_started(starts, proc)
     proc.kill()
     proc.communicate(timeout=30)
