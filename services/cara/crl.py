@@ -122,9 +122,10 @@ class CrlPublisher:
         """The loop: on every member, but it publishes only while the signer is active."""
 
         async def woken_or_polled() -> None:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._config.poll_seconds)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout: a cancel is never lost to a wake at the same moment (hapki.runtime.netlink)
+                async with asyncio.timeout(self._config.poll_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
 

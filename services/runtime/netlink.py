@@ -106,8 +106,12 @@ class AddressChanges:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._sock.fileno(), self._drain)
         if not self._changed.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result instead of raising when its
+            # task is cancelled just as the event is set (a VIP that moves as the service stops), and the loop
+            # around it would never stop.
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
             except TimeoutError:
                 return False
         self._changed.clear()
