@@ -177,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     chaos = sub.add_parser("chaos", help="the fault suite: single failures under load against the HA lab (root)")
     chaos.add_argument("--scenario", action="append", default=[], metavar="NAME",
                        help="scenario to run (repeatable; default: all): cara-crash, cara-graceful, cara-link, "
-                            "cara-split-brain, signer-crash, clm-crash, db-node-kill, db-partition, db-minority, "
-                            "hsm-member-down, nats-node-kill")
+                            "cara-split-brain, signer-crash, cara-kill, clm-crash, clm-kill, db-node-kill, "
+                            "db-partition, db-minority, hsm-member-down, nats-node-kill")
     chaos.add_argument("--runs", type=int, default=1, help="runs per scenario")
     chaos.add_argument("--rate", type=float, default=100.0, help="requests per second (half NATS, half HTTPS)")
     chaos.add_argument("--seconds", type=float, default=None,

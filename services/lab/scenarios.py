@@ -16,6 +16,8 @@ harder case: connections must fail over, not just wait for the cluster to recove
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +132,19 @@ def _signer_crash(lab: Any, ctx: dict[str, Any]) -> float:
         raise RuntimeError(f"{ctx['name']}'s process {child} did not reach the armed fail point within 10 s")
     ctx["crashed"] = child
     return began
+
+
+def _service_kill(tier: str) -> Callable[[Any, dict[str, Any]], float]:
+    """SIGKILL the process serving `tier` on its active member (the VM, keepalived and the supervisor live on)."""
+
+    def inject(lab: Any, ctx: dict[str, Any]) -> float:
+        ctx["member"] = member = _active(lab, tier)
+        child = serving_child(lab, f"{tier}@{member}")
+        began = time.time()
+        os.kill(child, signal.SIGKILL)
+        return began
+
+    return inject
 
 
 # --- CLM ------------------------------------------------------------------------------------------------------
@@ -252,7 +267,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("signer-crash", "the active signer SIGKILLs itself right after C_Sign, before its commit "
              "(fail point cara.after_sign); its supervisor (`hapki serve --supervise`) forks it again at once",
              _signer_crash, prepare=_signer_prepare, tail=6.2, kind="cara"),
+    Scenario("cara-kill", "SIGKILL the active CARA member's service process at a random moment; its supervisor "
+             "forks it again at once (the VIP stays)", _service_kill("cara"), tail=6.0, kind="cara"),
     Scenario("clm-crash", "SIGSTOP+SIGKILL every process of the active CLM member", _clm_crash, kind="clm"),
+    Scenario("clm-kill", "SIGKILL the active CLM member's service process; its supervisor forks it again at once "
+             "(the VIP stays)", _service_kill("clm"), tail=6.0, kind="clm"),
     Scenario("db-node-kill", f"SIGKILL Galera {DB_NODE} (first node of every service); restart it (IST) after `hold`",
              _db_kill, _db_restart, hold=8.0, kind="db"),
     Scenario("db-partition", f"partition Galera {DB_NODE} from the other two nodes for `hold` s; it rejoins",

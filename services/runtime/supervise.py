@@ -10,10 +10,11 @@ thread, no event loop, no HSM session) and so stays simple enough not to crash.
 
 - A child that exits with status 0 ends the supervisor with 0 (the service chose to stop).
 - SIGTERM and SIGINT are passed on to the child; the supervisor then waits for it and exits with its status.
-- A child that dies otherwise (a signal, a non-zero status) is forked again: at once the first time, then after
-  growing delays (RESTART_DELAYS); after RESTART_LIMIT restarts within RESTART_WINDOW_SECONDS the supervisor
-  gives up and exits 1, so systemd's own policy (and keepalived's track script, which moves the VIP once the
-  member's health check fails) takes over from a crash loop.
+- A child that dies otherwise (a signal, a non-zero status) is forked again at once. Only children that die young
+  (within STABLE_SECONDS of their start: a crash loop, e.g. a broken HSM or config) are restarted after growing
+  delays (RESTART_DELAYS); after RESTART_LIMIT such restarts within RESTART_WINDOW_SECONDS the supervisor gives
+  up and exits 1, so systemd's own policy (and keepalived's track script, which moves the VIP once the member's
+  health check fails) takes over. A child that ran longer resets the count: its crash is not a loop.
 - The child dies with the supervisor (PR_SET_PDEATHSIG: SIGKILL), so a killed supervisor is a crashed service:
   no orphan keeps signing or holds the service's ports against the next start. (A stop goes through SIGTERM,
   passed on above, so the child hands back what it fetched.)
@@ -38,6 +39,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_LIMIT = 5
 RESTART_WINDOW_SECONDS = 60.0
 RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)  # before the 1st, 2nd, ... restart within the window
+STABLE_SECONDS = 5.0  # a child that lived this long did not die of a crash loop
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -61,14 +63,18 @@ def describe(status: int) -> str:
 
 @dataclass
 class RestartBudget:
-    """How soon to restart after a crash: None once `limit` restarts fell within `window` seconds."""
+    """How soon to restart a child that died after living `lived` seconds: at once after a stable life, else after
+    growing delays; None once `limit` restarts of short-lived children fell within `window` seconds."""
 
     limit: int = RESTART_LIMIT
     window: float = RESTART_WINDOW_SECONDS
     delays: tuple[float, ...] = RESTART_DELAYS
+    stable: float = STABLE_SECONDS
     _recent: deque[float] = field(default_factory=deque)
 
-    def next_delay(self, now: float) -> float | None:
+    def next_delay(self, now: float, lived: float = 0.0) -> float | None:
+        if lived >= self.stable:
+            self._recent.clear()
         while self._recent and now - self._recent[0] > self.window:
             self._recent.popleft()
         if len(self._recent) >= self.limit:
@@ -108,7 +114,7 @@ class Supervisor:
 
     def _loop(self) -> int:
         while True:
-            self.child = self._fork()
+            self.child, started = self._fork(), time.monotonic()
             if self._stopping is not None:  # asked to stop while we forked: pass it on now
                 os.kill(self.child, self._stopping)
             _, status = os.waitpid(self.child, 0)  # retried after our signal handler runs (PEP 475)
@@ -121,10 +127,12 @@ class Supervisor:
             if code == 0:
                 log.info("%s (pid %d) exited with status 0; the supervisor exits too", self.name, pid)
                 return 0
-            delay = self.budget.next_delay(time.monotonic())
+            now = time.monotonic()
+            delay = self.budget.next_delay(now, lived=now - started)
             if delay is None:
-                log.error("%s (pid %d) %s: %d restarts within %.0f s, giving up", self.name, pid,
-                          describe(status), self.budget.limit, self.budget.window)
+                log.error("%s (pid %d) %s: %d restarts within %.0f s, each after less than %.0f s, giving up",
+                          self.name, pid, describe(status), self.budget.limit, self.budget.window,
+                          self.budget.stable)
                 return 1
             log.error("%s (pid %d) %s; starting it again in %.1f s", self.name, pid, describe(status), delay)
             deadline = time.monotonic() + delay

@@ -25,7 +25,7 @@ RESUME_BOUND = {
     # when the link came back at 3 s; RELIABILITY.md, open), so the bound is the restore plus a margin.
     # signer-crash: the member's supervisor forks CARA again at once (0.2-0.4 s to the first signature measured).
     "cara-crash": 2.0, "cara-graceful": 2.0, "cara-link": 4.0, "cara-split-brain": 3.0, "signer-crash": 3.0,
-    "clm-crash": 6.0, "db-node-kill": 15.0, "db-partition": 20.0, "db-minority": 25.0, "hsm-member-down": 2.0,
+    "cara-kill": 3.0, "clm-crash": 6.0, "clm-kill": 4.0, "db-node-kill": 15.0, "db-partition": 20.0, "db-minority": 25.0, "hsm-member-down": 2.0,
     # nats-node-kill: a follower campaigns 4-9 s (random) after the stream leader's last heartbeat (nats-server's
     # raft election timeout, a constant; RELIABILITY.md), then clients retry: 5.6-8.2 s measured, 12 s allowed.
     "nats-node-kill": 12.0,
@@ -55,7 +55,7 @@ def test_scenario_keeps_the_invariants(lab: Lab, name: str, timing) -> None:
     if SCENARIOS[name].kind == "db":
         assert result.galera_resumed is not None, result
         assert result.resume_lag is not None and result.resume_lag < RESUME_LAG_BOUND[name], result
-    if name == "signer-crash":
+    if name in ("signer-crash", "cara-kill"):
         # Its own supervisor brought the crashed member back before keepalived's track script (two failed checks,
         # 1 s apart) could move the VIP: the same member signs again.
         assert result.faulted_member and result.first_signer == result.faulted_member, result

@@ -6,7 +6,8 @@
 # any of the three exits, the others are stopped and the container exits non-zero, so Docker restarts the whole
 # member (restart: unless-stopped): a member is whole or down, never a VIP holder without its service. The service
 # runs under `--supervise`: if it dies unasked, its supervisor forks it again at once (hapki.runtime.supervise);
-# only a crash loop (five restarts in a minute) ends the supervisor and so the member.
+# only a crash loop (five children in a minute that died within 5 s of their start) ends the supervisor and so
+# the member.
 set -euo pipefail
 
 service=${1:?usage: hapki-member cara|clm}

@@ -90,7 +90,7 @@ def test_a_crash_loop_exhausts_the_budget_and_the_supervisor_exits_1(tmp_path: P
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 1, out
     assert len(_pids(starts)) == 3, out  # the first start and two restarts (limit=2)
-    assert "exited with status 3: 2 restarts within 60 s, giving up" in out, out
+    assert "exited with status 3: 2 restarts within 60 s, each after less than 5 s, giving up" in out, out
 
 
 @pytest.mark.parametrize(("mode", "code"), [("wait", 128 + signal.SIGTERM), ("graceful", 0)])
@@ -121,6 +121,15 @@ def test_the_budget_grows_the_delays_and_forgets_old_restarts() -> None:
     assert [budget.next_delay(t) for t in (0.0, 1.0, 2.0)] == [0.0, 0.5, 1.0]
     assert budget.next_delay(3.0) is None  # three restarts within 10 s
     assert budget.next_delay(10.5) == 1.0  # the one at 0.0 left the window; two remain in it
+
+
+def test_a_child_that_lived_long_is_restarted_at_once_and_resets_the_count() -> None:
+    budget = RestartBudget(limit=2, window=60.0, delays=(0.0, 0.5), stable=5.0)
+    assert [budget.next_delay(t, lived=1.0) for t in (0.0, 1.0)] == [0.0, 0.5]  # a loop: backing off
+    assert budget.next_delay(2.0, lived=1.0) is None  # and giving up
+    budget = RestartBudget(limit=2, window=60.0, delays=(0.0, 0.5), stable=5.0)
+    # Crashes 8 s apart, each after 8 s of service: never a loop, always at once.
+    assert [budget.next_delay(t, lived=8.0) for t in (8.0, 16.0, 24.0, 32.0)] == [0.0] * 4
 
 
 def test_describe_names_the_signal_or_the_status() -> None:
