@@ -76,6 +76,10 @@ async def serve(args: argparse.Namespace, loaded: tuple[Callable[[Any], Any], Ba
     telemetry.setup_logging()
     telemetry.setup(f"hapki-{args.service}")
     try:
+        from hapki.runtime.metrics import State
+        from hapki.runtime.supervise import start_count
+
+        State.of("hapki.process.starts").set(start_count(), {"pki.service": args.service})
         runtime_class, config = loaded or load_service(args.service, args.config)
         runtime = runtime_class(config)
         listen = runtime.config.metrics.listen

@@ -77,6 +77,9 @@ _SPECS = (
                "Certificates signed through the HSM by each signer process of this member since that process "
                "started (pki.signer 0: the main process; 1..: signer workers, as they last reported, at most 1 s "
                "old); a count, use increase()", ("pki.member", "pki.signer")),
+    MetricSpec("hapki.process.starts", "gauge", "{start}",
+               "Starts of this service process under its supervisor (`hapki serve --supervise`): 1, plus one per "
+               "restart after the process died unasked; 1 without a supervisor", ("pki.service",)),
     MetricSpec("hapki.cara.role.transitions", "counter", "{transition}",
                "Role transitions of this member's signer: active (a failover to or start on it), passive (VIP "
                "lost), fenced (stepped down: another member holds a newer epoch)",

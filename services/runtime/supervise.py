@@ -40,6 +40,7 @@ RESTART_LIMIT = 5
 RESTART_WINDOW_SECONDS = 60.0
 RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)  # before the 1st, 2nd, ... restart within the window
 STABLE_SECONDS = 5.0  # a child that lived this long did not die of a crash loop
+STARTS_ENV = "HAPKI_SUPERVISED_STARTS"  # set in each child: which start it is (1, 2, ...)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -51,6 +52,13 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:  # the parent died before the prctl: nobody would signal us
         raise SystemExit(f"{sys.argv[0]}: parent {parent_pid} is gone")
+
+
+def start_count() -> int:
+    """Which start of this service process this is under its supervisor (1 without one): the
+    `hapki_process_starts` gauge, so a dashboard shows restarts after crashes."""
+    value = os.environ.get(STARTS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def describe(status: int) -> str:
@@ -159,6 +167,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             die_with_parent(parent, signal.SIGKILL)  # a killed supervisor is a crashed service, nothing lingers
+            os.environ[STARTS_ENV] = str(self.starts + 1)
             code = self._run()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

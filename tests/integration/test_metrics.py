@@ -116,6 +116,7 @@ async def test_cara_exports_signer_hsm_queue_and_crl(local_stack: LocalStack, is
     assert value(samples, "hapki_signing_queue_pending", pki_member="cara-1") == 0
     assert value(samples, "hapki_crl_size_bytes", crl_kind="full") > 0
     assert value(samples, "hapki_db_node_up", pki_member="cara-1") == 1
+    assert value(samples, "hapki_process_starts", pki_service="cara") == 1  # no supervisor here: the first start
     # Every name the real process exports is one the catalog predicts (the dashboards are checked against those).
     exported = {n for n, _, _ in samples if n.startswith("hapki_")}
     assert exported <= metrics.exported_names(), exported - metrics.exported_names()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hapki.runtime.supervise import RestartBudget, describe
+from hapki.runtime.supervise import STARTS_ENV, RestartBudget, describe, start_count
 
 # argv: mode, a file each child appends its pid to. Modes: crash-twice (SIGKILL itself in its first two lives,
 # then exit 0), fail (exit 3 every time), wait (sleep until signalled), graceful (exit 0 on SIGTERM), stubborn
@@ -19,7 +19,7 @@ from hapki.runtime.supervise import RestartBudget, describe
 DRIVER = """
 import logging, os, signal, sys, time
 from pathlib import Path
-from hapki.runtime.supervise import RestartBudget, Supervisor
+from hapki.runtime.supervise import RestartBudget, Supervisor, start_count
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 mode, starts = sys.argv[1], Path(sys.argv[2])
@@ -27,6 +27,8 @@ mode, starts = sys.argv[1], Path(sys.argv[2])
 def run():
     with starts.open("a") as out:
         out.write(f"{os.getpid()}\\n")
+    with starts.with_name("counts").open("a") as out:  # which start the child was told it is
+        out.write(f"{start_count()}\\n")
     lives = len(starts.read_text().split())
     if mode == "crash-twice":
         if lives <= 2:
@@ -82,6 +84,7 @@ def test_a_child_killed_by_a_signal_is_forked_again(tmp_path: Path) -> None:
     pids = _pids(starts)
     assert len(pids) == 3 and len(set(pids)) == 3 and proc.pid not in pids, pids
     assert out.count("was killed by SIGKILL; starting it again") == 2, out
+    assert (tmp_path / "counts").read_text().split() == ["1", "2", "3"]  # hapki_process_starts of each child
     assert "exited with status 0; the supervisor exits too" in out, out
 
 
@@ -135,3 +138,13 @@ def test_a_child_that_lived_long_is_restarted_at_once_and_resets_the_count() -> 
 def test_describe_names_the_signal_or_the_status() -> None:
     assert describe(signal.SIGKILL) == "was killed by SIGKILL"  # a wait status: the signal in the low bits
     assert describe(3 << 8) == "exited with status 3"
+
+
+@pytest.mark.parametrize(("value", "count"), [(None, 1), ("3", 3), ("0", 1), ("x", 1), ("-2", 1)])
+def test_the_start_count_is_1_without_a_supervisor_or_a_sane_value(monkeypatch: pytest.MonkeyPatch,
+                                                                  value: str | None, count: int) -> None:
+    if value is None:
+        monkeypatch.delenv(STARTS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STARTS_ENV, value)
+    assert start_count() == count
