@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
+from hapki.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("hapki.cara")
 
@@ -187,9 +187,7 @@ class CaraRuntime:
         if self.http is not None:
             await self.http.cleanup()
         if self._role_task is not None:
-            self._role_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._role_task
+            await cancel_and_wait(self._role_task)
         if self._ownership is not None:
             self._ownership.close()
             self._ownership = None
@@ -197,9 +195,7 @@ class CaraRuntime:
             self._unwatch()
         for task in (self._crl_task, self._audit_task, self._ocsp_task, *self._samplers):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
         if self.ocsp_cache is not None:
             await self.ocsp_cache.close()
         if self.signers is not None:

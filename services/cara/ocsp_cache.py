@@ -198,8 +198,7 @@ class OcspCache:
         while True:
             token = context.attach(telemetry.unsampled())  # no root span per poll (they would bury real traces)
             try:
-                async with asyncio.timeout(self._staleness):  # not wait_for: see hapki.runtime.netlink
-                    await self.sync()
+                await asyncio.wait_for(self.sync(), self._staleness)
                 if failing:
                     log.info("OCSP cache: revocation poll works again; cached answers are served")
                 failing = False

@@ -10,7 +10,6 @@ PKI_HA_EVENTS stream, with a span `watcher.role_changed`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -30,6 +29,7 @@ from hapki.runtime import metrics as metrics_catalog
 from hapki.runtime.clock import utcnow
 from hapki.runtime.config import MetricsConfig, NatsConfig, StrictModel
 from hapki.runtime.netlink import AddressChanges, AddressDump
+from hapki.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("hapki.watcher")
 tracer = trace.get_tracer("hapki.watcher")
@@ -185,9 +185,7 @@ class WatcherRuntime:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
         if self._http is not None:
             await self._http.close()
         if self._changes is not None:
