@@ -25,6 +25,7 @@ from hapki.cara.config import CaraConfig
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import Unavailable
 from hapki.runtime.metrics import State
+from hapki.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("hapki.cara.signer_processes")
 READY_TIMEOUT_SECONDS = 60.0  # a worker opens its database pool, HSM session and bus connection in this time
@@ -153,9 +154,11 @@ class SignerProcesses:
                           slot.proc.pid, STOP_TIMEOUT_SECONDS)
                 slot.proc.kill()
                 await slot.proc.wait()
-        for task in self._supervisors:
-            task.cancel()
-        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        for slot, task in zip(self.workers, self._supervisors):
+            try:
+                await cancel_and_wait(task)  # a cancel lost inside it must not hang the stop
+            except Exception:  # a supervisor that had failed: said here, and the stop goes on
+                log.exception("the supervisor of signer worker %d had failed", slot.index)
         gauge = State.of("hapki.cara.signer.signatures")
         for attributes in self._attributes:
             gauge.discard(attributes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from hapki.runtime.db import Database
 from hapki.runtime.http import serve
 from hapki.runtime.migrate import migrate
 from hapki.runtime.netlink import VipOwnership
+from hapki.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("hapki.clm")
 
@@ -122,9 +122,7 @@ class ClmRuntime:
         if self.http is not None:
             await self.http.cleanup()
         for task in self._schedulers:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # a cancel lost inside a job must not hang the stop
         self._schedulers = []
         if self._vip is not None:
             self._vip.close()

@@ -71,6 +71,7 @@ STEADY_TIMEOUT = 90.0
 AUDIT_GRACE_SECONDS = 30.0  # entries may wait this long for the sealer (it pauses while CARA fails over)
 AUDIT_SETTLE_SECONDS = 10.0
 SLOWEST_KEPT = 5  # requests per run whose timeline goes into the JSON record
+ROWS_KEPT = 5  # new violating rows per invariant, and unaccounted intents, kept in a run's record
 PROBE_INTERVAL = 0.1  # seconds between the Galera probe's writes to one node (db scenarios)
 PROBE_TIMEOUT = 2.0  # a probe write (or connect) that takes longer is abandoned and its connection closed
 # sql_notes = 0: from the second run on, "already exists" notes reached the terminal as Python warnings (aiomysql
@@ -96,6 +97,9 @@ class RunResult:
     duplicated: int = 0
     unaccounted: int = 0
     violations: dict[str, int] = field(default_factory=dict)
+    # The new violating rows themselves (a few per invariant) and the run's unaccounted intents, for diagnosis.
+    violation_rows: dict[str, list[list[str]]] = field(default_factory=dict)
+    unaccounted_rows: list[list[str]] = field(default_factory=list)
     galera_agree: bool = True
     galera: dict[str, Any] = field(default_factory=dict)
     audit: str | None = None  # `hapki audit verify` of the whole log after the run: None = intact, else the finding
@@ -165,8 +169,11 @@ class ChaosRunner:
         self.lab.heal()
         self.lab.wait_steady(STEADY_TIMEOUT)
         after = asyncio.run(self._violations())
-        result.violations = {name: len(set(map(tuple, rows)) - set(map(tuple, before.get(name, []))))
-                             for name, rows in after.items()}
+        new_rows = {name: sorted(set(map(tuple, rows)) - set(map(tuple, before.get(name, []))), key=str)
+                    for name, rows in after.items()}
+        result.violations = {name: len(rows) for name, rows in new_rows.items()}
+        result.violation_rows = {name: [[str(v) for v in row] for row in rows[:ROWS_KEPT]]
+                                 for name, rows in new_rows.items() if rows}
         asyncio.run(self._measure(result, load.requests, fault_at, load_end))
         result.galera = self._galera_agreement()
         result.galera_agree = len({json.dumps(v, sort_keys=True) for v in result.galera.values()}) == 1
@@ -273,6 +280,17 @@ class ChaosRunner:
                     f" LEFT JOIN certificates c ON c.intent_id = i.id"
                     f" WHERE r.requester = 'lab-demo' AND r.idempotency_key IN ({marks})", keys)
                 reserved, orphaned = await cur.fetchone()
+                if reserved or orphaned:
+                    # Which intents, with their request's other intents and certificate: what a diagnosis needs.
+                    await cur.execute(
+                        f"SELECT i.request_id, i.id, i.state, i.epoch, i.member, i.serial, i.created_at,"
+                        f" i.resolved_at, i.resolution, c.serial, c.intent_id FROM signing_intents i"
+                        f" JOIN requests r ON r.id = i.request_id LEFT JOIN certificates c ON c.request_id = r.id"
+                        f" WHERE r.requester = 'lab-demo' AND r.idempotency_key IN ({marks}) AND i.request_id IN"
+                        f" (SELECT j.request_id FROM signing_intents j LEFT JOIN certificates d ON d.intent_id = j.id"
+                        f" WHERE j.state = 'reserved' OR (j.state = 'issued' AND d.intent_id IS NULL))"
+                        f" ORDER BY i.request_id, i.created_at LIMIT {ROWS_KEPT * 4}", keys)
+                    result.unaccounted_rows = [[str(v) for v in row] for row in await cur.fetchall()]
                 since = datetime.fromtimestamp(fault_at, UTC).replace(tzinfo=None)
                 await cur.execute(
                     "SELECT i.member, c.created_at FROM certificates c JOIN signing_intents i ON i.id = c.intent_id"

@@ -22,13 +22,16 @@ CHECKS: dict[str, tuple[str, str]] = {
     ),
     "certificate_without_issued_intent": (
         "every certificate comes from an intent resolved as issued, with the same serial and epoch",
-        "SELECT c.serial FROM certificates c LEFT JOIN signing_intents i ON i.id = c.intent_id"
+        # Everything a diagnosis needs in the row (the chaos suite prints new violating rows): which intent, in
+        # which state, from which member and epoch, resolved why.
+        "SELECT c.serial, c.request_id, c.intent_id, c.epoch, i.state, i.serial, i.epoch, i.member, i.resolution"
+        " FROM certificates c LEFT JOIN signing_intents i ON i.id = c.intent_id"
         " WHERE i.id IS NULL OR i.state <> 'issued' OR i.serial <> c.serial OR i.epoch <> c.epoch",
     ),
     "issued_intent_without_certificate": (
         "every intent resolved as issued has its certificate",
-        "SELECT i.id FROM signing_intents i LEFT JOIN certificates c ON c.intent_id = i.id"
-        " WHERE i.state = 'issued' AND c.intent_id IS NULL",
+        "SELECT i.id, i.request_id, i.serial, i.epoch, i.member, i.resolved_at FROM signing_intents i"
+        " LEFT JOIN certificates c ON c.intent_id = i.id WHERE i.state = 'issued' AND c.intent_id IS NULL",
     ),
     "unresolved_intents": (
         "every signing intent is resolved (issued or abandoned) once the system is quiet",

@@ -45,7 +45,7 @@ def test_scenario_keeps_the_invariants(lab: Lab, name: str, timing) -> None:
     assert result.lost == 0, result
     assert result.duplicated == 0, result
     assert result.unaccounted == 0, result
-    assert not any(result.violations.values()), result.violations
+    assert not any(result.violations.values()), (result.violations, result.violation_rows)
     assert result.galera_agree, result.galera
     assert result.audit is None, result.audit  # the audit chain verifies after the fault
     assert result.quiet_after is not None, result.notes
