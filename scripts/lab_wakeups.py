@@ -7,7 +7,7 @@ Per process of the lab's process table (`kind@member`, all its threads): CPU as 
 (hapki.cli.procstat) and voluntary context switches per second (`voluntary_ctxt_switches` of each thread: the
 times it went to sleep, so about the times it woke). With --per-second-of RATE (the issuances per second of a load
 running meanwhile) CPU is also given in ms per issuance. On this project's 2-vCPU microVM a wake-up of an idle
-Python process costs a few hundred microseconds of CPU (docs/PERFORMANCE.md, session 14).
+Python process costs a few hundred microseconds of CPU (docs/PERFORMANCE-HISTORY.md, session 14).
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def _k6_column(name: str, target: str, base_url: str, groups: ProcessGroups, sha
     log = workdir / f"k6-{name}.log"
     # k6's idempotency keys are RUN_ID, VU and iteration: new ones every call, warm-up included. The lab is not reset
     # between runs, and a warm-up that replayed the last run's keys got nothing but 409s (a different CSR under a used
-    # key): it warmed the refusal path, not issuance (docs/PERFORMANCE.md, Session 9).
+    # key): it warmed the refusal path, not issuance (docs/PERFORMANCE-HISTORY.md, Session 9).
     run_id = f"{name}-{secrets.token_hex(4)}"
     say(f"  {COLUMNS[name]}: warm-up {shape.warmup:g} s ...")
     warm = k6.run("issue.js", {**env, **shape.env("max"), "SECONDS": f"{shape.warmup:g}", "RUN_ID": f"{run_id}-warmup"},

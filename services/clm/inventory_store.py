@@ -128,7 +128,7 @@ class MariaDBInventoryStore:
             if checks:
                 # One statement for the batch: executemany sent an UPDATE per certificate, 500 round trips that took
                 # over the transaction bound on a busy host, so the batch never committed and every timeout moved the
-                # whole CLM process to another database node (docs/PERFORMANCE.md, session 10).
+                # whole CLM process to another database node (docs/PERFORMANCE-HISTORY.md, session 10).
                 await cur.execute(
                     "UPDATE requests SET expiry_check_at = CASE id " + " ".join(["WHEN %s THEN %s"] * len(checks))
                     + f" END WHERE id IN ({', '.join(['%s'] * len(checks))})",

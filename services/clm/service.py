@@ -79,7 +79,7 @@ def _sha256(text: str) -> str:
 class _Answered:
     """A final answer kept for retries: the request's digest and profile, its expiry, and the reply's fields. Not the
     IssueReply itself: a pydantic model's __dict__ and fields-set cost about 1 KiB more per answer, 10 MB of CLM's
-    memory at ANSWERED_MAX (docs/PERFORMANCE.md, Session 9)."""
+    memory at ANSWERED_MAX (docs/PERFORMANCE-HISTORY.md, Session 9)."""
 
     digest: str
     profile: str | None

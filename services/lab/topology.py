@@ -86,7 +86,7 @@ class Bus(_Strict):
         default=None, ge=1, le=1024,
         description="GOMAXPROCS of every nats-server (Go's scheduler threads running Go code at once). The "
         "lab's members share one host's cores, three servers beside ten other processes: one each spends less "
-        "CPU handing work between threads (docs/PERFORMANCE.md, session 14). None: Go's default, one per core "
+        "CPU handing work between threads (docs/PERFORMANCE-HISTORY.md, session 14). None: Go's default, one per core "
         "(a member with cores of its own)",
     )
 

@@ -14,7 +14,7 @@ The algorithm is the key's: ECDSA P-256 with SHA-256 and deterministic nonces (R
 Ed25519, which keys made before it use and which stay valid. Both sign deterministically (the same request gives
 the same approval) and the verifier takes the algorithm from the trusted key the id names, never from the message.
 P-256 because it is the cheaper of the two on the issuance path: in the OpenSSL of the cryptography wheel it
-signs in about 32 us and verifies in about 70 us, Ed25519 in about 46 and 134 us (docs/PERFORMANCE.md, session 16).
+signs in about 32 us and verifies in about 70 us, Ed25519 in about 46 and 134 us (docs/PERFORMANCE-HISTORY.md, session 16).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def tune_gc(env: dict[str, str] | None = None) -> bool:
     collection, and the young generation collects every SERVICE_GC_THRESHOLDS[0] allocations instead of 700. Each
     message allocates hundreds of short-lived objects, so the default thresholds ran a collection every few
     requests and promoted requests still in flight into the older generations, whose full collections took 50-60
-    ms in CLM (docs/PERFORMANCE.md, Session 7).
+    ms in CLM (docs/PERFORMANCE-HISTORY.md, Session 7).
     """
     value = (os.environ if env is None else env).get(GC_ENV, "").strip().lower()
     if value == "default":

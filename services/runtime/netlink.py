@@ -4,7 +4,7 @@ A persistent NETLINK_ROUTE socket and one RTM_GETADDR dump per query: microsecon
 unlike keepalived notify scripts (FIELD-NOTES). `AddressChanges` waits for the kernel's own announcement that an
 address came or went (the RTMGRP_*_IFADDR multicast groups), so a waiting process wakes when the VIP moves instead
 of polling for it: on a shared host every wake-up of an idle Python process costs a few hundred microseconds of CPU
-(docs/PERFORMANCE.md, session 14).
+(docs/PERFORMANCE-HISTORY.md, session 14).
 """
 
 from __future__ import annotations
