@@ -52,7 +52,7 @@ from typing import Any
 
 import aiomysql
 import pymysql.err
-from hapki.lab.invariants import violations
+from hapki.lab.invariants import new_rows, violations
 from hapki.runtime.audit_verify import verify_database
 from hapki.runtime.db import Database
 from hapki.lab.load import Load, Request
@@ -169,11 +169,10 @@ class ChaosRunner:
         self.lab.heal()
         self.lab.wait_steady(STEADY_TIMEOUT)
         after = asyncio.run(self._violations())
-        new_rows = {name: sorted(set(map(tuple, rows)) - set(map(tuple, before.get(name, []))), key=str)
-                    for name, rows in after.items()}
-        result.violations = {name: len(rows) for name, rows in new_rows.items()}
+        made = new_rows(before, after)
+        result.violations = {name: len(rows) for name, rows in made.items()}
         result.violation_rows = {name: [[str(v) for v in row] for row in rows[:ROWS_KEPT]]
-                                 for name, rows in new_rows.items() if rows}
+                                 for name, rows in made.items() if rows}
         asyncio.run(self._measure(result, load.requests, fault_at, load_end))
         result.galera = self._galera_agreement()
         result.galera_agree = len({json.dumps(v, sort_keys=True) for v in result.galera.values()}) == 1

@@ -66,3 +66,13 @@ async def violations(conn: aiomysql.Connection, *, quiet: bool = True) -> dict[s
             await cur.execute(sql)
             found[name] = list(await cur.fetchall())
     return found
+
+
+def new_rows(before: dict[str, list[tuple[Any, ...]]],
+             after: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """The violating rows of `after` that `before` did not hold, per invariant, sorted (every invariant named).
+
+    What a test or a fault run made: a violation an earlier run left in the lab's database is that run's finding,
+    reported there, and must not fail every later test."""
+    return {name: sorted(set(map(tuple, rows)) - set(map(tuple, before.get(name, []))), key=str)
+            for name, rows in after.items()}
