@@ -158,3 +158,23 @@ async def test_node_status_reads_the_node_and_leaves_the_session_as_configured(l
             assert await db.primary_status(timeout=2.0) == "primary"  # the shared status connection still works
         finally:
             await db.close()
+
+
+async def test_replies_are_one_destination_in_the_bus_metrics(local_stack: LocalStack, issued: str) -> None:
+    """Every NATS request has a reply subject of its own; as a label of FastStream's publish metrics it made a time
+    series per request (2,000 per instrument, the SDK's limit; in the lab 38,000 lines per scrape and +100 MiB of
+    CLM). All replies are counted under one destination. Runs last in this module: it issues more."""
+    client = await ClmClient.connect(stack.nats_config(local_stack.env, "client"), timeout=15.0)
+    try:
+        for i in range(3):
+            csr_pem, _ = make_csr([f"reply-{i}.example.com"], key=make_key("p256"), cn=f"reply-{i}.example.com")
+            reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="tests"))
+            assert reply.error is None
+    finally:
+        await client.close()
+    samples = scrape(_listen(local_stack, "clm"))
+    published = {labels["messaging_destination_name"] for name, labels, _ in samples
+                 if name == "messaging_publish_duration_seconds_count"}
+    assert published and not [d for d in published if d.startswith(("_INBOX.", "_R_."))], published
+    # The module's first issuance and these three, each answered once.
+    assert value(samples, "messaging_publish_duration_seconds_count", messaging_destination_name="(reply)") == 4
