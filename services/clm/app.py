@@ -51,7 +51,7 @@ class _ReplyAsOneDestination(NatsTelemetrySettingsProvider):
     A request's reply goes to the client's own inbox subject, a new one per request (`_INBOX.<random>`), and
     FastStream labels its publish metrics with the destination: a time series per request, up to the SDK's limit
     of 2,000 per instrument. In the lab that was 38,000 lines on every scrape of CLM's /metrics and about 100 MiB
-    more of CLM's memory after a few thousand NATS requests (docs/PERFORMANCE.md, "Session 20"). The span
+    more of CLM's memory after a few thousand NATS requests (docs/PERFORMANCE.md, "NATS clients"). The span
     attributes keep the inbox (`messaging.destination.name`), for one trace at a time.
     """
 
