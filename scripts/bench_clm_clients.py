@@ -1,6 +1,7 @@
 """CLM's memory, CPU and /metrics size while clients issue over NATS or HTTPS on the running HA lab.
 
     sudo .venv/bin/python scripts/bench_clm_clients.py --via nats --requests 6000 [--rate 100] [--concurrency 64]
+    sudo .venv/bin/python scripts/bench_clm_clients.py --via mixed --requests 30000 --every 5000  # a soak
 
 The benchmarks drive HTTPS through the CLM VIP; NATS clients reach both CLM members (one queue group), so a cost
 that only the bus path has never showed there (docs/PERFORMANCE.md, "NATS clients": a metric series per reply).
@@ -59,8 +60,13 @@ def per_issuance_ms(cpu_before: float | None, cpu_after: float | None, issued: i
     return round((cpu_after - cpu_before) * 1000 / issued, 3)
 
 
-async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int,
-                children: dict[str, int]) -> int:
+def via_of(via: str, i: int) -> str:
+    """The path of request `i`: `via`, or NATS and HTTPS in turn for `mixed`."""
+    return ("nats", "https")[i % 2] if via == "mixed" else via
+
+
+async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int, every: int,
+                watched: dict[str, int]) -> int:
     csrs = [new_key_and_csr([f"clients-{i}.example.com"])[0].decode() for i in range(8)]
     issued = 0
     async with Load(lab, csrs, rate) as load:
@@ -73,7 +79,7 @@ async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int
             async with gate:
                 for _ in range(ATTEMPTS):
                     try:
-                        reply = await (load._via_https(body, ATTEMPT_TIMEOUT_SECONDS) if via == "https"
+                        reply = await (load._via_https(body, ATTEMPT_TIMEOUT_SECONDS) if via_of(via, i) == "https"
                                        else load._nats_issue(body, ATTEMPT_TIMEOUT_SECONDS))
                     except (OSError, TimeoutError, ValueError) as exc:  # aiohttp's and nats-py's errors included
                         print(f"request {i}: {type(exc).__name__}; again")
@@ -87,8 +93,8 @@ async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int
         for i in range(requests):
             await asyncio.sleep(max(0.0, began + i / rate - time.monotonic()))
             tasks.append(asyncio.create_task(one(i)))
-            if (i + 1) % 1000 == 0:
-                print(f"{i + 1:>6} sent: " + ", ".join(f"{m} {rss_mib(pid)} MiB" for m, pid in children.items()),
+            if (i + 1) % every == 0:
+                print(f"{i + 1:>6} sent, MiB: " + ", ".join(f"{m} {rss_mib(pid)}" for m, pid in watched.items()),
                       flush=True)
         await asyncio.gather(*tasks)
     return issued
@@ -96,30 +102,41 @@ async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--via", choices=("nats", "https"), default="nats")
+    parser.add_argument("--via", choices=("nats", "https", "mixed"), default="nats")
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--every", type=int, default=1000, help="print resident memory every N requests sent")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     args = parser.parse_args(argv)
     lab = Lab(args.dir)
     lab.procs.load()
-    children: dict[str, int] = {}
-    for member in lab.topo.members_of_tier("clm"):
-        supervisor = lab.procs.pid(f"clm@{member}")
+    children: dict[str, int] = {}  # clm member -> its serving process
+    others: dict[str, int] = {}  # every other supervised service (cara@..., watcher@...) -> its serving process
+    for name in lab.procs.names():
+        kind, _, member = name.partition("@")
+        if kind not in ("clm", "cara", "watcher"):
+            continue
+        supervisor = lab.procs.pid(name)
         child = serving_child(supervisor, with_descendants([supervisor])) if supervisor else None
         if child is None:
-            raise SystemExit(f"clm@{member}: no serving process (is the lab up?)")
-        children[member] = child
+            raise SystemExit(f"{name}: no serving process (is the lab up?)")
+        if kind == "clm":
+            children[member] = child
+        else:
+            others[name] = child
     before = {m: (rss_mib(pid), cpu_seconds(pid)) for m, pid in children.items()}
     print("start: " + ", ".join(f"{m} {rss} MiB" for m, (rss, _) in before.items()), flush=True)
-    issued = asyncio.run(drive(lab, args.via, args.requests, args.rate, args.concurrency, children))
+    others_before = {name: rss_mib(pid) for name, pid in others.items()}
+    issued = asyncio.run(drive(lab, args.via, args.requests, args.rate, args.concurrency, args.every,
+                               {**children, **others}))
     targets = {member: target for target, member, _ in prometheus.targets(lab.topo)["clm"]}
     print(f"issued {issued} of {args.requests} over {args.via}")
     for member, pid in children.items():
         print(f"{member} (pid {pid}): RSS {before[member][0]} -> {rss_mib(pid)} MiB, "
               f"CPU {per_issuance_ms(before[member][1], cpu_seconds(pid), issued)} ms per issuance, "
               f"/metrics {metrics_lines(targets[member])} lines")
+    print("others: " + ", ".join(f"{name} {others_before[name]} -> {rss_mib(pid)} MiB" for name, pid in others.items()))
 
 
 if __name__ == "__main__":

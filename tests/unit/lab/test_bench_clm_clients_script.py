@@ -26,3 +26,9 @@ def test_resident_memory_of_this_process_and_of_none() -> None:
     script = load_script("bench_clm_clients")
     assert script.rss_mib(os.getpid()) > 0
     assert script.rss_mib(2**22 + 7) is None
+
+
+def test_mixed_alternates_nats_and_https_as_the_fault_suite_does() -> None:
+    script = load_script("bench_clm_clients")
+    assert [script.via_of("mixed", i) for i in range(4)] == ["nats", "https", "nats", "https"]
+    assert {script.via_of("nats", i) for i in range(4)} == {"nats"}
