@@ -163,7 +163,15 @@ async def test_node_status_reads_the_node_and_leaves_the_session_as_configured(l
 async def test_replies_are_one_destination_in_the_bus_metrics(local_stack: LocalStack, issued: str) -> None:
     """Every NATS request has a reply subject of its own; as a label of FastStream's publish metrics it made a time
     series per request (2,000 per instrument, the SDK's limit; in the lab 38,000 lines per scrape and +100 MiB of
-    CLM). All replies are counted under one destination. Runs last in this module: it issues more."""
+    CLM). All replies are counted under one destination, and more issuances of the same kind add no series to
+    either service's /metrics (no label may take a value per request). Runs last in this module: it issues more."""
+
+    def series(service: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        # The CRL series appear on their own schedule (the first full and delta CRLs after the start), not per request.
+        return {(name, tuple(sorted(labels.items()))) for name, labels, _ in scrape(_listen(local_stack, service))
+                if not name.startswith("hapki_crl_")}
+
+    before = {service: series(service) for service in ("clm", "cara")}
     client = await ClmClient.connect(stack.nats_config(local_stack.env, "client"), timeout=15.0)
     try:
         for i in range(3):
@@ -178,3 +186,5 @@ async def test_replies_are_one_destination_in_the_bus_metrics(local_stack: Local
     assert published and not [d for d in published if d.startswith(("_INBOX.", "_R_."))], published
     # The module's first issuance and these three, each answered once.
     assert value(samples, "messaging_publish_duration_seconds_count", messaging_destination_name="(reply)") == 4
+    for service, seen in before.items():
+        assert series(service) - seen == set(), service
