@@ -7,8 +7,10 @@ The benchmarks drive HTTPS through the CLM VIP; NATS clients reach both CLM memb
 that only the bus path has never showed there (docs/PERFORMANCE.md, "NATS clients": a metric series per reply).
 This issues `--requests` certificates at `--rate` with up to `--concurrency` in flight, each request retried with
 its idempotency key until issued, and reports for each CLM member's serving process (the child of its
-`--supervise` process): resident memory every 1,000 requests, CPU ms per issuance over the run, and the lines of
-its /metrics at the end. Run it on a freshly started lab (or right after a CLM restart) to see growth.
+`--supervise` process): resident memory every `--every` requests, CPU ms per issuance over the run, and the lines
+of its /metrics at the end; the resident memory of every other service process (CARA, the watchers) too.
+`--via mixed` alternates NATS and HTTPS as the fault suite does. Run it on a freshly started lab (or right after a
+CLM restart) to see growth.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hapki.cli.client import new_key_and_csr
-from hapki.cli.procstat import cpu_seconds, with_descendants
+from hapki.cli.procstat import cpu_seconds, rss_mib, with_descendants
 from hapki.contracts.models import IssueCertificate, RequestStatus
 from hapki.lab import prometheus
 from hapki.lab.ha import DEFAULT_DIR, Lab
@@ -38,13 +40,10 @@ def serving_child(supervisor: int, descendants: Sequence[int]) -> int | None:
     return others[0] if len(others) == 1 else None
 
 
-def rss_mib(pid: int) -> int | None:
-    """Resident memory of `pid` in MiB (None if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            return next(int(line.split()[1]) // 1024 for line in fh if line.startswith("VmRSS"))
-    except (OSError, StopIteration):
-        return None
+def _mib(pid: int) -> str:
+    """Resident memory of `pid` now, whole MiB ("gone" if it ended)."""
+    rss = rss_mib(pid)
+    return "gone" if rss is None else f"{rss:.0f}"
 
 
 def metrics_lines(target: str) -> int:
@@ -79,8 +78,7 @@ async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int
             async with gate:
                 for _ in range(ATTEMPTS):
                     try:
-                        reply = await (load._via_https(body, ATTEMPT_TIMEOUT_SECONDS) if via_of(via, i) == "https"
-                                       else load._nats_issue(body, ATTEMPT_TIMEOUT_SECONDS))
+                        reply = await load.issue_once(via_of(via, i), body, ATTEMPT_TIMEOUT_SECONDS)
                     except (OSError, TimeoutError, ValueError) as exc:  # aiohttp's and nats-py's errors included
                         print(f"request {i}: {type(exc).__name__}; again")
                         continue
@@ -94,7 +92,7 @@ async def drive(lab: Lab, via: str, requests: int, rate: float, concurrency: int
             await asyncio.sleep(max(0.0, began + i / rate - time.monotonic()))
             tasks.append(asyncio.create_task(one(i)))
             if (i + 1) % every == 0:
-                print(f"{i + 1:>6} sent, MiB: " + ", ".join(f"{m} {rss_mib(pid)}" for m, pid in watched.items()),
+                print(f"{i + 1:>6} sent, MiB: " + ", ".join(f"{m} {_mib(pid)}" for m, pid in watched.items()),
                       flush=True)
         await asyncio.gather(*tasks)
     return issued
@@ -125,18 +123,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             children[member] = child
         else:
             others[name] = child
-    before = {m: (rss_mib(pid), cpu_seconds(pid)) for m, pid in children.items()}
-    print("start: " + ", ".join(f"{m} {rss} MiB" for m, (rss, _) in before.items()), flush=True)
-    others_before = {name: rss_mib(pid) for name, pid in others.items()}
+    before = {m: (_mib(pid), cpu_seconds(pid)) for m, pid in children.items()}
+    print("start: " + ", ".join(f"{m} {_mib(pid)} MiB" for m, pid in children.items()), flush=True)
+    others_before = {name: _mib(pid) for name, pid in others.items()}
     issued = asyncio.run(drive(lab, args.via, args.requests, args.rate, args.concurrency, args.every,
                                {**children, **others}))
     targets = {member: target for target, member, _ in prometheus.targets(lab.topo)["clm"]}
     print(f"issued {issued} of {args.requests} over {args.via}")
     for member, pid in children.items():
-        print(f"{member} (pid {pid}): RSS {before[member][0]} -> {rss_mib(pid)} MiB, "
+        print(f"{member} (pid {pid}): RSS {before[member][0]} -> {_mib(pid)} MiB, "
               f"CPU {per_issuance_ms(before[member][1], cpu_seconds(pid), issued)} ms per issuance, "
               f"/metrics {metrics_lines(targets[member])} lines")
-    print("others: " + ", ".join(f"{name} {others_before[name]} -> {rss_mib(pid)} MiB" for name, pid in others.items()))
+    print("others: " + ", ".join(f"{name} {others_before[name]} -> {_mib(pid)} MiB" for name, pid in others.items()))
 
 
 if __name__ == "__main__":

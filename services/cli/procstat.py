@@ -40,11 +40,20 @@ def machine_busy_seconds() -> float:
 
 def peak_rss_mib(pid: int | None) -> float | None:
     """Peak resident set size (VmHWM) of a process in MiB, None if it is gone."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """Resident set size now (VmRSS) of a process in MiB, None if it is gone."""
+    return _status_mib(pid, "VmRSS")
+
+
+def _status_mib(pid: int | None, field: str) -> float | None:
     if pid is None:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass

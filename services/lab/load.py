@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from hapki.cli.client import ClmClient
 from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
+from hapki.lab.invariants import violations
 from hapki.runtime import telemetry
 
 tracer = trace.get_tracer("hapki.lab.load")
@@ -96,7 +97,7 @@ class Load:
                 req.attempts += 1
                 try:
                     wait = attempt_timeout(req.attempts)
-                    reply = await (self._via_https(body, wait) if req.via == "https" else self._nats_issue(body, wait))
+                    reply = await self.issue_once(req.via, body, wait)
                 # nats.errors.Error: a NATS request nobody answered, e.g. "no responders" while CLM's subscriptions
                 # move to another bus node after theirs died; like a client, ask again (same idempotency key).
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, nats.errors.Error) as exc:
@@ -115,6 +116,10 @@ class Load:
                     req.serial, req.done_at = reply.serial, time.time()
                     return
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)  # pending: ask again with the same key
+
+    async def issue_once(self, via: str, body: IssueCertificate, timeout: float) -> IssueReply:
+        """One attempt over `via` ("nats": a NATS request to CLM; "https": a POST to the CLM VIP)."""
+        return await (self._via_https(body, timeout) if via == "https" else self._nats_issue(body, timeout))
 
     async def _nats_issue(self, body: IssueCertificate, timeout: float) -> IssueReply:
         assert self._nats is not None
@@ -159,6 +164,15 @@ async def connect_db(lab: Any) -> aiomysql.Connection:
     db = lab.galera.nodes[0]
     return await aiomysql.connect(host=db.address, port=db.port, user="hapki", db="hapki", autocommit=True,
                                   password=lab.galera.password("hapki"), ssl=lab.db_ssl_context())
+
+
+async def read_violations(lab: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows violating each invariant of hapki.lab.invariants now, read on the first Galera node."""
+    conn = await connect_db(lab)
+    try:
+        return await violations(conn)
+    finally:
+        conn.close()
 
 
 async def database_facts(lab: Any, keys: list[str], crashed: str, crash_at: float) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hapki.cli.client import new_key_and_csr
 from hapki.lab.ha import Lab
-from hapki.lab.invariants import new_rows, violations
-from hapki.lab.load import Load, connect_db, crash_member, database_facts
+from hapki.lab.invariants import new_rows
+from hapki.lab.load import Load, crash_member, database_facts, read_violations
 
 pytestmark = pytest.mark.lab
 
@@ -20,22 +20,14 @@ CSRS = [new_key_and_csr([f"lab-{i}.example.com", "192.0.2.44"])[0].decode() for 
 
 async def _checked_run(lab: Lab, fault, *, seconds: float = 6.0, fault_at: float = 2.0, rate: float = 20.0):
     """Load for `seconds`, `fault()` at `fault_at` (returns the fault's wall time); then the database's verdict."""
-    conn = await connect_db(lab)
-    try:
-        before = await violations(conn)
-    finally:
-        conn.close()
+    before = await read_violations(lab)
     async with Load(lab, CSRS, rate) as load:
         driver = asyncio.create_task(load.run(seconds, give_up_after=30.0))
         await asyncio.sleep(fault_at)
         fault_time = await asyncio.to_thread(fault)
         await driver
     facts = await database_facts(lab, [r.key for r in load.requests], "", fault_time)
-    conn = await connect_db(lab)
-    try:
-        broken = {name: rows for name, rows in new_rows(before, await violations(conn)).items() if rows}
-    finally:
-        conn.close()
+    broken = {name: rows for name, rows in new_rows(before, await read_violations(lab)).items() if rows}
     per_key = facts["requests"]
     assert len(load.requests) == int(seconds * rate)
     assert all(r.serial for r in load.requests), [(r.key, r.errors) for r in load.requests if not r.serial][:5]

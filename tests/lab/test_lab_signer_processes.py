@@ -16,8 +16,8 @@ from hapki.cli.client import new_key_and_csr
 from hapki.cli.procstat import with_descendants
 from hapki.lab.cluster import wait_until
 from hapki.lab.ha import Lab
-from hapki.lab.invariants import new_rows, violations
-from hapki.lab.load import Load, connect_db, crash_member, database_facts
+from hapki.lab.invariants import new_rows
+from hapki.lab.load import Load, crash_member, database_facts, read_violations
 
 pytestmark = pytest.mark.lab
 
@@ -77,14 +77,7 @@ def test_two_signer_processes_sign_and_a_member_crash_loses_nothing(two_signers:
     assert len(_workers(lab, active)) == 1 and len(_workers(lab, other)) == 1
     crashed_pid = lab.procs.pid(f"cara@{active}")
 
-    async def found() -> dict[str, list[tuple]]:
-        conn = await connect_db(lab)
-        try:
-            return await violations(conn)
-        finally:
-            conn.close()
-
-    before = asyncio.run(found())
+    before = asyncio.run(read_violations(lab))
 
     async def run() -> tuple[Load, float]:
         async with Load(lab, CSRS, 40.0) as load:
@@ -104,7 +97,7 @@ def test_two_signer_processes_sign_and_a_member_crash_loses_nothing(two_signers:
     assert all(r.serial for r in load.requests), [(r.key, r.errors) for r in load.requests if not r.serial][:5]
     assert all(per_key[r.key][1] == "issued" and per_key[r.key][2] == 1 for r in load.requests)
     assert len({r.serial for r in load.requests}) == len(load.requests)
-    assert {name: rows for name, rows in new_rows(before, asyncio.run(found())).items() if rows} == {}
+    assert {name: rows for name, rows in new_rows(before, asyncio.run(read_violations(lab))).items() if rows} == {}
     assert wait_until(lambda: not _workers_of(crashed_pid), 10.0, 0.2) is not None, "an orphan worker survived"
     first = facts["first_signature"].get(other)
     assert first is not None, "the other member never signed"

@@ -52,3 +52,8 @@ def test_per_issuance_ms() -> None:
 def test_machine_busy_seconds_is_monotonic() -> None:
     first = procstat.machine_busy_seconds()
     assert procstat.machine_busy_seconds() >= first > 0
+
+
+def test_resident_memory_now_and_at_its_peak_of_this_process_and_of_none() -> None:
+    assert 0 < procstat.rss_mib(os.getpid()) <= procstat.peak_rss_mib(os.getpid())
+    assert procstat.rss_mib(2**22 + 7) is None and procstat.rss_mib(None) is None

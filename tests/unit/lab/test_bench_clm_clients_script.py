@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from helpers.scripts import load_script
 
 
@@ -20,12 +18,6 @@ def test_cpu_per_issuance_needs_the_whole_run_and_an_issuance() -> None:
     assert script.per_issuance_ms(None, 4.0, 1500) is None  # the process started during the run
     assert script.per_issuance_ms(1.0, None, 1500) is None  # and ended during it
     assert script.per_issuance_ms(1.0, 4.0, 0) is None
-
-
-def test_resident_memory_of_this_process_and_of_none() -> None:
-    script = load_script("bench_clm_clients")
-    assert script.rss_mib(os.getpid()) > 0
-    assert script.rss_mib(2**22 + 7) is None
 
 
 def test_mixed_alternates_nats_and_https_as_the_fault_suite_does() -> None:
