@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hapki.contracts.models import IssueReply
 from hapki.lab.stack import LocalStack
 from hapki.lab.traces import STAGES, issuance_stages, load_spans, trace_tree
+from hapki.runtime.telemetry import remove_span_files
 
 DEMO_NAMES = ["demo.example.com", "192.0.2.1"]
 TRACE_WAIT_SECONDS = 5.0
@@ -88,7 +89,8 @@ def start_stack(base_dir: Path, trace_file: Path | None, **overrides: Any) -> Lo
     if leftovers:
         print(f"  (stopped services left over from an earlier run: pids {leftovers})", file=sys.stderr)
     if trace_file is not None:
-        trace_file.write_bytes(b"")
+        remove_span_files(trace_file)  # and the files an earlier run's rotated into
+        trace_file.touch()
     stack = LocalStack(base_dir, trace_file=trace_file, **overrides)
     try:
         return stack.start()

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hapki.runtime.telemetry import span_files
+
 __all__ = ["DB_PARTS", "KEY_ATTRIBUTES", "STAGES", "issuance_stages", "load_spans", "percentile", "stage_breakdown",
            "stage_table", "trace_tree", "spans_of_request", "traces_of_request"]
 
@@ -35,14 +37,19 @@ _NAME_WIDTH = 44  # long FastStream span names (reply inboxes) are cut to keep t
 
 
 def load_spans(path: Path | str) -> list[dict[str, Any]]:
-    """All spans in a JSON-lines span file (empty if the file does not exist).
+    """All spans in a JSON-lines span file and the files it rotated into, oldest first (empty if none exists).
 
     Writers append while we read, so the last line may be cut short: it is skipped silently. A malformed line
-    elsewhere (two writers interleaving) is skipped with a warning rather than failing the whole read.
+    elsewhere (two writers interleaving) is skipped with a warning rather than failing the whole read. A rotation
+    during the read (at HAPKI_TRACE_FILE_MAX_MB) may repeat or miss one file's spans.
     """
+    return [span for found in span_files(path) for span in _load_file(found)]
+
+
+def _load_file(path: Path) -> list[dict[str, Any]]:
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
+        data = path.read_bytes()
+    except FileNotFoundError:  # rotated away while we listed
         return []
     lines = data.split(b"\n")
     spans: list[dict[str, Any]] = []
@@ -141,7 +148,7 @@ def spans_of_request(paths: Iterable[Path | str], request_id: str) -> list[dict[
     The exporter writes compact JSON, so a line is parsed only when it holds the request id (first pass, to learn
     the trace ids) or one of those trace ids (second pass).
     """
-    files = [Path(p) for p in paths if Path(p).exists()]
+    files = [found for path in paths for found in span_files(path)]
     needle = json.dumps({"pki.request_id": request_id}, separators=(",", ":"))[1:-1].encode()
     trace_ids = {span["trace_id"] for path in files for span in _parsed(path, (needle,))}
     keys = tuple(json.dumps({"trace_id": t}, separators=(",", ":"))[1:-1].encode() for t in trace_ids)
@@ -151,7 +158,11 @@ def spans_of_request(paths: Iterable[Path | str], request_id: str) -> list[dict[
 
 def _parsed(path: Path, needles: tuple[bytes, ...]) -> Iterator[dict[str, Any]]:
     """The spans on lines of `path` that contain one of `needles` (malformed lines skipped, as in load_spans)."""
-    with path.open("rb") as fh:
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:  # rotated away while we read the others
+        return
+    with fh:
         for line in fh:
             if any(n in line for n in needles):
                 try:

@@ -3,7 +3,8 @@
 Exporters come from the standard OTEL_* environment (OTLP/HTTP traces and metrics when OTEL_EXPORTER_OTLP_ENDPOINT,
 or the per-signal OTEL_EXPORTER_OTLP_TRACES_/METRICS_ENDPOINT, is set). Metrics are always readable by Prometheus
 (hapki.runtime.metrics: each `hapki serve` process serves /metrics).
-HAPKI_TRACE_FILE adds a JSON-lines span file: the local environment's collector, read by `hapki demo`/`bench`.
+HAPKI_TRACE_FILE adds a JSON-lines span file: the local environment's collector, read by `hapki demo`/`bench`/`trace`;
+it rotates by size (HAPKI_TRACE_FILE_MAX_MB, default 256; HAPKI_TRACE_FILE_BACKUPS rotated files kept, default 3).
 
 Sampling: the standard OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, read strictly (SamplerSetting.from_env: an
 unknown name or a bad ratio stops the start instead of silently tracing everything). The default stays
@@ -15,6 +16,7 @@ one root decision, not a span per step.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import context, metrics, propagate, trace
@@ -100,18 +103,103 @@ class SamplerSetting:
 PRODUCTION_SAMPLER = SamplerSetting("parentbased_traceidratio", 0.01)
 
 
-class JsonLinesSpanExporter(SpanExporter):
-    """Appends one JSON object per finished span to a file (several processes may share it)."""
+TRACE_FILE_ENV = "HAPKI_TRACE_FILE"
+TRACE_FILE_MAX_MB_ENV = "HAPKI_TRACE_FILE_MAX_MB"
+TRACE_FILE_BACKUPS_ENV = "HAPKI_TRACE_FILE_BACKUPS"
 
-    def __init__(self, path: str) -> None:
-        self._path = path
+
+@dataclass(frozen=True)
+class SpanFileLimits:
+    """How large the span file grows: at `max_bytes` it becomes `<file>.1` (`.1` becomes `.2`, ...), and at most
+    `backups` such files are kept; the oldest spans go. The default keeps at most 1 GiB (about 2.5 million spans,
+    250,000 traced issuances) where a file of every trace of a long soak used to fill the disk."""
+
+    max_bytes: int = 256 * 1024 * 1024
+    backups: int = 3
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SpanFileLimits:
+        """The limits HAPKI_TRACE_FILE_MAX_MB (a positive number) and HAPKI_TRACE_FILE_BACKUPS (0 or more) ask
+        for; ValueError naming the variable if one is not valid (the start stops, as for the sampler)."""
+        env = os.environ if env is None else env
+        limits = cls()
+        raw_mb = env.get(TRACE_FILE_MAX_MB_ENV, "").strip()
+        raw_backups = env.get(TRACE_FILE_BACKUPS_ENV, "").strip()
+        try:
+            mb = float(raw_mb) if raw_mb else limits.max_bytes / 2**20
+        except ValueError:
+            mb = math.nan
+        if not 0 < mb < 2**40:  # NaN and inf fail too
+            raise ValueError(f"{TRACE_FILE_MAX_MB_ENV}={raw_mb!r}: the span file's size before it rotates, in MiB, > 0")
+        try:
+            backups = int(raw_backups) if raw_backups else limits.backups
+        except ValueError:
+            backups = -1
+        if not 0 <= backups <= 1000:
+            raise ValueError(f"{TRACE_FILE_BACKUPS_ENV}={raw_backups!r}: how many rotated span files to keep, 0-1000")
+        return cls(max(1, int(mb * 2**20)), backups)
+
+
+def span_files(path: Path | str) -> list[Path]:
+    """The span file and its rotated predecessors that exist, oldest first (`<file>.N` ... `<file>.1`, `<file>`)."""
+    path = Path(path)
+    rotated: list[tuple[int, Path]] = []
+    for candidate in path.parent.glob(path.name + ".*"):
+        suffix = candidate.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            rotated.append((int(suffix), candidate))
+    return [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.exists() else [])
+
+
+def remove_span_files(path: Path | str) -> None:
+    """Remove the span file and every rotated one (a demo's or a benchmark's fresh start)."""
+    for found in span_files(path):
+        found.unlink(missing_ok=True)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file, which several processes may share; rotated by size.
+
+    Each export opens the file, appends under an exclusive lock (flock on `<file>.lock`, shared by every
+    writing process) and closes it: once a writer renamed the file away at `limits.max_bytes`, every writer's
+    next export starts the new one. Readers take the rotated files too (span_files). A failed write (a full
+    disk) drops that batch of spans, logged, and never reaches the request that made them.
+    """
+
+    def __init__(self, path: str, limits: SpanFileLimits | None = None) -> None:
+        self._path = Path(path)
+        self._limits = limits or SpanFileLimits()
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_to_dict(s), separators=(",", ":")) for s in spans]
-        with self._lock, open(self._path, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
+        data = ("\n".join(json.dumps(span_to_dict(s), separators=(",", ":")) for s in spans) + "\n").encode()
+        try:
+            with self._lock, open(self._path.with_name(self._path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self._rotate_if_full(len(data))
+                with open(self._path, "ab") as fh:
+                    fh.write(data)
+        except OSError as exc:
+            log.warning("could not write %d spans to %s: %s", len(spans), self._path, exc)
+            return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _rotate_if_full(self, adding: int) -> None:
+        try:
+            size = self._path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0 or size + adding <= self._limits.max_bytes:
+            return
+        if self._limits.backups == 0:
+            self._path.unlink()
+            return
+        name = self._path.name
+        for number in range(self._limits.backups - 1, 0, -1):
+            older = self._path.with_name(f"{name}.{number}")
+            if older.exists():
+                older.replace(self._path.with_name(f"{name}.{number + 1}"))
+        self._path.replace(self._path.with_name(f"{name}.1"))
 
     def shutdown(self) -> None:
         return None
@@ -133,6 +221,14 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+def check_env(env: Mapping[str, str] | None = None) -> None:
+    """ValueError naming the variable if the tracing environment (the sampler, the span file's limits) is not
+    valid: `hapki serve` checks it before it starts anything, so a typo is one line, not a traceback per restart."""
+    SamplerSetting.from_env(env)
+    if (os.environ if env is None else env).get(TRACE_FILE_ENV):
+        SpanFileLimits.from_env(env)
+
+
 def setup(service_name: str) -> None:
     """Install the global tracer provider for this process, unless one is installed already (tests)."""
     if isinstance(trace.get_tracer_provider(), TracerProvider):
@@ -148,8 +244,8 @@ def setup(service_name: str) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    if path := os.environ.get("HAPKI_TRACE_FILE"):
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path)))
+    if path := os.environ.get(TRACE_FILE_ENV):
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path, SpanFileLimits.from_env())))
     trace.set_tracer_provider(provider)
 
 
