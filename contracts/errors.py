@@ -182,6 +182,13 @@ class HSMUnavailable(Unavailable):
     """No HSM member could perform the operation."""
 
 
+class ConfigInvalid(HapkiError):
+    """A service's config file (missing, not TOML, not what its model asks) or an environment override cannot be
+    used. Raised at the start, before anything connects; `hapki serve` prints it as one line and exits 2."""
+
+    code = ErrorCode.INTERNAL
+
+
 class ProvisioningRefused(HapkiError):
     """The database refused an administrative step (`hapki db migrate` applying grants): a missing account or a
     privilege the admin lacks. Never retried: an operator has to act."""

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from hapki.contracts.errors import ConfigInvalid
 from hapki.runtime import telemetry
-from hapki.runtime.config import DatabaseConfig, load_toml
+from hapki.runtime.config import DatabaseConfig, load_toml, validation_summary
 
 if TYPE_CHECKING:  # the subcommands import their service modules lazily, to start fast
     from hapki.cara.config import CaraConfig
@@ -49,10 +50,25 @@ def load_service(service: str, path: Path) -> tuple[Callable[[Any], Any], BaseMo
         from hapki.cara.config import CaraConfig, with_env
         from hapki.cara.main import CaraRuntime
 
-        return CaraRuntime, with_env(load_toml(path, CaraConfig))  # HAPKI_SIGNER_PROCESSES
+        try:
+            return CaraRuntime, with_env(load_toml(path, CaraConfig))  # HAPKI_SIGNER_PROCESSES
+        except ValueError as exc:  # the override's (a ValidationError is a ValueError too)
+            detail = validation_summary(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigInvalid(f"{path} with the environment's overrides: {detail}") from exc
     from hapki.watcher.main import WatcherConfig, WatcherRuntime
 
     return WatcherRuntime, load_toml(path, WatcherConfig)
+
+
+def _startable(args: argparse.Namespace) -> tuple[Callable[[Any], Any], BaseModel] | None:
+    """The service's runtime class and config, once the config file and the tracing environment
+    (OTEL_TRACES_SAMPLER*, HAPKI_TRACE_FILE_*) are valid; else None, having said in one line what is not."""
+    try:
+        telemetry.check_env()
+        return load_service(args.service, args.config)
+    except (ValueError, ConfigInvalid) as exc:
+        print(f"hapki serve {args.service}: {exc}", file=sys.stderr)
+        return None
 
 
 def supervise(args: argparse.Namespace) -> int:
@@ -64,7 +80,9 @@ def supervise(args: argparse.Namespace) -> int:
     from hapki.runtime.supervise import Supervisor
 
     telemetry.setup_logging()
-    loaded = load_service(args.service, args.config)  # a bad config fails here, once, not in a restart loop
+    loaded = _startable(args)  # a bad config fails here, once, not in a restart loop
+    if loaded is None:
+        return 2
     eventloop.loop_factory()  # imports uvloop
     return Supervisor(f"hapki {args.service}", lambda: eventloop.run(serve(args, loaded))).run()
 
@@ -74,13 +92,16 @@ async def serve(args: argparse.Namespace, loaded: tuple[Callable[[Any], Any], Ba
     from hapki.runtime.metrics import metrics_app
 
     telemetry.setup_logging()
+    loaded = loaded or _startable(args)
+    if loaded is None:
+        return 2
     telemetry.setup(f"hapki-{args.service}")
     try:
         from hapki.runtime.metrics import State
         from hapki.runtime.supervise import start_count
 
         State.of("hapki.process.starts").set(start_count(), {"pki.service": args.service})
-        runtime_class, config = loaded or load_service(args.service, args.config)
+        runtime_class, config = loaded
         runtime = runtime_class(config)
         listen = runtime.config.metrics.listen
         # /metrics first: a port taken by another process stops the start before anything connects.
@@ -502,6 +523,17 @@ def lab(args: argparse.Namespace) -> int:
             the_lab.detach()  # the lab outlives this command; `hapki lab down` stops it
             print(f"lab up in {timings['total']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in timings.items())})")
             print(format_status(the_lab.status()))
+        elif args.action == "restart":
+            if not args.name:
+                print("hapki lab restart: name the process (e.g. clm@clm-2; `hapki lab status` lists them)",
+                      file=sys.stderr)
+                return 2
+            env = _env_changes(args.env)
+            if env is None:
+                return 2
+            took = the_lab.restart(args.name, env)
+            the_lab.detach()  # the restarted process outlives this command
+            print(f"{args.name} restarted in {took:.1f} s (pid {the_lab.procs.pid(args.name)})")
         elif args.action == "down":
             the_lab.down()
             print(f"lab down: no {the_lab.topo.lab.prefix}-* namespace, host link or lab process left")
@@ -512,6 +544,18 @@ def lab(args: argparse.Namespace) -> int:
         print(f"hapki lab {args.action}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _env_changes(pairs: list[str]) -> dict[str, str | None] | None:
+    """`--env KEY=VALUE` (KEY= removes KEY) as set_env takes them; None, having said why, if one is malformed."""
+    changes: dict[str, str | None] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            print(f"hapki lab restart: --env {pair!r}: KEY=VALUE (KEY= removes it)", file=sys.stderr)
+            return None
+        changes[key] = value or None
+    return changes
 
 
 def chaos(args: argparse.Namespace) -> int:

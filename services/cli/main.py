@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hapki.cli import commands
+from hapki.contracts.errors import ConfigInvalid
 from hapki.runtime import telemetry
 
 
@@ -165,8 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     k6.add_argument("--json", action="store_true", help="gap: print JSON")
 
     lab = sub.add_parser("lab", help="the HA lab: the reference topology in network namespaces on this host (root)")
-    lab.add_argument("action", choices=["up", "down", "status", "demo"],
-                     help="demo: up, load through a crash of the active CA member, timeline, down")
+    lab.add_argument("action", choices=["up", "down", "status", "demo", "restart"],
+                     help="demo: up, load through a crash of the active CA member, timeline, down; "
+                          "restart NAME: one process of the running lab (e.g. clm@clm-2), ready when it returns")
+    lab.add_argument("name", nargs="?", help="restart: the process, as `hapki lab status` names it (kind@member)")
+    lab.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="restart: set KEY in the service's environment (KEY= removes it); kept until changed")
     lab.add_argument("--dir", type=Path, default=Path(".run/lab"), help="working directory of the lab")
     lab.add_argument("--json", action="store_true", help="status: print JSON")
     lab.add_argument("--fresh", action="store_true", help="up: wipe the lab's data (databases, tokens, certs) first")
@@ -220,16 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         "lab": commands.lab,
         "chaos": commands.chaos,
     }[args.command]
-    if not asyncio.iscoroutinefunction(handler):
-        return handler(args)
-    if args.command == "serve":
-        from hapki.runtime import eventloop
+    try:
+        if not asyncio.iscoroutinefunction(handler):
+            return handler(args)
+        if args.command == "serve":
+            from hapki.runtime import eventloop
 
-        if args.supervise:
-            return commands.supervise(args)
+            if args.supervise:
+                return commands.supervise(args)
 
-        return eventloop.run(handler(args))  # uvloop (see hapki.runtime.eventloop)
-    return asyncio.run(handler(args))
+            return eventloop.run(handler(args))  # uvloop (see hapki.runtime.eventloop)
+        return asyncio.run(handler(args))
+    except ConfigInvalid as exc:  # a config file any subcommand reads: one line, not a traceback
+        print(f"hapki {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

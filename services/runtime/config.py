@@ -10,7 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hapki.contracts.errors import ConfigInvalid
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -130,6 +132,18 @@ class HSMConfig(StrictModel):
 
 
 def load_toml(path: Path, model: type[T]) -> T:
-    """Load and validate one TOML config file."""
-    with path.open("rb") as fh:
-        return model.model_validate(tomllib.load(fh))
+    """Load and validate one TOML config file; ConfigInvalid naming the file and every field that is wrong."""
+    try:
+        with path.open("rb") as fh:
+            return model.model_validate(tomllib.load(fh))
+    except OSError as exc:
+        raise ConfigInvalid(f"{path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigInvalid(f"{path}: not TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigInvalid(f"{path}: {validation_summary(exc)}") from exc
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """A pydantic error as one line: `section.field: what is wrong` per error."""
+    return "; ".join(f"{'.'.join(map(str, error['loc'])) or '(top)'}: {error['msg']}" for error in exc.errors())

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from hapki.cara.config import SIGNER_PROCESSES_ENV, CaraConfig, with_env
 from hapki.cara.signer_worker import SignerWorker
+from hapki.contracts.errors import ConfigInvalid
 from hapki.runtime.config import load_toml
 
 EXAMPLE = Path(__file__).parents[3] / "compose" / "config" / "cara.toml"
@@ -197,7 +197,7 @@ def test_processes_default_to_one_and_parse_from_toml(tmp_path: Path) -> None:
     assert load_toml(tmp_path / "cara.toml", CaraConfig).signer.processes == 3
     for bad in ("0", "17", '"two"'):
         (tmp_path / "bad.toml").write_text(EXAMPLE.read_text().replace("[signer]\n", f"[signer]\nprocesses = {bad}\n"))
-        with pytest.raises(ValidationError):
+        with pytest.raises(ConfigInvalid, match="signer.processes"):
             load_toml(tmp_path / "bad.toml", CaraConfig)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hapki.cara.config import CaraConfig
+from hapki.contracts.errors import ConfigInvalid
 from hapki.clm.config import ClmConfig
 from hapki.runtime.config import load_toml
 from hapki.watcher.main import WatcherConfig
@@ -23,5 +24,5 @@ def test_example_config_loads(name: str, model: type) -> None:
 def test_unknown_fields_are_refused(tmp_path: Path) -> None:
     bad = tmp_path / "clm.toml"
     bad.write_text((CONFIG / "clm.toml").read_text() + "\nsurprise = 1\n")
-    with pytest.raises(ValueError, match="surprise"):
+    with pytest.raises(ConfigInvalid, match="surprise: Extra inputs are not permitted"):
         load_toml(bad, ClmConfig)
