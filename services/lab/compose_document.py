@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from hapki.lab.compose_layout import (
+    ALERT_RULES,
     ETC,
     GALERA_CNF,
     HAPKI_UID,
@@ -50,7 +51,10 @@ def prometheus(topo: Topology) -> dict[str, Any]:
         })
     jobs.append({"job_name": "otel-collector", "static_configs": [{"targets": ["otel-collector:8889"]}]})
     jobs.append({"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]})
-    return {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"}, "scrape_configs": jobs}
+    # The alerting rules are hand-written (compose/prometheus/alerts.yml, bound beside this file); the lab's
+    # Prometheus loads the same file.
+    return {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+            "rule_files": [f"/etc/prometheus/{ALERT_RULES.name}"], "scrape_configs": jobs}
 
 
 def collector() -> dict[str, Any]:
@@ -248,7 +252,8 @@ def compose_document(topo: Topology) -> dict[str, Any]:
                           "networks": ["obs"], "restart": "unless-stopped", "ports": [_port("jaeger")]}
     services["prometheus"] = {
         "image": IMAGES["prometheus"], "command": ["--config.file=/etc/prometheus/prometheus.yml"],
-        "volumes": [_bind("prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml")],
+        "volumes": [_bind("prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml"),
+                    _bind(f"prometheus/{ALERT_RULES.name}", f"/etc/prometheus/{ALERT_RULES.name}")],
         "networks": {**{s: None for s in segments}, "obs": None}, "ports": [_port("prometheus")],
         "restart": "unless-stopped",
     }

@@ -15,10 +15,12 @@ from hapki.lab.topology import Topology
 from hapki.runtime.grants import ADMIN_USER, CARA_USER, CLM_USER
 from hapki.runtime.metrics import PORTS
 
-__all__ = ["COMPOSE_DIR", "ISSUER", "METRICS_PORTS", "Consumer", "check_ranges", "consumers", "dynamic_range", "ifname",
+__all__ = ["ALERT_RULES", "COMPOSE_DIR", "ISSUER", "METRICS_PORTS", "Consumer", "check_ranges", "consumers", "dynamic_range", "ifname",
            "reachable_segments", "token_label"]
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
+# The alerting rules (hand-written): the Compose demo's Prometheus and the lab's load them.
+ALERT_RULES = COMPOSE_DIR / "prometheus" / "alerts.yml"
 
 # Fixed user ids, so the init container can hand each container its own files (compose/images/*/Dockerfile).
 HAPKI_UID = 10001

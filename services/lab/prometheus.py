@@ -1,4 +1,5 @@
-"""The lab's Prometheus: Debian's `prometheus` on the host, scraping every service of every CARA and CLM member.
+"""The lab's Prometheus: Debian's `prometheus` on the host, scraping every service of every CARA and CLM member,
+with the site's alerting rules (compose/prometheus/alerts.yml; http://127.0.0.1:9190/alerts).
 
 The host is the lab's client (compose/topology.toml): the flows `host -> segment:cara` (9101 CARA, 9103 watcher)
 and `host -> segment:clm` (9102 CLM, 9103 watcher) let it reach each member's /metrics through the router.
@@ -37,11 +38,13 @@ def targets(topo: Topology) -> dict[str, list[tuple[str, str, str]]]:
     return jobs
 
 
-def render_config(topo: Topology) -> str:
-    """prometheus.yml for the lab: one job per service kind, a static target per member."""
+def render_config(topo: Topology, rules: Path | None = None) -> str:
+    """prometheus.yml for the lab: one job per service kind, a static target per member; `rules`: the alerting
+    rules file to load (the lab copies compose/prometheus/alerts.yml beside this file)."""
     config = {
         "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "scrape_timeout": f"{SCRAPE_SECONDS}s",
                    "evaluation_interval": f"{SCRAPE_SECONDS}s"},
+        **({"rule_files": [str(rules)]} if rules is not None else {}),
         "scrape_configs": [
             {"job_name": job, "metrics_path": "/metrics",
              "static_configs": [{"targets": [target], "labels": {"member": member, "tier": tier}}

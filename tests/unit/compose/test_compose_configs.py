@@ -222,9 +222,15 @@ def test_init_is_idempotent(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="prometheus (promtool) is not installed")
 def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
-    config = COMPOSE / "prometheus" / "prometheus.yml"
+    """The config as the container sees it: its rule file (bound at /etc/prometheus/alerts.yml) beside it."""
+    text = (COMPOSE / "prometheus" / "prometheus.yml").read_text()
+    assert "- /etc/prometheus/alerts.yml\n" in text  # rule_files: the alerting rules are loaded
+    shutil.copy(COMPOSE / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml")))
     result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    broken = tmp_path / "prometheus.yml"  # the check can fail: a scrape job without a name
+    assert "rules found" in result.stdout  # it read the rule file too
+    broken = tmp_path / "broken.yml"  # the check can fail: a scrape job without a name
     broken.write_text(config.read_text().replace("- job_name: cara\n", "- jobname: cara\n"))
     assert subprocess.run(["promtool", "check", "config", str(broken)], capture_output=True, timeout=60).returncode

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from hapki.runtime import metrics
+from helpers.promql import metric_names
 
 DASHBOARDS = Path(__file__).resolve().parents[3] / "compose" / "grafana" / "dashboards"
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 _GRAFANA_VARIABLES = {"$__range": "5m", "$__rate_interval": "1m", "$__interval": "15s"}
 
 
@@ -32,21 +32,6 @@ def expressions(dashboard: dict[str, Any]) -> list[str]:
     found = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if "expr" in t]
     found += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
     return found
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects (strings, matchers, ranges, grouping lists and calls removed)."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
-    text = re.sub(r"\{[^}]*\}", "", text)
-    text = re.sub(r"\[[^\]]*\]", "", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
-    names = set()
-    for match in re.finditer(r"(?<![\w$.])[A-Za-z_:][A-Za-z0-9_:]*", text):
-        if text[match.end():].lstrip().startswith("("):
-            continue  # a function call
-        if match.group() not in _KEYWORDS:
-            names.add(match.group())
-    return names
 
 
 def test_the_three_dashboards_exist_with_unique_uids() -> None:
