@@ -119,12 +119,15 @@ class CaraRuntime:
             config=cfg.crl, activity=self.signer, clock=self._clock,
         )
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
-        # Metrics: the signer's role and epoch live; the queue and the database nodes sampled.
+        # Metrics: the signer's role and epoch live; the queue, the database nodes and the intents sampled.
         self._unwatch = cara_metrics.watch_signer(self.signer, cfg.member)
         every = cfg.metrics.sample_seconds
         self._samplers = [
             asyncio.create_task(metrics.Sampler("signing queue", cara_metrics.queue_sample(js, cfg.member), every).run()),
             asyncio.create_task(metrics.Sampler("database nodes", metrics.database_sample(self.db, cfg.member),
+                                                every).run()),
+            asyncio.create_task(metrics.Sampler("signing intents",
+                                                cara_metrics.intents_sample(store, cfg.member, self._clock),
                                                 every).run()),
         ]
         self._crl_task = asyncio.create_task(self.crl.run())

@@ -1,4 +1,5 @@
-"""CARA's own metrics: the signer's role and epoch (read live at each scrape) and the signing queue (sampled).
+"""CARA's own metrics: the signer's role and epoch (read live at each scrape), the signing queue and the reserved
+signing intents (sampled).
 
 Instruments are declared in hapki.runtime.metrics.CATALOG; this module only wires CARA's objects to them.
 """
@@ -6,16 +7,18 @@ Instruments are declared in hapki.runtime.metrics.CATALOG; this module only wire
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.errors import Error as NatsError
 
+from hapki.cara.ports import SigningStore
 from hapki.cara.role import Activity
 from hapki.contracts import subjects
 from hapki.contracts.errors import Unavailable
 from hapki.runtime.metrics import State
 
-__all__ = ["queue_sample", "watch_signer"]
+__all__ = ["intents_sample", "queue_sample", "watch_signer"]
 
 
 def watch_signer(signer: Activity, member: str) -> Callable[[], None]:
@@ -46,5 +49,30 @@ def queue_sample(js: JetStreamContext, member: str) -> Callable[[], Awaitable[No
             raise Unavailable(f"signing consumer info: {type(exc).__name__}: {exc}") from exc
         pending.set(info.num_pending or 0, attributes)
         ack_pending.set(info.num_ack_pending or 0, attributes)
+
+    return sample
+
+
+def intents_sample(store: SigningStore, member: str, clock: Callable[[], datetime]) -> Callable[[], Awaitable[None]]:
+    """A sample of the signing intents still reserved: how many, and how old the oldest is (0 when none).
+
+    The invariant "every signature is accounted for" as a figure an operator can alert on: an intent stays
+    reserved for milliseconds (reserve, C_Sign, store) unless its signer died between the signature and the
+    store; the next epoch or the request's next attempt resolves it (abandoned, audited). Unknown (the database
+    did not answer): the figures are dropped, not left at their last value.
+    """
+    attributes = {"pki.member": member}
+    reserved = State.of("hapki.signing.intents.reserved")
+    oldest_age = State.of("hapki.signing.intents.oldest_reserved_age")
+
+    async def sample() -> None:
+        try:
+            count, oldest = await store.reserved_intents()
+        except Unavailable:
+            reserved.discard(attributes)
+            oldest_age.discard(attributes)
+            raise
+        reserved.set(count, attributes)
+        oldest_age.set(0.0 if oldest is None else max(0.0, (clock() - oldest).total_seconds()), attributes)
 
     return sample

@@ -66,6 +66,10 @@ class SigningStore(Protocol):
 
     async def abandon_stale_intents(self, epoch: int, now: datetime) -> int: ...
 
+    async def reserved_intents(self) -> tuple[int, datetime | None]:
+        """How many signing intents are reserved (not resolved), and when the oldest was created (None: none)."""
+        ...
+
     async def outcome(self, request_id: str) -> Outcome: ...
 
     async def outcomes(self, request_ids: Sequence[str]) -> dict[str, Outcome]:

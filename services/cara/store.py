@@ -185,6 +185,17 @@ class MariaDBSigningStore:
 
         return await self._db.run(body, name="cara.recover", fence=Fence(TIER, epoch))
 
+    async def reserved_intents(self) -> tuple[int, datetime | None]:
+        """How many signing intents are reserved, and the oldest one's creation time: a range of ix_intents_state
+        (reserved intents are the few in flight), read for the metrics every few seconds."""
+
+        async def body(cur: aiomysql.Cursor) -> tuple[int, datetime | None]:
+            await cur.execute("SELECT COUNT(*), MIN(created_at) FROM signing_intents WHERE state = 'reserved'")
+            count, oldest = await cur.fetchone()
+            return int(count), utc(oldest)
+
+        return await self._db.run(body, name="cara.reserved_intents")
+
     async def outcome(self, request_id: str) -> Outcome:
         return (await self.outcomes([request_id])).get(request_id, Outcome())
 

@@ -89,6 +89,12 @@ _SPECS = (
                ("pki.member",)),
     MetricSpec("hapki.signing.queue.ack_pending", "gauge", "{message}",
                "Signing requests delivered to a signer and not yet acknowledged (sampled)", ("pki.member",)),
+    MetricSpec("hapki.signing.intents.reserved", "gauge", "{intent}",
+               "Signing intents reserved in the database and not resolved yet (issued or abandoned), of any "
+               "member (sampled): in flight, or a signature whose outcome is not recorded yet", ("pki.member",)),
+    MetricSpec("hapki.signing.intents.oldest_reserved_age", "gauge", "s",
+               "Age of the oldest signing intent still reserved, 0 when none (sampled): milliseconds in normal "
+               "work; minutes mean a signature nobody has accounted for yet", ("pki.member",)),
     # HSM pool, as this process sees it.
     MetricSpec("hapki.hsm.member.up", "gauge", "{state}",
                "1 while this process considers the HSM member usable, 0 while it is marked down", ("hsm.member",)),

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiomysql
 import pytest
 
 from hapki.cara.config import CaraConfig
@@ -120,6 +123,47 @@ async def test_cara_exports_signer_hsm_queue_and_crl(local_stack: LocalStack, is
     # Every name the real process exports is one the catalog predicts (the dashboards are checked against those).
     exported = {n for n, _, _ in samples if n.startswith("hapki_")}
     assert exported <= metrics.exported_names(), exported - metrics.exported_names()
+
+
+def _wait_for(listen: str, done: Callable[[list[tuple[str, dict[str, str], float]]], bool],
+              seconds: float) -> list[tuple[str, dict[str, str], float]]:
+    """Scrape until `done(samples)` (sampled figures follow within a sample interval, 5 s); the last samples."""
+    deadline = time.monotonic() + seconds
+    while not done(samples := scrape(listen)):
+        assert time.monotonic() < deadline, [s for s in samples if "intents" in s[0]]
+        time.sleep(0.3)
+    return samples
+
+
+async def test_cara_counts_and_ages_an_intent_left_reserved(local_stack: LocalStack, issued: str) -> None:
+    """A signature nobody accounted for (its signer died between C_Sign and the store) shows in the metrics the
+    alert HapkiSigningIntentUnresolved reads, and goes when the intent is resolved."""
+    listen = _listen(local_stack, "cara")
+    reserved = "hapki_signing_intents_reserved"
+    age = "hapki_signing_intents_oldest_reserved_age_seconds"
+    _wait_for(listen, lambda s: any(n == reserved for n, _, _ in s), 15)
+    samples = scrape(listen)
+    assert value(samples, reserved, pki_member="cara-1") == 0 and value(samples, age, pki_member="cara-1") == 0
+    intent = uuid.uuid4().hex
+    conn = await aiomysql.connect(**local_stack.env.db.connect_kwargs(), autocommit=True)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                "INSERT INTO signing_intents (id, request_id, issuer, serial, epoch, member, state, created_at)"
+                " SELECT %s, %s, issuer, %s, epoch, member, 'reserved', UTC_TIMESTAMP(6) - INTERVAL 10 MINUTE"
+                " FROM signing_intents WHERE request_id = %s",
+                (intent, uuid.uuid4().hex, secrets.token_hex(19), issued))
+        samples = _wait_for(listen, lambda s: value(s, reserved, pki_member="cara-1") == 1, 15)
+        assert 600 <= value(samples, age, pki_member="cara-1") < 700
+        async with conn.cursor() as cur:  # resolved, as a new epoch or the request's next attempt would
+            await cur.execute("UPDATE signing_intents SET state = 'abandoned', resolved_at = UTC_TIMESTAMP(6),"
+                              " resolution = 'test' WHERE id = %s", (intent,))
+        samples = _wait_for(listen, lambda s: value(s, reserved, pki_member="cara-1") == 0, 15)
+        assert value(samples, age, pki_member="cara-1") == 0
+    finally:
+        async with conn.cursor() as cur:
+            await cur.execute("DELETE FROM signing_intents WHERE id = %s", (intent,))
+        conn.close()
 
 
 def test_hapki_trace_prints_the_issuance_as_a_tree(local_stack: LocalStack, issued: str) -> None:
