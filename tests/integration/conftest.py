@@ -87,15 +87,16 @@ async def sql(env: LocalEnv) -> AsyncIterator[aiomysql.Connection]:
 
 
 @contextlib.contextmanager
-def own_statements() -> Iterator[list[str]]:
+def own_statements(*, with_values: bool = False) -> Iterator[list[str]]:
     """The SQL the calling task sends meanwhile, one entry per Cursor.execute (a round trip); not the services'
-    own background work in this process (the audit sealer, say)."""
+    own background work in this process (the audit sealer, say). `with_values`: with the arguments in it, as the
+    server got it (to run it again under ANALYZE)."""
     statements: list[str] = []
     execute, caller = aiomysql.Cursor.execute, asyncio.current_task()
 
     async def counted(self: aiomysql.Cursor, query: str, args: object = None) -> int:
         if asyncio.current_task() is caller:
-            statements.append(query)
+            statements.append(self.mogrify(query, args) if with_values else query)
         return await execute(self, query, args)
 
     aiomysql.Cursor.execute = counted  # type: ignore[method-assign]
