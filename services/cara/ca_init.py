@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -152,20 +153,50 @@ def create_delegated_signer(
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)
-    spec = PURPOSES[purpose]
     key = _generate_key(pool, replicate_across, purpose, OCSP_CURVE)
-    issuing_key = pool.private_key(issuing_key_id)
-    issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     common_name = issuing_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    spec = PURPOSES[purpose]
+    cert = delegated_certificate(
+        purpose, _name(org, f"{common_name} {spec.label}"), key.public_key(), issuing_cert=issuing_cert,
+        issuing_key=pool.private_key(issuing_key_id), serial=issuance.random_serial(), now=now)
+    return DelegatedSigner(cert=cert, key_id=key.key_id)
+
+
+def recertify(current: x509.Certificate, purpose: str, *, issuing_cert: x509.Certificate,
+              issuing_key: ec.EllipticCurvePrivateKey, serial: int, now: datetime) -> x509.Certificate:
+    """A new certificate for a delegated signer's existing key (same subject, key and extensions, a new serial and
+    validity from `now`): how the active CARA member renews the OCSP responder before it expires. It signs with
+    the issuing CA key, as for any certificate; no key is created, so its read-only HSM sessions suffice."""
+    if now.tzinfo is None or now.utcoffset() != timedelta(0):
+        raise ValueError("now must be an aware UTC datetime")
+    try:  # only what this CA certified is renewed
+        current.verify_directly_issued_by(issuing_cert)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise ValueError(f"certificate {current.serial_number:x} was not issued by "
+                         f"{issuing_cert.subject.rfc4514_string()}") from exc
+    public_key = current.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"a delegated signer has an EC key, not {type(public_key).__name__}")
+    return delegated_certificate(purpose, current.subject, public_key, issuing_cert=issuing_cert,
+                                 issuing_key=issuing_key, serial=serial, now=now.replace(microsecond=0))
+
+
+def delegated_certificate(purpose: str, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, *,
+                          issuing_cert: x509.Certificate, issuing_key: ec.EllipticCurvePrivateKey, serial: int,
+                          now: datetime) -> x509.Certificate:
+    """The certificate of a delegated signer for one of PURPOSES, signed by the issuing CA (its validity capped by
+    the issuing CA's), checked against it."""
+    spec = PURPOSES[purpose]
+    issuing_ski = issuing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_after = issuing_cert.not_valid_after_utc
     if spec.validity is not None:
         not_after = min(now + spec.validity, not_after)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(org, f"{common_name} {spec.label}"))
+        .subject_name(subject)
         .issuer_name(issuing_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(issuance.random_serial())
+        .public_key(public_key)
+        .serial_number(serial)
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -179,12 +210,12 @@ def create_delegated_signer(
         builder = builder.add_extension(extension, critical=critical)
     cert = (
         builder
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuing_ski), critical=False)
         .sign(issuing_key, hashes.SHA256())
     )
     cert.verify_directly_issued_by(issuing_cert)
-    return DelegatedSigner(cert=cert, key_id=key.key_id)
+    return cert
 
 
 def _generate_key(pool: HSMPool, members: Sequence[HSMMemberConfig], role: str,

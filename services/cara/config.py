@@ -102,6 +102,15 @@ class OcspConfig(StrictModel):
         description="Answer a request carrying a nonce (RFC 8954) with a response signed for it, echoing the "
                     "nonce (a database read and an HSM signature, never cached). False: ignore nonces as RFC 5019 "
                     "allows and answer every request from the cache")
+    signer_renew_before_days: int = Field(
+        default=30, ge=1, le=80,
+        description="The active member certifies the OCSP responder's key again when its certificate (90 days) has "
+                    "fewer days left than this; every member signs with the newest certificate "
+                    "(hapki.cara.ocsp_signer)")
+    signer_check_seconds: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="How often each member reads which OCSP responder certificate is newest (and the active one "
+                    "whether it is due for renewal), seconds")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> OcspConfig:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -20,6 +20,7 @@ from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
 from hapki.cara.ocsp import OcspResponder
 from hapki.cara.ocsp_cache import OcspCache
+from hapki.cara.ocsp_signer import OcspSignerKeeper
 from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
@@ -77,6 +78,10 @@ class CaraRuntime:
         self._audit_task: asyncio.Task[None] | None = None
         self.ocsp_cache: OcspCache | None = None
         self._ocsp_task: asyncio.Task[None] | None = None
+        self.ocsp: OcspResponder | None = None
+        self.ocsp_signers: OcspSignerKeeper | None = None  # the responder's newest certificate; renewal
+        self._ocsp_signer_task: asyncio.Task[None] | None = None
+        self._unwatch_expiry: Callable[[], None] | None = None
         self._samplers: list[asyncio.Task[None]] = []
         self._unwatch: Callable[[], None] | None = None
 
@@ -149,11 +154,20 @@ class CaraRuntime:
                 staleness=cfg.ocsp.max_staleness_seconds, monotonic=time.monotonic,
             )
             self._ocsp_task = asyncio.create_task(self.ocsp_cache.run())
-            ocsp = OcspResponder(
+            ocsp = self.ocsp = OcspResponder(
                 store=revocations, issuer=issuer, signer_cert=ocsp_signer.certificate,
                 signer_key=self.hsm.private_key(ocsp_signer.key_id), validity_seconds=cfg.ocsp.validity_seconds,
                 clock=self._clock, cache=self.ocsp_cache, echo_nonce=cfg.ocsp.echo_nonce,
             )
+            # Every member signs with the newest responder certificate; the active one renews it before it expires.
+            self.ocsp_signers = OcspSignerKeeper(
+                store=revocations, issuer=issuer, issuing_key=self.hsm.private_key(issuer.key_id), responder=ocsp,
+                signer_key=self.hsm.private_key, activity=self.signer, member=cfg.member,
+                renew_before=timedelta(days=cfg.ocsp.signer_renew_before_days),
+                check_seconds=cfg.ocsp.signer_check_seconds, clock=self._clock,
+            )
+            self._unwatch_expiry = self.ocsp_signers.watch_expiry()
+            self._ocsp_signer_task = asyncio.create_task(self.ocsp_signers.run())
         if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
             probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
             self.http = await serve(http.build_app(probe, crls=revocations, ocsp=ocsp,
@@ -196,7 +210,9 @@ class CaraRuntime:
             self._ownership = None
         if self._unwatch is not None:
             self._unwatch()
-        for task in (self._crl_task, self._audit_task, self._ocsp_task, *self._samplers):
+        if self._unwatch_expiry is not None:
+            self._unwatch_expiry()
+        for task in (self._crl_task, self._audit_task, self._ocsp_task, self._ocsp_signer_task, *self._samplers):
             if task is not None:
                 await cancel_and_wait(task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
         if self.ocsp_cache is not None:

@@ -79,7 +79,7 @@ class OcspResponder:
     ) -> None:
         self._store, self._issuer = store, issuer
         self._cache, self._echo_nonce = cache, echo_nonce
-        self._signer_cert, self._signer_key = signer_cert, signer_key
+        self._signer = (signer_cert, signer_key)  # one attribute: a swap is atomic for the signing threads
         self._validity = timedelta(seconds=validity_seconds)
         self._clock = clock
         issuer_cert = issuer.certificate
@@ -89,6 +89,16 @@ class OcspResponder:
         # (name hash, key hash) of the issuer under each hash a client may use in its CertID.
         self._issuer_hashes = {algorithm.name: (_digest(algorithm(), name), _digest(algorithm(), key))
                                for algorithm in _HASHES}
+
+    @property
+    def signer_certificate(self) -> x509.Certificate:
+        """The responder certificate this responder signs with now."""
+        return self._signer[0]
+
+    def use_signer(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        """Sign from now on with this responder certificate and key (a renewal: hapki.cara.ocsp_signer). Responses
+        signed and cached before stay valid (they carry the old certificate, which renewal leaves weeks to run)."""
+        self._signer = (cert, key)
 
     async def respond(self, der: bytes) -> OcspAnswer:
         """The answer to a DER request; never raises. Counted and timed by status (hapki.ocsp.*).
@@ -173,6 +183,7 @@ class OcspResponder:
         """The signed DER response to an authoritative question, for this status (blocking: the key is in the HSM)."""
         algorithm, name_hash, key_hash = question.algorithm, question.issuer_name_hash, question.issuer_key_hash
         serial, nonce = question.serial, question.nonce
+        signer_cert, signer_key = self._signer
         this_update = this_update or self._clock().replace(microsecond=0)
         revoked_at = reason = None
         if not status.known:
@@ -191,12 +202,12 @@ class OcspResponder:
                 cert_status=cert_status, this_update=this_update, next_update=this_update + self._validity,
                 revocation_time=revoked_at, revocation_reason=reason,
             )
-            .responder_id(ocsp.OCSPResponderEncoding.HASH, self._signer_cert)
-            .certificates([self._signer_cert])
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, signer_cert)
+            .certificates([signer_cert])
         )
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-        return builder.sign(self._signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        return builder.sign(signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 class OcspAnswer(NamedTuple):

@@ -173,16 +173,37 @@ class MariaDBRevocationStore:
 
         return await self._db.run(body, name="cara.ocsp_signer")
 
-    async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime) -> None:
+    async def ocsp_signer_certifying(self, issuer: str, *, serial: str, key_id: bytes, not_after: datetime,
+                                     epoch: int, now: datetime) -> None:
+        """Record, fenced, that this member is about to certify the OCSP responder key `key_id` again under
+        `serial` (audit `ocsp_signer.certifying`): before the HSM signature, as a signing intent is."""
+        entry = AuditRecord(kind=AuditKind.OCSP_SIGNER_CERTIFYING, actor=self._actor, created_at=now, epoch=epoch,
+                            issuer=issuer, serial=serial,
+                            detail={"key_id": key_id.hex(), "not_after": not_after.isoformat()})
+
         async def body(cur: aiomysql.Cursor) -> None:
-            await cur.execute(
-                "SELECT key_id FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC LIMIT 1", (record.issuer,))
+            await append(cur, entry)
+
+        await self._db.run(body, name="cara.ocsp_signer_certifying", fence=Fence(TIER, epoch))
+
+    async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime,
+                               epoch: int | None = None) -> None:
+        """Store a new OCSP responder certificate (a new key from the ceremony, or the same key certified again)
+        with its audit entry `ocsp_signer.created` (`replaces`: the key of the one in use before). `epoch`: fenced
+        (the active member's renewal); None: the ceremony's (`hapki ca init`)."""
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute("SELECT key_id, cert_pem FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC"
+                              " LIMIT 1", (record.issuer,))
             current = await cur.fetchone()
+            replaced = None if current is None else OcspSignerRecord(record.issuer, current[1],
+                                                                     bytes.fromhex(current[0]))
             await append(cur, AuditRecord(
-                kind=AuditKind.OCSP_SIGNER_CREATED, actor=self._actor, created_at=now, issuer=record.issuer,
-                serial=format(record.certificate.serial_number, "x"),
+                kind=AuditKind.OCSP_SIGNER_CREATED, actor=self._actor, created_at=now, epoch=epoch,
+                issuer=record.issuer, serial=format(record.certificate.serial_number, "x"),
                 detail={"key_id": record.key_id.hex(), "not_after": not_after.isoformat(),
-                        "replaces": None if current is None else current[0],
+                        "replaces": None if replaced is None else replaced.key_id.hex(),
+                        "replaces_serial": (None if replaced is None
+                                            else format(replaced.certificate.serial_number, "x")),
                         "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()},
                 id=entry_id), first=(
                 "INSERT INTO ocsp_signers (issuer, key_id, cert_pem, not_after, created_at)"
@@ -190,4 +211,4 @@ class MariaDBRevocationStore:
                 (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now))))
 
         entry_id = time_ordered_id()
-        await self._db.run(body, name="cara.save_ocsp_signer")
+        await self._db.run(body, name="cara.save_ocsp_signer", fence=None if epoch is None else Fence(TIER, epoch))

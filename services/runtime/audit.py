@@ -47,6 +47,9 @@ class AuditKind(str, enum.Enum):
     EPOCH_CHANGED = "epoch.changed"  # a CARA member became active under a new epoch
     AUDIT_SIGNER_CREATED = "audit_signer.created"  # a key for signing audit checkpoints was created
     SIGNING_REFUSED = "signing.refused"  # CARA refused a signing request that is not what CLM recorded (forged)
+    OCSP_SIGNER_CERTIFYING = "ocsp_signer.certifying"  # the active CARA member is about to renew the OCSP
+    # responder's certificate (serial, key, not_after): recorded before the HSM signs it, so a certificate signed
+    # by a member that died before storing it is accounted for (a later ocsp_signer.created names its serial)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,10 @@ _SPECS = (
                ("pki.member", "db.node")),
     MetricSpec("hapki.db.node.cluster_size", "gauge", "{node}",
                "The node's wsrep_cluster_size (sampled; absent: not Galera)", ("pki.member", "db.node")),
+    MetricSpec("hapki.ca.certificate.remaining", "gauge", "s",
+               "Seconds until a certificate this member signs under expires: pki.certificate issuing_ca (a new "
+               "issuing CA takes a ceremony) or ocsp_signer (renewed by the active member 30 days before)",
+               ("pki.member", "pki.certificate")),
     # OCSP and CRLs (CARA).
     MetricSpec("hapki.ocsp.responses", "counter", "{response}",
                "OCSP responses by status: good, revoked, unknown, or the error status (malformedRequest, unauthorized, "

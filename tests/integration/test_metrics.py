@@ -120,6 +120,10 @@ async def test_cara_exports_signer_hsm_queue_and_crl(local_stack: LocalStack, is
     assert value(samples, "hapki_crl_size_bytes", crl_kind="full") > 0
     assert value(samples, "hapki_db_node_up", pki_member="cara-1") == 1
     assert value(samples, "hapki_process_starts", pki_service="cara") == 1  # no supervisor here: the first start
+    # The certificates it signs under, in seconds left: the OCSP responder's fresh (90 days), the issuing CA's ~10 y.
+    days_left = {certificate: value(samples, "hapki_ca_certificate_remaining_seconds", pki_member="cara-1",
+                                    pki_certificate=certificate) / 86400 for certificate in ("ocsp_signer", "issuing_ca")}
+    assert 89 < days_left["ocsp_signer"] <= 90 and 3600 < days_left["issuing_ca"] <= 3660, days_left
     # Every name the real process exports is one the catalog predicts (the dashboards are checked against those).
     exported = {n for n, _, _ in samples if n.startswith("hapki_")}
     assert exported <= metrics.exported_names(), exported - metrics.exported_names()

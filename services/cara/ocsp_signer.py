@@ -1,0 +1,150 @@
+"""The OCSP responder's certificate over time: renewed by the active member before it expires, and every member
+signing with the newest one.
+
+The delegated responder certificate lives 90 days (it carries id-pkix-ocsp-nocheck, so relying parties cannot
+check its revocation: hapki.cara.ca_init). Without renewal every OCSP answer would stop verifying on day 90 after
+`hapki ca init`. Each member reads which certificate is newest every `[ocsp] signer_check_seconds` and signs with
+it from then on; the active member first certifies the same HSM key again when fewer than
+`signer_renew_before_days` are left. That needs no new key, so CARA's read-only HSM sessions suffice, and the copy
+of the key in every HSM member keeps working.
+
+A renewal is accounted for like a certificate: an audit entry `ocsp_signer.certifying` (serial, key, not_after) is
+committed under the member's epoch before the HSM signs, the certificate and `ocsp_signer.created` after it, under
+the same epoch. A member that dies in between leaves the first entry naming a certificate that was never stored;
+the next check renews again under a new serial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hapki.cara import issuance
+from hapki.cara.ca_init import OCSP_SIGNER_VALIDITY, recertify
+from hapki.cara.ocsp import OcspResponder
+from hapki.cara.ports import IssuerRecord, OcspSignerRecord
+from hapki.cara.role import Activity
+from hapki.contracts.errors import FencedOut, HapkiError
+from hapki.runtime.metrics import State
+
+__all__ = ["OcspSignerKeeper", "SignerStore"]
+
+log = logging.getLogger("hapki.cara.ocsp_signer")
+
+
+class SignerStore(Protocol):
+    async def ocsp_signer(self, issuer: str) -> OcspSignerRecord | None: ...
+
+    async def ocsp_signer_certifying(self, issuer: str, *, serial: str, key_id: bytes, not_after: datetime,
+                                     epoch: int, now: datetime) -> None: ...
+
+    async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime,
+                               epoch: int | None = None) -> None: ...
+
+
+class OcspSignerKeeper:
+    """Keeps `responder` signing with the newest responder certificate of `issuer`; renews it while active."""
+
+    def __init__(self, *, store: SignerStore, issuer: IssuerRecord, issuing_key: ec.EllipticCurvePrivateKey,
+                 responder: OcspResponder, signer_key: Callable[[bytes], ec.EllipticCurvePrivateKey],
+                 activity: Activity, member: str, renew_before: timedelta, check_seconds: float,
+                 clock: Callable[[], datetime]) -> None:
+        self._store, self._issuer, self._issuing_key = store, issuer, issuing_key
+        self._responder, self._signer_key = responder, signer_key
+        self._activity, self._member, self._clock = activity, member, clock
+        self._renew_before, self._check_seconds = renew_before, check_seconds
+        self._in_use = _fingerprint(responder.signer_certificate.public_bytes(serialization.Encoding.DER))
+        self.renewed: list[OcspSignerRecord] = []  # by this process, newest last (tests)
+
+    def watch_expiry(self) -> Callable[[], None]:
+        """Export the seconds left of the issuing CA's and the responder's certificates (`hapki.ca.certificate.
+        remaining`, read at each scrape); returns the undo."""
+        gauge = State.of("hapki.ca.certificate.remaining")
+        issuing = {"pki.member": self._member, "pki.certificate": "issuing_ca"}
+        responder = {"pki.member": self._member, "pki.certificate": "ocsp_signer"}
+        issuing_after = self._issuer.certificate.not_valid_after_utc
+        gauge.watch(issuing, lambda: (issuing_after - self._clock()).total_seconds())
+        gauge.watch(responder, lambda: (self._responder.signer_certificate.not_valid_after_utc
+                                        - self._clock()).total_seconds())
+
+        def undo() -> None:
+            gauge.discard(issuing)
+            gauge.discard(responder)
+
+        return undo
+
+    async def run(self) -> None:
+        """Check now, then every `check_seconds`, until cancelled; a failure is logged and retried next time."""
+        while True:
+            try:
+                await self.tick()
+            except FencedOut as exc:
+                log.info("OCSP signer renewal: fenced out (the signer steps down on its own): %s", exc)
+            except HapkiError as exc:
+                log.warning("OCSP signer check failed: %s; retrying in %.0f s", exc, self._check_seconds)
+            except Exception:  # a bug must not end the checks (nor the service): logged with its traceback
+                log.exception("bug in the OCSP signer check; retrying in %.0f s", self._check_seconds)
+            await asyncio.sleep(self._check_seconds)
+
+    async def tick(self) -> OcspSignerRecord | None:
+        """Renew the newest responder certificate if due and this member is active; sign with the newest."""
+        newest = await self._store.ocsp_signer(self._issuer.name)
+        if newest is None:
+            return None
+        epoch = self._activity.epoch
+        if self._activity.active and epoch is not None and self._due(newest):
+            newest = await self.renew(newest, epoch)
+        self._use(newest)
+        return newest
+
+    def _due(self, record: OcspSignerRecord) -> bool:
+        left = record.certificate.not_valid_after_utc - self._clock()
+        if left > self._renew_before:
+            return False
+        if self._issuer.certificate.not_valid_after_utc <= record.certificate.not_valid_after_utc:
+            # Capped by the issuing CA: a new certificate would end no later. The issuing CA's own expiry is the
+            # operator's (HapkiIssuingCaExpiring); renewing on every check would only add certificates.
+            return False
+        return True
+
+    async def renew(self, current: OcspSignerRecord, epoch: int) -> OcspSignerRecord:
+        """Certify the responder key again (accounted as the module says); the new record (`current` when a new
+        certificate would not end later)."""
+        now = self._clock()
+        serial = issuance.random_serial()
+        not_after = min(now.replace(microsecond=0) + OCSP_SIGNER_VALIDITY, self._issuer.certificate.not_valid_after_utc)
+        if not_after <= current.certificate.not_valid_after_utc:
+            return current  # a new certificate would not last longer (made this second, or capped by the CA)
+        await self._store.ocsp_signer_certifying(self._issuer.name, serial=format(serial, "x"),
+                                                 key_id=current.key_id, not_after=not_after, epoch=epoch, now=now)
+        cert = await asyncio.to_thread(recertify, current.certificate, "ocsp", issuing_cert=self._issuer.certificate,
+                                       issuing_key=self._issuing_key, serial=serial, now=now)
+        record = OcspSignerRecord(issuer=self._issuer.name, key_id=current.key_id,
+                                  cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode())
+        await self._store.save_ocsp_signer(record, not_after=cert.not_valid_after_utc, now=now, epoch=epoch)
+        log.info("renewed the OCSP responder certificate of %s: serial %x until %s (epoch %d; the one in use ended "
+                 "%s)", self._issuer.name, serial, cert.not_valid_after_utc.isoformat(), epoch,
+                 current.certificate.not_valid_after_utc.isoformat())
+        self.renewed.append(record)
+        return record
+
+    def _use(self, record: OcspSignerRecord) -> None:
+        cert = record.certificate
+        fingerprint = _fingerprint(cert.public_bytes(serialization.Encoding.DER))
+        if fingerprint == self._in_use:
+            return
+        self._responder.use_signer(cert, self._signer_key(record.key_id))
+        self._in_use = fingerprint
+        log.info("OCSP responses of %s are signed under responder certificate %x from now on (until %s)",
+                 self._issuer.name, cert.serial_number, cert.not_valid_after_utc.isoformat())
+
+
+def _fingerprint(der: bytes) -> bytes:
+    return hashlib.sha256(der).digest()
