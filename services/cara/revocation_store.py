@@ -23,6 +23,9 @@ def _entries(rows: list[tuple]) -> list[CrlEntry]:
     return [CrlEntry(serial=r[0], revoked_at=utc(r[1]), reason=r[2]) for r in rows]
 
 
+# Before every certificate: "no full CRL yet" in the expired-entry bound of a full CRL.
+_EPOCH = datetime(1970, 1, 1)
+
 # The CRL transaction signs inside (the number is allocated and the entries stamped under the fence): with
 # 100,000 revocations that is seconds on a busy host, far above the bound for ordinary transactions.
 CRL_TRANSACTION_TIMEOUT_SECONDS = 60.0
@@ -44,8 +47,10 @@ class MariaDBRevocationStore:
         crl_number) refuses a concurrent twin and the CARA epoch fence refuses a stale member, so numbers strictly
         increase across failovers. A full CRL first stamps every revocation on no full CRL yet with its number,
         then lists every stamped revocation (the plain SELECT after the UPDATE sees exactly its own stamps plus
-        older ones: a revocation committed meanwhile stays unstamped for the next CRL). A delta lists the
-        revocations not on its base: unstamped, or stamped by a full CRL newer than the base.
+        older ones: a revocation committed meanwhile stays unstamped for the next CRL) except those, listed on an
+        earlier CRL, of certificates that had expired when the previous full CRL was made (listed there, after
+        their expiry: RFC 5280 3.3). A delta lists the revocations not on its base: unstamped, or stamped by a full CRL newer than
+        the base.
         """
 
         async def body(cur: aiomysql.Cursor) -> CrlRecord:
@@ -66,9 +71,19 @@ class MariaDBRevocationStore:
             else:
                 await cur.execute(
                     "UPDATE revocations SET crl_number = %s WHERE issuer = %s AND crl_number IS NULL", (number, issuer))
+                # RFC 5280 3.3: an entry stays until it appeared on one regularly scheduled CRL issued after its
+                # certificate expired. The previous full CRL was such a CRL for every listed certificate that had
+                # expired when it was made: those entries go (a revocation new on this CRL is listed once, even of
+                # an expired certificate), so full CRLs do not grow with every revocation ever made.
                 await cur.execute(
-                    "SELECT serial, revoked_at, reason FROM revocations WHERE issuer = %s AND crl_number IS NOT NULL",
-                    (issuer,))
+                    "SELECT this_update FROM crls FORCE INDEX (ix_crls_latest) WHERE issuer = %s AND is_delta = 0"
+                    " ORDER BY crl_number DESC LIMIT 1", (issuer,))
+                previous = await cur.fetchone()
+                await cur.execute(
+                    "SELECT r.serial, r.revoked_at, r.reason FROM revocations r LEFT JOIN certificates c"
+                    " ON c.issuer = r.issuer AND c.serial = r.serial WHERE r.issuer = %s AND r.crl_number IS NOT NULL"
+                    " AND (r.crl_number = %s OR c.not_after IS NULL OR c.not_after >= %s)",
+                    (issuer, number, _EPOCH if previous is None else previous[0]))
             entries = _entries(list(await cur.fetchall()))
             # Step 3: sign through the HSM (the caller's build runs it in a thread).
             der, this_update, next_update = await build(number, base, entries)
