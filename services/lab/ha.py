@@ -566,6 +566,18 @@ class Lab:
                  "health": t.get("health"), "error": t.get("lastError") or None}
                 for t in (body.get("data") or {}).get("activeTargets", [])]
 
+    def prometheus_alerts(self) -> list[dict[str, Any]]:
+        """The alerts pending or firing in the lab's Prometheus (compose/prometheus/alerts.yml): name, state,
+        severity, summary and the labels that say where; most severe first. Empty when Prometheus does not answer."""
+        body = _http_json(f"{self.prometheus_url}/api/v1/alerts", timeout=3.0)
+        found = [{"name": a["labels"].get("alertname"), "state": a.get("state"),
+                  "severity": a["labels"].get("severity"), "summary": (a.get("annotations") or {}).get("summary"),
+                  "labels": {k: v for k, v in a["labels"].items() if k not in ("alertname", "severity")},
+                  "since": a.get("activeAt")}
+                 for a in (body.get("data") or {}).get("alerts", [])]
+        order = {"critical": 0, "warning": 1, "info": 2}
+        return sorted(found, key=lambda a: (a["state"] != "firing", order.get(a["severity"], 3), a["name"] or ""))
+
     # --- down -----------------------------------------------------------------------------------------------
 
     def down(self) -> None:
@@ -924,6 +936,7 @@ class Lab:
             "hsm": hsm,
             "prometheus": {"url": self.prometheus_url, "alive": self.procs.alive("prometheus@host"),
                            "config": str(self.prometheus_dir / "prometheus.yml")},
+            "alerts": self.prometheus_alerts() if self.procs.alive("prometheus@host") else [],
             # What an outside client needs: the bus as user `client` (TLS: ca_bundle also signs the NATS servers).
             "client": {"nats_urls": self.nats_urls, "nats_user": "client",
                        "nats_password_file": str(self.bus_users.password_file("client")),
@@ -1029,6 +1042,12 @@ def format_status(st: dict[str, Any]) -> str:
               f"  TLS CA bundle: {c['ca_bundle']}   hapki root: {c['hapki_root']}",
               f"  Prometheus: {c['prometheus_url']} ({'up' if st['prometheus']['alive'] else 'DOWN'}; "
               f"config {st['prometheus']['config']})"]
+    alerts = st.get("alerts", [])
+    lines.append(f"  alerts: {len(alerts) or 'none'} pending or firing" + (":" if alerts else ""))
+    for a in alerts:
+        where = " ".join(f"{k}={v}" for k, v in sorted(a["labels"].items()) if k not in ("job", "instance", "tier"))
+        lines.append(f"    {a['state']:7} {a['severity'] or '-':8} {a['name']}: {a['summary'] or ''}"
+                     + (f"  [{where}]" if where else ""))
     return "\n".join(lines)
 
 

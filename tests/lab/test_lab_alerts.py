@@ -6,10 +6,12 @@ tests/unit/runtime/test_alerts.py (promtool)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from typing import Any
 
 import pytest
+from hapki.lab import stack
 from hapki.lab.cluster import wait_until
 from hapki.lab.compose_layout import ALERT_RULES
 from hapki.lab.ha import Lab
@@ -73,6 +75,12 @@ def test_a_dead_hsm_member_fires_its_alert_naming_it(lab: Lab) -> None:
     alert = next(a for a in active(lab) if a["labels"]["alertname"] == "HapkiHsmMemberDown")
     assert alert["labels"]["severity"] == "warning"
     assert hsm in alert["annotations"]["summary"]
+    # `hapki lab status` names it too, with where it is.
+    status = subprocess.run([*stack.hapki_command(), "lab", "status", "--dir", str(lab.base_dir)],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = [line for line in status.splitlines() if "HapkiHsmMemberDown" in line]
+    assert len(lines) == len(cara), status
+    assert all(line.split()[:2] == ["firing", "warning"] and f"hsm_member={hsm}" in line for line in lines), lines
 
 
 def test_a_stopped_service_is_pending_at_once(lab: Lab) -> None:
