@@ -61,7 +61,6 @@ class OcspSignerKeeper:
         self._activity, self._member, self._clock = activity, member, clock
         self._renew_before, self._check_seconds = renew_before, check_seconds
         self._in_use = _fingerprint(responder.signer_certificate.public_bytes(serialization.Encoding.DER))
-        self.renewed: list[OcspSignerRecord] = []  # by this process, newest last (tests)
 
     def watch_expiry(self) -> Callable[[], None]:
         """Export the seconds left of the issuing CA's and the responder's certificates (`hapki.ca.certificate.
@@ -132,7 +131,6 @@ class OcspSignerKeeper:
         log.info("renewed the OCSP responder certificate of %s: serial %x until %s (epoch %d; the one in use ended "
                  "%s)", self._issuer.name, serial, cert.not_valid_after_utc.isoformat(), epoch,
                  current.certificate.not_valid_after_utc.isoformat())
-        self.renewed.append(record)
         return record
 
     def _use(self, record: OcspSignerRecord) -> None:
