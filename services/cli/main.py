@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="the account of a service user to grant to (repeatable; default hapki_clm@%% and "
                           "hapki_cara@%%); the accounts must exist")
     mig.add_argument("--no-grants", action="store_true", help="apply the migrations only")
+    check = db_sub.add_parser("check", help="check the DESIGN.md invariants on the database of a running site; "
+                                            "exit 1 naming every violating row")
+    check.add_argument("--config", type=Path, required=True,
+                       help="a config with a [database] section (the admin's, or an account that may read every table)")
+    check.add_argument("--settle", type=float, default=300.0, metavar="SECONDS",
+                       help="a reserved signing intent or a pending request counts only when older than this (in "
+                            "flight is not lost); 0: the site is quiet, every one counts")
+    check.add_argument("--rows", type=int, default=5, help="violating rows printed per invariant")
+    check.add_argument("--json", action="store_true", help="print the report as JSON (every violating row)")
 
     audit = sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": commands.serve,
         "ca": commands.ca_init,
         "clm": commands.clm_keygen,
-        "db": commands.db_migrate,
+        "db": commands.db,
         "audit": commands.audit_verify,
         "issue": commands.issue,
         "docs": commands.docs,

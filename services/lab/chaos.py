@@ -18,7 +18,7 @@ What a run reports (`RunResult`):
 - duplicated: requests with more than one certificate, plus clients that got a certificate other than the stored one;
 - unaccounted: signing intents of the run's requests left `reserved` once quiet, or `issued` without their
   certificate (an HSM signature nobody can account for);
-- violations: rows that each query of hapki.lab.invariants returns now and did not before the run (stale-epoch
+- violations: rows that each query of hapki.runtime.invariants returns now and did not before the run (stale-epoch
   commits, duplicate serials, ...), and whether the Galera nodes agree (row counts and CHECKSUM TABLE);
 - unavailability (seconds, client-visible): the largest *excess wait* of any request of the run, where a
   request's wait is from its first send to the reply carrying its certificate (across retries) and the excess is
@@ -52,7 +52,7 @@ from typing import Any
 
 import aiomysql
 import pymysql.err
-from hapki.lab.invariants import new_rows, violations
+from hapki.runtime.invariants import new_rows, violations
 from hapki.runtime.audit_verify import verify_database
 from hapki.runtime.db import Database
 from hapki.lab.load import Load, Request

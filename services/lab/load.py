@@ -21,7 +21,7 @@ from opentelemetry import trace
 
 from hapki.cli.client import ClmClient
 from hapki.contracts.models import IssueCertificate, IssueReply, RequestStatus
-from hapki.lab.invariants import violations
+from hapki.runtime.invariants import violations
 from hapki.runtime import telemetry
 
 tracer = trace.get_tracer("hapki.lab.load")
@@ -167,7 +167,7 @@ async def connect_db(lab: Any) -> aiomysql.Connection:
 
 
 async def read_violations(lab: Any) -> dict[str, list[tuple[Any, ...]]]:
-    """The rows violating each invariant of hapki.lab.invariants now, read on the first Galera node."""
+    """The rows violating each invariant of hapki.runtime.invariants now, read on the first Galera node."""
     conn = await connect_db(lab)
     try:
         return await violations(conn)

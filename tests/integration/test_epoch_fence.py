@@ -60,7 +60,7 @@ async def test_a_stale_epoch_cannot_commit_and_steps_down(env, services, client,
 
 
 async def test_invariant_checks_hold_and_would_catch_a_stale_commit(env, services, client, sql) -> None:
-    from hapki.lab.invariants import violations
+    from hapki.runtime.invariants import violations
 
     reply = await client.issue(_request("order.example.com"))
     assert reply.status is RequestStatus.ISSUED

@@ -1,6 +1,6 @@
 """The fault suite, once per scenario (hapki.lab.chaos): under steady load through each single failure, no accepted
 request is lost, none gets two certificates, every HSM signature is accounted for, no invariant of
-hapki.lab.invariants gains a violating row, the Galera nodes agree, and issuance resumes within a bound.
+hapki.runtime.invariants gains a violating row, the Galera nodes agree, and issuance resumes within a bound.
 
 The bounds on resuming are generous (a 2-core host running 16 lab processes); the measured figures and the goals
 are in docs/RELIABILITY.md (`hapki chaos --runs 20`).

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hapki.cli.client import new_key_and_csr
 from hapki.lab.ha import Lab
-from hapki.lab.invariants import new_rows
+from hapki.runtime.invariants import new_rows
 from hapki.lab.load import Load, crash_member, database_facts, read_violations
 
 pytestmark = pytest.mark.lab

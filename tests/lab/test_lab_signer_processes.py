@@ -16,7 +16,7 @@ from hapki.cli.client import new_key_and_csr
 from hapki.cli.procstat import with_descendants
 from hapki.lab.cluster import wait_until
 from hapki.lab.ha import Lab
-from hapki.lab.invariants import new_rows
+from hapki.runtime.invariants import new_rows
 from hapki.lab.load import Load, crash_member, database_facts, read_violations
 
 pytestmark = pytest.mark.lab

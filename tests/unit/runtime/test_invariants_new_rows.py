@@ -1,8 +1,8 @@
-"""hapki.lab.invariants.new_rows: what a run or a test made, apart from what earlier runs left in the database."""
+"""hapki.runtime.invariants.new_rows: what a run or a test made, apart from what earlier runs left in the database."""
 
 from __future__ import annotations
 
-from hapki.lab.invariants import CHECKS, new_rows
+from hapki.runtime.invariants import CHECKS, new_rows
 
 
 def test_only_rows_absent_before_are_new_and_every_invariant_is_named() -> None:
