@@ -42,8 +42,9 @@ def record_timing(name: str, seconds: float) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The test that takes the lab down runs after every other lab test (it would cost a second `up` otherwise).
-    items.sort(key=lambda item: "test_lab_down" in item.nodeid)
+    # The test that takes the lab down runs after every other lab test (it would cost a second `up` otherwise);
+    # `hapki lab demo` brings its own lab up and down, so it runs last, when the session's lab is down.
+    items.sort(key=lambda item: 2 if "test_lab_demo" in item.nodeid else 1 if "test_lab_down" in item.nodeid else 0)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
