@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hapki.cli import bench_compare, bench_growth, k6
+from hapki.lab.cluster import wait_until
 from hapki.runtime.telemetry import PRODUCTION_SAMPLER, SamplerSetting
 
 
@@ -230,7 +231,15 @@ def test_the_lab_column_reports_the_sampler_its_running_services_have() -> None:
     sampled = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={
         **env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"})
     default = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+
+    def exec_done(pid: int) -> bool:  # until the exec, /proc/<pid>/environ is still the forking parent's
+        try:
+            return b"time.sleep(30)" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
     try:
+        assert wait_until(lambda: exec_done(sampled.pid) and exec_done(default.pid), 10.0, 0.01) is not None
         assert bench_compare.lab_sampler([None, sampled.pid]) == "parentbased_traceidratio 0.01"
         assert bench_compare.lab_sampler([default.pid]) == "parentbased_always_on"
     finally:
