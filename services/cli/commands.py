@@ -182,12 +182,15 @@ async def ca_init(args: argparse.Namespace) -> int:
         except NotFound:
             existing = None
         if existing is not None:
+            responder = await revocations.ocsp_signer(existing.name)
             missing = [purpose for purpose, found in (
-                ("ocsp", await revocations.ocsp_signer(existing.name)),
-                ("audit", await audit_signer(db, existing.name)),
+                ("ocsp", responder), ("audit", await audit_signer(db, existing.name)),
             ) if found is None]
             if not missing:
-                print(f"CA already initialised: issuer {existing.name!r}; nothing to do")
+                assert responder is not None
+                print(f"CA already initialised: issuer {existing.name!r}; nothing to do (its OCSP responder "
+                      f"certificate ends {responder.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; the active "
+                      f"CARA member renews it when {cfg.ocsp.signer_renew_before_days} days are left)")
                 return 0
             # A CA from before OCSP or the audit log: add the missing signers (the cluster KEK of the first ceremony
             # is still in the tokens, so the new keys are replicated like the CA keys).

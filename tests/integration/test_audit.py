@@ -445,6 +445,7 @@ async def test_ca_init_adds_an_audit_signer_to_a_ca_from_before_the_audit_log(se
         again = subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(config_file)],
                                capture_output=True, text=True, timeout=120, env={**os.environ})
         assert "nothing to do" in again.stdout, again.stdout + again.stderr
+        assert "OCSP responder certificate ends" in again.stdout and "renews it when 30 days are left" in again.stdout
     finally:
         for row in old:  # the running member still signs with its key: keep it trusted
             await query(sql, "INSERT INTO audit_signers VALUES (%s, %s, %s, %s, %s)", row)
