@@ -17,7 +17,6 @@ the next check renews again under a new serial.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -60,7 +59,6 @@ class OcspSignerKeeper:
         self._responder, self._signer_key = responder, signer_key
         self._activity, self._member, self._clock = activity, member, clock
         self._renew_before, self._check_seconds = renew_before, check_seconds
-        self._in_use = _fingerprint(responder.signer_certificate.public_bytes(serialization.Encoding.DER))
 
     def watch_expiry(self) -> Callable[[], None]:
         """Export the seconds left of the issuing CA's and the responder's certificates (`hapki.ca.certificate.
@@ -104,14 +102,7 @@ class OcspSignerKeeper:
         return newest
 
     def _due(self, record: OcspSignerRecord) -> bool:
-        left = record.certificate.not_valid_after_utc - self._clock()
-        if left > self._renew_before:
-            return False
-        if self._issuer.certificate.not_valid_after_utc <= record.certificate.not_valid_after_utc:
-            # Capped by the issuing CA: a new certificate would end no later. The issuing CA's own expiry is the
-            # operator's (HapkiIssuingCaExpiring); renewing on every check would only add certificates.
-            return False
-        return True
+        return record.certificate.not_valid_after_utc - self._clock() <= self._renew_before
 
     async def renew(self, current: OcspSignerRecord, epoch: int) -> OcspSignerRecord:
         """Certify the responder key again (accounted as the module says); the new record (`current` when a new
@@ -120,7 +111,9 @@ class OcspSignerKeeper:
         serial = issuance.random_serial()
         not_after = min(now.replace(microsecond=0) + OCSP_SIGNER_VALIDITY, self._issuer.certificate.not_valid_after_utc)
         if not_after <= current.certificate.not_valid_after_utc:
-            return current  # a new certificate would not last longer (made this second, or capped by the CA)
+            # It would not last longer: made this second, or capped by the issuing CA, whose own expiry is the
+            # operator's (HapkiIssuingCaExpiring); renewing at every check would only add certificates.
+            return current
         await self._store.ocsp_signer_certifying(self._issuer.name, serial=format(serial, "x"),
                                                  key_id=current.key_id, not_after=not_after, epoch=epoch, now=now)
         cert = await asyncio.to_thread(recertify, current.certificate, "ocsp", issuing_cert=self._issuer.certificate,
@@ -135,14 +128,8 @@ class OcspSignerKeeper:
 
     def _use(self, record: OcspSignerRecord) -> None:
         cert = record.certificate
-        fingerprint = _fingerprint(cert.public_bytes(serialization.Encoding.DER))
-        if fingerprint == self._in_use:
+        if cert == self._responder.signer_certificate:
             return
         self._responder.use_signer(cert, self._signer_key(record.key_id))
-        self._in_use = fingerprint
         log.info("OCSP responses of %s are signed under responder certificate %x from now on (until %s)",
                  self._issuer.name, cert.serial_number, cert.not_valid_after_utc.isoformat())
-
-
-def _fingerprint(der: bytes) -> bytes:
-    return hashlib.sha256(der).digest()

@@ -49,8 +49,8 @@ class MariaDBRevocationStore:
         then lists every stamped revocation (the plain SELECT after the UPDATE sees exactly its own stamps plus
         older ones: a revocation committed meanwhile stays unstamped for the next CRL) except those, listed on an
         earlier CRL, of certificates that had expired when the previous full CRL was made (listed there, after
-        their expiry: RFC 5280 3.3). A delta lists the revocations not on its base: unstamped, or stamped by a full CRL newer than
-        the base.
+        their expiry: RFC 5280 3.3). A delta lists the revocations not on its base: unstamped, or stamped by a
+        full CRL newer than the base.
         """
 
         async def body(cur: aiomysql.Cursor) -> CrlRecord:

@@ -56,9 +56,9 @@ CHECKS: dict[str, tuple[str, str]] = {
 }
 
 QUIET_ONLY = {"unresolved_intents", "pending_requests"}
-# On a live site: what is older than the settle window (`created_at` is written in UTC by the services).
-_SETTLED = {"unresolved_intents": " AND created_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND",
-            "pending_requests": " AND created_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"}
+# On a live site the QUIET_ONLY checks take what is older than the settle window (`created_at` is written in UTC by
+# the services; both queries end in their WHERE clause).
+_OLDER_THAN = " AND created_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
 
 
 async def violations(conn: aiomysql.Connection, *, quiet: bool = True,
@@ -74,14 +74,13 @@ async def check_all(cur: aiomysql.Cursor, *, quiet: bool = True,
     """`violations` on a cursor: in one transaction (Database.run), every check reads one snapshot."""
     found: dict[str, list[tuple[Any, ...]]] = {}
     for name, (_meaning, sql) in CHECKS.items():
+        args: tuple[float, ...] | None = None
         if name in QUIET_ONLY:
             if not quiet:
                 continue
             if settle_seconds is not None:
-                await cur.execute(sql + _SETTLED[name], (settle_seconds,))
-                found[name] = list(await cur.fetchall())
-                continue
-        await cur.execute(sql)
+                sql, args = sql + _OLDER_THAN, (settle_seconds,)
+        await cur.execute(sql, args)
         found[name] = list(await cur.fetchall())
     return found
 
