@@ -170,6 +170,10 @@ class AuditSealer:
         self._signed_at: datetime | None = None
         self.sealed = 0  # entries chained by this process (tests and health)
 
+    def use_key(self, sign: CheckpointKey) -> None:
+        """Sign checkpoints with this audit signer from now on (the new issuing CA's, after a rollover)."""
+        self._sign = sign
+
     async def run(self) -> None:
         """The loop: on every member, but it seals only while the signer is active."""
         await run_while_active(self._activity, self.tick, what="audit sealing", logger=log,

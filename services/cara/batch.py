@@ -48,6 +48,23 @@ log = logging.getLogger("hapki.cara.signer")
 RESERVE_ATTEMPTS = 4
 
 
+@dataclass(frozen=True)
+class SigningIdentity:
+    """The issuing CA a batch signs as: its record, HSM key, certificate and the URLs its certificates carry. One
+    object, swapped whole (`BatchSteps.use`): a batch takes it once, so its intents, signatures and stored rows all
+    name the same issuer even when a rollover switches the signer in the middle of it."""
+
+    issuer: IssuerRecord
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    distribution: issuance.Distribution | None  # CDP and AIA OCSP URLs put in every certificate, if any
+
+    @classmethod
+    def of(cls, issuer: IssuerRecord, key: ec.EllipticCurvePrivateKey,
+           distribution: issuance.Distribution | None) -> SigningIdentity:
+        return cls(issuer, key, issuer.certificate, distribution)
+
+
 @dataclass(eq=False)
 class Item:
     """One signing request of a batch, from its message to its settlement (ack, NAK or term)."""
@@ -99,15 +116,25 @@ class BatchSteps:
     ) -> None:
         self._nc, self._store = nc, store
         self._approvals, self._profiles = approvals, profiles
-        self._issuer, self._issuer_cert, self._key = issuer, issuer.certificate, issuer_key
-        self._distribution = distribution  # CDP and AIA OCSP URLs put in every certificate, if any
+        self._identity = SigningIdentity.of(issuer, issuer_key, distribution)
+        self._chains = {issuer.name: issuer.chain_pem}  # by issuer name: a redelivery after a rollover gets its own
         self._member, self._config, self._clock = member, config, clock
         self._serials = serials  # the CSPRNG draw (tests inject collisions)
         self._faults = faults
         self.signatures = 0  # HSM signatures made (for tests and metrics)
 
+    @property
+    def identity(self) -> SigningIdentity:
+        return self._identity
+
+    def use(self, identity: SigningIdentity) -> None:
+        """Sign every batch that starts from now on as `identity` (a rollover); batches under way finish as before."""
+        self._chains[identity.issuer.name] = identity.issuer.chain_pem
+        self._identity = identity
+
     async def run(self, items: list[Item], epoch: int) -> None:
         """Take every item as far as it goes: settled (acked, termed, NAKed) unless an exception leaves the rest."""
+        identity = self._identity  # the whole batch signs as one issuer
         # Step 0: only what CLM approved, whoever could publish on the bus (ApprovalInvalid otherwise).
         approved: list[Item] = []
         for item in items:
@@ -134,15 +161,15 @@ class BatchSteps:
         # check fails, the outcomes are read first and only what is left is reserved.
         now = self._clock()
         todo: list[Item] | None = None
-        if not refusals and await self._reserve(approved, epoch, now, fresh=True):
+        if not refusals and await self._reserve(approved, identity, epoch, now, fresh=True):
             todo = approved
         if todo is None:
             todo = await self._settle_stored(approved, refusals, epoch)
             if not todo:
                 return
-            await self._reserve(todo, epoch, now, fresh=False)
+            await self._reserve(todo, identity, epoch, now, fresh=False)
         # Step 3: sign through the HSM, in one thread for the batch (PKCS#11 calls block; the loop stays free).
-        failures = await asyncio.to_thread(self._sign_all, todo, now)
+        failures = await asyncio.to_thread(self._sign_all, todo, identity, now)
         signed = [item for item in todo if item.cert is not None]
         self.signatures += len(signed)
         for item, exc in failures:
@@ -151,7 +178,7 @@ class BatchSteps:
             return
         await self._faults.hit("cara.after_sign")
         # Step 4: store them, fenced. Where another intent won a request meanwhile, theirs is returned.
-        stored = await self._store.record_issued_batch([self._record(item) for item in signed], epoch=epoch,
+        stored = await self._store.record_issued_batch([self._record(item, identity) for item in signed], epoch=epoch,
                                                        now=self._clock())
         await self._faults.hit("cara.after_commit")
         # Step 5: ack each (only now: everything is committed), then tell CLM.
@@ -192,14 +219,15 @@ class BatchSteps:
                                         SigningFailed(request_id=item.request_id, error=outcome.failed))
         return todo
 
-    async def _reserve(self, items: list[Item], epoch: int, now: datetime, *, fresh: bool) -> bool:
+    async def _reserve(self, items: list[Item], identity: SigningIdentity, epoch: int, now: datetime, *,
+                       fresh: bool) -> bool:
         """Draw serials and reserve them with their intents; `fresh`: only if nothing is stored for any request
         (False if something is: nothing reserved), else superseding older intents (always True)."""
         for attempt in range(1, RESERVE_ATTEMPTS + 1):
             for item in items:
                 item.intent_id, item.serial = time_ordered_id(), self._serials()
                 item.span.set_attribute("pki.serial", issuance.serial_hex(item.serial))
-            intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=self._issuer.name,
+            intents = [Intent(intent_id=item.intent_id, request_id=item.request_id, issuer=identity.issuer.name,
                               serial=issuance.serial_hex(item.serial)) for item in items]
             try:
                 if fresh:
@@ -212,7 +240,7 @@ class BatchSteps:
                 log.warning("serial collision reserving a batch of %d; drawing again", len(items))
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    def _sign_all(self, items: list[Item], now: datetime) -> list[tuple[Item, Exception]]:
+    def _sign_all(self, items: list[Item], identity: SigningIdentity, now: datetime) -> list[tuple[Item, Exception]]:
         """Build and sign each certificate (in a worker thread); the failures, each with its item."""
         failures: list[tuple[Item, Exception]] = []
         for item in items:
@@ -220,9 +248,9 @@ class BatchSteps:
             with trace.use_span(item.span, end_on_exit=False):
                 try:
                     item.cert = issuance.build_certificate(
-                        item.request, item.csr, issuer_cert=self._issuer_cert, issuer_key=self._key,
+                        item.request, item.csr, issuer_cert=identity.cert, issuer_key=identity.key,
                         serial=item.serial, now=now, backdate=timedelta(seconds=self._config.backdate_seconds),
-                        distribution=self._distribution,
+                        distribution=identity.distribution,
                     )
                 except Exception as exc:  # settled one by one on the loop (_failed_signing); the others go on
                     failures.append((item, exc))
@@ -244,10 +272,10 @@ class BatchSteps:
         item.span.set_status(trace.StatusCode.ERROR, status)
         await item.nak(delay=self._config.retry_delay_seconds)
 
-    def _record(self, item: Item) -> IssuedRecord:
+    def _record(self, item: Item, identity: SigningIdentity) -> IssuedRecord:
         assert item.cert is not None
         return IssuedRecord(
-            request_id=item.request_id, issuer=self._issuer.name, serial=issuance.serial_hex(item.serial),
+            request_id=item.request_id, issuer=identity.issuer.name, serial=issuance.serial_hex(item.serial),
             intent_id=item.intent_id, cert_pem=item.cert.public_bytes(Encoding.PEM).decode(),
             not_before=item.cert.not_valid_before_utc, not_after=item.cert.not_valid_after_utc,
         )
@@ -272,13 +300,21 @@ class BatchSteps:
             log.warning("signing request naming %s refused by the CA (%s) and audited; it is not what CLM recorded, "
                         "so no request changed state: %s", request.request_id, exc.code.value, exc)
 
+    async def _chain(self, issuer: str) -> str:
+        """The chain of the issuer a stored certificate names (an older one's for a redelivery after a rollover)."""
+        chain = self._chains.get(issuer)
+        if chain is None:
+            chain = self._chains[issuer] = (await self._store.load_issuer(issuer)).chain_pem
+        return chain
+
     async def _publish_issued(self, record: IssuedRecord, span: trace.Span) -> None:
+        chain_pem = await self._chain(record.issuer)
         with trace.use_span(span, end_on_exit=False):
             await self.publish(
                 subjects.CARA_ISSUED,
                 CertificateIssued(
                     request_id=record.request_id, serial=record.serial, issuer=record.issuer,
-                    certificate_pem=record.cert_pem, chain_pem=self._issuer.chain_pem,
+                    certificate_pem=record.cert_pem, chain_pem=chain_pem,
                     not_before=record.not_before, not_after=record.not_after,
                 ),
             )

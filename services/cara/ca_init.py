@@ -83,20 +83,8 @@ def create_hierarchy(
 
     # Step 2: the issuing key, certified by the root key (in the HSM). pathlen 0: it issues end entities only.
     issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
-    issuing_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(org, issuing_name))
-        .issuer_name(root_subject)
-        .public_key(issuing_key.public_key())
-        .serial_number(issuance.random_serial())
-        .not_valid_before(now)
-        .not_valid_after(_add_years(now, ISSUING_VALIDITY_YEARS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
-        .sign(root_key, hashes.SHA384())
-    )
+    issuing_cert = issuing_certificate(issuing_key.public_key(), _name(org, issuing_name), root_cert=root_cert,
+                                       root_key=root_key, now=now)
 
     # Step 3: check the HSM's work before anyone relies on it.
     root_cert.verify_directly_issued_by(root_cert)
@@ -108,6 +96,67 @@ def create_hierarchy(
         issuing_key_id=issuing_key.key_id,
         issuing_curve=ISSUING_CURVE.name,
     )
+
+
+def issuing_certificate(public_key: ec.EllipticCurvePublicKey, subject: x509.Name, *, root_cert: x509.Certificate,
+                        root_key: ec.EllipticCurvePrivateKey, now: datetime) -> x509.Certificate:
+    """An issuing CA certificate (pathlen 0: it issues end entities only) for `public_key`, signed by the root key,
+    valid ISSUING_VALIDITY_YEARS from `now` and never past the root."""
+    root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(root_cert.subject)
+        .public_key(public_key)
+        .serial_number(issuance.random_serial())
+        .not_valid_before(now)
+        .not_valid_after(min(_add_years(now, ISSUING_VALIDITY_YEARS), root_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
+        .sign(root_key, hashes.SHA384())
+    )
+
+
+@dataclass(frozen=True)
+class IssuingCA:
+    """A new issuing CA under an existing root (`hapki ca rollover`): its certificate and its key's CKA_ID."""
+
+    cert: x509.Certificate
+    key_id: bytes
+
+
+def create_issuing_ca(
+    pool: HSMPool,
+    *,
+    root_cert: x509.Certificate,
+    common_name: str,
+    org: str = "hapki",
+    now: datetime,
+    replicate_across: Sequence[HSMMemberConfig] = (),
+) -> IssuingCA:
+    """Generate a new issuing CA key in the HSM and certify it with the root key, which must be in the HSM (found
+    by its public key). How a CA rolls over to a new issuing CA before the current one runs out or after its key
+    is retired; the root and everything it certified stay as they are."""
+    if now.tzinfo is None or now.utcoffset() != timedelta(0):
+        raise ValueError("now must be an aware UTC datetime")
+    now = now.replace(microsecond=0)
+    if root_cert.not_valid_after_utc <= now:
+        raise ValueError(f"the root CA certificate ended {root_cert.not_valid_after_utc:%Y-%m-%d}: a new root "
+                         "takes `hapki ca init` on a new site")
+    root_public = root_cert.public_key()
+    if not isinstance(root_public, ec.EllipticCurvePublicKey):
+        raise ValueError(f"the root CA has a {type(root_public).__name__}, not an EC key")
+    root_key_id = pool.find_key_id(root_public)
+    if root_key_id is None:
+        raise ValueError(f"the root CA's key ({root_cert.subject.rfc4514_string()}) is not in the HSM")
+    root_key = pool.private_key(root_key_id)
+    issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
+    cert = issuing_certificate(issuing_key.public_key(), _name(org, common_name), root_cert=root_cert,
+                               root_key=root_key, now=now)
+    cert.verify_directly_issued_by(root_cert)  # check the HSM's work before anyone relies on it
+    return IssuingCA(cert=cert, key_id=issuing_key.key_id)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ class CaraConfig(StrictModel):
 
     member: str = Field(description="This member's name, e.g. cara-1 (recorded on epochs and intents)")
     issuer: str | None = Field(default=None, description="Issuing CA name; default: the issuer marked default")
+    issuers_check_seconds: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="How often each member reads the issuing CAs: a new one (`hapki ca rollover`) is served "
+                    "(OCSP, CRLs) and, once it is the default, issued from within this many seconds")
     vip: str | None = Field(
         default=None, description="CARA floating IP: sign only while this host holds it (kernel view); None: always"
     )

@@ -29,7 +29,7 @@ from cryptography.x509 import ocsp as x509_ocsp
 from nats.aio.client import Client
 from opentelemetry import context
 
-from hapki.cara.ocsp import OcspResponder, unsuccessful
+from hapki.cara.ocsp import OcspAnswer, unsuccessful
 from hapki.cara.ocsp_cache import Signed
 from hapki.cara.ocsp import record as record_ocsp
 from hapki.cara.ports import CrlRecord
@@ -103,6 +103,12 @@ class HealthProbe:
             context.detach(token)
 
 
+class OcspAnswerer(Protocol):
+    """OcspRouter (every issuer a member serves) or one OcspResponder."""
+
+    async def respond(self, der: bytes) -> OcspAnswer: ...
+
+
 class CrlReader(Protocol):
     async def latest_crl(self, issuer: str, *, delta: bool) -> CrlRecord | None: ...
 
@@ -114,7 +120,7 @@ OCSP_RESPONSE_TYPE = "application/ocsp-response"
 _CRL_NAME = re.compile(r"^(?P<issuer>[A-Za-z0-9._-]{1,64}?)(?P<delta>-delta)?\.crl$")
 
 
-def build_app(probe: HealthProbe, *, crls: CrlReader | None = None, ocsp: OcspResponder | None = None,
+def build_app(probe: HealthProbe, *, crls: CrlReader | None = None, ocsp: OcspAnswerer | None = None,
               ocsp_max_age: int = 0, clock: Callable[[], datetime] = utcnow) -> web.Application:
     """The aiohttp application with CARA's routes (/crl with `crls`, /ocsp always: unauthorized without `ocsp`).
 

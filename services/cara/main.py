@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -18,9 +17,11 @@ from hapki.cara import metrics as cara_metrics
 from hapki.cara.audit_sealer import AuditSealer, CheckpointKey
 from hapki.cara.config import CaraConfig
 from hapki.cara.crl import CrlPublisher
+from hapki.cara.issuers import Issuers, Served
 from hapki.cara.ocsp import OcspResponder
 from hapki.cara.ocsp_cache import OcspCache
 from hapki.cara.ocsp_signer import OcspSignerKeeper
+from hapki.cara.ports import IssuerRecord
 from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.cara.role import RoleSupervisor
 from hapki.cara.signer import Signer
@@ -72,16 +73,11 @@ class CaraRuntime:
         self._role_task: asyncio.Task[None] | None = None
         self._ownership: VipOwnership | None = None
         self.http: web.AppRunner | None = None
-        self.crl: CrlPublisher | None = None
-        self._crl_task: asyncio.Task[None] | None = None
+        self.issuers: Issuers | None = None  # every issuing CA served: CRLs, OCSP, responder renewal
+        self._issuers_task: asyncio.Task[None] | None = None
         self.audit: AuditSealer | None = None
         self._audit_task: asyncio.Task[None] | None = None
-        self.ocsp_cache: OcspCache | None = None
-        self._ocsp_task: asyncio.Task[None] | None = None
-        self.ocsp: OcspResponder | None = None
-        self.ocsp_signers: OcspSignerKeeper | None = None  # the responder's newest certificate; renewal
-        self._ocsp_signer_task: asyncio.Task[None] | None = None
-        self._unwatch_expiry: Callable[[], None] | None = None
+        self._unwatch_issuing: Callable[[], None] | None = None
         self._samplers: list[asyncio.Task[None]] = []
         self._unwatch: Callable[[], None] | None = None
 
@@ -95,16 +91,13 @@ class CaraRuntime:
         await migrate(self.db)
         actor = f"cara:{cfg.member}"
         store = MariaDBSigningStore(self.db, actor=actor)
-        issuer = await store.load_issuer(cfg.issuer)
+        issuer = await store.load_issuer(cfg.issuer)  # the one issued from: pinned, else the default
         revocations = MariaDBRevocationStore(self.db, actor=actor)
         found = await audit_signer(self.db, issuer.name)
-        ocsp_signer = await revocations.ocsp_signer(issuer.name)
         self.hsm = hsm_pool(cfg.hsm)  # read-only sessions: this process cannot create or change HSM objects
         self.hsm.open()
         # Every key this member signs with must be sign-only and non-extractable, or the member does not start.
-        key_ids = [issuer.key_id, *(key_id for key_id in (found and found[0], ocsp_signer and ocsp_signer.key_id)
-                                    if key_id)]
-        await asyncio.to_thread(self.hsm.verify_keys, key_ids)
+        await asyncio.to_thread(self.hsm.verify_keys, [issuer.key_id, *([found[0]] if found else [])])
         self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats, streams=(subjects.SIGNING_STREAM,))
@@ -117,15 +110,17 @@ class CaraRuntime:
         # Several signer processes ([signer] processes > 1): the workers start now and stay passive until start().
         self.signers = SignerProcesses(self.signer, cfg)
         await self.signers.open()
-        # CRLs: the publisher loop runs on every member and publishes only while the signer is active; a
-        # revocation event from CLM wakes it (core NATS, no queue group: the active member must see it).
-        self.crl = CrlPublisher(
-            store=revocations, issuer=issuer, issuer_key=self.hsm.private_key(issuer.key_id), member=cfg.member,
-            config=cfg.crl, activity=self.signer, clock=self._clock,
-        )
+        # Every issuing CA that has not ended: CRLs (published only while the signer is active), OCSP answers and
+        # their responder's renewal (hapki.cara.issuers). A revocation event from CLM wakes the publishers (core
+        # NATS, no queue group: the active member must see it).
+        self.issuers = Issuers(config=cfg, store=store, revocations=revocations, hsm=self.hsm, activity=self.signer,
+                               signing=issuer.name, issue_as=self._issue_as, clock=self._clock)
+        await self.issuers.refresh()
+        self._issuers_task = asyncio.create_task(self.issuers.run())
         await self.nc.subscribe(subjects.CLM_REVOKED, cb=self._on_revoked)
         # Metrics: the signer's role and epoch live; the queue, the database nodes and the intents sampled.
         self._unwatch = cara_metrics.watch_signer(self.signer, cfg.member)
+        self._unwatch_issuing = cara_metrics.watch_issuing_ca(self.signer, cfg.member, self._clock)
         every = cfg.metrics.sample_seconds
         self._samplers = [
             asyncio.create_task(metrics.Sampler("signing queue", cara_metrics.queue_sample(js, cfg.member), every).run()),
@@ -135,7 +130,6 @@ class CaraRuntime:
                                                 cara_metrics.intents_sample(store, cfg.member, self._clock),
                                                 every).run()),
         ]
-        self._crl_task = asyncio.create_task(self.crl.run())
         if found is None:
             log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",
                         issuer.name)
@@ -143,48 +137,66 @@ class CaraRuntime:
         self.audit = AuditSealer(db=self.db, config=cfg.audit, activity=self.signer, clock=self._clock,
                                  sign=checkpoints)
         self._audit_task = asyncio.create_task(self.audit.run())
-        ocsp = None
-        if ocsp_signer is None:
-            log.warning("issuer %s has no OCSP signer (run `hapki ca init`): OCSP answers unauthorized", issuer.name)
-        else:
-            # Signed responses kept per certificate; its revocation poll runs on every member (each serves OCSP).
-            self.ocsp_cache = OcspCache(
-                feed=revocations, issuer=issuer.name, entries=cfg.ocsp.cache_entries,
-                refresh_after=cfg.ocsp.refresh_after_seconds, poll=cfg.ocsp.revocation_poll_seconds,
-                staleness=cfg.ocsp.max_staleness_seconds, monotonic=time.monotonic,
-            )
-            self._ocsp_task = asyncio.create_task(self.ocsp_cache.run())
-            ocsp = self.ocsp = OcspResponder(
-                store=revocations, issuer=issuer, signer_cert=ocsp_signer.certificate,
-                signer_key=self.hsm.private_key(ocsp_signer.key_id), validity_seconds=cfg.ocsp.validity_seconds,
-                clock=self._clock, cache=self.ocsp_cache, echo_nonce=cfg.ocsp.echo_nonce,
-            )
-            # Every member signs with the newest responder certificate; the active one renews it before it expires.
-            self.ocsp_signers = OcspSignerKeeper(
-                store=revocations, issuer=issuer, issuing_key=self.hsm.private_key(issuer.key_id), responder=ocsp,
-                signer_key=self.hsm.private_key, activity=self.signer, member=cfg.member,
-                renew_before=timedelta(days=cfg.ocsp.signer_renew_before_days),
-                check_seconds=cfg.ocsp.signer_check_seconds, clock=self._clock,
-            )
-            self._unwatch_expiry = self.ocsp_signers.watch_expiry()
-            self._ocsp_signer_task = asyncio.create_task(self.ocsp_signers.run())
         if cfg.http_listen:  # up while passive too: haproxy checks liveness, not the role
             probe = http.HealthProbe(member=cfg.member, signer=self.signer, hsm=self.hsm, db=self.db, nc=self.nc)
-            self.http = await serve(http.build_app(probe, crls=revocations, ocsp=ocsp,
+            self.http = await serve(http.build_app(probe, crls=revocations, ocsp=self.issuers.router,
                                                    ocsp_max_age=cfg.ocsp.http_max_age_seconds, clock=self._clock),
                                     cfg.http_listen)
 
+    async def _issue_as(self, record: IssuerRecord) -> None:
+        """Issue from `record` from now on (a rollover): the signer processes from their next batch, and audit
+        checkpoints signed by its audit signer (if it has none yet, by the one before)."""
+        cfg = self.config
+        assert self.hsm is not None and self.db is not None and self.signers is not None
+        found = await audit_signer(self.db, record.name)
+        await asyncio.to_thread(self.hsm.verify_keys, [record.key_id, *([found[0]] if found else [])])
+        self.signers.use_issuer(record, self.hsm.private_key(record.key_id),
+                                issuance.Distribution.at(cfg.public_url, record.name))
+        if found is not None and self.audit is not None:
+            self.audit.use_key(CheckpointKey(record.name, found[0], self.hsm.private_key(found[0])))
+        if self._unwatch_issuing is not None:  # the gauge names the CA issued from
+            self._unwatch_issuing()
+            assert self.signer is not None
+            self._unwatch_issuing = cara_metrics.watch_issuing_ca(self.signer, cfg.member, self._clock)
+
+    def _served(self) -> Served | None:
+        """The issuing CA issued from, as served (its CRL publisher, OCSP responder ...)."""
+        return None if self.issuers is None else self.issuers.served.get(self.issuers.signing)
+
+    @property
+    def crl(self) -> CrlPublisher | None:
+        """The CRL publisher of the issuing CA issued from."""
+        served = self._served()
+        return None if served is None else served.crl
+
+    @property
+    def ocsp(self) -> OcspResponder | None:
+        """The OCSP responder of the issuing CA issued from (None: it has no responder certificate)."""
+        served = self._served()
+        return None if served is None else served.responder
+
+    @property
+    def ocsp_cache(self) -> OcspCache | None:
+        served = self._served()
+        return None if served is None else served.cache
+
+    @property
+    def ocsp_signers(self) -> OcspSignerKeeper | None:
+        """The keeper of the responder certificate of the issuing CA issued from."""
+        served = self._served()
+        return None if served is None else served.keeper
+
     async def _on_revoked(self, msg: Msg) -> None:
-        """A revocation recorded by CLM: drop the certificate's cached OCSP answers at once, wake the CRL publisher."""
-        if self.ocsp_cache is not None:
-            try:
-                event = CertificateRevoked.model_validate_json(msg.data)
-            except ValidationError as exc:  # not from CLM (bus permissions allow only CLM); the poll still covers it
-                log.warning("ignored a malformed %s event: %s", subjects.CLM_REVOKED, str(exc)[:200])
-            else:
-                self.ocsp_cache.invalidate(event.serial)
-        if self.crl is not None:
-            self.crl.wake()
+        """A revocation recorded by CLM: drop the certificate's cached OCSP answers at once, wake the CRL publishers."""
+        if self.issuers is None:
+            return
+        try:
+            event = CertificateRevoked.model_validate_json(msg.data)
+        except ValidationError as exc:  # not from CLM (bus permissions allow only CLM); the poll still covers it
+            log.warning("ignored a malformed %s event: %s", subjects.CLM_REVOKED, str(exc)[:200])
+        else:
+            self.issuers.invalidate(event.issuer, event.serial)
+        self.issuers.wake_crls()
 
     async def start(self) -> int:
         """Open, then sign: always (no VIP configured: returns the epoch) or only while holding the VIP (0)."""
@@ -210,13 +222,13 @@ class CaraRuntime:
             self._ownership = None
         if self._unwatch is not None:
             self._unwatch()
-        if self._unwatch_expiry is not None:
-            self._unwatch_expiry()
-        for task in (self._crl_task, self._audit_task, self._ocsp_task, self._ocsp_signer_task, *self._samplers):
+        for task in (self._issuers_task, self._audit_task, *self._samplers):
             if task is not None:
                 await cancel_and_wait(task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
-        if self.ocsp_cache is not None:
-            await self.ocsp_cache.close()
+        if self.issuers is not None:
+            await self.issuers.close()
+        if self._unwatch_issuing is not None:
+            self._unwatch_issuing()
         if self.signers is not None:
             await self.signers.stop()
             await self.signers.close()

@@ -14,11 +14,12 @@ from nats.errors import Error as NatsError
 
 from hapki.cara.ports import SigningStore
 from hapki.cara.role import Activity
+from hapki.cara.signer import Signer
 from hapki.contracts import subjects
 from hapki.contracts.errors import Unavailable
 from hapki.runtime.metrics import State
 
-__all__ = ["intents_sample", "queue_sample", "watch_signer"]
+__all__ = ["intents_sample", "queue_sample", "watch_issuing_ca", "watch_signer"]
 
 
 def watch_signer(signer: Activity, member: str) -> Callable[[], None]:
@@ -33,6 +34,16 @@ def watch_signer(signer: Activity, member: str) -> Callable[[], None]:
         epoch.discard(attributes)
 
     return undo
+
+
+def watch_issuing_ca(signer: Signer, member: str, clock: Callable[[], datetime]) -> Callable[[], None]:
+    """Export the seconds left of the issuing CA `signer` issues from now (`hapki.ca.certificate.remaining`,
+    certificate issuing_ca, pki.issuer its name: which CA each member issues from); returns the undo."""
+    gauge = State.of("hapki.ca.certificate.remaining")
+    identity = signer.identity  # a rollover swaps the signer's identity: the caller watches again (pki.issuer)
+    attributes = {"pki.member": member, "pki.certificate": "issuing_ca", "pki.issuer": identity.issuer.name}
+    gauge.watch(attributes, lambda: (identity.cert.not_valid_after_utc - clock()).total_seconds())
+    return lambda: gauge.discard(attributes)
 
 
 def queue_sample(js: JetStreamContext, member: str) -> Callable[[], Awaitable[None]]:

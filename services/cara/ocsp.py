@@ -63,7 +63,7 @@ def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
 
 
 class OcspResponder:
-    """Answers OCSP requests about one issuer."""
+    """Answers OCSP requests about one issuer (OcspRouter: about each issuer a member serves)."""
 
     def __init__(
         self,
@@ -91,6 +91,10 @@ class OcspResponder:
                                for algorithm in _HASHES}
 
     @property
+    def issuer(self) -> str:
+        return self._issuer.name
+
+    @property
     def signer_certificate(self) -> x509.Certificate:
         """The responder certificate this responder signs with now."""
         return self._signer[0]
@@ -101,29 +105,8 @@ class OcspResponder:
         self._signer = (cert, key)
 
     async def respond(self, der: bytes) -> OcspAnswer:
-        """The answer to a DER request; never raises. Counted and timed by status (hapki.ocsp.*).
-
-        Cached responses and malformed requests are answered without a span (thousands a second would bury real
-        traces); a production, a nonce response, unauthorized, tryLater and internalError get a `cara.ocsp` span."""
-        began = time.perf_counter()
-        try:
-            question = parse_request(der)
-        except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
-            if not isinstance(exc, MalformedMessage):
-                log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
-            log.debug("malformed OCSP request: %s", exc)
-            answer = _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-        else:
-            cached = self._cached(question)
-            if cached is not None:
-                answer = OcspAnswer(cached.status, cached.der, cached, "cache")
-            else:
-                with tracer.start_as_current_span("cara.ocsp") as span:
-                    span.set_attribute("pki.serial", format(question.serial, "x"))
-                    answer = await self._answer(question)
-                    span.set_attribute("pki.ocsp_status", answer.status)
-        record(answer.status, time.perf_counter() - began)
-        return answer
+        """The answer to a DER request about this responder's issuer (else unauthorized); never raises."""
+        return await answer(der, lambda question: self)
 
     def _cacheable(self, question: OcspQuestion) -> bool:
         return self._cache is not None and (question.nonce is None or not self._echo_nonce)
@@ -208,6 +191,56 @@ class OcspResponder:
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
         return builder.sign(signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+async def answer(der: bytes, pick: Callable[[OcspQuestion], OcspResponder | None]) -> OcspAnswer:
+    """The answer to a DER request by the responder `pick` names for its CertID (None: unauthorized, RFC 6960
+    2.3); never raises. Counted and timed by status (hapki.ocsp.*).
+
+    Cached responses and malformed requests are answered without a span (thousands a second would bury real
+    traces); a production, a nonce response, unauthorized, tryLater and internalError get a `cara.ocsp` span."""
+    began = time.perf_counter()
+    try:
+        question = parse_request(der)
+    except Exception as exc:  # MalformedMessage; anything else is a parser bug, and still not a 500
+        if not isinstance(exc, MalformedMessage):
+            log.error("OCSP request parser raised %s (a bug, answered malformedRequest)", type(exc).__name__)
+        log.debug("malformed OCSP request: %s", exc)
+        result = _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+    else:
+        responder = pick(question)
+        cached = None if responder is None else responder._cached(question)
+        if cached is not None:
+            result = OcspAnswer(cached.status, cached.der, cached, "cache")
+        else:
+            with tracer.start_as_current_span("cara.ocsp") as span:
+                span.set_attribute("pki.serial", format(question.serial, "x"))
+                result = (_error(ocsp.OCSPResponseStatus.UNAUTHORIZED) if responder is None
+                          else await responder._answer(question))
+                span.set_attribute("pki.ocsp_status", result.status)
+    record(result.status, time.perf_counter() - began)
+    return result
+
+
+class OcspRouter:
+    """Answers OCSP requests about every issuing CA this member serves (one responder each: after a rollover the
+    CA before keeps answering for what it issued); a CertID of none of them is unauthorized."""
+
+    def __init__(self) -> None:
+        self._responders: tuple[OcspResponder, ...] = ()
+
+    @property
+    def issuers(self) -> list[str]:
+        return [responder.issuer for responder in self._responders]
+
+    def add(self, responder: OcspResponder) -> None:
+        self._responders = (*self._responders, responder)  # one assignment: requests in flight see either tuple
+
+    def _pick(self, question: OcspQuestion) -> OcspResponder | None:
+        return next((r for r in self._responders if r.authoritative(question)), None)
+
+    async def respond(self, der: bytes) -> OcspAnswer:
+        return await answer(der, self._pick)
 
 
 class OcspAnswer(NamedTuple):

@@ -61,21 +61,19 @@ class OcspSignerKeeper:
         self._renew_before, self._check_seconds = renew_before, check_seconds
 
     def watch_expiry(self) -> Callable[[], None]:
-        """Export the seconds left of the issuing CA's and the responder's certificates (`hapki.ca.certificate.
-        remaining`, read at each scrape); returns the undo."""
+        """Export the seconds left of the responder's certificate (`hapki.ca.certificate.remaining`, read at each
+        scrape; none while it ends with its issuing CA, whose own end no renewal can pass: an older CA's after a
+        rollover, or the CA in use, `issuing_ca`, in its last weeks); returns the undo."""
         gauge = State.of("hapki.ca.certificate.remaining")
-        issuing = {"pki.member": self._member, "pki.certificate": "issuing_ca"}
-        responder = {"pki.member": self._member, "pki.certificate": "ocsp_signer"}
+        responder = {"pki.member": self._member, "pki.certificate": "ocsp_signer", "pki.issuer": self._issuer.name}
         issuing_after = self._issuer.certificate.not_valid_after_utc
-        gauge.watch(issuing, lambda: (issuing_after - self._clock()).total_seconds())
-        gauge.watch(responder, lambda: (self._responder.signer_certificate.not_valid_after_utc
-                                        - self._clock()).total_seconds())
 
-        def undo() -> None:
-            gauge.discard(issuing)
-            gauge.discard(responder)
+        def remaining() -> float | None:
+            after = self._responder.signer_certificate.not_valid_after_utc
+            return None if after >= issuing_after else (after - self._clock()).total_seconds()
 
-        return undo
+        gauge.watch(responder, remaining)
+        return lambda: gauge.discard(responder)
 
     async def run(self) -> None:
         """Check now, then every `check_seconds`, until cancelled; a failure is logged and retried next time."""

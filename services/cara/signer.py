@@ -27,7 +27,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from hapki.cara import issuance
-from hapki.cara.batch import BatchSteps, Item
+from hapki.cara.batch import BatchSteps, Item, SigningIdentity
 from hapki.cara.config import SignerConfig
 from hapki.cara.ports import IssuerRecord, SigningStore
 from hapki.contracts import subjects
@@ -114,7 +114,6 @@ class Signer:
         serials: Callable[[], int] = issuance.random_serial,
     ) -> None:
         self._nc, self._js, self._store = nc, js, store
-        self._issuer, self._key = issuer, issuer_key
         self._member, self._config, self._clock = member, config, clock
         self._steps = BatchSteps(
             nc=nc, store=store, issuer=issuer, issuer_key=issuer_key, member=member, config=config, clock=clock,
@@ -142,12 +141,25 @@ class Signer:
     @property
     def issuer(self) -> IssuerRecord:
         """The issuing CA this signer signs for (name, certificate, chain)."""
-        return self._issuer
+        return self._steps.identity.issuer
+
+    @property
+    def identity(self) -> SigningIdentity:
+        """The issuing CA this signer signs as from its next batch (record, key, parsed certificate, URLs)."""
+        return self._steps.identity
 
     @property
     def issuer_key(self) -> ec.EllipticCurvePrivateKey:
         """The issuing CA's private key object (in the HSM; sign-only)."""
-        return self._key
+        return self._steps.identity.key
+
+    def use_issuer(self, issuer: IssuerRecord, issuer_key: ec.EllipticCurvePrivateKey,
+                   distribution: issuance.Distribution | None) -> None:
+        """Sign as `issuer` from the next batch on (a rollover, `hapki ca rollover`); batches under way finish as the
+        issuer they started with, so an intent, its signature and its stored certificate always name one issuer."""
+        before = self._steps.identity.issuer.name
+        self._steps.use(SigningIdentity.of(issuer, issuer_key, distribution))
+        log.info("signer %s issues as %s from now on (was %s)", self._member, issuer.name, before)
 
     @property
     def active(self) -> bool:

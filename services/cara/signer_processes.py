@@ -21,7 +21,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hapki.cara import issuance
 from hapki.cara.config import CaraConfig
+from hapki.cara.ports import IssuerRecord
 from hapki.cara.signer import Signer
 from hapki.contracts.errors import Unavailable
 from hapki.runtime.metrics import State
@@ -118,6 +122,14 @@ class SignerProcesses:
         if slot.state == "exited":
             raise Unavailable(f"signer worker {slot.index} of {self._config.member} exited while starting "
                               "(its log lines are in this process's log)", {"worker": slot.index})
+
+    def use_issuer(self, issuer: IssuerRecord, issuer_key: ec.EllipticCurvePrivateKey,
+                   distribution: issuance.Distribution | None) -> None:
+        """Issue as `issuer` from now on (a rollover): the main signer at its next batch, each worker once it read
+        the issuer from the database (a worker started later is told at its start)."""
+        self._signer.use_issuer(issuer, issuer_key, distribution)
+        for slot in self.workers:
+            self._tell(slot, {"issuer": issuer.name})
 
     async def start(self) -> int:
         """Become active: the main signer bumps the epoch; then every worker is told to sign under it."""
@@ -219,6 +231,7 @@ class SignerProcesses:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert slot.proc.stdin is not None and slot.proc.stdout is not None
         self._tell(slot, {"config": self._config.model_dump(mode="json")})
+        self._tell(slot, {"issuer": self._signer.issuer.name})  # the one issued from now, maybe not the config's
         self._tell(slot, {"epoch": self._wanted, "word": self._word})
         try:
             while line := await slot.proc.stdout.readline():

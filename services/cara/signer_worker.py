@@ -3,6 +3,8 @@
 The main CARA process (hapki.cara.signer_processes) starts it as `python -m hapki.cara.signer_worker` and talks to
 it over pipes, one JSON object a line:
   parent -> worker (stdin):  {"config": {...}} once (the member's CaraConfig: paths and env names, never a secret),
+                             {"issuer": name} at the start and after a rollover (issue as this issuing CA, read
+                             from the database, from the next batch on),
                              then words {"epoch": N, "word": w} (sign under N) or {"epoch": null, "word": w}
                              (passive), w counting up. EOF: stop and exit.
   worker -> parent (stdout): {"state": "passive" | "active" | "fenced", "epoch": N | null, "word": w,
@@ -35,6 +37,7 @@ from hapki.cara.config import CaraConfig
 from hapki.cara.role import Ownership, first_of
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
+from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus, eventloop, telemetry
 from hapki.runtime.approval import ApprovalVerifier
 from hapki.runtime.clock import utcnow
@@ -139,16 +142,27 @@ class SignerWorker:
             self.close()
 
 
-async def _commands(worker: SignerWorker, reader: asyncio.StreamReader) -> None:
+async def _commands(worker: SignerWorker, reader: asyncio.StreamReader,
+                    use_issuer: Callable[[str], Awaitable[None]]) -> None:
     """The parent's words, until EOF (the parent closed the pipe or died); then, or on any failure, stop."""
     try:
         while line := await reader.readline():
             try:
                 word = json.loads(line)
-                epoch, number = word["epoch"], int(word["word"])
-            except (ValueError, KeyError, TypeError) as exc:
+                issuer = word.get("issuer")
+                if not isinstance(issuer, str):
+                    epoch, number = word["epoch"], int(word["word"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.error("unreadable word from the main process (%s): %r; stopping", exc, line[:200])
                 break
+            if isinstance(issuer, str):
+                try:
+                    await use_issuer(issuer)
+                except (HapkiError, ValueError) as exc:  # database down, key missing or unsafe: start over later
+                    log.error("cannot issue as %s (%s); stopping (the main process starts this worker again)",
+                              issuer, exc)
+                    break
+                continue
             worker.ask(epoch if isinstance(epoch, int) else None, number)
     finally:
         worker.close()
@@ -189,10 +203,21 @@ async def serve(index: int, out: TextIO) -> None:
             faults=FailPoints(), distribution=issuance.Distribution.at(cfg.public_url, issuer.name))
         worker = SignerWorker(signer, ownership, poll_seconds=cfg.vip_poll_seconds,
                               recheck_seconds=cfg.vip_recheck_seconds, out=out)
+
+        async def use_issuer(name: str) -> None:
+            """Issue as `name` (a rollover): read from the database, its key checked in this process's session."""
+            assert hsm is not None
+            if name == signer.issuer.name:
+                return
+            record = await store.load_issuer(name)
+            await asyncio.to_thread(hsm.verify_keys, [record.key_id])
+            signer.use_issuer(record, hsm.private_key(record.key_id),
+                              issuance.Distribution.at(cfg.public_url, record.name))
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.close)
-        listening = asyncio.create_task(_commands(worker, reader))
+        listening = asyncio.create_task(_commands(worker, reader, use_issuer))
         log.info("signer worker %d of %s ready (pid %d)", index, cfg.member, os.getpid())
         await worker.run()
         listening.cancel()

@@ -102,6 +102,36 @@ class MariaDBSigningStore:
 
         return await self._db.run(body, name="cara.load_issuer")
 
+    async def load_issuers(self) -> tuple[list[IssuerRecord], str | None]:
+        """Every issuing CA stored, oldest first, and the default's name (None: no default)."""
+        async def body(cur: aiomysql.Cursor) -> tuple[list[IssuerRecord], str | None]:
+            await cur.execute("SELECT name, cert_pem, chain_pem, key_id, is_default FROM issuers"
+                              " ORDER BY created_at, name")
+            rows = await cur.fetchall()
+            records = [IssuerRecord(name=r[0], cert_pem=r[1], chain_pem=r[2], key_id=bytes.fromhex(r[3]))
+                       for r in rows]
+            return records, next((r[0] for r in rows if r[4]), None)
+
+        return await self._db.run(body, name="cara.load_issuers")
+
+    async def make_default(self, name: str, *, now: datetime) -> str | None:
+        """Issue from `name` from now on (audited `issuer.default`); the default before, if any (NotFound: no such
+        issuer)."""
+        async def body(cur: aiomysql.Cursor) -> str | None:
+            await cur.execute("SELECT name, is_default FROM issuers FOR UPDATE")
+            rows = dict(await cur.fetchall())
+            if name not in rows:
+                raise NotFound(f"issuer {name} not found", {"issuer": name})
+            before = next((n for n, is_default in rows.items() if is_default), None)
+            if before == name:
+                return before
+            await cur.execute("UPDATE issuers SET is_default = (name = %s)", (name,))
+            await append(cur, AuditRecord(kind=AuditKind.ISSUER_DEFAULT, actor=self._actor, created_at=now,
+                                          issuer=name, detail={"replaces": before}))
+            return before
+
+        return await self._db.run(body, name="cara.make_default")
+
     async def save_issuer(self, record: IssuerRecord, *, default: bool, now: datetime) -> None:
         async def body(cur: aiomysql.Cursor) -> None:
             if default:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -157,6 +158,10 @@ def trace(args: argparse.Namespace) -> int:
     return 0
 
 
+async def ca(args: argparse.Namespace) -> int:
+    return await (ca_rollover if args.ca_command == "rollover" else ca_init)(args)
+
+
 async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.ca_init import create_hierarchy
     from hapki.cara.config import CaraConfig
@@ -235,6 +240,90 @@ async def ca_init(args: argparse.Namespace) -> int:
             (args.out / "issuing.pem").write_text(issuing_pem)
         print(f"created root CA {hierarchy.root_cert.subject.rfc4514_string()}")
         print(f"created issuing CA {name!r}: {hierarchy.issuing_cert.subject.rfc4514_string()}")
+        return 0
+    finally:
+        await db.close()
+
+
+_ISSUER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # it names the CRL: /crl/<name>.crl
+
+
+async def ca_rollover(args: argparse.Namespace) -> int:
+    """A new issuing CA under the current one's root, with its OCSP responder and audit signer, made the default:
+    every CARA member issues from it within `issuers_check_seconds`; the one before keeps serving OCSP and CRLs."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from hapki.cara.ca_init import create_issuing_ca
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.main import hsm_pool
+    from hapki.cara.ports import IssuerRecord
+    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.runtime.audit import audit_signer
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+    from hapki.runtime.migrate import migrate
+
+    telemetry.setup_logging()
+    cfg = load_toml(args.config, CaraConfig)
+    db = Database(cfg.database)
+    try:
+        await migrate(db)
+        store = MariaDBSigningStore(db, actor="cli:ca-rollover")
+        revocations = MariaDBRevocationStore(db, actor="cli:ca-rollover")
+        issuers, default = await store.load_issuers()
+        by_name = {record.name: record for record in issuers}
+        if default is None:
+            print("no issuing CA is the default: run `hapki ca init` first", file=sys.stderr)
+            return 2
+        name = args.name if args.name is not None else next(
+            f"issuing-{n}" for n in range(len(issuers) + 1, 10_000) if f"issuing-{n}" not in by_name)
+        if not _ISSUER_NAME.match(name) or name.endswith("-delta"):
+            print(f"--name {name!r}: letters, digits, '.', '_' and '-', 1 to 64, not ending in -delta (it names "
+                  "the CRL files)", file=sys.stderr)
+            return 2
+        if name == default:
+            print(f"issuer {name!r} is the default already; nothing to do")
+            return 0
+        current = by_name[default]
+        members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
+        with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
+            record = by_name.get(name)
+            if record is None:
+                chain = x509.load_pem_x509_certificates(current.chain_pem.encode())
+                orgs = current.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+                org = str(orgs[0].value) if orgs else "hapki"
+                common_name = args.common_name or f"{org} Issuing CA {len(issuers) + 1}"
+                try:
+                    made = await asyncio.to_thread(create_issuing_ca, pool, root_cert=chain[-1],
+                                                   common_name=common_name, org=org, now=utcnow(),
+                                                   replicate_across=members)
+                except ValueError as exc:
+                    print(f"no rollover: {exc}", file=sys.stderr)
+                    return 1
+                pem = made.cert.public_bytes(serialization.Encoding.PEM).decode()
+                parents = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain[1:])
+                record = IssuerRecord(name=name, cert_pem=pem, chain_pem=pem + parents, key_id=made.key_id)
+                await store.save_issuer(record, default=False, now=utcnow())
+                print(f"created issuing CA {name!r}: {made.cert.subject.rfc4514_string()}, valid until "
+                      f"{made.cert.not_valid_after_utc:%Y-%m-%d}")
+            else:
+                print(f"issuing CA {name!r} exists and is not the default: finishing its rollover")
+            # Its signers before it becomes the default: a member that switches finds them.
+            if await revocations.ocsp_signer(name) is None:
+                await _add_signer(pool, "ocsp", db, revocations, record, members)
+            if await audit_signer(db, name) is None:
+                await _add_signer(pool, "audit", db, revocations, record, members)
+        before = await store.make_default(name, now=utcnow())
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{name}.pem").write_text(record.cert_pem)
+        print(f"issuer {name!r} is the default from now on (it was {before!r}): every CARA member issues from it "
+              f"within {cfg.issuers_check_seconds:g} s; {before!r} keeps answering OCSP and publishing CRLs")
+        if cfg.issuer is not None:
+            print(f"note: this config pins issuer {cfg.issuer!r} ([issuer] in the CARA config); members that pin "
+                  "one keep issuing from it", file=sys.stderr)
         return 0
     finally:
         await db.close()

@@ -27,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     init = ca_sub.add_parser("init", help="create the root and issuing CA with keys in the HSM")
     init.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
     init.add_argument("--out", type=Path, default=None, help="also write root.pem and issuing.pem here")
+    rollover = ca_sub.add_parser(
+        "rollover", help="create a new issuing CA under the same root and issue from it from now on; the one "
+        "before keeps answering OCSP and publishing CRLs for what it issued")
+    rollover.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
+    rollover.add_argument("--name", default=None,
+                          help="the new issuer's name (in CRL URLs; default: issuing-N); an existing one that is "
+                          "not the default yet finishes an interrupted rollover")
+    rollover.add_argument("--common-name", default=None,
+                          help="the new issuing CA's CN (default: '<O> Issuing CA N' after the current one's O)")
+    rollover.add_argument("--out", type=Path, default=None, help="also write <name>.pem (the new issuing CA) here")
 
     clm = sub.add_parser("clm", help="registration authority administration")
     clm_sub = clm.add_subparsers(dest="clm_command", required=True)
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.quiet_asyncio_tls_eof()  # a bench's or the lab's NATS connections over TLS log it when they end
     handler = {
         "serve": commands.serve,
-        "ca": commands.ca_init,
+        "ca": commands.ca,
         "clm": commands.clm_keygen,
         "db": commands.db,
         "audit": commands.audit_verify,

@@ -403,14 +403,18 @@ class Lab:
 
     # --- CA, services, gate ---------------------------------------------------------------------------------
 
-    def _ca_init(self) -> None:
-        """`hapki ca init` on the host (it reaches the database through the router) with both HSM members."""
+    def ca(self, command: str, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """`hapki ca <command> <args>` as an operator runs it on the host (it reaches the database through the
+        router) with the first CARA member's config: both HSM members, the CARA database user. Output captured."""
         cara = self.topo.members_of_tier("cara")[0]
+        argv = [*stack.hapki_command(), "ca", command, "--config", str(self.service_config_path(cara)), *args]
+        return subprocess.run(argv, env=self._child_env(), check=False, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def _ca_init(self) -> None:
+        """`hapki ca init` with both HSM members (Lab.ca)."""
         log_path = self.base_dir / "ca-init.log"
-        argv = [*stack.hapki_command(), "ca", "init", "--config", str(self.service_config_path(cara)),
-                "--out", str(self.config_dir)]
-        result = subprocess.run(argv, env=self._child_env(), check=False, capture_output=True, text=True,
-                                timeout=300)
+        result = self.ca("init", "--out", str(self.config_dir))
         log_path.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise LabError(f"hapki ca init failed ({result.returncode}); see {log_path}:\n"

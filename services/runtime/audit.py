@@ -50,6 +50,8 @@ class AuditKind(str, enum.Enum):
     OCSP_SIGNER_CERTIFYING = "ocsp_signer.certifying"  # the active CARA member is about to renew the OCSP
     # responder's certificate (serial, key, not_after): recorded before the HSM signs it, so a certificate signed
     # by a member that died before storing it is accounted for (a later ocsp_signer.created names its serial)
+    ISSUER_DEFAULT = "issuer.default"  # new certificates are issued by this issuing CA from now on (a rollover:
+    # `replaces` names the one before); the one before keeps answering OCSP and publishing CRLs
 
 
 @dataclass(frozen=True)

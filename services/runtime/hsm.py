@@ -230,6 +230,22 @@ class HSMPool:
             self._public_keys[key_id] = load_der_public_key(der)  # type: ignore[assignment]
         return self._public_keys[key_id]
 
+    def find_key_id(self, public_key: ec.EllipticCurvePublicKey) -> bytes | None:
+        """The CKA_ID of the key pair whose public half is `public_key` in the first usable member, or None: how a
+        ceremony finds a CA's key from its certificate (`hapki ca rollover` and the root key)."""
+
+        def search(member: _Member) -> bytes | None:
+            found = list(member.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,  # list(): finish
+                                                     Attribute.KEY_TYPE: KeyType.EC}))  # the search first
+            for obj in found:
+                if load_der_public_key(encode_ec_public_key(obj)) == public_key:
+                    return bytes(obj[Attribute.ID])
+            return None
+
+        with PKCS11_LOCK:
+            _, key_id = self._run("look a key up by its public key", search)
+        return key_id
+
     def private_key(self, key_id: bytes) -> HSMPrivateKey:
         """A key object for cryptography's builders that signs with `key_id` through this pool."""
         return HSMPrivateKey(self, key_id, self.public_key(key_id))

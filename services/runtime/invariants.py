@@ -23,12 +23,13 @@ CHECKS: dict[str, tuple[str, str]] = {
         "SELECT issuer, serial, COUNT(*) FROM signing_intents GROUP BY issuer, serial HAVING COUNT(*) > 1",
     ),
     "certificate_without_issued_intent": (
-        "every certificate comes from an intent resolved as issued, with the same serial and epoch",
+        "every certificate comes from an intent resolved as issued, with the same issuer, serial and epoch",
         # Everything a diagnosis needs in the row (the chaos suite prints new violating rows): which intent, in
         # which state, from which member and epoch, resolved why.
         "SELECT c.serial, c.request_id, c.intent_id, c.epoch, i.state, i.serial, i.epoch, i.member, i.resolution"
         " FROM certificates c LEFT JOIN signing_intents i ON i.id = c.intent_id"
-        " WHERE i.id IS NULL OR i.state <> 'issued' OR i.serial <> c.serial OR i.epoch <> c.epoch",
+        " WHERE i.id IS NULL OR i.state <> 'issued' OR i.issuer <> c.issuer OR i.serial <> c.serial"
+        " OR i.epoch <> c.epoch",
     ),
     "issued_intent_without_certificate": (
         "every intent resolved as issued has its certificate",

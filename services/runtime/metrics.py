@@ -116,9 +116,10 @@ _SPECS = (
     MetricSpec("hapki.db.node.cluster_size", "gauge", "{node}",
                "The node's wsrep_cluster_size (sampled; absent: not Galera)", ("pki.member", "db.node")),
     MetricSpec("hapki.ca.certificate.remaining", "gauge", "s",
-               "Seconds until a certificate this member signs under expires: pki.certificate issuing_ca (a new "
-               "issuing CA takes a ceremony) or ocsp_signer (renewed by the active member 30 days before)",
-               ("pki.member", "pki.certificate")),
+               "Seconds until a certificate this member signs under expires: pki.certificate issuing_ca (the one "
+               "issued from; `hapki ca rollover` makes a new one) or ocsp_signer, per pki.issuer served (renewed by "
+               "the active member 30 days before; absent while it ends with its issuing CA)",
+               ("pki.member", "pki.certificate", "pki.issuer")),
     # OCSP and CRLs (CARA).
     MetricSpec("hapki.ocsp.responses", "counter", "{response}",
                "OCSP responses by status: good, revoked, unknown, or the error status (malformedRequest, unauthorized, "

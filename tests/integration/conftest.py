@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import aiomysql
 import pytest
 
@@ -17,9 +19,11 @@ from hapki.cara.main import CaraRuntime
 from hapki.cli.client import ClmClient
 from hapki.clm.main import ClmRuntime
 from hapki.clm.store import MariaDBRequestStore
+from hapki.contracts.models import IssueCertificate, IssueReply
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.db import Database
+from helpers.csr import make_csr, make_key
 from telemetry_fixture import memory_exporter
 
 
@@ -74,6 +78,21 @@ async def connected_client(env: LocalEnv) -> AsyncIterator[ClmClient]:
 async def client(env: LocalEnv, services: object) -> AsyncIterator[ClmClient]:
     async with connected_client(env) as c:
         yield c
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def issue_server_certificate(client: ClmClient, name: str, requester: str) -> IssueReply:
+    """A tls-server certificate for `name` (a fresh P-256 key), issued; its reply."""
+    csr_pem, _ = make_csr([name], key=make_key("p256", fresh=True), cn=name)
+    reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester=requester,
+                                                idempotency_key=uuid.uuid4().hex))
+    assert reply.error is None and reply.serial, reply
+    return reply
 
 
 @pytest.fixture

@@ -65,12 +65,6 @@ async def edges(env: LocalEnv) -> AsyncIterator[Edges]:
         await cara.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 def _request(names: list[str], profile: str = "tls-server", **kw: Any) -> dict[str, Any]:
     csr_pem, _ = make_csr(names, key=make_key("p256", fresh=True), cn=names[0])
     return IssueCertificate(csr_pem=csr_pem, profile=profile, requester="tests-http", **kw).model_dump(mode="json")

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
 import aiomysql
 import nats
 import pytest
@@ -92,12 +91,6 @@ async def nats_client(env: LocalEnv, rig: Rig) -> AsyncIterator[ClmClient]:
     async with connected_client(env) as c:
         yield c
     rig.clock.offset = timedelta(0)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 def _tag() -> str:

@@ -24,11 +24,10 @@ from hapki.cli.client import ClmClient
 from hapki.clm.main import ClmRuntime
 from hapki.contracts import subjects
 from hapki.contracts.errors import ErrorCode, FencedOut
-from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReason, RevokeCertificate, RevokeReply
+from hapki.contracts.models import IssueReply, RevocationReason, RevokeCertificate, RevokeReply
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
-from helpers.csr import make_csr, make_key
-from integration.conftest import chain_files, connected_client, query
+from integration.conftest import issue_server_certificate, chain_files, connected_client, query
 from telemetry_fixture import memory_exporter
 
 pytestmark = pytest.mark.integration
@@ -73,18 +72,8 @@ async def nats_client(env: LocalEnv, rig: Rig) -> AsyncIterator[ClmClient]:
         yield c
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 async def _issue(client: ClmClient, name: str) -> IssueReply:
-    csr_pem, _ = make_csr([name], key=make_key("p256", fresh=True), cn=name)
-    reply = await client.issue(IssueCertificate(csr_pem=csr_pem, profile="tls-server", requester="rev-tests",
-                                                idempotency_key=uuid.uuid4().hex))
-    assert reply.error is None and reply.serial, reply
-    return reply
+    return await issue_server_certificate(client, name, "rev-tests")
 
 
 def _revoke(serial: str, reason: str = "key_compromise", requester: str = "alice") -> RevokeCertificate:
@@ -433,7 +422,7 @@ async def test_a_revocation_makes_the_next_ocsp_answer_revoked_on_every_member(e
         # No polls from here on (one now, so the cache stays trusted for its staleness bound): only the event can
         # explain an answer that says revoked.
         for member in (rig.cara, passive):
-            member._ocsp_task.cancel()
+            _cache_poll(member).cancel()
             await member.ocsp_cache.sync()
         began = asyncio.get_running_loop().time()
         assert (await nats_client.revoke(_revoke(issued.serial, "key_compromise"))).error is None
@@ -448,7 +437,17 @@ async def test_a_revocation_makes_the_next_ocsp_answer_revoked_on_every_member(e
         print(f"revoked on both members after {asyncio.get_running_loop().time() - began:.3f} s")
     finally:
         await passive.stop()
-        rig.cara._ocsp_task = asyncio.create_task(rig.cara.ocsp_cache.run())
+        served = rig.cara.issuers.served[rig.cara.issuers.signing]
+        served.cache_task = asyncio.create_task(served.cache.run())
+        served.tasks.append(served.cache_task)
+
+
+def _cache_poll(cara: CaraRuntime) -> asyncio.Task[None]:
+    """The revocation poll of the OCSP cache of the issuing CA `cara` issues from."""
+    assert cara.issuers is not None
+    task = cara.issuers.served[cara.issuers.signing].cache_task
+    assert task is not None
+    return task
 
 
 async def test_a_revocation_without_its_event_is_seen_within_the_staleness_bound(nats_client, rig, http, sql) -> None:

@@ -17,11 +17,14 @@ from typing import Any
 import nats
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from hapki.cara.config import SignerConfig
 from hapki.cara.issuance import random_serial, serial_hex
 from hapki.cara.main import CaraRuntime
-from hapki.cara.ports import Intent, IssuedRecord
+from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
 from hapki.clm.store import MariaDBRequestStore
@@ -532,3 +535,56 @@ async def test_batches_reserving_at_once_never_deadlock(cara, sql, fresh: bool) 
     rows = await query(sql, f"SELECT request_id, state FROM signing_intents WHERE request_id IN"
                             f" ({', '.join(['%s'] * len(ids))})", ids)
     assert sorted(rows) == sorted((request_id, "reserved") for request_id in ids)
+
+
+class _RolledOverWhileReserving(MariaDBSigningStore):
+    """The real store; right after this batch's reservation commits, the signer is switched to another issuing CA
+    (a rollover landing in the middle of a batch)."""
+
+    switch: Callable[[], None] | None = None
+
+    async def reserve_fresh(self, intents: Any, *, epoch: int, member: str, now: datetime) -> bool:
+        reserved = await super().reserve_fresh(intents, epoch=epoch, member=member, now=now)
+        if self.switch is not None:
+            self.switch()
+            self.switch = None
+        return reserved
+
+
+def _software_ca(name: str) -> tuple[IssuerRecord, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = utcnow()
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(random_serial()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return IssuerRecord(name=name, cert_pem=pem, chain_pem=pem, key_id=b"software"), key
+
+
+async def test_a_batch_under_way_when_the_issuer_switches_is_signed_and_stored_as_the_one_it_began_with(
+        env, cara, clm_store, bus, sql) -> None:
+    """A rollover between a batch's reservation and its signatures: the batch's intents, signatures and rows all name
+    the CA it reserved under; the next batch is the new CA's."""
+    nc, _ = bus
+    assert cara.db is not None
+    store = _RolledOverWhileReserving(cara.db)
+    signer = await _signer(cara, store=store)
+    before = signer.issuer
+    other, other_key = _software_ca("rolled-over")
+    store.switch = lambda: signer.use_issuer(other, other_key, None)
+    requests, msgs = await _queued(env, clm_store, nc, cara, "switch", 3)
+
+    await signer.handle_batch(msgs)
+
+    assert all(msg.is_acked for msg in msgs) and signer.issuer == other  # switched, for the next batch
+    rows = await query(sql, "SELECT c.issuer, i.issuer, c.cert_pem FROM certificates c JOIN signing_intents i"
+                            f" ON i.id = c.intent_id WHERE c.request_id IN ({', '.join(['%s'] * 3)})",
+                       [r.request_id for r in requests])
+    assert len(rows) == 3
+    for stored_as, intent_issuer, pem in rows:
+        assert stored_as == intent_issuer == before.name
+        x509.load_pem_x509_certificate(pem.encode()).verify_directly_issued_by(before.certificate)

@@ -22,7 +22,7 @@ class HeldMsg:
 
 
 def _signer() -> Signer:
-    return Signer(nc=None, js=None, store=None, issuer=SimpleNamespace(certificate=None),  # type: ignore[arg-type]
+    return Signer(nc=None, js=None, store=None, issuer=SimpleNamespace(name="ca", certificate=None, chain_pem=""),  # type: ignore[arg-type]
                   issuer_key=None, member="cara-1",  # type: ignore[arg-type]
                   config=SignerConfig(heartbeat_seconds=BEAT), clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
                   approvals=None, profiles={})  # type: ignore[arg-type]

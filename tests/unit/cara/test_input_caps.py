@@ -47,7 +47,7 @@ class FakeNats:
 
 
 def _signer(nc: FakeNats) -> Signer:
-    return Signer(nc=nc, js=None, store=None, issuer=SimpleNamespace(certificate=None),  # type: ignore[arg-type]
+    return Signer(nc=nc, js=None, store=None, issuer=SimpleNamespace(name="ca", certificate=None, chain_pem=""),  # type: ignore[arg-type]
                   issuer_key=None, member="cara-1", config=SignerConfig(),  # type: ignore[arg-type]
                   clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
                   approvals=None, profiles={})  # type: ignore[arg-type]  # never reached: the size cap comes first

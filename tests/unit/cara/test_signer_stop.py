@@ -48,7 +48,7 @@ class Bus:
 async def test_a_message_delivered_after_the_last_fetch_is_handed_back_on_stop() -> None:
     psub = PullRequest()
     signer = Signer(nc=None, js=Bus(psub), store=None,  # type: ignore[arg-type]
-                    issuer=SimpleNamespace(certificate=None), issuer_key=None,  # type: ignore[arg-type]
+                    issuer=SimpleNamespace(name="ca", certificate=None, chain_pem=""), issuer_key=None,  # type: ignore[arg-type]
                     member="cara-1", config=SignerConfig(), clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
                     approvals=None, profiles={})  # type: ignore[arg-type]
     signer._pull(7)  # noqa: SLF001 - start() without the store's epoch bump

@@ -1,0 +1,235 @@
+"""`hapki ca rollover` on real NATS, MariaDB and SoftHSM: a new issuing CA under the same root becomes the default
+while CARA runs (two signer processes), new certificates come from it, and the CA before keeps answering OCSP and
+publishing CRLs for what it issued."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp
+
+from hapki.cara.config import CrlConfig, SignerConfig
+from hapki.cara.main import CaraRuntime
+from hapki.cli.client import ClmClient
+from hapki.clm.main import ClmRuntime
+from hapki.contracts.models import IssueReply, RevocationReason, RevokeCertificate
+from hapki.lab import stack
+from hapki.lab.local import LocalEnv
+from hapki.runtime import invariants
+from integration.conftest import issue_server_certificate, connected_client, query
+from telemetry_fixture import memory_exporter
+
+pytestmark = pytest.mark.integration
+
+LISTEN = "127.0.0.1:0"
+PUBLIC_URL = "https://10.213.2.100"
+
+
+def _config(env: LocalEnv) -> Any:
+    # Two signer processes: the worker must switch too. Small batches, one at a time: both processes sign.
+    return stack.cara_config(env, http_listen=LISTEN, public_url=PUBLIC_URL, crl=CrlConfig(poll_seconds=0.5),
+                             issuers_check_seconds=0.5,
+                             signer=SignerConfig(processes=2, batch=2, batches_in_flight=1))
+
+
+@pytest.fixture(scope="module")
+async def rig(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
+    memory_exporter()
+    cara = CaraRuntime(_config(env))
+    clm = ClmRuntime(stack.clm_config(env, wait_seconds=20.0))
+    await cara.start()
+    await clm.start()
+    try:
+        yield cara, clm
+    finally:
+        await clm.stop()
+        await cara.stop()
+
+
+@pytest.fixture
+async def client(env: LocalEnv, rig: object) -> AsyncIterator[ClmClient]:
+    async with connected_client(env) as c:
+        yield c
+
+
+async def _issue(client: ClmClient, name: str) -> IssueReply:
+    return await issue_server_certificate(client, name, "rollover-tests")
+
+
+def _rollover(env: LocalEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    config = stack.write_config(_config(env), env.base_dir / "cara-rollover.toml")
+    return subprocess.run([*stack.hapki_command(), "ca", "rollover", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _url(runner: Any) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+def _chain(reply: IssueReply) -> list[x509.Certificate]:
+    return [x509.load_pem_x509_certificate(reply.certificate_pem.encode()),
+            *x509.load_pem_x509_certificates(reply.chain_pem.encode())]
+
+
+async def _ocsp(http: aiohttp.ClientSession, cara: CaraRuntime, reply: IssueReply) -> ocsp.OCSPResponse:
+    cert, issuer = _chain(reply)[:2]
+    der = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(Encoding.DER)
+    async with http.post(f"{_url(cara.http)}/ocsp", data=der,
+                         headers={"Content-Type": "application/ocsp-request"}) as resp:
+        assert resp.status == 200
+        return ocsp.load_der_ocsp_response(await resp.read())
+
+
+def _verified_by(response: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Certificate:
+    """The responder certificate of a successful response, checked: issued by `issuer`, and it signed the response."""
+    assert response.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+    [responder] = response.certificates
+    responder.verify_directly_issued_by(issuer)
+    public_key = responder.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(response.signature_hash_algorithm))
+    return responder
+
+
+async def _until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _crl(http: aiohttp.ClientSession, cara: CaraRuntime, issuer: str) -> x509.CertificateRevocationList:
+    async with http.get(f"{_url(cara.http)}/crl/{issuer}.crl") as resp:
+        assert resp.status == 200, await resp.text()
+        return x509.load_der_x509_crl(await resp.read())
+
+
+async def test_rollover_issues_from_the_new_ca_and_the_old_one_keeps_answering(env, rig, client, http, sql) -> None:
+    cara, _ = rig
+    assert cara.signers is not None and cara.issuers is not None
+    await _until(lambda: all(slot.state == "active" for slot in cara.signers.workers), 30, "the worker active")
+    before = await _issue(client, "before-rollover.example.com")
+    old_cert, old_ca, root = _chain(before)
+    assert cara.issuers.signing == "issuing-1"
+
+    done = _rollover(env)
+
+    assert done.returncode == 0, done.stderr
+    assert "'issuing-2' is the default from now on (it was 'issuing-1')" in done.stdout, done.stdout
+    await _until(lambda: cara.issuers.signing == "issuing-2", 10, "the member issues from issuing-2")
+    # Every process of the member issues from the new CA: the worker too (it reports its signatures).
+    worker = cara.signers.workers[0]
+    signed_by_worker = worker.total_signatures
+    after = [await _issue(client, f"after-rollover-{i}.example.com") for i in range(12)]
+    await _until(lambda: worker.total_signatures > signed_by_worker, 10, "the worker signed some")
+    for reply in after:
+        cert, new_ca, new_root = _chain(reply)
+        cert.verify_directly_issued_by(new_ca)
+        new_ca.verify_directly_issued_by(root)  # the same root: relying parties need nothing new
+        assert new_root == root and new_ca != old_ca and new_ca.subject != old_ca.subject
+        assert new_ca.public_key() != old_ca.public_key()
+        [point] = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert point.full_name == [x509.UniformResourceIdentifier(f"{PUBLIC_URL}/crl/issuing-2.crl")]
+    rows = await query(sql, "SELECT issuer, COUNT(*) FROM certificates WHERE request_id IN (SELECT id FROM requests"
+                            " WHERE requester = 'rollover-tests') GROUP BY issuer ORDER BY issuer")
+    assert rows == [("issuing-1", 1), ("issuing-2", 12)]
+
+    # OCSP: each certificate is answered under its own CA's responder.
+    old_answer = await _ocsp(http, cara, before)
+    assert old_answer.certificate_status is ocsp.OCSPCertStatus.GOOD and old_answer.serial_number == old_cert.serial_number
+    _verified_by(old_answer, old_ca)
+    new_answer = await _ocsp(http, cara, after[0])
+    assert new_answer.certificate_status is ocsp.OCSPCertStatus.GOOD
+    _verified_by(new_answer, _chain(after[0])[1])
+
+    # A revocation of what the old CA issued reaches the old CA's CRL and OCSP; the new CA publishes its own.
+    revoked = await client.revoke(RevokeCertificate(serial=before.serial, reason=RevocationReason("key_compromise"),
+                                                    requester="alice"))
+    assert revoked.error is None, revoked
+    deadline = time.monotonic() + 15
+    while (crl := await _crl(http, cara, "issuing-1")).get_revoked_certificate_by_serial_number(
+            old_cert.serial_number) is None:
+        assert time.monotonic() < deadline, "the old CA's CRL does not list the revocation"
+        await asyncio.sleep(0.2)
+    assert crl.is_signature_valid(old_ca.public_key())
+    new_crl = await _crl(http, cara, "issuing-2")
+    assert new_crl.is_signature_valid(_chain(after[0])[1].public_key()) and len(new_crl) == 0
+    assert (await _ocsp(http, cara, before)).certificate_status is ocsp.OCSPCertStatus.REVOKED
+
+    # Audited: the new CA, its signers, and the switch naming the CA before.
+    kinds = await query(sql, "SELECT kind, detail FROM audit_entries WHERE issuer = 'issuing-2' ORDER BY created_at, id")
+    assert [k for k, _ in kinds][:1] == ["issuer.created"] and "issuer.default" in [k for k, _ in kinds]
+    assert '"replaces":"issuing-1"' in dict(kinds)["issuer.default"]
+    assert {k for k, _ in kinds} >= {"ocsp_signer.created", "audit_signer.created"}
+
+
+async def test_requests_in_flight_during_a_rollover_are_each_signed_and_stored_as_one_issuer(env, rig, client,
+                                                                                             sql) -> None:
+    """Batches under way when the signer switches finish as the issuer they started with: every certificate's row,
+    its intent and its signature name the same CA, whichever process signed it."""
+    cara, _ = rig
+    assert cara.issuers is not None
+    replies: list[IssueReply] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:  # waves of 8 concurrent requests, from before the rollover to after the switch
+        wave = 0
+        while not stop.is_set() and wave < 400:
+            wave += 1
+            replies.extend(await asyncio.gather(*(_issue(client, f"in-flight-{wave}-{i}.example.com")
+                                                  for i in range(8))))
+
+    loading = asyncio.create_task(load())
+    done = await asyncio.to_thread(_rollover, env)
+    assert done.returncode == 0, done.stderr
+    await _until(lambda: cara.issuers.signing == "issuing-3", 10, "the member issues from issuing-3")
+    await asyncio.sleep(0.5)
+    stop.set()
+    await loading
+    replies.append(await _issue(client, "after-second-rollover.example.com"))
+
+    cas = {name: x509.load_pem_x509_certificate(pem.encode())
+           for name, pem in await query(sql, "SELECT name, cert_pem FROM issuers")}
+    rows = await query(sql, "SELECT c.issuer, i.issuer, c.cert_pem, c.serial FROM certificates c"
+                            " JOIN signing_intents i ON i.id = c.intent_id")
+    for stored_as, intent_issuer, pem, serial in rows:
+        assert intent_issuer == stored_as, serial
+        x509.load_pem_x509_certificate(pem.encode()).verify_directly_issued_by(cas[stored_as])
+    by_serial = {serial: issuer for issuer, _, _, serial in rows}
+    for reply in replies:  # the chain each client got is its certificate's issuer's
+        cert, ca = _chain(reply)[:2]
+        cert.verify_directly_issued_by(ca)
+        assert ca == cas[by_serial[reply.serial]]
+    assert by_serial[replies[-1].serial] == "issuing-3"
+    assert {by_serial[reply.serial] for reply in replies} == {"issuing-2", "issuing-3"}, "issued across the switch"
+    async with sql.cursor() as cur:
+        assert await invariants.check_all(cur) == {name: [] for name in invariants.CHECKS}
+
+
+async def test_a_second_rollover_to_the_default_changes_nothing(env, rig, sql) -> None:
+    [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
+
+    done = _rollover(env, "--name", "issuing-3")
+
+    assert done.returncode == 0, done.stderr
+    assert "is the default already; nothing to do" in done.stdout
+    assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
+
+
+async def test_an_unusable_name_is_refused_before_any_key_is_made(env, rig, sql) -> None:
+    [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
+    for name in ("../evil", "ca-delta", "x" * 65, ""):
+        done = _rollover(env, "--name", name)
+        assert done.returncode == 2 and "--name" in done.stderr, (name, done.stdout, done.stderr)
+    assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
