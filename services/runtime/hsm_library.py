@@ -9,18 +9,44 @@
   paths (a copied file is a separate library instance with its own state).
 - Someone else in the process may load or finalize the same path through python-pkcs11 directly (its cache is
   per path); `get()` re-initializes a finalized library, and the sessions it voided fail and are reopened.
+- SoftHSM's C_Initialize looks for OpenSSL's rdrand engine, which OpenSSL 3 lacks, and leaves the failure (ENGINE
+  NO_SUCH_ENGINE) on the calling thread's OpenSSL error queue. Python's ssl module links the same libcrypto and
+  reads that queue when a TLS read returns no data yet: the next read of any TLS connection on that thread (a
+  database or NATS connection on the event loop's) then fails as "Lost connection ... no such engine", once.
+  Every load, initialize, reinitialize and finalize here clears the calling thread's queue afterwards
+  (`clear_openssl_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pkcs11
+
+def _error_queue_clearer() -> Callable[[], None]:
+    """ERR_clear_error of the libcrypto the ssl module uses (the system's, which SoftHSM links too); a no-op where
+    there is none to find."""
+    import ssl  # noqa: F401  (loads _ssl, and with it libcrypto, before it is looked up by name)
+
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        return lambda: None
+    try:
+        clear: Callable[[], None] = ctypes.CDLL(name).ERR_clear_error
+    except (OSError, AttributeError):
+        return lambda: None
+    return clear
+
+
+clear_openssl_errors = _error_queue_clearer()
+"""Empty the calling thread's OpenSSL error queue (see the module's docstring: what SoftHSM leaves there)."""
 
 PKCS11_LOCK = threading.Lock()
 """Held around every PKCS#11 call in the process (SoftHSM is not thread-safe under python-pkcs11)."""
@@ -68,6 +94,8 @@ class Library:
                 self.lib.finalize()
             except pkcs11.PKCS11Error:
                 pass  # python-pkcs11 marks it uninitialized either way; get() initializes again
+            finally:
+                clear_openssl_errors()
 
     @contextlib.contextmanager
     def _conf_in_env(self) -> Iterator[None]:
@@ -88,11 +116,11 @@ class Library:
     def get(self) -> Any:
         """The initialized library, loading or initializing it first when needed."""
         if self.lib is None:
-            with self._conf_in_env():
+            with self._conf_in_env(), _then_clear_openssl_errors():
                 self.lib = pkcs11.lib(self.path)
             self.generation += 1
         elif not self.lib.initialized:  # finalized by detach, a failed reinitialize, or code outside this module
-            with self._conf_in_env():
+            with self._conf_in_env(), _then_clear_openssl_errors():
                 self.lib.initialize()
             self.generation += 1
         return self.lib
@@ -102,9 +130,17 @@ class Library:
         if self.lib is None or not self.lib.initialized:
             return self.get()
         self.generation += 1
-        with self._conf_in_env():
+        with self._conf_in_env(), _then_clear_openssl_errors():
             self.lib.reinitialize()
         return self.lib
+
+
+@contextlib.contextmanager
+def _then_clear_openssl_errors() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        clear_openssl_errors()
 
 
 _LIBRARIES: dict[str, Library] = {}

@@ -127,6 +127,7 @@ async def test_rollover_issues_from_the_new_ca_and_the_old_one_keeps_answering(e
 
     assert done.returncode == 0, done.stderr
     assert "'issuing-2' is the default from now on (it was 'issuing-1')" in done.stdout, done.stdout
+    assert "unusable" not in done.stderr, done.stderr  # the HSM's C_Initialize left the TLS connections alone
     await _until(lambda: cara.issuers.signing == "issuing-2", 10, "the member issues from issuing-2")
     # Every process of the member issues from the new CA: the worker too (it reports its signatures).
     worker = cara.signers.workers[0]
