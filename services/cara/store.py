@@ -114,6 +114,14 @@ class MariaDBSigningStore:
 
         return await self._db.run(body, name="cara.load_issuers")
 
+    async def issued_per_issuer(self) -> dict[str, int]:
+        """Certificates stored, by issuer (reads the certificates' primary key: about a second per million)."""
+        async def body(cur: aiomysql.Cursor) -> dict[str, int]:
+            await cur.execute("SELECT issuer, COUNT(*) FROM certificates GROUP BY issuer")
+            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+        return await self._db.run(body, name="cara.issued_per_issuer")
+
     async def make_default(self, name: str, *, now: datetime) -> str | None:
         """Issue from `name` from now on (audited `issuer.default`); the default before, if any (NotFound: no such
         issuer)."""

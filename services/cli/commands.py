@@ -159,7 +159,66 @@ def trace(args: argparse.Namespace) -> int:
 
 
 async def ca(args: argparse.Namespace) -> int:
-    return await (ca_rollover if args.ca_command == "rollover" else ca_init)(args)
+    return await {"init": ca_init, "list": ca_list, "rollover": ca_rollover}[args.ca_command](args)
+
+
+async def ca_list(args: argparse.Namespace) -> int:
+    """The issuing CAs of a site, newest first: what an operator checks before and after `hapki ca rollover`."""
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.runtime.audit import audit_signer
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+
+    telemetry.setup_logging("WARNING")
+    cfg = load_toml(args.config, CaraConfig)
+    db = Database(cfg.database)
+    try:
+        store = MariaDBSigningStore(db, actor="cli:ca-list")
+        revocations = MariaDBRevocationStore(db, actor="cli:ca-list")
+        issuers, default = await store.load_issuers()
+        issued = await store.issued_per_issuer()
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        for record in reversed(issuers):
+            cert = record.certificate
+            responder = await revocations.ocsp_signer(record.name)
+            crl = await revocations.latest_crl(record.name, delta=False)
+            rows.append({
+                "name": record.name, "default": record.name == default,
+                "issued_from": record.name == (cfg.issuer or default),
+                "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+                "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat(),
+                "days_left": (cert.not_valid_after_utc - now).days, "key_id": record.key_id.hex(),
+                "certificates": issued.get(record.name, 0),
+                "ocsp_responder_not_after": None if responder is None
+                else responder.certificate.not_valid_after_utc.isoformat(),
+                "audit_signer": await audit_signer(db, record.name) is not None,
+                "full_crl": None if crl is None else {"number": crl.number, "entries": crl.entries,
+                                                      "this_update": crl.this_update.isoformat()},
+            })
+    finally:
+        await db.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no issuing CA: run `hapki ca init`")
+    for row in rows:
+        role = " (default, issued from)" if row["issued_from"] and row["default"] else \
+            " (issued from: pinned by this config)" if row["issued_from"] else " (default)" if row["default"] else ""
+        crl = row["full_crl"]
+        crl_text = "none yet" if crl is None else (f"{crl['number']} of {crl['this_update'][:16]} UTC, "
+                                                   f"{crl['entries']} entries")
+        responder = row["ocsp_responder_not_after"]
+        print(f"{row['name']}{role}: {row['subject']}\n"
+              f"  valid {row['not_before'][:10]} to {row['not_after'][:10]} ({row['days_left']} days left), "
+              f"certified by {row['issuer']}, key {row['key_id']}\n"
+              f"  {row['certificates']} certificates; full CRL {crl_text}; OCSP responder until "
+              f"{responder[:10] if responder else 'none (run `hapki ca init`)'}; "
+              f"audit signer {'yes' if row['audit_signer'] else 'none'}")
+    return 0
 
 
 async def ca_init(args: argparse.Namespace) -> int:
@@ -469,10 +528,20 @@ async def audit_verify(args: argparse.Namespace) -> int:
             print("--anchor takes SEQ:HASH (64 hex digits), as printed by an earlier verify", file=sys.stderr)
             return 2
         anchor = (int(seq), digest.lower())
+    root = None
+    if args.root is not None:
+        from cryptography import x509
+
+        try:
+            root = x509.load_pem_x509_certificate(args.root.read_bytes())
+        except (OSError, ValueError) as exc:
+            print(f"--root {args.root}: not a PEM certificate ({exc})", file=sys.stderr)
+            return 2
     telemetry.setup_logging("WARNING")
     db = Database(load_toml(args.config, _DatabaseSection).database)
     try:
-        report = await verify_database(db, now=utcnow(), grace=timedelta(seconds=args.grace), anchor=anchor)
+        report = await verify_database(db, now=utcnow(), grace=timedelta(seconds=args.grace), anchor=anchor,
+                                       root=root)
     finally:
         await db.close()
     if args.json:

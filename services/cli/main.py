@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     init = ca_sub.add_parser("init", help="create the root and issuing CA with keys in the HSM")
     init.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
     init.add_argument("--out", type=Path, default=None, help="also write root.pem and issuing.pem here")
+    ca_list = ca_sub.add_parser(
+        "list", help="the issuing CAs: which one is issued from, their validity, OCSP responder, audit signer, "
+        "latest CRL and certificates issued")
+    ca_list.add_argument("--config", type=Path, required=True, help="CARA config (TOML): the database")
+    ca_list.add_argument("--json", action="store_true", help="print JSON")
     rollover = ca_sub.add_parser(
         "rollover", help="create a new issuing CA under the same root and issue from it from now on; the one "
         "before keeps answering OCSP and publishing CRLs for what it issued")
@@ -76,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds an entry may stay unchained before that is a finding (sealer down)")
     verify.add_argument("--anchor", default=None, metavar="SEQ:HASH",
                         help="a head printed by an earlier verify and kept elsewhere: it must still be in the chain")
+    verify.add_argument("--root", type=Path, default=None, metavar="PEM",
+                        help="the site's root CA certificate, kept elsewhere: checkpoints count only when signed by "
+                        "an audit signer of an issuing CA this root certified (the database's issuers are not "
+                        "trusted on their own)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
     issue = sub.add_parser("issue", help="request a certificate over NATS")

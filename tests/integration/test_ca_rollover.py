@@ -5,8 +5,10 @@ publishing CRLs for what it issued."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -216,6 +218,65 @@ async def test_requests_in_flight_during_a_rollover_are_each_signed_and_stored_a
     assert {by_serial[reply.serial] for reply in replies} == {"issuing-2", "issuing-3"}, "issued across the switch"
     async with sql.cursor() as cur:
         assert await invariants.check_all(cur) == {name: [] for name in invariants.CHECKS}
+
+
+async def test_the_audit_log_verifies_with_checkpoints_signed_before_and_after_the_rollover(env, rig, client,
+                                                                                           sql) -> None:
+    """The sealer signs checkpoints with the audit signer of the CA issued from; `hapki audit verify` checks each
+    under its own signer's certificate, which its own issuing CA certified."""
+    await _issue(client, "audit-after-rollover.example.com")  # something new to chain and sign
+    deadline = time.monotonic() + 15
+    while True:
+        signers = dict(await query(sql, "SELECT issuer, COUNT(*) FROM audit_checkpoints GROUP BY issuer"))
+        head = (await query(sql, "SELECT h.seq, (SELECT MAX(seq) FROM audit_checkpoints) FROM audit_head h"))[0]
+        if head[0] == head[1] and set(signers) >= {"issuing-1", "issuing-3"}:
+            break
+        assert time.monotonic() < deadline, (signers, head)
+        await asyncio.sleep(0.2)
+    config = stack.write_config(_config(env), env.base_dir / "cara-audit.toml")
+
+    async def verify(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run, [*stack.hapki_command(), "audit", "verify", "--config", str(config), "--json", *args],
+            capture_output=True, text=True, timeout=120)
+
+    for pinned in ((), ("--root", str(env.base_dir / "root.pem"))):  # `hapki ca init --out` wrote the root there
+        done = await verify(*pinned)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["ok"] is True
+    # Pinned to another root, no checkpoint counts: the database's issuers are not trusted on their own.
+    stranger = env.base_dir / "stranger-root.pem"
+    stranger.write_bytes(_self_signed("stranger root").public_bytes(Encoding.PEM))
+    done = await verify("--root", str(stranger))
+    assert done.returncode == 1
+    assert {f["problem"] for f in json.loads(done.stdout)["findings"]} == {"checkpoint_invalid"}
+
+
+def _self_signed(name: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+
+
+async def test_ca_list_names_every_issuer_and_the_one_issued_from(env, rig, sql) -> None:
+    config = stack.write_config(_config(env), env.base_dir / "cara-list.toml")
+    listed = await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", "list", "--config", str(config),
+                                                      "--json"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["name"] for r in rows] == ["issuing-3", "issuing-2", "issuing-1"]  # newest first
+    assert [(r["default"], r["issued_from"]) for r in rows] == [(True, True), (False, False), (False, False)]
+    counts = dict(await query(sql, "SELECT issuer, COUNT(*) FROM certificates GROUP BY issuer"))
+    assert {r["name"]: r["certificates"] for r in rows} == {name: counts.get(name, 0) for name in
+                                                           ("issuing-1", "issuing-2", "issuing-3")}
+    assert all(r["ocsp_responder_not_after"] and r["audit_signer"] and 3640 < r["days_left"] <= 3653 for r in rows)
+    assert rows[2]["full_crl"]["entries"] >= 1  # the revocation of the first test
+    text = await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", "list", "--config", str(config)],
+                                   capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0 and text.stdout.startswith("issuing-3 (default, issued from): CN=hapki Issuing CA 3")
 
 
 async def test_a_second_rollover_to_the_default_changes_nothing(env, rig, sql) -> None:
