@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hapki.lab.cluster import wait_until
-from hapki.lab.load import crash_member
+from hapki.lab.load import connect_db, crash_member
 from hapki.lab.vrrp import vrrp_story
 
 __all__ = ["ALIASES", "SCENARIOS", "Scenario", "signing_stream_leader"]
@@ -255,6 +255,37 @@ def _nats_restart(lab: Any, ctx: dict[str, Any]) -> None:
     lab.start_data_node(f"nats@{ctx['node']}")
 
 
+# --- operations under load --------------------------------------------------------------------------------------
+
+ROLLOVER_SWITCH_SECONDS = 12.0  # the members read the issuers every 10 s (`issuers_check_seconds`), plus a margin
+
+
+def _rollover(lab: Any, ctx: dict[str, Any]) -> float:
+    """`hapki ca rollover` as an operator runs it; the moment is when the new CA became the default."""
+    done = lab.ca("rollover")
+    if done.returncode != 0:
+        raise RuntimeError(f"hapki ca rollover failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
+    ctx["issuer"] = done.stdout.split("issuer '", 1)[1].split("'", 1)[0]
+    return time.time()
+
+
+def _rollover_issued_from(lab: Any, ctx: dict[str, Any]) -> None:
+    """Not an undo: the check that the active member issues from the new CA by now (its newest certificates)."""
+
+    async def newest() -> set[str]:
+        conn = await connect_db(lab)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT issuer FROM certificates ORDER BY created_at DESC LIMIT 5")
+                return {row[0] for row in await cur.fetchall()}
+        finally:
+            conn.close()
+
+    if wait_until(lambda: asyncio.run(newest()) == {ctx["issuer"]}, 5.0, 0.2) is None:
+        raise RuntimeError(f"{ROLLOVER_SWITCH_SECONDS:.0f} s after the rollover the newest certificates come from "
+                           f"{asyncio.run(newest())}, not {ctx['issuer']}")
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("cara-crash", "SIGSTOP+SIGKILL every process of the active CARA member (keepalived included)",
              _cara_crash, kind="cara"),
@@ -282,6 +313,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _hsm_down, _hsm_up, kind="other"),
     Scenario("nats-node-kill", "SIGKILL the NATS server leading the PKI_SIGNING stream; restart it after `hold`",
              _nats_kill, _nats_restart, kind="other"),
+    Scenario("ca-rollover", "not a failure: `hapki ca rollover` under load (a new issuing CA becomes the default; "
+             "every member switches within `issuers_check_seconds`); after `hold` the newest certificates must come "
+             "from it", _rollover, _rollover_issued_from, hold=ROLLOVER_SWITCH_SECONDS, kind="other"),
 ]}
 # Other names accepted on the command line.
 ALIASES = {"signer-crash-between-sign-and-commit": "signer-crash"}

@@ -29,6 +29,8 @@ RESUME_BOUND = {
     # nats-node-kill: a follower campaigns 4-9 s (random) after the stream leader's last heartbeat (nats-server's
     # raft election timeout, a constant; RELIABILITY.md), then clients retry: 5.6-8.2 s measured, 12 s allowed.
     "nats-node-kill": 12.0,
+    # ca-rollover: no failure; the first request after it is answered as fast as any (measured 0.02-0.05 s).
+    "ca-rollover": 2.0,
 }
 # db scenarios: seconds from Galera committing again (the chaos probe's writes) to the first signature. The CA
 # must resume as soon as Galera does; db-minority adds the VIP move: two failed checks of the track script at 1 s
