@@ -588,3 +588,32 @@ async def test_a_batch_under_way_when_the_issuer_switches_is_signed_and_stored_a
     for stored_as, intent_issuer, pem in rows:
         assert stored_as == intent_issuer == before.name
         x509.load_pem_x509_certificate(pem.encode()).verify_directly_issued_by(before.certificate)
+
+
+async def test_a_redelivery_after_a_rollover_gets_the_chain_of_the_ca_that_issued_it(env, cara, clm_store, bus,
+                                                                                    sql) -> None:
+    """Answered from the database, not signed again: the chain in the answer is the stored certificate's CA's,
+    not the one the signer issues from now."""
+    nc, events = bus
+    signer = await _signer(cara)
+    before = signer.issuer
+    requests, msgs = await _queued(env, clm_store, nc, cara, "redelivered-after-rollover", 1)
+    await signer.handle_batch(msgs)
+    [request] = requests
+    other, other_key = _software_ca("rolled-over")
+    signer.use_issuer(other, other_key, None)
+    try:
+        await _publish(nc, request, msg_id=f"{request.request_id}-again")  # the same request, delivered again
+        again = await _fetch(cara, 1)
+        await signer.handle_batch(again)
+    finally:
+        signer.use_issuer(before, cara.signer.issuer_key, None)  # type: ignore[union-attr]
+    assert again[0].is_acked and signer.signatures == 1  # answered, not signed again
+    for _ in range(100):
+        if len([e for e in events if e.request_id == request.request_id]) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    answers = [e for e in events if e.request_id == request.request_id]
+    assert len(answers) == 2 and answers[0].serial == answers[1].serial
+    assert [e.issuer for e in answers] == [before.name, before.name]
+    assert [e.chain_pem for e in answers] == [before.chain_pem, before.chain_pem]
