@@ -21,7 +21,7 @@ pytestmark = pytest.mark.lab
 # Alerts on the lab's present state only (no rate over minutes that an earlier test's faults may still fill).
 STATE_ALERTS = {"HapkiNoActiveSigner", "HapkiTwoActiveSigners", "HapkiNoActiveMember", "HapkiVipOnTwoMembers",
                 "HapkiServiceDown", "HapkiHsmMemberDown", "HapkiDatabaseNodeDown", "HapkiGaleraDegraded",
-                "HapkiSigningIntentUnresolved"}
+                "HapkiSigningIntentUnresolved", "HapkiMembersIssueFromDifferentCas"}
 QUIET_WAIT = 30.0  # after the fixture healed an earlier test's fault: a few scrapes and evaluations (2 s each)
 FIRING_WAIT = 60.0  # HapkiHsmMemberDown's `for` is 30 s
 
