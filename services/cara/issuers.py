@@ -2,7 +2,8 @@
 
 Every issuing CA stored (table `issuers`) whose certificate has not ended is served on every member: its CRLs
 (published while the member is active), OCSP answers about what it issued (every member), and its OCSP responder's
-certificate renewal (hapki.cara.ocsp_signer). One of them is issued from: the one the config pins (`issuer`), else
+certificate renewal (hapki.cara.ocsp_signer); once its certificate ends (and with it everything it issued) it is no
+longer served. One of them is issued from: the one the config pins (`issuer`), else
 the default. `hapki ca rollover` stores a new issuing CA with its OCSP responder and audit signer, then makes it the
 default; each member reads the issuers every `issuers_check_seconds`, serves a new one, and when the default moved
 tells its signer processes (from their next batch) and its audit sealer to use it. The CA before keeps answering
@@ -69,6 +70,9 @@ class Issuers:
         now = self._clock()
         for record in records:
             await self._serve(record, now)
+        for name, served in list(self.served.items()):
+            if name != self.signing and served.record.certificate.not_valid_after_utc <= now:
+                await self._retire(name)
         wanted = self._config.issuer or default
         if wanted is not None and wanted != self.signing:
             record = next((r for r in records if r.name == wanted), None)
@@ -102,14 +106,23 @@ class Issuers:
             served.cache.invalidate(serial)
 
     async def close(self) -> None:
-        for served in self.served.values():
-            for task in served.tasks:
-                await cancel_and_wait(task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
-            if served.unwatch is not None:
-                served.unwatch()
-            if served.cache is not None:
-                await served.cache.close()
-        self.served.clear()
+        for name in list(self.served):
+            await self._retire(name, ended=False)
+
+    async def _retire(self, name: str, *, ended: bool = True) -> None:
+        """Stop serving an issuing CA: its certificate ended, and with it everything it issued (or at close)."""
+        served = self.served.pop(name)
+        if served.responder is not None:
+            self.router.remove(served.responder)
+        for task in served.tasks:
+            await cancel_and_wait(task)  # again and again: a cancel can be lost (hapki.runtime.tasks)
+        if served.unwatch is not None:
+            served.unwatch()
+        if served.cache is not None:
+            await served.cache.close()
+        if ended:
+            log.info("issuing CA %s ended %s: no more CRLs or OCSP answers about it", name,
+                     served.record.certificate.not_valid_after_utc.isoformat())
 
     async def _serve(self, record: IssuerRecord, now: datetime) -> None:
         cfg = self._config

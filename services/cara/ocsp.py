@@ -236,6 +236,9 @@ class OcspRouter:
     def add(self, responder: OcspResponder) -> None:
         self._responders = (*self._responders, responder)  # one assignment: requests in flight see either tuple
 
+    def remove(self, responder: OcspResponder) -> None:
+        self._responders = tuple(r for r in self._responders if r is not responder)
+
     def _pick(self, question: OcspQuestion) -> OcspResponder | None:
         return next((r for r in self._responders if r.authoritative(question)), None)
 

@@ -279,6 +279,42 @@ async def test_ca_list_names_every_issuer_and_the_one_issued_from(env, rig, sql)
     assert text.returncode == 0 and text.stdout.startswith("issuing-3 (default, issued from): CN=hapki Issuing CA 3")
 
 
+async def test_an_issuing_ca_that_ended_is_no_longer_served(env, rig, client, http) -> None:
+    """Eleven years on (a member's clock), issuing-1 and issuing-2 have ended and so has everything they issued:
+    no CRL publisher, no OCSP answer about them; the CA issued from is kept whatever its end."""
+    cara, _ = rig
+    before_end = await _issue(client, "served-until-its-ca-ends.example.com")  # issuing-3
+    now = [datetime.now(UTC)]
+    other = CaraRuntime(stack.cara_config(env, member="cara-9", http_listen=LISTEN, issuers_check_seconds=3600),
+                        clock=lambda: now[0])
+    await other.open()  # passive: it serves OCSP and keeps the publishers, signs nothing
+    try:
+        assert other.issuers is not None
+        assert set(other.issuers.served) == {"issuing-1", "issuing-2", "issuing-3"}
+        assert other.issuers.router.issuers == ["issuing-1", "issuing-2", "issuing-3"]
+        now[0] += timedelta(days=11 * 366)
+        await other.issuers.refresh()
+        assert set(other.issuers.served) == {"issuing-3"} and other.issuers.router.issuers == ["issuing-3"]
+        old = await _ocsp(http, other, _first_of(cara, "issuing-1"))
+        assert old.response_status is ocsp.OCSPResponseStatus.UNAUTHORIZED
+        kept = await _ocsp(http, other, before_end)
+        assert kept.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+    finally:
+        await other.stop()
+
+
+def _first_of(cara: CaraRuntime, issuer: str) -> IssueReply:
+    """A stand-in reply for an OCSP request about `issuer` (a certificate number 1 under that CA's name and key)."""
+    served = cara.issuers.served[issuer]  # type: ignore[union-attr]
+    ca = served.record.certificate
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(datetime.now(UTC)).not_valid_after(datetime.now(UTC))
+            .sign(key, hashes.SHA256()))
+    return IssueReply(request_id="0" * 32, status="issued", serial="01",
+                      certificate_pem=leaf.public_bytes(Encoding.PEM).decode(), chain_pem=served.record.chain_pem)
+
+
 async def test_a_second_rollover_to_the_default_changes_nothing(env, rig, sql) -> None:
     [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
 
