@@ -162,7 +162,8 @@ class Issuers:
             store=self._revocations, issuer=record, issuing_key=self._hsm.private_key(record.key_id),
             responder=served.responder, signer_key=self._hsm.private_key, activity=self._activity,
             member=cfg.member, renew_before=timedelta(days=cfg.ocsp.signer_renew_before_days),
-            check_seconds=cfg.ocsp.signer_check_seconds, clock=self._clock,
+            check_seconds=cfg.ocsp.signer_check_seconds, clock=self._clock, key_id=signer.key_id,
+            check_keys=self._hsm.verify_keys,
         )
         served.unwatch = served.keeper.watch_expiry()
         served.cache_task = asyncio.create_task(served.cache.run())

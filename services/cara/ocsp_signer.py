@@ -4,7 +4,7 @@ signing with the newest one.
 The delegated responder certificate lives 90 days (it carries id-pkix-ocsp-nocheck, so relying parties cannot
 check its revocation: hapki.cara.ca_init). Without renewal every OCSP answer would stop verifying on day 90 after
 `hapki ca init`. Each member reads which certificate is newest every `[ocsp] signer_check_seconds` and signs with
-it from then on; the active member first certifies the same HSM key again when fewer than
+it from then on (a new key too, from `hapki ca ocsp-rekey`, once the HSM shows it sign-only); the active member first certifies the same HSM key again when fewer than
 `signer_renew_before_days` are left. That needs no new key, so CARA's read-only HSM sessions suffice, and the copy
 of the key in every HSM member keeps working.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -54,9 +54,13 @@ class OcspSignerKeeper:
     def __init__(self, *, store: SignerStore, issuer: IssuerRecord, issuing_key: ec.EllipticCurvePrivateKey,
                  responder: OcspResponder, signer_key: Callable[[bytes], ec.EllipticCurvePrivateKey],
                  activity: Activity, member: str, renew_before: timedelta, check_seconds: float,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], key_id: bytes | None = None,
+                 check_keys: Callable[[Sequence[bytes]], None] | None = None) -> None:
+        """`key_id`: the responder's key now; `check_keys`: raises ValueError for a key not to sign with (a new key
+        from `hapki ca ocsp-rekey` is checked before it is used: HSMPool.verify_keys)."""
         self._store, self._issuer, self._issuing_key = store, issuer, issuing_key
         self._responder, self._signer_key = responder, signer_key
+        self._key_id, self._check_keys = key_id, check_keys
         self._activity, self._member, self._clock = activity, member, clock
         self._renew_before, self._check_seconds = renew_before, check_seconds
 
@@ -82,6 +86,8 @@ class OcspSignerKeeper:
                 await self.tick()
             except FencedOut as exc:
                 log.info("OCSP signer renewal: fenced out (the signer steps down on its own): %s", exc)
+            except ValueError as exc:  # check_keys refused a new responder key: the one in use stays
+                log.error("OCSP responses of %s stay under the responder in use: %s", self._issuer.name, exc)
             except HapkiError as exc:
                 log.warning("OCSP signer check failed: %s; retrying in %.0f s", exc, self._check_seconds)
             except Exception:  # a bug must not end the checks (nor the service): logged with its traceback
@@ -96,7 +102,7 @@ class OcspSignerKeeper:
         epoch = self._activity.epoch
         if self._activity.active and epoch is not None and self._due(newest):
             newest = await self.renew(newest, epoch)
-        self._use(newest)
+        await self._use(newest)
         return newest
 
     def _due(self, record: OcspSignerRecord) -> bool:
@@ -124,10 +130,13 @@ class OcspSignerKeeper:
                  current.certificate.not_valid_after_utc.isoformat())
         return record
 
-    def _use(self, record: OcspSignerRecord) -> None:
+    async def _use(self, record: OcspSignerRecord) -> None:
         cert = record.certificate
         if cert == self._responder.signer_certificate:
             return
+        if record.key_id != self._key_id and self._check_keys is not None:  # a new key (`hapki ca ocsp-rekey`)
+            await asyncio.to_thread(self._check_keys, [record.key_id])
         self._responder.use_signer(cert, self._signer_key(record.key_id))
+        self._key_id = record.key_id
         log.info("OCSP responses of %s are signed under responder certificate %x from now on (until %s)",
                  self._issuer.name, cert.serial_number, cert.not_valid_after_utc.isoformat())

@@ -176,12 +176,12 @@ class MariaDBRevocationStore:
         return await self._db.run(body, name="cara.ocsp_revocations")
 
     async def ocsp_signer(self, issuer: str) -> OcspSignerRecord | None:
-        """The issuer's delegated OCSP signer valid longest."""
+        """The issuer's delegated OCSP signer valid longest (of two ending on the same second, the newer)."""
 
         async def body(cur: aiomysql.Cursor) -> OcspSignerRecord | None:
             await cur.execute(
-                "SELECT cert_pem, key_id FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC LIMIT 1",
-                (issuer,))
+                "SELECT cert_pem, key_id FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC, created_at DESC"
+                " LIMIT 1", (issuer,))
             row = await cur.fetchone()
             return None if row is None else OcspSignerRecord(issuer=issuer, cert_pem=row[0],
                                                              key_id=bytes.fromhex(row[1]))

@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         "latest CRL and certificates issued")
     ca_list.add_argument("--config", type=Path, required=True, help="CARA config (TOML): the database")
     ca_list.add_argument("--json", action="store_true", help="print JSON")
+    rekey = ca_sub.add_parser(
+        "ocsp-rekey", help="a new OCSP responder key (in the HSM) and certificate for an issuing CA; every CARA "
+        "member signs its answers under it within [ocsp] signer_check_seconds")
+    rekey.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
+    rekey.add_argument("--issuer", default=None, help="the issuing CA's name (default: the one issued from)")
     rollover = ca_sub.add_parser(
         "rollover", help="create a new issuing CA under the same root and issue from it from now on; the one "
         "before keeps answering OCSP and publishing CRLs for what it issued")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -14,8 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from hapki.cara.ca_init import OCSP_SIGNER_VALIDITY
+from hapki.cara.ocsp import OcspResponder
+from hapki.cara.ocsp_signer import OcspSignerKeeper
 from hapki.cara.revocation_store import MariaDBRevocationStore
 from hapki.contracts.errors import FencedOut
+from hapki.lab import stack
 from hapki.runtime.clock import utcnow
 from integration.conftest import query
 
@@ -81,3 +86,56 @@ async def test_the_active_member_renews_its_responder_and_answers_under_it(servi
         (signers_before,)]
     assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind LIKE 'ocsp_signer.%%'") == [
         (entries_before,)]
+
+
+async def test_a_new_responder_key_from_the_ceremony_is_used_by_the_running_member(env, services, sql) -> None:
+    """`hapki ca ocsp-rekey`: a new key in the HSM, certified by the issuing CA; the member checks it and answers
+    under it from its next check. Renewal then certifies the new key, not the old one."""
+    cara, _clm = services
+    assert cara.ocsp is not None and cara.ocsp_signers is not None and cara.signer is not None
+    issuer = cara.signer.issuer
+    before = cara.ocsp.signer_certificate
+    config = stack.write_config(stack.cara_config(env), env.base_dir / "cara-rekey.toml")
+
+    done = await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", "ocsp-rekey", "--config",
+                                                    str(config)], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "unusable" not in done.stderr, done.stderr
+    newest = await MariaDBRevocationStore(cara.db).ocsp_signer(issuer.name)
+    assert newest is not None and newest.certificate.public_key() != before.public_key()
+    newest.certificate.verify_directly_issued_by(issuer.certificate)
+    [(detail,)] = await query(sql, "SELECT detail FROM audit_entries WHERE kind = 'ocsp_signer.created' AND serial = %s",
+                              (format(newest.certificate.serial_number, "x"),))
+    assert json.loads(detail)["key_id"] == newest.key_id.hex() != json.loads(detail)["replaces"]
+
+    await cara.ocsp_signers.tick()
+
+    assert cara.ocsp.signer_certificate == newest.certificate
+    response = ocsp.load_der_ocsp_response((await cara.ocsp.respond(ocsp_request(issuer.certificate, 0xBEEF))).der)
+    assert response.certificates == [newest.certificate]
+    public_key = newest.certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+async def test_a_responder_key_that_is_not_sign_only_is_not_used(services) -> None:
+    """The keeper checks a new key before it signs with it; refused, the responder in use stays."""
+    cara, _clm = services
+    assert cara.signer is not None and cara.hsm is not None
+    issuer = cara.signer.issuer
+    store = MariaDBRevocationStore(cara.db)
+    # A responder still signing under something other than the newest certificate (any certificate will do).
+    responder = OcspResponder(store=store, issuer=issuer, signer_cert=issuer.certificate,
+                              signer_key=cara.signer.issuer_key, validity_seconds=60, clock=utcnow)
+
+    def refuse(key_ids: object) -> None:
+        raise ValueError("refusing the HSM keys: CKA_EXTRACTABLE true")
+
+    keeper = OcspSignerKeeper(store=store, issuer=issuer, issuing_key=cara.signer.issuer_key, responder=responder,
+                              signer_key=cara.hsm.private_key, activity=cara.signer, member="cara-1",
+                              renew_before=timedelta(days=30), check_seconds=300, clock=utcnow,
+                              key_id=b"a key before", check_keys=refuse)
+    with pytest.raises(ValueError, match="CKA_EXTRACTABLE"):
+        await keeper.tick()
+    assert responder.signer_certificate == issuer.certificate
