@@ -14,11 +14,13 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hapki.cara import issuance
+from hapki.cara.crl import build_crl
+from hapki.cara.ports import CrlEntry
 from hapki.runtime.hsm import HSMMemberConfig, HSMPool, HSMPrivateKey
 from hapki.runtime.hsm_replication import generate_replicated_ec_key
 
@@ -30,6 +32,7 @@ OCSP_CURVE = ec.SECP256R1()
 # The responder certificate carries id-pkix-ocsp-nocheck, so relying parties cannot check its revocation: keep it
 # short (rotation re-runs the ceremony; hapki ca init does it when the signer is missing).
 OCSP_SIGNER_VALIDITY = timedelta(days=90)
+ARL_VALIDITY = timedelta(days=365)  # the root's CRL: BR 4.9.7 asks for one at least every 12 months
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ def create_hierarchy(
     org: str = "hapki",
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
+    root_crl_url: str | None = None,
 ) -> CAHierarchy:
     """Generate both CA keys in the HSM and return the self-signed root and the root-signed issuing CA.
 
@@ -84,7 +88,7 @@ def create_hierarchy(
     # Step 2: the issuing key, certified by the root key (in the HSM). pathlen 0: it issues end entities only.
     issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
     issuing_cert = issuing_certificate(issuing_key.public_key(), _name(org, issuing_name), root_cert=root_cert,
-                                       root_key=root_key, now=now)
+                                       root_key=root_key, now=now, root_crl_url=root_crl_url)
 
     # Step 3: check the HSM's work before anyone relies on it.
     root_cert.verify_directly_issued_by(root_cert)
@@ -99,12 +103,19 @@ def create_hierarchy(
 
 
 def issuing_certificate(public_key: ec.EllipticCurvePublicKey, subject: x509.Name, *, root_cert: x509.Certificate,
-                        root_key: ec.EllipticCurvePrivateKey, now: datetime) -> x509.Certificate:
+                        root_key: ec.EllipticCurvePrivateKey, now: datetime,
+                        root_crl_url: str | None = None) -> x509.Certificate:
     """An issuing CA certificate (pathlen 0: it issues end entities only) for `public_key`, signed by the root key,
-    valid ISSUING_VALIDITY_YEARS from `now` and never past the root."""
+    valid ISSUING_VALIDITY_YEARS from `now` and never past the root; with `root_crl_url`, a CRL distribution point
+    naming the root's CRL (the ARL: where relying parties learn that the root revoked it)."""
     root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = x509.CertificateBuilder()
+    if root_crl_url is not None:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(root_crl_url)], relative_name=None, reasons=None,
+            crl_issuer=None)]), critical=False)
     return (
-        x509.CertificateBuilder()
+        builder
         .subject_name(subject)
         .issuer_name(root_cert.subject)
         .public_key(public_key)
@@ -135,6 +146,7 @@ def create_issuing_ca(
     org: str = "hapki",
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
+    root_crl_url: str | None = None,
 ) -> IssuingCA:
     """Generate a new issuing CA key in the HSM and certify it with the root key, which must be in the HSM (found
     by its public key). How a CA rolls over to a new issuing CA before the current one runs out or after its key
@@ -145,18 +157,35 @@ def create_issuing_ca(
     if root_cert.not_valid_after_utc <= now:
         raise ValueError(f"the root CA certificate ended {root_cert.not_valid_after_utc:%Y-%m-%d}: a new root "
                          "takes `hapki ca init` on a new site")
+    root_key = find_root_key(pool, root_cert)
+    issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
+    cert = issuing_certificate(issuing_key.public_key(), _name(org, common_name), root_cert=root_cert,
+                               root_key=root_key, now=now, root_crl_url=root_crl_url)
+    cert.verify_directly_issued_by(root_cert)  # check the HSM's work before anyone relies on it
+    return IssuingCA(cert=cert, key_id=issuing_key.key_id)
+
+
+def find_root_key(pool: HSMPool, root_cert: x509.Certificate) -> HSMPrivateKey:
+    """The root's key in the HSM, found by the root certificate's public key (no key id is stored for it);
+    ValueError if it is not there."""
     root_public = root_cert.public_key()
     if not isinstance(root_public, ec.EllipticCurvePublicKey):
         raise ValueError(f"the root CA has a {type(root_public).__name__}, not an EC key")
     root_key_id = pool.find_key_id(root_public)
     if root_key_id is None:
         raise ValueError(f"the root CA's key ({root_cert.subject.rfc4514_string()}) is not in the HSM")
-    root_key = pool.private_key(root_key_id)
-    issuing_key = _generate_key(pool, replicate_across, "issuing", ISSUING_CURVE)
-    cert = issuing_certificate(issuing_key.public_key(), _name(org, common_name), root_cert=root_cert,
-                               root_key=root_key, now=now)
-    cert.verify_directly_issued_by(root_cert)  # check the HSM's work before anyone relies on it
-    return IssuingCA(cert=cert, key_id=issuing_key.key_id)
+    return pool.private_key(root_key_id)
+
+
+def sign_arl(entries: Sequence[CrlEntry], *, root_cert: x509.Certificate, root_key: ec.EllipticCurvePrivateKey,
+             number: int, now: datetime) -> tuple[bytes, datetime, datetime]:
+    """The root's CRL (ARL) over the issuing CAs it revoked: valid ARL_VALIDITY (BR 4.9.7: re-signed at least every
+    12 months; `hapki ca arl`); DER, thisUpdate, nextUpdate."""
+    this_update = now.replace(microsecond=0)
+    next_update = this_update + ARL_VALIDITY
+    crl = build_crl(list(entries), issuer_cert=root_cert, issuer_key=root_key, number=number, base=None,
+                    this_update=this_update, next_update=next_update)
+    return crl.public_bytes(serialization.Encoding.DER), this_update, next_update
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ class Issuers:
         for name, served in list(self.served.items()):
             if name != self.signing and served.record.certificate.not_valid_after_utc <= now:
                 await self._retire(name)
+        for record in records:
+            served = self.served.get(record.name)
+            if record.revoked_at is not None and served is not None and served.responder is not None:
+                served.responder.ca_revoked(record.revoked_at, record.revocation_reason or "unspecified")
+            if record.revoked_at is not None and record.name == self.signing:
+                log.error("%s issues from %s, which its root revoked at %s: roll over (`hapki ca rollover`) or "
+                          "unpin it (`issuer`)", self._config.member, record.name, record.revoked_at.isoformat())
         wanted = self._config.issuer or default
         if wanted is not None and wanted != self.signing:
             record = next((r for r in records if r.name == wanted), None)

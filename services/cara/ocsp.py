@@ -80,6 +80,7 @@ class OcspResponder:
         self._store, self._issuer = store, issuer
         self._cache, self._echo_nonce = cache, echo_nonce
         self._signer = (signer_cert, signer_key)  # one attribute: a swap is atomic for the signing threads
+        self._ca_revoked: tuple[datetime, str] | None = None  # (when, leaf reason): the root revoked the issuer
         self._validity = timedelta(seconds=validity_seconds)
         self._clock = clock
         issuer_cert = issuer.certificate
@@ -98,6 +99,17 @@ class OcspResponder:
     def signer_certificate(self) -> x509.Certificate:
         """The responder certificate this responder signs with now."""
         return self._signer[0]
+
+    def ca_revoked(self, revoked_at: datetime, reason: str) -> None:
+        """Its root revoked this responder's issuing CA: every certificate it issued is answered `revoked` from now
+        on (at the CA's revocation time, reason cACompromise when its key was compromised, else the CA's own
+        reason), unless revoked earlier on its own. Cached answers are dropped."""
+        if self._ca_revoked is not None:
+            return
+        leaf_reason = "ca_compromise" if reason in ("key_compromise", "ca_compromise") else reason
+        self._ca_revoked = (revoked_at, leaf_reason)
+        if self._cache is not None:
+            self._cache.clear()
 
     def use_signer(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         """Sign from now on with this responder certificate and key (a renewal: hapki.cara.ocsp_signer). Responses
@@ -146,6 +158,9 @@ class OcspResponder:
 
         async def produce() -> Signed:
             status = await self._store.serial_status(self._issuer.name, format(question.serial, "x"))
+            revoked = self._ca_revoked
+            if revoked is not None and status.known and status.revoked_at is None:
+                status = SerialStatus(known=True, revoked_at=revoked[0], reason=revoked[1])
             return await asyncio.to_thread(self.sign, question, status)
 
         return produce

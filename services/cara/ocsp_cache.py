@@ -178,6 +178,13 @@ class OcspCache:
         if not by_algorithm:
             del self._entries[serial]
 
+    def clear(self) -> None:
+        """Drop every cached answer and every production in flight: what was read before now is not kept (the
+        issuing CA itself was revoked)."""
+        self._entries.clear()
+        self._inflight.clear()
+        self._cleared_at = self._now()
+
     async def sync(self) -> None:
         """One revocation poll: drop what was revoked since the last one; on success the cache is trusted anew."""
         began = self._now()

@@ -20,6 +20,8 @@ class IssuerRecord:
     cert_pem: str
     chain_pem: str
     key_id: bytes
+    revoked_at: datetime | None = None  # revoked by its root (`hapki ca revoke-issuer`): on the ARL
+    revocation_reason: str | None = None  # cryptography x509.ReasonFlags name
 
     @property
     def certificate(self) -> x509.Certificate:

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import aiomysql
+from cryptography import x509
 
 from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, OcspSignerRecord, SerialStatus
 from hapki.cara.store import TIER
@@ -14,6 +15,8 @@ from hapki.contracts.errors import NotFound
 from hapki.runtime.audit import AuditKind, AuditRecord, append
 from hapki.runtime.db import Database, Fence, db_time, utc
 from hapki.runtime.ids import time_ordered_id
+
+ROOT_CRL_ISSUER = "root"  # the issuer name of the root's CRLs (ARLs) in `crls`; no issuing CA may take it
 
 # What a CRL build gets: (CRL number, base CRL number for a delta else None, entries) -> signed DER.
 BuildCrl = Callable[[int, int | None, list[CrlEntry]], Awaitable[tuple[bytes, datetime, datetime]]]
@@ -87,25 +90,53 @@ class MariaDBRevocationStore:
             entries = _entries(list(await cur.fetchall()))
             # Step 3: sign through the HSM (the caller's build runs it in a thread).
             der, this_update, next_update = await build(number, base, entries)
-            # Step 4: store it; the fence and COMMIT follow in one round trip. Hex on the wire, as the DER
-            # column is stored and read by every other statement (bytes arguments work too: hapki.runtime.db).
-            await append(cur, AuditRecord(
-                kind=AuditKind.CRL_PUBLISHED, actor=self._actor, created_at=now, epoch=epoch, issuer=issuer,
-                detail={"crl_number": number, "delta": delta, "base": base, "entries": len(entries),
-                        "this_update": this_update.isoformat(), "next_update": next_update.isoformat(),
-                        "der_sha256": hashlib.sha256(der).hexdigest()},
-                id=entry_id), first=(
-                "INSERT INTO crls (issuer, crl_number, is_delta, base_crl_number, entries, this_update, next_update,"
-                " der, epoch, member, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, UNHEX(%s), %s, %s, %s)",
-                (issuer, number, int(delta), base, len(entries), db_time(this_update), db_time(next_update), der.hex(),
-                 epoch, member, db_time(now)),
-            ))
-            return CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
-                             this_update=this_update, next_update=next_update, der=der)
+            # Step 4: store it; the fence and COMMIT follow in one round trip.
+            record = CrlRecord(issuer=issuer, number=number, delta=delta, base=base, entries=len(entries),
+                               this_update=this_update, next_update=next_update, der=der)
+            await self._store_crl(cur, record, epoch=epoch, member=member, now=now, entry_id=entry_id)
+            return record
 
         entry_id = time_ordered_id()  # one per publication: a retried body appends the same entry
         return await self._db.run(body, name="cara.crl_publish", fence=Fence(TIER, epoch),
                                   timeout=CRL_TRANSACTION_TIMEOUT_SECONDS)
+
+    async def publish_arl(self, *, now: datetime, build: BuildCrl) -> CrlRecord:
+        """The root's CRL, the ARL (issuer ROOT_CRL_ISSUER, served at /crl/root.crl): every issuing CA the root
+        revoked (`hapki ca revoke-issuer`), numbered after the root's last CRL, signed via `build` (the root key, in
+        a ceremony) and stored with its audit entry. Not fenced: no CARA member signs as the root."""
+
+        async def body(cur: aiomysql.Cursor) -> CrlRecord:
+            await cur.execute("SELECT MAX(crl_number) FROM crls WHERE issuer = %s FOR UPDATE", (ROOT_CRL_ISSUER,))
+            number = ((await cur.fetchone())[0] or 0) + 1
+            await cur.execute("SELECT cert_pem, revoked_at, revocation_reason FROM issuers WHERE revoked_at IS NOT NULL"
+                              " ORDER BY revoked_at")
+            entries = [CrlEntry(serial=format(x509.load_pem_x509_certificate(r[0].encode()).serial_number, "x"),
+                                revoked_at=utc(r[1]), reason=r[2] or "unspecified") for r in await cur.fetchall()]
+            der, this_update, next_update = await build(number, None, entries)
+            record = CrlRecord(issuer=ROOT_CRL_ISSUER, number=number, delta=False, base=None, entries=len(entries),
+                               this_update=this_update, next_update=next_update, der=der)
+            await self._store_crl(cur, record, epoch=0, member="ceremony", now=now, entry_id=entry_id)
+            return record
+
+        entry_id = time_ordered_id()
+        return await self._db.run(body, name="cara.arl_publish", timeout=CRL_TRANSACTION_TIMEOUT_SECONDS)
+
+    async def _store_crl(self, cur: aiomysql.Cursor, record: CrlRecord, *, epoch: int, member: str, now: datetime,
+                         entry_id: str) -> None:
+        """The CRL's row and its audit entry `crl.published`. Hex on the wire, as the DER column is stored and read
+        by every other statement (bytes arguments work too: hapki.runtime.db)."""
+        der = record.der
+        await append(cur, AuditRecord(
+            kind=AuditKind.CRL_PUBLISHED, actor=self._actor, created_at=now, epoch=epoch or None, issuer=record.issuer,
+            detail={"crl_number": record.number, "delta": record.delta, "base": record.base, "entries": record.entries,
+                    "this_update": record.this_update.isoformat(), "next_update": record.next_update.isoformat(),
+                    "der_sha256": hashlib.sha256(der).hexdigest()},
+            id=entry_id), first=(
+            "INSERT INTO crls (issuer, crl_number, is_delta, base_crl_number, entries, this_update, next_update,"
+            " der, epoch, member, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, UNHEX(%s), %s, %s, %s)",
+            (record.issuer, record.number, int(record.delta), record.base, record.entries,
+             db_time(record.this_update), db_time(record.next_update), der.hex(), epoch, member, db_time(now)),
+        ))
 
     async def latest_crl(self, issuer: str, *, delta: bool) -> CrlRecord | None:
         async def body(cur: aiomysql.Cursor) -> CrlRecord | None:

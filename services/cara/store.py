@@ -8,8 +8,9 @@ from dataclasses import replace
 from datetime import datetime
 
 import aiomysql
+from cryptography import x509
 
-from hapki.contracts.errors import DuplicateKey, FencedOut, GuardFailed, NotFound
+from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, FencedOut, GuardFailed, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
 from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, append_statements, derived_id
@@ -89,6 +90,10 @@ class MariaDBSigningStore:
         self._db = db
         self._actor = actor  # recorded on audit entries: service:member
 
+    @property
+    def actor(self) -> str:
+        return self._actor
+
     async def load_issuer(self, name: str | None) -> IssuerRecord:
         async def body(cur: aiomysql.Cursor) -> IssuerRecord:
             if name is None:
@@ -105,11 +110,11 @@ class MariaDBSigningStore:
     async def load_issuers(self) -> tuple[list[IssuerRecord], str | None]:
         """Every issuing CA stored, oldest first, and the default's name (None: no default)."""
         async def body(cur: aiomysql.Cursor) -> tuple[list[IssuerRecord], str | None]:
-            await cur.execute("SELECT name, cert_pem, chain_pem, key_id, is_default FROM issuers"
-                              " ORDER BY created_at, name")
+            await cur.execute("SELECT name, cert_pem, chain_pem, key_id, is_default, revoked_at, revocation_reason"
+                              " FROM issuers ORDER BY created_at, name")
             rows = await cur.fetchall()
-            records = [IssuerRecord(name=r[0], cert_pem=r[1], chain_pem=r[2], key_id=bytes.fromhex(r[3]))
-                       for r in rows]
+            records = [IssuerRecord(name=r[0], cert_pem=r[1], chain_pem=r[2], key_id=bytes.fromhex(r[3]),
+                                    revoked_at=utc(r[5]), revocation_reason=r[6]) for r in rows]
             return records, next((r[0] for r in rows if r[4]), None)
 
         return await self._db.run(body, name="cara.load_issuers")
@@ -122,14 +127,39 @@ class MariaDBSigningStore:
 
         return await self._db.run(body, name="cara.issued_per_issuer")
 
+    async def revoke_issuer(self, name: str, *, reason: str, now: datetime) -> None:
+        """Record that the root revoked issuing CA `name` (audited `issuer.revoked`); the ARL lists it from its next
+        signing. NotFound: no such CA; AlreadyRevoked: its revocation stands; GuardFailed: it is the default (roll
+        over first: something must issue)."""
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute("SELECT is_default, revoked_at, cert_pem FROM issuers WHERE name = %s FOR UPDATE", (name,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"issuer {name} not found", {"issuer": name})
+            if row[1] is not None:
+                raise AlreadyRevoked(f"issuer {name} was revoked at {utc(row[1]).isoformat()}", {"issuer": name})
+            if row[0]:
+                raise GuardFailed(f"issuer {name} is the default: roll over to another (`hapki ca rollover`) first",
+                                  {"issuer": name})
+            await cur.execute("UPDATE issuers SET revoked_at = %s, revocation_reason = %s WHERE name = %s",
+                              (db_time(now), reason, name))
+            serial = format(x509.load_pem_x509_certificate(row[2].encode()).serial_number, "x")
+            await append(cur, AuditRecord(kind=AuditKind.ISSUER_REVOKED, actor=self._actor, created_at=now,
+                                          issuer=name, serial=serial, detail={"reason": reason}))
+
+        await self._db.run(body, name="cara.revoke_issuer")
+
     async def make_default(self, name: str, *, now: datetime) -> str | None:
         """Issue from `name` from now on (audited `issuer.default`); the default before, if any (NotFound: no such
         issuer)."""
         async def body(cur: aiomysql.Cursor) -> str | None:
-            await cur.execute("SELECT name, is_default FROM issuers FOR UPDATE")
-            rows = dict(await cur.fetchall())
+            await cur.execute("SELECT name, is_default, revoked_at FROM issuers FOR UPDATE")
+            found = await cur.fetchall()
+            rows = {row[0]: row[1] for row in found}
             if name not in rows:
                 raise NotFound(f"issuer {name} not found", {"issuer": name})
+            if any(row[0] == name and row[2] is not None for row in found):
+                raise AlreadyRevoked(f"issuer {name} is revoked: nothing may issue from it", {"issuer": name})
             before = next((n for n, is_default in rows.items() if is_default), None)
             if before == name:
                 return before

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hapki.contracts.errors import ConfigInvalid
+from hapki.contracts.errors import ConfigInvalid, HapkiError
 from hapki.runtime import telemetry
 from hapki.runtime.config import DatabaseConfig, load_toml, validation_summary
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the subcommands import their service modules lazily, to sta
     from hapki.cara.config import CaraConfig
     from hapki.cara.ports import IssuerRecord
     from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.store import MariaDBSigningStore
     from hapki.runtime.db import Database
     from hapki.runtime.hsm import HSMMemberConfig, HSMPool
 
@@ -159,8 +160,8 @@ def trace(args: argparse.Namespace) -> int:
 
 
 async def ca(args: argparse.Namespace) -> int:
-    return await {"init": ca_init, "list": ca_list, "ocsp-rekey": ca_ocsp_rekey,
-                  "rollover": ca_rollover}[args.ca_command](args)
+    return await {"init": ca_init, "list": ca_list, "ocsp-rekey": ca_ocsp_rekey, "rollover": ca_rollover,
+                  "revoke-issuer": ca_revoke_issuer, "arl": ca_arl}[args.ca_command](args)
 
 
 async def ca_ocsp_rekey(args: argparse.Namespace) -> int:
@@ -197,7 +198,7 @@ async def ca_ocsp_rekey(args: argparse.Namespace) -> int:
 async def ca_list(args: argparse.Namespace) -> int:
     """The issuing CAs of a site, newest first: what an operator checks before and after `hapki ca rollover`."""
     from hapki.cara.config import CaraConfig
-    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
@@ -229,7 +230,10 @@ async def ca_list(args: argparse.Namespace) -> int:
                 "audit_signer": await audit_signer(db, record.name) is not None,
                 "full_crl": None if crl is None else {"number": crl.number, "entries": crl.entries,
                                                       "this_update": crl.this_update.isoformat()},
+                "revoked": None if record.revoked_at is None else {"at": record.revoked_at.isoformat(),
+                                                                   "reason": record.revocation_reason},
             })
+        arl = await revocations.latest_crl(ROOT_CRL_ISSUER, delta=False)
     finally:
         await db.close()
     if args.json:
@@ -240,6 +244,8 @@ async def ca_list(args: argparse.Namespace) -> int:
     for row in rows:
         role = " (default, issued from)" if row["issued_from"] and row["default"] else \
             " (issued from: pinned by this config)" if row["issued_from"] else " (default)" if row["default"] else ""
+        if row["revoked"] is not None:
+            role += f" REVOKED by the root {row['revoked']['at'][:16]} UTC ({row['revoked']['reason']})"
         crl = row["full_crl"]
         crl_text = "none yet" if crl is None else (f"{crl['number']} of {crl['this_update'][:16]} UTC, "
                                                    f"{crl['entries']} entries")
@@ -250,6 +256,10 @@ async def ca_list(args: argparse.Namespace) -> int:
               f"  {row['certificates']} certificates; full CRL {crl_text}; OCSP responder until "
               f"{responder[:10] if responder else 'none (run `hapki ca init`)'}; "
               f"audit signer {'yes' if row['audit_signer'] else 'none'}")
+    if rows:
+        print("root CRL (ARL): " + ("none signed yet (`hapki ca arl`)" if arl is None else
+                                    f"{arl.number}, {arl.entries} revoked issuing CA(s), valid until "
+                                    f"{arl.next_update:%Y-%m-%d} (`hapki ca arl` signs it again)"))
     return 0
 
 
@@ -317,7 +327,8 @@ async def ca_init(args: argparse.Namespace) -> int:
         name = cfg.issuer or "issuing-1"
         with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
             hierarchy = await asyncio.to_thread(create_hierarchy, pool, now=utcnow(),
-                                                replicate_across=replicate_across)
+                                                replicate_across=replicate_across,
+                                                root_crl_url=_root_crl_url(cfg))
             issuing_pem = hierarchy.issuing_cert.public_bytes(pem).decode()
             root_pem = hierarchy.root_cert.public_bytes(pem).decode()
             record = IssuerRecord(name=name, cert_pem=issuing_pem, chain_pem=issuing_pem + root_pem,
@@ -349,7 +360,7 @@ async def ca_rollover(args: argparse.Namespace) -> int:
     from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
     from hapki.cara.ports import IssuerRecord
-    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
@@ -370,9 +381,9 @@ async def ca_rollover(args: argparse.Namespace) -> int:
             return 2
         name = args.name if args.name is not None else next(
             f"issuing-{n}" for n in range(len(issuers) + 1, 10_000) if f"issuing-{n}" not in by_name)
-        if not _ISSUER_NAME.match(name) or name.endswith("-delta"):
-            print(f"--name {name!r}: letters, digits, '.', '_' and '-', 1 to 64, not ending in -delta (it names "
-                  "the CRL files)", file=sys.stderr)
+        if not _ISSUER_NAME.match(name) or name.endswith("-delta") or name == ROOT_CRL_ISSUER:
+            print(f"--name {name!r}: letters, digits, '.', '_' and '-', 1 to 64, not ending in -delta and not "
+                  f"{ROOT_CRL_ISSUER!r} (it names the CRL files)", file=sys.stderr)
             return 2
         if name == default:
             print(f"issuer {name!r} is the default already; nothing to do")
@@ -381,6 +392,10 @@ async def ca_rollover(args: argparse.Namespace) -> int:
         members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
         with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
             record = by_name.get(name)
+            if record is not None and record.revoked_at is not None:
+                print(f"issuing CA {name!r} was revoked at {record.revoked_at:%Y-%m-%d %H:%M} UTC "
+                      f"({record.revocation_reason}): nothing may issue from it", file=sys.stderr)
+                return 1
             if record is None:
                 chain = x509.load_pem_x509_certificates(current.chain_pem.encode())
                 orgs = current.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
@@ -389,9 +404,9 @@ async def ca_rollover(args: argparse.Namespace) -> int:
                 try:
                     made = await asyncio.to_thread(create_issuing_ca, pool, root_cert=chain[-1],
                                                    common_name=common_name, org=org, now=utcnow(),
-                                                   replicate_across=members)
-                except ValueError as exc:
-                    print(f"no rollover: {exc}", file=sys.stderr)
+                                                   replicate_across=members, root_crl_url=_root_crl_url(cfg))
+                except (ValueError, HapkiError) as exc:  # the root key not found, an HSM member down: nothing made
+                    print(f"no rollover, nothing changed: {exc}", file=sys.stderr)
                     return 1
                 pem = made.cert.public_bytes(serialization.Encoding.PEM).decode()
                 parents = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain[1:])
@@ -402,10 +417,15 @@ async def ca_rollover(args: argparse.Namespace) -> int:
             else:
                 print(f"issuing CA {name!r} exists and is not the default: finishing its rollover")
             # Its signers before it becomes the default: a member that switches finds them.
-            if await revocations.ocsp_signer(name) is None:
-                await _add_signer(pool, "ocsp", db, revocations, record, members)
-            if await audit_signer(db, name) is None:
-                await _add_signer(pool, "audit", db, revocations, record, members)
+            try:
+                if await revocations.ocsp_signer(name) is None:
+                    await _add_signer(pool, "ocsp", db, revocations, record, members)
+                if await audit_signer(db, name) is None:
+                    await _add_signer(pool, "audit", db, revocations, record, members)
+            except (ValueError, HapkiError) as exc:
+                print(f"issuing CA {name!r} is stored but not the default, and nothing issues from it: {exc}; "
+                      f"finish with `hapki ca rollover --config {args.config} --name {name}`", file=sys.stderr)
+                return 1
         before = await store.make_default(name, now=utcnow())
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -418,6 +438,91 @@ async def ca_rollover(args: argparse.Namespace) -> int:
         return 0
     finally:
         await db.close()
+
+
+def _root_crl_url(cfg: CaraConfig) -> str | None:
+    """Where issuing CA certificates made now point for the root's CRL (the ARL), under the CARA VIP's public URL."""
+    from hapki.cara.issuance import Distribution
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER
+
+    found = Distribution.at(cfg.public_url, ROOT_CRL_ISSUER)
+    return None if found is None else found.crl_url
+
+
+async def ca_revoke_issuer(args: argparse.Namespace) -> int:
+    """The root revokes an issuing CA (its key compromised, or retired): on the root's CRL (the ARL) at once; its
+    members answer OCSP about what it issued with `revoked`; nothing may issue from it."""
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.runtime.clock import utcnow
+    from hapki.runtime.db import Database
+
+    telemetry.setup_logging()
+    cfg = load_toml(args.config, CaraConfig)
+    with hsm_pool_for(cfg) as pool:  # opened before the database (hsm_library's note)
+        db = Database(cfg.database)
+        try:
+            store = MariaDBSigningStore(db, actor="cli:ca-revoke-issuer")
+            try:
+                await store.revoke_issuer(args.name, reason=args.reason, now=utcnow())
+            except HapkiError as exc:
+                print(f"not revoked: {exc.message}", file=sys.stderr)
+                return 1
+            print(f"issuing CA {args.name!r} revoked ({args.reason})")
+            return await _sign_arl(pool, db, store)
+        finally:
+            await db.close()
+
+
+async def ca_arl(args: argparse.Namespace) -> int:
+    """Sign the root's CRL (the ARL) again: at least every 12 months (it is valid 365 days), or after a revocation
+    whose signing failed."""
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.runtime.db import Database
+
+    telemetry.setup_logging()
+    cfg = load_toml(args.config, CaraConfig)
+    with hsm_pool_for(cfg) as pool:
+        db = Database(cfg.database)
+        try:
+            return await _sign_arl(pool, db, MariaDBSigningStore(db, actor="cli:ca-arl"))
+        finally:
+            await db.close()
+
+
+def hsm_pool_for(cfg: CaraConfig) -> HSMPool:
+    from hapki.cara.main import hsm_pool
+
+    return hsm_pool(cfg.hsm)  # signing with the root key needs no read/write session
+
+
+async def _sign_arl(pool: HSMPool, db: Database, store: MariaDBSigningStore) -> int:
+    from cryptography import x509
+
+    from hapki.cara.ca_init import find_root_key, sign_arl
+    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.runtime.clock import utcnow
+
+    issuers, default = await store.load_issuers()
+    if not issuers:
+        print("no issuing CA: run `hapki ca init`", file=sys.stderr)
+        return 2
+    root_cert = x509.load_pem_x509_certificates(issuers[-1].chain_pem.encode())[-1]
+    try:
+        root_key = await asyncio.to_thread(find_root_key, pool, root_cert)
+    except (ValueError, HapkiError) as exc:
+        print(f"the root's CRL is not signed: {exc}", file=sys.stderr)
+        return 1
+
+    async def build(number: int, base: int | None, entries: list[Any]) -> tuple[bytes, Any, Any]:
+        return await asyncio.to_thread(sign_arl, entries, root_cert=root_cert, root_key=root_key, number=number,
+                                       now=utcnow())
+
+    record = await MariaDBRevocationStore(db, actor=store.actor).publish_arl(now=utcnow(), build=build)
+    print(f"the root's CRL {record.number} lists {record.entries} revoked issuing CA(s), valid until "
+          f"{record.next_update:%Y-%m-%d} (sign it again before: `hapki ca arl`); served at /crl/root.crl")
+    return 0
 
 
 def _hsm_members(cfg: CaraConfig) -> list[HSMMemberConfig]:

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
         "member signs its answers under it within [ocsp] signer_check_seconds")
     rekey.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
     rekey.add_argument("--issuer", default=None, help="the issuing CA's name (default: the one issued from)")
+    revoke_issuer = ca_sub.add_parser(
+        "revoke-issuer", help="the root revokes an issuing CA (not the one issued from: roll over first) and signs "
+        "its CRL (the ARL, /crl/root.crl) at once")
+    revoke_issuer.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
+    revoke_issuer.add_argument("--name", required=True, help="the issuing CA's name (`hapki ca list`)")
+    revoke_issuer.add_argument("--reason", required=True, choices=ISSUER_REVOCATION_REASONS,
+                               help="RFC 5280 reason: key_compromise (its key is out), ca_compromise, "
+                               "affiliation_changed, superseded (rolled over, retired early), cessation_of_operation")
+    arl = ca_sub.add_parser("arl", help="sign the root's CRL (the ARL) again: at least every 12 months")
+    arl.add_argument("--config", type=Path, required=True, help="CARA config (TOML): database and HSM")
     rollover = ca_sub.add_parser(
         "rollover", help="create a new issuing CA under the same root and issue from it from now on; the one "
         "before keeps answering OCSP and publishing CRLs for what it issued")
@@ -230,6 +240,11 @@ def _fuzz(args: argparse.Namespace) -> int:
     from hapki.cli import fuzz  # imports the parsers only when asked
 
     return fuzz.main(args)
+
+
+# RFC 5280 5.3.1 reasons that make sense for a CA certificate (cryptography's ReasonFlags names).
+ISSUER_REVOCATION_REASONS = ("key_compromise", "ca_compromise", "affiliation_changed", "superseded",
+                             "cessation_of_operation")
 
 
 def _k6(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ class AuditKind(str, enum.Enum):
     # by a member that died before storing it is accounted for (a later ocsp_signer.created names its serial)
     ISSUER_DEFAULT = "issuer.default"  # new certificates are issued by this issuing CA from now on (a rollover:
     # `replaces` names the one before); the one before keeps answering OCSP and publishing CRLs
+    ISSUER_REVOKED = "issuer.revoked"  # its root revoked an issuing CA (`hapki ca revoke-issuer`): on the ARL
 
 
 @dataclass(frozen=True)

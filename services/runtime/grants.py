@@ -63,7 +63,8 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
     ),
     CARA_USER: (
         _SCHEMA,
-        Grant("issuers", ("SELECT", "INSERT"), update_columns=("is_default",)),  # hapki ca init
+        # hapki ca init, rollover (the default) and revoke-issuer (the revocation columns)
+        Grant("issuers", ("SELECT", "INSERT"), update_columns=("is_default", "revoked_at", "revocation_reason")),
         # The outcome columns only: never sign_request, profile, csr_sha256, requester or the names CLM approved.
         Grant("requests", update_columns=("status", "serial", "issuer", "not_after", "updated_at", "error_code",
                                           "error_message")),

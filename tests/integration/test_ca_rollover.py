@@ -315,6 +315,79 @@ def _first_of(cara: CaraRuntime, issuer: str) -> IssueReply:
                       certificate_pem=leaf.public_bytes(Encoding.PEM).decode(), chain_pem=served.record.chain_pem)
 
 
+async def test_the_root_revokes_an_issuing_ca_on_its_crl_and_its_certificates_stop_verifying(env, rig, http, sql,
+                                                                                          tmp_path) -> None:
+    """`hapki ca revoke-issuer`: not the CA issued from; the root's CRL (ARL) lists the revoked one, signed by the
+    root; OCSP answers `revoked` (cACompromise) about what it issued; openssl's chain check with CRLs at every level
+    refuses its certificates and accepts the new CA's. New issuing CA certificates name the ARL."""
+    cara, _ = rig
+    assert cara.issuers is not None
+    config = stack.write_config(_config(env), env.base_dir / "cara-revoke.toml")
+
+    async def hapki_ca(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", *args, "--config", str(config)],
+                                       capture_output=True, text=True, timeout=120)
+
+    refused = await hapki_ca("revoke-issuer", "--name", "issuing-3", "--reason", "key_compromise")
+    assert refused.returncode == 1 and "is the default" in refused.stderr, refused.stdout + refused.stderr
+    [(leaf_pem,)] = await query(sql, "SELECT cert_pem FROM certificates WHERE issuer = 'issuing-2' LIMIT 1")
+    [(chain_2,), (chain_3,)] = await query(sql, "SELECT chain_pem FROM issuers WHERE name IN ('issuing-2',"
+                                                " 'issuing-3') ORDER BY name")
+
+    done = await hapki_ca("revoke-issuer", "--name", "issuing-2", "--reason", "key_compromise")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the root's CRL 1 lists 1 revoked issuing CA(s)" in done.stdout, done.stdout
+    ca_2, root = x509.load_pem_x509_certificates(chain_2.encode())
+    ca_3 = x509.load_pem_x509_certificates(chain_3.encode())[0]
+    arl = await _crl(http, cara, "root")
+    assert arl.is_signature_valid(root.public_key()) and arl.issuer == root.subject
+    entry = arl.get_revoked_certificate_by_serial_number(ca_2.serial_number)
+    assert entry is not None and len(arl) == 1
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.key_compromise
+    # Issuing CAs made by a rollover name the root's CRL (issuing-1, from `hapki ca init` without a public URL, not).
+    [point] = ca_3.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert point.full_name == [x509.UniformResourceIdentifier(f"{PUBLIC_URL}/crl/root.crl")]
+
+    # OCSP about what issuing-2 issued: revoked, as of the CA's revocation, reason cACompromise.
+    await cara.issuers.refresh()
+    leaf = x509.load_pem_x509_certificate(leaf_pem.encode())
+    reply = IssueReply(request_id="0" * 32, status="issued", serial=format(leaf.serial_number, "x"),
+                       certificate_pem=leaf_pem, chain_pem=chain_2)
+    answer = await _ocsp(http, cara, reply)
+    assert answer.certificate_status is ocsp.OCSPCertStatus.REVOKED
+    assert answer.revocation_reason is x509.ReasonFlags.ca_compromise
+
+    # openssl, CRLs at every level (the root's and each issuing CA's): issuing-2's leaf refused, issuing-3's not.
+    leaf_3 = (await query(sql, "SELECT cert_pem FROM certificates WHERE issuer = 'issuing-3' LIMIT 1"))[0][0]
+    root_file = tmp_path / "root.pem"
+    root_file.write_bytes(root.public_bytes(Encoding.PEM))
+    for name, ca, leaf_text, ok in (("issuing-2", ca_2, leaf_pem, False), ("issuing-3", ca_3, leaf_3, True)):
+        crls = tmp_path / f"{name}-crls.pem"
+        crls.write_bytes(arl.public_bytes(Encoding.PEM) + (await _crl(http, cara, name)).public_bytes(Encoding.PEM))
+        (tmp_path / f"{name}.pem").write_bytes(ca.public_bytes(Encoding.PEM))
+        (tmp_path / f"{name}-leaf.pem").write_text(leaf_text)
+        checked = subprocess.run(["openssl", "verify", "-crl_check_all", "-CAfile", str(root_file), "-untrusted",
+                                  str(tmp_path / f"{name}.pem"), "-CRLfile", str(crls),
+                                  str(tmp_path / f"{name}-leaf.pem")], capture_output=True, text=True, timeout=30)
+        assert (checked.returncode == 0) is ok, (name, checked.stdout + checked.stderr)
+        if not ok:
+            assert "certificate revoked" in checked.stdout + checked.stderr
+
+    again = await hapki_ca("revoke-issuer", "--name", "issuing-2", "--reason", "superseded")
+    assert again.returncode == 1 and "was revoked" in again.stderr
+    back = await hapki_ca("rollover", "--name", "issuing-2")
+    assert back.returncode == 1 and "nothing may issue from it" in back.stderr
+    resigned = await hapki_ca("arl")
+    assert resigned.returncode == 0 and "the root's CRL 2 lists 1" in resigned.stdout, resigned.stdout
+    listed = await hapki_ca("list", "--json")
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["issuing-2"]["revoked"]["reason"] == "key_compromise" and rows["issuing-3"]["revoked"] is None
+    kinds = await query(sql, "SELECT kind FROM audit_entries WHERE issuer IN ('issuing-2', 'root')"
+                             " AND kind IN ('issuer.revoked', 'crl.published')")
+    assert sorted(k for (k,) in kinds).count("issuer.revoked") == 1
+
+
 async def test_a_second_rollover_to_the_default_changes_nothing(env, rig, sql) -> None:
     [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
 
@@ -322,6 +395,21 @@ async def test_a_second_rollover_to_the_default_changes_nothing(env, rig, sql) -
 
     assert done.returncode == 0, done.stderr
     assert "is the default already; nothing to do" in done.stdout
+    assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
+
+
+async def test_a_rollover_that_cannot_make_its_key_changes_nothing_and_says_why(env, rig, sql) -> None:
+    """Two HSM members, one of them missing its token: the new key cannot be replicated, so there is no new CA."""
+    [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
+    cfg = _config(env)
+    present = cfg.hsm.members[0]
+    missing = present.model_copy(update={"name": "hsm-b", "token_label": "no-such-token"})
+    config = stack.write_config(cfg.model_copy(update={"hsm": cfg.hsm.model_copy(update={"members": [present, missing]})}),
+                                env.base_dir / "cara-rollover-hsm-b.toml")
+    done = await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", "rollover", "--config", str(config)],
+                                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no rollover, nothing changed" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
 
 
