@@ -512,7 +512,8 @@ async def _sign_arl(pool: HSMPool, db: Database, store: MariaDBSigningStore) -> 
     try:
         root_key = await asyncio.to_thread(find_root_key, pool, root_cert)
     except (ValueError, HapkiError) as exc:
-        print(f"the root's CRL is not signed: {exc}", file=sys.stderr)
+        print(f"the root's CRL is not signed: {exc}; what was revoked is recorded: sign it with `hapki ca arl` "
+              "once the root key is reachable", file=sys.stderr)
         return 1
 
     async def build(number: int, base: int | None, entries: list[Any]) -> tuple[bytes, Any, Any]:
