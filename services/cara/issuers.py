@@ -25,11 +25,12 @@ from hapki.cara.ocsp import OcspResponder, OcspRouter
 from hapki.cara.ocsp_cache import OcspCache
 from hapki.cara.ocsp_signer import OcspSignerKeeper
 from hapki.cara.ports import IssuerRecord
-from hapki.cara.revocation_store import MariaDBRevocationStore
+from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
 from hapki.cara.role import Activity
 from hapki.cara.store import MariaDBSigningStore
 from hapki.contracts.errors import HapkiError
 from hapki.runtime.hsm import HSMPool
+from hapki.runtime.metrics import State
 from hapki.runtime.tasks import cancel_and_wait
 
 __all__ = ["Issuers", "Served"]
@@ -63,10 +64,19 @@ class Issuers:
         self.signing = signing  # the name of the issuing CA this member issues from now
         self.served: dict[str, Served] = {}
         self.router = OcspRouter()  # the HTTP edge's OCSP: every served issuer with a responder
+        self.arl_next_update: datetime | None = None  # of the root's newest CRL, read at each refresh
+        self._arl_gauge = {"pki.member": config.member}
+        State.of("hapki.ca.arl.remaining").watch(self._arl_gauge, self._arl_remaining)
+
+    def _arl_remaining(self) -> float | None:
+        after = self.arl_next_update
+        return None if after is None else (after - self._clock()).total_seconds()
 
     async def refresh(self) -> None:
         """Read the issuers: serve what is new (or has just got its OCSP responder), switch if the default moved."""
         records, default = await self._store.load_issuers()
+        arl = await self._revocations.latest_crl(ROOT_CRL_ISSUER, delta=False)
+        self.arl_next_update = None if arl is None else arl.next_update
         now = self._clock()
         for record in records:
             await self._serve(record, now)
@@ -113,6 +123,7 @@ class Issuers:
             served.cache.invalidate(serial)
 
     async def close(self) -> None:
+        State.of("hapki.ca.arl.remaining").discard(self._arl_gauge)
         for name in list(self.served):
             await self._retire(name, ended=False)
 

@@ -268,7 +268,7 @@ async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
     from hapki.cara.ports import IssuerRecord
-    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
     from hapki.cara.store import MariaDBSigningStore
     from hapki.contracts.errors import NotFound
     from hapki.runtime.audit import audit_signer
@@ -292,6 +292,9 @@ async def ca_init(args: argparse.Namespace) -> int:
             missing = [purpose for purpose, found in (
                 ("ocsp", responder), ("audit", await audit_signer(db, existing.name)),
             ) if found is None]
+            if await revocations.latest_crl(ROOT_CRL_ISSUER, delta=False) is None:  # a CA from before the ARL
+                with hsm_pool(cfg.hsm) as pool:
+                    await _sign_arl(pool, db, store)
             if not missing:
                 assert responder is not None
                 print(f"CA already initialised: issuer {existing.name!r}; nothing to do (its OCSP responder "
@@ -336,6 +339,7 @@ async def ca_init(args: argparse.Namespace) -> int:
             await store.save_issuer(record, default=True, now=utcnow())
             for purpose in ("ocsp", "audit"):
                 await _add_signer(pool, purpose, db, revocations, record, replicate_across)
+            await _sign_arl(pool, db, store)  # empty: issuing CA certificates may name it, it must be there
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "root.pem").write_text(root_pem)
@@ -418,6 +422,8 @@ async def ca_rollover(args: argparse.Namespace) -> int:
                 print(f"issuing CA {name!r} exists and is not the default: finishing its rollover")
             # Its signers before it becomes the default: a member that switches finds them.
             try:
+                if await revocations.latest_crl(ROOT_CRL_ISSUER, delta=False) is None:  # the new CA may name it
+                    await _sign_arl(pool, db, store)
                 if await revocations.ocsp_signer(name) is None:
                     await _add_signer(pool, "ocsp", db, revocations, record, members)
                 if await audit_signer(db, name) is None:

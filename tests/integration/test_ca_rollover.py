@@ -337,7 +337,7 @@ async def test_the_root_revokes_an_issuing_ca_on_its_crl_and_its_certificates_st
     done = await hapki_ca("revoke-issuer", "--name", "issuing-2", "--reason", "key_compromise")
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "the root's CRL 1 lists 1 revoked issuing CA(s)" in done.stdout, done.stdout
+    assert "the root's CRL 2 lists 1 revoked issuing CA(s)" in done.stdout, done.stdout  # 1: `ca init`'s
     ca_2, root = x509.load_pem_x509_certificates(chain_2.encode())
     ca_3 = x509.load_pem_x509_certificates(chain_3.encode())[0]
     arl = await _crl(http, cara, "root")
@@ -379,7 +379,7 @@ async def test_the_root_revokes_an_issuing_ca_on_its_crl_and_its_certificates_st
     back = await hapki_ca("rollover", "--name", "issuing-2")
     assert back.returncode == 1 and "nothing may issue from it" in back.stderr
     resigned = await hapki_ca("arl")
-    assert resigned.returncode == 0 and "the root's CRL 2 lists 1" in resigned.stdout, resigned.stdout
+    assert resigned.returncode == 0 and "the root's CRL 3 lists 1" in resigned.stdout, resigned.stdout
     listed = await hapki_ca("list", "--json")
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert rows["issuing-2"]["revoked"]["reason"] == "key_compromise" and rows["issuing-3"]["revoked"] is None
@@ -419,3 +419,19 @@ async def test_an_unusable_name_is_refused_before_any_key_is_made(env, rig, sql)
         done = _rollover(env, "--name", name)
         assert done.returncode == 2 and "--name" in done.stderr, (name, done.stdout, done.stderr)
     assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
+
+
+async def test_ca_init_on_a_site_from_before_the_root_crl_signs_one(env, rig, sql) -> None:
+    """A CA initialised before the ARL existed (no crls rows of the root): `hapki ca init` signs it, listing what the
+    root revoked; nothing else changes."""
+    await query(sql, "DELETE FROM crls WHERE issuer = 'root'")
+    [(issuers,)] = await query(sql, "SELECT COUNT(*) FROM issuers")
+    config = stack.write_config(_config(env), env.base_dir / "cara-init-again.toml")
+
+    done = await asyncio.to_thread(subprocess.run, [*stack.hapki_command(), "ca", "init", "--config", str(config)],
+                                   capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the root's CRL 1 lists 1 revoked issuing CA(s)" in done.stdout and "nothing to do" in done.stdout
+    assert await query(sql, "SELECT COUNT(*) FROM issuers") == [(issuers,)]
+    assert await query(sql, "SELECT crl_number, entries FROM crls WHERE issuer = 'root'") == [(1, 1)]

@@ -124,6 +124,8 @@ async def test_cara_exports_signer_hsm_queue_and_crl(local_stack: LocalStack, is
     days_left = {certificate: value(samples, "hapki_ca_certificate_remaining_seconds", pki_member="cara-1",
                                     pki_certificate=certificate) / 86400 for certificate in ("ocsp_signer", "issuing_ca")}
     assert 89 < days_left["ocsp_signer"] <= 90 and 3600 < days_left["issuing_ca"] <= 3660, days_left
+    # `hapki ca init` signed the root's first CRL (the ARL), valid a year.
+    assert 364 < value(samples, "hapki_ca_arl_remaining_seconds", pki_member="cara-1") / 86400 <= 365
     # Every name the real process exports is one the catalog predicts (the dashboards are checked against those).
     exported = {n for n, _, _ in samples if n.startswith("hapki_")}
     assert exported <= metrics.exported_names(), exported - metrics.exported_names()
