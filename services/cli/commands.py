@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +160,27 @@ def trace(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.asynccontextmanager
+async def _ca_site(args: argparse.Namespace, actor: str, *, log_level: str = "INFO") -> AsyncIterator[
+        tuple[CaraConfig, Database, MariaDBSigningStore, MariaDBRevocationStore]]:
+    """What every `hapki ca` subcommand works on: the CARA config (`--config`), its database with the schema
+    checked (or migrated, by a user that may), and CARA's two stores on it, audited as `actor`; closed after."""
+    from hapki.cara.config import CaraConfig
+    from hapki.cara.revocation_store import MariaDBRevocationStore
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.runtime.db import Database
+    from hapki.runtime.migrate import migrate
+
+    telemetry.setup_logging(log_level)
+    cfg = load_toml(args.config, CaraConfig)
+    db = Database(cfg.database)
+    try:
+        await migrate(db)
+        yield cfg, db, MariaDBSigningStore(db, actor=actor), MariaDBRevocationStore(db, actor=actor)
+    finally:
+        await db.close()
+
+
 async def ca(args: argparse.Namespace) -> int:
     return await {"init": ca_init, "list": ca_list, "ocsp-rekey": ca_ocsp_rekey, "rollover": ca_rollover,
                   "revoke-issuer": ca_revoke_issuer, "arl": ca_arl}[args.ca_command](args)
@@ -167,29 +189,18 @@ async def ca(args: argparse.Namespace) -> int:
 async def ca_ocsp_rekey(args: argparse.Namespace) -> int:
     """A new responder key and certificate for an issuing CA (the renewal certifies the same key again, forever):
     a routine key rotation. The one before stays valid until it ends (it carries ocsp-nocheck: not revocable)."""
-    from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
-    from hapki.cara.revocation_store import MariaDBRevocationStore
-    from hapki.cara.store import MariaDBSigningStore
     from hapki.contracts.errors import NotFound
-    from hapki.runtime.db import Database
 
-    telemetry.setup_logging()
-    cfg = load_toml(args.config, CaraConfig)
-    with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates a key; opened first (hsm_library's note)
-        db = Database(cfg.database)
+    async with _ca_site(args, "cli:ca-ocsp-rekey") as (cfg, db, store, revocations):
         try:
-            store = MariaDBSigningStore(db, actor="cli:ca-ocsp-rekey")
-            try:
-                issuer = await store.load_issuer(args.issuer or cfg.issuer)
-            except NotFound as exc:
-                print(exc.message, file=sys.stderr)
-                return 2
-            members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
-            await _add_signer(pool, "ocsp", db, MariaDBRevocationStore(db, actor="cli:ca-ocsp-rekey"), issuer,
-                              members)
-        finally:
-            await db.close()
+            issuer = await store.load_issuer(args.issuer or cfg.issuer)
+        except NotFound as exc:
+            print(exc.message, file=sys.stderr)
+            return 2
+        members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
+        with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates a key
+            await _add_signer(pool, "ocsp", db, revocations, issuer, members)
     print(f"every CARA member signs the OCSP answers about {issuer.name!r} under the new responder within "
           f"{cfg.ocsp.signer_check_seconds:g} s; answers signed before stay valid with the responder before")
     return 0
@@ -197,19 +208,11 @@ async def ca_ocsp_rekey(args: argparse.Namespace) -> int:
 
 async def ca_list(args: argparse.Namespace) -> int:
     """The issuing CAs of a site, newest first: what an operator checks before and after `hapki ca rollover`."""
-    from hapki.cara.config import CaraConfig
-    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
-    from hapki.cara.store import MariaDBSigningStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER
     from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
-    from hapki.runtime.db import Database
 
-    telemetry.setup_logging("WARNING")
-    cfg = load_toml(args.config, CaraConfig)
-    db = Database(cfg.database)
-    try:
-        store = MariaDBSigningStore(db, actor="cli:ca-list")
-        revocations = MariaDBRevocationStore(db, actor="cli:ca-list")
+    async with _ca_site(args, "cli:ca-list", log_level="WARNING") as (cfg, db, store, revocations):
         issuers, default = await store.load_issuers()
         issued = await store.issued_per_issuer()
         now = utcnow()
@@ -234,8 +237,6 @@ async def ca_list(args: argparse.Namespace) -> int:
                                                                    "reason": record.revocation_reason},
             })
         arl = await revocations.latest_crl(ROOT_CRL_ISSUER, delta=False)
-    finally:
-        await db.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -265,24 +266,14 @@ async def ca_list(args: argparse.Namespace) -> int:
 
 async def ca_init(args: argparse.Namespace) -> int:
     from hapki.cara.ca_init import create_hierarchy
-    from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
     from hapki.cara.ports import IssuerRecord
-    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
-    from hapki.cara.store import MariaDBSigningStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER
     from hapki.contracts.errors import NotFound
     from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
-    from hapki.runtime.db import Database
-    from hapki.runtime.migrate import migrate
 
-    telemetry.setup_logging()
-    cfg = load_toml(args.config, CaraConfig)
-    db = Database(cfg.database)
-    try:
-        await migrate(db)
-        store = MariaDBSigningStore(db, actor="cli:ca-init")
-        revocations = MariaDBRevocationStore(db, actor="cli:ca-init")
+    async with _ca_site(args, "cli:ca-init") as (cfg, db, store, revocations):
         try:
             existing = await store.load_issuer(cfg.issuer)
         except NotFound:
@@ -347,8 +338,6 @@ async def ca_init(args: argparse.Namespace) -> int:
         print(f"created root CA {hierarchy.root_cert.subject.rfc4514_string()}")
         print(f"created issuing CA {name!r}: {hierarchy.issuing_cert.subject.rfc4514_string()}")
         return 0
-    finally:
-        await db.close()
 
 
 _ISSUER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # it names the CRL: /crl/<name>.crl
@@ -361,23 +350,13 @@ async def ca_rollover(args: argparse.Namespace) -> int:
     from cryptography.x509.oid import NameOID
 
     from hapki.cara.ca_init import create_issuing_ca
-    from hapki.cara.config import CaraConfig
     from hapki.cara.main import hsm_pool
     from hapki.cara.ports import IssuerRecord
-    from hapki.cara.revocation_store import ROOT_CRL_ISSUER, MariaDBRevocationStore
-    from hapki.cara.store import MariaDBSigningStore
+    from hapki.cara.revocation_store import ROOT_CRL_ISSUER
     from hapki.runtime.audit import audit_signer
     from hapki.runtime.clock import utcnow
-    from hapki.runtime.db import Database
-    from hapki.runtime.migrate import migrate
 
-    telemetry.setup_logging()
-    cfg = load_toml(args.config, CaraConfig)
-    db = Database(cfg.database)
-    try:
-        await migrate(db)
-        store = MariaDBSigningStore(db, actor="cli:ca-rollover")
-        revocations = MariaDBRevocationStore(db, actor="cli:ca-rollover")
+    async with _ca_site(args, "cli:ca-rollover") as (cfg, db, store, revocations):
         issuers, default = await store.load_issuers()
         by_name = {record.name: record for record in issuers}
         if default is None:
@@ -442,8 +421,6 @@ async def ca_rollover(args: argparse.Namespace) -> int:
             print(f"note: this config pins issuer {cfg.issuer!r} ([issuer] in the CARA config); members that pin "
                   "one keep issuing from it", file=sys.stderr)
         return 0
-    finally:
-        await db.close()
 
 
 def _root_crl_url(cfg: CaraConfig) -> str | None:
@@ -458,49 +435,28 @@ def _root_crl_url(cfg: CaraConfig) -> str | None:
 async def ca_revoke_issuer(args: argparse.Namespace) -> int:
     """The root revokes an issuing CA (its key compromised, or retired): on the root's CRL (the ARL) at once; its
     members answer OCSP about what it issued with `revoked`; nothing may issue from it."""
-    from hapki.cara.config import CaraConfig
-    from hapki.cara.store import MariaDBSigningStore
+    from hapki.cara.main import hsm_pool
     from hapki.runtime.clock import utcnow
-    from hapki.runtime.db import Database
 
-    telemetry.setup_logging()
-    cfg = load_toml(args.config, CaraConfig)
-    with hsm_pool_for(cfg) as pool:  # opened before the database (hsm_library's note)
-        db = Database(cfg.database)
+    async with _ca_site(args, "cli:ca-revoke-issuer") as (cfg, db, store, _):
         try:
-            store = MariaDBSigningStore(db, actor="cli:ca-revoke-issuer")
-            try:
-                await store.revoke_issuer(args.name, reason=args.reason, now=utcnow())
-            except HapkiError as exc:
-                print(f"not revoked: {exc.message}", file=sys.stderr)
-                return 1
-            print(f"issuing CA {args.name!r} revoked ({args.reason})")
+            await store.revoke_issuer(args.name, reason=args.reason, now=utcnow())
+        except HapkiError as exc:
+            print(f"not revoked: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"issuing CA {args.name!r} revoked ({args.reason})")
+        with hsm_pool(cfg.hsm) as pool:  # signing with the root key needs no read/write session
             return await _sign_arl(pool, db, store)
-        finally:
-            await db.close()
 
 
 async def ca_arl(args: argparse.Namespace) -> int:
     """Sign the root's CRL (the ARL) again: at least every 12 months (it is valid 365 days), or after a revocation
     whose signing failed."""
-    from hapki.cara.config import CaraConfig
-    from hapki.cara.store import MariaDBSigningStore
-    from hapki.runtime.db import Database
-
-    telemetry.setup_logging()
-    cfg = load_toml(args.config, CaraConfig)
-    with hsm_pool_for(cfg) as pool:
-        db = Database(cfg.database)
-        try:
-            return await _sign_arl(pool, db, MariaDBSigningStore(db, actor="cli:ca-arl"))
-        finally:
-            await db.close()
-
-
-def hsm_pool_for(cfg: CaraConfig) -> HSMPool:
     from hapki.cara.main import hsm_pool
 
-    return hsm_pool(cfg.hsm)  # signing with the root key needs no read/write session
+    async with _ca_site(args, "cli:ca-arl") as (cfg, db, store, _):
+        with hsm_pool(cfg.hsm) as pool:
+            return await _sign_arl(pool, db, store)
 
 
 async def _sign_arl(pool: HSMPool, db: Database, store: MariaDBSigningStore) -> int:

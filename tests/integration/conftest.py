@@ -10,13 +10,16 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiomysql
 import pytest
 
+from hapki.cara.config import CaraConfig
 from hapki.cara.main import CaraRuntime
 from hapki.cli.client import ClmClient
+from hapki.clm.config import ClmConfig
 from hapki.clm.main import ClmRuntime
 from hapki.clm.store import MariaDBRequestStore
 from hapki.contracts.models import IssueCertificate, IssueReply
@@ -40,11 +43,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
         local.stop()
 
 
-@pytest.fixture(scope="module")
-async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
+@contextlib.asynccontextmanager
+async def running(cara_config: CaraConfig, clm_config: ClmConfig) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
+    """CARA and CLM started in this process (so spans land in the in-memory exporter), stopped after."""
     memory_exporter()  # the SDK provider must exist before the runtimes create their tracers' spans
-    cara = CaraRuntime(stack.cara_config(env))
-    clm = ClmRuntime(stack.clm_config(env, wait_seconds=10.0))
+    cara, clm = CaraRuntime(cara_config), ClmRuntime(clm_config)
     await cara.start()
     await clm.start()
     try:
@@ -52,6 +55,18 @@ async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime
     finally:
         await clm.stop()
         await cara.stop()
+
+
+def http_url(runner: Any) -> str:
+    """The base URL of a runtime's HTTP edge (its aiohttp runner, listening on an ephemeral port)."""
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+async def services(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
+    async with running(stack.cara_config(env), stack.clm_config(env, wait_seconds=10.0)) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ from hapki.contracts.models import IssueReply, RevocationReason, RevokeCertifica
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime import invariants
-from integration.conftest import issue_server_certificate, connected_client, query
-from telemetry_fixture import memory_exporter
+from helpers.certs import self_signed_ca
+from integration.conftest import connected_client, http_url, issue_server_certificate, query, running
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +46,8 @@ def _config(env: LocalEnv) -> Any:
 
 @pytest.fixture(scope="module")
 async def rig(env: LocalEnv) -> AsyncIterator[tuple[CaraRuntime, ClmRuntime]]:
-    memory_exporter()
-    cara = CaraRuntime(_config(env))
-    clm = ClmRuntime(stack.clm_config(env, wait_seconds=20.0))
-    await cara.start()
-    await clm.start()
-    try:
-        yield cara, clm
-    finally:
-        await clm.stop()
-        await cara.stop()
+    async with running(_config(env), stack.clm_config(env, wait_seconds=20.0)) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -74,11 +66,6 @@ def _rollover(env: LocalEnv, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _url(runner: Any) -> str:
-    host, port = runner.addresses[0][:2]
-    return f"http://{host}:{port}"
-
-
 def _chain(reply: IssueReply) -> list[x509.Certificate]:
     return [x509.load_pem_x509_certificate(reply.certificate_pem.encode()),
             *x509.load_pem_x509_certificates(reply.chain_pem.encode())]
@@ -87,7 +74,7 @@ def _chain(reply: IssueReply) -> list[x509.Certificate]:
 async def _ocsp(http: aiohttp.ClientSession, cara: CaraRuntime, reply: IssueReply) -> ocsp.OCSPResponse:
     cert, issuer = _chain(reply)[:2]
     der = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build().public_bytes(Encoding.DER)
-    async with http.post(f"{_url(cara.http)}/ocsp", data=der,
+    async with http.post(f"{http_url(cara.http)}/ocsp", data=der,
                          headers={"Content-Type": "application/ocsp-request"}) as resp:
         assert resp.status == 200
         return ocsp.load_der_ocsp_response(await resp.read())
@@ -112,7 +99,7 @@ async def _until(condition: Any, timeout: float, what: str) -> None:
 
 
 async def _crl(http: aiohttp.ClientSession, cara: CaraRuntime, issuer: str) -> x509.CertificateRevocationList:
-    async with http.get(f"{_url(cara.http)}/crl/{issuer}.crl") as resp:
+    async with http.get(f"{http_url(cara.http)}/crl/{issuer}.crl") as resp:
         assert resp.status == 200, await resp.text()
         return x509.load_der_x509_crl(await resp.read())
 
@@ -246,19 +233,10 @@ async def test_the_audit_log_verifies_with_checkpoints_signed_before_and_after_t
         assert json.loads(done.stdout)["ok"] is True
     # Pinned to another root, no checkpoint counts: the database's issuers are not trusted on their own.
     stranger = env.base_dir / "stranger-root.pem"
-    stranger.write_bytes(_self_signed("stranger root").public_bytes(Encoding.PEM))
+    stranger.write_bytes(self_signed_ca("stranger root")[0].public_bytes(Encoding.PEM))
     done = await verify("--root", str(stranger))
     assert done.returncode == 1
     assert {f["problem"] for f in json.loads(done.stdout)["findings"]} == {"checkpoint_invalid"}
-
-
-def _self_signed(name: str) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
 
 
 async def test_ca_list_names_every_issuer_and_the_one_issued_from(env, rig, sql) -> None:

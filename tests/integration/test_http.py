@@ -31,7 +31,7 @@ from hapki.lab.local import LocalEnv
 from hapki.runtime.db import Database
 from hapki.runtime.http import serve
 from helpers.csr import csr_der, der_to_pem, make_csr, make_key
-from telemetry_fixture import memory_exporter
+from integration.conftest import http_url, running
 
 pytestmark = pytest.mark.integration
 
@@ -43,26 +43,14 @@ class Edges:
 
     def __init__(self, cara: CaraRuntime, clm: ClmRuntime) -> None:
         self.cara, self.clm = cara, clm
-        self.clm_url, self.cara_url = _url(clm.http), _url(cara.http)
-
-
-def _url(runner: Any) -> str:
-    host, port = runner.addresses[0][:2]
-    return f"http://{host}:{port}"
+        self.clm_url, self.cara_url = http_url(clm.http), http_url(cara.http)
 
 
 @pytest.fixture(scope="module")
 async def edges(env: LocalEnv) -> AsyncIterator[Edges]:
-    memory_exporter()  # the SDK provider must exist before the runtimes create their tracers' spans
-    cara = CaraRuntime(stack.cara_config(env, http_listen=LISTEN))
-    clm = ClmRuntime(stack.clm_config(env, wait_seconds=10.0, http_listen=LISTEN))
-    await cara.start()
-    await clm.start()
-    try:
+    async with running(stack.cara_config(env, http_listen=LISTEN),
+                       stack.clm_config(env, wait_seconds=10.0, http_listen=LISTEN)) as (cara, clm):
         yield Edges(cara, clm)
-    finally:
-        await clm.stop()
-        await cara.stop()
 
 
 def _request(names: list[str], profile: str = "tls-server", **kw: Any) -> dict[str, Any]:
@@ -242,7 +230,7 @@ class _FailingService:
 async def test_unavailable_and_bugs(exc: Exception, want: int, code: ErrorCode, http) -> None:
     runner = await serve(clm_http.build_app(_FailingService(exc), member="clm-x"), LISTEN)  # type: ignore[arg-type]
     try:
-        status, body, headers = await _call(http, "GET", f"{_url(runner)}/v1/requests/{uuid.uuid4().hex}")
+        status, body, headers = await _call(http, "GET", f"{http_url(runner)}/v1/requests/{uuid.uuid4().hex}")
     finally:
         await runner.cleanup()
     _assert_error(status, body, want, code)
@@ -314,7 +302,7 @@ async def test_cara_health_without_a_database_is_503(edges: Edges, env: LocalEnv
     probe = cara_http.HealthProbe(member="cara-x", signer=cara.signer, hsm=cara.hsm, db=dead, nc=cara.nc)
     runner = await serve(cara_http.build_app(probe), LISTEN)
     try:
-        status, body, _ = await _call(http, "GET", f"{_url(runner)}/health")
+        status, body, _ = await _call(http, "GET", f"{http_url(runner)}/health")
     finally:
         await runner.cleanup()
         await dead.close()

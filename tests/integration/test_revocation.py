@@ -27,8 +27,7 @@ from hapki.contracts.errors import ErrorCode, FencedOut
 from hapki.contracts.models import IssueReply, RevocationReason, RevokeCertificate, RevokeReply
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
-from integration.conftest import issue_server_certificate, chain_files, connected_client, query
-from telemetry_fixture import memory_exporter
+from integration.conftest import chain_files, connected_client, http_url, issue_server_certificate, query, running
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +38,7 @@ PUBLIC_URL = "https://10.213.2.100"
 class Rig:
     def __init__(self, cara: CaraRuntime, clm: ClmRuntime) -> None:
         self.cara, self.clm = cara, clm
-        self.cara_url, self.clm_url = _url(cara.http), _url(clm.http)
-
-
-def _url(runner: Any) -> str:
-    host, port = runner.addresses[0][:2]
-    return f"http://{host}:{port}"
+        self.cara_url, self.clm_url = http_url(cara.http), http_url(clm.http)
 
 
 def _cara_config(env: LocalEnv, member: str = "cara-1") -> Any:
@@ -54,16 +48,8 @@ def _cara_config(env: LocalEnv, member: str = "cara-1") -> Any:
 
 @pytest.fixture(scope="module")
 async def rig(env: LocalEnv) -> AsyncIterator[Rig]:
-    memory_exporter()
-    cara = CaraRuntime(_cara_config(env))
-    clm = ClmRuntime(stack.clm_config(env, wait_seconds=10.0, http_listen=LISTEN))
-    await cara.start()
-    await clm.start()
-    try:
-        yield Rig(cara, clm)
-    finally:
-        await clm.stop()
-        await cara.stop()
+    async with running(_cara_config(env), stack.clm_config(env, wait_seconds=10.0, http_listen=LISTEN)) as pair:
+        yield Rig(*pair)
 
 
 @pytest.fixture
@@ -364,7 +350,7 @@ async def test_ocsp_post_get_nonce_unknown_and_malformed(env, nats_client, rig, 
     await passive.open()
     try:
         assert not passive.signer.active
-        response = await _ocsp_post(http, _url(passive.http), _ocsp_request(issued.certificate_pem, issued.chain_pem))
+        response = await _ocsp_post(http, http_url(passive.http), _ocsp_request(issued.certificate_pem, issued.chain_pem))
         assert response.certificate_status is ocsp.OCSPCertStatus.GOOD
     finally:
         await passive.stop()
@@ -413,7 +399,7 @@ async def test_a_revocation_makes_the_next_ocsp_answer_revoked_on_every_member(e
     try:
         issued = await _issue(nats_client, "ocsp-revoke-cache.example.com")
         request = _ocsp_request(issued.certificate_pem, issued.chain_pem)
-        urls = (rig.cara_url, _url(passive.http))
+        urls = (rig.cara_url, http_url(passive.http))
         for url in urls:
             for _ in range(2):
                 answer, headers = await _ocsp_get(http, url, request)

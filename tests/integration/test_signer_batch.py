@@ -17,9 +17,8 @@ from typing import Any
 import nats
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from hapki.cara.config import SignerConfig
 from hapki.cara.issuance import random_serial, serial_hex
@@ -39,6 +38,7 @@ from hapki.runtime.hsm_key import HSMPrivateKey
 from hapki.runtime.ids import time_ordered_id
 from hapki.runtime.profiles import SHIPPED_PROFILES_PATH, load_profiles
 from hapki.runtime.validation import approve
+from helpers.certs import self_signed_ca
 from helpers.csr import make_csr, make_key
 from helpers.signing import recorded_request
 from integration.conftest import own_statements, query
@@ -552,15 +552,7 @@ class _RolledOverWhileReserving(MariaDBSigningStore):
 
 
 def _software_ca(name: str) -> tuple[IssuerRecord, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = utcnow()
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(random_serial()).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert, key = self_signed_ca(name)
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     return IssuerRecord(name=name, cert_pem=pem, chain_pem=pem, key_id=b"software"), key
 

@@ -25,6 +25,7 @@ from hapki.cli.client import ClmClient, new_key_and_csr
 from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReason, RevokeCertificate
 from hapki.lab.ha import Lab
 from hapki.lab.load import connect_db, crash_member
+from helpers.openssl import openssl_ocsp, reply_files
 
 pytestmark = pytest.mark.lab
 
@@ -64,21 +65,13 @@ def _urls(reply: IssueReply) -> tuple[str, str]:
 
 
 def _files(tmp: Path, reply: IssueReply) -> tuple[Path, Path, Path]:
-    certs = [c + "-----END CERTIFICATE-----\n" for c in reply.chain_pem.split("-----END CERTIFICATE-----") if c.strip()]
-    leaf, issuer, chain = tmp / f"{reply.serial}.pem", tmp / "issuer.pem", tmp / "chain.pem"
-    leaf.write_text(reply.certificate_pem)
-    issuer.write_text(certs[0])
-    chain.write_text("".join(certs))
-    return leaf, issuer, chain
+    assert reply.serial and reply.certificate_pem and reply.chain_pem
+    return reply_files(tmp, reply.serial, reply.certificate_pem, reply.chain_pem)
 
 
 def _openssl_ocsp(tmp: Path, reply: IssueReply, url: str) -> str:
-    leaf, issuer, chain = _files(tmp, reply)
-    out = subprocess.run(["openssl", "ocsp", "-issuer", str(issuer), "-cert", str(leaf), "-url", url,
-                          "-CAfile", str(chain), "-timeout", "5"], capture_output=True, text=True, timeout=30)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0 and "Response verify OK" in text, text
-    return text
+    assert reply.serial and reply.certificate_pem and reply.chain_pem
+    return openssl_ocsp(tmp, reply.serial, reply.certificate_pem, reply.chain_pem, url)
 
 
 def _crl_listing(url: str, serial: str, timeout: float = 15.0) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from hapki.cli.client import ClmClient, new_key_and_csr
 from hapki.contracts.models import IssueCertificate, IssueReply, RevocationReason, RevokeCertificate
 from hapki.lab.cluster import wait_until
 from hapki.lab.ha import Lab
 from hapki.lab.load import connect_db
 from hapki.runtime import invariants
+from helpers.openssl import openssl_ocsp
 
 pytestmark = pytest.mark.lab
 
@@ -60,17 +59,8 @@ def _chain(reply: IssueReply) -> list[x509.Certificate]:
 
 def _openssl_ocsp(tmp: Path, reply: IssueReply, url: str) -> str:
     """openssl's check of the certificate's status at the CARA VIP, the response verified under its chain."""
-    cert, issuer, *_ = _chain(reply)
-    leaf, issuer_file, chain = tmp / f"{reply.serial}.pem", tmp / f"{reply.serial}-issuer.pem", tmp / "chain.pem"
-    assert reply.certificate_pem is not None and reply.chain_pem is not None
-    leaf.write_text(reply.certificate_pem)
-    issuer_file.write_text(issuer.public_bytes(Encoding.PEM).decode())
-    chain.write_text(reply.chain_pem)
-    out = subprocess.run(["openssl", "ocsp", "-issuer", str(issuer_file), "-cert", str(leaf), "-url", url,
-                          "-CAfile", str(chain), "-timeout", "5"], capture_output=True, text=True, timeout=30)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0 and "Response verify OK" in text, text
-    return text
+    assert reply.serial and reply.certificate_pem and reply.chain_pem
+    return openssl_ocsp(tmp, reply.serial, reply.certificate_pem, reply.chain_pem, url)
 
 
 def _crl(lab: Lab, issuer: str) -> x509.CertificateRevocationList:

@@ -17,6 +17,7 @@ from hapki.cara import issuance
 from hapki.cara.ca_init import delegated_certificate
 from hapki.cara.ocsp import OcspResponder, OcspRouter
 from hapki.cara.ports import IssuerRecord, SerialStatus
+from helpers.certs import self_signed_ca
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PEM = serialization.Encoding.PEM
@@ -44,13 +45,7 @@ class CA:
 
     def __init__(self, name: str, subject: str = "hapki Issuing CA") -> None:
         self.name = name
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(subject))
-                     .public_key(self.key.public_key()).serial_number(issuance.random_serial())
-                     .not_valid_before(T0 - timedelta(days=1)).not_valid_after(T0 + timedelta(days=3650))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
-                     .sign(self.key, hashes.SHA256()))
+        self.cert, self.key = self_signed_ca(subject, not_before=T0 - timedelta(days=1), days=3651)
         self.responder_key = ec.generate_private_key(ec.SECP256R1())
         self.responder_cert = delegated_certificate(
             "ocsp", _name(f"{subject} OCSP Responder"), self.responder_key.public_key(), issuing_cert=self.cert,
