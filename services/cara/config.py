@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from hapki.runtime.config import DatabaseConfig, HSMConfig, MetricsConfig, NatsConfig, StrictModel
+from hapki.runtime.config import DatabaseConfig, HSMConfig, MetricsConfig, NatsConfig, ServiceConfig, StrictModel
 from hapki.runtime.metrics import PORTS
 
 # Overrides [signer] processes of a loaded config (with_env): one switch for the lab, the demo and the benchmarks.
@@ -149,7 +149,7 @@ class AuditConfig(StrictModel):
     )
 
 
-class CaraConfig(StrictModel):
+class CaraConfig(ServiceConfig):
     """One CARA member."""
 
     member: str = Field(description="This member's name, e.g. cara-1 (recorded on epochs and intents)")

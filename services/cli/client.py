@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import TypeVar
 
 import nats
@@ -32,6 +33,7 @@ from hapki.runtime.config import NatsConfig
 
 R = TypeVar("R", bound=BaseModel)
 tracer = trace.get_tracer("hapki.client")
+log = logging.getLogger("hapki.client")
 
 
 class ClmClient:
@@ -45,10 +47,10 @@ class ClmClient:
     async def connect(cls, servers: list[str] | NatsConfig, timeout: float = 30.0) -> ClmClient:
         """Connect to `servers`, or as the client user of a NatsConfig (credentials, TLS, its own inbox)."""
         if isinstance(servers, NatsConfig):
-            return cls(await nats.connect(servers=servers.servers, name="hapki-client",
+            return cls(await nats.connect(servers=servers.servers, name="hapki-client", error_cb=_bus_error,
                                           connect_timeout=servers.connect_timeout_seconds,
                                           **bus.connect_options(servers)), timeout)
-        return cls(await nats.connect(servers=servers, name="hapki-client"), timeout)
+        return cls(await nats.connect(servers=servers, name="hapki-client", error_cb=_bus_error), timeout)
 
     async def close(self) -> None:
         await self._nc.close()
@@ -103,3 +105,8 @@ def new_key_and_csr(names: list[str]) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return csr.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def _bus_error(exc: Exception) -> None:
+    """A lost or refused server connection while the client reconnects: one line, not nats-py's traceback."""
+    log.warning("nats: %s: %s", type(exc).__name__, exc)

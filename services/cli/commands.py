@@ -104,12 +104,15 @@ async def serve(args: argparse.Namespace, loaded: tuple[Callable[[Any], Any], Ba
         from hapki.runtime.supervise import start_count
 
         State.of("hapki.process.starts").set(start_count(), {"pki.service": args.service})
+        from hapki.runtime.startup import start_when_available
+
         runtime_class, config = loaded
-        runtime = runtime_class(config)
-        listen = runtime.config.metrics.listen
+        listen = config.metrics.listen  # type: ignore[attr-defined]
         # /metrics first: a port taken by another process stops the start before anything connects.
         scrape = await serve_http(metrics_app(), listen) if listen else None
-        await runtime.start()
+        # Started before its database or bus (a whole site booting at once): it waits for them (hapki.runtime.startup).
+        runtime = await start_when_available(lambda: runtime_class(config), service=f"hapki {args.service}",
+                                             wait_seconds=config.startup_wait_seconds)  # type: ignore[attr-defined]
         print(f"hapki {args.service} ready", flush=True)
         await _until_signalled()
         await runtime.stop()

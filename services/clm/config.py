@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from hapki.runtime.config import DatabaseConfig, MetricsConfig, NatsConfig, StrictModel
+from hapki.runtime.config import DatabaseConfig, MetricsConfig, NatsConfig, ServiceConfig, StrictModel
 from hapki.runtime.metrics import PORTS
 
 
@@ -45,7 +45,7 @@ class RateLimitConfig(StrictModel):
 WindowSeconds = Annotated[int, Field(gt=0, le=398 * 86400)]
 
 
-class ClmConfig(StrictModel):
+class ClmConfig(ServiceConfig):
     """One CLM member."""
 
     member: str = Field(description="This member's name, e.g. clm-1")

@@ -30,7 +30,7 @@ What a run reports (`RunResult`):
   fault, by whichever member signs after the fault (certificates.created_at is taken right after C_Sign, so a
   reservation that stalls in Galera does not count early);
 - resumed (seconds, client side): from the fault to the first certificate received for a request sent after it;
-- galera_resumed (db scenarios; seconds): from the fault to when Galera itself commits again: the lab host writes
+- galera_resumed (db and site scenarios; seconds): from the fault to when Galera itself commits again: the lab host writes
   a row per node (database hapki_probe, not the product's) every PROBE_INTERVAL s on its own connections, and
   this is the first commit, on any node, of a write begun after the fault. A write begun during the stall hangs
   until the cluster commits again, so the figure is exact up to that interval. `resume_lag` = first_signature -
@@ -188,7 +188,7 @@ class ChaosRunner:
         seconds = self.lead + scenario.hold + scenario.tail if scenario.restore else self.lead + scenario.tail
         if self.seconds is not None:
             seconds = max(self.seconds, self.lead + (scenario.hold if scenario.restore else 0.0) + 1.0)
-        probe = _GaleraProbe(self.lab) if scenario.kind == "db" else None
+        probe = _GaleraProbe(self.lab) if scenario.kind in ("db", "site") else None
         if probe is not None:
             await probe.start()
         async with Load(self.lab, self.csrs, self.rate) as load:
@@ -202,6 +202,7 @@ class ChaosRunner:
                     restore_began = time.time()
                     await asyncio.to_thread(scenario.restore, self.lab, ctx)
                     result.notes.append(f"restore took {time.time() - restore_began:.1f} s")
+                    result.notes.extend(ctx.get("notes", []))
             finally:
                 await driver
                 if probe is not None:

@@ -719,6 +719,83 @@ class Lab:
         assert node.pid is not None
         self.procs.record(name, node.pid, str(node.cnf_path), node.log_path)
 
+    def site_processes(self) -> list[str]:
+        """Every process of the site: each member's and each data node's (Prometheus, on the host, is not one)."""
+        self.procs.load()
+        return [name for name, entry in self.procs.procs.items() if entry.kind != "prometheus"]
+
+    def crash_site(self) -> float:
+        """The whole site loses power at once: every process of every member and data node is stopped (SIGSTOP:
+        none can react to another's death), then SIGKILLed; the wall time just before. What SIGKILL cannot do is
+        drop what the kernel has not written to disk yet: see docs/RELIABILITY.md, "The whole site"."""
+        from hapki.cli.procstat import with_descendants
+
+        names = self.site_processes()
+        pids = with_descendants(pid for name in names for pid in self.procs.pids(name))
+        began = time.time()
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        for node in [*self.galera.nodes, *self.nats.nodes]:
+            if node.running:
+                node.kill()  # our own child: reap it
+        if wait_until(lambda: not any(self.procs.alive(n) for n in names), 10.0, 0.02) is None:
+            raise LabError(f"still alive after SIGKILL: {[n for n in names if self.procs.alive(n)]}")
+        return began
+
+    def restart_site(self, timeout: float = 180.0) -> dict[str, float]:
+        """Power is back: every member boots and starts its units at once, in no order, as after `crash_site()`.
+
+        Each Galera node starts from its recovered position (`--wsrep-recover`, what Debian's unit does with
+        galera_recovery) and none bootstraps: the nodes re-form the Primary Component from their saved view
+        (gvwstate.dat, Galera's pc.recovery) once all of them are back. The NATS servers recover their streams
+        from disk; keepalived, haproxy, the services and watchers start meanwhile and wait for what they need.
+        Returns the seconds from the start to each tier being back (galera, nats, services, vips).
+        """
+        began = time.monotonic()
+        took: dict[str, float] = {}
+
+        def galera() -> None:
+            with ThreadPoolExecutor(max_workers=len(self.galera.nodes), thread_name_prefix="site-db") as pool:
+                list(pool.map(lambda node: node.restart_after_crash(), self.galera.nodes))
+            for node in self.galera.nodes:
+                node.wait_synced(timeout)
+            self._record_data_nodes(self.galera.nodes, "galera", lambda n: n.cnf_path)
+            took["galera"] = round(time.monotonic() - began, 2)
+
+        def nats() -> None:
+            for node in self.nats.nodes:
+                node.start()
+            self._record_data_nodes(self.nats.nodes, "nats", lambda n: n.conf_path)
+            if wait_until(lambda: all(self._nats_healthy(n) for n in self.nats.nodes), timeout, 0.2) is None:
+                raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after the site restarted")
+            took["nats"] = round(time.monotonic() - began, 2)
+
+        def members() -> None:
+            started = []
+            for name in self.site_processes():
+                entry = self.procs.procs[name]
+                if not entry.argv or self.procs.alive(name):
+                    continue
+                log_path = Path(entry.log)
+                offset = log_path.stat().st_size if log_path.exists() else 0
+                self.procs.relaunch(name)
+                if entry.kind in ("cara", "clm", "watcher"):
+                    started.append((name, log_path, offset))
+            self._wait_ready(started, timeout)
+            took["services"] = round(time.monotonic() - began, 2)
+
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="site") as pool:
+            futures = [pool.submit(galera), pool.submit(nats), pool.submit(members)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise LabError(f"the site did not come back: {errors[0]}") from errors[0]
+        for tier in self.topo.tiers:
+            self.wait_vrrp_settled(tier, timeout, doing="restarting the site: ")
+        took["vips"] = round(time.monotonic() - began, 2)
+        return took
+
     def _data_node(self, name: str) -> GaleraNode | NatsClusterNode:
         kind, _, member = name.partition("@")
         nodes: list[Any] = {"galera": self.galera.nodes, "nats": self.nats.nodes}.get(kind, [])

@@ -43,7 +43,7 @@ class Scenario:
     prepare: Step | None = None
     hold: float = 3.0  # seconds from the fault to `restore` (load keeps running)
     tail: float = 3.0  # seconds of load after `restore` (or after the fault, without one)
-    kind: str = "other"  # cara | clm | db | other: which goal of docs/RELIABILITY.md applies
+    kind: str = "other"  # cara | clm | db | site | other: which goal of docs/RELIABILITY.md applies
 
 
 def _active(lab: Any, tier: str) -> str:
@@ -255,6 +255,17 @@ def _nats_restart(lab: Any, ctx: dict[str, Any]) -> None:
     lab.start_data_node(f"nats@{ctx['node']}")
 
 
+# --- the whole site -------------------------------------------------------------------------------------------
+
+def _site_crash(lab: Any, ctx: dict[str, Any]) -> float:
+    return float(lab.crash_site())
+
+
+def _site_restart(lab: Any, ctx: dict[str, Any]) -> None:
+    """Power back: every member boots at once (Lab.restart_site); what each tier took goes into the run's notes."""
+    ctx["notes"] = [f"site back: {lab.restart_site()}"]
+
+
 # --- operations under load --------------------------------------------------------------------------------------
 
 ROLLOVER_SWITCH_SECONDS = 12.0  # the members read the issuers every 10 s (`issuers_check_seconds`), plus a margin
@@ -313,6 +324,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _hsm_down, _hsm_up, kind="other"),
     Scenario("nats-node-kill", "SIGKILL the NATS server leading the PKI_SIGNING stream; restart it after `hold`",
              _nats_kill, _nats_restart, kind="other"),
+    Scenario("site-crash", "the whole site loses power: every process of every member and data node SIGKILLed at "
+             "once (SIGSTOP first); after `hold` every member boots and starts its units together, in no order "
+             "(each Galera node from its recovered position, none bootstrapping: the Primary Component re-forms from "
+             "the saved view)", _site_crash, _site_restart, hold=3.0, tail=20.0, kind="site"),
     Scenario("ca-rollover", "not a failure: `hapki ca rollover` under load (a new issuing CA becomes the default; "
              "every member switches within `issuers_check_seconds`); after `hold` the newest certificates must come "
              "from it", _rollover, _rollover_issued_from, hold=ROLLOVER_SWITCH_SECONDS, kind="other"),

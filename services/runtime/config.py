@@ -21,6 +21,16 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ServiceConfig(StrictModel):
+    """What every service's config (CARA, CLM, watcher) has besides its own sections."""
+
+    startup_wait_seconds: float = Field(
+        default=600.0, ge=0, le=86400,
+        description="How long a starting service waits for its database, bus or HSM to become available (a whole "
+                    "site booting at once), trying again with growing pauses up to 5 s, before it gives up; other "
+                    "start errors stop it at once (hapki.runtime.startup)")
+
+
 def read_secret(path: Path | None, env: str | None = None) -> str:
     """Read a secret from a file (preferred) or an environment variable; strip one trailing newline."""
     if path is not None:

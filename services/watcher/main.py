@@ -27,7 +27,7 @@ from hapki.contracts.models import HAEvent, HARole
 from hapki.runtime import bus, telemetry
 from hapki.runtime import metrics as metrics_catalog
 from hapki.runtime.clock import utcnow
-from hapki.runtime.config import MetricsConfig, NatsConfig, StrictModel
+from hapki.runtime.config import MetricsConfig, NatsConfig, ServiceConfig
 from hapki.runtime.netlink import AddressChanges, AddressDump
 from hapki.runtime.tasks import cancel_and_wait
 
@@ -35,7 +35,7 @@ log = logging.getLogger("hapki.watcher")
 tracer = trace.get_tracer("hapki.watcher")
 
 
-class WatcherConfig(StrictModel):
+class WatcherConfig(ServiceConfig):
     """One watcher: which member, which tier's floating IP, which local service."""
 
     member: str = Field(description="Member name, e.g. cara-1")

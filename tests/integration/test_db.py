@@ -11,6 +11,7 @@ from hapki.lab import stack
 from hapki.lab.local import LocalEnv, free_port
 from hapki.runtime.db import Database
 from hapki.runtime.migrate import available, migrate
+from helpers.relay import Relay
 from integration.conftest import own_statements
 
 pytestmark = pytest.mark.integration
@@ -76,58 +77,13 @@ async def _run_then_fail_back_check(database: Database) -> str:
     raise AssertionError("the fail-back check did not end")
 
 
-class _Relay:
-    """A node in front of the real one: relays TCP to it, and can go down (connections cut, new ones refused) and
-    come back on the same address."""
-
-    def __init__(self, target: str) -> None:
-        self._host, _, port = target.rpartition(":")
-        self._port = int(port)
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-        self.accepted = 0
-
-    @property
-    def node(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass  # the other side went away: so does this one
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_after_a_failover_the_first_node_takes_the_work_again_once_it_is_healthy(env: LocalEnv) -> None:
     """Every service lists the same nodes: after a failure they should all write on the first healthy one again,
     not stay wherever their own failover left each of them (writers on two Galera nodes conflict at certification).
     Checked in the background, at most every fail_back_seconds; given back on the second healthy check in a row, and
     checked less often while the node keeps failing."""
     real = stack.database_config(env).nodes[0]
-    first = _Relay(real)
+    first = Relay(real)
     await first.start()
     cfg = stack.database_config(env).model_copy(update={
         "nodes": [first.node, real], "fail_back_seconds": 0.2, "connect_timeout_seconds": 0.5})
@@ -163,7 +119,7 @@ async def test_health_seen_before_a_new_failure_does_not_count_towards_failing_b
     """On db-2 after db-1 failed, a check finds db-1 healthy once; then db-2 fails too and the work moves to db-3.
     That one healthy check must not count: db-1 gets the work back only after two checks after the new failure."""
     real = stack.database_config(env).nodes[0]
-    first, second = _Relay(real), _Relay(real)
+    first, second = Relay(real), Relay(real)
     await first.start()
     await second.start()
     cfg = stack.database_config(env).model_copy(update={
@@ -476,7 +432,7 @@ async def test_a_timeout_on_a_node_that_still_answers_as_fit_is_retried_there_on
     server without Galera) only stalled or was slow: the retry stays on that node, so the process keeps writing
     where every other service writes. A second timeout there in the same transaction moves it on."""
     real = stack.database_config(env).nodes[0]
-    second = _Relay(real)
+    second = Relay(real)
     await second.start()
     cfg = stack.database_config(env).model_copy(update={"nodes": [real, second.node],
                                                         "transaction_timeout_seconds": 0.4})
@@ -514,7 +470,7 @@ async def test_a_timeout_on_a_node_that_still_answers_as_fit_is_retried_there_on
 async def test_a_timeout_on_a_node_that_no_longer_answers_moves_on_at_once(env: LocalEnv) -> None:
     """The node died during the transaction: its status read is refused, so the retry goes to the next node."""
     real = stack.database_config(env).nodes[0]
-    first = _Relay(real)
+    first = Relay(real)
     await first.start()
     cfg = stack.database_config(env).model_copy(update={"nodes": [first.node, real],
                                                         "transaction_timeout_seconds": 0.4})
