@@ -588,6 +588,7 @@ CHECK_TIMEOUT_SECONDS = 600.0  # the checks read whole tables: seconds per milli
 
 async def db_check(args: argparse.Namespace) -> int:
     """`hapki db check`: 0 when every invariant holds, 1 naming the violating rows, 2 bad arguments."""
+    from hapki.runtime import durability
     from hapki.runtime.db import Database
     from hapki.runtime.invariants import CHECKS, check_all
 
@@ -599,21 +600,31 @@ async def db_check(args: argparse.Namespace) -> int:
     try:  # one read-only transaction: every check sees the same snapshot
         found = await database.run(lambda cur: check_all(cur, settle_seconds=args.settle or None),
                                    name="cli.db_check", timeout=CHECK_TIMEOUT_SECONDS)
+        nodes = await durability.read_nodes(database)  # each node's settings, on its own connection
     finally:
         await database.close()
     broken = {name: rows for name, rows in found.items() if rows}
+    undurable = [n for n in nodes if n.problems]
     if args.json:
-        print(json.dumps({"ok": not broken, "settle_seconds": args.settle,
+        print(json.dumps({"ok": not broken and not undurable, "settle_seconds": args.settle,
                           "invariants": {name: {"meaning": CHECKS[name][0], "violations": [list(map(str, row))
                                                                                            for row in rows]}
-                                         for name, rows in found.items()}}, indent=2))
+                                         for name, rows in found.items()},
+                          "durability": {n.node: {"ok": n.ok, "settings": n.settings, "problems": n.problems,
+                                                  "error": n.error} for n in nodes}}, indent=2))
     else:
         for name, rows in found.items():
             print(f"{'ok  ' if not rows else 'FAIL'} {name}: {CHECKS[name][0]}"
                   + (f" ({len(rows)} violating rows)" if rows else ""))
             for row in rows[:args.rows]:
                 print("       " + " | ".join(map(str, row)))
-    return 1 if broken else 0
+        for n in nodes:
+            state = "?   " if n.error else "ok  " if n.ok else "FAIL"
+            print(f"{state} durability of {n.node}: commits survive a power cut of the whole site"
+                  + (f" (unknown: {n.error})" if n.error else ""))
+            for problem in n.problems:
+                print("       " + problem)
+    return 1 if broken or undurable else 0
 
 
 async def audit_verify(args: argparse.Namespace) -> int:

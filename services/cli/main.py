@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="the account of a service user to grant to (repeatable; default hapki_clm@%% and "
                           "hapki_cara@%%); the accounts must exist")
     mig.add_argument("--no-grants", action="store_true", help="apply the migrations only")
-    check = db_sub.add_parser("check", help="check the DESIGN.md invariants on the database of a running site; "
-                                            "exit 1 naming every violating row")
+    check = db_sub.add_parser("check", help="check the DESIGN.md invariants on the database of a running site, and "
+                                            "that every node's settings let commits survive a power cut of the "
+                                            "whole site; exit 1 naming every violating row and setting")
     check.add_argument("--config", type=Path, required=True,
                        help="a config with a [database] section (the admin's, or an account that may read every table)")
     check.add_argument("--settle", type=float, default=300.0, metavar="SECONDS",

@@ -637,7 +637,7 @@ class MariaDB(_Server):
             # Its own temporary files (internal temporary tables, filesorts) in its own directory: in a shared /tmp
             # anything that cleans up there breaks running queries ("Error on delete of '/tmp/#sql-temptable...'").
             "tmpdir": str(self.dir / "tmp"),
-            "innodb_flush_log_at_trx_commit": "2",
+            "innodb_flush_log_at_trx_commit": "1",  # hapki.runtime.durability
             "innodb_buffer_pool_size": "64M",
             "max_connections": "300",
             "skip-name-resolve": None,

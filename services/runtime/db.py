@@ -356,6 +356,27 @@ class Database:
             raise DatabaseError(f"database node {node} did not answer a status query: {exc}", {"node": node}) from exc
         return status or {}
 
+    async def node_variables(self, node: str, names: Sequence[str], timeout: float = 5.0) -> dict[str, str]:
+        """The node's global server variables `names` (lower-case), read on its status connection (`hapki db
+        check`'s durability settings). DatabaseError when the node does not answer within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                pool = self._pool(node, status=True)
+                conn = await pool.acquire(timeout)
+                broken = True
+                try:
+                    async with conn.cursor() as cur:
+                        await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name IN"
+                                          f" ({', '.join(['%s'] * len(names))})", tuple(names))
+                        rows = await cur.fetchall()
+                    await conn.rollback()
+                    broken = False
+                finally:
+                    pool.release(conn, broken=broken)
+        except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
+            raise DatabaseError(f"database node {node} did not answer: {exc}", {"node": node}) from exc
+        return {str(name).lower(): str(value) for name, value in rows}
+
     async def _wsrep_status(self, node: str, timeout: float) -> dict[str, str] | None:
         """The node's wsrep status variables (lower-case names), None when it runs without Galera (wsrep_on OFF).
 
