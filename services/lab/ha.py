@@ -719,6 +719,34 @@ class Lab:
         assert node.pid is not None
         self.procs.record(name, node.pid, str(node.cnf_path), node.log_path)
 
+    def restart_galera_nodes(self, names: list[str], timeout: float = 120.0, *, bootstrap_if_stuck: bool = True) -> None:
+        """Start killed Galera nodes again, all at once, each from its recovered position, and wait until every
+        node is Synced. Started one after the other, the first of several would wait for the others (a node
+        that lost its peers waits for the Primary Component before it serves).
+
+        All of them dead: they re-form the Primary Component from their saved view (pc.recovery) once all are
+        back. When that cannot happen (a node's view was not saved) and ``bootstrap_if_stuck``, the nodes are
+        killed again and the most advanced one bootstraps (GaleraCluster.bootstrap_from_most_advanced, the
+        operator's procedure); restart_site() does not: a site that does not come back by itself is a finding.
+        """
+        nodes = [self._data_node(name) for name in names]
+        try:
+            with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="galera-restart") as pool:
+                list(pool.map(lambda node: node.restart_after_crash(), nodes))  # type: ignore[union-attr]
+            for node in nodes:
+                node.wait_synced(timeout)  # type: ignore[union-attr]
+        except RuntimeError as exc:
+            everyone = len(nodes) == len(self.galera.nodes)
+            if not (bootstrap_if_stuck and everyone):
+                raise LabError(f"Galera nodes {', '.join(names)} did not come back: {exc}") from exc
+            log.warning("the Galera nodes did not re-form the cluster by themselves (%s); bootstrapping the most "
+                        "advanced one", str(exc)[:300])
+            for node in self.galera.nodes:
+                node.kill()
+                self.procs.crash(f"galera@{node.name}")
+            self.galera.bootstrap_from_most_advanced()
+        self._record_data_nodes(self.galera.nodes, "galera", lambda n: n.cnf_path)
+
     def site_processes(self) -> list[str]:
         """Every process of the site: each member's and each data node's (Prometheus, on the host, is not one)."""
         self.procs.load()
@@ -757,11 +785,8 @@ class Lab:
         took: dict[str, float] = {}
 
         def galera() -> None:
-            with ThreadPoolExecutor(max_workers=len(self.galera.nodes), thread_name_prefix="site-db") as pool:
-                list(pool.map(lambda node: node.restart_after_crash(), self.galera.nodes))
-            for node in self.galera.nodes:
-                node.wait_synced(timeout)
-            self._record_data_nodes(self.galera.nodes, "galera", lambda n: n.cnf_path)
+            self.restart_galera_nodes([f"galera@{node.name}" for node in self.galera.nodes], timeout,
+                                      bootstrap_if_stuck=False)
             took["galera"] = round(time.monotonic() - began, 2)
 
         def nats() -> None:
@@ -891,7 +916,10 @@ class Lab:
             self.net.restore_link(member)
         for hsm in self.hsms:
             self.hsm_up(hsm)
-        for name in [*self.procs.names(kind="galera"), *self.procs.names(kind="nats")]:
+        dead = [name for name in self.procs.names(kind="galera") if not self.procs.alive(name)]
+        if dead:
+            self.restart_galera_nodes(dead, data_timeout)
+        for name in self.procs.names(kind="nats"):
             if not self.procs.alive(name):
                 self.start_data_node(name, data_timeout)
         for name, entry in list(self.procs.procs.items()):
