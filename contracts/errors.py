@@ -189,6 +189,14 @@ class ConfigInvalid(HapkiError):
     code = ErrorCode.INTERNAL
 
 
+class BackupRefused(HapkiError):
+    """`hapki db backup` or `hapki db restore` cannot do what was asked (a dump that failed, a file that is not the
+    one its manifest names, a restore onto a database that holds a site's data): nothing was changed. An operator
+    acts; never retried."""
+
+    code = ErrorCode.INTERNAL
+
+
 class ProvisioningRefused(HapkiError):
     """The database refused an administrative step (`hapki db migrate` applying grants): a missing account or a
     privilege the admin lacks. Never retried: an operator has to act."""

@@ -34,6 +34,18 @@ _EPOCH = datetime(1970, 1, 1)
 CRL_TRANSACTION_TIMEOUT_SECONDS = 60.0
 
 
+def next_crl_number(last: int | None, now: datetime) -> int:
+    """The next CRL number of an issuer: the milliseconds of `now` since 1970, or one more than its last CRL's if
+    that is as high (several in one millisecond, a clock behind).
+
+    Not simply one more than the last: after a restore from a backup (`hapki db restore`) the database no longer
+    holds the CRLs published since the backup was taken, and max+1 would publish their numbers again, with other
+    contents; a relying party holding the later one would ignore the new CRL as older (RFC 5280 5.2.3: numbers
+    strictly increase). Time-based numbers stay above every number published before, lost or not (Boulder numbers
+    its CRLs by time too). Milliseconds keep the number exact in a float64 (the `hapki_crl_number` gauge)."""
+    return max((last or 0) + 1, int(now.timestamp() * 1000))
+
+
 class MariaDBRevocationStore:
     """CRLs and OCSP status on MariaDB/Galera. CLM writes `revocations`; CARA stamps and reads them."""
 
@@ -59,7 +71,7 @@ class MariaDBRevocationStore:
         async def body(cur: aiomysql.Cursor) -> CrlRecord:
             # Step 1: the number, serialised on this node by the lock; across nodes by UNIQUE and certification.
             await cur.execute("SELECT MAX(crl_number) FROM crls WHERE issuer = %s FOR UPDATE", (issuer,))
-            number = ((await cur.fetchone())[0] or 0) + 1
+            number = next_crl_number((await cur.fetchone())[0], now)
             # Step 2: the entries.
             base = None
             if delta:
@@ -107,7 +119,7 @@ class MariaDBRevocationStore:
 
         async def body(cur: aiomysql.Cursor) -> CrlRecord:
             await cur.execute("SELECT MAX(crl_number) FROM crls WHERE issuer = %s FOR UPDATE", (ROOT_CRL_ISSUER,))
-            number = ((await cur.fetchone())[0] or 0) + 1
+            number = next_crl_number((await cur.fetchone())[0], now)
             await cur.execute("SELECT cert_pem, revoked_at, revocation_reason FROM issuers WHERE revoked_at IS NOT NULL"
                               " ORDER BY revoked_at")
             entries = [CrlEntry(serial=format(x509.load_pem_x509_certificate(r[0].encode()).serial_number, "x"),

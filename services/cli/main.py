@@ -89,6 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rows", type=int, default=5, help="violating rows printed per invariant")
     check.add_argument("--json", action="store_true", help="print the report as JSON (every violating row)")
 
+    bak = db_sub.add_parser("backup", help="write a consistent backup of the site's database (mariadb-dump of one "
+                                           "snapshot, gzip) with a manifest beside it; audited")
+    bak.add_argument("--config", type=Path, required=True,
+                     help="a config with a [database] section (an account that may read every table, e.g. the admin)")
+    bak.add_argument("--out", type=Path, required=True, help="the backup file (FILE.sql.gz; FILE.sql.gz.manifest.json "
+                                                           "is written beside it)")
+    bak.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    res = db_sub.add_parser("restore", help="load a backup into a database that holds no site data (a rebuilt "
+                                            "cluster), after checking it against its manifest; then check the "
+                                            "invariants and the audit chain; audited")
+    res.add_argument("--config", type=Path, required=True,
+                     help="a config with a [database] section naming the admin user (the restore drops and creates "
+                          "the tables)")
+    res.add_argument("--backup", type=Path, required=True, help="the backup file written by `hapki db backup`")
+    res.add_argument("--replace", action="store_true",
+                     help="overwrite a database that holds a site's data (what it held since the backup is lost)")
+
     audit = sub.add_parser("audit", help="the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the audit hash chain; exit 1 naming the first broken entry")

@@ -53,6 +53,9 @@ class AuditKind(str, enum.Enum):
     ISSUER_DEFAULT = "issuer.default"  # new certificates are issued by this issuing CA from now on (a rollover:
     # `replaces` names the one before); the one before keeps answering OCSP and publishing CRLs
     ISSUER_REVOKED = "issuer.revoked"  # its root revoked an issuing CA (`hapki ca revoke-issuer`): on the ARL
+    DATABASE_BACKED_UP = "database.backed_up"  # `hapki db backup` wrote a backup (its file's SHA-256); the backup
+    # itself holds the entries before this one
+    DATABASE_RESTORED = "database.restored"  # `hapki db restore` loaded a backup here (its SHA-256 and time)
 
 
 @dataclass(frozen=True)
