@@ -226,8 +226,10 @@ def create_delegated_signer(
     org: str = "hapki",
     now: datetime,
     replicate_across: Sequence[HSMMemberConfig] = (),
+    serial: int | None = None,
 ) -> DelegatedSigner:
-    """Generate a P-256 key in the HSM and certify it with the issuing CA key for one of PURPOSES."""
+    """Generate a P-256 key in the HSM and certify it with the issuing CA key for one of PURPOSES, under `serial`
+    (reserved by the caller first: hapki.runtime.delegated_intents; None: a random one)."""
     if now.tzinfo is None or now.utcoffset() != timedelta(0):
         raise ValueError("now must be an aware UTC datetime")
     now = now.replace(microsecond=0)
@@ -236,7 +238,8 @@ def create_delegated_signer(
     spec = PURPOSES[purpose]
     cert = delegated_certificate(
         purpose, _name(org, f"{common_name} {spec.label}"), key.public_key(), issuing_cert=issuing_cert,
-        issuing_key=pool.private_key(issuing_key_id), serial=issuance.random_serial(), now=now)
+        issuing_key=pool.private_key(issuing_key_id), serial=issuance.random_serial() if serial is None else serial,
+        now=now)
     return DelegatedSigner(cert=cert, key_id=key.key_id)
 
 

@@ -8,10 +8,12 @@ it from then on (a new key too, from `hapki ca ocsp-rekey`, once the HSM shows i
 `signer_renew_before_days` are left. That needs no new key, so CARA's read-only HSM sessions suffice, and the copy
 of the key in every HSM member keeps working.
 
-A renewal is accounted for like a certificate: an audit entry `ocsp_signer.certifying` (serial, key, not_after) is
-committed under the member's epoch before the HSM signs, the certificate and `ocsp_signer.created` after it, under
-the same epoch. A member that dies in between leaves the first entry naming a certificate that was never stored;
-the next check renews again under a new serial.
+A renewal is accounted for like a certificate: its serial is reserved in a signing intent (purpose `ocsp_signer`,
+hapki.runtime.delegated_intents) with the audit entry `ocsp_signer.certifying` (serial, key, not_after), committed
+under the member's epoch before the HSM signs; the certificate, its intent resolved `issued` and
+`ocsp_signer.created` after it, under the same epoch. A member that dies in between leaves the intent reserved
+(the next activation abandons it) and the first entry naming a certificate that was never stored; the next check
+renews again under a new serial.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ class SignerStore(Protocol):
     async def ocsp_signer(self, issuer: str) -> OcspSignerRecord | None: ...
 
     async def ocsp_signer_certifying(self, issuer: str, *, serial: str, key_id: bytes, not_after: datetime,
-                                     epoch: int, now: datetime) -> None: ...
+                                     epoch: int, member: str, now: datetime) -> str: ...
 
     async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime,
-                               epoch: int | None = None) -> None: ...
+                               epoch: int | None = None, intent_id: str | None = None) -> None: ...
 
 
 class OcspSignerKeeper:
@@ -118,13 +120,15 @@ class OcspSignerKeeper:
             # It would not last longer: made this second, or capped by the issuing CA, whose own expiry is the
             # operator's (HapkiIssuingCaExpiring); renewing at every check would only add certificates.
             return current
-        await self._store.ocsp_signer_certifying(self._issuer.name, serial=format(serial, "x"),
-                                                 key_id=current.key_id, not_after=not_after, epoch=epoch, now=now)
+        intent_id = await self._store.ocsp_signer_certifying(
+            self._issuer.name, serial=format(serial, "x"), key_id=current.key_id, not_after=not_after, epoch=epoch,
+            member=self._member, now=now)
         cert = await asyncio.to_thread(recertify, current.certificate, "ocsp", issuing_cert=self._issuer.certificate,
                                        issuing_key=self._issuing_key, serial=serial, now=now)
         record = OcspSignerRecord(issuer=self._issuer.name, key_id=current.key_id,
                                   cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode())
-        await self._store.save_ocsp_signer(record, not_after=cert.not_valid_after_utc, now=now, epoch=epoch)
+        await self._store.save_ocsp_signer(record, not_after=cert.not_valid_after_utc, now=now, epoch=epoch,
+                                           intent_id=intent_id)
         log.info("renewed the OCSP responder certificate of %s: serial %x until %s (epoch %d; the one in use ended "
                  "%s)", self._issuer.name, serial, cert.not_valid_after_utc.isoformat(), epoch,
                  current.certificate.not_valid_after_utc.isoformat())

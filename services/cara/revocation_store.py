@@ -12,6 +12,7 @@ from cryptography import x509
 from hapki.cara.ports import CrlEntry, CrlRecord, CrlSchedule, OcspSignerRecord, SerialStatus
 from hapki.cara.store import TIER
 from hapki.contracts.errors import NotFound
+from hapki.runtime import delegated_intents
 from hapki.runtime.audit import AuditKind, AuditRecord, append
 from hapki.runtime.db import Database, Fence, db_time, utc
 from hapki.runtime.ids import time_ordered_id
@@ -232,24 +233,35 @@ class MariaDBRevocationStore:
         return await self._db.run(body, name="cara.ocsp_signer")
 
     async def ocsp_signer_certifying(self, issuer: str, *, serial: str, key_id: bytes, not_after: datetime,
-                                     epoch: int, now: datetime) -> None:
-        """Record, fenced, that this member is about to certify the OCSP responder key `key_id` again under
-        `serial` (audit `ocsp_signer.certifying`): before the HSM signature, as a signing intent is."""
+                                     epoch: int, member: str, now: datetime) -> str:
+        """Reserve `serial`, fenced, for this member's certifying the OCSP responder key `key_id` again: a signing
+        intent (hapki.runtime.delegated_intents) and the audit entry `ocsp_signer.certifying`, before the HSM
+        signature. Returns the intent's id; DuplicateKey: the serial is taken."""
+        intent_id = time_ordered_id()
         entry = AuditRecord(kind=AuditKind.OCSP_SIGNER_CERTIFYING, actor=self._actor, created_at=now, epoch=epoch,
                             issuer=issuer, serial=serial,
-                            detail={"key_id": key_id.hex(), "not_after": not_after.isoformat()})
+                            detail={"key_id": key_id.hex(), "not_after": not_after.isoformat(), "intent_id": intent_id})
 
         async def body(cur: aiomysql.Cursor) -> None:
-            await append(cur, entry)
+            await append(cur, entry, first=(delegated_intents.RESERVE_SQL, delegated_intents.reserve_args(
+                intent_id, issuer=issuer, serial=serial, purpose=delegated_intents.OCSP_SIGNER, epoch=epoch,
+                member=member, now=now)))
 
         await self._db.run(body, name="cara.ocsp_signer_certifying", fence=Fence(TIER, epoch))
+        return intent_id
 
     async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime,
-                               epoch: int | None = None) -> None:
+                               epoch: int | None = None, intent_id: str | None = None) -> None:
         """Store a new OCSP responder certificate (a new key from the ceremony, or the same key certified again)
-        with its audit entry `ocsp_signer.created` (`replaces`: the key of the one in use before). `epoch`: fenced
-        (the active member's renewal); None: the ceremony's (`hapki ca init`)."""
+        with its audit entry `ocsp_signer.created` (`replaces`: the key of the one in use before), and resolve
+        its serial's intent `intent_id` as issued. `epoch`: fenced (the active member's renewal); None: the
+        ceremony's (`hapki ca init`)."""
+        serial = format(record.certificate.serial_number, "x")
+
         async def body(cur: aiomysql.Cursor) -> None:
+            if intent_id is not None:
+                await cur.execute(delegated_intents.ISSUED_SQL, delegated_intents.issued_args(
+                    intent_id, now=now, purpose=delegated_intents.OCSP_SIGNER))
             await cur.execute("SELECT key_id, cert_pem FROM ocsp_signers WHERE issuer = %s ORDER BY not_after DESC"
                               " LIMIT 1", (record.issuer,))
             current = await cur.fetchone()
@@ -257,16 +269,16 @@ class MariaDBRevocationStore:
                                                                      bytes.fromhex(current[0]))
             await append(cur, AuditRecord(
                 kind=AuditKind.OCSP_SIGNER_CREATED, actor=self._actor, created_at=now, epoch=epoch,
-                issuer=record.issuer, serial=format(record.certificate.serial_number, "x"),
+                issuer=record.issuer, serial=serial,
                 detail={"key_id": record.key_id.hex(), "not_after": not_after.isoformat(),
                         "replaces": None if replaced is None else replaced.key_id.hex(),
                         "replaces_serial": (None if replaced is None
                                             else format(replaced.certificate.serial_number, "x")),
                         "cert_sha256": hashlib.sha256(record.cert_pem.encode()).hexdigest()},
                 id=entry_id), first=(
-                "INSERT INTO ocsp_signers (issuer, key_id, cert_pem, not_after, created_at)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now))))
+                "INSERT INTO ocsp_signers (issuer, key_id, cert_pem, not_after, created_at, serial)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (record.issuer, record.key_id.hex(), record.cert_pem, db_time(not_after), db_time(now), serial)))
 
         entry_id = time_ordered_id()
         await self._db.run(body, name="cara.save_ocsp_signer", fence=None if epoch is None else Fence(TIER, epoch))

@@ -13,8 +13,10 @@ from cryptography import x509
 from hapki.contracts.errors import AlreadyRevoked, DuplicateKey, FencedOut, GuardFailed, NotFound
 from hapki.contracts.models import ErrorBody, RequestStatus, SignCertificate
 from hapki.cara.ports import Intent, IssuedRecord, IssuerRecord, Outcome
+from hapki.runtime import delegated_intents
 from hapki.runtime.audit import AuditKind, AuditRecord, append, append_many, append_statements, derived_id
 from hapki.runtime.db import Database, Fence, at_fence, before_fence, db_time, execute_many, fence_guard, utc
+from hapki.runtime.ids import time_ordered_id
 
 TIER = "cara"
 
@@ -545,6 +547,21 @@ class MariaDBSigningStore:
             return await self._db.run(body, name="cara.refuse", fence=Fence(TIER, epoch))
         except DuplicateKey:
             return False  # this refusal is audited already (the audit table is insert-only for services)
+
+    async def reserve_delegated(self, *, issuer: str, serial: str, purpose: str, now: datetime) -> str:
+        """Reserve the serial of a delegated signer's certificate a ceremony is about to sign (`hapki ca init`,
+        `rollover`, `ocsp-rekey`): a signing intent of `purpose` under epoch 0, member `ceremony`, unfenced (a
+        ceremony has no epoch; see hapki.runtime.delegated_intents). Returns its id; DuplicateKey: the serial is
+        taken."""
+        intent_id = time_ordered_id()
+
+        async def body(cur: aiomysql.Cursor) -> None:
+            await cur.execute(delegated_intents.RESERVE_SQL, delegated_intents.reserve_args(
+                intent_id, issuer=issuer, serial=serial, purpose=purpose, epoch=0, member=delegated_intents.CEREMONY,
+                now=now))
+
+        await self._db.run(body, name="cli.reserve_delegated")
+        return intent_id
 
     async def abandon_intent(self, intent_id: str, reason: str, now: datetime) -> None:
         """Resolve a reserved intent whose signature will never be stored. Unfenced: abandoning is always safe."""

@@ -203,7 +203,7 @@ async def ca_ocsp_rekey(args: argparse.Namespace) -> int:
             return 2
         members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
         with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates a key
-            await _add_signer(pool, "ocsp", db, revocations, issuer, members)
+            await _add_signer(pool, "ocsp", db, store, revocations, issuer, members)
     print(f"every CARA member signs the OCSP answers about {issuer.name!r} under the new responder within "
           f"{cfg.ocsp.signer_check_seconds:g} s; answers signed before stay valid with the responder before")
     return 0
@@ -300,7 +300,7 @@ async def ca_init(args: argparse.Namespace) -> int:
             members = _hsm_members(cfg) if len(cfg.hsm.members) > 1 else []
             with hsm_pool(cfg.hsm, rw=True) as pool:  # the ceremony creates keys
                 for purpose in missing:
-                    await _add_signer(pool, purpose, db, revocations, existing, members)
+                    await _add_signer(pool, purpose, db, store, revocations, existing, members)
             return 0
         # Two or more HSMs: the CA keys are generated once and replicated under a cluster KEK, which the SO of
         # each token imports first, before the pool logs in as user (SO and user cannot share a login).
@@ -332,7 +332,7 @@ async def ca_init(args: argparse.Namespace) -> int:
                                   key_id=hierarchy.issuing_key_id)
             await store.save_issuer(record, default=True, now=utcnow())
             for purpose in ("ocsp", "audit"):
-                await _add_signer(pool, purpose, db, revocations, record, replicate_across)
+                await _add_signer(pool, purpose, db, store, revocations, record, replicate_across)
             await _sign_arl(pool, db, store)  # empty: issuing CA certificates may name it, it must be there
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -407,9 +407,9 @@ async def ca_rollover(args: argparse.Namespace) -> int:
                 if await revocations.latest_crl(ROOT_CRL_ISSUER, delta=False) is None:  # the new CA may name it
                     await _sign_arl(pool, db, store)
                 if await revocations.ocsp_signer(name) is None:
-                    await _add_signer(pool, "ocsp", db, revocations, record, members)
+                    await _add_signer(pool, "ocsp", db, store, revocations, record, members)
                 if await audit_signer(db, name) is None:
-                    await _add_signer(pool, "audit", db, revocations, record, members)
+                    await _add_signer(pool, "audit", db, store, revocations, record, members)
             except (ValueError, HapkiError) as exc:
                 print(f"issuing CA {name!r} is stored but not the default, and nothing issues from it: {exc}; "
                       f"finish with `hapki ca rollover --config {args.config} --name {name}`", file=sys.stderr)
@@ -501,26 +501,40 @@ def _hsm_members(cfg: CaraConfig) -> list[HSMMemberConfig]:
     ]
 
 
-async def _add_signer(pool: HSMPool, purpose: str, db: Database, revocations: MariaDBRevocationStore,
-                      issuer: IssuerRecord, replicate_across: list[HSMMemberConfig]) -> None:
+async def _add_signer(pool: HSMPool, purpose: str, db: Database, store: MariaDBSigningStore,
+                      revocations: MariaDBRevocationStore, issuer: IssuerRecord,
+                      replicate_across: list[HSMMemberConfig]) -> None:
     """A delegated signer of the issuer ("ocsp": the OCSP responder, "audit": audit checkpoints): key generated in
-    the HSM, certified by the issuing CA, stored."""
+    the HSM, its certificate's serial reserved (hapki.runtime.delegated_intents), certified by the issuing CA,
+    stored with its intent resolved; a certificate that cannot be made abandons the intent."""
+    from hapki.cara import issuance
     from hapki.cara.ca_init import create_delegated_signer
     from hapki.cara.ports import OcspSignerRecord
+    from hapki.runtime import delegated_intents
     from hapki.runtime.audit import save_audit_signer
     from hapki.runtime.clock import utcnow
 
-    signer = await asyncio.to_thread(
-        create_delegated_signer, pool, purpose, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
-        now=utcnow(), replicate_across=replicate_across,
-    )
+    kind = delegated_intents.OCSP_SIGNER if purpose == "ocsp" else delegated_intents.AUDIT_SIGNER
+    serial = issuance.random_serial()
+    intent_id = await store.reserve_delegated(issuer=issuer.name, serial=format(serial, "x"), purpose=kind,
+                                              now=utcnow())
+    try:
+        signer = await asyncio.to_thread(
+            create_delegated_signer, pool, purpose, issuing_cert=issuer.certificate, issuing_key_id=issuer.key_id,
+            now=utcnow(), replicate_across=replicate_across, serial=serial,
+        )
+    except Exception as exc:
+        await store.abandon_intent(intent_id, f"the ceremony could not make the certificate: {exc}", utcnow())
+        raise
     name, cert = issuer.name, signer.cert
     if purpose == "ocsp":
         await revocations.save_ocsp_signer(
             OcspSignerRecord(issuer=name, cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-                             key_id=signer.key_id), not_after=cert.not_valid_after_utc, now=utcnow())
+                             key_id=signer.key_id), not_after=cert.not_valid_after_utc, now=utcnow(),
+            intent_id=intent_id)
     else:
-        await save_audit_signer(db, issuer=name, cert=cert, key_id=signer.key_id, actor="cli:ca-init", now=utcnow())
+        await save_audit_signer(db, issuer=name, cert=cert, key_id=signer.key_id, actor="cli:ca-init", now=utcnow(),
+                                intent_id=intent_id)
     print(f"created {purpose} signer for {name!r}: {cert.subject.rfc4514_string()}, "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
 

@@ -26,6 +26,7 @@ import aiomysql
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from hapki.runtime import delegated_intents
 from hapki.runtime.db import Database, db_time, execute_many
 from hapki.runtime.ids import time_ordered_id
 
@@ -193,19 +194,24 @@ ENTRY_COLUMNS = "e.id, e.kind, e.actor, e.epoch, e.request_id, e.issuer, e.seria
 
 
 async def save_audit_signer(db: Database, *, issuer: str, cert: x509.Certificate, key_id: bytes, actor: str,
-                            now: datetime) -> None:
-    """Store an issuer's audit signer (made by `hapki ca init`), with its own audit entry."""
+                            now: datetime, intent_id: str | None = None) -> None:
+    """Store an issuer's audit signer (made by `hapki ca init`), with its own audit entry, and resolve its serial's
+    intent `intent_id` (hapki.runtime.delegated_intents) as issued."""
     cert_pem = cert.public_bytes(Encoding.PEM).decode()
+    serial = format(cert.serial_number, "x")
     entry = AuditRecord(
-        kind=AuditKind.AUDIT_SIGNER_CREATED, actor=actor, created_at=now, issuer=issuer,
-        serial=format(cert.serial_number, "x"),
+        kind=AuditKind.AUDIT_SIGNER_CREATED, actor=actor, created_at=now, issuer=issuer, serial=serial,
         detail={"key_id": key_id.hex(), "not_after": cert.not_valid_after_utc.isoformat(),
                 "cert_sha256": hashlib.sha256(cert_pem.encode()).hexdigest()})
 
     async def body(cur: aiomysql.Cursor) -> None:
+        if intent_id is not None:
+            await cur.execute(delegated_intents.ISSUED_SQL, delegated_intents.issued_args(
+                intent_id, now=now, purpose=delegated_intents.AUDIT_SIGNER))
         await append(cur, entry, first=(
-            "INSERT INTO audit_signers (issuer, key_id, cert_pem, not_after, created_at) VALUES (%s, %s, %s, %s, %s)",
-            (issuer, key_id.hex(), cert_pem, db_time(cert.not_valid_after_utc), db_time(now))))
+            "INSERT INTO audit_signers (issuer, key_id, cert_pem, not_after, created_at, serial)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (issuer, key_id.hex(), cert_pem, db_time(cert.not_valid_after_utc), db_time(now), serial)))
 
     await db.run(body, name="audit.save_signer")
 

@@ -34,7 +34,29 @@ CHECKS: dict[str, tuple[str, str]] = {
     "issued_intent_without_certificate": (
         "every intent resolved as issued has its certificate",
         "SELECT i.id, i.request_id, i.serial, i.epoch, i.member, i.resolved_at FROM signing_intents i"
-        " LEFT JOIN certificates c ON c.intent_id = i.id WHERE i.state = 'issued' AND c.intent_id IS NULL",
+        " LEFT JOIN certificates c ON c.intent_id = i.id WHERE i.state = 'issued' AND i.purpose = 'certificate'"
+        " AND c.intent_id IS NULL",
+    ),
+    # The delegated signers' certificates (OCSP responder, audit signer), which the issuing CA key signs too: their
+    # serials are reserved the same way (migration 0010, hapki.runtime.delegated_intents).
+    "delegated_intent_without_certificate": (
+        "every intent of an OCSP responder's or audit signer's certificate resolved as issued has its certificate",
+        "SELECT i.id, i.issuer, i.serial, i.purpose, i.epoch, i.member FROM signing_intents i"
+        " WHERE i.state = 'issued' AND i.purpose <> 'certificate'"
+        " AND NOT (i.purpose = 'ocsp_signer' AND EXISTS (SELECT 1 FROM ocsp_signers o"
+        " WHERE o.issuer = i.issuer AND o.serial = i.serial))"
+        " AND NOT (i.purpose = 'audit_signer' AND EXISTS (SELECT 1 FROM audit_signers a"
+        " WHERE a.issuer = i.issuer AND a.serial = i.serial))",
+    ),
+    "delegated_certificate_without_issued_intent": (
+        "every OCSP responder's and audit signer's certificate comes from an intent resolved as issued (those made "
+        "before migration 0010 carry no serial and are not checked)",
+        "SELECT 'ocsp_signer', o.issuer, o.serial FROM ocsp_signers o LEFT JOIN signing_intents i"
+        " ON i.issuer = o.issuer AND i.serial = o.serial AND i.purpose = 'ocsp_signer' AND i.state = 'issued'"
+        " WHERE o.serial IS NOT NULL AND i.id IS NULL"
+        " UNION ALL SELECT 'audit_signer', a.issuer, a.serial FROM audit_signers a LEFT JOIN signing_intents i"
+        " ON i.issuer = a.issuer AND i.serial = a.serial AND i.purpose = 'audit_signer' AND i.state = 'issued'"
+        " WHERE a.serial IS NOT NULL AND i.id IS NULL",
     ),
     "unresolved_intents": (
         "every signing intent is resolved (issued or abandoned) once the system is quiet",

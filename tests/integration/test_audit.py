@@ -435,7 +435,7 @@ def test_verify_refuses_a_bad_anchor(config_file: Path) -> None:
 
 async def test_ca_init_adds_an_audit_signer_to_a_ca_from_before_the_audit_log(services, sql, config_file) -> None:
     cara, _ = services
-    old = await query(sql, "SELECT issuer, key_id, cert_pem, not_after, created_at FROM audit_signers")
+    old = await query(sql, "SELECT issuer, key_id, cert_pem, not_after, created_at, serial FROM audit_signers")
     await query(sql, "DELETE FROM audit_signers")
     try:
         done = subprocess.run([*stack.hapki_command(), "ca", "init", "--config", str(config_file)],
@@ -448,7 +448,8 @@ async def test_ca_init_adds_an_audit_signer_to_a_ca_from_before_the_audit_log(se
         assert "OCSP responder certificate ends" in again.stdout and "renews it when 30 days are left" in again.stdout
     finally:
         for row in old:  # the running member still signs with its key: keep it trusted
-            await query(sql, "INSERT INTO audit_signers VALUES (%s, %s, %s, %s, %s)", row)
+            await query(sql, "INSERT INTO audit_signers (issuer, key_id, cert_pem, not_after, created_at, serial)"
+                             " VALUES (%s, %s, %s, %s, %s, %s)", row)
     assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'audit_signer.created'") == [(2,)]
     await _signed(sql)
     assert (await _verify(cara.db)).ok

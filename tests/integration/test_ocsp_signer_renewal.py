@@ -64,6 +64,13 @@ async def test_the_active_member_renews_its_responder_and_answers_under_it(servi
     assert [(kind, entry_epoch) for kind, entry_epoch, _ in entries] == [
         ("ocsp_signer.certifying", epoch), ("ocsp_signer.created", epoch)]
     created = json.loads(entries[1][2])
+    # Its serial was reserved like a requested certificate's and the intent resolved with the stored certificate.
+    assert await query(sql, "SELECT purpose, state, epoch, member FROM signing_intents WHERE issuer = %s AND"
+                            " serial = %s", (issuer.name, serial)) == [("ocsp_signer", "issued", epoch,
+                                                                         cara.config.member)]
+    assert json.loads(entries[0][2])["intent_id"]
+    assert await query(sql, "SELECT COUNT(*) FROM ocsp_signers WHERE issuer = %s AND serial = %s",
+                       (issuer.name, serial)) == [(1,)]
     assert created["replaces_serial"] == format(before.serial_number, "x")
     assert created["key_id"] == current.key_id.hex() == created["replaces"]
 
@@ -108,6 +115,9 @@ async def test_a_new_responder_key_from_the_ceremony_is_used_by_the_running_memb
     [(detail,)] = await query(sql, "SELECT detail FROM audit_entries WHERE kind = 'ocsp_signer.created' AND serial = %s",
                               (format(newest.certificate.serial_number, "x"),))
     assert json.loads(detail)["key_id"] == newest.key_id.hex() != json.loads(detail)["replaces"]
+    assert await query(sql, "SELECT purpose, state, epoch, member FROM signing_intents WHERE issuer = %s AND"
+                            " serial = %s", (issuer.name, format(newest.certificate.serial_number, "x"))) == [
+        ("ocsp_signer", "issued", 0, "ceremony")]
 
     await cara.ocsp_signers.tick()
 
@@ -139,3 +149,59 @@ async def test_a_responder_key_that_is_not_sign_only_is_not_used(services) -> No
     with pytest.raises(ValueError, match="CKA_EXTRACTABLE"):
         await keeper.tick()
     assert responder.signer_certificate == issuer.certificate
+
+
+# --- the delegated signers' serials (migration 0010, hapki.runtime.delegated_intents) ---
+
+async def test_every_delegated_signer_certificate_has_its_serial_reserved_and_issued(services, sql) -> None:
+    """The ceremony (`hapki ca init`, run by the env fixture) reserved the OCSP responder's and the audit signer's
+    serials before signing; the invariants pair every such certificate with its issued intent."""
+    from hapki.runtime.invariants import violations
+
+    cara, _clm = services
+    assert cara.signer is not None
+    issuer = cara.signer.issuer.name
+    for table, purpose in (("ocsp_signers", "ocsp_signer"), ("audit_signers", "audit_signer")):
+        rows = await query(sql, f"SELECT s.serial, i.state, i.purpose FROM {table} s JOIN signing_intents i"
+                                " ON i.issuer = s.issuer AND i.serial = s.serial WHERE s.issuer = %s", (issuer,))
+        assert rows and all(state == "issued" and kind == purpose for _, state, kind in rows), rows
+    found = await violations(sql, quiet=False)
+    assert not found["delegated_intent_without_certificate"] and not found["delegated_certificate_without_issued_intent"]
+
+
+async def test_a_delegated_certificate_cannot_take_a_serial_a_requested_one_has(services, client) -> None:
+    """Invariant 3 across every certificate of one CA: the UNIQUE (issuer, serial) refuses the reservation."""
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.contracts.errors import DuplicateKey
+    from integration.conftest import issue_server_certificate
+
+    cara, _clm = services
+    assert cara.signer is not None
+    issued = await issue_server_certificate(client, "serial-taken.example.com", "delegated-tests")
+    with pytest.raises(DuplicateKey):
+        await MariaDBSigningStore(cara.db).reserve_delegated(
+            issuer=cara.signer.issuer.name, serial=issued.serial, purpose="ocsp_signer", now=utcnow())
+
+
+async def test_a_ceremony_that_cannot_make_the_certificate_abandons_its_serial(services, sql, monkeypatch) -> None:
+    from hapki.cara import ca_init
+    from hapki.cara.store import MariaDBSigningStore
+    from hapki.cli import commands
+
+    cara, _clm = services
+    assert cara.signer is not None
+    issuer = cara.signer.issuer
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ValueError("the HSM refused to generate the key")
+
+    monkeypatch.setattr(ca_init, "create_delegated_signer", broken)
+    with pytest.raises(ValueError, match="refused"):
+        await commands._add_signer(None, "audit", cara.db, MariaDBSigningStore(cara.db),  # type: ignore[arg-type]
+                                   MariaDBRevocationStore(cara.db), issuer, [])
+    [(intent_id, state, resolution)] = await query(
+        sql, "SELECT id, state, resolution FROM signing_intents WHERE purpose = 'audit_signer' AND member ="
+             " 'ceremony' ORDER BY created_at DESC LIMIT 1")
+    assert state == "abandoned" and "refused to generate" in resolution
+    assert await query(sql, "SELECT COUNT(*) FROM audit_entries WHERE kind = 'intent.abandoned' AND detail LIKE %s",
+                       (f"%{intent_id}%",)) == [(1,)]

@@ -51,16 +51,18 @@ class FakeStore:
         return max(self.rows, key=lambda r: r.certificate.not_valid_after_utc, default=None)
 
     async def ocsp_signer_certifying(self, issuer: str, *, serial: str, key_id: bytes, not_after: datetime,
-                                     epoch: int, now: datetime) -> None:
+                                     epoch: int, member: str, now: datetime) -> str:
         if epoch != self.epoch:
             raise FencedOut("stale epoch")
         self.log.append(("certifying", serial, epoch))
+        return f"intent-{serial}"
 
     async def save_ocsp_signer(self, record: OcspSignerRecord, *, not_after: datetime, now: datetime,
-                               epoch: int | None = None) -> None:
+                               epoch: int | None = None, intent_id: str | None = None) -> None:
         if epoch != self.epoch:
             raise FencedOut("stale epoch")
         assert not_after == record.certificate.not_valid_after_utc
+        assert intent_id == f"intent-{format(record.certificate.serial_number, 'x')}", "stored under its own intent"
         self.log.append(("created", format(record.certificate.serial_number, "x"), epoch))
         self.rows.append(record)
 
