@@ -44,10 +44,11 @@ ER_LOCK_WAIT_TIMEOUT = 1205
 ER_UNKNOWN_COM_ERROR = 1047  # Galera: node not ready / non-Primary
 ER_ERROR_DURING_COMMIT = 1180
 ER_QUERY_INTERRUPTED = 1317
+ER_SP_DOES_NOT_EXIST = 1305  # our commit guard: the savepoint is gone, the cluster rolled the transaction back
 CR_CONN_HOST_ERROR = 2003
 CR_SERVER_GONE = 2006
 CR_SERVER_LOST = 2013
-RETRY_SAME_NODE = {ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}
+RETRY_SAME_NODE = {ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT, ER_SP_DOES_NOT_EXIST}
 POOL_RECYCLE_SECONDS = 3600.0  # idle connections older than this are replaced (server wait_timeout is 8 h)
 NODE_DOWN = {ER_UNKNOWN_COM_ERROR, CR_CONN_HOST_ERROR, CR_SERVER_GONE, CR_SERVER_LOST, ER_QUERY_INTERRUPTED, 1053, 1927}
 # Failing back (DatabaseConfig.fail_back_seconds): the bound of one status read, the most the interval grows to, and
@@ -106,6 +107,15 @@ _FENCE = "UPDATE epochs SET fence_seq = IF(epoch = %s, @hapki_fence_seq := fence
 # held, so a refusal can be told apart afterwards: a stale epoch (FencedOut) or a false guard (GuardFailed).
 _GUARDED_FENCE = ("UPDATE epochs SET fence_seq = IF((@hapki_epoch_ok := (epoch = %s)) AND {guards},"
                   " @hapki_fence_seq := fence_seq + 1, NULL) WHERE tier = %s")
+# The commit guard around the fence's round trip. Galera may roll a transaction back in the middle of a
+# multi-statement round trip (a brute-force abort: a replicated write set wins a lock it holds); MariaDB then runs
+# the round trip's remaining statements in a new transaction and reports the abort only at the end, after its
+# COMMIT committed them (codership/mysql-wsrep#191, the same for stored procedures). Seen in the fault suite
+# (session 23, db-partition): a batch's certificates committed without their intents, requests and audit entries,
+# and without the fence. The savepoint exists only in the transaction that set it: in the new one, RELEASE fails
+# (1305), MariaDB runs nothing after it, COMMIT included, and the body runs again (RETRY_SAME_NODE).
+_SAVEPOINT = "SAVEPOINT hapki_commit"
+_RELEASE = "RELEASE SAVEPOINT hapki_commit"
 
 
 @dataclass(frozen=True)
@@ -131,12 +141,20 @@ class _Transaction:
     at_fence: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)
 
     def fence_round_trip(self, fence: Fence) -> tuple[list[str], list[object]]:
-        """The statements of the fence's round trip (before_fence, the fence, at_fence, COMMIT) and their args."""
+        """The statements of the fence's round trip (before_fence, the fence, at_fence, COMMIT) and their args, with
+        the commit guard: SAVEPOINT first (after `SET TRANSACTION`, which must come before the transaction's first
+        statement), RELEASE right before COMMIT. Results: `before` + 1, the fence, `at_fence` + 1, COMMIT."""
         statements: list[str] = []
         args: list[object] = []
+        guarded = False
         for sql, values in self.before_fence:
+            if not guarded and not sql.lstrip().upper().startswith("SET TRANSACTION"):
+                statements.append(_SAVEPOINT)
+                guarded = True
             statements.append(sql)
             args.extend(values)
+        if not guarded:
+            statements.append(_SAVEPOINT)
         if self.guards:
             statements.append(_GUARDED_FENCE.format(guards=" AND ".join(f"({sql})" for sql, _ in self.guards)))
             args.append(fence.epoch)
@@ -149,7 +167,7 @@ class _Transaction:
         for sql, values in self.at_fence:
             statements.append(sql)
             args.extend(values)
-        statements.append("COMMIT")
+        statements += [_RELEASE, "COMMIT"]
         return statements, args
 
 
@@ -611,11 +629,12 @@ class Database:
                     result = await body(cur)
                     if fence is not None:
                         statements, args = transaction.fence_round_trip(fence)
-                        at_the_fence = not transaction.before_fence
+                        at_the_fence = False
                         await cur.execute("; ".join(statements), tuple(args))
-                        for left in range(len(transaction.before_fence), 0, -1):
+                        # The results of the before_fence statements and the savepoint, then the fence's.
+                        for left in range(len(transaction.before_fence) + 1, 0, -1):
                             at_the_fence = left == 1
-                            await cur.nextset()  # the before_fence statements' results, then the fence's
+                            await cur.nextset()
                         at_the_fence = False
                 except pymysql.err.IntegrityError as exc:
                     broken = not await _rollback_quietly(conn)
@@ -642,8 +661,9 @@ class Database:
                     _TRANSACTION.reset(token)
                 try:
                     if fence is not None:
-                        # The results of the at_fence statements and of the COMMIT: their errors surface here.
-                        for _ in range(len(transaction.at_fence) + 1):  # at_fence and COMMIT
+                        # The results of the at_fence statements, the RELEASE and the COMMIT: their errors surface
+                        # here (1305 from the RELEASE: the cluster rolled the transaction back, nothing committed).
+                        for _ in range(len(transaction.at_fence) + 2):
                             await cur.nextset()
                     elif not transaction.committed or conn.get_transaction_status():
                         # Unless the body folded its COMMIT (execute_many) and wrote nothing after it.

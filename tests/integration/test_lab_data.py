@@ -152,6 +152,51 @@ def test_killed_node_rejoins_by_ist_at_its_recovered_position(galera: GaleraClus
     assert second.sql("SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM hapki.lab_crash").strip() == "50"
 
 
+async def test_a_fenced_commit_rolled_back_by_the_cluster_in_its_round_trip_commits_nothing(
+        galera: GaleraCluster) -> None:
+    """Galera may roll a transaction back (brute-force abort: a replicated write set wins a lock it holds) in the
+    middle of the fence's multi-statement round trip; MariaDB then ran the remaining statements in a new transaction
+    and committed them with the round trip's COMMIT, reporting 1213 only after (codership/mysql-wsrep#191). The
+    fault suite saw a batch's certificates committed without their intents, requests and audit entries. The commit
+    guard (hapki.runtime.db: a savepoint set first, released before COMMIT) leaves nothing committed, and the body
+    runs again: exactly one row, the retry's, not one from the aborted attempt besides."""
+    from hapki.runtime.config import DatabaseConfig
+    from hapki.runtime.db import Database, Fence, at_fence, before_fence
+
+    first, second, _ = galera.nodes
+    tag = secrets.token_hex(8)
+    first.sql("CREATE TABLE IF NOT EXISTS hapki.bf_rows (id INT PRIMARY KEY, v INT NOT NULL);"
+              " CREATE TABLE IF NOT EXISTS hapki.bf_log (id INT AUTO_INCREMENT PRIMARY KEY, tag VARCHAR(32));"
+              " REPLACE INTO hapki.bf_rows VALUES (1, 0);"
+              " REPLACE INTO hapki.epochs (tier, epoch, holder, fence_seq, updated_at)"
+              " VALUES ('bf-test', 1, 'test', 0, NOW(6))")
+    config = DatabaseConfig(nodes=[f"{first.address}:{first.port}"], user="hapki",
+                            password_file=galera.password_file("hapki"), tls_ca_file=galera.base_dir / "tls" / "infra-ca.pem",
+                            transaction_timeout_seconds=30)
+    database = Database(config)
+    attempts = 0
+
+    async def body(cur: aiomysql.Cursor) -> None:
+        nonlocal attempts
+        attempts += 1
+        before_fence("UPDATE bf_rows SET v = v + 1 WHERE id = 1")  # the lock the replicated write set takes away
+        before_fence("DO SLEEP(%s)", (1.5 if attempts == 1 else 0,))
+        at_fence("INSERT INTO bf_log (tag) VALUES (%s)", (tag,))
+
+    async def conflicting_write() -> None:
+        await asyncio.sleep(0.5)  # inside the first attempt's sleep, holding the row lock on db-1
+        await asyncio.to_thread(second.sql, "UPDATE hapki.bf_rows SET v = 100 WHERE id = 1")
+
+    try:
+        await asyncio.gather(database.run(body, name="t.bf_abort", fence=Fence("bf-test", 1)), conflicting_write())
+    finally:
+        await database.close()
+    assert attempts >= 2, "the cluster did not roll the first attempt back: the test proves nothing"
+    rows = second.sql(f"SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM hapki.bf_log WHERE tag = '{tag}';"
+                      " SELECT v FROM hapki.bf_rows WHERE id = 1").split()
+    assert rows == ["1", "101"], f"rows committed with the tag, value: {rows} (an aborted attempt committed its rest)"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root")
 def test_wiped_node_rejoins_by_sst_over_tls(galera: GaleraCluster) -> None:
     """A full state transfer (rsync SST) of a wiped node runs through stunnel: TLS on the wire, no row in clear."""
