@@ -129,6 +129,9 @@ class CaraRuntime:
             asyncio.create_task(metrics.Sampler("signing intents",
                                                 cara_metrics.intents_sample(store, cfg.member, self._clock),
                                                 every).run()),
+            asyncio.create_task(metrics.Sampler("database backups",
+                                                cara_metrics.backup_sample(self.db, cfg.member, self._clock),
+                                                every).run()),
         ]
         if found is None:
             log.warning("issuer %s has no audit signer (run `hapki ca init`): audit checkpoints are not signed",

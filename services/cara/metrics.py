@@ -17,6 +17,8 @@ from hapki.cara.role import Activity
 from hapki.cara.signer import Signer
 from hapki.contracts import subjects
 from hapki.contracts.errors import Unavailable
+from hapki.runtime import backup
+from hapki.runtime.db import Database
 from hapki.runtime.metrics import State
 
 __all__ = ["intents_sample", "queue_sample", "watch_issuing_ca", "watch_signer"]
@@ -60,6 +62,26 @@ def queue_sample(js: JetStreamContext, member: str) -> Callable[[], Awaitable[No
             raise Unavailable(f"signing consumer info: {type(exc).__name__}: {exc}") from exc
         pending.set(info.num_pending or 0, attributes)
         ack_pending.set(info.num_ack_pending or 0, attributes)
+
+    return sample
+
+
+def backup_sample(db: Database, member: str, clock: Callable[[], datetime]) -> Callable[[], Awaitable[None]]:
+    """A sample of the newest database backup's age (`hapki db backup`; alert HapkiDatabaseBackupStale). Absent
+    while none was made, and when the database did not answer."""
+    attributes = {"pki.member": member}
+    age = State.of("hapki.db.backup.age")
+
+    async def sample() -> None:
+        try:
+            taken = await backup.newest(db)
+        except Unavailable:
+            age.discard(attributes)
+            raise
+        if taken is None:
+            age.discard(attributes)
+        else:
+            age.set(max(0.0, (clock() - taken).total_seconds()), attributes)
 
     return sample
 

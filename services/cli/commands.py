@@ -669,7 +669,8 @@ async def db_backup(args: argparse.Namespace) -> int:
         record = AuditRecord(kind=AuditKind.DATABASE_BACKED_UP, actor=_operator("db-backup"), created_at=utcnow(),
                              detail={"file": args.out.name, "sha256": manifest.sha256, "bytes": manifest.bytes,
                                      "node": node, "schema_version": manifest.schema_version})
-        await db.run(lambda cur: append(cur, record), name="cli.db_backup")
+        await db.run(lambda cur: append(cur, record, first=backup.record_statement(record.id, manifest, args.out)),
+                     name="cli.db_backup")
     except HapkiError as exc:  # BackupRefused, or the database failing (DatabaseError): nothing done
         print(f"hapki db backup: {exc}", file=sys.stderr)
         return 1

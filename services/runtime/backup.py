@@ -34,10 +34,10 @@ from pathlib import Path
 
 from hapki.contracts.errors import BackupRefused, DatabaseError
 from hapki.runtime.config import DatabaseConfig, read_secret
-from hapki.runtime.db import Database
+from hapki.runtime.db import Database, db_time, utc
 
-__all__ = ["DUMP_OPTIONS", "Manifest", "SITE_TABLES", "choose_node", "dump", "manifest_path", "restore",
-           "site_rows"]
+__all__ = ["DUMP_OPTIONS", "Manifest", "SITE_TABLES", "choose_node", "dump", "manifest_path", "newest",
+           "record_statement", "restore", "site_rows"]
 
 FORMAT = "hapki-db-backup/1"
 # One consistent snapshot without locks (InnoDB); binary columns as hex (no charset surprises); no LOCK TABLES in
@@ -70,6 +70,24 @@ class Manifest:
             raise BackupRefused(f"no manifest {path}: the backup cannot be checked") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise BackupRefused(f"{path} is not a hapki backup manifest: {exc}") from exc
+
+
+def record_statement(backup_id: str, manifest: Manifest, out: Path) -> tuple[str, tuple[object, ...]]:
+    """The `backups` row of a backup just written (migration 0011), for the transaction of its audit entry."""
+    return ("INSERT INTO backups (id, created_at, node, file, bytes, sha256, schema_version)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (backup_id, db_time(datetime.fromisoformat(manifest.created_at)), manifest.node, out.name[:255],
+             manifest.bytes, manifest.sha256, manifest.schema_version))
+
+
+async def newest(db: Database) -> datetime | None:
+    """When the newest backup recorded in `backups` was taken; None: none yet."""
+
+    async def body(cur) -> datetime | None:  # type: ignore[no-untyped-def]
+        await cur.execute("SELECT MAX(created_at) FROM backups")
+        return utc((await cur.fetchone())[0])
+
+    return await db.run(body, name="metrics.backup_age")
 
 
 def manifest_path(backup: Path) -> Path:

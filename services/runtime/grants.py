@@ -81,6 +81,7 @@ GRANTS: Mapping[str, Sequence[Grant]] = {
         Grant("audit_head", ("SELECT", "INSERT", "UPDATE")),  # its one row, upserted by the sealer
         Grant("audit_signers", ("SELECT", "INSERT")),
         Grant("audit_checkpoints", ("SELECT", "INSERT")),
+        Grant("backups", ("SELECT",)),  # the newest one's age, a metric (written by `hapki db backup`, the admin)
     ),
 }
 

@@ -120,6 +120,9 @@ _SPECS = (
                "issued from; `hapki ca rollover` makes a new one) or ocsp_signer, per pki.issuer served (renewed by "
                "the active member 30 days before; absent while it ends with its issuing CA)",
                ("pki.member", "pki.certificate", "pki.issuer")),
+    MetricSpec("hapki.db.backup.age", "gauge", "s",
+               "Seconds since the newest backup `hapki db backup` recorded was taken (sampled); absent: none yet",
+               ("pki.member",)),
     MetricSpec("hapki.ca.arl.remaining", "gauge", "s",
                "Seconds until the root's CRL (the ARL, /crl/root.crl) passes its nextUpdate: `hapki ca arl` signs it "
                "again (valid 365 days); absent: none signed yet", ("pki.member",)),

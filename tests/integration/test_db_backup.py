@@ -15,9 +15,12 @@ import aiomysql
 import pytest
 import tomli_w
 
+from hapki.cara import metrics as cara_metrics
 from hapki.cli.client import ClmClient
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
+from hapki.runtime.clock import utcnow
+from hapki.runtime.metrics import State
 from integration.conftest import issue_server_certificate, query
 
 pytestmark = pytest.mark.integration
@@ -44,7 +47,8 @@ async def restored_db(sql: aiomysql.Connection):  # type: ignore[no-untyped-def]
 
 
 async def test_a_backup_restored_into_an_empty_database_holds_the_site(
-        env: LocalEnv, client: ClmClient, sql: aiomysql.Connection, restored_db: str, tmp_path: Path) -> None:
+        env: LocalEnv, services, client: ClmClient, sql: aiomysql.Connection, restored_db: str,  # type: ignore[no-untyped-def]
+        tmp_path: Path) -> None:
     issued = [await issue_server_certificate(client, f"backup-{i}.example.com", "backup-test") for i in range(3)]
     source = admin_config(env, tmp_path / "admin.toml")
     out = tmp_path / "site.sql.gz"
@@ -59,6 +63,14 @@ async def test_a_backup_restored_into_an_empty_database_holds_the_site(
     assert json.loads(detail)["sha256"] == manifest["sha256"]
     password = stack.database_config(env).password_file.read_text().strip()  # type: ignore[union-attr]
     assert password not in done.stdout + done.stderr, "the password reached the output"
+    # Recorded for the metric, which CARA reads as its own database user (grant SELECT on backups).
+    [[sha, recorded_bytes]] = await query(sql, "SELECT sha256, bytes FROM backups ORDER BY created_at DESC LIMIT 1")
+    assert (sha, recorded_bytes) == (manifest["sha256"], manifest["bytes"])
+    cara, _clm = services
+    await cara_metrics.backup_sample(cara.db, "cara-test", utcnow)()
+    [(age, attributes)] = [(v, a) for v, a in State.of("hapki.db.backup.age")._observe()
+                           if a.get("pki.member") == "cara-test"]
+    assert 0 <= age < 60, age
 
     target = admin_config(env, tmp_path / "restored.toml", restored_db)
     done = hapki("db", "restore", "--config", str(target), "--backup", str(out))
