@@ -165,19 +165,23 @@ def _sha256(path: Path) -> str:
 
 
 def dump(config: DatabaseConfig, node: str, out: Path, *, schema: int) -> Manifest:
-    """`mariadb-dump` of the configured database on `node` into `out` (gzip), and its manifest beside it.
-    BackupRefused (and no file) when the dump fails."""
+    """`mariadb-dump` of the configured database on `node` into `out` (gzip, 0600 from its creation: the site's
+    data), and its manifest beside it; `created_at` is when the dump began (its snapshot is no older). BackupRefused
+    (and no file) when the dump or the writing fails."""
     tool = _tool("mariadb-dump")
     version = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        with client_defaults(config, node) as defaults, tempfile.TemporaryFile() as errors:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        began = datetime.now(UTC)
+        with client_defaults(config, node) as defaults, tempfile.TemporaryFile() as errors, \
+                os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as raw:
             # --defaults-extra-file must be the first option.
             proc = subprocess.Popen([tool, f"--defaults-extra-file={defaults}", *DUMP_OPTIONS, config.database],
                                     stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
             assert proc.stdout is not None
-            with gzip.open(partial, "wb", compresslevel=6) as sink:
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as sink:
                 while chunk := proc.stdout.read(CHUNK):
                     sink.write(chunk)
             code = proc.wait(TOOL_TIMEOUT_SECONDS)
@@ -185,15 +189,26 @@ def dump(config: DatabaseConfig, node: str, out: Path, *, schema: int) -> Manife
             said = errors.read().decode(errors="replace").strip()
         if code != 0:
             raise BackupRefused(f"mariadb-dump of {config.database} on {node} failed ({code}): {said[-1500:]}")
-        partial.chmod(0o600)  # the site's data: certificates, requests, the audit log
         partial.replace(out)
+        manifest = Manifest(format=FORMAT, created_at=began.isoformat(), node=node, database=config.database,
+                            schema_version=schema, sha256=_sha256(out), bytes=out.stat().st_size, tool=version)
+        manifest_path(out).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    except OSError as exc:  # a full disk, a directory it may not write: nothing is left behind
+        _remove(partial)
+        raise BackupRefused(f"writing the backup {out} failed: {exc}") from exc
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise
-    manifest = Manifest(format=FORMAT, created_at=datetime.now(UTC).isoformat(), node=node, database=config.database,
-                        schema_version=schema, sha256=_sha256(out), bytes=out.stat().st_size, tool=version)
-    manifest_path(out).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return manifest
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not there, or never creatable (its directory is not one)
+        path.unlink(missing_ok=True)
 
 
 def check(backup: Path) -> Manifest:
@@ -225,6 +240,10 @@ def restore(config: DatabaseConfig, node: str, backup: Path) -> None:
                     proc.stdin.write(chunk)
         except BrokenPipeError:
             pass  # the client stopped reading: its exit status and stderr say why
+        except OSError as exc:  # the file cannot be read (checked just before: it went away, a disk error)
+            proc.kill()
+            proc.wait()
+            raise BackupRefused(f"reading {backup} failed: {exc}; nothing was committed") from exc
         finally:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()

@@ -117,3 +117,9 @@ def test_a_backup_that_cannot_be_written_leaves_no_file(env: LocalEnv, tmp_path:
     assert "hapki db backup:" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() and not (tmp_path / "missing.sql.gz.partial").exists()
     assert not any(os.scandir(tmp_path)) or {p.name for p in tmp_path.iterdir()} == {"admin.toml"}
+    # A place it cannot write (a file where its directory should be): refused in one line, nothing left.
+    (tmp_path / "not-a-directory").write_text("")
+    good = admin_config(env, tmp_path / "good.toml")
+    done = hapki("db", "backup", "--config", str(good), "--out", str(tmp_path / "not-a-directory" / "site.sql.gz"))
+    assert done.returncode == 1 and "writing the backup" in done.stderr, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
