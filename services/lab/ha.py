@@ -661,11 +661,17 @@ class Lab:
         entry = self.procs.procs.get(name)
         if entry is None or not entry.argv:
             raise LabError(f"{name} cannot be restarted here (data tier: use lab.galera / lab.nats)")
+        started = self._relaunch(name)
+        if started is not None:
+            self._wait_ready([started], timeout)
+
+    def _relaunch(self, name: str) -> tuple[str, Path, int] | None:
+        """Launch ``name`` again as recorded; for a service, what _wait_ready needs to see it ready."""
+        entry = self.procs.procs[name]
         log_path = Path(entry.log)
         offset = log_path.stat().st_size if log_path.exists() else 0
         self.procs.relaunch(name)
-        if entry.kind in ("cara", "clm", "watcher"):
-            self._wait_ready([(name, log_path, offset)], timeout)
+        return (name, log_path, offset) if entry.kind in ("cara", "clm", "watcher") else None
 
     def signal(self, name: str, sig: int) -> None:
         """Send ``sig`` to the main process of ``name`` without waiting (to time what follows from the signal)."""
@@ -691,16 +697,13 @@ class Lab:
         if self.procs.alive(name):
             return
         if isinstance(node, GaleraNode):
-            node.restart_after_crash()
-            node.wait_synced(timeout)
-            marker = node.cnf_path
-        else:
-            node.start()
-            marker = node.conf_path
-            if wait_until(lambda: all(self._nats_healthy(n) for n in self.nats.nodes), timeout, 0.2) is None:
-                raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after restarting {name}")
+            self.restart_galera_nodes([name], timeout, bootstrap_if_stuck=False)
+            return
+        node.start()
+        if wait_until(lambda: all(self._nats_healthy(n) for n in self.nats.nodes), timeout, 0.2) is None:
+            raise LabError(f"the NATS cluster is not healthy {timeout:.0f} s after restarting {name}")
         assert node.pid is not None
-        self.procs.record(name, node.pid, str(marker), node.log_path)
+        self.procs.record(name, node.pid, str(node.conf_path), node.log_path)
 
     def rebuild_galera_node(self, member: str, timeout: float = 180.0) -> None:
         """Replace Galera node ``member``'s data, as after a lost disk: stop it, empty its datadir, start it empty
@@ -798,17 +801,9 @@ class Lab:
             took["nats"] = round(time.monotonic() - began, 2)
 
         def members() -> None:
-            started = []
-            for name in self.site_processes():
-                entry = self.procs.procs[name]
-                if not entry.argv or self.procs.alive(name):
-                    continue
-                log_path = Path(entry.log)
-                offset = log_path.stat().st_size if log_path.exists() else 0
-                self.procs.relaunch(name)
-                if entry.kind in ("cara", "clm", "watcher"):
-                    started.append((name, log_path, offset))
-            self._wait_ready(started, timeout)
+            launched = [self._relaunch(name) for name in self.site_processes()
+                        if self.procs.procs[name].argv and not self.procs.alive(name)]
+            self._wait_ready([started for started in launched if started is not None], timeout)
             took["services"] = round(time.monotonic() - began, 2)
 
         with ThreadPoolExecutor(max_workers=3, thread_name_prefix="site") as pool:

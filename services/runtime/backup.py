@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hapki.contracts.errors import BackupRefused, DatabaseError
+from hapki.contracts.errors import BackupRefused
 from hapki.runtime.config import DatabaseConfig, read_secret
 from hapki.runtime.db import Database, db_time, utc
 
@@ -95,18 +95,11 @@ def manifest_path(backup: Path) -> Path:
 
 
 async def choose_node(db: Database) -> str:
-    """The first configured node that is Primary and ready (or runs without Galera)."""
-    reasons = []
+    """The first configured node that is Primary, ready and synced (or runs without Galera): Database.fit."""
     for node in db.nodes:
-        try:
-            status = await db.node_status(node)
-        except DatabaseError as exc:
-            reasons.append(str(exc))
-            continue
-        if not status or (status.get("wsrep_ready") == "ON" and status.get("wsrep_cluster_status") == "Primary"):
+        if await db.fit(node):
             return node
-        reasons.append(f"{node}: {status}")
-    raise BackupRefused(f"no database node is Primary and ready: {'; '.join(reasons)}")
+    raise BackupRefused(f"no database node of {', '.join(db.nodes)} answers as Primary, ready and synced")
 
 
 async def site_rows(db: Database) -> dict[str, int]:

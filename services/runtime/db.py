@@ -377,47 +377,53 @@ class Database:
     async def node_variables(self, node: str, names: Sequence[str], timeout: float = 5.0) -> dict[str, str]:
         """The node's global server variables `names` (lower-case), read on its status connection (`hapki db
         check`'s durability settings). DatabaseError when the node does not answer within `timeout` seconds."""
+
+        async def read(cur: aiomysql.Cursor) -> dict[str, str]:
+            await cur.execute(f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({', '.join(['%s'] * len(names))})",
+                              tuple(names))
+            return {str(name).lower(): str(value) for name, value in await cur.fetchall()}
+
         try:
             async with asyncio.timeout(timeout):
-                pool = self._pool(node, status=True)
-                conn = await pool.acquire(timeout)
-                broken = True
-                try:
-                    async with conn.cursor() as cur:
-                        await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name IN"
-                                          f" ({', '.join(['%s'] * len(names))})", tuple(names))
-                        rows = await cur.fetchall()
-                    await conn.rollback()
-                    broken = False
-                finally:
-                    pool.release(conn, broken=broken)
+                return await self._on_status_connection(node, timeout, read)
         except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
             raise DatabaseError(f"database node {node} did not answer: {exc}", {"node": node}) from exc
-        return {str(name).lower(): str(value) for name, value in rows}
+
+    async def fit(self, node: str) -> bool:
+        """Whether `node` answers its status within a short bound as Primary, ready and synced (or runs without
+        Galera): the rule the pool fails back by, for callers that pick a node themselves (`hapki db backup`)."""
+        return await self._status_fit(node)
 
     async def _wsrep_status(self, node: str, timeout: float) -> dict[str, str] | None:
         """The node's wsrep status variables (lower-case names), None when it runs without Galera (wsrep_on OFF).
+        Driver errors propagate."""
 
-        On the node's own status connection: no wsrep_sync_wait (a lagging or stalled node still reports its
-        state) and not queued behind transactions holding the pool. Driver errors propagate.
-        """
+        async def read(cur: aiomysql.Cursor) -> dict[str, str] | None:
+            # SHOW is answered by a non-Primary node too (other statements get 1047 there).
+            await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
+            if dict(await cur.fetchall()).get("wsrep_on", "OFF") != "ON":
+                return None
+            await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
+                              "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
+            return {str(name).lower(): str(value) for name, value in await cur.fetchall()}
+
+        return await self._on_status_connection(node, timeout, read)
+
+    async def _on_status_connection(self, node: str, timeout: float,
+                                    read: Callable[[aiomysql.Cursor], Awaitable[T]]) -> T:
+        """`read` on the node's own status connection: no wsrep_sync_wait (a lagging or stalled node still reports
+        its state) and not queued behind transactions holding the pool. Driver errors propagate."""
         pool = self._pool(node, status=True)
         conn = await pool.acquire(timeout)
         broken = True
         try:
-            # SHOW is answered by a non-Primary node too (other statements get 1047 there).
             async with conn.cursor() as cur:
-                await cur.execute("SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'")
-                rows = None
-                if dict(await cur.fetchall()).get("wsrep_on", "OFF") == "ON":
-                    await cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('wsrep_local_state', "
-                                      "'wsrep_cluster_status', 'wsrep_cluster_size', 'wsrep_ready')")
-                    rows = await cur.fetchall()
+                result = await read(cur)
             await conn.rollback()
             broken = False
         finally:
             pool.release(conn, broken=broken)
-        return None if rows is None else {str(name).lower(): str(value) for name, value in rows}
+        return result
 
     def _fail_over(self, node: str) -> None:
         nodes = self._config.nodes
@@ -497,8 +503,7 @@ class Database:
             async with asyncio.timeout(TIMEOUT_STATUS_SECONDS):
                 return _fit(await self._wsrep_status(node, TIMEOUT_STATUS_SECONDS))
         except (TimeoutError, _AcquireTimeout, pymysql.err.MySQLError, OSError) as exc:
-            log.info("database node %s did not answer a status read after a timeout: %s", node,
-                     exc or type(exc).__name__)
+            log.info("database node %s did not answer a status read: %s", node, exc or type(exc).__name__)
             return False
 
     def _fail_back_done(self, task: asyncio.Task[None]) -> None:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
 import aiomysql
 import pytest
-import tomli_w
 
 from hapki.cara import metrics as cara_metrics
 from hapki.cli.client import ClmClient
@@ -21,19 +19,14 @@ from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.clock import utcnow
 from hapki.runtime.metrics import State
+from helpers.cli import database_config_file, hapki
 from integration.conftest import issue_server_certificate, query
 
 pytestmark = pytest.mark.integration
 
 
-def hapki(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*stack.hapki_command(), *args], capture_output=True, text=True, timeout=300, check=False)
-
-
 def admin_config(env: LocalEnv, path: Path, database: str = "hapki") -> Path:
-    config = stack.database_config(env).model_copy(update={"database": database})
-    path.write_text(tomli_w.dumps({"database": config.model_dump(mode="json", exclude_none=True)}))
-    return path
+    return database_config_file(stack.database_config(env).model_copy(update={"database": database}), path)
 
 
 @pytest.fixture

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomysql
 import pytest
-import tomli_w
 
 from hapki.lab import stack
 from hapki.lab.local import LocalEnv
 from hapki.runtime.invariants import CHECKS
+from helpers.cli import database_config_file, hapki
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +24,12 @@ ISSUER = "db-check-test"
 
 
 @pytest.fixture
-def admin_config(env: LocalEnv, tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "admin.toml"
-    path.write_text(tomli_w.dumps({"database": stack.database_config(env).model_dump(mode="json", exclude_none=True)}))
-    yield path
+def admin_config(env: LocalEnv, tmp_path: Path) -> Path:
+    return database_config_file(stack.database_config(env), tmp_path / "admin.toml")
 
 
 def check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*stack.hapki_command(), "db", "check", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return hapki("db", "check", "--config", str(config), *args, timeout=120)
 
 
 async def test_db_check_names_what_violates_an_invariant(env: LocalEnv, sql: aiomysql.Connection,

@@ -7,30 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import tomli_w
 from hapki.cli.client import ClmClient, new_key_and_csr
 from hapki.contracts.models import RevocationReason, RevokeCertificate
 from hapki.lab.ha import Lab
 from hapki.lab.load import Load
-from hapki.lab.stack import hapki_command
+from hapki.lab.cluster import wait_until
+from helpers.cli import database_config_file, hapki
 
 pytestmark = pytest.mark.lab
 
 CSRS = [new_key_and_csr([f"site-{i}.example.com"])[0].decode() for i in range(4)]
-
-
-def _admin_config(lab: Lab, path: Path) -> Path:
-    path.write_text(tomli_w.dumps({"database": lab.database_config().model_dump(mode="json", exclude_none=True)}))
-    return path
-
-
-def _hapki(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*hapki_command(), *args], check=False, capture_output=True, text=True, timeout=300)
 
 
 def _issue(lab: Lab, count: int) -> list[str]:
@@ -64,16 +54,9 @@ def _revoke(lab: Lab, serial: str) -> None:
     asyncio.run(run())
 
 
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not within {timeout:.0f} s"
-        time.sleep(0.5)
-
-
-def test_every_galera_node_keeps_its_commits_through_a_power_cut(lab: Lab, tmp_path: Path) -> None:
-    config = _admin_config(lab, tmp_path / "admin.toml")
-    done = _hapki("db", "check", "--config", str(config), "--json")
+def test_every_galera_node_runs_with_the_settings_that_keep_commits_through_a_power_cut(lab: Lab, tmp_path: Path) -> None:
+    config = database_config_file(lab.database_config(), tmp_path / "admin.toml")
+    done = hapki("db", "check", "--config", str(config), "--json")
     report = json.loads(done.stdout)["durability"]
     assert sorted(report) == sorted(f"{node.address}:{node.port}" for node in lab.galera.nodes), report
     for node, found in report.items():
@@ -111,16 +94,17 @@ def test_the_whole_database_lost_and_restored_from_a_backup(lab: Lab, tmp_path: 
     """Every Galera node's disk lost while the services run: a fresh cluster, `hapki db restore` of the backup, and
     the running services issue, revoke and publish again by themselves. What was issued after the backup is gone
     (the backup's age is what a restore loses), but no CRL number published before the loss is used again."""
-    config = _admin_config(lab, tmp_path / "admin.toml")
+    config = database_config_file(lab.database_config(), tmp_path / "admin.toml")
     kept = _issue(lab, 10)
     backup = tmp_path / "site.sql.gz"
-    done = _hapki("db", "backup", "--config", str(config), "--out", str(backup))
+    done = hapki("db", "backup", "--config", str(config), "--out", str(backup))
     assert done.returncode == 0, done.stdout + done.stderr
     lost = _issue(lab, 10)
     issuer = lab.galera.nodes[0].sql(f"SELECT issuer FROM hapki.certificates WHERE serial = '{lost[0]}'").strip()
     published = _max_crl_number(lab, issuer)
     _revoke(lab, lost[0])  # a CRL after the backup: its number must not come back
-    _wait(lambda: _max_crl_number(lab, issuer) > published, 30, "a CRL listing the revocation")
+    assert wait_until(lambda: _max_crl_number(lab, issuer) > published, 30, 0.5) is not None, \
+        "no CRL listing the revocation within 30 s"
     newest_lost_crl = _max_crl_number(lab, issuer)
 
     for node in lab.galera.nodes:
@@ -132,7 +116,7 @@ def test_the_whole_database_lost_and_restored_from_a_backup(lab: Lab, tmp_path: 
     lab.procs.stop_many(services)
     lab.galera.start()  # node 1 bootstraps an empty cluster (users, schema, grants), the others join by SST
     lab._record_data_nodes(lab.galera.nodes, "galera", lambda n: n.cnf_path)
-    done = _hapki("db", "restore", "--config", str(config), "--backup", str(backup))
+    done = hapki("db", "restore", "--config", str(config), "--backup", str(backup))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "invariants: ok; audit:" in done.stdout
     for name in services:
@@ -144,7 +128,7 @@ def test_the_whole_database_lost_and_restored_from_a_backup(lab: Lab, tmp_path: 
     assert set(kept) <= serials and set(again) <= serials
     assert not set(lost) & serials, "issued after the backup: not in it"
     _revoke(lab, again[0])
-    _wait(lambda: _max_crl_number(lab, issuer) > newest_lost_crl, 30,
-          "a CRL numbered above every one published before")
-    verified = _hapki("audit", "verify", "--config", str(config))
+    assert wait_until(lambda: _max_crl_number(lab, issuer) > newest_lost_crl, 30, 0.5) is not None, \
+        "no CRL numbered above every one published before within 30 s"
+    verified = hapki("audit", "verify", "--config", str(config))
     assert verified.returncode == 0, verified.stdout + verified.stderr
