@@ -98,7 +98,7 @@ class CaraRuntime:
         self.hsm.open()
         # Every key this member signs with must be sign-only and non-extractable, or the member does not start.
         await asyncio.to_thread(self.hsm.verify_keys, [issuer.key_id, *([found[0]] if found else [])])
-        self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}")
+        self.nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}", stream=subjects.SIGNING_STREAM)
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats, streams=(subjects.SIGNING_STREAM,))
         self.signer = Signer(

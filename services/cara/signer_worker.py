@@ -37,6 +37,7 @@ from hapki.cara.config import CaraConfig
 from hapki.cara.role import Ownership, first_of
 from hapki.cara.signer import Signer
 from hapki.cara.store import MariaDBSigningStore
+from hapki.contracts import subjects
 from hapki.contracts.errors import HapkiError
 from hapki.runtime import bus, eventloop, telemetry
 from hapki.runtime.approval import ApprovalVerifier
@@ -196,7 +197,8 @@ async def serve(index: int, out: TextIO) -> None:
         hsm = hsm_pool(cfg.hsm)
         hsm.open()
         await asyncio.to_thread(hsm.verify_keys, [issuer.key_id])
-        nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}-signer-{index}")
+        nc = await bus.connect(cfg.nats, name=f"hapki-cara-{cfg.member}-signer-{index}",
+                               stream=subjects.SIGNING_STREAM)
         signer = Signer(
             nc=nc, js=nc.jetstream(), store=store, issuer=issuer, issuer_key=hsm.private_key(issuer.key_id),
             member=cfg.member, config=cfg.signer, clock=utcnow, approvals=approvals, profiles=profiles,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from typing import TypeVar
 
 import nats
+import nats.errors
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +36,8 @@ from hapki.runtime.config import NatsConfig
 R = TypeVar("R", bound=BaseModel)
 tracer = trace.get_tracer("hapki.client")
 log = logging.getLogger("hapki.client")
+# Least seconds between two moves to another server after "no responders" (ClmClient._move_off_server).
+MOVE_GAP_SECONDS = 5.0
 
 
 class ClmClient:
@@ -42,24 +46,41 @@ class ClmClient:
     def __init__(self, nc: Client, timeout: float = 30.0) -> None:
         self._nc = nc
         self._timeout = timeout
+        self._moved_at: float | None = None
 
     @classmethod
     async def connect(cls, servers: list[str] | NatsConfig, timeout: float = 30.0) -> ClmClient:
         """Connect to `servers`, or as the client user of a NatsConfig (credentials, TLS, its own inbox)."""
         if isinstance(servers, NatsConfig):
-            return cls(await nats.connect(servers=servers.servers, name="hapki-client", error_cb=_bus_error,
+            return cls(await nats.connect(**bus.round_robin(servers.servers), name="hapki-client", error_cb=_bus_error,
                                           connect_timeout=servers.connect_timeout_seconds,
                                           **bus.connect_options(servers)), timeout)
-        return cls(await nats.connect(servers=servers, name="hapki-client", error_cb=_bus_error), timeout)
+        return cls(await nats.connect(**bus.round_robin(servers), name="hapki-client", error_cb=_bus_error), timeout)
 
     async def close(self) -> None:
         await self._nc.close()
 
     async def _call(self, subject: str, body: BaseModel, reply: type[R], timeout: float | None = None) -> R:
-        msg = await self._nc.request(
-            subject, body.model_dump_json().encode(), timeout=timeout or self._timeout, headers=telemetry.inject()
-        )
+        try:
+            msg = await self._nc.request(
+                subject, body.model_dump_json().encode(), timeout=timeout or self._timeout, headers=telemetry.inject()
+            )
+        except nats.errors.NoRespondersError:
+            await self._move_off_server()
+            raise
         return reply.model_validate_json(msg.data)
+
+    async def _move_off_server(self) -> None:
+        """No CLM answers on the server this client is on: that server may be cut off from the cluster (CLM is
+        reached through the others). The next call goes through another server of the list, if it has one;
+        at most once per MOVE_GAP_SECONDS (while no CLM runs at all, every server says the same)."""
+        now = time.monotonic()
+        if len(self._nc.servers) < 2 or (self._moved_at is not None and now - self._moved_at < MOVE_GAP_SECONDS):
+            return
+        self._moved_at = now
+        log.warning("no CLM responder through %s: reconnecting to another server",
+                    self._nc.connected_url.netloc if self._nc.connected_url else "?")
+        await self._nc.force_reconnect()
 
     async def issue(self, request: IssueCertificate, timeout: float | None = None) -> IssueReply:
         """Issue (or, with the same idempotency key, ask again); `timeout` overrides the client's, seconds."""

@@ -54,6 +54,7 @@ class ClmRuntime:
         self.db: Database | None = None
         self.nc: Client | None = None
         self.broker: NatsBroker | None = None
+        self._responders: Client | None = None  # the broker's connection, once started
         self.service: ClmService | None = None
         self.expiry: ExpiryScheduler | None = None
         self._vip: VipOwnership | None = None
@@ -66,7 +67,7 @@ class ClmRuntime:
         approver = ApprovalKey.from_file(cfg.approval_key_file)  # before any connection: a bad key stops the start
         self.db = Database(cfg.database)
         await migrate(self.db)
-        self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}")
+        self.nc = await bus.connect(cfg.nats, name=f"hapki-clm-{cfg.member}", stream=subjects.SIGNING_STREAM)
         js = self.nc.jetstream()
         await bus.ensure_topology(js, cfg.nats, consumer=False,
                                  streams=(subjects.SIGNING_STREAM, subjects.EXPIRY_STREAM))
@@ -87,6 +88,10 @@ class ClmRuntime:
         self.broker = build_broker(cfg.nats.servers, self.service, logger=logging.getLogger("hapki.clm.broker"),
                                    log_level=logging.DEBUG, **bus.faststream_options(cfg.nats))
         await self.broker.start()
+        # The responders' own connection: moved off a server cut off from the cluster like the service's.
+        self._responders = self.broker.connection
+        bus.watch(self._responders, cfg.nats, name=f"hapki-clm-{cfg.member}-responders",
+                  stream=subjects.SIGNING_STREAM)
         # Schedulers run only on the CLM VIP holder (every member when no VIP is set).
         self._vip = VipOwnership(cfg.vip) if cfg.vip else None
         service, expiry = self.service, self.expiry
@@ -128,6 +133,9 @@ class ClmRuntime:
             self._vip.close()
             self._vip = None
         if self.broker is not None:
+            if self._responders is not None:
+                await bus.unwatch(self._responders)
+                self._responders = None
             await self.broker.stop()
         if self.nc is not None:
             await bus.close(self.nc)

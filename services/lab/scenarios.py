@@ -79,18 +79,22 @@ def _cara_link_restore(lab: Any, ctx: dict[str, Any]) -> None:
     lab.net.restore_link(ctx["member"])
 
 
-def _cara_split(lab: Any, ctx: dict[str, Any]) -> float:
-    members = sorted(lab.topo.members_of_tier("cara"))
-    began = time.time()
-    lab.net.block_vrrp("cara")
-    ctx["formed"] = wait_until(lambda: sorted(lab.vip_holders("cara")) == members, 5.0, 0.02)
-    if ctx["formed"] is None:
-        raise RuntimeError(f"split brain did not form within 5 s: {lab.vip_holders('cara')}")
-    return began
+def _split_brain(tier: str) -> tuple[Callable[[Any, dict[str, Any]], float], Step]:
+    """Drop VRRP between the members of ``tier``: both become MASTER and hold the VIP; and its undo."""
 
+    def inject(lab: Any, ctx: dict[str, Any]) -> float:
+        members = sorted(lab.topo.members_of_tier(tier))
+        began = time.time()
+        lab.net.block_vrrp(tier)
+        ctx["formed"] = wait_until(lambda: sorted(lab.vip_holders(tier)) == members, 5.0, 0.02)
+        if ctx["formed"] is None:
+            raise RuntimeError(f"split brain did not form within 5 s: {lab.vip_holders(tier)}")
+        return began
 
-def _cara_split_restore(lab: Any, ctx: dict[str, Any]) -> None:
-    lab.net.unblock_vrrp("cara")
+    def restore(lab: Any, ctx: dict[str, Any]) -> None:
+        lab.net.unblock_vrrp(tier)
+
+    return inject, restore
 
 
 def _signer_prepare(lab: Any, ctx: dict[str, Any]) -> None:
@@ -167,6 +171,14 @@ def _db_restart(lab: Any, ctx: dict[str, Any]) -> None:
     lab.start_data_node(f"galera@{DB_NODE}")
 
 
+def _db_cluster_down(lab: Any, ctx: dict[str, Any]) -> float:
+    return float(lab.crash_galera_cluster())
+
+
+def _db_cluster_restart(lab: Any, ctx: dict[str, Any]) -> None:
+    lab.restart_galera_nodes([f"galera@{node.name}" for node in lab.galera.nodes], bootstrap_if_stuck=False)
+
+
 def _db_others(node: str, lab: Any) -> list[str]:
     return [n.name for n in lab.galera.nodes if n.name != node]
 
@@ -191,17 +203,27 @@ def _db_minority(lab: Any, ctx: dict[str, Any]) -> float:
     # The active CARA member loses its paths to db-1 and db-2 (a network fault between it and them), so the only
     # database node it can reach is the non-Primary one. Everyone else keeps the Primary component.
     ctx["member"] = cara = _active(lab, "cara")
-    ctx["pairs"] = [(MINORITY_NODE, other) for other in _db_others(MINORITY_NODE, lab)]
-    ctx["pairs"] += [(cara, other) for other in _db_others(MINORITY_NODE, lab)]
-    for a, b in ctx["pairs"]:
-        lab.net.block(a, b)
-    return time.time()  # as in _db_partition: the fault time is when the last rule is in
+    return _cut(lab, ctx, [(MINORITY_NODE, other) for other in _db_others(MINORITY_NODE, lab)]
+                + [(cara, other) for other in _db_others(MINORITY_NODE, lab)])
 
 
 def _db_minority_restore(lab: Any, ctx: dict[str, Any]) -> None:
+    _uncut(lab, ctx)
+    _wait_synced(lab, MINORITY_NODE)
+
+
+def _cut(lab: Any, ctx: dict[str, Any], pairs: list[tuple[str, str]]) -> float:
+    """Block traffic between each pair of members (kept in ctx for `_uncut`); the time the last rule is in: the
+    fault is whole then, and a commit racing the rules is not "after it"."""
+    ctx["pairs"] = pairs
+    for a, b in pairs:
+        lab.net.block(a, b)
+    return time.time()
+
+
+def _uncut(lab: Any, ctx: dict[str, Any]) -> None:
     for a, b in ctx["pairs"]:
         lab.net.unblock(a, b)
-    _wait_synced(lab, MINORITY_NODE)
 
 
 def _wait_synced(lab: Any, name: str, timeout: float = 60.0) -> None:
@@ -255,6 +277,25 @@ def _nats_restart(lab: Any, ctx: dict[str, Any]) -> None:
     lab.start_data_node(f"nats@{ctx['node']}")
 
 
+def _nats_partition(lab: Any, ctx: dict[str, Any]) -> float:
+    # The stream leader alone on its side: alive, still reachable by every client connected to it, but it cannot
+    # reach a quorum (its stream, consumers and the meta group re-elect leaders among the other two).
+    ctx["node"] = leader = signing_stream_leader(lab)
+    return _cut(lab, ctx, [(leader, other) for other in sorted(lab.topo.members_by_role("nats")) if other != leader])
+
+
+def _hsm_all_down(lab: Any, ctx: dict[str, Any]) -> float:
+    began = time.time()
+    for hsm in sorted(lab.hsms):
+        lab.hsm_down(hsm)
+    return began
+
+
+def _hsm_all_up(lab: Any, ctx: dict[str, Any]) -> None:
+    for hsm in sorted(lab.hsms):
+        lab.hsm_up(hsm)
+
+
 # --- the whole site -------------------------------------------------------------------------------------------
 
 def _site_crash(lab: Any, ctx: dict[str, Any]) -> float:
@@ -305,13 +346,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("cara-link", "cut the active CARA member's link for `hold` s, then restore it (it takes the VIP back)",
              _cara_link, _cara_link_restore, kind="cara"),
     Scenario("cara-split-brain", "drop VRRP between the CARA members (both hold the VIP, both sign) for `hold` s",
-             _cara_split, _cara_split_restore, kind="cara"),
+             *_split_brain("cara"), kind="cara"),
     Scenario("signer-crash", "the active signer SIGKILLs itself right after C_Sign, before its commit "
              "(fail point cara.after_sign); its supervisor (`hapki serve --supervise`) forks it again at once",
              _signer_crash, prepare=_signer_prepare, tail=6.2, kind="cara"),
     Scenario("cara-kill", "SIGKILL the active CARA member's service process at a random moment; its supervisor "
              "forks it again at once (the VIP stays)", _service_kill("cara"), tail=6.0, kind="cara"),
     Scenario("clm-crash", "SIGSTOP+SIGKILL every process of the active CLM member", _clm_crash, kind="clm"),
+    Scenario("clm-split-brain", "drop VRRP between the CLM members (both hold the CLM VIP, both run the "
+             "schedulers and the outbox sweep) for `hold` s", *_split_brain("clm"), kind="clm"),
     Scenario("clm-kill", "SIGKILL the active CLM member's service process; its supervisor forks it again at once "
              "(the VIP stays)", _service_kill("clm"), tail=6.0, kind="clm"),
     Scenario("db-node-kill", f"SIGKILL Galera {DB_NODE} (first node of every service); restart it (IST) after `hold`",
@@ -320,8 +363,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _db_partition, _db_partition_restore, hold=8.0, kind="db"),
     Scenario("db-minority", f"the active CARA member reaches only {MINORITY_NODE}, which is partitioned into a "
              "non-Primary minority, for `hold` s", _db_minority, _db_minority_restore, hold=20.0, kind="db"),
+    Scenario("db-cluster-down", "every Galera node SIGKILLed at once, the services running on; after `hold` all "
+             "three start together from their saved view (no bootstrap)", _db_cluster_down, _db_cluster_restart,
+             hold=5.0, kind="db"),
     Scenario("hsm-member-down", "hsm-a's token store disappears for `hold` s (every process loses that HSM)",
              _hsm_down, _hsm_up, kind="other"),
+    Scenario("hsm-all-down", "both HSM members' token stores disappear for `hold` s: nothing can be signed; the "
+             "requests wait, none is lost or fails, and every one is issued once the HSMs are back",
+             _hsm_all_down, _hsm_all_up, hold=5.0, kind="other"),
+    Scenario("nats-partition", "the NATS server leading the PKI_SIGNING stream is cut off from the other two for "
+             "`hold` s (alive, and reachable by its clients); it rejoins", _nats_partition, _uncut,
+             hold=15.0, kind="other"),
     Scenario("nats-node-kill", "SIGKILL the NATS server leading the PKI_SIGNING stream; restart it after `hold`",
              _nats_kill, _nats_restart, kind="other"),
     Scenario("site-crash", "the whole site loses power: every process of every member and data node SIGKILLed at "

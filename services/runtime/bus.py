@@ -7,11 +7,17 @@ re-declares streams silently, and an existing durable consumer keeps its config)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
 import ssl
-from typing import Any
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -21,6 +27,7 @@ from hapki.contracts import subjects
 from hapki.contracts.limits import MAX_SIGNING_REQUEST_BYTES
 from hapki.runtime import bus_auth
 from hapki.runtime.config import NatsConfig, read_secret
+from hapki.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("hapki.bus")
 
@@ -129,8 +136,20 @@ def faststream_options(config: NatsConfig) -> dict[str, Any]:
     return out
 
 
-async def connect(config: NatsConfig, *, name: str) -> Client:
-    """Connect to the NATS cluster, reconnecting forever (the bus is clustered; members come back)."""
+def round_robin(servers: list[str]) -> dict[str, Any]:
+    """nats.connect() keywords: the servers in a random order (clients spread over the cluster), then tried in turn.
+
+    nats-py shuffles its server list at every reconnection by default: a client moved off a server cut off from
+    the cluster (QuorumWatchdog, `Client.force_reconnect`) went back to it one time in three. In turn, the next
+    server is always another one.
+    """
+    return {"servers": random.sample(servers, len(servers)), "dont_randomize": True}
+
+
+async def connect(config: NatsConfig, *, name: str, stream: str | None = None) -> Client:
+    """Connect to the NATS cluster, reconnecting forever (the bus is clustered; members come back); with
+    ``stream`` (the one the service works with), watch that the server it is on can store into it
+    (QuorumWatchdog; `close()` stops the watch)."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -141,8 +160,8 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
-    return await nats.connect(
-        servers=config.servers,
+    nc = await nats.connect(
+        **round_robin(config.servers),
         name=name,
         connect_timeout=config.connect_timeout_seconds,
         max_reconnect_attempts=-1,
@@ -152,6 +171,163 @@ async def connect(config: NatsConfig, *, name: str) -> Client:
         reconnected_cb=on_reconnect,
         **connect_options(config),
     )
+    if stream is not None:
+        watch(nc, config, name=name, stream=stream)
+    return nc
+
+
+# --- a server cut off from the cluster ------------------------------------------------------------------------
+
+# A stream's leader hears from each replica about every second (Raft heartbeats); one it has not heard from for
+# this long is not with it. Cut off from the others, it stays the leader for 10-20 s, and answers as one.
+REPLICA_SILENT_SECONDS = 3.0
+# Consecutive failed probes before moving to another server: when the server shows it is cut off (no answer, or it
+# leads a stream whose replicas are silent), and when it only says the stream has no leader (or JetStream is
+# unavailable): what every server on the majority side says while it elects a new leader (4-9 s, nats-server's
+# election timeout), so a move then would leave a good server. And the least time between two moves.
+WATCHDOG_FAILURES = 3
+WATCHDOG_ELECTING_FAILURES = 12
+WATCHDOG_MIN_GAP_SECONDS = 10.0
+
+
+class StreamProblem(NamedTuple):
+    """Why a stream cannot store through a server; `electing`: what the majority also says while it elects."""
+
+    reason: str
+    electing: bool = False
+
+
+async def stream_quorum_problem(nc: Client, stream: str, timeout: float) -> StreamProblem | None:
+    """Whether ``stream`` can store messages through the server ``nc`` is on: None when it can, else why not.
+
+    Asks for the stream's information (`$JS.API.STREAM.INFO.<stream>`, which every service may ask for its own
+    streams): answered by the stream's leader, through the routes. A server cut off from the others either gets no
+    answer (the leader is on the other side) or is the leader itself and answers, with every replica silent.
+    """
+    try:
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return StreamProblem("no JetStream responder")
+    except nats.errors.TimeoutError:
+        return StreamProblem(f"no answer within {timeout:g} s")
+    try:
+        info = json.loads(msg.data)
+        error, cluster = info.get("error"), info.get("cluster") or {}
+        replicas = [r.get("active") for r in cluster.get("replicas") or []]
+    except (ValueError, AttributeError):
+        return StreamProblem(f"an unreadable answer ({msg.data[:80]!r})")
+    if error:
+        return StreamProblem(f"error {error.get('code')} {error.get('description')}", electing=True)
+    if not cluster.get("leader"):
+        return StreamProblem(f"{stream} has no leader", electing=True)
+    heard = [active / 1e9 for active in replicas if isinstance(active, int | float)]
+    if replicas and not any(seconds < REPLICA_SILENT_SECONDS for seconds in heard):
+        return StreamProblem(f"{stream}'s leader {cluster['leader']} has heard from none of its replicas for "
+                             f"{min(heard, default=float('inf')):.1f} s")
+    return None
+
+
+_watchdogs: weakref.WeakKeyDictionary[Client, tuple[QuorumWatchdog, asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary())
+
+
+class QuorumWatchdog:
+    """Moves a client off a NATS server that lost the cluster (docs/RELIABILITY.md, "The bus partitioned").
+
+    A server cut off from the other two stays alive and keeps its clients: their connections are fine (the
+    pings are answered), yet every JetStream call fails: no publish is stored, no fetch delivers, for as long as
+    the partition lasts. nats-py reconnects only when a connection breaks. Every `probe_seconds` this checks that
+    the service's stream can store through that server (`stream_quorum_problem`); after `failures` failed probes
+    in a row (`electing_failures` while the server only says the stream has no leader) it makes the client
+    reconnect to the next server of its list (`Client.force_reconnect`, subscriptions carried over; the list is
+    tried in turn, `round_robin`), at most once per `min_gap_seconds`.
+    """
+
+    def __init__(self, nc: Client, name: str, stream: str, *, probe_seconds: float, failures: int = WATCHDOG_FAILURES,
+                 electing_failures: int = WATCHDOG_ELECTING_FAILURES, min_gap_seconds: float = WATCHDOG_MIN_GAP_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nc = nc
+        self.name = name
+        self.stream = stream
+        self.probe_seconds = probe_seconds
+        self.threshold = failures
+        self.electing_threshold = electing_failures
+        self.min_gap_seconds = min_gap_seconds
+        self.clock = clock
+        self.failures = 0
+        self.moves = 0
+        self._last_move: float | None = None
+
+    async def probe(self) -> StreamProblem | None:
+        """None when the connection's server can store into the watched stream; otherwise why not."""
+        return await stream_quorum_problem(self.nc, self.stream, self.probe_seconds)
+
+    async def check(self) -> bool:
+        """One probe; True when it moved the client to another server."""
+        if not self.nc.is_connected:
+            self.failures = 0  # reconnecting by itself already
+            return False
+        try:
+            why = await self.probe()
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.ConnectionDrainingError):
+            self.failures = 0
+            return False
+        server = self.nc.connected_url.netloc if self.nc.connected_url else "?"
+        if why is None:
+            if self.failures:
+                log.info("bus: %s stores into %s again (%s)", server, self.stream, self.name)
+            self.failures = 0
+            return False
+        self.failures += 1
+        now = self.clock()
+        threshold = self.electing_threshold if why.electing else self.threshold
+        if self.failures < threshold or (
+                self._last_move is not None and now - self._last_move < self.min_gap_seconds):
+            log.log(logging.INFO if self.failures == 1 else logging.DEBUG,
+                    "bus: probe %d of %s on %s failed (%s): %s", self.failures, self.stream, server, self.name,
+                    why.reason)
+            return False
+        log.warning("bus: %s has failed %d probes of %s in a row (%s; last: %s): moving to another server",
+                    server, self.failures, self.stream, self.name, why.reason)
+        self.failures = 0
+        self._last_move = now
+        self.moves += 1
+        await self.nc.force_reconnect()
+        return True
+
+    async def run(self) -> None:
+        """Probe every `probe_seconds`, start to start: a probe that waits out its timeout is followed by the next
+        at once, so a server cut off is left about `failures` x `probe_seconds` after the cut."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.probe_seconds
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = loop.time() + self.probe_seconds
+            try:
+                await self.check()
+            except nats.errors.Error as exc:  # a probe the client refused; the next one may not be
+                log.warning("bus: JetStream probe not sent (%s): %s: %s", self.name, type(exc).__name__, exc)
+
+
+def watch(nc: Client, config: NatsConfig, *, name: str, stream: str) -> None:
+    """Start a QuorumWatchdog of ``stream`` on ``nc`` (a connection of a service, e.g. FastStream's) when the bus
+    is a cluster; `unwatch` (or `close`) stops it."""
+    if len(config.servers) < 2 or not config.quorum_probe_seconds or nc in _watchdogs:
+        return
+    dog = QuorumWatchdog(nc, name, stream, probe_seconds=config.quorum_probe_seconds)
+    _watchdogs[nc] = (dog, asyncio.get_running_loop().create_task(dog.run(), name=f"bus-watchdog-{name}"))
+
+
+def watchdog_of(nc: Client) -> QuorumWatchdog | None:
+    entry = _watchdogs.get(nc)
+    return entry[0] if entry else None
+
+
+async def unwatch(nc: Client) -> None:
+    entry = _watchdogs.pop(nc, None)
+    if entry is not None:
+        await cancel_and_wait(entry[1])
 
 
 CLOSE_TIMEOUT_SECONDS = 5.0
@@ -164,6 +340,7 @@ async def close(nc: Client, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
     makes nats-py's close() raise ConnectionResetError from its last flush: the service's stop then crashed with a
     traceback and never closed its HSM sessions and database pools. Logged instead; nothing is left to close.
     """
+    await unwatch(nc)
     try:
         await asyncio.wait_for(nc.close(), timeout)
     except (ConnectionError, OSError, TimeoutError) as exc:

@@ -64,6 +64,10 @@ class NatsConfig(StrictModel):
     servers: list[str] = Field(min_length=1, description="NATS URLs, e.g. nats://127.0.0.1:4222; all cluster members")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="Replicas of the signing stream (3 in the HA lab)")
     connect_timeout_seconds: float = Field(default=2.0, gt=0, description="Per-server connect timeout, seconds")
+    quorum_probe_seconds: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Every this many seconds a service asks its NATS server for JetStream (hapki.runtime.bus."
+        "QuorumWatchdog); after 3 failures in a row it moves to another server of `servers`. 0: never (one server)")
     user: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Bus user (hapki.runtime.bus_auth: one per service role); None connects without credentials. "

@@ -145,7 +145,8 @@ class WatcherRuntime:
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._nc = await bus.connect(self.config.nats, name=f"hapki-watcher-{self.config.member}")
+        self._nc = await bus.connect(self.config.nats, name=f"hapki-watcher-{self.config.member}",
+                                     stream=subjects.HA_EVENTS_STREAM)
         js = self._nc.jetstream()
         await bus.ensure_topology(js, self.config.nats, consumer=False, streams=(subjects.HA_EVENTS_STREAM,))
         self._changes = AddressChanges()  # before the first dump: no change falls between the two
