@@ -948,6 +948,10 @@ class Lab:
         for node in self.nats.nodes:
             if not self._nats_healthy(node):
                 problems[f"nats@{node.name}"] = "not healthy"
+        if not any(name.startswith("nats@") for name in problems):
+            lagging = self.signing_stream_lagging()
+            if lagging:
+                problems["PKI_SIGNING replicas"] = lagging
         for tier in self.topo.tiers:
             if self.vip_holders(tier) != [self.preferred(tier)]:
                 problems[f"{tier} VIP"] = self.vip_holders(tier)
@@ -959,6 +963,36 @@ class Lab:
         if not (isinstance(body, dict) and body.get("active")):
             problems[f"cara@{cara}"] = body
         return problems
+
+    def signing_stream_lagging(self) -> str | None:
+        """Why the signing stream is not whole (no leader, a replica not current), or None. A server's /healthz
+        can pass between the retries of a replica still catching up after a partition (nats-server logs "Expected
+        first catchup entry to be a snapshot and peerstate, will retry" for a minute or more): a fault run begun
+        then was a double fault (session 24)."""
+        from hapki.contracts import subjects
+        from hapki.runtime import bus
+
+        async def read() -> str | None:
+            import nats
+
+            nc = await nats.connect(**self.nats_connect_kwargs(), connect_timeout=2, allow_reconnect=False)
+            try:
+                problem = await bus.stream_quorum_problem(nc, subjects.SIGNING_STREAM, 2.0)
+                if problem is not None:
+                    return problem.reason
+                info = await nc.jetstream(timeout=2).stream_info(subjects.SIGNING_STREAM)
+                behind = [f"{r.name} (lag {r.lag})" for r in (info.cluster.replicas if info.cluster else None) or []
+                          if not r.current or r.offline]
+                return f"not current: {', '.join(behind)}" if behind else None
+            finally:
+                await nc.close()
+
+        import nats.errors
+
+        try:
+            return asyncio.run(read())
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     def wait_steady(self, timeout: float = 60.0) -> None:
         """Wait until `steady()` reports nothing; LabError naming what is not steady after ``timeout``."""

@@ -373,7 +373,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _hsm_all_down, _hsm_all_up, hold=5.0, kind="other"),
     Scenario("nats-partition", "the NATS server leading the PKI_SIGNING stream is cut off from the other two for "
              "`hold` s (alive, and reachable by its clients); it rejoins", _nats_partition, _uncut,
-             hold=15.0, kind="other"),
+             hold=25.0, kind="other"),
     Scenario("nats-node-kill", "SIGKILL the NATS server leading the PKI_SIGNING stream; restart it after `hold`",
              _nats_kill, _nats_restart, kind="other"),
     Scenario("site-crash", "the whole site loses power: every process of every member and data node SIGKILLed at "

@@ -181,20 +181,21 @@ async def connect(config: NatsConfig, *, name: str, stream: str | None = None) -
 # A stream's leader hears from each replica about every second (Raft heartbeats); one it has not heard from for
 # this long is not with it. Cut off from the others, it stays the leader for 10-20 s, and answers as one.
 REPLICA_SILENT_SECONDS = 3.0
-# Consecutive failed probes before moving to another server: when the server shows it is cut off (no answer, or it
-# leads a stream whose replicas are silent), and when it only says the stream has no leader (or JetStream is
-# unavailable): what every server on the majority side says while it elects a new leader (4-9 s, nats-server's
-# election timeout), so a move then would leave a good server. And the least time between two moves.
+# Consecutive failed probes before moving to another server. Only a leader whose replicas are all silent is sure
+# to be cut off. No answer, no leader, JetStream unavailable: what a server cut off from the stream's leader says
+# for as long as the partition lasts, but also what every server of the majority says while it elects a new
+# leader (up to 9 s, nats-server's election timeout; a watchdog that moved then took CARA from a good server to the
+# cut-off one). So those count to a longer streak. And the least time between two moves.
 WATCHDOG_FAILURES = 3
-WATCHDOG_ELECTING_FAILURES = 12
+WATCHDOG_UNSURE_FAILURES = 15
 WATCHDOG_MIN_GAP_SECONDS = 10.0
 
 
 class StreamProblem(NamedTuple):
-    """Why a stream cannot store through a server; `electing`: what the majority also says while it elects."""
+    """Why a stream cannot store through a server; `cut_off`: only a server cut off from the cluster says this."""
 
     reason: str
-    electing: bool = False
+    cut_off: bool = False
 
 
 async def stream_quorum_problem(nc: Client, stream: str, timeout: float) -> StreamProblem | None:
@@ -217,13 +218,13 @@ async def stream_quorum_problem(nc: Client, stream: str, timeout: float) -> Stre
     except (ValueError, AttributeError):
         return StreamProblem(f"an unreadable answer ({msg.data[:80]!r})")
     if error:
-        return StreamProblem(f"error {error.get('code')} {error.get('description')}", electing=True)
+        return StreamProblem(f"error {error.get('code')} {error.get('description')}")
     if not cluster.get("leader"):
-        return StreamProblem(f"{stream} has no leader", electing=True)
+        return StreamProblem(f"{stream} has no leader")
     heard = [active / 1e9 for active in replicas if isinstance(active, int | float)]
     if replicas and not any(seconds < REPLICA_SILENT_SECONDS for seconds in heard):
         return StreamProblem(f"{stream}'s leader {cluster['leader']} has heard from none of its replicas for "
-                             f"{min(heard, default=float('inf')):.1f} s")
+                             f"{min(heard, default=float('inf')):.1f} s", cut_off=True)
     return None
 
 
@@ -238,20 +239,20 @@ class QuorumWatchdog:
     pings are answered), yet every JetStream call fails: no publish is stored, no fetch delivers, for as long as
     the partition lasts. nats-py reconnects only when a connection breaks. Every `probe_seconds` this checks that
     the service's stream can store through that server (`stream_quorum_problem`); after `failures` failed probes
-    in a row (`electing_failures` while the server only says the stream has no leader) it makes the client
+    in a row that show it cut off (`unsure_failures` of those that may also be an election) it makes the client
     reconnect to the next server of its list (`Client.force_reconnect`, subscriptions carried over; the list is
     tried in turn, `round_robin`), at most once per `min_gap_seconds`.
     """
 
     def __init__(self, nc: Client, name: str, stream: str, *, probe_seconds: float, failures: int = WATCHDOG_FAILURES,
-                 electing_failures: int = WATCHDOG_ELECTING_FAILURES, min_gap_seconds: float = WATCHDOG_MIN_GAP_SECONDS,
+                 unsure_failures: int = WATCHDOG_UNSURE_FAILURES, min_gap_seconds: float = WATCHDOG_MIN_GAP_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.nc = nc
         self.name = name
         self.stream = stream
         self.probe_seconds = probe_seconds
         self.threshold = failures
-        self.electing_threshold = electing_failures
+        self.unsure_threshold = unsure_failures
         self.min_gap_seconds = min_gap_seconds
         self.clock = clock
         self.failures = 0
@@ -281,7 +282,7 @@ class QuorumWatchdog:
             return False
         self.failures += 1
         now = self.clock()
-        threshold = self.electing_threshold if why.electing else self.threshold
+        threshold = self.threshold if why.cut_off else self.unsure_threshold
         if self.failures < threshold or (
                 self._last_move is not None and now - self._last_move < self.min_gap_seconds):
             log.log(logging.INFO if self.failures == 1 else logging.DEBUG,

@@ -148,7 +148,33 @@ async def _stores_through(url: str, config: NatsConfig) -> bool:
         await nc.close()
 
 
-async def test_a_service_on_a_server_cut_off_from_the_cluster_moves_and_publishes_again(cluster: NatsCluster) -> None:
+async def _lead(cluster: NatsCluster, cut_server_leads: bool) -> None:
+    """Make the stream's leader the server to be cut off, or another one (the leader steps down until it is)."""
+    admin = await bus.connect(_config(cluster, "admin"), name="leader")
+    js = admin.jetstream(timeout=5)
+    try:
+        for _ in range(20):
+            leader = (await js.stream_info(subjects.SIGNING_STREAM)).cluster.leader  # type: ignore[union-attr]
+            if leader is not None and (leader == "nats-1") == cut_server_leads:
+                return
+            if leader is not None:
+                await admin.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{subjects.SIGNING_STREAM}", b"", timeout=5)
+            await asyncio.sleep(1.0)
+        raise AssertionError(f"could not make nats-1 {'the' if cut_server_leads else 'not the'} stream's leader")
+    finally:
+        await bus.close(admin)
+
+
+@pytest.mark.parametrize("cut_server_leads", [True, False], ids=["cut-off-leader", "cut-off-follower"])
+async def test_a_service_on_a_server_cut_off_from_the_cluster_moves_and_publishes_again(
+        cluster: NatsCluster, cut_server_leads: bool) -> None:
+    # Whichever way: the cut-off leader answers with silent replicas (sure: moved after 3 probes); a cut-off follower
+    # gets no answer, as the majority does while it elects (moved after 15).
+    deadline = time.monotonic() + HEALED_WITHIN
+    while not all([await _stores_through(url, _config(cluster, "clm")) for url in cluster.urls]):
+        assert time.monotonic() < deadline, "the cluster does not store through every server"
+        await asyncio.sleep(0.5)
+    await _lead(cluster, cut_server_leads)
     watched = await bus.connect(_config(cluster, "clm"), name="watched", stream=subjects.SIGNING_STREAM)
     stuck = await bus.connect(_config(cluster, "clm"), name="unwatched")  # the control: not watched
     try:

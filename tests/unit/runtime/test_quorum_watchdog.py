@@ -68,22 +68,21 @@ async def probes(dog: QuorumWatchdog, clock: Clock, count: int, step: float = 1.
     return moved
 
 
-CUT_OFF = nats.errors.TimeoutError()
+CUT_OFF = info("nats-1", 4.0, 4.1)  # the stream's leader, cut off: it answers, every replica silent
+UNSURE = nats.errors.TimeoutError()  # cut off from the leader, or the majority electing one
 
 
 @pytest.mark.parametrize(("answer", "problem"), [
     (OK, None),
     (info("nats-1", 0.2, 5.0), None),  # one replica with the leader: a quorum of three
     (info("nats-1"), None),  # one replica only (R1): nothing to hear from
-    # The leader cut off from the others still answers, as the leader: every replica silent.
-    (info("nats-1", 4.0, 4.1),
-     StreamProblem("PKI_SIGNING's leader nats-1 has heard from none of its replicas for 4.0 s")),
+    (CUT_OFF, StreamProblem("PKI_SIGNING's leader nats-1 has heard from none of its replicas for 4.0 s", cut_off=True)),
+    # What a server cut off from the leader says, and the majority too while it elects a new one.
     (nats.errors.TimeoutError(), StreamProblem("no answer within 1 s")),
     (nats.errors.NoRespondersError(), StreamProblem("no JetStream responder")),
+    (info(None, 0.2, 0.3), StreamProblem("PKI_SIGNING has no leader")),
+    (UNAVAILABLE, StreamProblem("error 503 JetStream system temporarily unavailable")),
     (b"garbage", StreamProblem("an unreadable answer (b'garbage')")),
-    # What the majority side says too while it elects a leader.
-    (info(None, 0.2, 0.3), StreamProblem("PKI_SIGNING has no leader", electing=True)),
-    (UNAVAILABLE, StreamProblem("error 503 JetStream system temporarily unavailable", electing=True)),
 ])
 async def test_the_probe_names_why_the_stream_cannot_store(answer: bytes | Exception,
                                                            problem: StreamProblem | None) -> None:
@@ -92,8 +91,8 @@ async def test_the_probe_names_why_the_stream_cannot_store(answer: bytes | Excep
     assert nc.asked == [SUBJECT]
 
 
-async def test_three_failed_probes_in_a_row_move_the_client_once() -> None:
-    nc = FakeClient([info("nats-1", 3.5, 3.6), nats.errors.TimeoutError(), nats.errors.NoRespondersError(), OK])
+async def test_three_probes_showing_the_server_cut_off_move_the_client_once() -> None:
+    nc = FakeClient([CUT_OFF, CUT_OFF, CUT_OFF, OK])
     clock = Clock()
     dog = QuorumWatchdog(nc, "cara", STREAM, probe_seconds=1.0, clock=clock)  # type: ignore[arg-type]
     assert await probes(dog, clock, 4) == [False, False, True, False]
@@ -120,18 +119,19 @@ async def test_while_every_server_fails_the_client_moves_at_most_once_per_gap() 
 
 
 async def test_a_server_of_the_majority_electing_a_leader_is_not_left() -> None:
-    # The stream's leader was cut off; the majority elects a new one within 4-9 s and says "no leader" meanwhile.
-    nc = FakeClient([info(None, 0.1, 9.0)] * 9 + [OK])
+    # The stream's leader was cut off; the majority elects a new one within 4-9 s: no answer meanwhile (the request
+    # goes to the old leader), then "no leader" until the new one takes over.
+    nc = FakeClient([UNSURE] * 9 + [info(None, 0.1, 9.0)] * 3 + [OK])
     clock = Clock()
     dog = QuorumWatchdog(nc, "cara", STREAM, probe_seconds=1.0, clock=clock)  # type: ignore[arg-type]
-    assert await probes(dog, clock, 10) == [False] * 10
+    assert await probes(dog, clock, 13) == [False] * 13
 
 
-async def test_a_server_that_never_gets_a_leader_is_left_at_last() -> None:
-    nc = FakeClient([UNAVAILABLE] * 12)
+async def test_a_server_cut_off_from_the_leader_is_left_at_last() -> None:
+    nc = FakeClient([UNSURE] * 10 + [UNAVAILABLE] * 5)
     clock = Clock()
     dog = QuorumWatchdog(nc, "cara", STREAM, probe_seconds=1.0, clock=clock)  # type: ignore[arg-type]
-    assert [i + 1 for i, m in enumerate(await probes(dog, clock, 12)) if m] == [12]
+    assert [i + 1 for i, m in enumerate(await probes(dog, clock, 15)) if m] == [15]
 
 
 async def test_a_client_reconnecting_by_itself_is_left_alone() -> None:
