@@ -3,7 +3,7 @@ you run meanwhile).
 
     .venv/bin/python scripts/lab_wakeups.py --seconds 15 [--per-second-of RATE] [--dir .run/lab]
 
-Per process of the lab's process table (`kind@member`, all its threads): CPU as a percentage of one core
+Per process of the lab's process table (`kind@member`, all its threads and its live descendants): CPU as a percentage of one core
 (hapki.cli.procstat) and voluntary context switches per second (`voluntary_ctxt_switches` of each thread: the
 times it went to sleep, so about the times it woke). With --per-second-of RATE (the issuances per second of a load
 running meanwhile) CPU is also given in ms per issuance. On this project's 2-vCPU microVM a wake-up of an idle
@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hapki.cli.procstat import cpu_seconds
+from hapki.cli.procstat import cpu_seconds, with_descendants
 from hapki.lab.ha import DEFAULT_DIR, Lab
 
 
@@ -38,6 +38,13 @@ def voluntary_switches(pid: int) -> int:
     return total
 
 
+def with_children(processes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Each name's PIDs and every live process below them. A lab service runs as the child of its supervisor
+    (`hapki serve --supervise`, session 19), its signer workers below that: /proc counts a child's CPU in its
+    parent's only once it is reaped, so without them the services read 0.00% (as they did since session 19)."""
+    return {name: with_descendants(pids) for name, pids in processes.items()}
+
+
 def sample(processes: Mapping[str, Sequence[int]]) -> dict[str, tuple[float, int]]:
     """name -> (CPU seconds, voluntary context switches) so far, summed over the name's live PIDs."""
     return {name: (sum(cpu_seconds(pid) or 0.0 for pid in pids), sum(voluntary_switches(pid) for pid in pids))
@@ -52,7 +59,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the lab's directory")
     args = parser.parse_args()
     procs = Lab(args.dir).procs
-    processes = {name: procs.pids(name) for name in procs.names()}
+    processes = with_children({name: procs.pids(name) for name in procs.names()})
     before, started = sample(processes), time.monotonic()
     time.sleep(args.seconds)
     after, elapsed = sample(processes), time.monotonic() - started
