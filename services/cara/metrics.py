@@ -49,19 +49,24 @@ def watch_issuing_ca(signer: Signer, member: str, clock: Callable[[], datetime])
 
 
 def queue_sample(js: JetStreamContext, member: str) -> Callable[[], Awaitable[None]]:
-    """A sample of the signing consumer: requests waiting for delivery, and delivered but not acknowledged."""
+    """A sample of the signing consumer: requests waiting for delivery, and delivered but not acknowledged; and of
+    the signing stream: its replicas not current (alert HapkiBusReplicaBehind)."""
     attributes = {"pki.member": member}
     pending, ack_pending = State.of("hapki.signing.queue.pending"), State.of("hapki.signing.queue.ack_pending")
+    behind = State.of("hapki.bus.replicas.behind")
 
     async def sample() -> None:
         try:
             info = await js.consumer_info(subjects.SIGNING_STREAM, subjects.SIGNING_CONSUMER, timeout=2.0)
+            stream = await js.stream_info(subjects.SIGNING_STREAM)
         except (NatsError, TimeoutError) as exc:
-            pending.discard(attributes)
-            ack_pending.discard(attributes)
+            for gauge in (pending, ack_pending, behind):
+                gauge.discard(attributes)
             raise Unavailable(f"signing consumer info: {type(exc).__name__}: {exc}") from exc
         pending.set(info.num_pending or 0, attributes)
         ack_pending.set(info.num_ack_pending or 0, attributes)
+        replicas = stream.cluster.replicas if stream.cluster else None
+        behind.set(sum(1 for r in replicas or [] if not r.current or r.offline), attributes)
 
     return sample
 

@@ -64,6 +64,8 @@ PROMETHEUS_ATTEMPTS = 3
 # node stops last and is left safe_to_bootstrap, see hapki.lab.data).
 _STOP_WAVES = (("prometheus", "watcher"), ("clm", "cara"), ("haproxy", "keepalived"), ("nats",))
 PROMETHEUS_TIMEOUT = 30.0
+# Seconds a replica of the signing stream may take to catch up before heal() restarts its server.
+CATCHUP_PATIENCE_SECONDS = 45.0
 
 
 class LabError(RuntimeError):
@@ -910,7 +912,8 @@ class Lab:
         every tier member at its VRRP priority).
 
         Network blocks and VRRP blocks removed, cut links restored, dead HSM members back, killed Galera and NATS
-        nodes restarted (Galera until Synced), services running with fail points restarted clean, every stopped
+        nodes restarted (Galera until Synced), a NATS server whose signing-stream replica does not catch up
+        restarted (`_restart_stuck_replicas`), services running with fail points restarted clean, every stopped
         or crashed process started again, each VIP on its preferred member and every track script risen.
         """
         self.procs.load()
@@ -925,6 +928,7 @@ class Lab:
         for name in self.procs.names(kind="nats"):
             if not self.procs.alive(name):
                 self.start_data_node(name, data_timeout)
+        self._restart_stuck_replicas()
         for name, entry in list(self.procs.procs.items()):
             faulty = entry.argv and any(k.startswith("HAPKI_FAULTS") for k in (entry.env or {}))
             if faulty:
@@ -967,32 +971,52 @@ class Lab:
     def signing_stream_lagging(self) -> str | None:
         """Why the signing stream is not whole (no leader, a replica not current), or None. A server's /healthz
         can pass between the retries of a replica still catching up after a partition (nats-server logs "Expected
-        first catchup entry to be a snapshot and peerstate, will retry" for a minute or more): a fault run begun
-        then was a double fault (session 24)."""
+        first catchup entry to be a snapshot and peerstate, will retry"): a fault run begun then was a double fault
+        (session 24)."""
+        problem, behind = self._signing_replicas()
+        return problem or (f"not current: {', '.join(behind)}" if behind else None)
+
+    def _signing_replicas(self) -> tuple[str | None, list[str]]:
+        """(why the signing stream cannot be read, or None; the servers whose replica of it is not current)."""
+        import nats
+        import nats.errors
+
         from hapki.contracts import subjects
-        from hapki.runtime import bus
 
-        async def read() -> str | None:
-            import nats
-
+        async def read() -> tuple[str | None, list[str]]:
             nc = await nats.connect(**self.nats_connect_kwargs(), connect_timeout=2, allow_reconnect=False)
             try:
-                problem = await bus.stream_quorum_problem(nc, subjects.SIGNING_STREAM, 2.0)
-                if problem is not None:
-                    return problem.reason
                 info = await nc.jetstream(timeout=2).stream_info(subjects.SIGNING_STREAM)
-                behind = [f"{r.name} (lag {r.lag})" for r in (info.cluster.replicas if info.cluster else None) or []
-                          if not r.current or r.offline]
-                return f"not current: {', '.join(behind)}" if behind else None
+                if info.cluster is None or not info.cluster.leader:
+                    return "no leader", []
+                return None, [str(r.name) for r in info.cluster.replicas or [] if not r.current or r.offline]
             finally:
                 await nc.close()
-
-        import nats.errors
 
         try:
             return asyncio.run(read())
         except (OSError, TimeoutError, nats.errors.Error) as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return f"{type(exc).__name__}: {exc}", []
+
+    def _restart_stuck_replicas(self, patience: float = CATCHUP_PATIENCE_SECONDS) -> list[str]:
+        """Restart the NATS servers whose replica of the signing stream is still not current after ``patience``
+        seconds; return their names. After a partition nats-server 2.15 retried a replica's catch-up for minutes
+        ("Expected first catchup entry to be a snapshot and peerstate, will retry", /healthz failing; session 24),
+        and a restart of that server caught it up in about 6 s: the operator's remedy, applied by `heal()`."""
+        deadline = time.monotonic() + patience
+        while True:
+            problem, behind = self._signing_replicas()
+            if problem is not None or not behind:
+                return []  # whole, or unreadable (no leader yet): `wait_steady` says which
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        log.warning("replicas of the signing stream on %s still not current after %.0f s: restarting them",
+                    ", ".join(behind), patience)
+        for server in behind:
+            self.kill_data_node(f"nats@{server}")
+            self.start_data_node(f"nats@{server}")
+        return behind
 
     def wait_steady(self, timeout: float = 60.0) -> None:
         """Wait until `steady()` reports nothing; LabError naming what is not steady after ``timeout``."""

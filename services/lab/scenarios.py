@@ -184,14 +184,11 @@ def _db_others(node: str, lab: Any) -> list[str]:
 
 
 def _db_partition(lab: Any, ctx: dict[str, Any]) -> float:
-    for other in _db_others(DB_NODE, lab):
-        lab.net.block(DB_NODE, other)
-    return time.time()  # the fault is whole once every rule is in: a commit racing the rules is not "after it"
+    return _cut(lab, ctx, [(DB_NODE, other) for other in _db_others(DB_NODE, lab)])
 
 
 def _db_partition_restore(lab: Any, ctx: dict[str, Any]) -> None:
-    for other in _db_others(DB_NODE, lab):
-        lab.net.unblock(DB_NODE, other)
+    _uncut(lab, ctx)
     _wait_synced(lab, DB_NODE)
 
 

@@ -12,7 +12,6 @@ import logging
 import random
 import ssl
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -228,8 +227,8 @@ async def stream_quorum_problem(nc: Client, stream: str, timeout: float) -> Stre
     return None
 
 
-_watchdogs: weakref.WeakKeyDictionary[Client, tuple[QuorumWatchdog, asyncio.Task[None]]] = (
-    weakref.WeakKeyDictionary())
+# Each watched connection's watchdog and the task running it, until `unwatch` (`close`) removes them.
+_watchdogs: dict[Client, tuple[QuorumWatchdog, asyncio.Task[None]]] = {}
 
 
 class QuorumWatchdog:

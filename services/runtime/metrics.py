@@ -87,6 +87,9 @@ _SPECS = (
     MetricSpec("hapki.signing.queue.pending", "gauge", "{message}",
                "Signing requests in the JetStream work queue not yet delivered to a signer (sampled)",
                ("pki.member",)),
+    MetricSpec("hapki.bus.replicas.behind", "gauge", "{replica}",
+               "Replicas of the signing stream not current with its leader (sampled): one left behind after a "
+               "partition may never catch up until its nats-server restarts", ("pki.member",)),
     MetricSpec("hapki.signing.queue.ack_pending", "gauge", "{message}",
                "Signing requests delivered to a signer and not yet acknowledged (sampled)", ("pki.member",)),
     MetricSpec("hapki.signing.intents.reserved", "gauge", "{intent}",

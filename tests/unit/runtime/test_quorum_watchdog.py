@@ -164,7 +164,7 @@ async def test_only_a_cluster_is_watched(servers: list[str], seconds: float, wat
     bus.watch(nc, NatsConfig(servers=servers, quorum_probe_seconds=seconds), name="t",  # type: ignore[arg-type]
               stream=STREAM)
     try:
-        assert (nc in bus._watchdogs) is watched
+        assert (bus.watchdog_of(nc) is not None) is watched  # type: ignore[arg-type]
     finally:
         await bus.unwatch(nc)  # type: ignore[arg-type]
-    assert nc not in bus._watchdogs
+    assert bus.watchdog_of(nc) is None  # type: ignore[arg-type]
