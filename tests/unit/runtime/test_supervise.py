@@ -25,6 +25,12 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 mode, starts = sys.argv[1], Path(sys.argv[2])
 
 def run():
+    # Signal handlers first: the test signals the child as soon as its pid is in `starts` (a handler installed after
+    # the write lost that race once under CI's load: SIGTERM's default killed the graceful child).
+    if mode == "graceful":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with starts.open("a") as out:
         out.write(f"{os.getpid()}\\n")
     with starts.with_name("counts").open("a") as out:  # which start the child was told it is
@@ -36,10 +42,6 @@ def run():
         return 0
     if mode == "fail":
         return 3
-    if mode == "graceful":
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    if mode == "stubborn":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         time.sleep(1)
 
